@@ -1,0 +1,73 @@
+"""Command line: ``python -m changerelay`` (the server) and ``python -m changerelay tail URL``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+from . import config as cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tail"]:
+        from .tail import main as tail_main
+
+        return tail_main(argv[1:])
+    return run_server(argv)
+
+
+def run_server(argv: list[str]) -> int:
+    try:
+        config = cfg.load(argv)
+    except cfg.ConfigError as exc:
+        print(f"changerelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from . import app
+
+    app.setup_logging(config)
+    app.raise_open_files_limit()
+    try:
+        sockets = app.bind(config)
+    except OSError as exc:
+        print(f"changerelay: cannot listen on {config.host}:{config.port}: {exc.strerror}; "
+              "set PORT (or HOST) to a free address", file=sys.stderr)
+        return 2
+    if config.reuse_port > 1:
+        return _supervise(config, sockets)
+    return asyncio.run(app.serve(config, sockets))
+
+
+def _supervise(config, sockets) -> int:
+    """Fork REUSE_PORT workers, each with its own SO_REUSEPORT socket and change stream."""
+    from . import app
+
+    for sock in sockets:
+        sock.close()
+    children = []
+    for _ in range(config.reuse_port):
+        pid = os.fork()
+        if pid == 0:
+            code = asyncio.run(app.serve(config, app.bind(config)))
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum, _frame):
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Wiring: one relay per process — config, change source, hub, catch-up, handlers, server.
+
+The ``Relay`` is the object handlers talk to; it owns the policy decisions that involve more than
+one room (admission, where a resuming client starts), so the handlers stay thin and the hub stays
+free of I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import resource
+import signal
+import socket
+import time
+from pathlib import Path
+
+import logzero
+from logzero import logger
+from tornado import httpserver, netutil, web
+
+from . import events as ev
+from . import handlers
+from . import subscription as subs
+from .catchup import CatchUp
+from .config import Config, describe
+from .hub import Hub
+from .limits import Connections
+from .source import ChangeSource
+
+ROOT = Path(__file__).resolve().parent.parent
+PING_INTERVAL = 20
+HEARTBEAT_INTERVAL = 15
+MAX_INBOUND_FRAME = 4096
+
+
+class Relay:
+    def __init__(self, config: Config, mongo_client=None):
+        self.config = config
+        loop = asyncio.get_running_loop()
+        self.hub = Hub(config.replay_buffer, config.replay_buffer_bytes, loop.call_soon)
+        self.source = ChangeSource(config, self.hub, mongo_client)
+        self.catchup = CatchUp(self)
+        self.connections = Connections(config.max_connections, config.max_connections_per_ip)
+        self.auth = None
+        if config.auth_jwt_secret or config.auth_jwt_public_key:
+            from .auth import Authenticator
+
+            self.auth = Authenticator.from_config(config)
+        self.started = time.monotonic()
+        self._timers: list = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.source.start()
+        from tornado.ioloop import PeriodicCallback
+
+        for callback, seconds in ((self._tick, 1.0), (self._heartbeat, HEARTBEAT_INTERVAL)):
+            timer = PeriodicCallback(callback, seconds * 1000)
+            timer.start()
+            self._timers.append(timer)
+
+    def _tick(self) -> None:
+        self.hub.send_positions(self.config.position_interval)
+        if self.auth is not None:
+            self.auth.expire(self.hub.clients)
+
+    def _heartbeat(self) -> None:
+        for client in tuple(self.hub.clients):
+            if client.kind.startswith("sse"):
+                client.heartbeat()
+
+    async def shutdown(self) -> None:
+        for timer in self._timers:
+            timer.stop()
+        closing = []
+        for client in tuple(self.hub.clients) + tuple(self.catchup.clients()):
+            closing.append(client.handler)
+            client.handler.shutdown()
+        await self.catchup.stop()
+        deadline = time.monotonic() + self.config.shutdown_timeout / 2
+        while time.monotonic() < deadline and any(
+            getattr(h, "ws_connection", None) is not None for h in closing
+        ):
+            await asyncio.sleep(0.05)
+        await self.source.stop()
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def peer_address(self, request) -> str:
+        """The client's address; X-Forwarded-For is believed only from TRUSTED_PROXIES."""
+        peer = request.remote_ip
+        proxies = self.config.trusted_proxies
+        if not proxies:
+            return peer
+        chain = [peer]
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        chain = [p.strip() for p in forwarded.split(",") if p.strip()] + chain
+        # Walk from the nearest hop back while the hop is one of our proxies.
+        for index in range(len(chain) - 1, 0, -1):
+            if not _in_networks(chain[index], proxies):
+                return chain[index]
+        return chain[0] if _in_networks(chain[-1], proxies) else peer
+
+    def check_origin(self, request) -> None:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return  # not a browser: origin checks protect browsers' ambient credentials only
+        allowed = self.config.allowed_origins
+        if "*" in allowed or origin.rstrip("/") in allowed:
+            return
+        if not allowed and handlers.same_origin(origin, request.host):
+            return
+        raise subs.SubscriptionError(
+            "origin_not_allowed", f"origin {origin!r} may not connect; add it to "
+            "ALLOWED_ORIGINS (default: same origin only)", status=403)
+
+    def authenticate(self, request):
+        return None if self.auth is None else self.auth.authenticate(request)
+
+    def subscription_for(self, arguments, claims):
+        arguments = {k: v for k, v in arguments.items()}
+        subscription, resume_after = subs.parse(
+            arguments, (self.config.watch_db, self.config.watch_collection))
+        if claims is not None:
+            subscription = self.auth.restrict(subscription, claims)
+        return subscription, resume_after
+
+    def parse_resume(self, text: str) -> str:
+        try:
+            return ev.parse_token(text)
+        except ValueError as exc:
+            raise subs.SubscriptionError("invalid_resume_after", str(exc)) from None
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def attach(self, client, resume_after: str | None, claims) -> None:
+        """Start a client live, from the log, or from MongoDB's history."""
+        client.claims = claims
+        client.on_cut = lambda: self.detach(client)
+        if resume_after is None:
+            self.hub.subscribe(client)
+        elif not self.hub.resume(client, resume_after):
+            self.catchup.add(client, resume_after)
+
+    def detach(self, client) -> None:
+        self.hub.unsubscribe(client)
+        self.catchup.discard(client)
+
+    def status(self) -> dict:
+        return {**self.source.status(), **self.hub.stats(),
+                "catching_up": self.catchup.count(),
+                "uptime": round(time.monotonic() - self.started, 1)}
+
+
+def _in_networks(address: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def make_app(relay: Relay) -> web.Application:
+    app = web.Application(
+        [
+            (r"/", handlers.WebpageHandler),
+            (r"/socket", handlers.ChangesHandler),
+            (r"/events", handlers.EventsHandler),
+            (r"/healthz", handlers.HealthHandler),
+            (r"/readyz", handlers.ReadyHandler),
+        ],
+        template_path=str(ROOT / "templates"),
+        static_path=str(ROOT / "static"),
+        websocket_ping_interval=PING_INTERVAL,
+        websocket_ping_timeout=PING_INTERVAL,
+        websocket_max_message_size=MAX_INBOUND_FRAME,
+        compress_response=False,
+    )
+    app.relay = relay
+    return app
+
+
+def setup_logging(config: Config) -> None:
+    level = getattr(logzero, config.log_level)
+    if config.log_format == "json":
+        logzero.json(enable=True)
+    logzero.loglevel(level)
+
+
+def raise_open_files_limit() -> None:
+    """10,000 connections need more than the usual 1,024 descriptors; take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            logger.info("open-files limit raised from %d to %d", soft, target)
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-files limit from %d: %s", soft, exc)
+
+
+def bind(config: Config) -> list[socket.socket]:
+    return netutil.bind_sockets(config.port, config.host, reuse_port=config.reuse_port > 0,
+                                backlog=1024)
+
+
+async def serve(config: Config, sockets: list[socket.socket]) -> int:
+    """Run one relay process until SIGINT/SIGTERM; return the exit status."""
+    relay = Relay(config)
+    server = httpserver.HTTPServer(make_app(relay), xheaders=False, idle_connection_timeout=60)
+    server.add_sockets(sockets)
+    relay.start()
+    port = sockets[0].getsockname()[1]
+    logger.info("changerelay %d listening on http://%s:%d/ — %s", os.getpid(), config.host,
+                port, describe(config))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    logger.info("shutting down: closing %d clients", len(relay.hub.clients))
+    server.stop()
+    try:
+        await asyncio.wait_for(relay.shutdown(), config.shutdown_timeout)
+    except TimeoutError:
+        logger.warning("shutdown took longer than %.1fs; exiting anyway", config.shutdown_timeout)
+    logger.info("bye")
+    return 0

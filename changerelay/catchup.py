@@ -1,0 +1,175 @@
+"""Catch-up from MongoDB's own history for clients that resume from before the replay buffer.
+
+This is what makes resume work across relay restarts and between relay instances: the client's
+id is a MongoDB resume token, so any relay can open a change stream right after it, replay up to
+the point where its own log takes over, and hand the client to the hub.
+
+Change streams are not free, so catch-ups are pooled. A queued catch-up accepts every new client
+(it will start from the oldest of their positions); a running one accepts clients whose position
+it has not yet passed (each client skips what it had already seen). At most ``CATCHUP_STREAMS``
+run at once; the rest wait their turn. A burst of thousands of reconnects therefore opens a handful
+of change streams, not thousands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+from logzero import logger
+from pymongo.errors import OperationFailure, PyMongoError
+
+from . import events as ev
+
+HISTORY_LOST = 286
+BACKOFF_CAP = 5.0
+
+
+class Job:
+    """One catch-up change stream and the clients riding on it."""
+
+    def __init__(self, after: str):
+        self.start = after
+        self.position = after      # the newest token this job has read past
+        self.clients: dict = {}    # client -> the newest token that client has seen
+        self.running = False
+        self.task: asyncio.Task | None = None
+
+    def accepts(self, after: str) -> bool:
+        return not self.running or after >= self.position
+
+    def add(self, client, after: str) -> None:
+        self.clients[client] = after
+        if not self.running and after < self.start:
+            self.start = self.position = after
+
+
+class CatchUp:
+    def __init__(self, relay):
+        self.relay = relay
+        self.jobs: list[Job] = []
+        self._slots = asyncio.Semaphore(relay.config.catchup_streams)
+        self.streams_opened = 0
+
+    def add(self, client, after: str) -> None:
+        for job in self.jobs:
+            if job.accepts(after):
+                job.add(client, after)
+                return
+        job = Job(after)
+        job.add(client, after)
+        self.jobs.append(job)
+        job.task = asyncio.get_running_loop().create_task(self._run(job), name="catch-up")
+
+    def discard(self, client) -> None:
+        for job in self.jobs:
+            if job.clients.pop(client, None) is not None and not job.clients and job.task:
+                job.task.cancel()
+
+    def clients(self):
+        return [client for job in self.jobs for client in job.clients]
+
+    def count(self) -> int:
+        return sum(len(job.clients) for job in self.jobs)
+
+    async def stop(self) -> None:
+        for job in list(self.jobs):
+            if job.task is not None:
+                job.task.cancel()
+        for job in list(self.jobs):
+            if job.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await job.task
+
+    async def _run(self, job: Job) -> None:
+        try:
+            async with self._slots:
+                job.running = True
+                failures = 0
+                while job.clients:
+                    try:
+                        await self._stream(job)
+                        return
+                    except OperationFailure as exc:
+                        if exc.code == HISTORY_LOST or _bad_token(exc):
+                            self._resync(job, "history_lost" if exc.code == HISTORY_LOST
+                                         else "invalid_token")
+                            return
+                        failures += 1
+                        logger.warning("catch-up stream failed: %s", exc)
+                    except PyMongoError as exc:
+                        failures += 1
+                        logger.warning("catch-up stream failed: %s", exc)
+                    await asyncio.sleep(min(BACKOFF_CAP, 0.2 * 2 ** failures)
+                                        * random.uniform(0.5, 1))
+        finally:
+            if job in self.jobs:
+                self.jobs.remove(job)
+
+    async def _stream(self, job: Job) -> None:
+        source = self.relay.source
+        hub = self.relay.hub
+        options = {"max_await_time_ms": 200}
+        mode = self.relay.config.full_document
+        if mode != "default":
+            options["full_document"] = mode
+        token = {"_data": job.position}
+        try:
+            stream = await source.target().watch(source.pipeline(), resume_after=token, **options)
+        except OperationFailure as exc:
+            if not _bad_token(exc) or job.position != job.start:
+                raise
+            # An invalidate event's token can only be continued from with startAfter.
+            stream = await source.target().watch(source.pipeline(), start_after=token, **options)
+        self.streams_opened += 1
+        try:
+            while job.clients:
+                change = await stream.try_next()
+                floor = hub.floor
+                if change is None:
+                    resume = stream.resume_token
+                    if resume is not None and floor is not None and resume["_data"] >= floor:
+                        self._hand_over(job, floor)
+                        return
+                    continue
+                event = ev.encode_change(change)
+                if floor is not None and event.token > floor:
+                    self._hand_over(job, floor)
+                    return
+                self._deliver(job, event)
+        finally:
+            with contextlib.suppress(PyMongoError):
+                await stream.close()
+
+    def _deliver(self, job: Job, event) -> None:
+        job.position = event.token
+        for client, seen in tuple(job.clients.items()):
+            if event.token > seen:
+                job.clients[client] = event.token
+                if client.subscription.matches(event):
+                    client.send(client.pack([event]))
+                if client.closed:
+                    job.clients.pop(client, None)
+
+    def _hand_over(self, job: Job, floor: str) -> None:
+        """Everything up to ``floor`` was delivered; the hub's log has the rest."""
+        hub = self.relay.hub
+        clients, job.clients = job.clients, {}
+        for client, seen in clients.items():
+            if not client.closed:
+                hub.resume(client, max(seen, floor))
+
+    def _resync(self, job: Job, reason: str) -> None:
+        hub = self.relay.hub
+        clients, job.clients = job.clients, {}
+        message = ev.control("resync", reason=reason)
+        for client, _ in clients.items():
+            if not client.closed:
+                client.send_control(message)
+                hub.subscribe(client)
+
+
+def _bad_token(exc: OperationFailure) -> bool:
+    """MongoDB refused the token itself (not ours to retry): 260 InvalidResumeToken and kin."""
+    return exc.code in (260, 50811, 40647, 9, 22) or "resume token" in str(exc).lower()

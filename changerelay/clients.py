@@ -1,0 +1,164 @@
+"""Connected clients as the hub sees them: a subscription, a byte sink and an outbound limit.
+
+Both transports share one policy for slow consumers: a client whose unsent bytes would pass
+``CLIENT_BUFFER_BYTES`` is cut off (WebSocket close 1013 "slow consumer"; SSE: an ``error`` record
+and the end of the response). Nothing is written past the limit, so the relay's memory stays
+bounded however many clients stop reading, and a client that resumes afterwards loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+from logzero import logger
+from tornado.iostream import StreamClosedError
+
+from . import events as ev
+from . import wire
+
+SLOW_CONSUMER = 1013
+
+
+class Client:
+    kind = "?"
+
+    def __init__(self, subscription, limit: int, peer: str):
+        self.subscription = subscription
+        self.limit = limit
+        self.peer = peer
+        self.last_send = time.monotonic()
+        self.told: str | None = None
+        self.closed = False
+        self.writer: wire.StreamWriter | None = None
+        self.on_cut = None   # called once when the client is cut off (the hub unsubscribes it)
+
+    def send(self, payload: bytes) -> None:
+        if self.closed:
+            return
+        writer = self.writer
+        if writer.buffered() + len(payload) > self.limit:
+            self.cut_off()
+            return
+        try:
+            writer.write(payload)
+        except StreamClosedError:
+            self.closed = True
+
+    def send_control(self, message: bytes, token: str | None = None) -> None:
+        self.send(self.pack_control(message, token))
+
+    def cut_off(self) -> None:
+        if self.closed:
+            return
+        logger.warning("cutting off slow consumer %s (%d bytes unsent)", self.peer,
+                       self.writer.buffered())
+        self.closed = True
+        if self.on_cut is not None:
+            self.on_cut()
+        self.finish(ev.control("error", code="slow_consumer", message=(
+            "you fell more than CLIENT_BUFFER_BYTES behind; reconnect with resume_after "
+            "to continue without loss")))
+
+    def finish(self, message: bytes) -> None:
+        raise NotImplementedError
+
+
+class WebSocketClient(Client):
+    """A ``ChangesHandler`` connection. Frames are pre-built once per event and shared."""
+
+    kind = "ws"
+
+    def __init__(self, handler, subscription, limit: int, peer: str):
+        super().__init__(subscription, limit, peer)
+        self.handler = handler
+
+    def attach(self) -> None:
+        """Call once the WebSocket is open."""
+        if wire.ws_compressed(self.handler):
+            # permessage-deflate keeps per-connection state: frames cannot be shared.
+            self.kind = "ws-deflate"
+        self.writer = wire.StreamWriter(wire.ws_stream(self.handler))
+
+    def pack(self, events) -> bytes:
+        if self.kind == "ws":
+            return b"".join([event.frame for event in events])
+        return b"".join(ev.ws_frame(event.data) for event in events)
+
+    def send(self, payload: bytes) -> None:
+        if self.kind == "ws":
+            super().send(payload)
+        elif not self.closed:
+            self._send_compressed(payload)
+
+    def _send_compressed(self, payload: bytes) -> None:
+        # Rare path: unpack our own frames and let Tornado compress each message.
+        view, offset = memoryview(payload), 0
+        while offset < len(view):
+            length = view[offset + 1] & 0x7F
+            offset += 2
+            if length == 126:
+                length = int.from_bytes(view[offset:offset + 2], "big")
+                offset += 2
+            elif length == 127:
+                length = int.from_bytes(view[offset:offset + 8], "big")
+                offset += 8
+            message = bytes(view[offset:offset + length]).decode()
+            offset += length
+            if wire.ws_stream(self.handler).closed():
+                self.closed = True
+                return
+            if self.writer.buffered() + length > self.limit:
+                self.cut_off()
+                return
+            self.handler.write_message(message)
+
+    def pack_control(self, message: bytes, token: str | None = None) -> bytes:
+        return ev.ws_frame(message)
+
+    def finish(self, message: bytes) -> None:
+        try:
+            if self.writer.buffered() + len(message) <= self.limit + 4096:
+                self.writer.write(ev.ws_frame(message))
+        except StreamClosedError:
+            return
+        self.handler.close(SLOW_CONSUMER, "slow consumer")
+
+
+class EventStreamClient(Client):
+    """A Server-Sent Events response (``GET /events``)."""
+
+    kind = "sse"
+
+    def __init__(self, handler, subscription, limit: int, peer: str):
+        super().__init__(subscription, limit, peer)
+        self.handler = handler
+        self.chunked = False
+
+    def attach(self) -> None:
+        """Call once the response headers are flushed."""
+        self.chunked = wire.http_chunked(self.handler)
+        self.kind = "sse-chunked" if self.chunked else "sse"
+        self.writer = wire.StreamWriter(wire.http_stream(self.handler))
+
+    def _frame(self, data: bytes) -> bytes:
+        return wire.chunk(data) if self.chunked else data
+
+    def pack(self, events) -> bytes:
+        return self._frame(b"".join([event.sse for event in events]))
+
+    def pack_control(self, message: bytes, token: str | None = None) -> bytes:
+        record = b"event: " + json.loads(message)["type"].encode() + b"\n"
+        if token is not None:
+            # A position moves EventSource's Last-Event-ID forward, so a reconnect resumes there.
+            record = b"id: " + token.encode() + b"\n" + record
+        return self._frame(record + b"data: " + message + b"\n\n")
+
+    def heartbeat(self) -> None:
+        self.send(self._frame(b": keep-alive\n\n"))
+
+    def finish(self, message: bytes) -> None:
+        with contextlib.suppress(StreamClosedError):
+            self.writer.write(self.pack_control(message))
+        self.handler.end_stream()

@@ -1,0 +1,394 @@
+"""Settings, read once at start-up from flags, the environment and a ``.env`` file.
+
+Precedence is the usual one: a command-line flag beats an environment variable, which beats
+``.env`` in the working directory, which beats the default. Every problem is raised as one
+:class:`ConfigError` naming the setting and the fix, so ``server.py`` can print a single line and
+exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+
+# Stages MongoDB accepts after $changeStream; anything else fails there with an obscure error, so we
+# refuse it up front. https://www.mongodb.com/docs/manual/changeStreams/#modify-change-stream-output
+PIPELINE_STAGES = frozenset(
+    {"$addFields", "$match", "$project", "$replaceRoot", "$replaceWith", "$redact", "$set",
+     "$unset"}
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed. The message names the setting and how to fix it."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: object
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+def _spec(env, default, help, *aliases):
+    return field(default=default, metadata={"spec": Setting(env, default, help, aliases)})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, already validated and converted. Field order is the order in ``--help``."""
+
+    mongo_uri: str = _spec(
+        "MONGO_SRV", "mongodb://localhost:27017",
+        "MongoDB connection string, mongodb:// or mongodb+srv://", "MONGODB_URI")
+    watch_db: str | None = _spec(
+        "WATCH_DB", None, "database to watch; unset: the whole deployment")
+    watch_collection: str | None = _spec(
+        "WATCH_COLLECTION", None, "collection to watch inside WATCH_DB; unset: the whole database")
+    host: str = _spec("HOST", "127.0.0.1", "address to listen on")
+    port: int = _spec("PORT", 8000, "port to listen on")
+    full_document: str = _spec(
+        "FULL_DOCUMENT", "updateLookup", "fullDocument mode: " + ", ".join(FULL_DOCUMENT_MODES))
+    pipeline: tuple = _spec(
+        "PIPELINE", (), "JSON array of stages appended after $changeStream")
+    log_level: str = _spec("LOG_LEVEL", "INFO", "one of " + ", ".join(LOG_LEVELS))
+    log_format: str = _spec("LOG_FORMAT", "text", "text or json")
+    replay_buffer: int = _spec(
+        "REPLAY_BUFFER", 10000, "recent events kept in memory for fast resume")
+    replay_buffer_bytes: int = _spec(
+        "REPLAY_BUFFER_BYTES", 64 * 1024 * 1024, "byte bound of the replay buffer")
+    client_buffer_bytes: int = _spec(
+        "CLIENT_BUFFER_BYTES", 8 * 1024 * 1024,
+        "outbound bytes a client may have pending before it is cut off as a slow consumer")
+    catchup_streams: int = _spec(
+        "CATCHUP_STREAMS", 8, "change streams opened at once for clients resuming from history")
+    position_interval: float = _spec(
+        "POSITION_INTERVAL", 5.0, "seconds without a frame before a position message is sent")
+    ws_compression: bool = _spec(
+        "WS_COMPRESSION", False, "offer permessage-deflate (costs CPU per client)")
+    reuse_port: int = _spec(
+        "REUSE_PORT", 0, "run N processes sharing the port with SO_REUSEPORT (0: one process)")
+    shutdown_timeout: float = _spec(
+        "SHUTDOWN_TIMEOUT", 4.0, "seconds given to close clients and MongoDB on SIGTERM")
+    auth_jwt_secret: str | None = _spec(
+        "AUTH_JWT_SECRET", None, "HS256 secret; turns token authentication on")
+    auth_jwt_public_key: str | None = _spec(
+        "AUTH_JWT_PUBLIC_KEY", None, "path to a PEM public key (RS256/ES256); turns auth on")
+    redact: tuple = _spec(
+        "REDACT", (), "comma-separated dotted paths removed from every event")
+    allowed_origins: tuple = _spec(
+        "ALLOWED_ORIGINS", (), "comma-separated origins allowed to connect; default same origin")
+    max_connections: int = _spec("MAX_CONNECTIONS", 0, "total connection cap (0: off)")
+    max_connections_per_ip: int = _spec(
+        "MAX_CONNECTIONS_PER_IP", 0, "connections per client address (0: off)")
+    trusted_proxies: tuple = _spec(
+        "TRUSTED_PROXIES", (), "comma-separated proxy addresses/networks whose X-Forwarded-For "
+        "is believed")
+
+    @property
+    def scope(self) -> str:
+        """``deployment``, ``database`` or ``collection``: what one ``watch()`` covers."""
+        if self.watch_collection:
+            return "collection"
+        return "database" if self.watch_db else "deployment"
+
+    @property
+    def redacted_uri(self) -> str:
+        return redact_uri(self.mongo_uri)
+
+
+def redact_uri(uri: str) -> str:
+    """The connection string with its password replaced, safe for logs and responses."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable connection string>"
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def _specs():
+    return [(f.name, f.metadata["spec"]) for f in fields(Config)]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError("command line", f"{message}; see --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="server.py",
+        description="Relay MongoDB change streams to browsers over WebSockets and SSE.",
+        epilog="Every flag can also be set as the environment variable shown, or in ./.env. "
+        "Flags win over the environment, which wins over .env.",
+    )
+    for name, spec in _specs():
+        flag = "--" + spec.env.lower().replace("_", "-")
+        names = [flag]
+        if name == "mongo_uri":
+            names.append("--mongodb-uri")
+        default = "" if spec.default in (None, ()) else spec.default
+        parser.add_argument(
+            *names, dest=name, metavar=spec.env, default=None,
+            help=f"{spec.help} (env {' / '.join((spec.env, *spec.aliases))}; default: "
+            f"{default if default != '' else 'unset'})",
+        )
+    return parser
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         dotenv_path: str | os.PathLike | None = ".env") -> Config:
+    """Read and validate every setting; raise :class:`ConfigError` on the first bad one."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    dotenv = {}
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+    values = {}
+    for name, spec in _specs():
+        raw = getattr(args, name)
+        source = "--" + spec.env.lower().replace("_", "-")
+        if raw is None:
+            for mapping in (environ, dotenv):
+                for key in (spec.env, *spec.aliases):
+                    if raw is None and mapping.get(key, "") != "":
+                        raw, source = mapping[key], key
+        if raw is None or raw == "":
+            continue
+        values[name] = _convert(name, spec, source, raw.strip())
+    config = Config(**values)
+    _check_together(config)
+    return config
+
+
+def _convert(name: str, spec: Setting, source: str, raw: str):
+    converter = _CONVERTERS.get(name)
+    if converter is not None:
+        return converter(source, raw)
+    if isinstance(spec.default, bool):
+        return _boolean(source, raw)
+    if isinstance(spec.default, int):
+        return _integer(source, raw, minimum=0)
+    if isinstance(spec.default, float):
+        return _number(source, raw)
+    if spec.default == ():
+        return _csv(raw)
+    return raw
+
+
+def _integer(source, raw, minimum=0, maximum=None):
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(source, f"{raw!r} is not a whole number, e.g. {source}=100") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(source, f"{value} is out of range; it must be {bound}")
+    return value
+
+
+def _number(source, raw):
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(source, f"{raw!r} is not a number of seconds, e.g. 5 or 0.5") from None
+    if not value > 0:
+        raise ConfigError(source, f"{raw!r} must be greater than 0")
+    return value
+
+
+def _boolean(source, raw):
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(source, f"{raw!r} is not a boolean; use true or false")
+
+
+def _csv(raw):
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _choice(options, fold=False):
+    def convert(source, raw):
+        value = raw.upper() if fold else raw
+        if value not in options:
+            raise ConfigError(source, f"{raw!r} is not one of {', '.join(options)}")
+        return value
+    return convert
+
+
+def _mongo_uri(source, raw):
+    if not raw.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(
+            source, f"{redact_uri(raw)!r} must start with mongodb:// or mongodb+srv://, "
+            "e.g. mongodb://localhost:27017/?replicaSet=rs0")
+    if raw.startswith("mongodb+srv://"):
+        # SRV records are resolved when we connect, so a DNS hiccup at start-up is retried like
+        # any other unreachable deployment instead of failing the process.
+        _check_srv_syntax(source, raw)
+        return raw
+    try:
+        from pymongo.uri_parser import parse_uri
+
+        parse_uri(raw)
+    except Exception as exc:  # pymongo raises InvalidURI / ConfigurationError / ValueError
+        message = str(exc).replace(raw, redact_uri(raw))
+        raise ConfigError(source, f"invalid connection string: {message}") from None
+    return raw
+
+
+def _check_srv_syntax(source, raw):
+    host = urlsplit(raw).netloc.rpartition("@")[2]
+    if not host or "," in host or ":" in host:
+        raise ConfigError(
+            source, "a mongodb+srv:// string takes exactly one host name and no port, "
+            "e.g. mongodb+srv://user:pass@cluster0.example.net/")
+
+
+_NAME = re.compile(r"^[^/\\. \"$\x00]+$")
+
+
+def _db_name(source, raw):
+    if not _NAME.match(raw) or len(raw) > 63:
+        raise ConfigError(
+            source, f"{raw!r} is not a valid database name (no / \\ . space \" $, <= 63 bytes)")
+    return raw
+
+
+def _collection_name(source, raw):
+    if raw.startswith("system.") or "$" in raw or "\x00" in raw:
+        raise ConfigError(source, f"{raw!r} is not a collection that can be watched")
+    return raw
+
+
+def _pipeline(source, raw):
+    try:
+        from bson import json_util
+
+        stages = json_util.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(source, f"is not valid JSON ({exc}); give a JSON array of stages, "
+                          'e.g. [{"$match": {"operationType": "insert"}}]') from None
+    if not isinstance(stages, list):
+        raise ConfigError(source, 'must be a JSON array of stages, e.g. [{"$match": {...}}]')
+    for index, stage in enumerate(stages):
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise ConfigError(source, f"stage {index} must be an object with exactly one key")
+        (name,) = stage
+        if name not in PIPELINE_STAGES:
+            raise ConfigError(
+                source, f"stage {index} is {name}, which change streams do not allow; use one of "
+                + ", ".join(sorted(PIPELINE_STAGES)))
+    return tuple(stages)
+
+
+def _origins(source, raw):
+    origins = _csv(raw)
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise ConfigError(
+                source, f"{origin!r} is not an origin; write scheme://host[:port], "
+                "e.g. https://app.example.com, or * for any")
+    return tuple(o.rstrip("/") for o in origins)
+
+
+def _networks(source, raw):
+    networks = []
+    for item in _csv(raw):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                source, f"{item!r} is not an IP address or network, e.g. 10.0.0.1 or 10.0.0.0/8"
+            ) from None
+    return tuple(networks)
+
+
+def _redact_paths(source, raw):
+    paths = _csv(raw)
+    for path in paths:
+        if path.startswith(("_id", "$")) or ".." in path or path.endswith("."):
+            raise ConfigError(
+                source, f"{path!r} cannot be redacted; give dotted paths such as "
+                "fullDocument.password (the _id resume token must stay)")
+    return paths
+
+
+def _pem_path(source, raw):
+    if not Path(raw).is_file():
+        raise ConfigError(source, f"{raw!r} is not a readable file; give the path to a PEM key")
+    return raw
+
+
+def _port(source, raw):
+    return _integer(source, raw, minimum=0, maximum=65535)
+
+
+def _replay(source, raw):
+    return _integer(source, raw, minimum=0, maximum=10_000_000)
+
+
+def _positive(source, raw):
+    return _integer(source, raw, minimum=1)
+
+
+_CONVERTERS = {
+    "mongo_uri": _mongo_uri,
+    "watch_db": _db_name,
+    "watch_collection": _collection_name,
+    "port": _port,
+    "full_document": _choice(FULL_DOCUMENT_MODES),
+    "pipeline": _pipeline,
+    "log_level": _choice(LOG_LEVELS, fold=True),
+    "log_format": _choice(LOG_FORMATS),
+    "replay_buffer": _replay,
+    "client_buffer_bytes": _positive,
+    "catchup_streams": _positive,
+    "allowed_origins": _origins,
+    "trusted_proxies": _networks,
+    "redact": _redact_paths,
+    "auth_jwt_public_key": _pem_path,
+}
+
+
+def _check_together(config: Config) -> None:
+    if config.watch_collection and not config.watch_db:
+        raise ConfigError(
+            "WATCH_COLLECTION", "needs WATCH_DB too: set WATCH_DB to the collection's database")
+    if config.auth_jwt_secret and config.auth_jwt_public_key:
+        raise ConfigError(
+            "AUTH_JWT_SECRET", "set AUTH_JWT_SECRET (HS256) or AUTH_JWT_PUBLIC_KEY, not both")
+
+
+def describe(config: Config) -> str:
+    """One line for the start-up log, with the password masked."""
+    scope = {"deployment": "the whole deployment", "database": f"database {config.watch_db}",
+             "collection": f"{config.watch_db}.{config.watch_collection}"}[config.scope]
+    return (f"watching {scope} on {config.redacted_uri} "
+            f"(fullDocument={config.full_document}, {len(config.pipeline)} pipeline stages)")

@@ -1,0 +1,105 @@
+"""A change event, encoded once.
+
+Everything a client receives for one change is derived here exactly once per event, however many
+clients receive it: the relaxed Extended JSON text, the WebSocket frame that carries it and the
+Server-Sent Events record. The fan-out then only moves bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from bson import json_util
+
+_RELAXED = json_util.RELAXED_JSON_OPTIONS
+
+
+def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """An unmasked, final WebSocket frame (RFC 6455 §5.2) as a server sends it."""
+    length = len(payload)
+    first = 0x80 | opcode
+    if length < 126:
+        header = struct.pack("!BB", first, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", first, 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 127, length)
+    return header + payload
+
+
+class Event:
+    """One change event as it leaves the relay.
+
+    ``token`` is the ``_data`` hex string of MongoDB's resume token; MongoDB builds it so that the
+    string order of tokens from one deployment is the order of its events, which is what lets the
+    hub find a resume point with a binary search.
+    """
+
+    __slots__ = ("_sse", "change", "data", "frame", "ns", "op", "token")
+
+    def __init__(self, change: dict, data: bytes, token: str):
+        self.change = change
+        self.data = data
+        self.token = token
+        self.op = change.get("operationType", "")
+        ns = change.get("ns") or {}
+        self.ns = (ns.get("db"), ns.get("coll"))
+        self.frame = ws_frame(data)
+        self._sse = None
+
+    @property
+    def sse(self) -> bytes:
+        """The SSE record; built on first use, since most deployments have no SSE clients."""
+        if self._sse is None:
+            self._sse = b"id: " + self.token.encode() + b"\ndata: " + self.data + b"\n\n"
+        return self._sse
+
+    @property
+    def size(self) -> int:
+        return len(self.frame) + len(self.data)
+
+    def __repr__(self):
+        return f"<Event {self.op} {self.ns} {self.token[:24]}…>"
+
+
+def encode_change(change: dict) -> Event:
+    """Encode a change event document as MongoDB delivered it (after the pipeline)."""
+    token = token_hex(change["_id"])
+    data = json_util.dumps(change, json_options=_RELAXED, separators=(",", ":")).encode()
+    return Event(change, data, token)
+
+
+def token_hex(resume_token) -> str:
+    """The ``_data`` string of a resume token document, or ValueError if it has none."""
+    try:
+        data = resume_token["_data"]
+    except (KeyError, TypeError):
+        raise ValueError(f"not a resume token: {resume_token!r}") from None
+    if not isinstance(data, str):
+        raise ValueError(f"resume token _data is not a string: {resume_token!r}")
+    return data
+
+
+def control(type_: str, **fields) -> bytes:
+    """A control message: a JSON object with ``type`` and no ``operationType``."""
+    return json.dumps({"type": type_, **fields}, separators=(",", ":")).encode()
+
+
+MAX_TOKEN_LENGTH = 4096
+
+
+def parse_token(text: str) -> str:
+    """Validate a ``resume_after`` value a client sent: the ``_data`` hex of a resume token.
+
+    Raises ValueError with a message meant for the client.
+    """
+    if not text:
+        raise ValueError("resume_after is empty; give the _id._data of your newest event")
+    if len(text) > MAX_TOKEN_LENGTH:
+        raise ValueError(f"resume_after is longer than {MAX_TOKEN_LENGTH} characters")
+    if len(text) % 2 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError(
+            "resume_after must be the hex string from an event's _id._data (or a position "
+            "message's resume_after), e.g. 8263A1B2C3000000012B0229296E04")
+    return text.upper()

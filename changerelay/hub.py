@@ -1,0 +1,272 @@
+"""Fan-out and replay: who gets which event, exactly once and in order.
+
+The hub keeps one ordered log — the replay buffer — of the most recent events, and the connected
+clients grouped by subscription. ``publish`` appends to the log; once per event-loop iteration the
+new events are *flushed*: each subscription group picks the events it matches (one filter
+evaluation per group, not per client) and every client of the group gets the same bytes. Nothing
+here awaits, so a slow or broken client can never stall the others or the change stream; transports
+enforce their own outbound limits.
+
+A client that resumes is placed with a synchronous replay from the log followed by joining its
+group, with no await in between: that is the whole argument for "no gap, no duplicate" across the
+hand-over from history to live.
+
+``floor`` is the resume point the log starts from: every event after ``floor`` up to the newest is
+in the log. A resume point older than ``floor`` has to be caught up from MongoDB itself (see
+``catchup.py``). Positions compare as strings because MongoDB's resume tokens are hex-encoded
+KeyStrings whose byte order is the order of events in a deployment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from . import events as ev
+from .events import Event
+
+
+class Subscriber(Protocol):
+    """What the hub needs from a connected client; transports implement it."""
+
+    kind: str                     # "ws" or "sse": clients of one kind share one payload per flush
+    subscription: object          # has .key (str) and .matches(Event) -> bool
+    last_send: float              # monotonic time of the last frame, for position messages
+    told: str | None              # the last position sent, so a quiet client is told it once
+
+    def pack(self, events: list[Event]) -> bytes: ...
+    def send(self, payload: bytes) -> None: ...
+    def send_control(self, message: bytes, token: str | None = None) -> None: ...
+
+
+class Group:
+    """Clients with the same subscription: one match per event, one payload per kind."""
+
+    __slots__ = ("clients", "subscription")
+
+    def __init__(self, subscription):
+        self.subscription = subscription
+        self.clients: set = set()
+
+    def deliver(self, batch: list[Event], now: float) -> None:
+        if self.subscription.match_all:
+            matched = batch
+        else:
+            matches = self.subscription.matches
+            matched = [event for event in batch if matches(event)]
+        if not matched:
+            return
+        payloads: dict[str, bytes] = {}
+        for client in tuple(self.clients):
+            payload = payloads.get(client.kind)
+            if payload is None:
+                payload = payloads[client.kind] = client.pack(matched)
+            client.last_send = now
+            client.send(payload)
+
+
+class Hub:
+    def __init__(self, max_events: int = 10000, max_bytes: int = 64 * 1024 * 1024,
+                 call_soon: Callable[[Callable[[], None]], object] | None = None):
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._call_soon = call_soon
+        self._log: list[Event] = []
+        self._tokens: list[str] = []
+        self._start = 0                   # log[:_start] is evicted; compacted now and then
+        self._bytes = 0
+        self.floor: str | None = None     # None until the change stream has opened once
+        self.position: str | None = None  # newest token every client has been sent up to
+        self._pending: list[Event] = []
+        self._flush_scheduled = False
+        self._groups: dict[str, Group] = {}
+        self._ahead: dict[object, str] = {}   # clients resuming past our newest event
+        self._waiting: dict[object, str] = {}  # clients resuming before the stream first opened
+        self.clients: set = set()
+        self.published = 0
+
+    # -- source side -------------------------------------------------------------------------
+
+    def start(self, floor: str, *, resync: bool = False) -> None:
+        """The change stream (re)started from ``floor`` without continuity with what came before.
+
+        With ``resync`` the log is discarded and every client is told it must resync, because
+        events between the old and the new position are gone.
+        """
+        self.flush()
+        if resync or self.floor is None:
+            self._log, self._tokens, self._start, self._bytes = [], [], 0, 0
+        if resync:
+            message = ev.control("resync", reason="history_lost")
+            for client in tuple(self.clients):
+                client.send_control(message)
+            for client in tuple(self._ahead):
+                self._join(client)
+            self._ahead.clear()
+        if resync or self.floor is None:
+            self.floor = floor
+            self.position = floor
+        waiting, self._waiting = self._waiting, {}
+        for client, after in waiting.items():
+            self.resume(client, after)
+
+    def publish(self, event: Event) -> None:
+        self._log.append(event)
+        self._tokens.append(event.token)
+        self._bytes += event.size
+        self.published += 1
+        self._pending.append(event)
+        self._evict()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._call_soon is None:
+                self.flush()
+            else:
+                self._call_soon(self.flush)
+
+    def advance(self, token: str) -> None:
+        """The stream is known to have nothing before ``token`` that we have not published."""
+        self.flush()
+        if self.position is None or token > self.position:
+            self.position = token
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        now = time.monotonic()
+        for group in tuple(self._groups.values()):
+            group.deliver(batch, now)
+        if self._ahead:
+            self._deliver_ahead(batch, now)
+        self.position = batch[-1].token
+
+    def _evict(self) -> None:
+        while self._start < len(self._log) and (
+            len(self._log) - self._start > self.max_events or self._bytes > self.max_bytes
+        ):
+            event = self._log[self._start]
+            self._bytes -= event.size
+            self.floor = event.token
+            self._start += 1
+        if self._start > 4096 and self._start * 2 > len(self._log):
+            del self._log[: self._start]
+            del self._tokens[: self._start]
+            self._start = 0
+
+    # -- client side -------------------------------------------------------------------------
+
+    def covers(self, after: str) -> bool:
+        """Can a client resuming after ``after`` be served from the log alone?"""
+        return self.floor is not None and after >= self.floor
+
+    def subscribe(self, client) -> None:
+        """Join live, from the next event on."""
+        self.flush()
+        self.clients.add(client)
+        self._join(client)
+
+    def resume(self, client, after: str) -> bool:
+        """Replay everything after ``after`` from the log, then join live.
+
+        Returns False, having done nothing, when the log does not reach back to ``after``: the
+        caller must then catch the client up from MongoDB first.
+        """
+        if self.floor is None:
+            self.clients.add(client)
+            self._waiting[client] = after
+            return True
+        if after < self.floor:
+            return False
+        self.flush()
+        self.clients.add(client)
+        head = self._tokens[-1] if len(self._tokens) > self._start else self.floor
+        if after > head:
+            # From another relay that is ahead of us: hold back what it has already seen.
+            self._ahead[client] = after
+            return True
+        self.replay(client, after)
+        self._join(client)
+        return True
+
+    def replay(self, client, after: str) -> None:
+        index = bisect.bisect_right(self._tokens, after, lo=self._start)
+        matches = client.subscription.matches
+        matched = [event for event in self._log[index:] if matches(event)]
+        if matched:
+            client.last_send = time.monotonic()
+            client.send(client.pack(matched))
+
+    def unsubscribe(self, client) -> None:
+        self.clients.discard(client)
+        self._ahead.pop(client, None)
+        self._waiting.pop(client, None)
+        group = self._groups.get(client.subscription.key)
+        if group is not None:
+            group.clients.discard(client)
+            if not group.clients:
+                del self._groups[client.subscription.key]
+
+    def _join(self, client) -> None:
+        key = client.subscription.key
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = Group(client.subscription)
+        group.clients.add(client)
+
+    def _deliver_ahead(self, batch: list[Event], now: float) -> None:
+        head = batch[-1].token
+        for client, after in tuple(self._ahead.items()):
+            matches = client.subscription.matches
+            fresh = [e for e in batch if e.token > after and matches(e)]
+            if fresh:
+                client.last_send = now
+                client.send(client.pack(fresh))
+            if head >= after:
+                del self._ahead[client]
+                self._join(client)
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def send_positions(self, idle: float) -> int:
+        """Tell clients that heard nothing for ``idle`` seconds where they could resume from.
+
+        A heavily filtered subscription may match nothing for hours while the oplog moves on;
+        without this its newest id would fall out of the oplog window.
+        """
+        if self.position is None:
+            return 0
+        now = time.monotonic()
+        message = ev.control("position", resume_after=self.position)
+        sent = 0
+        for client in self._live_clients():
+            if now - client.last_send >= idle and client.told != self.position:
+                client.last_send = now
+                client.told = self.position
+                client.send_control(message, token=self.position)
+                sent += 1
+        return sent
+
+    def _live_clients(self) -> Iterable:
+        for group in tuple(self._groups.values()):
+            yield from tuple(group.clients)
+
+    def broadcast_control(self, message: bytes) -> None:
+        for client in tuple(self.clients):
+            client.send_control(message)
+
+    @property
+    def head(self) -> str | None:
+        return self._tokens[-1] if len(self._tokens) > self._start else self.floor
+
+    def stats(self) -> dict:
+        return {
+            "clients": len(self.clients),
+            "subscriptions": len(self._groups),
+            "buffered_events": len(self._log) - self._start,
+            "buffered_bytes": self._bytes,
+            "published": self.published,
+        }

@@ -1,0 +1,239 @@
+"""The change stream: the one ``watch()`` loop that feeds the hub.
+
+PyMongo already resumes once by itself on errors the change-stream spec calls resumable. This loop
+handles everything else, so the relay never stops watching while the process runs:
+
+* any other failure → reopen with ``resume_after`` the last token seen, after a capped exponential
+  backoff, one log line per attempt;
+* ``invalidate`` (collection dropped or renamed, database dropped) → reopen with ``start_after`` the
+  invalidate token, which is the only way MongoDB lets a stream continue past one;
+* 286 ChangeStreamHistoryLost (our resume point has left the oplog) → start from now and tell every
+  client to resync, since the events in between are gone for good;
+* a standalone server (40573) or failed authentication → the readiness probe names the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+from bson import json_util
+from logzero import logger
+from pymongo import AsyncMongoClient
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+)
+
+from . import events as ev
+from .config import Config
+
+HISTORY_LOST = 286
+NOT_REPLICA_SET = 40573
+AUTH_FAILED = 18
+UNAUTHORIZED = 13
+INVALID_RESUME_TOKEN = 260
+
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 10.0
+MAX_AWAIT_MS = 1000
+
+REPLICA_SET_HELP = (
+    "change streams need a replica set, and this MongoDB is a standalone server: start it with "
+    "`mongod --replSet rs0` and run `rs.initiate()` once in mongosh (a one-member replica set is "
+    "fine), or use an Atlas cluster"
+)
+
+
+def redaction_stages(paths) -> list[dict]:
+    """``$unset`` stages that drop redacted fields inside MongoDB, before they reach the relay."""
+    return [{"$unset": list(paths)}] if paths else []
+
+
+class ChangeSource:
+    """Runs ``watch()`` forever and publishes every change to the hub."""
+
+    def __init__(self, config: Config, hub, client: AsyncMongoClient | None = None):
+        self.config = config
+        self.hub = hub
+        self.client = client
+        self.state = "starting"
+        self.reason = "connecting to MongoDB"
+        self.opened_at: float | None = None
+        self.last_event_at: float | None = None
+        self.attempts = 0
+        self._token: dict | None = None       # where to reopen from: resume_after
+        self._start_after: dict | None = None  # ...or start_after, after an invalidate
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="change-source")
+        return self._task
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.client is not None:
+            await self.client.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "open"
+
+    def status(self) -> dict:
+        return {
+            "source": self.state,
+            "reason": self.reason,
+            "scope": self.config.scope,
+            "attempts": self.attempts,
+            "last_event_age": None if self.last_event_at is None else round(
+                time.monotonic() - self.last_event_at, 3),
+        }
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def target(self):
+        config = self.config
+        if config.watch_collection:
+            return self.client[config.watch_db][config.watch_collection]
+        if config.watch_db:
+            return self.client[config.watch_db]
+        return self.client
+
+    def pipeline(self) -> list[dict]:
+        return [*self.config.pipeline, *redaction_stages(self.config.redact)]
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                if self.client is None:
+                    self.client = AsyncMongoClient(self.config.mongo_uri, **client_options(
+                        self.config.mongo_uri))
+                await self._watch()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self._classify(exc)
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
+                delay *= random.uniform(0.5, 1.0)
+                logger.warning("change stream %s: %s — retrying in %.1fs (attempt %d)",
+                               self.state, self.reason, delay, failures)
+                await asyncio.sleep(delay)
+
+    async def _watch(self) -> None:
+        self.attempts += 1
+        fresh = self._token is None and self._start_after is None
+        try:
+            stream = await self._open(self._start_after, self._token)
+        except OperationFailure as exc:
+            if exc.code != HISTORY_LOST or fresh:
+                raise
+            logger.error("the resume point is no longer in the oplog (286): starting from now; "
+                         "clients are told to resync")
+            self._token = self._start_after = None
+            stream = await self._open(None, None)
+            fresh = True
+        self._opened(stream, fresh)
+        await self._pump(stream)
+
+    async def _open(self, start_after, resume_after):
+        mode = self.config.full_document
+        options = dict(full_document=None if mode == "default" else mode,
+                       max_await_time_ms=MAX_AWAIT_MS)
+        if start_after is not None:
+            options["start_after"] = start_after
+        elif resume_after is not None:
+            options["resume_after"] = resume_after
+        return await self.target().watch(self.pipeline(), **options)
+
+    def _opened(self, stream, fresh: bool) -> None:
+        """Tell the hub where the stream stands; a fresh start after the first is a gap."""
+        token = stream.resume_token
+        self.state, self.reason = "open", "change stream open"
+        self.opened_at = time.monotonic()
+        logger.info("change stream open on %s (%s)", self.config.scope,
+                    "from now" if fresh else "resumed")
+        if token is None:
+            return
+        self._token, self._start_after = token, None
+        if fresh:
+            self.hub.start(ev.token_hex(token), resync=self.hub.floor is not None)
+        else:
+            self.hub.advance(ev.token_hex(token))
+
+    async def _pump(self, stream) -> None:
+        hub = self.hub
+        try:
+            while True:
+                change = await stream.try_next()
+                if change is None:
+                    token = stream.resume_token
+                    if token is not None:
+                        self._token = token
+                        hub.advance(token["_data"])
+                    continue
+                self.last_event_at = time.monotonic()
+                hub.publish(ev.encode_change(change))
+                if change.get("operationType") == "invalidate":
+                    self._start_after = change["_id"]
+                    self._token = None
+                    logger.info("change stream invalidated (%s): reopening after it",
+                                json_util.dumps(change.get("ns", {})))
+                    return
+                self._token = change["_id"]
+        finally:
+            with contextlib.suppress(PyMongoError):
+                await stream.close()
+
+    def _classify(self, exc: Exception) -> None:
+        code = getattr(exc, "code", None)
+        if isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
+            self.state, self.reason = "not_replica_set", REPLICA_SET_HELP
+        elif isinstance(exc, OperationFailure) and code == AUTH_FAILED:
+            self.state = "auth_failed"
+            self.reason = ("authentication failed: check the user name and password in "
+                           "MONGO_SRV")
+        elif isinstance(exc, OperationFailure) and code == UNAUTHORIZED:
+            self.state = "unauthorized"
+            self.reason = ("the MongoDB user may not open change streams here: grant it the "
+                           "changeStream and find actions (e.g. the read role) on the watched "
+                           f"scope ({_short(exc)})")
+        elif isinstance(exc, OperationFailure) and code == INVALID_RESUME_TOKEN:
+            self.state, self.reason = "error", f"resume token rejected ({_short(exc)})"
+            self._token = self._start_after = None
+        elif isinstance(exc, ConnectionFailure | ConfigurationError):
+            self.state, self.reason = "unreachable", f"cannot reach MongoDB ({_short(exc)})"
+        elif isinstance(exc, PyMongoError):
+            self.state, self.reason = "error", _short(exc)
+        else:
+            self.state, self.reason = "error", f"{type(exc).__name__}: {exc}"
+            logger.exception("unexpected error in the change stream loop")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).split(", full error:")[0]
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def client_options(uri: str) -> dict:
+    """Driver options we set unless the connection string already does."""
+    lowered = uri.lower()
+    options = {"appname": "changerelay"}
+    if "serverselectiontimeoutms" not in lowered:
+        options["serverSelectionTimeoutMS"] = 5000
+    if "connecttimeoutms" not in lowered:
+        options["connectTimeoutMS"] = 5000
+    return options

@@ -1,0 +1,173 @@
+"""What one client asked for: the query string of ``/socket`` and ``/events``, validated.
+
+Everything is checked before the WebSocket upgrade or the SSE response starts, so a bad request
+gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a connection.
+Two clients with the same namespaces, operation types and filters share one :class:`Subscription`
+key, and so one match per event in the hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from . import events as ev
+
+OPERATION_TYPES = frozenset({
+    "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
+    # showExpandedEvents (MongoDB 6.0+) types pass through a PIPELINE/option that enables them.
+    "create", "createIndexes", "dropIndexes", "modify", "shardCollection", "reshardCollection",
+    "refineCollectionShardKey",
+})
+PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
+MAX_NAMESPACES = 100
+
+
+class SubscriptionError(ValueError):
+    """A request the relay refuses; ``status`` and ``code`` go into the HTTP response."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def body(self) -> str:
+        return json.dumps({"error": self.code, "message": self.message})
+
+
+class Subscription:
+    """Namespaces, operation types and a filter, compiled into one ``matches(event)``."""
+
+    __slots__ = ("filter", "key", "match_all", "matches", "namespaces", "ops")
+
+    def __init__(self, namespaces=None, ops=None, filter=None):
+        self.namespaces = namespaces  # None, or a frozenset of (db, coll-or-None)
+        self.ops = ops                # None, or a frozenset of operation types
+        self.filter = filter          # None, or a filters.Filter
+        self.key = json.dumps([
+            sorted(f"{db}.{coll or '*'}" for db, coll in namespaces) if namespaces else None,
+            sorted(ops) if ops else None,
+            filter.key if filter is not None else None,
+        ])
+        self.match_all = namespaces is None and ops is None and filter is None
+        self.matches = self._compile()
+
+    def _compile(self):
+        checks = []
+        if self.ops is not None:
+            ops = self.ops
+            checks.append(lambda event: event.op in ops)
+        if self.namespaces is not None:
+            databases = {db for db, coll in self.namespaces if coll is None}
+            collections = {(db, coll) for db, coll in self.namespaces if coll is not None}
+            named = {db for db, _ in collections}
+
+            def in_namespaces(event):
+                db, coll = event.ns
+                if db is None:          # invalidate: concerns every client of the stream
+                    return True
+                if db in databases:
+                    return True
+                if coll is None:        # dropDatabase: concerns every collection in it
+                    return db in named
+                return (db, coll) in collections
+
+            checks.append(in_namespaces)
+        if self.filter is not None:
+            predicate = self.filter
+            checks.append(lambda event: predicate(event.change))
+        if not checks:
+            return lambda event: True
+        if len(checks) == 1:
+            return checks[0]
+        return lambda event: all(check(event) for check in checks)
+
+    def restricted(self, access_filter) -> Subscription:
+        """The same subscription ANDed with an access rule (a JWT claim)."""
+        combined = access_filter if self.filter is None else access_filter & self.filter
+        return Subscription(self.namespaces, self.ops, combined)
+
+    def __repr__(self):
+        return f"<Subscription {self.key}>"
+
+
+ALL = Subscription()
+
+
+def parse(arguments: Mapping[str, list], scope: tuple[str | None, str | None]) -> tuple:
+    """Turn query arguments into ``(Subscription, resume_after_hex_or_None)``.
+
+    ``arguments`` maps names to lists of str values (decoded). ``scope`` is the watched
+    ``(db, collection)``; namespaces outside it are refused.
+    """
+    unknown = sorted(set(arguments) - set(PARAMETERS))
+    if unknown:
+        raise SubscriptionError(
+            "unknown_parameter", f"unknown query parameter {unknown[0]!r}; "
+            f"the accepted ones are {', '.join(PARAMETERS)}")
+    values = {}
+    for name, items in arguments.items():
+        if len(items) != 1:
+            raise SubscriptionError(
+                "repeated_parameter", f"{name} is given {len(items)} times; give it once "
+                "(use commas inside one value for several namespaces or operation types)")
+        values[name] = items[0]
+    namespaces = _namespaces(values["ns"], scope) if "ns" in values else None
+    ops = _ops(values["ops"]) if "ops" in values else None
+    predicate = _filter(values["filter"]) if "filter" in values else None
+    resume_after = None
+    if "resume_after" in values:
+        try:
+            resume_after = ev.parse_token(values["resume_after"])
+        except ValueError as exc:
+            raise SubscriptionError("invalid_resume_after", str(exc)) from None
+    return Subscription(namespaces, ops, predicate), resume_after
+
+
+def _namespaces(raw: str, scope) -> frozenset:
+    watch_db, watch_coll = scope
+    result = set()
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise SubscriptionError("invalid_ns", "ns is empty; give db or db.collection, "
+                                "comma-separated")
+    if len(items) > MAX_NAMESPACES:
+        raise SubscriptionError("invalid_ns", f"ns lists more than {MAX_NAMESPACES} namespaces")
+    for item in items:
+        db, _, coll = item.partition(".")
+        if not db or (_ and not coll) or any(c in db for c in '/\\ "$\x00'):
+            raise SubscriptionError(
+                "invalid_ns", f"{item!r} is not a namespace; write db or db.collection")
+        coll = coll or None
+        inside = (watch_db is None or db == watch_db) and (
+            watch_coll is None or coll == watch_coll)
+        if not inside:
+            where = ".".join(p for p in scope if p) or "the deployment"
+            raise SubscriptionError(
+                "ns_outside_scope", f"{item!r} is outside what this relay watches ({where}); "
+                "subscribe to namespaces inside it")
+        result.add((db, coll))
+    return frozenset(result)
+
+
+def _ops(raw: str) -> frozenset:
+    items = {item.strip() for item in raw.split(",") if item.strip()}
+    if not items:
+        raise SubscriptionError("invalid_ops", "ops is empty; give operation types, "
+                                "comma-separated, e.g. insert,update")
+    unknown = sorted(items - OPERATION_TYPES)
+    if unknown:
+        raise SubscriptionError(
+            "unknown_operation_type", f"unknown operation type {unknown[0]!r}; use any of "
+            + ", ".join(sorted(OPERATION_TYPES)))
+    return frozenset(items)
+
+
+def _filter(raw: str):
+    from . import filters
+
+    try:
+        return filters.parse_filter(raw)
+    except filters.FilterError as exc:
+        raise SubscriptionError(exc.code, exc.message) from None

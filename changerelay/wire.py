@@ -1,0 +1,74 @@
+"""The one place that reaches into Tornado's internals, so an upgrade breaks loudly here only.
+
+Tornado's public path for a WebSocket message builds a frame, a Future and a Task per client per
+message. For a relay that sends the same bytes to thousands of clients that bookkeeping is most of
+the CPU, so we write pre-built frames straight to the socket when the stream has nothing queued,
+and fall back to ``IOStream.write`` (which queues and flushes on writability) for whatever the
+kernel does not take. Queued bytes are measured on the stream's own buffer, so the slow-consumer
+limit and Tornado agree on one number.
+
+``tests/test_wire.py`` pins the private attributes used here.
+"""
+
+from __future__ import annotations
+
+from tornado.iostream import IOStream, StreamClosedError
+
+
+class StreamWriter:
+    """Writes bytes to an ``IOStream`` without per-write Futures when it can."""
+
+    __slots__ = ("_direct", "stream")
+
+    def __init__(self, stream: IOStream):
+        self.stream = stream
+        # TLS streams have their own state machine around the socket: always go through Tornado.
+        self._direct = type(stream) is IOStream
+
+    def buffered(self) -> int:
+        """Bytes accepted but not yet handed to the kernel."""
+        return len(self.stream._write_buffer)
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` in order after everything written before; raise StreamClosedError."""
+        stream = self.stream
+        if stream._write_buffer or not self._direct:
+            stream.write(data)
+            return
+        sock = stream.socket
+        if sock is None:
+            raise StreamClosedError()
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            stream.close(exc_info=exc)
+            raise StreamClosedError(real_error=exc) from exc
+        if sent < len(data):
+            stream.write(memoryview(data)[sent:])
+
+
+def ws_stream(handler) -> IOStream:
+    """The IOStream under an accepted ``WebSocketHandler``."""
+    return handler.ws_connection.stream
+
+
+def ws_compressed(handler) -> bool:
+    """True if permessage-deflate was negotiated: frames then differ per client."""
+    return getattr(handler.ws_connection, "_compressor", None) is not None
+
+
+def http_stream(handler) -> IOStream:
+    """The IOStream under a plain ``RequestHandler`` (for SSE)."""
+    return handler.request.connection.stream
+
+
+def http_chunked(handler) -> bool:
+    """True if the response body goes out in HTTP/1.1 chunks (we then frame our writes so)."""
+    return bool(getattr(handler.request.connection, "_chunking_output", False))
+
+
+def chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk, exactly as Tornado's HTTP1Connection would frame it."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
