@@ -1,0 +1,959 @@
+"""A safe subset of the MongoDB query language, evaluated by the relay itself.
+
+Browsers subscribe with ``filter=<JSON>``; access rules from JWT claims use the same
+language and are ANDed with the client's filter.  Nothing here is ever sent to MongoDB:
+the relay evaluates filters against each decoded change event, so the semantics below
+are re-implemented from MongoDB's classic matcher (``src/mongo/db/matcher/path.cpp``
+and ``src/mongo/db/exec/matcher/matcher_single_element_match.cpp``) rather than
+delegated.  Because a filter may be an access rule, a mismatch with MongoDB is a
+security bug, not a cosmetic one.
+
+Filters are compiled once into nested closures; :meth:`Filter.__call__` runs on the
+per-event hot path and never re-reads the spec.
+
+See ``docs/filters.md`` for the language reference.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import math
+import re
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from bson import json_util
+from bson.binary import Binary
+from bson.code import Code
+from bson.datetime_ms import DatetimeConversion, DatetimeMS
+from bson.dbref import DBRef
+from bson.decimal128 import Decimal128
+from bson.int64 import Int64
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+from bson.objectid import ObjectId
+from bson.regex import Regex
+from bson.timestamp import Timestamp
+
+try:  # The only way to inspect a pattern's structure without re-implementing a parser.
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+__all__ = [
+    "MATCH_ALL",
+    "MAX_DEPTH",
+    "MAX_FILTER_BYTES",
+    "MAX_REGEX_LENGTH",
+    "Filter",
+    "FilterError",
+    "compile_filter",
+    "parse_filter",
+]
+
+MAX_FILTER_BYTES = 4096
+MAX_DEPTH = 16
+MAX_REGEX_LENGTH = 256
+
+#: First path segments a filter may look at: the parts of a change event that carry data.
+TOP_LEVEL_FIELDS = frozenset(
+    {
+        "fullDocument",
+        "fullDocumentBeforeChange",
+        "documentKey",
+        "updateDescription",
+        "ns",
+        "operationType",
+        "to",
+    }
+)
+LOGICAL_OPERATORS = ("$and", "$or", "$nor")
+FIELD_OPERATORS = (
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$not", "$regex",
+    "$options",
+)  # fmt: skip
+REGEX_FLAGS = "imsx"
+
+_JSON_OPTIONS = json_util.JSONOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+_KEY_OPTIONS = json_util.JSONOptions(
+    json_mode=json_util.JSONMode.CANONICAL,
+    datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+)
+# Extended JSON wrappers that json_util understands, minus the two that are also query
+# operators ($regex/$options): those are handled here so that json_util cannot silently
+# drop a neighbouring operator (it turns {"$regex": "a", "$ne": "b"} into /a/).
+_EJSON_KEYS = frozenset(json_util._PARSERS) - {"$regex", "$regularExpression"}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class FilterError(ValueError):
+    """A filter was refused; ``code`` is stable for clients, ``message`` says how to fix it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------
+# BSON comparison order
+#
+# MongoDB compares values only within a "canonical type" bracket (bsontypes.h,
+# canonicalizeBSONType); numbers of every width share one bracket.  Missing compares as
+# EOO (0), which is why ``{$eq: null}`` can match it: matcher_single_element_match.cpp
+# special-cases null (5) against EOO/undefined (0).
+# ---------------------------------------------------------------------------------------
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+_MINKEY, _EOO, _NULL, _NUMBER, _STRING, _OBJECT, _ARRAY = -1, 0, 5, 10, 15, 20, 25
+_BINARY, _OID, _BOOL, _DATE, _TIMESTAMP, _REGEX, _CODE, _CODE_W_SCOPE = (
+    30, 35, 40, 45, 47, 50, 60, 65,
+)  # fmt: skip
+_MAXKEY, _UNSUPPORTED = 127, 1000
+
+_BRACKETS: dict[type, int] = {
+    type(None): _NULL,
+    bool: _BOOL,
+    int: _NUMBER,
+    Int64: _NUMBER,
+    float: _NUMBER,
+    Decimal128: _NUMBER,
+    str: _STRING,
+    dict: _OBJECT,
+    DBRef: _OBJECT,
+    list: _ARRAY,
+    bytes: _BINARY,
+    Binary: _BINARY,
+    uuid.UUID: _BINARY,
+    ObjectId: _OID,
+    datetime: _DATE,
+    DatetimeMS: _DATE,
+    Timestamp: _TIMESTAMP,
+    Regex: _REGEX,
+    re.Pattern: _REGEX,
+    MinKey: _MINKEY,
+    MaxKey: _MAXKEY,
+    _Missing: _EOO,
+}
+
+
+def _bracket(value: Any) -> int:
+    bracket = _BRACKETS.get(type(value))
+    if bracket is not None:
+        return bracket
+    if isinstance(value, Code):  # a str subclass: must be tested before str
+        return _CODE if value.scope is None else _CODE_W_SCOPE
+    for kind, bracket in _BRACKETS.items():
+        if isinstance(value, kind) and kind is not bool:
+            return bracket
+    return _UNSUPPORTED
+
+
+def _sign(a: Any, b: Any) -> int:
+    return (a > b) - (a < b)
+
+
+def _number(value: Any) -> int | float | Decimal:
+    return value.to_decimal() if type(value) is Decimal128 else value
+
+
+def _is_nan(value: int | float | Decimal) -> bool:
+    return value != value if type(value) is float else type(value) is Decimal and value.is_nan()
+
+
+def _compare_numbers(a: Any, b: Any) -> int:
+    # BSON order puts NaN below every number and equal to itself; Python would refuse
+    # (Decimal) or answer False to everything (float).  int/float/Decimal comparisons
+    # are exact in Python, as they are in MongoDB.
+    a, b = _number(a), _number(b)
+    a_nan, b_nan = _is_nan(a), _is_nan(b)
+    if a_nan or b_nan:
+        return b_nan - a_nan
+    return _sign(a, b)
+
+
+def _millis(value: datetime | DatetimeMS) -> int:
+    if isinstance(value, DatetimeMS):
+        return int(value)
+    # PyMongo decodes naive UTC datetimes by default; json_util.loads does too.
+    seconds = calendar.timegm(value.utctimetuple())
+    return seconds * 1000 + value.microsecond // 1000
+
+
+def _binary_key(value: Any) -> tuple[int, int, bytes]:
+    # BSON sorts BinData by length, then subtype, then bytes ("Comparison/Sort Order").
+    if isinstance(value, uuid.UUID):
+        return (16, 4, value.bytes)
+    subtype = value.subtype if isinstance(value, Binary) else 0
+    return (len(value), subtype, bytes(value))
+
+
+def _regex_parts(value: Regex | re.Pattern) -> tuple[str, str]:
+    pattern = value.pattern
+    if isinstance(pattern, bytes):
+        pattern = pattern.decode("utf-8", "replace")
+    return pattern, _flags_to_str(value.flags)
+
+
+def _flags_to_str(flags: int | str) -> str:
+    if isinstance(flags, str):
+        return "".join(sorted(flags))
+    out = ""
+    for letter, bit in (("i", re.I), ("l", re.L), ("m", re.M), ("s", re.S), ("x", re.X)):
+        if flags & bit:
+            out += letter
+    return out
+
+
+def _items(value: Any) -> list[tuple[str, Any]]:
+    return list((value.as_doc() if isinstance(value, DBRef) else value).items())
+
+
+def _compare(a: Any, b: Any) -> int:
+    """Total BSON order; ``b`` is a filter operand, ``a`` a value from an event."""
+    bracket_a, bracket_b = _bracket(a), _bracket(b)
+    if bracket_a != bracket_b:
+        return _sign(bracket_a, bracket_b)
+    if bracket_a == _NUMBER:
+        return _compare_numbers(a, b)
+    if bracket_a in (_STRING, _BOOL, _CODE):
+        return _sign(str(a) if bracket_a == _CODE else a, str(b) if bracket_a == _CODE else b)
+    if bracket_a == _OBJECT:
+        return _compare_sequences(_items(a), _items(b), named=True)
+    if bracket_a == _ARRAY:
+        return _compare_sequences(a, b, named=False)
+    if bracket_a == _BINARY:
+        return _sign(_binary_key(a), _binary_key(b))
+    if bracket_a == _OID:
+        return _sign(a.binary, b.binary)
+    if bracket_a == _DATE:
+        return _sign(_millis(a), _millis(b))
+    if bracket_a == _TIMESTAMP:
+        return _sign((a.time, a.inc), (b.time, b.inc))
+    if bracket_a == _REGEX:
+        return _sign(_regex_parts(a), _regex_parts(b))
+    if bracket_a == _CODE_W_SCOPE:
+        return _sign(str(a), str(b)) or _compare(a.scope, b.scope)
+    if bracket_a == _UNSUPPORTED:  # never produced by a filter operand; be unequal
+        return -1
+    return 0  # MinKey, MaxKey, null, missing: one value each
+
+
+def _compare_sequences(a: Iterable, b: Iterable, *, named: bool) -> int:
+    # BSONObj::woCompare: element by element, canonical type first, then field name,
+    # then value; a prefix sorts first.  Field order therefore matters for documents.
+    a, b = list(a), list(b)
+    for left, right in zip(a, b, strict=False):
+        if named:
+            (left_name, left), (right_name, right) = left, right
+            by_type = _sign(_bracket(left), _bracket(right))
+            if by_type:
+                return by_type
+            by_name = _sign(left_name, right_name)
+            if by_name:
+                return by_name
+        by_value = _compare(left, right)
+        if by_value:
+            return by_value
+    return _sign(len(a), len(b))
+
+
+# ---------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------
+
+
+def _collect(document: dict, parts: tuple[str, ...], start: int, out: list) -> None:
+    """Append the values ``parts[start:]`` reaches in ``document``, as MongoDB would.
+
+    A transcription of BSONElementIterator (path.cpp), classic/legacy semantics:
+
+    * walk through embedded documents; a scalar before the end of the path is missing;
+    * a leaf array yields each element, then the array itself;
+    * a non-leaf array recurses into its document elements, and a numeric segment also
+      indexes the array; scalar elements contribute nothing.
+    """
+    last = len(parts) - 1
+    index = start
+    while True:
+        value = document.get(parts[index], MISSING)
+        if isinstance(value, dict):
+            if index == last:
+                out.append(value)
+                return
+            document = value
+            index += 1
+            continue
+        if isinstance(value, list):
+            break
+        out.append(value if index == last else MISSING)
+        return
+    if index == last:
+        out.extend(value)
+        out.append(value)
+        return
+    _collect_array(value, parts, index + 1, out)
+
+
+def _collect_array(array: list, parts: tuple[str, ...], start: int, out: list) -> None:
+    segment = parts[start]
+    numeric = segment.isascii() and segment.isdigit()
+    ends_here = start == len(parts) - 1
+    for position, element in enumerate(array):
+        offset_match = numeric and str(position) == segment
+        if isinstance(element, dict):
+            _collect(element, parts, start, out)
+            if offset_match:
+                if ends_here:
+                    out.append(element)
+                else:
+                    _collect(element, parts, start + 1, out)
+        elif offset_match:
+            if ends_here:
+                out.append(element)  # an offset names the element: no implicit expansion
+            elif isinstance(element, list):
+                _collect_array(element, parts, start + 1, out)
+
+
+def _path_reader(path: str) -> Callable[[dict], list]:
+    parts = tuple(path.split("."))
+
+    def read(document: dict) -> list:
+        out: list = []
+        _collect(document, parts, 0, out)
+        return out
+
+    return read
+
+
+def _check_path(path: str) -> str:
+    parts = path.split(".")
+    if parts[0] not in TOP_LEVEL_FIELDS:
+        allowed = ", ".join(sorted(TOP_LEVEL_FIELDS))
+        raise FilterError(
+            "unknown_field",
+            f"field {path!r} is not filterable: a path must start with one of {allowed} "
+            f"(e.g. 'fullDocument.{path}')",
+        )
+    for part in parts:
+        if not part or part.startswith("$") or "\0" in part:
+            raise FilterError(
+                "invalid_filter",
+                f"field path {path!r} is malformed: segments must be non-empty, must not "
+                "start with '$' and must not contain NUL",
+            )
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Regular expressions
+#
+# MongoDB uses PCRE2; the relay uses Python's ``re``.  Patterns are accepted only when the
+# two agree on what they mean; constructs that differ are refused with a hint.  ``re`` has
+# no match timeout, so the 256-character cap and the refusal of nested quantifiers and
+# backreferences are the only defence against catastrophic backtracking.
+# ---------------------------------------------------------------------------------------
+
+_REFUSED_ESCAPES = {
+    "Z": r"\Z means 'end or before a final newline' in MongoDB but 'end' here; use $",
+    "z": r"\z is not supported; use $ (no m flag)",
+    "N": r"\N differs between PCRE and Python; use [^\n]",
+    "v": r"\v is vertical whitespace in PCRE but a vertical tab here; use [\n\v\f\r]",
+    "u": r"\u escapes differ between PCRE and Python; write the character itself",
+    "U": r"\U escapes differ between PCRE and Python; write the character itself",
+}
+_CATEGORIES = {
+    _sre.CATEGORY_DIGIT, _sre.CATEGORY_NOT_DIGIT, _sre.CATEGORY_WORD,
+    _sre.CATEGORY_NOT_WORD, _sre.CATEGORY_SPACE, _sre.CATEGORY_NOT_SPACE,
+}  # fmt: skip
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)}
+
+
+def _bad_regex(pattern: str, why: str) -> FilterError:
+    return FilterError("invalid_regex", f"regex {pattern!r} refused: {why}")
+
+
+def _scan_regex_text(pattern: str) -> None:
+    """Refuse spellings whose meaning differs between PCRE and ``re``."""
+    in_class = False
+    i, end = 0, len(pattern)
+    while i < end:
+        char = pattern[i]
+        if char == "\\" and i + 1 < end:
+            escaped = pattern[i + 1]
+            if escaped in _REFUSED_ESCAPES:
+                raise _bad_regex(pattern, _REFUSED_ESCAPES[escaped])
+            i += 2
+            continue
+        i += 1
+        if in_class:
+            if char == "[" and pattern.startswith(":", i):
+                raise _bad_regex(pattern, "POSIX classes like [[:alpha:]] are not supported")
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            i += pattern.startswith("^", i)
+            i += pattern.startswith("]", i)  # a leading ] is a literal in both dialects
+        elif char == "{" and pattern.startswith(",", i):
+            raise _bad_regex(pattern, "PCRE reads '{,n}' literally; write {0,n}")
+        elif char == "(" and pattern.startswith("?", i):
+            flags = re.match(r"[a-zA-Z-]*", pattern[i + 1 :]).group()
+            if set(flags) & set("aLu"):
+                raise _bad_regex(pattern, "inline flags a, L and u do not exist in MongoDB")
+
+
+def _walk_regex(items: Any, depth_of_repeat: int, found: dict) -> None:
+    for op, argument in items:
+        if op in _REPEATS:
+            _low, high, sub = argument
+            starry = high > 1
+            if starry and depth_of_repeat:
+                found["nested"] = True
+            _walk_regex(sub, depth_of_repeat + starry, found)
+        elif op is _sre.SUBPATTERN:
+            _group, add_flags, _del_flags, sub = argument
+            if add_flags & re.IGNORECASE:
+                found["ignorecase"] = True
+            _walk_regex(sub, depth_of_repeat, found)
+        elif op is _sre.BRANCH:
+            for sub in argument[1]:
+                _walk_regex(sub, depth_of_repeat, found)
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            _walk_regex(argument[1], depth_of_repeat, found)
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            _walk_regex(argument, depth_of_repeat, found)
+        elif op in (_sre.GROUPREF, getattr(_sre, "GROUPREF_EXISTS", None)):
+            found["backref"] = True
+        elif op is _sre.IN:
+            if any(kind is _sre.CATEGORY and arg in _CATEGORIES for kind, arg in argument):
+                found["category"] = True
+        elif op is _sre.AT and argument in (_sre.AT_BOUNDARY, _sre.AT_NON_BOUNDARY):
+            found["category"] = True
+
+
+def _compile_regex(pattern: Any, options: Any) -> re.Pattern:
+    if not isinstance(pattern, str):
+        raise FilterError("invalid_filter", "$regex needs a string pattern")
+    if not isinstance(options, str):
+        raise FilterError("invalid_filter", '$options needs a string of flags, e.g. "i"')
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise FilterError(
+            "regex_too_long",
+            f"regex is {len(pattern)} characters; the limit is {MAX_REGEX_LENGTH} because "
+            "Python's re cannot time out a match",
+        )
+    unknown = set(options) - set(REGEX_FLAGS)
+    if unknown:
+        raise FilterError(
+            "invalid_regex",
+            f"regex flags {''.join(sorted(unknown))!r} are not supported; use {REGEX_FLAGS!r}",
+        )
+    if "\0" in pattern:
+        raise _bad_regex(pattern, "it contains a NUL character")
+    _scan_regex_text(pattern)
+    flags = 0
+    for letter in options:
+        flags |= {"i": re.I, "m": re.M, "s": re.S, "x": re.X}[letter]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "possible nested set" means PCRE reads it otherwise
+            tree = _sre_parse.parse(pattern, flags)
+            found: dict = {}
+            _walk_regex(tree, 0, found)
+            if tree.state.flags & re.IGNORECASE:
+                found["ignorecase"] = True
+            if found.get("backref"):
+                raise _bad_regex(pattern, "backreferences can make matching exponential")
+            if found.get("nested"):
+                raise _bad_regex(
+                    pattern, "a repeated group containing a repetition, like (a+)+, can "
+                    "backtrack catastrophically; rewrite it without nesting",
+                )  # fmt: skip
+            if found.get("ignorecase") and found.get("category"):
+                raise _bad_regex(
+                    pattern, r"with the i flag, \d \w \s \b would be Unicode-aware here but "
+                    r"are ASCII in MongoDB; spell them out, e.g. [0-9] or [A-Za-z0-9_]",
+                )  # fmt: skip
+            if not found.get("ignorecase"):
+                # PCRE (without UCP) gives \d \w \s \b their ASCII meaning; so does re.ASCII,
+                # which otherwise only changes case folding, unused without i.
+                flags |= re.ASCII
+            return re.compile(pattern, flags)
+    except FilterError:
+        raise
+    except (re.error, Warning, RecursionError, OverflowError, ValueError) as exc:
+        raise _bad_regex(pattern, f"it does not compile ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Values (Extended JSON)
+# ---------------------------------------------------------------------------------------
+
+
+def _value(value: Any) -> Any:
+    """Decode Extended JSON wrappers in an operand and check every type is comparable."""
+    kind = type(value)
+    if value is None or kind in (bool, str, float):
+        return value
+    if kind is int or kind is Int64:
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise FilterError(
+                "invalid_filter",
+                f"integer {value} does not fit in 64 bits; use a float or $numberDecimal",
+            )
+        return value
+    if isinstance(value, list):
+        return [_value(item) for item in value]
+    if isinstance(value, dict):
+        keys = set(value)
+        if keys & {"$regex", "$options", "$regularExpression"}:
+            return _regex_literal(value)
+        decoded = {key: _value(item) for key, item in value.items()}
+        if keys & _EJSON_KEYS:
+            try:
+                converted = json_util.object_hook(decoded, _JSON_OPTIONS)
+            except Exception as exc:  # json_util raises a zoo of types for bad wrappers
+                raise FilterError(
+                    "invalid_filter", f"invalid Extended JSON value {value!r}: {exc}"
+                ) from None
+            return _value(converted) if converted is not decoded else decoded
+        for key in decoded:
+            if not isinstance(key, str):
+                raise FilterError("invalid_filter", f"document keys must be strings: {key!r}")
+        return decoded
+    if isinstance(value, Regex | re.Pattern):
+        pattern, flags = _regex_parts(value)
+        _compile_regex(pattern, flags)
+        return Regex(pattern, flags)
+    if isinstance(value, uuid.UUID):
+        return Binary.from_uuid(value)
+    if isinstance(value, Code) or _bracket(value) == _UNSUPPORTED:
+        raise FilterError(
+            "invalid_filter", f"values of type {kind.__name__} cannot be used in a filter"
+        )
+    return value
+
+
+def _regex_literal(value: dict) -> Regex:
+    """Legacy ``{"$regex", "$options"}`` or canonical ``$regularExpression`` as a value."""
+    if "$regularExpression" in value:
+        inner = value["$regularExpression"]
+        if len(value) != 1 or not isinstance(inner, dict) or set(inner) != {"pattern", "options"}:
+            raise FilterError(
+                "invalid_filter",
+                '$regularExpression must be {"pattern": <string>, "options": <string>}',
+            )
+        pattern, options = inner["pattern"], inner["options"]
+    else:
+        if set(value) - {"$regex", "$options"} or "$regex" not in value:
+            raise FilterError(
+                "invalid_filter",
+                "a {$regex, $options} value cannot have other keys; write the other "
+                "operators next to $regex in the field's operator document",
+            )
+        pattern, options = value["$regex"], value.get("$options", "")
+        if isinstance(pattern, Regex):
+            if options:
+                raise FilterError("invalid_filter", "give regex flags once, not in both places")
+            pattern, options = _regex_parts(pattern)
+    _compile_regex(pattern, options)
+    return Regex(pattern, _flags_to_str(options))
+
+
+# ---------------------------------------------------------------------------------------
+# Compilation
+# ---------------------------------------------------------------------------------------
+
+Predicate = Callable[[dict], bool]
+Test = Callable[[Any], bool]
+
+
+def _any(read: Callable[[dict], list], test: Test) -> Predicate:
+    def predicate(event: dict) -> bool:
+        return any(map(test, read(event)))
+
+    return predicate
+
+
+def _comparison(operator: str, operand: Any) -> Test:
+    """One element against one operand (evaluateComparisonExpressionSingleElement)."""
+    bracket = _bracket(operand)
+    operand_is_nan = bracket == _NUMBER and _is_nan(_number(operand))
+    want = {
+        "$eq": (0,), "$lt": (-1,), "$lte": (-1, 0), "$gt": (1,), "$gte": (0, 1),
+    }[operator]  # fmt: skip
+    missing_matches = bracket == _NULL and 0 in want  # null == missing, for eq/lte/gte
+
+    def test(value: Any) -> bool:
+        value_bracket = _bracket(value)
+        if value_bracket != bracket:
+            if bracket == _MINKEY:
+                return operator in ("$gt", "$gte")
+            if bracket == _MAXKEY:
+                return operator in ("$lt", "$lte")
+            return missing_matches and value_bracket == _EOO
+        if operator != "$eq" and bracket == _NUMBER:
+            value_is_nan = _is_nan(_number(value))
+            if value_is_nan or operand_is_nan:
+                return value_is_nan and operand_is_nan and 0 in want
+        return _compare(value, operand) in want
+
+    return test
+
+
+def _regex_test(compiled: re.Pattern, literal: Regex) -> Test:
+    parts = _regex_parts(literal)
+
+    def test(value: Any) -> bool:
+        if type(value) is str or (isinstance(value, str) and not isinstance(value, Code)):
+            return compiled.search(value) is not None
+        if isinstance(value, Regex | re.Pattern):  # a stored regex matches only itself
+            return _regex_parts(value) == parts
+        return False
+
+    return test
+
+
+def _in_test(operands: list) -> Test:
+    equal = [_comparison("$eq", item) for item in operands if not isinstance(item, Regex)]
+    regexes = [
+        _regex_test(_compile_regex(*_regex_parts(item)), item)
+        for item in operands
+        if isinstance(item, Regex)
+    ]
+    tests = equal + regexes
+    has_null = any(item is None for item in operands)
+
+    def test(value: Any) -> bool:
+        if has_null and value is MISSING:
+            return True
+        return any(check(value) for check in tests)
+
+    return test
+
+
+def _not(predicate: Predicate) -> Predicate:
+    return lambda event: not predicate(event)
+
+
+def _all(predicates: list[Predicate]) -> Predicate:
+    if not predicates:
+        return lambda event: True
+    if len(predicates) == 1:
+        return predicates[0]
+    return lambda event: all(predicate(event) for predicate in predicates)
+
+
+def _operator_document(path: str, read, spec: dict, depth: int) -> tuple[Predicate, dict]:
+    """Compile ``{"$gt": 1, "$lt": 5}`` for one path; each operator traverses on its own."""
+    predicates: list[Predicate] = []
+    normal: dict = {}
+    if "$options" in spec and "$regex" not in spec:
+        raise FilterError("invalid_filter", f"$options on {path!r} needs a $regex next to it")
+    for operator, operand in spec.items():
+        if operator == "$options":
+            continue
+        if not isinstance(operator, str) or not operator.startswith("$"):
+            raise FilterError(
+                "invalid_filter",
+                f"{path!r} mixes operators with the plain field {operator!r}; to match an "
+                'embedded document use {"$eq": {...}}',
+            )
+        if operator not in FIELD_OPERATORS:
+            raise _unknown(operator, FIELD_OPERATORS)
+        if operator in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
+            value = _value(operand)
+            test = _comparison("$eq" if operator == "$ne" else operator, value)
+            predicate = _any(read, test)
+            predicates.append(_not(predicate) if operator == "$ne" else predicate)
+            normal[operator] = value
+        elif operator in ("$in", "$nin"):
+            if not isinstance(operand, list):
+                raise FilterError("invalid_filter", f"{operator} on {path!r} needs an array")
+            values = [_value(item) for item in operand]
+            for item in values:
+                if isinstance(item, dict) and any(str(key).startswith("$") for key in item):
+                    raise FilterError(
+                        "invalid_filter", f"{operator} on {path!r} cannot contain operators"
+                    )
+            predicate = _any(read, _in_test(values))
+            predicates.append(_not(predicate) if operator == "$nin" else predicate)
+            normal[operator] = values
+        elif operator == "$exists":
+            if not isinstance(operand, bool | int | float):
+                raise FilterError("invalid_filter", f"$exists on {path!r} takes true or false")
+            exists = _any(read, lambda value: value is not MISSING)
+            predicates.append(exists if operand else _not(exists))
+            normal[operator] = bool(operand)
+        elif operator == "$regex":
+            literal = _regex_literal({"$regex": operand, "$options": spec.get("$options", "")})
+            predicates.append(
+                _any(read, _regex_test(_compile_regex(*_regex_parts(literal)), literal))
+            )
+            normal["$regex"], normal["$options"] = _regex_parts(literal)
+        else:  # $not
+            if isinstance(operand, Regex | re.Pattern) or (
+                isinstance(operand, dict) and "$regularExpression" in operand
+            ):
+                literal = _value(operand)
+                operand = {"$regex": literal.pattern, "$options": _flags_to_str(literal.flags)}
+            if not isinstance(operand, dict) or not operand:
+                raise FilterError(
+                    "invalid_filter",
+                    f"$not on {path!r} takes a non-empty operator document or a regex",
+                )
+            if not all(isinstance(key, str) and key.startswith("$") for key in operand):
+                raise FilterError(
+                    "invalid_filter", f'$not on {path!r} takes operators, e.g. {{"$gt": 5}}'
+                )
+            inner, inner_normal = _operator_document(path, read, operand, depth + 1)
+            predicates.append(_not(inner))
+            normal[operator] = inner_normal
+    return _all(predicates), dict(sorted(normal.items()))
+
+
+def _unknown(operator: str, allowed: Iterable[str]) -> FilterError:
+    return FilterError(
+        "unknown_operator",
+        f"operator {operator!r} is not supported; allowed: {', '.join(allowed)}",
+    )
+
+
+def _field(path: str, condition: Any, depth: int) -> tuple[Predicate, dict]:
+    read = _path_reader(_check_path(path))
+    if isinstance(condition, dict) and condition:
+        keys = list(condition)
+        if keys[0].startswith("$") if isinstance(keys[0], str) else False:
+            if set(keys) & _EJSON_KEYS or "$regularExpression" in keys:
+                condition = _value(condition)  # {"$oid": ...}: an Extended JSON value
+            else:
+                return _operator_document(path, read, condition, depth)
+        elif any(isinstance(key, str) and key.startswith("$") for key in keys):
+            raise FilterError(
+                "invalid_filter",
+                f"{path!r} mixes plain fields with operators; put operators first or use $eq",
+            )
+    value = _value(condition)
+    if isinstance(value, Regex):  # {field: /re/} means "matches", not "equals"
+        return _operator_document(path, read, {"$regex": value}, depth)
+    return _any(read, _comparison("$eq", value)), {"$eq": value}
+
+
+def _filter(spec: Any, depth: int) -> tuple[Predicate, dict]:
+    if not isinstance(spec, dict):
+        raise FilterError(
+            "invalid_filter", f"a filter must be a JSON object, not {type(spec).__name__}"
+        )
+    predicates: list[Predicate] = []
+    normal: dict = {}
+    for key, condition in spec.items():
+        if not isinstance(key, str):
+            raise FilterError("invalid_filter", f"filter keys must be strings, not {key!r}")
+        if key in LOGICAL_OPERATORS:
+            if not isinstance(condition, list) or not condition:
+                raise FilterError("invalid_filter", f"{key} needs a non-empty array of filters")
+            compiled = [_filter(branch, depth + 1) for branch in condition]
+            branches = [predicate for predicate, _ in compiled]
+            normal[key] = [branch_normal for _, branch_normal in compiled]
+            if key == "$and":
+                predicates.append(_all(branches))
+            else:
+                either = _either(branches)
+                predicates.append(either if key == "$or" else _not(either))
+        elif key.startswith("$"):
+            raise _unknown(key, LOGICAL_OPERATORS)
+        else:
+            predicate, normal[key] = _field(key, condition, depth)
+            predicates.append(predicate)
+    return _all(predicates), dict(sorted(normal.items()))
+
+
+def _either(predicates: list[Predicate]) -> Predicate:
+    if len(predicates) == 1:
+        return predicates[0]
+    return lambda event: any(predicate(event) for predicate in predicates)
+
+
+def _check_depth(spec: Any) -> None:
+    """Iterative, so a hostile or cyclic object cannot exhaust the stack before we refuse."""
+    stack = [(spec, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FilterError(
+                "filter_too_deep", f"documents and arrays nest deeper than {MAX_DEPTH} levels"
+            )
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if _nests(child))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if _nests(child))
+
+
+def _nests(value: Any) -> bool:
+    return isinstance(value, dict | list)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+
+class Filter:
+    """A compiled filter: call it with a change event to learn whether it matches."""
+
+    __slots__ = ("_predicate", "key", "spec")
+
+    def __init__(self, predicate: Predicate, spec: dict) -> None:
+        self._predicate = predicate
+        self.spec = spec
+        self.key = json_util.dumps(
+            spec, json_options=_KEY_OPTIONS, separators=(",", ":"), ensure_ascii=False
+        )
+
+    def __call__(self, event: dict) -> bool:
+        return self._predicate(event)
+
+    def __and__(self, other: Filter) -> Filter:
+        if not isinstance(other, Filter):
+            return NotImplemented
+        if not self.spec:
+            return other
+        if not other.spec or other.key == self.key:
+            return self
+        left, right = self._predicate, other._predicate
+        return Filter(lambda event: left(event) and right(event), {"$and": [self.spec, other.spec]})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Filter) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        return f"Filter({self.key})"
+
+
+def compile_filter(spec: dict) -> Filter:
+    """Compile an already-decoded filter document, such as a JWT claim.
+
+    Extended JSON wrappers (``{"$oid": ...}``) are decoded here too, so a rule written as
+    JSON in a token means the same as the same text given to :func:`parse_filter`.
+    """
+    _check_depth(spec)
+    try:
+        predicate, normal = _filter(spec, 1)
+    except RecursionError:  # pragma: no cover - depth is capped above
+        raise FilterError("filter_too_deep", "filter nests too deeply") from None
+    return Filter(predicate, normal)
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise FilterError("invalid_json", f'{name} is not JSON; use {{"$numberDouble": "{name}"}}')
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or not _INT64_MIN <= int(text) <= _INT64_MAX:
+        raise FilterError(
+            "invalid_filter",
+            f"integer {text[:30]} does not fit in 64 bits; use a float or $numberDecimal",
+        )
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise FilterError(
+            "invalid_filter",
+            f"number {text[:30]} is out of range for a double; use $numberDecimal",
+        )
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise FilterError(
+            "invalid_filter", f"key {duplicate!r} appears twice; combine the conditions"
+        )
+    return document
+
+
+def parse_filter(text: str | bytes) -> Filter:
+    """Parse the JSON text of a ``filter`` query parameter (untrusted) and compile it."""
+    if isinstance(text, str):
+        if len(text) > MAX_FILTER_BYTES:
+            raise _too_large(len(text))
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FilterError("invalid_json", "filter text is not valid Unicode") from None
+    elif isinstance(text, bytes | bytearray | memoryview):
+        raw = bytes(text)
+    else:
+        raise FilterError("invalid_json", "filter must be JSON text")
+    if len(raw) > MAX_FILTER_BYTES:
+        raise _too_large(len(raw))
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FilterError("invalid_json", "filter is not valid UTF-8") from None
+    # Measure nesting before json does: its C scanner recurses once per level.
+    depth = deepest = 0
+    for char in _JSON_STRING.sub("", source):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    if deepest > MAX_DEPTH:
+        raise FilterError(
+            "filter_too_deep", f"documents and arrays nest deeper than {MAX_DEPTH} levels"
+        )
+    try:
+        spec = json.loads(
+            source,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_refuse_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+    except FilterError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise FilterError("invalid_json", f"filter is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise FilterError(
+            "invalid_filter", f"a filter must be a JSON object, not {type(spec).__name__}"
+        )
+    return compile_filter(spec)
+
+
+def _too_large(size: int) -> FilterError:
+    return FilterError(
+        "filter_too_large", f"filter is {size} bytes; the limit is {MAX_FILTER_BYTES}"
+    )
+
+
+MATCH_ALL = compile_filter({})
