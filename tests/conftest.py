@@ -1,0 +1,269 @@
+"""Shared fixtures: a MongoDB to test against, relays as real processes, WebSocket clients.
+
+Without ``MONGODB_TEST_URI`` every test gets its own :class:`primary.TestPrimary` (the wire-protocol
+test primary). With it, end-to-end tests that inject no fault run against that real replica set,
+each in a database of its own that is dropped afterwards; tests marked ``fault`` skip there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pymongo import MongoClient
+from tornado import httpclient, websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from primary import TestPrimary  # noqa: E402
+
+REAL_URI = os.environ.get("MONGODB_TEST_URI")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not REAL_URI:
+        return
+    skip = pytest.mark.skip(reason="injects faults into the test primary; cannot run against "
+                            "MONGODB_TEST_URI")
+    for item in items:
+        if "fault" in item.keywords:
+            item.add_marker(skip)
+
+
+class Mongo:
+    """The MongoDB a test writes to: the test primary, or a real replica set."""
+
+    def __init__(self, uri: str, primary: TestPrimary | None):
+        self.uri = uri
+        self.primary = primary
+        self.db = "t_" + uuid.uuid4().hex[:12]
+        self.client = MongoClient(uri, serverSelectionTimeoutMS=5000)
+
+    @property
+    def fake(self) -> bool:
+        return self.primary is not None
+
+    def close(self):
+        if not self.fake:
+            self.client.drop_database(self.db)
+        self.client.close()
+
+
+@pytest.fixture
+def primary():
+    """A running test primary (fault-injecting tests use this directly)."""
+    if REAL_URI:
+        pytest.skip("needs the test primary for fault injection")
+    with TestPrimary() as server:
+        yield server
+
+
+@pytest.fixture
+def mongo(request):
+    if REAL_URI:
+        m = Mongo(REAL_URI, None)
+        yield m
+        m.close()
+        return
+    server = TestPrimary().start()
+    m = Mongo(server.uri, server)
+    try:
+        yield m
+    finally:
+        m.close()
+        server.stop()
+
+
+class RelayProcess:
+    """``python server.py`` as a subprocess, on a free port, with its log captured."""
+
+    def __init__(self, env: dict, args=()):
+        self.env = env
+        self.args = list(args)
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 15) -> RelayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "WATCH_"))}
+        env.update({"PORT": "0", "HOST": "127.0.0.1", "LOG_LEVEL": "DEBUG",
+                    "PYTHONUNBUFFERED": "1"})
+        env.update({k: str(v) for k, v in self.env.items()})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), *self.args], cwd=str(ROOT), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout):
+            self.kill()
+            raise AssertionError("relay did not start listening:\n" + self.log())
+        return self
+
+    def _read(self):
+        pattern = re.compile(r"listening on http://[\d.]+:(\d+)/")
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = pattern.search(line)
+            if match and self.port is None:
+                self.port = int(match.group(1))
+                self._listening.set()
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/socket"
+
+    def get(self, path: str, **kwargs):
+        client = httpclient.HTTPClient()
+        try:
+            return client.fetch(self.url + path, raise_error=False, **kwargs)
+        finally:
+            client.close()
+
+    def ready(self) -> dict:
+        response = self.get("/readyz")
+        return {"status": response.code, **json.loads(response.body or b"{}")}
+
+    def wait_ready(self, timeout: float = 15, source: str = "open") -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.ready()
+            if status.get("source") == source:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"readyz never reached {source}: {status}\n{self.log()}")
+            time.sleep(0.05)
+
+    def wait_log(self, text: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} never appeared in the relay log:\n{self.log()}")
+
+    def terminate(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._reader.join(2)
+        return code
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def relay_factory():
+    started: list[RelayProcess] = []
+
+    def start(env=None, args=(), **kwargs) -> RelayProcess:
+        relay = RelayProcess({**(env or {}), **kwargs}, args).start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.kill()
+
+
+@pytest.fixture
+def relay(mongo, relay_factory):
+    """A relay watching the test's own database, open and ready."""
+    r = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
+    r.wait_ready()
+    return r
+
+
+class WS:
+    """A real WebSocket client (Tornado's) that records every frame it receives."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.frames: list[dict] = []
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs) -> WS:
+        request = httpclient.HTTPRequest(url, **kwargs)
+        return cls(await websocket.websocket_connect(request))
+
+    async def recv(self, timeout: float = 10):
+        message = await asyncio.wait_for(self.conn.read_message(), timeout)
+        if message is None:
+            return None
+        frame = json.loads(message)
+        self.frames.append(frame)
+        return frame
+
+    async def changes(self, count: int, timeout: float = 20) -> list[dict]:
+        """The next ``count`` change events (control messages are recorded but skipped)."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError(f"closed after {len(got)} of {count} changes: "
+                                     f"{self.close_code} {self.close_reason}")
+            if "operationType" in frame:
+                got.append(frame)
+        return got
+
+    async def until(self, predicate, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError(f"closed before the awaited frame: {self.close_code}")
+            if predicate(frame):
+                return frame
+
+    async def closed(self, timeout: float = 10):
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await asyncio.wait_for(self.conn.read_message(),
+                                             max(0.01, deadline - time.monotonic()))
+            if message is None:
+                return self.close_code, self.close_reason
+            self.frames.append(json.loads(message))
+
+    @property
+    def close_code(self):
+        return self.conn.close_code
+
+    @property
+    def close_reason(self):
+        return self.conn.close_reason
+
+    def close(self):
+        self.conn.close()
+
+
+def token_of(frame: dict) -> str:
+    return frame["_id"]["_data"]
+
+
+def run(coro):
+    """Run an async test body on a fresh event loop."""
+    return asyncio.run(coro)

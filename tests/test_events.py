@@ -1,0 +1,76 @@
+"""Encoding once: relaxed Extended JSON, WebSocket frames, SSE records, resume tokens."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+from bson import Decimal128, Int64, ObjectId, Timestamp
+
+from changerelay import events as ev
+
+
+def change(**extra):
+    return {"_id": {"_data": "8263A1B2C3000000012B022C0100296E5A1004"}, "operationType": "insert",
+            "ns": {"db": "shop", "coll": "orders"}, **extra}
+
+
+def test_relaxed_extended_json():
+    oid = ObjectId("65a1b2c3d4e5f60718293a4b")
+    when = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC)
+    event = ev.encode_change(change(
+        documentKey={"_id": oid}, clusterTime=Timestamp(1700000000, 3), wallTime=when,
+        fullDocument={"_id": oid, "n": Int64(5), "price": Decimal128("9.99"), "f": 1.5}))
+    data = json.loads(event.data)
+    assert data["documentKey"] == {"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}}
+    assert data["wallTime"] == {"$date": "2026-11-27T12:00:00Z"}
+    assert data["clusterTime"] == {"$timestamp": {"t": 1700000000, "i": 3}}
+    assert data["fullDocument"]["n"] == 5  # relaxed: plain number
+    assert data["fullDocument"]["price"] == {"$numberDecimal": "9.99"}
+    assert data["_id"] == {"_data": "8263A1B2C3000000012B022C0100296E5A1004"}
+    assert event.token == "8263A1B2C3000000012B022C0100296E5A1004"
+    assert (event.op, event.ns) == ("insert", ("shop", "orders"))
+
+
+def test_events_without_documents_encode():
+    for op in ("delete", "drop", "dropDatabase", "invalidate", "somethingNew"):
+        event = ev.encode_change({"_id": {"_data": "82AA"}, "operationType": op})
+        assert json.loads(event.data)["operationType"] == op
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_ws_frame_lengths(size):
+    payload = b"x" * size
+    frame = ev.ws_frame(payload)
+    assert frame[0] == 0x81
+    assert frame.endswith(payload)
+    if size < 126:
+        assert frame[1] == size
+    elif size < 65536:
+        assert frame[1] == 126 and int.from_bytes(frame[2:4], "big") == size
+    else:
+        assert frame[1] == 127 and int.from_bytes(frame[2:10], "big") == size
+
+
+def test_sse_record():
+    event = ev.encode_change(change(fullDocument={"text": "line1\nline2"}))
+    record = event.sse
+    assert record.startswith(b"id: 8263A1B2C3000000012B022C0100296E5A1004\ndata: {")
+    assert record.endswith(b"\n\n") and record.count(b"\n") == 3  # newline in data is escaped
+
+
+def test_control_messages_have_type_and_no_operation_type():
+    message = json.loads(ev.control("resync", reason="history_lost"))
+    assert message == {"type": "resync", "reason": "history_lost"}
+
+
+@pytest.mark.parametrize("text", ["", "xyz", "abc", "8263A1B2C3000000012B0G", "82" * 3000,
+                                  "82 63", "{\"_data\": \"82\"}"])
+def test_malformed_tokens_refused(text):
+    with pytest.raises(ValueError):
+        ev.parse_token(text)
+
+
+def test_token_normalised_to_mongodb_case():
+    assert ev.parse_token("8263a1b2") == "8263A1B2"
