@@ -19,6 +19,7 @@ from . import events as ev
 from . import wire
 
 SLOW_CONSUMER = 1013
+POLICY_VIOLATION = 1008
 
 
 class Client:
@@ -33,6 +34,7 @@ class Client:
         self.closed = False
         self.writer: wire.StreamWriter | None = None
         self.on_cut = None   # called once when the client is cut off (the hub unsubscribes it)
+        self.claims: dict | None = None
 
     def send(self, payload: bytes) -> None:
         if self.closed:
@@ -63,6 +65,17 @@ class Client:
 
     def finish(self, message: bytes) -> None:
         raise NotImplementedError
+
+    def expire(self) -> None:
+        """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.on_cut is not None:
+            self.on_cut()
+        self.finish(ev.control("error", code="token_expired",
+                               message="your token has expired; reconnect with a fresh one"),
+                    code=POLICY_VIOLATION, reason="token expired")
 
 
 class WebSocketClient(Client):
@@ -117,13 +130,14 @@ class WebSocketClient(Client):
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
         return ev.ws_frame(message)
 
-    def finish(self, message: bytes) -> None:
+    def finish(self, message: bytes, code: int = SLOW_CONSUMER,
+               reason: str = "slow consumer") -> None:
         try:
             if self.writer.buffered() + len(message) <= self.limit + 4096:
                 self.writer.write(ev.ws_frame(message))
         except StreamClosedError:
             return
-        self.handler.close(SLOW_CONSUMER, "slow consumer")
+        self.handler.close(code, reason)
 
 
 class EventStreamClient(Client):
@@ -158,7 +172,7 @@ class EventStreamClient(Client):
     def heartbeat(self) -> None:
         self.send(self._frame(b": keep-alive\n\n"))
 
-    def finish(self, message: bytes) -> None:
+    def finish(self, message: bytes, **_close) -> None:
         with contextlib.suppress(StreamClosedError):
             self.writer.write(self.pack_control(message))
         self.handler.end_stream()

@@ -37,24 +37,30 @@ class SubscriptionError(ValueError):
 
 
 class Subscription:
-    """Namespaces, operation types and a filter, compiled into one ``matches(event)``."""
+    """Namespaces, operation types, a filter and an access rule, compiled into one
+    ``matches(event)``."""
 
-    __slots__ = ("filter", "key", "match_all", "matches", "namespaces", "ops")
+    __slots__ = ("access", "filter", "key", "match_all", "matches", "namespaces", "ops")
 
-    def __init__(self, namespaces=None, ops=None, filter=None):
+    def __init__(self, namespaces=None, ops=None, filter=None, access=None):
         self.namespaces = namespaces  # None, or a frozenset of (db, coll-or-None)
         self.ops = ops                # None, or a frozenset of operation types
         self.filter = filter          # None, or a filters.Filter
+        self.access = access          # None, or an auth.AccessRule (a JWT claim)
         self.key = json.dumps([
             sorted(f"{db}.{coll or '*'}" for db, coll in namespaces) if namespaces else None,
             sorted(ops) if ops else None,
             filter.key if filter is not None else None,
+            access.key if access is not None else None,
         ])
-        self.match_all = namespaces is None and ops is None and filter is None
+        self.match_all = namespaces is None and ops is None and filter is None and access is None
         self.matches = self._compile()
 
     def _compile(self):
         checks = []
+        if self.access is not None:
+            rule = self.access
+            checks.append(lambda event: rule(event.change))
         if self.ops is not None:
             ops = self.ops
             checks.append(lambda event: event.op in ops)
@@ -82,11 +88,6 @@ class Subscription:
         if len(checks) == 1:
             return checks[0]
         return lambda event: all(check(event) for check in checks)
-
-    def restricted(self, access_filter) -> Subscription:
-        """The same subscription ANDed with an access rule (a JWT claim)."""
-        combined = access_filter if self.filter is None else access_filter & self.filter
-        return Subscription(self.namespaces, self.ops, combined)
 
     def __repr__(self):
         return f"<Subscription {self.key}>"
@@ -149,6 +150,12 @@ def _namespaces(raw: str, scope) -> frozenset:
                 "subscribe to namespaces inside it")
         result.add((db, coll))
     return frozenset(result)
+
+
+def namespaces_within(wanted: frozenset, allowed: frozenset) -> bool:
+    """Does every wanted namespace lie inside one of the allowed ones?"""
+    allowed_dbs = {db for db, coll in allowed if coll is None}
+    return all(db in allowed_dbs or (db, coll) in allowed for db, coll in wanted)
 
 
 def _ops(raw: str) -> frozenset:
