@@ -98,8 +98,9 @@ class Browser:
         self._console: list[ConsoleMessage] = []
         self._websocket_urls: list[str] = []
         # Console arguments are fetched by value in arrival order; this queue keeps that order.
-        self._console_queue: asyncio.Queue[tuple[str, list[dict[str, Any]]]] | None = None
+        self._console_queue: asyncio.Queue[tuple[int, str, list[dict[str, Any]]]] | None = None
         self._tasks: list[asyncio.Future[None]] = []
+        self._page_loads = 0  # tags queued console messages, so a new page drops stale ones
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -234,7 +235,14 @@ class Browser:
     # -- page API ----------------------------------------------------------------------------
 
     def open(self, url: str, timeout: float = 15.0) -> None:
-        """Navigate the page to ``url`` and return once its ``load`` event has fired."""
+        """Navigate the page to ``url`` and return once its ``load`` event has fired.
+
+        Console messages and WebSocket URLs recorded for the previous page are forgotten.
+        """
+        with self._changed:
+            self._console.clear()
+            self._websocket_urls.clear()
+            self._page_loads += 1
 
         async def navigate() -> None:
             loaded = self._next_event("Page.loadEventFired")
@@ -320,6 +328,16 @@ class Browser:
         with self._changed:
             return list(self._websocket_urls)
 
+    def wait_for_websockets(self, count: int, timeout: float = 5.0) -> list[str]:
+        """Wait until the page has opened at least ``count`` WebSockets; return their URLs."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self._websocket_urls) >= count, timeout):
+                raise TimeoutError(
+                    f"the page opened {len(self._websocket_urls)} WebSockets in {timeout}s, "
+                    f"not {count}: {self._websocket_urls}"
+                )
+            return list(self._websocket_urls)
+
     def screenshot(self, path: str | os.PathLike[str]) -> Path:
         """Write a PNG of the viewport to ``path`` and return it."""
         result = self._run(self._send("Page.captureScreenshot", {"format": "png"}), 30)
@@ -393,14 +411,15 @@ class Browser:
             listener(method, params)
         assert self._console_queue is not None
         if method == "Runtime.consoleAPICalled":
-            self._console_queue.put_nowait((params["type"], params["args"]))
+            self._console_queue.put_nowait((self._page_loads, params["type"], params["args"]))
         elif method == "Runtime.exceptionThrown":
             details = params["exceptionDetails"]
             text = details.get("exception", {}).get("description") or details.get("text", "")
-            self._console_queue.put_nowait(("exception", [{"value": text}]))
+            self._console_queue.put_nowait((self._page_loads, "exception", [{"value": text}]))
         elif method == "Log.entryAdded":
             entry = params["entry"]
-            self._console_queue.put_nowait((entry["level"], [{"value": entry["text"]}]))
+            message = (self._page_loads, entry["level"], [{"value": entry["text"]}])
+            self._console_queue.put_nowait(message)
         elif method == "Network.webSocketCreated":
             with self._changed:
                 self._websocket_urls.append(params["url"])
@@ -409,9 +428,11 @@ class Browser:
     async def _console_loop(self) -> None:
         assert self._console_queue is not None
         while True:
-            level, args = await self._console_queue.get()
+            page_load, level, args = await self._console_queue.get()
             values = [await self._by_value(arg) for arg in args]
             with self._changed:
+                if page_load != self._page_loads:
+                    continue
                 self._console.append(ConsoleMessage(level, values))
                 self._changed.notify_all()
 

@@ -1,0 +1,624 @@
+"""The page and its JavaScript client, driven in headless Chromium.
+
+Three fixtures connect these tests to a relay; swap them to run against the real server:
+
+- ``relay_page_url``: the URL of the page (``GET /``).
+- ``relay_collection``: something with PyMongo's ``Collection`` write methods and ``full_name``;
+  writing through it must produce change events on the relay's socket.
+- ``drop_sockets(code, reason)``: make the server close every open ``/socket`` connection.
+
+Until then they are backed by :class:`StubRelay`, a few dozen lines of Tornado that speak the
+wire protocol (change events in relaxed Extended JSON, control messages, ``resume_after``
+replay) and enforce the real page's Content-Security-Policy, so a CSP violation fails here too.
+Tests that need to inject control messages or inspect handshakes use ``relay_stub`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import tornado.web
+import tornado.websocket
+from browser import CHROMIUM, Browser, ConsoleMessage
+from bson import ObjectId, Timestamp, json_util
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); CI installs it")
+    with Browser.start() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def relay_stub() -> Iterator[StubRelay]:
+    stub = StubRelay()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+@pytest.fixture
+def relay_page_url(relay_stub: StubRelay) -> str:
+    return f"{relay_stub.base_url}/"
+
+
+@pytest.fixture
+def relay_collection(relay_stub: StubRelay) -> StubCollection:
+    return relay_stub.collection
+
+
+@pytest.fixture
+def drop_sockets(relay_stub: StubRelay):
+    return relay_stub.drop_sockets
+
+
+@pytest.fixture
+def page(browser: Browser, relay_page_url: str) -> Browser:
+    """The page, loaded and live: its socket is open, so changes made now will reach it."""
+    browser.open(relay_page_url)
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
+    return browser
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+ROWS_JS = """Array.from(document.querySelectorAll('#rows tr.change'), (row) => ({
+    id: row.dataset.id, op: row.dataset.op, time: row.querySelector('time').dateTime,
+    cells: Array.from(row.cells, (cell) => cell.textContent)}))"""
+
+
+def rows(browser: Browser, marker: str) -> list[dict[str, Any]]:
+    """Table rows (top to bottom) whose document key mentions ``marker``."""
+    return [row for row in browser.evaluate(ROWS_JS) if marker in row["cells"][3]]
+
+
+def wait_for_rows(browser: Browser, marker: str, count: int, timeout: float = 10) -> None:
+    browser.wait_for(
+        f"Array.from(document.querySelectorAll('#rows tr.change td:nth-child(4)'))"
+        f".filter((td) => td.textContent.includes({json.dumps(marker)})).length >= {count}",
+        timeout,
+    )
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def logged_changes(browser: Browser) -> list[dict[str, Any]]:
+    return [
+        m.args[0] for m in browser.console_messages
+        if m.level == "log" and m.args and isinstance(m.args[0], dict)
+    ]
+
+
+def is_change(message: ConsoleMessage, document_key: dict[str, Any]) -> bool:
+    """Whether ``message`` logged the change event of the document with ``document_key``."""
+    return (
+        message.level == "log"
+        and len(message.args) == 1
+        and isinstance(message.args[0], dict)
+        and message.args[0].get("documentKey") == document_key
+    )
+
+
+def problems(browser: Browser) -> list[str]:
+    """Errors the page produced: exceptions, CSP violations, failed loads."""
+    return [m.text for m in browser.console_messages if m.level in ("error", "exception")]
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+
+def test_status_goes_live_on_a_socket_derived_from_the_page_url(page: Browser) -> None:
+    assert page.evaluate("document.getElementById('status-text').textContent") == "Live"
+    [socket_url] = page.websocket_urls
+    page_url = urlsplit(page.evaluate("location.href"))
+    assert socket_url == f"ws://{page_url.netloc}/socket"
+    assert problems(page) == []
+
+
+def test_a_change_appears_as_a_row_and_is_console_logged(
+    page: Browser, relay_collection: Any
+) -> None:
+    key = unique("ada")
+    relay_collection.insert_one({"_id": key, "name": "Ada Lovelace", "born": 1815})
+
+    wait_for_rows(page, key, 1)
+    [row] = rows(page, key)
+    time, op, ns, document_key, change = row["cells"]
+    assert op == "insert"
+    assert ns == relay_collection.full_name
+    assert document_key == json.dumps(key)
+    assert change == '{name: "Ada Lovelace", born: 1815}'
+    assert page.evaluate("document.getElementById('count').textContent") == "1"
+
+    logged = page.wait_for_console(lambda m: is_change(m, {"_id": key}))
+    event = logged.args[0]
+    assert event["operationType"] == "insert"
+    assert event["_id"]["_data"] == row["id"]
+    assert row["time"] == event["wallTime"]["$date"]  # relaxed EJSON: an ISO-8601 string
+    assert time[8] == "." and len(time) == 12  # HH:MM:SS.mmm
+    assert problems(page) == []
+
+
+def test_each_operation_type_is_rendered(page: Browser, relay_collection: Any) -> None:
+    key = unique("op")
+    relay_collection.insert_one({"_id": key, "tags": ["a", "b", "c"], "n": 1})
+    relay_collection.update_one(
+        {"_id": key}, {"$set": {"n": 2, "note": "x"}, "$unset": {"tags": ""}}
+    )
+    relay_collection.replace_one({"_id": key}, {"n": 3})
+    relay_collection.delete_one({"_id": key})
+
+    wait_for_rows(page, key, 4)
+    table = rows(page, key)
+    assert [r["op"] for r in table] == ["delete", "replace", "update", "insert"]
+    ops = page.evaluate(
+        "Array.from(document.querySelectorAll('#rows tr.change .op'), (b) => b.className)"
+    )
+    assert ops[:4] == ["op op-delete", "op op-replace", "op op-update", "op op-insert"]
+    assert table[2]["cells"][4] == 'n = 2note = "x"unset tags'
+    assert table[1]["cells"][4] == "{n: 3}"
+    assert table[0]["cells"][4] == "document removed"
+
+
+def test_data_is_shown_as_text_never_as_markup(page: Browser, relay_collection: Any) -> None:
+    key = unique("xss")
+    payload = "<img src=x id=injected><b>bold</b>"
+    relay_collection.insert_one({"_id": key, "bio": payload})
+
+    wait_for_rows(page, key, 1)
+    assert page.evaluate("document.querySelector('#rows img, #rows b, #injected')") is None
+    assert json.dumps(payload) in rows(page, key)[0]["cells"][4]
+
+
+def test_the_table_keeps_the_newest_200_rows_and_counts_all(
+    page: Browser, relay_collection: Any
+) -> None:
+    key = unique("many")
+    for n in range(205):
+        relay_collection.insert_one({"_id": f"{key}-{n:03}"})
+
+    page.wait_for("document.getElementById('count').textContent === '205'", 15)
+    table = rows(page, key)
+    assert len(table) == 200
+    assert table[0]["cells"][3] == json.dumps(f"{key}-204")
+    assert table[-1]["cells"][3] == json.dumps(f"{key}-005")
+
+
+# -- reconnecting ------------------------------------------------------------------------------
+
+
+def test_reconnects_with_resume_after_and_loses_nothing(
+    page: Browser, relay_collection: Any, drop_sockets: Any
+) -> None:
+    key = unique("gap")
+    for n in range(3):
+        relay_collection.insert_one({"_id": f"{key}-{n}"})
+    wait_for_rows(page, key, 3)
+    page.wait_for_console(lambda m: is_change(m, {"_id": f"{key}-2"}))
+    # What the client must resume after: the newest id it was sent (event or position).
+    newest = [
+        m.get("_id", {}).get("_data") or m.get("resume_after") for m in logged_changes(page)
+        if m.get("operationType") or m.get("type") == "position"
+    ][-1]
+
+    drop_sockets(1001, "going away")
+    for n in range(3, 6):  # written while the page is (probably) disconnected
+        relay_collection.insert_one({"_id": f"{key}-{n}"})
+
+    wait_for_rows(page, key, 6)
+    page.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
+    table = rows(page, key)
+    assert [r["cells"][3] for r in table] == [json.dumps(f"{key}-{n}") for n in range(5, -1, -1)]
+    assert len({r["id"] for r in table}) == 6
+    first, second = page.websocket_urls
+    assert "resume_after" not in parse_qs(urlsplit(first).query)
+    assert parse_qs(urlsplit(second).query)["resume_after"] == [newest]
+    assert "1001" in page.evaluate("document.getElementById('status-detail').textContent")
+
+
+def test_status_shows_reconnecting_and_the_close_reason(page: Browser, drop_sockets: Any) -> None:
+    page.evaluate("""window.states = [];
+        new MutationObserver(() => states.push(document.getElementById('status').dataset.state))
+            .observe(document.getElementById('status'), {attributes: true})""")
+    drop_sockets(1013, "client fell behind")
+
+    page.wait_for("states.includes('reconnecting') && states.at(-1) === 'live'", 10)
+    detail = page.evaluate("document.getElementById('status-detail').textContent")
+    assert detail.startswith("last close: 1013 client fell behind · ")
+
+
+def test_resync_shows_a_banner_and_keeps_the_resume_point(
+    page: Browser, relay_stub: StubRelay
+) -> None:
+    key = unique("resync")
+    relay_stub.collection.insert_one({"_id": key})
+    wait_for_rows(page, key, 1)
+    [row] = rows(page, key)
+    assert page.evaluate("document.getElementById('resync').hidden") is True
+
+    relay_stub.broadcast({"type": "resync", "reason": "history_lost"})
+    page.wait_for("!document.getElementById('resync').hidden")
+    assert "history_lost" in page.evaluate("document.getElementById('resync-text').textContent")
+    assert "history_lost" in page.evaluate("document.querySelector('#rows tr.gap').textContent")
+    page.wait_for_console(lambda m: m.args == [{"type": "resync", "reason": "history_lost"}])
+
+    relay_stub.drop_sockets(1001, "going away")
+    urls = page.wait_for_websockets(2, 10)
+    assert parse_qs(urlsplit(urls[-1]).query)["resume_after"] == [row["id"]]
+
+
+def test_position_messages_move_the_resume_point(page: Browser, relay_stub: StubRelay) -> None:
+    token = relay_stub.advance_position()
+    page.wait_for_console(lambda m: m.args == [{"type": "position", "resume_after": token}])
+    relay_stub.drop_sockets(1001, "going away")
+    urls = page.wait_for_websockets(2, 10)
+    assert parse_qs(urlsplit(urls[-1]).query)["resume_after"] == [token]
+    assert rows(page, "") == []  # a position is not a change
+
+
+def test_server_errors_are_shown(page: Browser, relay_stub: StubRelay) -> None:
+    relay_stub.broadcast({"type": "error", "code": "bad_filter", "message": "unknown operator"})
+    page.wait_for("!document.getElementById('error').hidden")
+    text = page.evaluate("document.getElementById('error-text').textContent")
+    assert text == "bad_filter: unknown operator"
+
+
+def test_page_query_parameters_are_passed_to_the_socket(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    query = "ns=shop.orders&ops=insert%2Cupdate&filter=%7B%22total%22%3A%7B%22%24gt%22%3A5%7D%7D"
+    browser.open(f"{relay_stub.base_url}/?{query}")
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
+    assert urlsplit(browser.websocket_urls[0]).query == query
+    assert browser.evaluate("document.getElementById('scope').textContent") == "shop.orders"
+
+
+# -- the client library on its own: a fake WebSocket and fake timers make backoff observable --
+
+CLIENT_HARNESS = """(async () => {
+    const { connect } = await import('/static/changerelay.js');
+    const sockets = [], delays = [], timers = [], statuses = [], controls = [];
+    class FakeSocket {
+        constructor(url) { this.url = url; sockets.push(this); }
+        close(code, reason) { this.onclose({code, reason, wasClean: true}); }
+    }
+    globalThis.WebSocket = FakeSocket;
+    globalThis.setTimeout = (fn, ms) => { delays.push(ms); timers.push(fn); return timers.length; };
+    globalThis.clearTimeout = (id) => { timers[id - 1] = null; };
+    Math.random = () => 0.999;
+    const fail = (code = 1006) => sockets.at(-1).onclose({code, reason: '', wasClean: false});
+    const retry = () => timers.at(-1)();
+    const send = (message) => sockets.at(-1).onmessage({data: JSON.stringify(message)});
+    %s
+})()"""
+
+
+def run_client(browser: Browser, relay_stub: StubRelay, body: str) -> Any:
+    browser.open(f"{relay_stub.base_url}/blank")
+    return browser.evaluate(CLIENT_HARNESS % body)
+
+
+def test_client_backs_off_exponentially_with_a_cap(browser: Browser, relay_stub: StubRelay) -> None:
+    delays = run_client(browser, relay_stub, """
+        connect('/socket', {onStatus: (s) => statuses.push(s)});
+        for (let n = 0; n < 9; n++) { fail(); retry(); }
+        return delays.map(Math.round);""")
+    assert delays == [500, 999, 1998, 3996, 7992, 15984, 29970, 29970, 29970]
+
+
+def test_client_resets_backoff_after_a_stable_connection(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    delays = run_client(browser, relay_stub, """
+        connect('/socket', {stableAfter: 0});
+        fail(); retry(); fail(); retry();   // two failures: the backoff grew
+        sockets.at(-1).onopen(); fail();    // open long enough (0 ms here): start over
+        return delays.map(Math.round);""")
+    assert delays == [500, 999, 500]
+
+
+def test_client_resumes_after_the_newest_id_and_keeps_other_parameters(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    urls = run_client(browser, relay_stub, """
+        connect('/socket?ns=a.b&filter=%7B%7D&resume_after=OLD', {resumeAfter: 'OLD'});
+        sockets[0].onopen();
+        send({operationType: 'insert', _id: {_data: '82AA'}});
+        send({type: 'position', resume_after: '82BB'});
+        fail(); retry();
+        send({type: 'resync', reason: 'history_lost'});          // keeps the id
+        fail(); retry();
+        send({type: 'resync', reason: 'history_lost', resume_after: null});  // server: drop it
+        fail(); retry();
+        return sockets.map((s) => s.url);""")
+    host = urlsplit(relay_stub.base_url).netloc
+    assert urls == [
+        f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=OLD",
+        f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=82BB",
+        f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=82BB",
+        f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=OLD",
+    ]
+
+
+def test_client_close_stops_reconnecting(browser: Browser, relay_stub: StubRelay) -> None:
+    outcome = run_client(browser, relay_stub, """
+        const relay = connect('https://example.test/socket', {onStatus: (s) => statuses.push(s)});
+        sockets[0].onopen();
+        relay.close();
+        return {urls: sockets.map((s) => s.url), timers: timers.length,
+                states: statuses.map((s) => [s.state, s.code ?? null, s.retryIn ?? null])};""")
+    assert outcome == {
+        "urls": ["wss://example.test/socket"],
+        "timers": 0,
+        "states": [["connecting", None, None], ["open", None, None], ["closed", 1000, None]],
+    }
+
+
+def test_client_reports_frames_that_are_not_json_objects(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    controls = run_client(browser, relay_stub, """
+        const changes = [];
+        connect('/socket', {onControl: (m) => controls.push(m), onChange: (c) => changes.push(c)});
+        sockets[0].onmessage({data: 'not json'});
+        sockets[0].onmessage({data: '[1, 2]'});
+        return controls.map((m) => [m.type, m.code]).concat([changes.length]);""")
+    assert controls == [["error", "invalid_message"], ["error", "invalid_message"], 0]
+
+
+def test_client_rejects_urls_it_can_never_connect_to(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    message = run_client(browser, relay_stub, """
+        try { connect('ftp://example.test/socket'); } catch (error) { return error.message; }""")
+    assert message == (
+        'changerelay: "ftp://example.test/socket" is a ftp: URL; use ws:, wss:, http: or https:'
+    )
+
+
+# -- the driver itself -------------------------------------------------------------------------
+
+
+def test_browser_close_leaves_no_process_behind() -> None:
+    psutil = pytest.importorskip("psutil")
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); CI installs it")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with Browser.start() as browser:
+        assert browser.evaluate("Promise.resolve(6 * 7)") == 42
+        spawned = {p.pid for p in psutil.Process().children(recursive=True)} - before
+        assert browser.pid in spawned
+    left = {p.pid for p in psutil.Process().children(recursive=True)} & spawned
+    assert left == set()
+    assert not psutil.pid_exists(browser.pid)
+
+
+def test_screenshot_of_a_realistic_page(
+    page: Browser, relay_collection: Any, tmp_path: Path
+) -> None:
+    """Also the source of docs/screenshot.png: set CHANGERELAY_SCREENSHOT to write it there."""
+    orders, carts = relay_collection, relay_collection.database["carts"]
+    ada, grace, cart = ObjectId(), ObjectId(), ObjectId()
+    when = datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.UTC)
+    orders.insert_one({"_id": ada, "customer": "Ada", "total": 42.5, "status": "new"})
+    orders.insert_one({"_id": grace, "customer": "Grace", "total": 18, "status": "new"})
+    orders.update_one({"_id": ada}, {"$set": {"status": "paid", "paidAt": when}})
+    carts.insert_one({"_id": cart, "items": [{"sku": "A-1", "qty": 2}], "owner": grace})
+    orders.replace_one({"_id": grace}, {"customer": "Grace", "total": 21.0, "status": "new"})
+    orders.update_one({"_id": grace}, {"$unset": {"status": ""}})
+    orders.delete_one({"_id": ada})
+    carts.rename("carts_archived")
+    orders.database["carts_archived"].drop()
+    page.wait_for("document.querySelector('#rows tr.change')?.dataset.op === 'drop'")
+    assert len(rows(page, str(ada))) == 3
+
+    shot = page.screenshot(tmp_path / "page.png")
+    header = shot.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(header[16:20], "big") == 1280
+    if target := os.environ.get("CHANGERELAY_SCREENSHOT"):
+        shutil.copyfile(shot, target)
+
+
+# -- the stub relay ----------------------------------------------------------------------------
+
+
+class StubRelay:
+    """Serves the real page and static files, and a /socket that follows the wire protocol.
+
+    It runs its own IOLoop in a thread; the test thread calls into it synchronously.
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.sockets: set[StubSocket] = set()
+        self._tokens = itertools.count(1)
+        self.collection = StubCollection(self, "shop", "orders")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server, port = self._call(self._listen)
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def _listen(self) -> tuple[HTTPServer, int]:
+        app = tornado.web.Application(
+            [
+                (r"/", PageHandler),
+                (r"/blank", BlankHandler),
+                (r"/socket", StubSocket, {"relay": self}),
+            ],
+            template_path=str(ROOT / "templates"),
+            static_path=str(ROOT / "static"),
+        )
+        sockets = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(app)
+        server.add_sockets(sockets)
+        return server, sockets[0].getsockname()[1]
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        async def run() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def stop(self) -> None:
+        self._call(self._server.stop)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        def publish() -> None:
+            self.history.append(event)
+            for socket in list(self.sockets):
+                socket.send(event)
+
+        self._call(publish)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        def broadcast() -> None:
+            for socket in list(self.sockets):
+                socket.send(message)
+
+        self._call(broadcast)
+
+    def drop_sockets(self, code: int, reason: str) -> None:
+        def drop() -> None:
+            for socket in list(self.sockets):
+                self.sockets.discard(socket)
+                socket.close(code, reason)
+
+        self._call(drop)
+
+    def advance_position(self) -> str:
+        """Mint a resume point past the newest event, as a quiet stream's batch token would be."""
+        token = self._token()
+        self._call(lambda: self.history.append({"_id": {"_data": token}, "quiet": True}))
+        self.broadcast({"type": "position", "resume_after": token})
+        return token
+
+    def _token(self) -> str:
+        return f"8263{next(self._tokens):026X}"
+
+    def event(self, operation: str, ns: tuple[str, str], **fields: Any) -> dict[str, Any]:
+        """A change event shaped like MongoDB's; :meth:`StubSocket.send` encodes it as relaxed
+        Extended JSON, as the relay does."""
+        now = datetime.datetime.now(datetime.UTC)
+        return {
+            "_id": {"_data": self._token()},
+            "operationType": operation,
+            "clusterTime": Timestamp(int(now.timestamp()), 1),
+            "wallTime": now,
+            "ns": {"db": ns[0], "coll": ns[1]},
+            **fields,
+        }
+
+
+class StubCollection:
+    """The subset of PyMongo's ``Collection`` the tests write through; each write publishes."""
+
+    def __init__(self, relay: StubRelay, db: str, name: str) -> None:
+        self._relay, self._ns = relay, (db, name)
+        self.full_name = f"{db}.{name}"
+        self.database = StubDatabase(relay, db)
+
+    def insert_one(self, document: dict[str, Any]) -> None:
+        self._publish("insert", fullDocument=document, documentKey={"_id": document["_id"]})
+
+    def update_one(self, filter: dict[str, Any], update: dict[str, Any]) -> None:
+        description = {
+            "updatedFields": update.get("$set", {}),
+            "removedFields": list(update.get("$unset", {})),
+            "truncatedArrays": [],
+        }
+        self._publish("update", documentKey={"_id": filter["_id"]}, updateDescription=description)
+
+    def replace_one(self, filter: dict[str, Any], replacement: dict[str, Any]) -> None:
+        document = {"_id": filter["_id"], **replacement}
+        self._publish("replace", fullDocument=document, documentKey={"_id": filter["_id"]})
+
+    def delete_one(self, filter: dict[str, Any]) -> None:
+        self._publish("delete", documentKey={"_id": filter["_id"]})
+
+    def rename(self, new_name: str) -> None:
+        self._publish("rename", to={"db": self._ns[0], "coll": new_name})
+
+    def drop(self) -> None:
+        self._publish("drop")
+
+    def _publish(self, operation: str, **fields: Any) -> None:
+        self._relay.publish(self._relay.event(operation, self._ns, **fields))
+
+
+class StubDatabase:
+    def __init__(self, relay: StubRelay, name: str) -> None:
+        self._relay, self.name = relay, name
+
+    def __getitem__(self, name: str) -> StubCollection:
+        return StubCollection(self._relay, self.name, name)
+
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self' ws://{host} "
+    "wss://{host}; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+class PageHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Security-Policy", CSP.format(host=self.request.host))
+        self.render("index.html")
+
+
+class BlankHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Security-Policy", CSP.format(host=self.request.host))
+        self.write('<!doctype html><title>blank</title><link rel="icon" href="data:,">')
+
+
+class StubSocket(tornado.websocket.WebSocketHandler):
+    def initialize(self, relay: StubRelay) -> None:
+        self.relay = relay
+
+    def open(self) -> None:
+        after = self.get_argument("resume_after", None)
+        if after is not None:
+            ids = [event["_id"]["_data"] for event in self.relay.history]
+            if after in ids:
+                for event in self.relay.history[ids.index(after) + 1 :]:
+                    if "quiet" not in event:
+                        self.send(event)
+            else:
+                self.send({"type": "resync", "reason": "history_lost"})
+        self.relay.sockets.add(self)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.write_message(json_util.dumps(message, json_options=json_util.RELAXED_JSON_OPTIONS))
+
+    def on_close(self) -> None:
+        self.relay.sockets.discard(self)
