@@ -753,6 +753,8 @@ class TestPrimary:
         self.users = dict(users or {})
         self.auth_fails = False
         self.change_streams_opened = 0
+        self.getmores_waiting = 0  # getMore commands parked right now, awaiting events
+        self.commands: list[dict] = []  # every command received, in order, as sent
         self.events: list[dict] = []
         self.handler_errors: list[str] = []
 
@@ -802,6 +804,11 @@ class TestPrimary:
             self._cursors.clear()
             self._cond.notify_all()
         if server is not None:
+            # mockupdb's accept loop polls select() once a second; a connection wakes it now.
+            server._stopped = True
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=1):
+                pass
             server.stop()
 
     def __enter__(self) -> TestPrimary:
@@ -898,6 +905,7 @@ class TestPrimary:
         name = request.command_name or ""
         is_op_query = request.opcode != 2013
         with self._cond:
+            self.commands.append(doc)
             fault = self._take_fault(name)
         if fault == "hangup":
             request.hangup()
@@ -1576,7 +1584,12 @@ class TestPrimary:
                 remaining = deadline - time.monotonic()
                 if docs or not alive or remaining <= 0 or self._stopped or cursor.killed:
                     break
-                self._cond.wait(remaining)
+                self.getmores_waiting += 1
+                self._cond.notify_all()
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self.getmores_waiting -= 1
             if cursor.killed:
                 raise CommandError(237, f"cursor id {cursor_id} was killed")
             if not alive:

@@ -1,0 +1,545 @@
+"""The test primary, held to MongoDB's documented behaviour through the real PyMongo driver.
+
+Everything here goes over TCP through ``MongoClient``/``AsyncMongoClient``, so a pass means the
+driver accepted the primary's replies as a replica set's, not just that the primary agrees with
+itself. Expected values come from the MongoDB manual (change events, resume, error codes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from bson import Timestamp
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from primary import TestPrimary
+
+AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
+
+
+@pytest.fixture
+def server():
+    with TestPrimary() as primary:
+        yield primary
+
+
+def connect(primary: TestPrimary, **kwargs) -> MongoClient:
+    kwargs.setdefault("serverSelectionTimeoutMS", 5000)
+    return MongoClient(primary.uri, **kwargs)
+
+
+@pytest.fixture
+def client(server):
+    with connect(server) as c:
+        yield c
+
+
+@pytest.fixture
+def writer(server):
+    """A second client, so writes never share a connection with the stream under test."""
+    with connect(server) as c:
+        yield c
+
+
+def drain(stream, count: int, timeout: float = 5) -> list[dict]:
+    """The next ``count`` events, failing (not hanging) if they don't arrive in time."""
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} events: {got}"
+        event = stream.try_next()
+        if event is not None:
+            got.append(event)
+    return got
+
+
+def assert_quiet(stream) -> None:
+    """No event is pending: one full awaitData wait comes back empty."""
+    assert stream.try_next() is None
+
+
+def without_times(event: dict) -> dict:
+    return {k: v for k, v in event.items() if k not in ("_id", "clusterTime", "wallTime")}
+
+
+# --- handshake -----------------------------------------------------------------------------------
+
+def test_hello_describes_a_replica_set_primary(server, client):
+    hello = client.admin.command("hello")
+    assert hello["isWritablePrimary"] is True
+    assert hello["setName"] == "rs0"
+    assert hello["hosts"] == [f"127.0.0.1:{server.port}"]
+    assert hello["primary"] == hello["me"] == f"127.0.0.1:{server.port}"
+    assert hello["minWireVersion"] == 0 and hello["maxWireVersion"] >= 17
+    assert hello["logicalSessionTimeoutMinutes"] > 0
+    assert isinstance(hello["$clusterTime"]["clusterTime"], Timestamp)
+    assert isinstance(hello["operationTime"], Timestamp)
+    legacy = client.admin.command("isMaster")
+    assert legacy["ismaster"] is True and "isWritablePrimary" not in legacy
+    assert client.topology_description.topology_type_name == "ReplicaSetWithPrimary"
+    assert client.primary == ("127.0.0.1", server.port)
+
+
+def test_unknown_command_is_command_not_found(client):
+    with pytest.raises(OperationFailure) as caught:
+        client.admin.command("noSuchThing")
+    assert caught.value.code == 59
+    assert caught.value.details["codeName"] == "CommandNotFound"
+
+
+def test_replies_carry_advancing_cluster_time(client):
+    first = client.db.c.database.command("ping")["operationTime"]
+    client.db.c.insert_one({"x": 1})
+    later = client.db.command("ping")
+    assert later["operationTime"] > first
+    assert later["$clusterTime"]["clusterTime"] == later["operationTime"]
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def test_crud_round_trip(client):
+    coll = client.db.people
+    coll.insert_many([{"_id": 1, "name": "ada", "n": 1}, {"_id": 2, "name": "bob", "n": 1}])
+    assert coll.find_one({"name": "bob"}) == {"_id": 2, "name": "bob", "n": 1}
+    assert coll.update_many({"n": 1}, {"$inc": {"n": 1}}).modified_count == 2
+    result = coll.update_one({"name": "cy"}, {"$set": {"n": 7}}, upsert=True)
+    assert result.upserted_id is not None
+    assert coll.find_one({"name": "cy"})["n"] == 7
+    assert coll.delete_many({"n": 2}).deleted_count == 2
+    assert [d["name"] for d in coll.find()] == ["cy"]
+    assert coll.count_documents({}) == 1
+    with pytest.raises(OperationFailure) as caught:
+        coll.insert_one({"_id": result.upserted_id})
+    assert caught.value.code == 11000
+
+
+# --- change events -------------------------------------------------------------------------------
+
+def test_collection_stream_delivers_every_crud_event_exactly(server, client, writer):
+    coll = writer.db.things
+    with client.db.things.watch(max_await_time_ms=AWAIT_MS) as stream:
+        coll.insert_one({"_id": 1, "a": 1, "tags": ["x"], "gone": True})
+        coll.update_one({"_id": 1}, {"$set": {"a": 2, "sub.b": 3}, "$unset": {"gone": ""},
+                                     "$push": {"tags": "y"}})
+        coll.update_one({"_id": 1}, {"$inc": {"a": 5}})
+        coll.replace_one({"_id": 1}, {"z": 1})
+        coll.delete_one({"_id": 1})
+        events = drain(stream, 5)
+    ns = {"db": "db", "coll": "things"}
+    assert [without_times(e) for e in events] == [
+        {"operationType": "insert", "fullDocument": {"_id": 1, "a": 1, "tags": ["x"], "gone": True},
+         "ns": ns, "documentKey": {"_id": 1}},
+        {"operationType": "update", "ns": ns, "documentKey": {"_id": 1},
+         "updateDescription": {"updatedFields": {"a": 2, "sub": {"b": 3}, "tags.1": "y"},
+                               "removedFields": ["gone"], "truncatedArrays": []}},
+        {"operationType": "update", "ns": ns, "documentKey": {"_id": 1},
+         "updateDescription": {"updatedFields": {"a": 7}, "removedFields": [],
+                               "truncatedArrays": []}},
+        {"operationType": "replace", "fullDocument": {"_id": 1, "z": 1}, "ns": ns,
+         "documentKey": {"_id": 1}},
+        {"operationType": "delete", "ns": ns, "documentKey": {"_id": 1}},
+    ]
+    assert events == server.events  # what the client got is the log, field for field
+    assert list(events[0]) == ["_id", "operationType", "clusterTime", "wallTime", "fullDocument",
+                               "ns", "documentKey"]
+
+
+def test_tokens_are_unique_and_sort_in_event_order(server, writer):
+    coll = writer.db.c
+    coll.insert_one({"_id": 1})
+    coll.update_one({"_id": 1}, {"$set": {"a": 1}})
+    coll.drop()
+    writer.db.d.insert_one({"_id": 1})
+    writer.drop_database("db")
+    tokens = server.tokens()
+    # insert, update, drop + invalidate, insert, drop + invalidate, dropDatabase + invalidate
+    assert len(tokens) == len(set(tokens)) == 9
+    assert tokens == sorted(tokens)
+    assert all(t.startswith("82") and t == t.upper() for t in tokens)
+    times = [e["clusterTime"] for e in server.events]
+    assert times == sorted(times)
+
+
+def test_update_that_changes_nothing_emits_no_event(client, writer):
+    coll = writer.db.c
+    coll.insert_one({"_id": 1, "a": 1})
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        assert coll.update_one({"_id": 1}, {"$set": {"a": 1}}).modified_count == 0
+        coll.insert_one({"_id": 2})
+        assert drain(stream, 1)[0]["documentKey"] == {"_id": 2}
+
+
+def test_update_lookup_returns_the_current_document(client, writer):
+    coll = writer.db.c
+    coll.insert_one({"_id": 1, "v": 0})
+    with client.db.c.watch(full_document="updateLookup", max_await_time_ms=AWAIT_MS) as stream:
+        coll.update_one({"_id": 1}, {"$set": {"v": 1}})
+        coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+        coll.delete_one({"_id": 1})
+        first, second, _ = drain(stream, 3)
+    # The lookup happens when the event is returned, by which time the document is gone.
+    assert first["fullDocument"] is None and second["fullDocument"] is None
+    with client.db.c.watch(full_document="updateLookup", max_await_time_ms=AWAIT_MS) as stream:
+        coll.insert_one({"_id": 2, "v": 0})
+        coll.update_one({"_id": 2}, {"$set": {"v": 1}})
+        assert drain(stream, 2)[1]["fullDocument"] == {"_id": 2, "v": 1}
+
+
+def test_post_and_pre_images_need_the_collection_option(client, writer):
+    coll = writer.db.c
+    coll.insert_one({"_id": 1, "v": 0})
+    watch = client.db.c.watch
+    with watch(full_document="whenAvailable", max_await_time_ms=AWAIT_MS) as stream:
+        coll.update_one({"_id": 1}, {"$set": {"v": 1}})
+        assert drain(stream, 1)[0]["fullDocument"] is None
+    with watch(full_document="required", max_await_time_ms=AWAIT_MS) as stream:
+        coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+        with pytest.raises(OperationFailure) as caught:
+            drain(stream, 1)
+    assert caught.value.code == 47 and "post-image was not found" in str(caught.value)
+
+    writer.db.command("collMod", "c", changeStreamPreAndPostImages={"enabled": True})
+    with watch(full_document="required", full_document_before_change="required",
+               max_await_time_ms=AWAIT_MS) as stream:
+        coll.update_one({"_id": 1}, {"$set": {"v": 3}})
+        coll.update_one({"_id": 1}, {"$set": {"v": 4}})
+        first, second = drain(stream, 2)
+    assert first["fullDocument"] == {"_id": 1, "v": 3}  # the image at the time, not a lookup
+    assert first["fullDocumentBeforeChange"] == {"_id": 1, "v": 2}
+    assert second["fullDocumentBeforeChange"] == {"_id": 1, "v": 3}
+
+
+def test_pipeline_stages_filter_and_reshape(client, writer):
+    pipeline = [{"$match": {"$or": [{"operationType": "delete"},
+                                    {"fullDocument.kind": {"$in": ["a", "b"]}}]}},
+                {"$project": {"operationType": 1, "documentKey": 1}}]
+    with client.db.c.watch(pipeline, max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_many([{"_id": 1, "kind": "a"}, {"_id": 2, "kind": "z"}])
+        writer.db.c.delete_one({"_id": 2})
+        events = drain(stream, 2)
+    assert [(list(e), e["documentKey"]["_id"]) for e in events] == [
+        (["_id", "operationType", "documentKey"], 1), (["_id", "operationType", "documentKey"], 2)]
+
+
+def test_pipeline_that_drops_the_resume_token_fails_the_stream(client, writer):
+    with client.db.c.watch([{"$project": {"_id": 0}}], max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_one({"_id": 1})
+        with pytest.raises(OperationFailure) as caught:
+            drain(stream, 1)
+    assert caught.value.code == 280
+    assert caught.value.has_error_label("NonResumableChangeStreamError")
+
+
+def test_stages_change_streams_forbid(client):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch([{"$group": {"_id": None}}])
+    assert caught.value.code == 20
+    assert str(caught.value).startswith("$group is not permitted in a $changeStream pipeline")
+
+
+# --- invalidation --------------------------------------------------------------------------------
+
+def test_drop_invalidates_only_the_collection_stream(client, writer):
+    writer.db.c.insert_one({"_id": 0})
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as coll_stream, \
+            client.db.watch(max_await_time_ms=AWAIT_MS) as db_stream, \
+            client.watch(max_await_time_ms=AWAIT_MS) as all_stream:
+        writer.db.c.insert_one({"_id": 1})
+        writer.db.c.drop()
+        writer.db.other.insert_one({"_id": 2})
+        assert [e["operationType"] for e in drain(coll_stream, 3)] == [
+            "insert", "drop", "invalidate"]
+        assert not coll_stream.alive
+        for stream in (db_stream, all_stream):
+            assert [e["operationType"] for e in drain(stream, 3)] == ["insert", "drop", "insert"]
+            assert_quiet(stream)
+            assert stream.alive
+
+
+def test_invalidate_event_shape_and_token(server, client, writer):
+    writer.db.c.insert_one({"_id": 0})
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.drop()
+        drop, invalidate = drain(stream, 2)
+    assert list(invalidate) == ["_id", "operationType", "clusterTime", "wallTime"]
+    assert invalidate["clusterTime"] == drop["clusterTime"]
+    assert invalidate["_id"]["_data"] > drop["_id"]["_data"]
+    assert server.events[-1] == invalidate
+
+
+def test_rename_event_then_invalidate(client, writer):
+    writer.db.src.insert_one({"_id": 1})
+    with client.db.src.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.admin.command("renameCollection", "db.src", to="db.dst")
+        rename, invalidate = drain(stream, 2)
+    assert without_times(rename) == {"operationType": "rename",
+                                     "ns": {"db": "db", "coll": "src"},
+                                     "to": {"db": "db", "coll": "dst"}}
+    assert invalidate["operationType"] == "invalidate"
+    assert writer.db.dst.find_one() == {"_id": 1}
+
+
+def test_drop_database_at_every_scope(client, writer):
+    writer.db.a.insert_one({"_id": 1})
+    writer.db.b.insert_one({"_id": 1})
+    with client.db.a.watch(max_await_time_ms=AWAIT_MS) as coll_stream, \
+            client.db.watch(max_await_time_ms=AWAIT_MS) as db_stream, \
+            client.watch(max_await_time_ms=AWAIT_MS) as all_stream:
+        writer.drop_database("db")
+        writer.elsewhere.c.insert_one({"_id": 1})
+        assert [(e["operationType"], e["ns"]) for e in drain(coll_stream, 1)] == [
+            ("drop", {"db": "db", "coll": "a"})]
+        assert drain(coll_stream, 1)[0]["operationType"] == "invalidate"
+        assert [(e["operationType"], e.get("ns")) for e in drain(db_stream, 4)] == [
+            ("drop", {"db": "db", "coll": "a"}), ("drop", {"db": "db", "coll": "b"}),
+            ("dropDatabase", {"db": "db"}), ("invalidate", None)]
+        assert [(e["operationType"], e["ns"]) for e in drain(all_stream, 4)] == [
+            ("drop", {"db": "db", "coll": "a"}), ("drop", {"db": "db", "coll": "b"}),
+            ("dropDatabase", {"db": "db"}), ("insert", {"db": "elsewhere", "coll": "c"})]
+
+
+def test_start_after_an_invalidate_but_not_resume_after(client, writer):
+    writer.db.c.insert_one({"_id": 0})
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.drop()
+        invalidate = drain(stream, 2)[1]
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch(resume_after=invalidate["_id"])
+    assert caught.value.code == 260
+    assert "not allowed from an invalidate notification" in str(caught.value)
+    with client.db.c.watch(start_after=invalidate["_id"], max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_one({"_id": "again"})
+        assert drain(stream, 1)[0]["documentKey"] == {"_id": "again"}
+
+
+# --- resuming ------------------------------------------------------------------------------------
+
+def test_resume_after_replays_what_followed(client, writer):
+    writer.db.c.insert_many([{"_id": i} for i in range(5)])
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_many([{"_id": i} for i in range(5, 10)])
+        seen = drain(stream, 5)
+    with client.db.c.watch(resume_after=seen[1]["_id"], max_await_time_ms=AWAIT_MS) as stream:
+        assert [e["documentKey"]["_id"] for e in drain(stream, 3)] == [7, 8, 9]
+        assert_quiet(stream)
+
+
+def test_start_at_operation_time_includes_that_time(server, client, writer):
+    writer.db.c.insert_many([{"_id": i} for i in range(3)])
+    at = server.events[1]["clusterTime"]
+    with client.db.c.watch(start_at_operation_time=at, max_await_time_ms=AWAIT_MS) as stream:
+        assert [e["documentKey"]["_id"] for e in drain(stream, 2)] == [1, 2]
+
+
+def test_forgotten_history_is_change_stream_history_lost(server, client, writer):
+    writer.db.c.insert_many([{"_id": i} for i in range(4)])
+    first, *_, last = [{"_data": t} for t in server.tokens()]
+    server.forget_history(keep_last=1)
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch(resume_after=first)
+    assert caught.value.code == 286
+    assert caught.value.details["codeName"] == "ChangeStreamHistoryLost"
+    assert str(caught.value).startswith(
+        "Resume of change stream was not possible, as the resume point may no longer be in the "
+        "oplog.")
+    with client.db.c.watch(resume_after=last, max_await_time_ms=AWAIT_MS) as stream:
+        assert_quiet(stream)  # resuming from what is kept works
+
+
+def test_open_stream_that_fell_behind_loses_history(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_many([{"_id": i} for i in range(3)])
+        server.forget_history()
+        with pytest.raises(OperationFailure) as caught:
+            drain(stream, 1)
+    assert caught.value.code == 286
+    assert server.change_streams_opened == 1  # not resumable: the driver did not retry
+
+
+def test_history_limit_rolls_the_oplog(client):
+    with TestPrimary(history_limit=3) as small, connect(small) as c:
+        c.db.c.insert_many([{"_id": i} for i in range(5)])
+        assert [e["documentKey"]["_id"] for e in small.events] == [2, 3, 4]
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    ("not hex", 9), (7, 40647), ("", 40649), ("FF00", 50811), ("8200", 50811)])
+def test_malformed_resume_tokens(client, data, code):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch(resume_after={"_data": data})
+    assert caught.value.code == code
+
+
+def test_token_from_another_stream_is_not_found(server, client, writer):
+    writer.db.other.insert_one({"_id": 1})
+    at = server.events[0]["clusterTime"]
+    with client.db.other.watch(start_at_operation_time=at) as stream:
+        foreign = stream.try_next()["_id"]
+    writer.db.c.insert_one({"_id": 1})
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch(resume_after=foreign)
+    assert caught.value.code == 280
+
+
+# --- getMore: awaitData, postBatchResumeToken, cursors -------------------------------------------
+
+def test_blocked_get_more_wakes_on_insert_from_another_client(server, client, writer):
+    received: list[tuple[float, dict]] = []
+    with client.db.c.watch(max_await_time_ms=10_000) as stream:
+        reader = threading.Thread(target=lambda: received.append((time.monotonic(),
+                                                                   stream.next())))
+        reader.start()
+        server.wait_for(lambda: server.getmores_waiting == 1)
+        writer.db.c.insert_one({"_id": 1})
+        inserted = time.monotonic()
+        reader.join(timeout=5)
+    assert received, "the blocked getMore never returned"
+    woke_at, event = received[0]
+    assert event["documentKey"] == {"_id": 1}
+    assert woke_at - inserted < 0.25  # awaitData, not the 10 s maxTimeMS
+
+
+def test_get_more_waits_max_time_ms_when_idle(client):
+    with client.db.c.watch(max_await_time_ms=300) as stream:
+        began = time.monotonic()
+        assert stream.try_next() is None
+        assert 0.25 <= time.monotonic() - began < 2
+
+
+def test_post_batch_resume_token_advances_on_empty_batches(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        assert stream.try_next() is None
+        before = stream.resume_token["_data"]
+        writer.db.elsewhere.insert_one({"_id": 1})  # another collection's event
+        assert stream.try_next() is None
+        after = stream.resume_token["_data"]
+    assert after > before
+    assert after > server.tokens()[-1]  # past the event the stream did not show
+    with client.db.c.watch(resume_after={"_data": after}, max_await_time_ms=AWAIT_MS) as again:
+        writer.db.c.insert_one({"_id": 2})
+        assert drain(again, 1)[0]["documentKey"] == {"_id": 2}
+
+
+def test_killed_cursor_is_cursor_not_found(client):
+    reply = client.db.command("aggregate", "c", pipeline=[{"$changeStream": {}}], cursor={})
+    cursor_id = reply["cursor"]["id"]
+    assert reply["cursor"]["ns"] == "db.c" and "postBatchResumeToken" in reply["cursor"]
+    killed = client.db.command("killCursors", "c", cursors=[cursor_id])
+    assert killed["cursorsKilled"] == [cursor_id]
+    with pytest.raises(OperationFailure) as caught:
+        client.db.command("getMore", cursor_id, collection="c")
+    assert caught.value.code == 43
+
+
+def test_thousand_inserts_stream_through_in_order(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_many([{"_id": i, "pad": "x" * 100} for i in range(1000)])
+        events = drain(stream, 1000, timeout=20)
+    assert [e["documentKey"]["_id"] for e in events] == list(range(1000))
+    assert [e["_id"]["_data"] for e in events] == server.tokens()
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+def test_stream_survives_a_hangup_without_loss_or_duplicates(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_many([{"_id": i} for i in range(3)])
+        first = drain(stream, 3)
+        server.hangup_next("getMore")
+        writer.db.c.insert_many([{"_id": i} for i in range(3, 6)])
+        rest = drain(stream, 3)
+    assert [e["documentKey"]["_id"] for e in first + rest] == list(range(6))
+    assert server.change_streams_opened == 2
+    resume = [c for c in server.commands if c.get("aggregate") == "c"][-1]
+    assert resume["pipeline"][0]["$changeStream"]["resumeAfter"] == first[-1]["_id"]
+
+
+def test_labelled_error_is_resumed_and_unlabelled_one_is_raised(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        server.fail_next("getMore", 189, labels=("ResumableChangeStreamError",))
+        writer.db.c.insert_one({"_id": 1})
+        assert drain(stream, 1)[0]["documentKey"] == {"_id": 1}
+        assert server.change_streams_opened == 2
+        server.fail_next("getMore", 2, "bad value")
+        with pytest.raises(OperationFailure) as caught:
+            stream.try_next()
+    assert caught.value.code == 2 and caught.value.details["codeName"] == "BadValue"
+
+
+def test_standalone_has_no_change_streams():
+    with TestPrimary(replica_set=False) as standalone, connect(standalone) as c:
+        hello = c.admin.command("hello")
+        assert "setName" not in hello and "$clusterTime" not in hello
+        assert c.topology_description.topology_type_name == "Single"
+        with pytest.raises(OperationFailure) as caught:
+            c.db.c.watch()
+    assert caught.value.code == 40573
+    assert str(caught.value).startswith("The $changeStream stage is only supported on replica sets")
+
+
+def test_stop_then_start_again_keeps_data_and_history(server, writer):
+    writer.db.c.insert_one({"_id": 1})
+    token = {"_data": server.tokens()[-1]}
+    server.stop()
+    with pytest.raises(ServerSelectionTimeoutError), \
+            connect(server, serverSelectionTimeoutMS=300) as c:
+        c.db.command("ping")
+    server.start()
+    with connect(server) as c:
+        assert c.db.c.find_one() == {"_id": 1}
+        with c.db.c.watch(resume_after=token, max_await_time_ms=AWAIT_MS) as stream:
+            c.db.c.insert_one({"_id": 2})
+            assert drain(stream, 1)[0]["documentKey"] == {"_id": 2}
+
+
+def test_authentication_against_configured_users():
+    with TestPrimary(users={"relay": "s3cret"}) as secured:
+        good = f"mongodb://relay:s3cret@127.0.0.1:{secured.port}/?replicaSet=rs0"
+        with MongoClient(good, serverSelectionTimeoutMS=3000) as c:
+            assert c.admin.command("ping")["ok"] == 1
+        for uri in (good.replace("s3cret", "wrong"), good.replace("relay:", "nobody:")):
+            with MongoClient(uri, serverSelectionTimeoutMS=3000) as c:
+                with pytest.raises(OperationFailure) as caught:
+                    c.admin.command("ping")
+                assert caught.value.code == 18
+        secured.auth_fails = True
+        with MongoClient(good, serverSelectionTimeoutMS=3000) as c:
+            with pytest.raises(OperationFailure) as caught:
+                c.admin.command("ping")
+            assert caught.value.code == 18
+
+
+# --- scopes and the async driver -----------------------------------------------------------------
+
+def test_stream_scope_errors(client):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.command("aggregate", 1, pipeline=[{"$changeStream": {
+            "allChangesForCluster": True}}], cursor={})
+    assert caught.value.code == 72
+    with pytest.raises(OperationFailure) as caught:
+        client.admin.command("aggregate", 1, pipeline=[{"$changeStream": {}}], cursor={})
+    assert caught.value.code == 73
+
+
+def test_async_client_watches_collection_database_and_cluster(server, writer):
+    async def scenario():
+        async with AsyncMongoClient(server.uri, serverSelectionTimeoutMS=5000) as client:
+            streams = [await client.db.c.watch(max_await_time_ms=AWAIT_MS),
+                       await client.db.watch(max_await_time_ms=AWAIT_MS),
+                       await client.watch(max_await_time_ms=AWAIT_MS)]
+            await asyncio.to_thread(writer.db.c.insert_one, {"_id": 1})
+            got = [await asyncio.wait_for(s.next(), 5) for s in streams]
+            for s in streams:
+                await s.close()
+            return got
+
+    events = asyncio.run(scenario())
+    assert [e["documentKey"] for e in events] == [{"_id": 1}] * 3
+    assert all(e == server.events[0] for e in events)
