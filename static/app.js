@@ -37,7 +37,10 @@ const ui = {
 };
 
 let received = 0;
-let everOpen = false;
+
+// What the status line explains: why the last live connection ended, and how many attempts
+// have failed since (a restart shows "1001 server going away", not the 1006s that follow it).
+const connection = { open: false, everOpen: false, lastClose: null, failed: 0 };
 
 // The page's own query (ns, ops, filter, access_token) selects what the socket streams.
 const params = new URLSearchParams(location.search);
@@ -82,17 +85,31 @@ connect(`/socket${location.search}`, {
 
 function showStatus(status) {
   if (status.state === "open") {
-    everOpen = true;
+    Object.assign(connection, { open: true, everOpen: true, failed: 0 });
+    ui.error.hidden = true; // in-band errors announce a close; a new connection supersedes them
+    showDetail();
     setStatus("live", "Live");
   } else if (status.state === "connecting") {
-    setStatus(everOpen || status.attempt > 0 ? "reconnecting" : "connecting",
-      everOpen || status.attempt > 0 ? "Reconnecting…" : "Connecting…");
+    const again = connection.everOpen || status.attempt > 0;
+    setStatus(again ? "reconnecting" : "connecting", again ? "Reconnecting…" : "Connecting…");
   } else {
-    const why = status.reason || CLOSE_CODES[status.code] || "no reason given";
-    ui.statusDetail.textContent = `last close: ${status.code} ${why} · ${clock(new Date())}`;
+    if (connection.open) {
+      const why = status.reason || CLOSE_CODES[status.code] || "no reason given";
+      connection.lastClose = `last close: ${status.code} ${why} · ${clock(new Date())}`;
+    } else {
+      connection.failed += 1;
+    }
+    connection.open = false;
+    showDetail();
     if (status.retryIn === null) setStatus("closed", "Closed");
     else setStatus("reconnecting", `Reconnecting in ${(status.retryIn / 1000).toFixed(1)} s`);
   }
+}
+
+function showDetail() {
+  const { lastClose, failed } = connection;
+  const attempts = failed === 1 ? "1 failed attempt" : `${failed} failed attempts`;
+  ui.statusDetail.textContent = [lastClose, failed ? attempts : null].filter(Boolean).join(" · ");
 }
 
 function setStatus(state, text) {

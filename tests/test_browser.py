@@ -1,16 +1,19 @@
 """The page and its JavaScript client, driven in headless Chromium.
 
-Three fixtures connect these tests to a relay; swap them to run against the real server:
+Three fixtures connect the end-to-end tests to a relay:
 
 - ``relay_page_url``: the URL of the page (``GET /``).
-- ``relay_collection``: something with PyMongo's ``Collection`` write methods and ``full_name``;
-  writing through it must produce change events on the relay's socket.
-- ``drop_sockets(code, reason)``: make the server close every open ``/socket`` connection.
+- ``relay_collection``: a PyMongo ``Collection`` (or something with its write methods and
+  ``full_name``); writing through it must produce change events on the relay's socket.
+- ``drop_sockets(then=None)``: make the server close every ``/socket`` connection with 1001,
+  calling ``then()`` while no new connection can be accepted.
 
-Until then they are backed by :class:`StubRelay`, a few dozen lines of Tornado that speak the
-wire protocol (change events in relaxed Extended JSON, control messages, ``resume_after``
-replay) and enforce the real page's Content-Security-Policy, so a CSP violation fails here too.
-Tests that need to inject control messages or inspect handshakes use ``relay_stub`` directly.
+Each runs twice, via the ``backend`` fixture: against :class:`StubRelay`, a small Tornado app
+that speaks the wire protocol (change events in relaxed Extended JSON, control messages,
+``resume_after`` replay) and sends the real page's Content-Security-Policy; and, marked ``e2e``,
+against server.py watching the test primary (:class:`RealRelay`, through conftest's ``mongo``
+and ``relay_factory``). Tests of the page's reaction to control messages and of the client
+library on its own use the stub only: it can inject any message or close code on demand.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -60,27 +64,45 @@ def relay_stub() -> Iterator[StubRelay]:
         stub.stop()
 
 
-@pytest.fixture
-def relay_page_url(relay_stub: StubRelay) -> str:
-    return f"{relay_stub.base_url}/"
+@pytest.fixture(params=["stub", pytest.param("relay", marks=pytest.mark.e2e)])
+def backend(request: pytest.FixtureRequest, relay_stub: StubRelay) -> StubRelay | RealRelay:
+    """The relay a test talks to: the stub, or server.py against the test primary."""
+    if request.param == "stub":
+        return relay_stub
+    return RealRelay(request.getfixturevalue("mongo"), request.getfixturevalue("relay_factory"))
 
 
 @pytest.fixture
-def relay_collection(relay_stub: StubRelay) -> StubCollection:
-    return relay_stub.collection
+def relay_page_url(backend: StubRelay | RealRelay) -> str:
+    return backend.page_url
 
 
 @pytest.fixture
-def drop_sockets(relay_stub: StubRelay):
-    return relay_stub.drop_sockets
+def relay_collection(backend: StubRelay | RealRelay) -> Any:
+    return backend.collection
+
+
+@pytest.fixture
+def drop_sockets(backend: StubRelay | RealRelay) -> Callable[..., None]:
+    return backend.drop_sockets
+
+
+def live(browser: Browser, url: str) -> Browser:
+    """Load the page and wait until its socket is open, so changes made now will reach it."""
+    browser.open(url)
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
+    return browser
 
 
 @pytest.fixture
 def page(browser: Browser, relay_page_url: str) -> Browser:
-    """The page, loaded and live: its socket is open, so changes made now will reach it."""
-    browser.open(relay_page_url)
-    browser.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
-    return browser
+    return live(browser, relay_page_url)
+
+
+@pytest.fixture
+def stub_page(browser: Browser, relay_stub: StubRelay) -> Browser:
+    """The page on the stub, for tests that inject control messages or close codes."""
+    return live(browser, relay_stub.page_url)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -107,7 +129,8 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def logged_changes(browser: Browser) -> list[dict[str, Any]]:
+def logged(browser: Browser) -> list[dict[str, Any]]:
+    """The messages the page logged, as objects (it logs each one as it arrives)."""
     return [
         m.args[0] for m in browser.console_messages
         if m.level == "log" and m.args and isinstance(m.args[0], dict)
@@ -196,8 +219,9 @@ def test_data_is_shown_as_text_never_as_markup(page: Browser, relay_collection: 
 
 
 def test_the_table_keeps_the_newest_200_rows_and_counts_all(
-    page: Browser, relay_collection: Any
+    stub_page: Browser, relay_stub: StubRelay
 ) -> None:
+    page, relay_collection = stub_page, relay_stub.collection
     key = unique("many")
     for n in range(205):
         relay_collection.insert_one({"_id": f"{key}-{n:03}"})
@@ -213,48 +237,64 @@ def test_the_table_keeps_the_newest_200_rows_and_counts_all(
 
 
 def test_reconnects_with_resume_after_and_loses_nothing(
-    page: Browser, relay_collection: Any, drop_sockets: Any
+    page: Browser, relay_collection: Any, drop_sockets: Callable[..., None]
 ) -> None:
     key = unique("gap")
     for n in range(3):
         relay_collection.insert_one({"_id": f"{key}-{n}"})
     wait_for_rows(page, key, 3)
-    page.wait_for_console(lambda m: is_change(m, {"_id": f"{key}-2"}))
-    # What the client must resume after: the newest id it was sent (event or position).
-    newest = [
-        m.get("_id", {}).get("_data") or m.get("resume_after") for m in logged_changes(page)
-        if m.get("operationType") or m.get("type") == "position"
-    ][-1]
 
-    drop_sockets(1001, "going away")
-    for n in range(3, 6):  # written while the page is (probably) disconnected
-        relay_collection.insert_one({"_id": f"{key}-{n}"})
+    def write_while_disconnected() -> None:
+        for n in range(3, 6):
+            relay_collection.insert_one({"_id": f"{key}-{n}"})
 
-    wait_for_rows(page, key, 6)
-    page.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
+    drop_sockets(then=write_while_disconnected)
+
+    wait_for_rows(page, key, 6, timeout=20)
     table = rows(page, key)
     assert [r["cells"][3] for r in table] == [json.dumps(f"{key}-{n}") for n in range(5, -1, -1)]
     assert len({r["id"] for r in table}) == 6
-    first, second = page.websocket_urls
+    page.wait_for_console(lambda m: is_change(m, {"_id": f"{key}-5"}))
+    assert [m["documentKey"]["_id"] for m in logged(page) if "operationType" in m] == [
+        f"{key}-{n}" for n in range(6)
+    ]  # every change logged exactly once, in order
+
+    first, *retries = page.websocket_urls
     assert "resume_after" not in parse_qs(urlsplit(first).query)
-    assert parse_qs(urlsplit(second).query)["resume_after"] == [newest]
-    assert "1001" in page.evaluate("document.getElementById('status-detail').textContent")
+    resumed = {parse_qs(urlsplit(url).query)["resume_after"][0] for url in retries}
+    # The newest id the client held: the last event before the drop, or a position after it.
+    ids = [m.get("_id", {}).get("_data") or m.get("resume_after") for m in logged(page)]
+    held = ids[ids.index(table[3]["id"]) : ids.index(table[2]["id"])]
+    assert len(resumed) == 1 and resumed <= set(held), (resumed, held)
+    detail = page.evaluate("document.getElementById('status-detail').textContent")
+    assert detail.startswith("last close: ")
 
 
-def test_status_shows_reconnecting_and_the_close_reason(page: Browser, drop_sockets: Any) -> None:
+def test_status_shows_reconnecting_and_the_last_close(
+    page: Browser, drop_sockets: Callable[..., None]
+) -> None:
     page.evaluate("""window.states = [];
         new MutationObserver(() => states.push(document.getElementById('status').dataset.state))
             .observe(document.getElementById('status'), {attributes: true})""")
-    drop_sockets(1013, "client fell behind")
+    drop_sockets()
 
-    page.wait_for("states.includes('reconnecting') && states.at(-1) === 'live'", 10)
+    page.wait_for("states.includes('reconnecting') && states.at(-1) === 'live'", 20)
+    assert page.evaluate("document.getElementById('status-text').textContent") == "Live"
     detail = page.evaluate("document.getElementById('status-detail').textContent")
+    assert detail.startswith("last close: 1001 ")
+
+
+def test_the_close_reason_is_shown(stub_page: Browser, relay_stub: StubRelay) -> None:
+    relay_stub.drop_sockets(code=1013, reason="client fell behind")
+    stub_page.wait_for("document.getElementById('status-detail').textContent !== ''")
+    detail = stub_page.evaluate("document.getElementById('status-detail').textContent")
     assert detail.startswith("last close: 1013 client fell behind · ")
 
 
 def test_resync_shows_a_banner_and_keeps_the_resume_point(
-    page: Browser, relay_stub: StubRelay
+    stub_page: Browser, relay_stub: StubRelay
 ) -> None:
+    page = stub_page
     key = unique("resync")
     relay_stub.collection.insert_one({"_id": key})
     wait_for_rows(page, key, 1)
@@ -267,21 +307,25 @@ def test_resync_shows_a_banner_and_keeps_the_resume_point(
     assert "history_lost" in page.evaluate("document.querySelector('#rows tr.gap').textContent")
     page.wait_for_console(lambda m: m.args == [{"type": "resync", "reason": "history_lost"}])
 
-    relay_stub.drop_sockets(1001, "going away")
+    relay_stub.drop_sockets()
     urls = page.wait_for_websockets(2, 10)
     assert parse_qs(urlsplit(urls[-1]).query)["resume_after"] == [row["id"]]
 
 
-def test_position_messages_move_the_resume_point(page: Browser, relay_stub: StubRelay) -> None:
+def test_position_messages_move_the_resume_point(
+    stub_page: Browser, relay_stub: StubRelay
+) -> None:
+    page = stub_page
     token = relay_stub.advance_position()
     page.wait_for_console(lambda m: m.args == [{"type": "position", "resume_after": token}])
-    relay_stub.drop_sockets(1001, "going away")
+    relay_stub.drop_sockets()
     urls = page.wait_for_websockets(2, 10)
     assert parse_qs(urlsplit(urls[-1]).query)["resume_after"] == [token]
     assert rows(page, "") == []  # a position is not a change
 
 
-def test_server_errors_are_shown(page: Browser, relay_stub: StubRelay) -> None:
+def test_server_errors_are_shown(stub_page: Browser, relay_stub: StubRelay) -> None:
+    page = stub_page
     relay_stub.broadcast({"type": "error", "code": "bad_filter", "message": "unknown operator"})
     page.wait_for("!document.getElementById('error').hidden")
     text = page.evaluate("document.getElementById('error-text').textContent")
@@ -292,7 +336,7 @@ def test_page_query_parameters_are_passed_to_the_socket(
     browser: Browser, relay_stub: StubRelay
 ) -> None:
     query = "ns=shop.orders&ops=insert%2Cupdate&filter=%7B%22total%22%3A%7B%22%24gt%22%3A5%7D%7D"
-    browser.open(f"{relay_stub.base_url}/?{query}")
+    browser.open(f"{relay_stub.page_url}?{query}")
     browser.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
     assert urlsplit(browser.websocket_urls[0]).query == query
     assert browser.evaluate("document.getElementById('scope').textContent") == "shop.orders"
@@ -419,9 +463,10 @@ def test_browser_close_leaves_no_process_behind() -> None:
 
 
 def test_screenshot_of_a_realistic_page(
-    page: Browser, relay_collection: Any, tmp_path: Path
+    stub_page: Browser, relay_stub: StubRelay, tmp_path: Path
 ) -> None:
     """Also the source of docs/screenshot.png: set CHANGERELAY_SCREENSHOT to write it there."""
+    page, relay_collection = stub_page, relay_stub.collection
     orders, carts = relay_collection, relay_collection.database["carts"]
     ada, grace, cart = ObjectId(), ObjectId(), ObjectId()
     when = datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.UTC)
@@ -445,7 +490,37 @@ def test_screenshot_of_a_realistic_page(
         shutil.copyfile(shot, target)
 
 
-# -- the stub relay ----------------------------------------------------------------------------
+# -- the relays ---------------------------------------------------------------------------------
+
+
+class RealRelay:
+    """server.py (through conftest's ``relay_factory``) watching the ``mongo`` fixture's database.
+
+    It keeps one port across restarts, so a page can reconnect to its successor.
+    """
+
+    def __init__(self, mongo: Any, relay_factory: Callable[..., Any]) -> None:
+        self._mongo, self._factory = mongo, relay_factory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self._port = probe.getsockname()[1]
+        self._relay = self._start()
+        self.page_url = f"http://127.0.0.1:{self._port}/"
+        self.collection = mongo.client[mongo.db]["orders"]
+
+    def _start(self) -> Any:
+        relay = self._factory(MONGO_SRV=self._mongo.uri, WATCH_DB=self._mongo.db, PORT=self._port)
+        relay.wait_ready()
+        return relay
+
+    def drop_sockets(self, then: Callable[[], None] | None = None) -> None:
+        """Restart the relay: SIGTERM closes every socket with 1001; ``then`` runs while down."""
+        self._relay.terminate()
+        if then is not None:
+            then()
+        self._relay = self._start()
+
+
 
 
 class StubRelay:
@@ -464,6 +539,8 @@ class StubRelay:
         self._thread.start()
         self._server, port = self._call(self._listen)
         self.base_url = f"http://127.0.0.1:{port}"
+        self.page_url = f"{self.base_url}/"
+        self.accepting = True
 
     def _listen(self) -> tuple[HTTPServer, int]:
         app = tornado.web.Application(
@@ -475,10 +552,10 @@ class StubRelay:
             template_path=str(ROOT / "templates"),
             static_path=str(ROOT / "static"),
         )
-        sockets = bind_sockets(0, "127.0.0.1")
+        listeners = bind_sockets(0, "127.0.0.1")
         server = HTTPServer(app)
-        server.add_sockets(sockets)
-        return server, sockets[0].getsockname()[1]
+        server.add_sockets(listeners)
+        return server, listeners[0].getsockname()[1]
 
     def _call(self, fn: Any, *args: Any) -> Any:
         async def run() -> Any:
@@ -494,25 +571,35 @@ class StubRelay:
     def publish(self, event: dict[str, Any]) -> None:
         def publish() -> None:
             self.history.append(event)
-            for socket in list(self.sockets):
-                socket.send(event)
+            for client in list(self.sockets):
+                client.send(event)
 
         self._call(publish)
 
     def broadcast(self, message: dict[str, Any]) -> None:
         def broadcast() -> None:
-            for socket in list(self.sockets):
-                socket.send(message)
+            for client in list(self.sockets):
+                client.send(message)
 
         self._call(broadcast)
 
-    def drop_sockets(self, code: int, reason: str) -> None:
+    def drop_sockets(
+        self, then: Callable[[], None] | None = None, *, code: int = 1001, reason: str = ""
+    ) -> None:
+        """Close every socket; while ``then`` runs, refuse handshakes (HTTP 503)."""
+
         def drop() -> None:
-            for socket in list(self.sockets):
-                self.sockets.discard(socket)
-                socket.close(code, reason)
+            self.accepting = then is None
+            for client in list(self.sockets):
+                self.sockets.discard(client)
+                client.close(code, reason or None)
 
         self._call(drop)
+        if then is not None:
+            try:
+                then()
+            finally:
+                self._call(lambda: setattr(self, "accepting", True))
 
     def advance_position(self) -> str:
         """Mint a resume point past the newest event, as a quiet stream's batch token would be."""
@@ -604,6 +691,13 @@ class BlankHandler(tornado.web.RequestHandler):
 class StubSocket(tornado.websocket.WebSocketHandler):
     def initialize(self, relay: StubRelay) -> None:
         self.relay = relay
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if not self.relay.accepting:
+            self.set_status(503)
+            self.finish({"error": "unavailable", "message": "restarting; retry with backoff"})
+            return
+        await super().get(*args, **kwargs)
 
     def open(self) -> None:
         after = self.get_argument("resume_after", None)
