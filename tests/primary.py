@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 import uuid as uuidlib
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = ["CommandError", "TestPrimary"]
 MAX_WIRE_VERSION = 21  # MongoDB 7.0
 SERVER_VERSION = "7.0.0"
 DEFAULT_FIRST_BATCH = 101
+MAX_BATCH_BYTES = 16 * 1024 * 1024  # mongod caps a batch near the 16 MiB document limit
 DEFAULT_AWAIT_MS = 1000  # what mongod waits on an awaitData getMore that sends no maxTimeMS
 INTERNAL_DBS = ("admin", "config", "local")
 OP_MSG_MORE_TO_COME = 2
@@ -754,7 +756,7 @@ class TestPrimary:
         self.auth_fails = False
         self.change_streams_opened = 0
         self.getmores_waiting = 0  # getMore commands parked right now, awaiting events
-        self.commands: list[dict] = []  # every command received, in order, as sent
+        self.commands: deque[dict] = deque(maxlen=10_000)  # the latest commands, as sent
         self.events: list[dict] = []
         self.handler_errors: list[str] = []
 
@@ -941,10 +943,10 @@ class TestPrimary:
 
     def _cluster_time_fields(self) -> dict:
         with self._cond:
-            ts = self._last_ts
+            last, cluster = self._last_ts, _ts_max(self._last_ts, self._hwm_floor)
         signature = {"hash": Binary(b"\x00" * 20, 0), "keyId": Int64(0)}
-        return {"$clusterTime": {"clusterTime": ts, "signature": signature},
-                "operationTime": ts}
+        return {"$clusterTime": {"clusterTime": cluster, "signature": signature},
+                "operationTime": last}
 
     def _dispatch(self, name: str, cmd: dict, request) -> dict:
         db = cmd.get("$db") or request.namespace or "admin"
@@ -1502,6 +1504,7 @@ class TestPrimary:
         docs: list[dict] = []
         if limit <= 0:
             return docs, cursor.position, True
+        batch_bytes = 0
         find = bisect.bisect_left if cursor.verify else bisect.bisect_right
         for entry in self._entries[find(self._tokens, cursor.position):]:
             if not cursor.in_scope(entry):
@@ -1515,9 +1518,13 @@ class TestPrimary:
                 cursor.position = entry.token
                 continue
             out = self._render(cursor, entry)
-            cursor.position = entry.token
             if out is not None:
+                size = len(bson.encode(out))
+                if docs and batch_bytes + size > MAX_BATCH_BYTES:
+                    return docs, cursor.position, True  # this one starts the next batch
+                batch_bytes += size
                 docs.append(out)
+            cursor.position = entry.token
             if entry.invalidates is not None:
                 return docs, entry.token, False
             if len(docs) >= limit:

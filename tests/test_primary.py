@@ -29,6 +29,7 @@ AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
 def server():
     with TestPrimary() as primary:
         yield primary
+    assert not primary.handler_errors, primary.handler_errors[0]
 
 
 def connect(primary: TestPrimary, **kwargs) -> MongoClient:
@@ -99,7 +100,7 @@ def test_replies_carry_advancing_cluster_time(client):
     client.db.c.insert_one({"x": 1})
     later = client.db.command("ping")
     assert later["operationTime"] > first
-    assert later["$clusterTime"]["clusterTime"] == later["operationTime"]
+    assert later["$clusterTime"]["clusterTime"] >= later["operationTime"]
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -427,6 +428,22 @@ def test_post_batch_resume_token_advances_on_empty_batches(server, client, write
         assert drain(again, 1)[0]["documentKey"] == {"_id": 2}
 
 
+def test_batches_respect_batch_size_and_report_their_last_token(server, client, writer):
+    writer.db.c.insert_many([{"_id": i} for i in range(5)])
+    start = {"startAtOperationTime": server.events[0]["clusterTime"]}
+    reply = client.db.command("aggregate", "c", pipeline=[{"$changeStream": start}],
+                              cursor={"batchSize": 2})["cursor"]
+    tokens = server.tokens()
+    assert [e["_id"]["_data"] for e in reply["firstBatch"]] == tokens[:2]
+    assert reply["postBatchResumeToken"]["_data"] == tokens[1]
+    more = client.db.command("getMore", reply["id"], collection="c", batchSize=2)["cursor"]
+    assert [e["_id"]["_data"] for e in more["nextBatch"]] == tokens[2:4]
+    assert more["postBatchResumeToken"]["_data"] == tokens[3]
+    last = client.db.command("getMore", reply["id"], collection="c", maxTimeMS=50)["cursor"]
+    assert [e["_id"]["_data"] for e in last["nextBatch"]] == tokens[4:]
+    assert last["postBatchResumeToken"]["_data"] >= tokens[4]
+
+
 def test_killed_cursor_is_cursor_not_found(client):
     reply = client.db.command("aggregate", "c", pipeline=[{"$changeStream": {}}], cursor={})
     cursor_id = reply["cursor"]["id"]
@@ -471,6 +488,55 @@ def test_labelled_error_is_resumed_and_unlabelled_one_is_raised(server, client, 
         with pytest.raises(OperationFailure) as caught:
             stream.try_next()
     assert caught.value.code == 2 and caught.value.details["codeName"] == "BadValue"
+
+
+def test_retryable_write_survives_a_hangup_exactly_once(server, client):
+    server.hangup_next("insert")
+    client.db.c.insert_one({"_id": 1})
+    assert server.documents("db", "c") == [{"_id": 1}]
+    assert [e["operationType"] for e in server.events] == ["insert"]
+    inserts = [c for c in server.commands if "insert" in c]
+    assert len(inserts) == 2 and inserts[0]["txnNumber"] == inserts[1]["txnNumber"]
+
+
+def test_fail_next_counts_down(server, client):
+    server.fail_next("ping", 2, "bad", count=2)
+    for _ in range(2):
+        with pytest.raises(OperationFailure) as caught:
+            client.db.command("ping")
+        assert caught.value.code == 2
+    assert client.db.command("ping")["ok"] == 1
+
+
+def test_stream_survives_a_primary_restart(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_one({"_id": 1})
+        assert drain(stream, 1)[0]["documentKey"] == {"_id": 1}
+        server.stop()
+        server.start()
+        writer.db.c.insert_one({"_id": 2})
+        assert drain(stream, 1, timeout=10)[0]["documentKey"] == {"_id": 2}
+        assert_quiet(stream)
+
+
+def test_switching_to_standalone_at_runtime(server):
+    with MongoClient(f"mongodb://{server.address}/?directConnection=true",
+                     serverSelectionTimeoutMS=5000) as direct:
+        with direct.db.c.watch():
+            pass
+        server.replica_set = False
+        assert "setName" not in direct.admin.command("hello")
+        with pytest.raises(OperationFailure) as caught:
+            direct.db.c.watch()
+        assert caught.value.code == 40573
+    assert server.uri == f"mongodb://{server.address}/"
+
+
+def test_wait_for_gives_up_at_its_deadline(server):
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        server.wait_for(lambda: server.change_streams_opened > 0, timeout=0.2)
+    assert 0.2 <= time.monotonic() - began < 1
 
 
 def test_standalone_has_no_change_streams():
