@@ -208,6 +208,36 @@ def test_each_operation_type_is_rendered(page: Browser, relay_collection: Any) -
     assert table[0]["cells"][4] == "document removed"
 
 
+def test_events_without_a_document_and_unknown_types_are_rendered(
+    stub_page: Browser, relay_stub: StubRelay
+) -> None:
+    ns = ("shop", unique("tmp"))
+    relay_stub.publish(relay_stub.event("rename", ns, to={"db": "shop", "coll": "archive"}))
+    relay_stub.publish(relay_stub.event("drop", ns))
+    relay_stub.publish(relay_stub.event("invalidate", ns))
+    created = relay_stub.event("createIndexes", ns, operationDescription={"indexes": [{"v": 2}]})
+    relay_stub.publish(created)  # a type this page predates: shown, not dropped
+    dropped = relay_stub.event("dropDatabase", ns)
+    del dropped["ns"]["coll"]
+    relay_stub.publish(dropped)
+
+    stub_page.wait_for("document.querySelectorAll('#rows tr.change').length === 5")
+    table = [row["cells"][1:] for row in stub_page.evaluate(ROWS_JS)]
+    assert table == [
+        ["dropDatabase", "shop", "—", "database dropped"],
+        ["createIndexes", f"shop.{ns[1]}", "—", "{indexes: [{v: 2}]}"],
+        ["invalidate", f"shop.{ns[1]}", "—", "change stream invalidated"],
+        ["drop", f"shop.{ns[1]}", "—", "collection dropped"],
+        ["rename", f"shop.{ns[1]}", "—", "renamed to shop.archive"],
+    ]
+    badges = stub_page.evaluate(
+        "Array.from(document.querySelectorAll('#rows .op'), (badge) => badge.className)"
+    )
+    assert badges == [
+        "op op-dropDatabase", "op op-other", "op op-invalidate", "op op-drop", "op op-rename",
+    ]
+
+
 def test_data_is_shown_as_text_never_as_markup(page: Browser, relay_collection: Any) -> None:
     key = unique("xss")
     payload = "<img src=x id=injected><b>bold</b>"
