@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import resource
 import signal
@@ -184,10 +185,17 @@ def make_app(relay: Relay) -> web.Application:
 
 
 def setup_logging(config: Config) -> None:
-    level = getattr(logzero, config.log_level)
+    """One format for our lines and Tornado's; access lines only at DEBUG (one per request)."""
+    level = getattr(logging, config.log_level)
     if config.log_format == "json":
         logzero.json(enable=True)
     logzero.loglevel(level)
+    for name in ("tornado.access", "tornado.application", "tornado.general"):
+        tornado_logger = logging.getLogger(name)
+        tornado_logger.handlers = list(logger.handlers)
+        tornado_logger.propagate = False
+        tornado_logger.setLevel(level if name != "tornado.access" or level <= logging.DEBUG
+                                else logging.WARNING)
 
 
 def raise_open_files_limit() -> None:

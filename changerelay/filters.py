@@ -19,6 +19,7 @@ from __future__ import annotations
 import calendar
 import json
 import math
+import operator as _operator
 import re
 import uuid
 import warnings
@@ -331,17 +332,6 @@ def _collect_array(array: list, parts: tuple[str, ...], start: int, out: list) -
                 _collect_array(element, parts, start + 1, out)
 
 
-def _path_reader(path: str) -> Callable[[dict], list]:
-    parts = tuple(path.split("."))
-
-    def read(document: dict) -> list:
-        out: list = []
-        _collect(document, parts, 0, out)
-        return out
-
-    return read
-
-
 def _check_path(path: str) -> str:
     parts = path.split(".")
     if parts[0] not in TOP_LEVEL_FIELDS:
@@ -584,11 +574,47 @@ Predicate = Callable[[dict], bool]
 Test = Callable[[Any], bool]
 
 
-def _any(read: Callable[[dict], list], test: Test) -> Predicate:
+def _any(parts: tuple[str, ...], test: Test) -> Predicate:
+    """True when ``test`` holds for any value the path reaches.
+
+    The common shapes (documents all the way down, maybe a leaf array) are walked inline;
+    anything with an array before the last segment goes through :func:`_collect`.
+    """
+    *head, last = parts
+
+    def read(event: dict) -> list:
+        out: list = []
+        _collect(event, parts, 0, out)
+        return out
+
     def predicate(event: dict) -> bool:
-        return any(map(test, read(event)))
+        document = event
+        for part in head:
+            value = document.get(part, MISSING)
+            if isinstance(value, dict):
+                document = value
+            elif isinstance(value, list):
+                return any(map(test, read(event)))
+            else:
+                return test(MISSING)
+        value = document.get(last, MISSING)
+        if isinstance(value, list):
+            return test(value) or any(map(test, value))
+        return test(value)
 
     return predicate
+
+
+_ORDER = {"$eq": _operator.eq, "$gt": _operator.gt, "$gte": _operator.ge,
+          "$lt": _operator.lt, "$lte": _operator.le}  # fmt: skip
+# Python's own comparison is MongoDB's for these pairs (NaN operands excluded: a NaN
+# *value* already compares False to every non-NaN number in both).
+_FAST_COMPARE = {
+    (kind, name): (types, function)
+    for kinds, types in (((str,), {str}), ((int, float), {int, float}))
+    for kind in kinds
+    for name, function in _ORDER.items()
+}
 
 
 def _comparison(operator: str, operand: Any) -> Test:
@@ -614,7 +640,19 @@ def _comparison(operator: str, operand: Any) -> Test:
                 return value_is_nan and operand_is_nan and 0 in want
         return _compare(value, operand) in want
 
-    return test
+    fast = _FAST_COMPARE.get((type(operand), operator))
+    if fast is None or operand_is_nan:
+        return test
+    compare = fast[1]
+    fast_types = fast[0]
+
+    def fast_test(value: Any) -> bool:
+        # Exact str/int/float only: bool, Int64, Code and friends take the general path.
+        if type(value) in fast_types:
+            return compare(value, operand)
+        return test(value)
+
+    return fast_test
 
 
 def _regex_test(compiled: re.Pattern, literal: Regex) -> Test:
@@ -630,17 +668,33 @@ def _regex_test(compiled: re.Pattern, literal: Regex) -> Test:
     return test
 
 
+def _plain_scalar(item: Any) -> bool:
+    return type(item) in (str, int, float) and item == item
+
+
 def _in_test(operands: list) -> Test:
-    equal = [_comparison("$eq", item) for item in operands if not isinstance(item, Regex)]
-    regexes = [
-        _regex_test(_compile_regex(*_regex_parts(item)), item)
+    # Exact str/int/float operands go in a set: hashing agrees with BSON equality there
+    # (1 == 1.0), and bool values never reach it.  NaN would not find itself, so it
+    # stays with the general tests, as does everything else.
+    hashable = {
+        item
         for item in operands
-        if isinstance(item, Regex)
+        if type(item) in (str, int, float) and not (type(item) is float and item != item)
+    }
+    slow = [
+        item for item in operands if item not in hashable or type(item) not in (str, int, float)
     ]
-    tests = equal + regexes
+    tests = [
+        _regex_test(_compile_regex(*_regex_parts(item)), item)
+        if isinstance(item, Regex)
+        else _comparison("$eq", item)
+        for item in slow
+    ]
     has_null = any(item is None for item in operands)
 
     def test(value: Any) -> bool:
+        if type(value) in (str, int, float) and value in hashable:
+            return True
         if has_null and value is MISSING:
             return True
         return any(check(value) for check in tests)
@@ -660,7 +714,7 @@ def _all(predicates: list[Predicate]) -> Predicate:
     return lambda event: all(predicate(event) for predicate in predicates)
 
 
-def _operator_document(path: str, read, spec: dict, depth: int) -> tuple[Predicate, dict]:
+def _operator_document(path: str, parts: tuple, spec: dict, depth: int) -> tuple[Predicate, dict]:
     """Compile ``{"$gt": 1, "$lt": 5}`` for one path; each operator traverses on its own."""
     predicates: list[Predicate] = []
     normal: dict = {}
@@ -680,7 +734,7 @@ def _operator_document(path: str, read, spec: dict, depth: int) -> tuple[Predica
         if operator in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
             value = _value(operand)
             test = _comparison("$eq" if operator == "$ne" else operator, value)
-            predicate = _any(read, test)
+            predicate = _any(parts, test)
             predicates.append(_not(predicate) if operator == "$ne" else predicate)
             normal[operator] = value
         elif operator in ("$in", "$nin"):
@@ -692,19 +746,19 @@ def _operator_document(path: str, read, spec: dict, depth: int) -> tuple[Predica
                     raise FilterError(
                         "invalid_filter", f"{operator} on {path!r} cannot contain operators"
                     )
-            predicate = _any(read, _in_test(values))
+            predicate = _any(parts, _in_test(values))
             predicates.append(_not(predicate) if operator == "$nin" else predicate)
             normal[operator] = values
         elif operator == "$exists":
             if not isinstance(operand, bool | int | float):
                 raise FilterError("invalid_filter", f"$exists on {path!r} takes true or false")
-            exists = _any(read, lambda value: value is not MISSING)
+            exists = _any(parts, lambda value: value is not MISSING)
             predicates.append(exists if operand else _not(exists))
             normal[operator] = bool(operand)
         elif operator == "$regex":
             literal = _regex_literal({"$regex": operand, "$options": spec.get("$options", "")})
             predicates.append(
-                _any(read, _regex_test(_compile_regex(*_regex_parts(literal)), literal))
+                _any(parts, _regex_test(_compile_regex(*_regex_parts(literal)), literal))
             )
             normal["$regex"], normal["$options"] = _regex_parts(literal)
         else:  # $not
@@ -722,7 +776,7 @@ def _operator_document(path: str, read, spec: dict, depth: int) -> tuple[Predica
                 raise FilterError(
                     "invalid_filter", f'$not on {path!r} takes operators, e.g. {{"$gt": 5}}'
                 )
-            inner, inner_normal = _operator_document(path, read, operand, depth + 1)
+            inner, inner_normal = _operator_document(path, parts, operand, depth + 1)
             predicates.append(_not(inner))
             normal[operator] = inner_normal
     return _all(predicates), dict(sorted(normal.items()))
@@ -736,14 +790,14 @@ def _unknown(operator: str, allowed: Iterable[str]) -> FilterError:
 
 
 def _field(path: str, condition: Any, depth: int) -> tuple[Predicate, dict]:
-    read = _path_reader(_check_path(path))
+    parts = tuple(_check_path(path).split("."))
     if isinstance(condition, dict) and condition:
         keys = list(condition)
         if keys[0].startswith("$") if isinstance(keys[0], str) else False:
             if set(keys) & _EJSON_KEYS or "$regularExpression" in keys:
                 condition = _value(condition)  # {"$oid": ...}: an Extended JSON value
             else:
-                return _operator_document(path, read, condition, depth)
+                return _operator_document(path, parts, condition, depth)
         elif any(isinstance(key, str) and key.startswith("$") for key in keys):
             raise FilterError(
                 "invalid_filter",
@@ -751,8 +805,8 @@ def _field(path: str, condition: Any, depth: int) -> tuple[Predicate, dict]:
             )
     value = _value(condition)
     if isinstance(value, Regex):  # {field: /re/} means "matches", not "equals"
-        return _operator_document(path, read, {"$regex": value}, depth)
-    return _any(read, _comparison("$eq", value)), {"$eq": value}
+        return _operator_document(path, parts, {"$regex": value}, depth)
+    return _any(parts, _comparison("$eq", value)), {"$eq": value}
 
 
 def _filter(spec: Any, depth: int) -> tuple[Predicate, dict]:

@@ -179,6 +179,10 @@ class WebpageHandler(web.RequestHandler):
     def get(self):
         self.render("index.html")
 
+    def head(self):
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.finish()
+
 
 class HealthHandler(web.RequestHandler):
     """``/healthz``: the process serves. Liveness only; MongoDB's state is /readyz's business."""

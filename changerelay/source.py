@@ -224,7 +224,10 @@ class ChangeSource:
 
 
 def _short(exc: Exception) -> str:
-    text = str(exc).split(", full error:")[0]
+    """The driver's message without the topology dump and full server reply."""
+    text = str(exc)
+    for cut in (", full error:", " (configured timeouts", ", Timeout:"):
+        text = text.split(cut)[0]
     return text if len(text) < 300 else text[:297] + "..."
 
 

@@ -16,7 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,16 @@ def mongo(request):
         server.stop()
 
 
+@dataclass
+class Response:
+    code: int
+    body: bytes
+    headers: object
+
+    def json(self):
+        return json.loads(self.body)
+
+
 class RelayProcess:
     """``python server.py`` as a subprocess, on a free port, with its log captured."""
 
@@ -132,12 +145,14 @@ class RelayProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/socket"
 
-    def get(self, path: str, **kwargs):
-        client = httpclient.HTTPClient()
+    def get(self, path: str, headers=None) -> Response:
+        """A plain blocking GET (usable inside or outside an event loop)."""
+        request = urllib.request.Request(self.url + path, headers=headers or {})
         try:
-            return client.fetch(self.url + path, raise_error=False, **kwargs)
-        finally:
-            client.close()
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return Response(reply.status, reply.read(), reply.headers)
+        except urllib.error.HTTPError as error:
+            return Response(error.code, error.read(), error.headers)
 
     def ready(self) -> dict:
         response = self.get("/readyz")
@@ -187,6 +202,7 @@ def relay_factory():
     yield start
     for relay in started:
         relay.kill()
+        print(f"--- relay log (port {relay.port}) ---\n{relay.log()}")  # shown on failure
 
 
 @pytest.fixture
