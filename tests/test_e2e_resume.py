@@ -1,0 +1,228 @@
+"""Nothing lost: every scenario pushes >= 1,000 events through the test primary and compares the
+ids each client processed with the primary's own log — no loss, no duplicate, same order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from conftest import WS, run, token_of
+from pymongo import MongoClient
+
+pytestmark = pytest.mark.e2e
+
+
+class Writer(threading.Thread):
+    """Inserts ``total`` documents in small batches on its own thread, so writes keep flowing
+    while the test kills relays and reconnects clients."""
+
+    def __init__(self, uri: str, db: str, total: int, start: int = 0, batch: int = 10):
+        super().__init__(daemon=True)
+        self.client = MongoClient(uri)
+        self.db, self.total, self.start_at, self.batch = db, total, start, batch
+        self.written = 0
+        self.error = None
+
+    def run(self):
+        try:
+            coll = self.client[self.db].c
+            for first in range(self.start_at, self.start_at + self.total, self.batch):
+                last = min(first + self.batch, self.start_at + self.total)
+                coll.insert_many([{"_id": i, "i": i} for i in range(first, last)])
+                self.written = last - self.start_at
+                time.sleep(0.002)  # pacing a load generator, not synchronisation
+        except Exception as exc:  # surfaced by finish()
+            self.error = exc
+
+    def finish(self, timeout=60):
+        self.join(timeout)
+        assert not self.is_alive() and self.error is None, self.error
+        self.client.close()
+
+
+def write(uri: str, db: str, count: int, start: int = 0):
+    with MongoClient(uri) as client:
+        for first in range(start, start + count, 100):
+            client[db].c.insert_many(
+                [{"_id": i} for i in range(first, min(first + 100, start + count))])
+
+
+class ResumingClient:
+    """What every well-behaved client does: remember the newest id, reconnect with it."""
+
+    def __init__(self):
+        self.tokens: list[str] = []
+        self.controls: list[dict] = []
+        self.last: str | None = None
+        self.conn: WS | None = None
+
+    async def connect(self, ws_url: str, **kwargs):
+        url = ws_url + (f"?resume_after={self.last}" if self.last else "")
+        self.conn = await WS.connect(url, **kwargs)
+        return self
+
+    async def read(self, count: int, timeout: float = 30):
+        """Read until ``count`` change events in total have been processed."""
+        deadline = time.monotonic() + timeout
+        while len(self.tokens) < count:
+            frame = await self.conn.recv(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                return False
+            self._take(frame)
+        return True
+
+    def _take(self, frame):
+        if "operationType" in frame:
+            self.tokens.append(token_of(frame))
+            self.last = token_of(frame)
+        else:
+            self.controls.append(frame)
+            if frame.get("type") == "position":
+                self.last = frame["resume_after"]
+
+    async def read_until_closed(self, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                frame = await self.conn.recv(max(0.01, deadline - time.monotonic()))
+            except (TimeoutError, asyncio.TimeoutError):
+                raise AssertionError("connection was not closed") from None
+            if frame is None:
+                return self.conn.close_code
+            self._take(frame)
+
+    def drop(self):
+        self.conn.close()
+
+
+def assert_matches_log(tokens, primary):
+    want = primary.tokens()
+    assert len(tokens) == len(set(tokens)), "duplicates delivered"
+    assert tokens == want, f"got {len(tokens)} events, primary logged {len(want)}"
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("buffer", [10000, 100])
+def test_client_drops_mid_stream_and_resumes(primary, relay_factory, buffer):
+    """Inside the replay buffer (10000) and far beyond it (100: catch-up from MongoDB)."""
+    relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=buffer)
+    relay.wait_ready()
+
+    async def scenario():
+        client = await ResumingClient().connect(relay.ws_url)
+        write(primary.uri, "db", 400)
+        await client.read(300)
+        client.drop()
+        write(primary.uri, "db", 700, start=400)
+        await client.connect(relay.ws_url)
+        write(primary.uri, "db", 100, start=1100)
+        await client.read(1200)
+        assert_matches_log(client.tokens, primary)
+
+    run(scenario())
+
+
+@pytest.mark.fault
+def test_relay_killed_and_restarted_while_writes_continue(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri)
+    relay.wait_ready()
+    writer = Writer(primary.uri, "db", 1500)
+
+    async def scenario():
+        clients = [await ResumingClient().connect(relay.ws_url) for _ in range(3)]
+        writer.start()
+        for client in clients:
+            await client.read(200)
+        relay.proc.kill()  # SIGKILL: no goodbye, no flush
+        for client in clients:
+            await client.read_until_closed()
+        replacement = relay_factory(MONGO_SRV=primary.uri)
+        replacement.wait_ready()
+        for client in clients:
+            await client.connect(replacement.ws_url)
+        writer.finish()
+        for client in clients:
+            await client.read(1500)
+            assert_matches_log(client.tokens, primary)
+
+    run(scenario())
+
+
+@pytest.mark.fault
+def test_client_moves_from_relay_a_to_relay_b(primary, relay_factory):
+    a = relay_factory(MONGO_SRV=primary.uri)
+    b = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=200)
+    a.wait_ready()
+    b.wait_ready()
+    writer = Writer(primary.uri, "db", 1200)
+
+    async def scenario():
+        client = await ResumingClient().connect(a.ws_url)
+        writer.start()
+        await client.read(400)
+        client.drop()
+        await client.connect(b.ws_url)
+        writer.finish()
+        await client.read(1200)
+        assert_matches_log(client.tokens, primary)
+
+    run(scenario())
+
+
+@pytest.mark.fault
+def test_500_clients_reconnect_at_once_sharing_few_change_streams(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=50, CATCHUP_STREAMS=4)
+    relay.wait_ready()
+
+    async def scenario():
+        write(primary.uri, "db", 600)
+        log = primary.tokens()
+        clients = []
+        for index in range(500):
+            client = ResumingClient()
+            client.last = log[index]  # each one stopped at a different point
+            client.tokens = log[: index + 1]
+            clients.append(client)
+        before = primary.change_streams_opened
+        await asyncio.gather(*(c.connect(relay.ws_url) for c in clients))
+        write(primary.uri, "db", 500, start=600)
+        await asyncio.gather(*(c.read(1100, timeout=60) for c in clients))
+        opened = primary.change_streams_opened - before
+        assert opened <= 8, f"{opened} catch-up change streams for 500 clients"
+        for client in clients:
+            assert_matches_log(client.tokens, primary)
+        for client in clients:
+            client.drop()
+
+    run(scenario())
+
+
+@pytest.mark.fault
+def test_resume_from_forgotten_history_gets_resync_then_live(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=10)
+    relay.wait_ready()
+
+    async def scenario():
+        client = await ResumingClient().connect(relay.ws_url)
+        write(primary.uri, "db", 100)
+        await client.read(100)
+        old = client.tokens[5]
+        write(primary.uri, "db", 900, start=100)
+        await client.read(1000)  # the relay itself is caught up: only the old token is lost
+        primary.forget_history(keep_last=50)
+        late = await WS.connect(f"{relay.ws_url}?resume_after={old}")
+        first = await late.recv()
+        assert first == {"type": "resync", "reason": "history_lost"}
+        write(primary.uri, "db", 5, start=1000)
+        fresh = await late.changes(5)
+        assert [f["documentKey"]["_id"] for f in fresh] == list(range(1000, 1005))
+
+    run(scenario())
+
+
+def test_malformed_resume_token_is_refused_at_handshake(relay):
+    response = relay.get("/socket?resume_after=not-hex")
+    assert response.code == 400
+    assert response.json()["error"] == "invalid_resume_after"
