@@ -36,17 +36,22 @@ class Event:
     hub find a resume point with a binary search.
     """
 
-    __slots__ = ("_sse", "change", "data", "frame", "ns", "op", "token")
+    __slots__ = ("_header", "_sse", "change", "frame", "ns", "op", "token")
 
     def __init__(self, change: dict, data: bytes, token: str):
         self.change = change
-        self.data = data
         self.token = token
         self.op = change.get("operationType", "")
         ns = change.get("ns") or {}
         self.ns = (ns.get("db"), ns.get("coll"))
         self.frame = ws_frame(data)
+        self._header = len(self.frame) - len(data)
         self._sse = None
+
+    @property
+    def data(self) -> bytes:
+        """The JSON text; kept only inside the frame so that each event is held once."""
+        return self.frame[self._header:]
 
     @property
     def sse(self) -> bytes:
@@ -57,7 +62,8 @@ class Event:
 
     @property
     def size(self) -> int:
-        return len(self.frame) + len(self.data)
+        """Bytes held for this event: the frame, and about as much for the decoded document."""
+        return 2 * len(self.frame)
 
     def __repr__(self):
         return f"<Event {self.op} {self.ns} {self.token[:24]}…>"

@@ -1,0 +1,164 @@
+"""Slow consumers: one client stops reading while 20 MiB of events flow.
+
+It must be cut off with 1013 (after a final error frame), the relay's memory must stay bounded,
+the other clients must not slow down, and the cut-off client must then resume and get every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import pytest
+from conftest import WS, run, token_of
+
+pytestmark = pytest.mark.e2e
+
+EVENT_PAD = 10_000
+EVENTS = 2_100  # x ~10 KB = 20 MiB
+CLIENT_BUFFER = 8 * 1024 * 1024
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class StalledClient:
+    """A WebSocket client that completes the handshake and then does not read at all."""
+
+    def __init__(self, port: int):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           ).encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(1)
+        assert self.buffer.startswith(b"HTTP/1.1 101")
+        self.buffer = b""
+
+    def read_everything(self, timeout=30):
+        """Now read: every frame the relay queued, up to and including its close frame."""
+        self.sock.settimeout(timeout)
+        frames, close = [], None
+        while close is None:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                break
+            self.buffer += chunk
+            while True:
+                frame = self._frame()
+                if frame is None:
+                    break
+                opcode, payload = frame
+                if opcode == 0x8:
+                    close = (int.from_bytes(payload[:2], "big"), payload[2:].decode())
+                    break
+                frames.append(json.loads(payload))
+        self.sock.close()
+        return frames, close
+
+    def _frame(self):
+        data = self.buffer
+        if len(data) < 2:
+            return None
+        length, offset = data[1] & 0x7F, 2
+        if length == 126:
+            if len(data) < 4:
+                return None
+            length, offset = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            if len(data) < 10:
+                return None
+            length, offset = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < offset + length:
+            return None
+        self.buffer = data[offset + length:]
+        return data[0] & 0x0F, data[offset:offset + length]
+
+
+async def flow_and_measure(relay, uri: str, start: int, fast_clients: list[WS]):
+    """Write EVENTS padded documents; return every fast client's latencies (seconds)."""
+    latencies = []
+
+    async def consume(client):
+        for frame in await client.changes(EVENTS, timeout=120):
+            wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
+            latencies.append(time.time() - wall.timestamp())
+
+    consumers = [asyncio.create_task(consume(c)) for c in fast_clients]
+    # The writer runs in its own process so that it does not compete with the readers for the GIL.
+    writer = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, uri, str(start))
+    assert await writer.wait() == 0
+    await asyncio.gather(*consumers)
+    return latencies
+
+
+WRITER = f"""
+import sys, time
+from pymongo import MongoClient
+uri, start = sys.argv[1], int(sys.argv[2])
+pad = "x" * {EVENT_PAD}
+with MongoClient(uri) as client:
+    for first in range(start, start + {EVENTS}, 10):
+        client.db.c.insert_many([{{"_id": i, "pad": pad}} for i in range(first, first + 10)])
+        time.sleep(0.02)  # pacing: ~500 events/s (5 MB/s), a steady stream
+"""
+
+
+def p99(values):
+    return statistics.quantiles(values, n=100)[98]
+
+
+@pytest.mark.fault
+def test_slow_consumer_is_cut_off_and_loses_nothing(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, CLIENT_BUFFER_BYTES=CLIENT_BUFFER,
+                          REPLAY_BUFFER_BYTES=16 * 1024 * 1024, LOG_LEVEL="INFO")
+    relay.wait_ready()
+
+    async def scenario():
+        fast = [await WS.connect(relay.ws_url) for _ in range(3)]
+        baseline = await flow_and_measure(relay, primary.uri, 0, fast)
+        rss_before = rss(relay.proc.pid)
+
+        stalled = StalledClient(relay.port)
+        with_slow = await flow_and_measure(relay, primary.uri, EVENTS, fast)
+        rss_after = rss(relay.proc.pid)
+        relay.wait_log("cutting off slow consumer")
+
+        frames, close = await asyncio.get_running_loop().run_in_executor(
+            None, stalled.read_everything)
+        assert close == (1013, "slow consumer")
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "slow_consumer"
+        seen = [token_of(f) for f in frames if "operationType" in f]
+        assert 0 < len(seen) < EVENTS
+
+        resumed = await WS.connect(f"{relay.ws_url}?resume_after={seen[-1]}")
+        rest = await resumed.changes(EVENTS - len(seen))
+        tokens = seen + [token_of(f) for f in rest]
+        assert tokens == primary.tokens()[EVENTS:]
+
+        print(f"p99 latency without a slow client {p99(baseline) * 1000:.1f} ms, "
+              f"with one {p99(with_slow) * 1000:.1f} ms; RSS {rss_before >> 20} -> "
+              f"{rss_after >> 20} MiB")
+        assert p99(with_slow) <= 2 * p99(baseline) + 0.005
+        # Bounded: one client buffer + the replay buffer + slack for the interpreter's arenas and
+        # the driver's batches. Without the cut-off, the stalled client alone would hold 20 MiB.
+        assert rss_after - rss_before < CLIENT_BUFFER + 16 * 1024 * 1024 + 64 * 1024 * 1024
+
+    run(scenario())
