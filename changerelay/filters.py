@@ -672,32 +672,29 @@ def _plain_scalar(item: Any) -> bool:
     return type(item) in (str, int, float) and item == item
 
 
+def _plain_scalar(item: Any) -> bool:
+    return type(item) in (str, int, float) and item == item
+
+
 def _in_test(operands: list) -> Test:
     # Exact str/int/float operands go in a set: hashing agrees with BSON equality there
     # (1 == 1.0), and bool values never reach it.  NaN would not find itself, so it
     # stays with the general tests, as does everything else.
-    hashable = {
-        item
-        for item in operands
-        if type(item) in (str, int, float) and not (type(item) is float and item != item)
-    }
-    slow = [
-        item for item in operands if item not in hashable or type(item) not in (str, int, float)
-    ]
-    tests = [
-        _regex_test(_compile_regex(*_regex_parts(item)), item)
-        if isinstance(item, Regex)
-        else _comparison("$eq", item)
-        for item in slow
-    ]
-    has_null = any(item is None for item in operands)
+    hashable = {item for item in operands if _plain_scalar(item)}
+
+    def compiled(item: Any) -> Test:
+        if isinstance(item, Regex):
+            return _regex_test(_compile_regex(*_regex_parts(item)), item)
+        return _comparison("$eq", item)
+
+    every = [compiled(item) for item in operands]
+    rest = [compiled(item) for item in operands if not _plain_scalar(item)]
 
     def test(value: Any) -> bool:
-        if type(value) in (str, int, float) and value in hashable:
-            return True
-        if has_null and value is MISSING:
-            return True
-        return any(check(value) for check in tests)
+        # A null operand also matches missing, through _comparison, as $eq: null does.
+        if type(value) in (str, int, float):
+            return value in hashable or any(check(value) for check in rest)
+        return any(check(value) for check in every)
 
     return test
 
@@ -782,10 +779,15 @@ def _operator_document(path: str, parts: tuple, spec: dict, depth: int) -> tuple
     return _all(predicates), dict(sorted(normal.items()))
 
 
-def _unknown(operator: str, allowed: Iterable[str]) -> FilterError:
+def _unknown(operator: str, allowed: Iterable[str], where: str = "on a field") -> FilterError:
+    hint = (
+        f"; field operators ({', '.join(FIELD_OPERATORS)}) go inside a field's condition"
+        if where == "at the top level"
+        else ""
+    )
     return FilterError(
         "unknown_operator",
-        f"operator {operator!r} is not supported; allowed: {', '.join(allowed)}",
+        f"operator {operator!r} is not supported {where}; allowed: {', '.join(allowed)}{hint}",
     )
 
 
@@ -831,7 +833,7 @@ def _filter(spec: Any, depth: int) -> tuple[Predicate, dict]:
                 either = _either(branches)
                 predicates.append(either if key == "$or" else _not(either))
         elif key.startswith("$"):
-            raise _unknown(key, LOGICAL_OPERATORS)
+            raise _unknown(key, LOGICAL_OPERATORS, where="at the top level")
         else:
             predicate, normal[key] = _field(key, condition, depth)
             predicates.append(predicate)
