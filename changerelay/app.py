@@ -32,7 +32,6 @@ from .source import ChangeSource
 
 ROOT = Path(__file__).resolve().parent.parent
 PING_INTERVAL = 20
-HEARTBEAT_INTERVAL = 15
 MAX_INBOUND_FRAME = 4096
 
 
@@ -58,7 +57,8 @@ class Relay:
         self.source.start()
         from tornado.ioloop import PeriodicCallback
 
-        for callback, seconds in ((self._tick, 1.0), (self._heartbeat, HEARTBEAT_INTERVAL)):
+        for callback, seconds in ((self._tick, min(1.0, self.config.position_interval / 2)),
+                                  (self._heartbeat, self.config.sse_heartbeat)):
             timer = PeriodicCallback(callback, seconds * 1000)
             timer.start()
             self._timers.append(timer)

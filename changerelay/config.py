@@ -81,6 +81,8 @@ class Config:
         "CATCHUP_STREAMS", 8, "change streams opened at once for clients resuming from history")
     position_interval: float = _spec(
         "POSITION_INTERVAL", 5.0, "seconds without a frame before a position message is sent")
+    sse_heartbeat: float = _spec(
+        "SSE_HEARTBEAT", 15.0, "seconds between SSE comment heartbeats (keeps proxies open)")
     ws_compression: bool = _spec(
         "WS_COMPRESSION", False, "offer permessage-deflate (costs CPU per client)")
     reuse_port: int = _spec(

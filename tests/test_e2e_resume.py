@@ -4,11 +4,14 @@ ids each client processed with the primary's own log — no loss, no duplicate, 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from conftest import WS, run, token_of
+from conftest import ROOT, WS, run, token_of
 from pymongo import MongoClient
 
 pytestmark = pytest.mark.e2e
@@ -87,7 +90,7 @@ class ResumingClient:
         while True:
             try:
                 frame = await self.conn.recv(max(0.01, deadline - time.monotonic()))
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 raise AssertionError("connection was not closed") from None
             if frame is None:
                 return self.conn.close_code
@@ -226,3 +229,146 @@ def test_malformed_resume_token_is_refused_at_handshake(relay):
     response = relay.get("/socket?resume_after=not-hex")
     assert response.code == 400
     assert response.json()["error"] == "invalid_resume_after"
+
+
+class SSE:
+    """A raw Server-Sent Events reader (what EventSource does, minus the browser)."""
+
+    def __init__(self, reader, writer, status):
+        self.reader, self.writer, self.status = reader, writer, status
+        self.records: list[dict] = []
+        self.comments = 0
+
+    @classmethod
+    async def open(cls, port: int, query: str = "", last_event_id: str | None = None):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        headers = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        writer.write(f"GET /events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     f"Accept: text/event-stream\r\n{headers}\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split()[1])
+        assert b"chunked" in head.lower() or status != 200
+        return cls(reader, writer, status)
+
+    async def _line(self) -> bytes:
+        # The body is HTTP/1.1 chunked; SSE records may span chunks, so unchunk into a buffer.
+        while b"\n" not in getattr(self, "_buf", b""):
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            data = await self.reader.readexactly(size + 2)
+            self._buf = getattr(self, "_buf", b"") + data[:-2]
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    async def record(self, timeout: float = 20) -> dict:
+        fields: dict = {}
+        while True:
+            line = await asyncio.wait_for(self._line(), timeout)
+            if not line:
+                if fields:
+                    self.records.append(fields)
+                    return fields
+                continue
+            if line.startswith(b":"):
+                self.comments += 1
+                continue
+            name, _, value = line.decode().partition(": ")
+            fields[name] = value
+
+    async def changes(self, count: int) -> list[dict]:
+        got = []
+        while len(got) < count:
+            record = await self.record()
+            if "data" in record and "event" not in record:
+                got.append(record)
+        return got
+
+    def close(self):
+        self.writer.close()
+
+
+@pytest.mark.fault
+def test_sse_streams_the_same_events_and_resumes_with_last_event_id(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=300, SSE_HEARTBEAT=0.2)
+    relay.wait_ready()
+
+    async def scenario():
+        ws = await WS.connect(relay.ws_url)
+        sse = await SSE.open(relay.port)
+        assert sse.status == 200
+        write(primary.uri, "db", 400)
+        first = await sse.changes(250)
+        ws_frames = await ws.changes(400)
+        for record, frame in zip(first, ws_frames, strict=False):
+            assert json.loads(record["data"]) == frame  # same bytes' meaning on both transports
+            assert record["id"] == token_of(frame)
+        sse.close()
+        write(primary.uri, "db", 700, start=400)  # the gap is beyond the 300-event buffer
+        again = await SSE.open(relay.port, last_event_id=first[-1]["id"])
+        rest = await again.changes(850)
+        await again.record()  # heartbeats keep flowing on a quiet stream
+        while again.comments == 0:
+            await again.record(timeout=5)
+        tokens = [r["id"] for r in first] + [r["id"] for r in rest]
+        assert_matches_log(tokens, primary)
+
+    run(scenario())
+
+
+def test_sse_refuses_bad_input_with_json(relay):
+    response = relay.get("/events?ops=bogus")
+    assert response.code == 400 and response.json()["error"] == "unknown_operation_type"
+    response = relay.get("/events", headers={"Last-Event-ID": "zz"})
+    assert response.code == 400 and response.json()["error"] == "invalid_resume_after"
+
+
+@pytest.mark.fault
+def test_quiet_subscription_gets_positions_and_resumes_from_them(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, POSITION_INTERVAL=0.3, REPLAY_BUFFER=50)
+    relay.wait_ready()
+
+    async def scenario():
+        quiet = await WS.connect(f"{relay.ws_url}?ops=delete")
+        write(primary.uri, "db", 1000)
+        newest = primary.tokens()[-1]
+        position = await quiet.until(
+            lambda f: f.get("type") == "position" and f["resume_after"] >= newest)
+        quiet.close()
+        with MongoClient(primary.uri) as client:
+            client.db.c.delete_one({"_id": 3})
+        resumed = await WS.connect(f"{relay.ws_url}?ops=delete&resume_after="
+                                   f"{position['resume_after']}")
+        [delete] = await resumed.changes(1)
+        assert delete["documentKey"] == {"_id": 3}
+        assert token_of(delete) == primary.tokens()[-1]
+
+    run(scenario())
+
+
+@pytest.mark.fault
+def test_tail_cli_survives_a_relay_restart(primary, relay_factory, tmp_path):
+    relay = relay_factory(MONGO_SRV=primary.uri)
+    relay.wait_ready()
+    port = relay.port
+    out = tmp_path / "tail.jsonl"
+    with open(out, "w") as sink:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "changerelay", "tail", relay.ws_url, "--max-events", "1000"],
+            cwd=str(ROOT), stdout=sink, stderr=subprocess.PIPE, text=True)
+        try:
+            relay.wait_log("101 GET /socket")
+            write(primary.uri, "db", 400)
+            primary.wait_for(lambda: _lines(out) >= 400, timeout=30)
+            relay.proc.kill()
+            relay.proc.wait()
+            write(primary.uri, "db", 600, start=400)
+            relay_factory(MONGO_SRV=primary.uri, PORT=port).wait_ready()
+            assert tail.wait(60) == 0, tail.stderr.read()
+        finally:
+            tail.kill()
+    tokens = [token_of(json.loads(line)) for line in out.read_text().splitlines()
+              if "operationType" in line]
+    assert_matches_log(tokens, primary)
+
+
+def _lines(path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
