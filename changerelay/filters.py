@@ -16,7 +16,6 @@ See ``docs/filters.md`` for the language reference.
 
 from __future__ import annotations
 
-import calendar
 import json
 import math
 import operator as _operator
@@ -24,7 +23,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -166,6 +165,11 @@ def _bracket(value: Any) -> int:
     return _UNSUPPORTED
 
 
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
 def _sign(a: Any, b: Any) -> int:
     return (a > b) - (a < b)
 
@@ -192,9 +196,9 @@ def _compare_numbers(a: Any, b: Any) -> int:
 def _millis(value: datetime | DatetimeMS) -> int:
     if isinstance(value, DatetimeMS):
         return int(value)
-    # PyMongo decodes naive UTC datetimes by default; json_util.loads does too.
-    seconds = calendar.timegm(value.utctimetuple())
-    return seconds * 1000 + value.microsecond // 1000
+    # PyMongo decodes naive UTC datetimes by default; timedelta arithmetic cannot overflow.
+    epoch = _EPOCH if value.tzinfo is None else _EPOCH_UTC
+    return (value - epoch) // _MILLISECOND
 
 
 def _binary_key(value: Any) -> tuple[int, int, bytes]:
@@ -487,7 +491,9 @@ def _compile_regex(pattern: Any, options: Any) -> re.Pattern:
             return re.compile(pattern, flags)
     except FilterError:
         raise
-    except (re.error, Warning, RecursionError, OverflowError, ValueError) as exc:
+    except Warning as exc:
+        raise _bad_regex(pattern, f"PCRE and Python may read it differently ({exc})") from None
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
         raise _bad_regex(pattern, f"it does not compile ({exc})") from None
 
 

@@ -884,3 +884,62 @@ def test_binary_values_compare_by_length_then_subtype_then_bytes():
     assert matches({F + "b": {"$gt": three}}, doc(b=b"\x00\x00\x01"))
     assert matches({F + "b": {"$lt": three}}, doc(b=b"\xff\xff"))
     assert matches({F + "b": {"$gt": three}}, doc(b=Binary(b"\x00\x00\x00", 5)))
+
+
+EXOTIC = st.sampled_from(
+    [
+        None, True, False, 0, -0.0, 7, Int64(7), 7.0, 2.5, Decimal128("7"), Decimal128("-Infinity"),
+        NAN, Decimal128("NaN"), "", "7", "é", {}, {"a": 1}, {"a": 1, "b": 2}, {"b": 2, "a": 1},
+        b"", b"\x01", Binary(b"\x01", 5), OID, ObjectId(b"z" * 12), JAN_2020,
+        JAN_2020.replace(tzinfo=datetime.UTC), Timestamp(1, 2), Timestamp(2, 1),
+        Regex("a", "i"), MinKey(), MaxKey(), Code("x"),
+    ]
+)  # fmt: skip
+BSON_VALUES = st.recursive(
+    EXOTIC,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(NAMES, inner, max_size=3)),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(FILTERS, st.dictionaries(NAMES, BSON_VALUES, max_size=3))
+def test_any_decoded_event_evaluates_to_a_boolean(spec, fields):
+    assert compile_filter(spec)({"fullDocument": fields}) in (True, False)
+
+
+def _expected_bracket(value):
+    """docs: BSON comparison order, written independently of the code under test."""
+    order = [
+        (bool, "bool"), (type(None), "null"), ((int, float, Decimal128), "number"),
+        (Code, "code"), (str, "string"), (dict, "object"), ((bytes, Binary), "binary"),
+        (ObjectId, "oid"), (datetime.datetime, "date"), (Timestamp, "timestamp"),
+        (Regex, "regex"),
+    ]  # fmt: skip
+    return next(name for kind, name in order if isinstance(value, kind))
+
+
+def _is_nan(value):
+    return (
+        value != value
+        if isinstance(value, float)
+        else (isinstance(value, Decimal128) and value.to_decimal().is_nan())
+    )
+
+
+SCALAR_EXOTIC = EXOTIC.filter(lambda v: not isinstance(v, MinKey | MaxKey | Code))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(SCALAR_EXOTIC, SCALAR_EXOTIC)
+def test_comparison_is_a_total_order_inside_a_bracket_and_empty_across(value, operand):
+    event = doc(v=value)
+    hits = [op for op in ("$lt", "$eq", "$gt") if matches({F + "v": {op: operand}}, event)]
+    if _expected_bracket(value) != _expected_bracket(operand):
+        assert hits == []
+    elif _is_nan(value) or _is_nan(operand):
+        assert hits == (["$eq"] if _is_nan(value) and _is_nan(operand) else [])
+    else:
+        assert len(hits) == 1, hits
+        assert matches({F + "v": {"$lte": operand}}, event) is (hits[0] != "$gt")
+        assert matches({F + "v": {"$gte": operand}}, event) is (hits[0] != "$lt")
