@@ -218,7 +218,8 @@ def bind(config: Config) -> list[socket.socket]:
 async def serve(config: Config, sockets: list[socket.socket]) -> int:
     """Run one relay process until SIGINT/SIGTERM; return the exit status."""
     relay = Relay(config)
-    server = httpserver.HTTPServer(make_app(relay), xheaders=False, idle_connection_timeout=60)
+    server = httpserver.HTTPServer(make_app(relay), xheaders=False, idle_connection_timeout=60,
+                                   max_header_size=handlers.MAX_HEADER_BYTES)
     server.add_sockets(sockets)
     relay.start()
     port = sockets[0].getsockname()[1]

@@ -16,6 +16,10 @@ from . import clients
 from .subscription import SubscriptionError
 
 GOING_AWAY = 1001
+# Tornado drops a request whose headers exceed its limit without answering; we let it read up to
+# MAX_HEADER_BYTES (set on the server) so that an oversized query gets a JSON 414 instead.
+MAX_QUERY_BYTES = 512 * 1024
+MAX_HEADER_BYTES = 2 * 1024 * 1024
 
 
 class RelayHandlerMixin:
@@ -25,6 +29,10 @@ class RelayHandlerMixin:
         """Return ``(subscription, resume_after, claims)`` or raise SubscriptionError."""
         relay = self.application.relay
         self.peer = relay.peer_address(self.request)
+        if len(self.request.query) > MAX_QUERY_BYTES:
+            raise SubscriptionError(
+                "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
+                "filters are limited to 4 KiB", status=414)
         relay.check_origin(self.request)
         claims = relay.authenticate(self.request)
         arguments = {
