@@ -714,6 +714,9 @@ def _all(predicates: list[Predicate]) -> Predicate:
         return lambda event: True
     if len(predicates) == 1:
         return predicates[0]
+    if len(predicates) == 2:
+        first, second = predicates
+        return lambda event: first(event) and second(event)
     return lambda event: all(predicate(event) for predicate in predicates)
 
 

@@ -612,6 +612,25 @@ def test_error_messages_say_how_to_fix():
     assert "nest" in caught.value.message
 
 
+def test_as_many_or_branches_as_fit_in_4_kib():
+    text = '{"$or":[' + ",".join(['{"ns.coll":1}'] * 150 + ["{}"] * 600) + "]}"
+    assert len(text) <= MAX_FILTER_BYTES
+    started = time.monotonic()
+    f = parse_filter(text)
+    assert f({}) and f(doc())
+    assert time.monotonic() - started < 1
+    nor = parse_filter(text.replace("$or", "$nor"))
+    assert not nor({})
+
+
+def test_parse_filter_refuses_non_text():
+    for value in (None, 5, {"fullDocument.a": 1}):
+        with pytest.raises(FilterError) as caught:
+            parse_filter(value)  # type: ignore[arg-type]
+        assert caught.value.code == "invalid_json"
+    assert issubclass(FilterError, ValueError)
+
+
 def test_limits_are_inclusive():
     at_limit = '{"fullDocument.a": "' + "x" * (MAX_FILTER_BYTES - 22) + '"}'
     assert len(at_limit.encode()) == MAX_FILTER_BYTES
