@@ -787,7 +787,7 @@ def _paths(spec):
 
 
 PROPERTY = settings(
-    max_examples=250,
+    max_examples=200,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -864,7 +864,7 @@ JSONISH = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.one_of(st.text(max_size=60), st.binary(max_size=60), JSONISH.map(json.dumps)), DOCUMENTS)
 def test_parse_filter_raises_only_filter_error(text, fields):
     try:
@@ -921,7 +921,7 @@ BSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(FILTERS, st.dictionaries(NAMES, BSON_VALUES, max_size=3))
 def test_any_decoded_event_evaluates_to_a_boolean(spec, fields):
     assert compile_filter(spec)({"fullDocument": fields}) in (True, False)
