@@ -739,6 +739,13 @@ def _operator_document(path: str, parts: tuple, spec: dict, depth: int) -> tuple
             raise _unknown(operator, FIELD_OPERATORS)
         if operator in ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte"):
             value = _value(operand)
+            if isinstance(value, Regex) and operator != "$eq":
+                # MongoDB refuses these too (SERVER-1705): $ne/$gt of a regex is ambiguous.
+                raise FilterError(
+                    "invalid_filter",
+                    f'{operator} on {path!r} cannot take a regex; use {{"$not": <regex>}} '
+                    "to exclude matches",
+                )
             test = _comparison("$eq" if operator == "$ne" else operator, value)
             predicate = _any(parts, test)
             predicates.append(_not(predicate) if operator == "$ne" else predicate)
