@@ -1,0 +1,186 @@
+"""``python -m bench``: the tutorial's server and changerelay, side by side, one table.
+
+Both servers are measured the same way, one after the other, against one test primary:
+
+1. start the server on the relay core; note its RSS; open the most clients of the session
+   (1,000, or 10,000 with ``--full``) and note its RSS again: memory per idle connection;
+2. from the most clients down: a fixed-rate run (``--rate`` events/s, latency), then a max-rate
+   run (``insert_many`` bursts of ``--batch`` documents, throughput), then close clients down to
+   the next count;
+3. with ``--reuse-port N``: changerelay with N processes against 1, at 1,000 clients.
+
+Cores: the server gets core 0; the load client, the primary and this harness share core 1. The
+results go to ``bench/results/<UTC time>.json`` and a Markdown table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from . import report
+from .loadclient import raise_open_files_limit
+from .procs import LoadClient, Relay, Source, Tutorial
+from .profile import summary
+from .scenarios import Bench, Inserter, Run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DB = "bench"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true",
+                        help="add 10,000 clients (throughput, fixed rate, idle memory); slow")
+    parser.add_argument("--clients", type=int, nargs="+",
+                        help="client counts for the throughput runs (default 100 1000 [10000])")
+    parser.add_argument("--fixed-clients", type=int, nargs="*",
+                        help="client counts for the fixed-rate runs (default 1000 [10000])")
+    parser.add_argument("--rate", type=float, default=5.0,
+                        help="events/s of the fixed-rate runs (default 5)")
+    parser.add_argument("--fixed-events", type=int, default=40,
+                        help="events per fixed-rate run (default 40, i.e. 8 s at 5/s)")
+    parser.add_argument("--deliveries", type=int, default=500_000,
+                        help="target deliveries per max-rate run; events = this / clients, "
+                             "clamped to 50..3000 (default 500000)")
+    parser.add_argument("--batch", type=int, default=500,
+                        help="documents per insert_many in max-rate runs (default 500)")
+    parser.add_argument("--reuse-port", type=int, default=0, metavar="N",
+                        help="also compare changerelay with REUSE_PORT=N against 1 process")
+    parser.add_argument("--profile", type=int, metavar="CLIENTS",
+                        help="py-spy each server during its max-rate run at CLIENTS clients "
+                             "(needs pip install py-spy); stacks saved next to the results")
+    parser.add_argument("--servers", nargs="+", default=["tutorial", "changerelay"],
+                        choices=["tutorial", "changerelay"])
+    return parser.parse_args(argv)
+
+
+def cores() -> tuple[set[int], set[int]]:
+    """(server cores, client cores): core 0 for the server, the rest for everything else."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        print("only one core: server and clients share it; numbers are not comparable to a "
+              "2-core run", file=sys.stderr)
+        return set(available), set(available)
+    return {available[0]}, set(available[1:])
+
+
+def events_for(clients: int, deliveries: int) -> int:
+    return max(50, min(3000, deliveries // clients))
+
+
+def machine() -> dict:
+    model = "?"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def measure_server(bench: Bench, server, counts, fixed, args, results) -> None:
+    server.start()
+    server.wait_ready()
+    top = max(counts + fixed)
+    before = server.rss()
+    reply = bench.connect(server, top)
+    after = server.rss()
+    results["memory"].append({"server": server.name, "connections": top,
+                              "rss_before": before, "rss_after": after,
+                              "bytes_per_connection": round((after - before) / top),
+                              "connect_seconds": reply["seconds"]})
+    log(f"{server.name}: {top} connections in {reply['seconds']}s, "
+        f"{(after - before) / top / 1024:.1f} KiB each")
+    for n in sorted(set(counts + fixed), reverse=True):
+        bench.close_to(n)
+        if n in fixed:
+            record(results, bench.fixed_rate(server, args.fixed_events, args.rate))
+        if n in counts:
+            profile = None
+            if n == args.profile:
+                RESULTS.mkdir(exist_ok=True)
+                profile = RESULTS / f"{results['stamp']}-profile-{server.name}-{n}.txt"
+            record(results, bench.max_rate(server, events_for(n, args.deliveries), args.batch,
+                                           profile))
+            if profile is not None:
+                results["profiles"][server.name] = summary(profile)
+    bench.close_to(0)
+
+
+def record(results: dict, run: Run) -> None:
+    results["runs"].append(run.as_dict())
+    status = "ok" if run.complete else f"LOSS {run.detail}"
+    log(f"{run.server} {run.scenario} {run.clients} clients x {run.events} events: "
+        f"{run.deliveries_per_s:,} deliveries/s, p99 {run.latency_ms.get('p99')} ms, "
+        f"{run.relay_cpu_us_per_delivery} us/delivery, source {run.events_per_s_inserted}/s "
+        f"[{status}]")
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    counts = args.clients or ([100, 1000, 10000] if args.full else [100, 1000])
+    fixed = args.fixed_clients if args.fixed_clients is not None else (
+        [1000, 10000] if args.full else [1000])
+    server_cores, client_cores = cores()
+    raise_open_files_limit()  # inherited by the servers, which the tutorial server needs
+    os.sched_setaffinity(0, client_cores)
+    started = datetime.datetime.now(datetime.UTC)
+    results = {"started": started.isoformat(timespec="seconds"), "machine": machine(),
+               "args": vars(args), "server_cores": sorted(server_cores),
+               "client_cores": sorted(client_cores), "runs": [], "memory": [], "profiles": {},
+               "stamp": f"{started:%Y%m%dT%H%M%SZ}"}
+    source = Source(client_cores)
+    load = LoadClient(client_cores)
+    inserter = Inserter(source, DB)
+    bench = Bench(source, inserter, load)
+    servers = []
+    try:
+        results["payload_bytes"] = report.payload_size(source.uri, DB)
+        for name in args.servers:
+            server = (Tutorial if name == "tutorial" else Relay)(source.uri, DB, server_cores)
+            servers.append(server)
+            measure_server(bench, server, counts, fixed, args, results)
+            server.stop()
+        if args.reuse_port > 1:
+            every = server_cores | client_cores
+            for processes in (1, args.reuse_port):
+                relay = Relay(source.uri, DB, every, reuse_port=processes if processes > 1 else 0)
+                relay.name = f"changerelay x{processes}"
+                servers.append(relay)
+                relay.start()
+                relay.wait_ready()
+                bench.connect(relay, 1000)
+                run = bench.max_rate(relay, events_for(1000, args.deliveries), args.batch)
+                run.scenario = "reuse-port"
+                run.detail["processes"] = processes
+                record(results, run)
+                bench.close_to(0)
+                relay.stop()
+    finally:
+        for server in servers:
+            server.stop()
+        load.stop()
+        inserter.close()
+        source.stop()
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{results['stamp']}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(report.markdown(results))
+    print(f"\nresults: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    failed = [r for r in results["runs"] if not r["complete"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

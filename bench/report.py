@@ -1,0 +1,129 @@
+"""Turning results into the tables of BENCHMARKS.md (also usable on a saved JSON file).
+
+``python -m bench.report bench/results/<file>.json`` prints the tables of an earlier run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bson import json_util
+from pymongo import MongoClient
+
+
+def payload_size(uri: str, db: str) -> int:
+    """Bytes of one insert event as both servers send it (relaxed Extended JSON, compact)."""
+    client = MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        with client[db].watch(full_document="updateLookup") as stream:
+            client[db]["probe"].insert_one({"n": -1, "name": "bench", "value": 1.5})
+            change = stream.next()
+        return len(json_util.dumps(change, json_options=json_util.RELAXED_JSON_OPTIONS,
+                                   separators=(",", ":")).encode())
+    finally:
+        client.close()
+
+
+def _rate(run: dict | None) -> str:
+    if run is None:
+        return "-"
+    if not run["complete"]:
+        return f"LOSS ({run['detail']['short']} short, {run['detail']['over']} over)"
+    return f"{run['deliveries_per_s']:,} /s, p99 {run['latency_ms'].get('p99', '?')} ms"
+
+
+def _cpu(run: dict | None) -> str:
+    return "-" if run is None or not run["complete"] else f"{run['relay_cpu_us_per_delivery']:.2f}"
+
+
+def _find(runs, server, scenario, clients):
+    for run in runs:
+        if (run["server"], run["scenario"], run["clients"]) == (server, scenario, clients):
+            return run
+    return None
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    m = results["machine"]
+    out = [f"Machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Linux {m['kernel']}; "
+           f"server on core {results['server_cores']}, load client + primary + harness on core "
+           f"{results['client_cores']}. Payload: {results.get('payload_bytes', '?')} bytes per "
+           "event.", ""]
+
+    out += ["### Max-rate fan-out (deliveries/s, p99 latency wallTime → frame received)", "",
+            "| clients | tutorial deliveries/s, p99 | changerelay deliveries/s, p99 "
+            "| relay CPU µs/delivery (tutorial / changerelay) |",
+            "|---:|---|---|---|"]
+    counts = sorted({r["clients"] for r in runs if r["scenario"] == "max-rate"})
+    for n in counts:
+        t, c = _find(runs, "tutorial", "max-rate", n), _find(runs, "changerelay", "max-rate", n)
+        out.append(f"| {n:,} | {_rate(t)} | {_rate(c)} | {_cpu(t)} / {_cpu(c)} |")
+
+    out += ["", "What bounded each max-rate run (events/s the source achieved while inserting; "
+            "CPU seconds per wall second: the server, our client side, and other programs on this "
+            "machine during the run):", "",
+            "| server | clients | events | source events/s | wall s | server core busy "
+            "| client core busy | other programs | p50 / p99 / max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        if run["scenario"] in ("max-rate", "reuse-port"):
+            out.append(_bounds(run))
+
+    fixed = [r for r in runs if r["scenario"] == "fixed-rate"]
+    if fixed:
+        out += ["", "### Fixed event rate (latency wallTime → frame received)", "",
+                "| clients | rate | tutorial p50 / p99 / max ms | changerelay p50 / p99 / max ms "
+                "| relay CPU µs/delivery (tutorial / changerelay) | server core busy (t / c) |",
+                "|---:|---:|---|---|---|---|"]
+        for n in sorted({r["clients"] for r in fixed}):
+            t, c = (_find(runs, s, "fixed-rate", n) for s in ("tutorial", "changerelay"))
+            rate = (t or c)["detail"]["rate"]
+            out.append(f"| {n:,} | {rate:g}/s | {_lat(t)} | {_lat(c)} | {_cpu(t)} / {_cpu(c)} "
+                       f"| {_busy(t)} / {_busy(c)} |")
+
+    if results["memory"]:
+        out += ["", "### Memory per idle connection (RSS delta ÷ connections)", "",
+                "| server | connections | RSS before → after | per connection |",
+                "|---|---:|---|---:|"]
+        for mem in results["memory"]:
+            out.append(f"| {mem['server']} | {mem['connections']:,} | "
+                       f"{mem['rss_before'] / 2**20:.1f} → {mem['rss_after'] / 2**20:.1f} MiB | "
+                       f"{mem['bytes_per_connection'] / 1024:.1f} KiB |")
+
+    reuse = [r for r in runs if r["scenario"] == "reuse-port"]
+    if reuse:
+        out += ["", "### REUSE_PORT (relay allowed on every core, sharing core 1 with the "
+                "clients)", "", "| processes | clients | deliveries/s, p99 | relay CPU µs/delivery "
+                "| server CPU s / wall s |", "|---:|---:|---|---:|---:|"]
+        for run in reuse:
+            out.append(f"| {run['detail']['processes']} | {run['clients']:,} | {_rate(run)} | "
+                       f"{_cpu(run)} | {run['relay_core_busy']} |")
+    return "\n".join(out)
+
+
+def _bounds(run: dict) -> str:
+    lat = run["latency_ms"]
+    return (f"| {run['server']} | {run['clients']:,} | {run['events']:,} | "
+            f"{run['events_per_s_inserted']:,} | {run['seconds']:.2f} | {run['relay_core_busy']} "
+            f"| {run['client_core_busy']} | {run['others_busy']} "
+            f"| {lat.get('p50', '?')} / {lat.get('p99', '?')} / "
+            f"{lat.get('max', '?')} |")
+
+
+def _lat(run: dict | None) -> str:
+    if run is None:
+        return "-"
+    lat = run["latency_ms"]
+    text = f"{lat.get('p50', '?')} / {lat.get('p99', '?')} / {lat.get('max', '?')}"
+    return text if run["complete"] else f"LOSS ({text})"
+
+
+def _busy(run: dict | None) -> str:
+    return "-" if run is None else f"{run['relay_core_busy']}"
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as saved:
+        print(markdown(json.loads(saved.read())))

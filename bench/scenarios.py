@@ -1,0 +1,166 @@
+"""What one measurement does: connect, warm up, send events, count every delivery, read /proc.
+
+A *delivery* is one change event received by one client. Every run asserts zero loss: each client
+must count exactly the events inserted, no fewer and no more, or the run is marked failed and its
+throughput is not reported.
+
+Timing uses ``time.monotonic()`` in every process; on Linux that is one system-wide clock, so
+"first insert sent" (here) and "last frame received" (in the load client) are comparable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pymongo import MongoClient
+
+from .procs import LoadClient, Server, Source, core_busy_seconds, cpu_seconds, family
+from .profile import Profiler
+
+COLLECTION = "events"
+
+
+@dataclass
+class Run:
+    """One measured run; ``asdict`` of it is what goes into the JSON results."""
+
+    server: str
+    scenario: str
+    clients: int
+    events: int
+    complete: bool = False
+    deliveries: int = 0
+    seconds: float = 0.0            # first insert sent -> last frame received
+    deliveries_per_s: float = 0.0
+    insert_seconds: float = 0.0     # first insert sent -> last insert acknowledged
+    events_per_s_inserted: float = 0.0
+    relay_cpu_s: float = 0.0
+    relay_cpu_us_per_delivery: float = 0.0
+    relay_core_busy: float = 0.0    # relay CPU seconds / wall seconds (1.0 = one core saturated)
+    client_core_busy: float = 0.0   # load client + primary + harness CPU / wall seconds
+    others_busy: float = 0.0        # CPU other programs used on both cores / wall seconds
+    latency_ms: dict = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Inserter:
+    """Inserts small documents into the watched database through the real driver."""
+
+    def __init__(self, source: Source, db: str):
+        self.client = MongoClient(source.uri, serverSelectionTimeoutMS=5000)
+        self.coll = self.client[db][COLLECTION]
+        self.numbers = itertools.count()
+
+    def docs(self, n: int) -> list[dict]:
+        return [{"n": next(self.numbers), "name": "bench", "value": 1.5} for _ in range(n)]
+
+    def burst(self, events: int, batch: int) -> None:
+        left = events
+        while left:
+            n = min(batch, left)
+            self.coll.insert_many(self.docs(n), ordered=False)
+            left -= n
+
+    def paced(self, events: int, rate: float) -> None:
+        """One insert every 1/rate seconds on a fixed schedule (late ticks do not drift it)."""
+        start = time.monotonic()
+        for index in range(events):
+            delay = start + index / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the source, not waiting for a result
+            self.coll.insert_one(self.docs(1)[0])
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Bench:
+    """The shared parts of every run: the source, the inserter and the load client."""
+
+    def __init__(self, source: Source, inserter: Inserter, load: LoadClient):
+        self.source, self.inserter, self.load = source, inserter, load
+        self.sources = (f"127.0.0.{n}" for n in itertools.count(2))
+
+    def harness_cpu(self) -> float:
+        """CPU of everything on the client core: load client, primary and this process."""
+        return self.load.cpu() + self.source.cpu() + cpu_seconds(os.getpid(), descendants=False)
+
+    def connect(self, server: Server, n: int, concurrency: int = 100) -> dict:
+        """Open ``n`` more connections from a fresh source address (no port reuse across runs)."""
+        if n <= 0:
+            return {"connected": 0, "failed": 0}
+        reply = self.load.ask("connect", port=server.port, n=n, source=next(self.sources),
+                              concurrency=concurrency, timeout=60)
+        if reply["failed"]:
+            raise RuntimeError(f"{server.name}: {reply['failed']} of {n} connections failed, "
+                               f"e.g. {reply['errors']}")
+        return reply
+
+    def close_to(self, keep: int) -> dict:
+        return self.load.ask("close", keep=keep, timeout=30)
+
+    def warm_up(self, server: Server) -> None:
+        """One event to every client: proves the stream is open and every client is live."""
+        self.load.ask("arm")
+        self.inserter.burst(1, 1)
+        result = self.load.ask("wait", expect=1, timeout=30)
+        if not result["complete"]:
+            raise RuntimeError(f"{server.name}: warm-up event did not reach every client "
+                               f"exactly once: {result}")
+
+    def measure(self, server: Server, scenario: str, events: int, send,
+                profile: Path | None = None) -> Run:
+        run = Run(server.name, scenario, 0, events)
+        self.warm_up(server)
+        self.load.ask("arm")
+        profiler = None if profile is None else Profiler(family(server.proc.pid), profile)
+        cpu0, other0, cores0 = server.cpu(), self.harness_cpu(), core_busy_seconds()
+        start = time.monotonic()
+        send()
+        inserted = time.monotonic()
+        timeout = 60 + events * 0.5
+        result = self.load.ask("wait", expect=events, timeout=timeout)
+        cpu1, other1, cores1 = server.cpu(), self.harness_cpu(), core_busy_seconds()
+        if profiler is not None:
+            run.detail["profile"] = str(profiler.stop())
+        clients = result["clients"]
+        run.clients = clients
+        run.complete = result["complete"]
+        run.insert_seconds = round(inserted - start, 4)
+        run.events_per_s_inserted = round(events / max(inserted - start, 1e-9), 1)
+        run.latency_ms = result["latency_ms"]
+        run.detail.update({k: result[k] for k in ("min", "max", "short", "over", "closed",
+                                                  "controls", "pings")})
+        run.relay_cpu_s = round(cpu1 - cpu0, 3)
+        last = result["last"] or time.monotonic()
+        wall = max(last - start, 1e-9)
+        run.seconds = round(wall, 4)
+        run.relay_core_busy = round(run.relay_cpu_s / wall, 3)
+        run.client_core_busy = round((other1 - other0) / wall, 3)
+        everyone = sum(cores1.values()) - sum(cores0.values())
+        run.others_busy = round(max(0.0, everyone - run.relay_cpu_s - (other1 - other0)) / wall,
+                                3)
+        if run.complete:
+            run.deliveries = clients * events
+            run.deliveries_per_s = round(run.deliveries / wall)
+            run.relay_cpu_us_per_delivery = round(run.relay_cpu_s / run.deliveries * 1e6, 3)
+        return run
+
+    def max_rate(self, server: Server, events: int, batch: int,
+                 profile: Path | None = None) -> Run:
+        return self.measure(server, "max-rate", events,
+                            lambda: self.inserter.burst(events, batch), profile)
+
+    def fixed_rate(self, server: Server, events: int, rate: float) -> Run:
+        run = self.measure(server, f"{rate:g}/s", events,
+                           lambda: self.inserter.paced(events, rate))
+        run.scenario = "fixed-rate"
+        run.detail["rate"] = rate
+        return run
