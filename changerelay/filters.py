@@ -86,10 +86,17 @@ _KEY_OPTIONS = json_util.JSONOptions(
     json_mode=json_util.JSONMode.CANONICAL,
     datetime_conversion=DatetimeConversion.DATETIME_AUTO,
 )
-# Extended JSON wrappers that json_util understands, minus the two that are also query
-# operators ($regex/$options): those are handled here so that json_util cannot silently
-# drop a neighbouring operator (it turns {"$regex": "a", "$ne": "b"} into /a/).
-_EJSON_KEYS = frozenset(json_util._PARSERS) - {"$regex", "$regularExpression"}
+# Extended JSON wrappers handed to json_util.object_hook (the keys it dispatches on).  The
+# regex spellings are missing on purpose: "$regex" is also a query operator, and json_util
+# would turn {"$regex": "a", "$ne": "b"} into /a/, silently dropping the $ne; both regex
+# forms are decoded here instead, which also lets us validate their flags.
+_EJSON_KEYS = frozenset(
+    {
+        "$oid", "$ref", "$date", "$minKey", "$maxKey", "$binary", "$code", "$uuid",
+        "$undefined", "$numberLong", "$timestamp", "$numberDecimal", "$dbPointer", "$symbol",
+        "$numberInt", "$numberDouble",
+    }
+)  # fmt: skip
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
