@@ -792,7 +792,7 @@ def _paths(spec):
 
 
 PROPERTY = settings(
-    max_examples=200,
+    max_examples=150,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -869,7 +869,7 @@ JSONISH = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=250, deadline=None, database=None)
 @given(st.one_of(st.text(max_size=60), st.binary(max_size=60), JSONISH.map(json.dumps)), DOCUMENTS)
 def test_parse_filter_raises_only_filter_error(text, fields):
     try:
@@ -889,7 +889,7 @@ def test_parse_filter_raises_only_filter_error(text, fields):
     assert f({"fullDocument": fields}) in (True, False)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=120, deadline=None, database=None)
 @given(JSONISH)
 def test_compile_filter_raises_only_filter_error(spec):
     with contextlib.suppress(FilterError):
@@ -926,7 +926,7 @@ BSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=80, deadline=None, database=None)
 @given(FILTERS, st.dictionaries(NAMES, BSON_VALUES, max_size=3))
 def test_any_decoded_event_evaluates_to_a_boolean(spec, fields):
     assert compile_filter(spec)({"fullDocument": fields}) in (True, False)
@@ -954,7 +954,7 @@ def _is_nan(value):
 SCALAR_EXOTIC = EXOTIC.filter(lambda v: not isinstance(v, MinKey | MaxKey | Code))
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(SCALAR_EXOTIC, SCALAR_EXOTIC.filter(lambda v: not isinstance(v, Regex)))
 def test_comparison_is_a_total_order_inside_a_bracket_and_empty_across(value, operand):
     event = doc(v=value)
