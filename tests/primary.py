@@ -24,6 +24,7 @@ import bisect
 import contextlib
 import copy
 import datetime
+import functools
 import hashlib
 import hmac
 import itertools
@@ -33,7 +34,7 @@ import threading
 import time
 import traceback
 import uuid as uuidlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -733,6 +734,36 @@ def _ts_lt(a: Timestamp, b: Timestamp) -> bool:
     return (a.time, a.inc) < (b.time, b.inc)
 
 
+class _Clock:
+    """Cluster times for every primary in this process: wall-clock seconds, then a counter.
+
+    Shared so that a primary started where another one stopped (MongoDB "coming back without its
+    old oplog") begins after every time the old one handed out, and its oplog visibly no longer
+    holds the old resume points.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last = Timestamp(0, 0)
+
+    def peek(self) -> Timestamp:
+        with self._lock:
+            return self._following()
+
+    def tick(self, floor: Timestamp | None = None) -> Timestamp:
+        """A new time, after every one handed out so far and not before ``floor``."""
+        with self._lock:
+            self._last = _ts_max(self._following(), floor or self._last)
+            return self._last
+
+    def _following(self) -> Timestamp:
+        now = Timestamp(int(time.time()), 1)
+        return _ts_max(now, Timestamp(self._last.time, self._last.inc + 1))
+
+
+_CLOCK = _Clock()
+
+
 # --- the server ----------------------------------------------------------------------------------
 
 class TestPrimary:
@@ -766,14 +797,15 @@ class TestPrimary:
         self._entries: list[Entry] = []
         self._tokens: list[str] = []
         self._colls: dict[tuple[str, str], Collection] = {}
+        self._dbs: set[str] = set()  # a database stays open, even emptied, until dropDatabase
         self._cursors: dict[int, ChangeStreamCursor] = {}
         self._cursor_ids = itertools.count(1_000_001)
         self._connections: dict[int, int] = {}
         self._connection_ids = itertools.count(1)
         self._faults: list[list] = []
-        self._retry_replies: dict[tuple[bytes, int], dict] = {}
+        self._retry_replies: OrderedDict[tuple[bytes, int], dict] = OrderedDict()
         self._sasl: dict[int, dict] = {}
-        start = Timestamp(int(time.time()), 1)
+        start = _CLOCK.tick()
         self._last_ts = start  # the newest oplog entry (at first, the startup no-op)
         self._hwm_floor = start  # the newest time a high-water mark has promised nothing before
         self._oldest_ts = start  # the oldest time still in the oplog
@@ -858,14 +890,14 @@ class TestPrimary:
     def hangup_next(self, command: str, count: int = 1) -> None:
         """Close the connection instead of answering the next ``count`` such commands."""
         with self._cond:
-            self._faults.append([command.lower(), count, None])
+            self._faults.append([_fault_key(command), count, None])
 
     def fail_next(self, command: str, code: int, errmsg: str = "", *,
                   labels: tuple[str, ...] = (), count: int = 1) -> None:
         """Answer the next ``count`` such commands with ``{ok: 0, code, errorLabels}``."""
         errmsg = errmsg or f"Failing command {command} via TestPrimary.fail_next"
         with self._cond:
-            self._faults.append([command.lower(), count, CommandError(code, errmsg, labels)])
+            self._faults.append([_fault_key(command), count, CommandError(code, errmsg, labels)])
 
     def forget_history(self, keep_last: int = 0) -> None:
         """Drop all but the newest ``keep_last`` events, as a small oplog rolling over would.
@@ -878,9 +910,10 @@ class TestPrimary:
             # An event and the invalidate it causes share one oplog entry: keep or drop both.
             while 0 < drop < len(self._entries) and self._entries[drop].invalidates is not None:
                 drop += 1
-            if drop:
-                self._lost_upto = self._entries[drop - 1].token
-                del self._entries[:drop], self._tokens[:drop], self.events[:drop]
+            if not drop:
+                return
+            self._lost_upto = self._entries[drop - 1].token
+            del self._entries[:drop], self._tokens[:drop], self.events[:drop]
             if self._entries:
                 self._oldest_ts = self._entries[0].event["clusterTime"]
             else:
@@ -934,7 +967,7 @@ class TestPrimary:
 
     def _take_fault(self, name: str):
         for fault in self._faults:
-            if fault[0] == name.lower() and fault[1] > 0:
+            if fault[0] == _fault_key(name) and fault[1] > 0:
                 fault[1] -= 1
                 if fault[1] == 0:
                     self._faults.remove(fault)
@@ -954,7 +987,7 @@ class TestPrimary:
             raise _not_implemented("multi-document transactions")
         if name in ("hello", "isMaster", "ismaster"):
             return self._hello(cmd, request)
-        handler = self._handlers().get(name)
+        handler = self._handlers.get(name)
         if handler is None:
             raise CommandError(59, f"no such command: '{name}'")
         if name == "getMore":
@@ -966,6 +999,8 @@ class TestPrimary:
             reply = handler(db, cmd)
             if retry_key is not None:
                 self._retry_replies[retry_key] = copy.deepcopy(reply)
+                if len(self._retry_replies) > 10_000:
+                    self._retry_replies.popitem(last=False)
             return reply
 
     def _retry_key(self, name: str, cmd: dict) -> tuple[bytes, int] | None:
@@ -977,6 +1012,7 @@ class TestPrimary:
                                    "or mongos")
         return (_doc_key(cmd.get("lsid")), int(cmd["txnNumber"]))
 
+    @functools.cached_property
     def _handlers(self) -> dict[str, Callable]:
         return {
             "ping": lambda db, cmd: {"ok": 1.0},
@@ -1098,9 +1134,7 @@ class TestPrimary:
 
     def _peek_ts(self) -> Timestamp:
         """The cluster time the next write would get."""
-        now = Timestamp(int(time.time()), 1)
-        following = Timestamp(self._last_ts.time, self._last_ts.inc + 1)
-        return _ts_max(_ts_max(now, following), self._hwm_floor)
+        return _ts_max(_CLOCK.peek(), self._hwm_floor)
 
     def _high_water_mark(self) -> str:
         """A token after every event so far and before every later one."""
@@ -1112,7 +1146,7 @@ class TestPrimary:
                 coll_uuid: Binary | None = None, event_id: dict | None = None,
                 invalidates: tuple | None = None, pre: dict | None = None,
                 post: dict | None = None) -> Entry:
-        ts = self._peek_ts()
+        ts = _CLOCK.tick(self._hwm_floor)
         self._last_ts = ts
         wall = _utcnow()
         event_id = event_id or {"operationType": op}
@@ -1159,6 +1193,7 @@ class TestPrimary:
         if found is None and create:
             _check_ns(db, name)
             found = self._colls[(db, name)] = Collection(Binary.from_uuid(uuidlib.uuid4()))
+            self._dbs.add(db)
         return found
 
     def _create(self, db: str, cmd: dict) -> dict:
@@ -1193,7 +1228,8 @@ class TestPrimary:
         names = sorted(name for (d, name) in self._colls if d == db)
         for name in names:
             self._drop(db, {"drop": name})
-        if names:
+        if db in self._dbs:
+            self._dbs.discard(db)
             self._append("dropDatabase", db, None, invalidates=("db", db))
         return {"dropped": db, "ok": 1.0}
 
@@ -1215,6 +1251,7 @@ class TestPrimary:
         _check_ns(dst_db, dst)
         del self._colls[(src_db, src)]
         self._colls[(dst_db, dst)] = coll
+        self._dbs.add(dst_db)
         to = {"db": dst_db, "coll": dst}
         self._append("rename", src_db, src, extra={"to": to}, coll_uuid=coll.uuid,
                      event_id={"operationType": "rename", "operationDescription": {"to": to}},
@@ -1535,7 +1572,7 @@ class TestPrimary:
         return docs, cursor.position, True
 
     def _render(self, cursor: ChangeStreamCursor, entry: Entry) -> dict | None:
-        doc = copy.deepcopy(entry.event)
+        doc = dict(entry.event)  # logged events are never mutated; stages copy what they change
         op = doc["operationType"]
         if op == "update" and cursor.full_document != "default":
             if cursor.full_document == "updateLookup":
@@ -1619,6 +1656,12 @@ class TestPrimary:
 
 
 # --- small helpers -------------------------------------------------------------------------------
+
+def _fault_key(command: str) -> str:
+    """Faults match command names case-insensitively, and hello matches legacy isMaster too."""
+    key = command.lower()
+    return "hello" if key == "ismaster" else key
+
 
 def _check_ns(db: str, name: str) -> None:
     if not name or "$" in name or not db or any(c in db for c in "/\\. \"$"):

@@ -354,6 +354,16 @@ def test_forgotten_history_is_change_stream_history_lost(server, client, writer)
         assert_quiet(stream)  # resuming from what is kept works
 
 
+def test_a_new_primary_has_none_of_the_old_ones_history():
+    with TestPrimary() as old, connect(old) as c:
+        c.db.c.insert_one({"_id": 1})
+        token = {"_data": old.tokens()[-1]}
+    with TestPrimary(port=old.port) as new, connect(new) as c:
+        with pytest.raises(OperationFailure) as caught:
+            c.db.c.watch(resume_after=token)
+        assert caught.value.code == 286
+
+
 def test_open_stream_that_fell_behind_loses_history(server, client, writer):
     with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
         writer.db.c.insert_many([{"_id": i} for i in range(3)])
