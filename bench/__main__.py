@@ -45,9 +45,9 @@ def parse_args(argv):
                         help="events/s of the fixed-rate runs (default 5)")
     parser.add_argument("--fixed-events", type=int, default=40,
                         help="events per fixed-rate run (default 40, i.e. 8 s at 5/s)")
-    parser.add_argument("--deliveries", type=int, default=500_000,
+    parser.add_argument("--deliveries", type=int, default=200_000,
                         help="target deliveries per max-rate run; events = this / clients, "
-                             "clamped to 50..3000 (default 500000)")
+                             "clamped to 50..3000 (default 200000)")
     parser.add_argument("--batch", type=int, default=500,
                         help="documents per insert_many in max-rate runs (default 500)")
     parser.add_argument("--reuse-port", type=int, default=0, metavar="N",
@@ -143,10 +143,14 @@ def main(argv=None) -> int:
     source = Source(client_cores)
     load = LoadClient(client_cores)
     inserter = Inserter(source, DB)
-    bench = Bench(source, inserter, load)
+    bench = Bench(source, inserter, load, DB)
     servers = []
     try:
         results["payload_bytes"] = report.payload_size(source.uri, DB)
+        ceiling_events = events_for(min(counts), args.deliveries)
+        results["ceiling"] = bench.ceiling(ceiling_events, args.batch, server_cores)
+        log(f"source ceiling: {results['ceiling']['events_per_s']} events/s through a bare "
+            f"change stream ({ceiling_events} events)")
         for name in args.servers:
             server = (Tutorial if name == "tutorial" else Relay)(source.uri, DB, server_cores)
             servers.append(server)

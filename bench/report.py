@@ -51,6 +51,12 @@ def markdown(results: dict) -> str:
            f"server on core {results['server_cores']}, load client + primary + harness on core "
            f"{results['client_cores']}. Payload: {results.get('payload_bytes', '?')} bytes per "
            "event.", ""]
+    ceiling = results.get("ceiling")
+    if ceiling:
+        out += [f"Source ceiling: a bare change stream on the server core received "
+                f"{ceiling['events_per_s']:,} events/s ({ceiling['events']:,} events inserted "
+                f"{ceiling['batch']} per insert_many at {ceiling['insert_events_per_s']:,}/s, "
+                f"{ceiling['getmore_batches']} getMore batches): no server can relay faster.", ""]
 
     out += ["### Max-rate fan-out (deliveries/s, p99 latency wallTime → frame received)", "",
             "| clients | tutorial deliveries/s, p99 | changerelay deliveries/s, p99 "
@@ -64,9 +70,10 @@ def markdown(results: dict) -> str:
     out += ["", "What bounded each max-rate run (events/s the source achieved while inserting; "
             "CPU seconds per wall second: the server, our client side, and other programs on this "
             "machine during the run):", "",
-            "| server | clients | events | source events/s | wall s | server core busy "
-            "| client core busy | other programs | p50 / p99 / max ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| server | clients | events | inserted events/s | wall s | server core busy "
+            "| client core busy | other programs | load client µs/delivery "
+            "| p50 / p99 / max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
         if run["scenario"] in ("max-rate", "reuse-port"):
             out.append(_bounds(run))
@@ -108,6 +115,7 @@ def _bounds(run: dict) -> str:
     return (f"| {run['server']} | {run['clients']:,} | {run['events']:,} | "
             f"{run['events_per_s_inserted']:,} | {run['seconds']:.2f} | {run['relay_core_busy']} "
             f"| {run['client_core_busy']} | {run['others_busy']} "
+            f"| {run['load_cpu_us_per_delivery']} "
             f"| {lat.get('p50', '?')} / {lat.get('p99', '?')} / "
             f"{lat.get('max', '?')} |")
 

@@ -11,17 +11,21 @@ Timing uses ``time.monotonic()`` in every process; on Linux that is one system-w
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pymongo import MongoClient
 
-from .procs import LoadClient, Server, Source, core_busy_seconds, cpu_seconds, family
+from .procs import LoadClient, Server, Source, core_busy_seconds, cpu_seconds, family, spawn
 from .profile import Profiler
 
 COLLECTION = "events"
+LATENCY_CLIENTS = 100  # latencies are recorded on about this many clients of a run
 
 
 @dataclass
@@ -38,11 +42,14 @@ class Run:
     deliveries_per_s: float = 0.0
     insert_seconds: float = 0.0     # first insert sent -> last insert acknowledged
     events_per_s_inserted: float = 0.0
-    relay_cpu_s: float = 0.0
+    relay_cpu_s: float = 0.0        # from /proc/PID/task/*/schedstat (ns)
+    relay_cpu_s_stat: float = 0.0   # the same from /proc/PID/stat utime+stime (10 ms ticks)
     relay_cpu_us_per_delivery: float = 0.0
     relay_core_busy: float = 0.0    # relay CPU seconds / wall seconds (1.0 = one core saturated)
     client_core_busy: float = 0.0   # load client + primary + harness CPU / wall seconds
     others_busy: float = 0.0        # CPU other programs used on both cores / wall seconds
+    load_cpu_us_per_delivery: float = 0.0  # the load client's own cost, to show it is not the limit
+    source_cpu_s: float = 0.0       # the test primary's CPU during the run
     latency_ms: dict = field(default_factory=dict)
     detail: dict = field(default_factory=dict)
 
@@ -84,8 +91,8 @@ class Inserter:
 class Bench:
     """The shared parts of every run: the source, the inserter and the load client."""
 
-    def __init__(self, source: Source, inserter: Inserter, load: LoadClient):
-        self.source, self.inserter, self.load = source, inserter, load
+    def __init__(self, source: Source, inserter: Inserter, load: LoadClient, db: str):
+        self.source, self.inserter, self.load, self.db = source, inserter, load, db
         self.sources = (f"127.0.0.{n}" for n in itertools.count(2))
 
     def harness_cpu(self) -> float:
@@ -119,8 +126,10 @@ class Bench:
                 profile: Path | None = None) -> Run:
         run = Run(server.name, scenario, 0, events)
         self.warm_up(server)
-        self.load.ask("arm")
+        every = max(1, self.load.ask("arm")["armed"] // LATENCY_CLIENTS)
+        self.load.ask("arm", latency_every=every)
         profiler = None if profile is None else Profiler(family(server.proc.pid), profile)
+        ticks0, load0, source0 = server.cpu_ticks(), self.load.cpu(), self.source.cpu()
         cpu0, other0, cores0 = server.cpu(), self.harness_cpu(), core_busy_seconds()
         start = time.monotonic()
         send()
@@ -128,6 +137,9 @@ class Bench:
         timeout = 60 + events * 0.5
         result = self.load.ask("wait", expect=events, timeout=timeout)
         cpu1, other1, cores1 = server.cpu(), self.harness_cpu(), core_busy_seconds()
+        run.relay_cpu_s_stat = round(server.cpu_ticks() - ticks0, 2)
+        load_cpu = self.load.cpu() - load0
+        run.source_cpu_s = round(self.source.cpu() - source0, 3)
         if profiler is not None:
             run.detail["profile"] = str(profiler.stop())
         clients = result["clients"]
@@ -137,7 +149,8 @@ class Bench:
         run.events_per_s_inserted = round(events / max(inserted - start, 1e-9), 1)
         run.latency_ms = result["latency_ms"]
         run.detail.update({k: result[k] for k in ("min", "max", "short", "over", "closed",
-                                                  "controls", "pings")})
+                                                  "controls", "pings", "unstamped")})
+        run.detail["latency_every"] = every
         run.relay_cpu_s = round(cpu1 - cpu0, 3)
         last = result["last"] or time.monotonic()
         wall = max(last - start, 1e-9)
@@ -151,7 +164,28 @@ class Bench:
             run.deliveries = clients * events
             run.deliveries_per_s = round(run.deliveries / wall)
             run.relay_cpu_us_per_delivery = round(run.relay_cpu_s / run.deliveries * 1e6, 3)
+            run.load_cpu_us_per_delivery = round(load_cpu / run.deliveries * 1e6, 3)
         return run
+
+    def ceiling(self, events: int, batch: int, cpus: set[int] | None) -> dict:
+        """Events/s through a bare change stream on the server core (see ``bench/ceiling.py``)."""
+        proc = spawn([sys.executable, "-m", "bench.ceiling", self.source.uri, self.db,
+                      str(events)], cpus, stdout=subprocess.PIPE, text=True)
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("bench/ceiling.py did not start; run it by hand to see why")
+            start = time.monotonic()
+            self.inserter.burst(events, batch)
+            inserted = time.monotonic()
+            result = json.loads(proc.stdout.readline())
+        finally:
+            proc.kill()
+            proc.wait()
+        seconds = result["last"] - start
+        return {"events": events, "batch": batch, "seconds": round(seconds, 3),
+                "events_per_s": round(events / seconds, 1),
+                "insert_events_per_s": round(events / (inserted - start), 1),
+                "getmore_batches": result["batches"]}
 
     def max_rate(self, server: Server, events: int, batch: int,
                  profile: Path | None = None) -> Run:
