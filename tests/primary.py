@@ -399,6 +399,9 @@ def matches(doc: dict, query: dict) -> bool:
                 return False
         elif key == "$comment":
             continue
+        elif key == "$expr":
+            if not _truthy(evaluate(condition, doc)):
+                return False
         elif key.startswith("$"):
             raise _not_implemented(f"the top-level query operator {key}")
         elif not _match_value(_candidates(doc, key.split(".")), condition):
@@ -524,28 +527,225 @@ def _apply_operator(result: UpdateResult, op: str, path: str, arg: Any, insertin
 
 # --- aggregation stages --------------------------------------------------------------------------
 
-def evaluate(expr: Any, doc: dict) -> Any:
-    """A small subset of aggregation expressions: field paths, $literal, nested objects."""
+def evaluate(expr: Any, doc: dict, variables: dict | None = None) -> Any:
+    """Aggregation expressions: field paths, variables, and the operators in ``_OPERATORS``.
+
+    Returns ``_MISSING`` where MongoDB's result is "missing" (an absent field, ``$$REMOVE``).
+    """
+    variables = variables or {}
     if isinstance(expr, str) and expr.startswith("$$"):
-        if expr in ("$$ROOT", "$$CURRENT"):
-            return doc
-        raise _not_implemented(f"the variable {expr}")
+        name, _, rest = expr[2:].partition(".")
+        if name == "REMOVE":
+            return _MISSING
+        if name in ("ROOT", "CURRENT"):
+            base = doc
+        elif name in variables:
+            base = variables[name]
+        else:
+            raise CommandError(17276, f"Use of undefined variable: {name}")
+        return _agg_path(base, rest.split(".")) if rest else base
     if isinstance(expr, str) and expr.startswith("$"):
-        return get_path(doc, expr[1:])
+        return _agg_path(doc, expr[1:].split("."))
     if isinstance(expr, dict):
-        if len(expr) == 1 and "$literal" in expr:
-            return expr["$literal"]
-        if any(k.startswith("$") for k in expr):
-            raise _not_implemented(f"the expression operator {next(iter(expr))}")
+        keys = list(expr)
+        if keys and keys[0].startswith("$"):
+            if len(keys) != 1:
+                raise CommandError(15983, "An object representing an expression must have "
+                                          f"exactly one field: {expr}")
+            operator = _OPERATORS.get(keys[0])
+            if operator is None:
+                raise _not_implemented(f"the expression operator {keys[0]}")
+            return operator(expr[keys[0]], doc, variables)
         out = {}
         for key, sub in expr.items():
-            value = evaluate(sub, doc)
+            value = evaluate(sub, doc, variables)
             if value is not _MISSING:
                 out[key] = value
         return out
     if isinstance(expr, list):
-        return [None if (v := evaluate(item, doc)) is _MISSING else v for item in expr]
+        return [None if (v := evaluate(item, doc, variables)) is _MISSING else v for item in expr]
     return expr
+
+
+def _agg_path(value: Any, parts: list[str]) -> Any:
+    """A field path the aggregation way: through an array, it maps over the elements."""
+    for i, part in enumerate(parts):
+        if isinstance(value, dict):
+            if part not in value:
+                return _MISSING
+            value = value[part]
+        elif isinstance(value, list):
+            found = [_agg_path(item, parts[i:]) for item in value if isinstance(item, dict | list)]
+            return [item for item in found if item is not _MISSING]
+        else:
+            return _MISSING
+    return value
+
+
+def _truthy(value: Any) -> bool:
+    if value is _MISSING or value is None or value is False:
+        return False
+    return not (isinstance(value, int | float) and value == 0)
+
+
+def _agg_type(value: Any) -> str:
+    if value is _MISSING:
+        return "missing"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, Int64):
+        return "long"
+    if isinstance(value, int):
+        return "int" if -(2 ** 31) <= value < 2 ** 31 else "long"
+    names = [(type(None), "null"), (float, "double"), (str, "string"), (dict, "object"),
+             (list, "array"), (ObjectId, "objectId"), (datetime.datetime, "date"),
+             (Timestamp, "timestamp"), (bytes, "binData"), (bson.Decimal128, "decimal"),
+             (bson.Regex, "regex")]
+    return next((name for kind, name in names if isinstance(value, kind)), "unknown")
+
+
+def _agg_compare(a: Any, b: Any) -> int:
+    """BSON comparison order; missing sorts before null, as in aggregation."""
+    rank_a = 0 if a is _MISSING else _bson_rank(a)
+    rank_b = 0 if b is _MISSING else _bson_rank(b)
+    if rank_a != rank_b:
+        return (rank_a > rank_b) - (rank_a < rank_b)
+    if a == b:
+        return 0
+    try:
+        return (a > b) - (a < b)
+    except TypeError:
+        return (repr(a) > repr(b)) - (repr(a) < repr(b))
+
+
+def _values(arg: Any, doc: dict, variables: dict) -> list:
+    return [evaluate(item, doc, variables) for item in (arg if isinstance(arg, list) else [arg])]
+
+
+def _comparison(test: Callable[[int], bool]) -> Callable:
+    def operator(arg, doc, variables):
+        a, b = _values(arg, doc, variables)
+        return test(_agg_compare(a, b))
+    return operator
+
+
+def _cond(arg, doc, variables):
+    if isinstance(arg, dict):
+        arg = [arg.get("if"), arg.get("then"), arg.get("else")]
+    condition, then, otherwise = arg
+    chosen = then if _truthy(evaluate(condition, doc, variables)) else otherwise
+    return evaluate(chosen, doc, variables)
+
+
+def _if_null(arg, doc, variables):
+    values = _values(arg, doc, variables)
+    return next((v for v in values[:-1] if v is not _MISSING and v is not None), values[-1])
+
+
+def _in(arg, doc, variables):
+    value, array = _values(arg, doc, variables)
+    if not isinstance(array, list):
+        raise CommandError(40081, "$in requires an array as a second argument, found: "
+                                  f"{_agg_type(array)}")
+    return any(_agg_compare(value, item) == 0 for item in array)
+
+
+def _object_to_array(arg, doc, variables):
+    (value,) = _values(arg, doc, variables)
+    if value is _MISSING or value is None:
+        return None
+    if not isinstance(value, dict):
+        raise CommandError(40390, f"$objectToArray requires a document input, found: "
+                                  f"{_agg_type(value)}")
+    return [{"k": k, "v": v} for k, v in value.items()]
+
+
+def _array_to_object(arg, doc, variables):
+    (value,) = _values(arg, doc, variables)
+    if value is _MISSING or value is None:
+        return None
+    if not isinstance(value, list):
+        raise CommandError(40386, f"$arrayToObject requires an array input, found: "
+                                  f"{_agg_type(value)}")
+    out = {}
+    for item in value:
+        if isinstance(item, dict) and set(item) == {"k", "v"}:
+            out[item["k"]] = item["v"]
+        elif isinstance(item, list) and len(item) == 2:
+            out[item[0]] = item[1]
+        else:
+            raise CommandError(40398, "Unrecognised input type format for $arrayToObject: "
+                                      f"{item!r}")
+    return out
+
+
+def _filter(arg, doc, variables):
+    items = evaluate(arg.get("input"), doc, variables)
+    if items is _MISSING or items is None:
+        return None
+    if not isinstance(items, list):
+        raise CommandError(28651, f"input to $filter must be an array not {_agg_type(items)}")
+    name = arg.get("as", "this")
+    return [item for item in items
+            if _truthy(evaluate(arg.get("cond"), doc, {**variables, name: item}))]
+
+
+def _map(arg, doc, variables):
+    items = evaluate(arg.get("input"), doc, variables)
+    if items is _MISSING or items is None:
+        return None
+    if not isinstance(items, list):
+        raise CommandError(16883, f"input to $map must be an array not {_agg_type(items)}")
+    name = arg.get("as", "this")
+    mapped = [evaluate(arg.get("in"), doc, {**variables, name: item}) for item in items]
+    return [None if item is _MISSING else item for item in mapped]
+
+
+def _index_of_bytes(arg, doc, variables):
+    values = _values(arg, doc, variables)
+    text, sub = values[0], values[1]
+    if text is _MISSING or text is None:
+        return None
+    if not isinstance(text, str) or not isinstance(sub, str):
+        raise CommandError(40091, "$indexOfBytes requires a string as the first argument, "
+                                  f"found: {_agg_type(text)}")
+    start = values[2] if len(values) > 2 else 0
+    end = values[3] if len(values) > 3 else None
+    return text.encode().find(sub.encode(), start, end)
+
+
+def _concat(arg, doc, variables):
+    values = _values(arg, doc, variables)
+    if any(v is _MISSING or v is None for v in values):
+        return None
+    return "".join(values)
+
+
+def _size(arg, doc, variables):
+    (value,) = _values(arg, doc, variables)
+    if not isinstance(value, list):
+        raise CommandError(17124, "The argument to $size must be an array. Type of argument is "
+                                  f"{_agg_type(value)}")
+    return len(value)
+
+
+_OPERATORS: dict[str, Callable[[Any, dict, dict], Any]] = {
+    "$literal": lambda arg, doc, variables: arg,
+    "$eq": _comparison(lambda c: c == 0), "$ne": _comparison(lambda c: c != 0),
+    "$gt": _comparison(lambda c: c > 0), "$gte": _comparison(lambda c: c >= 0),
+    "$lt": _comparison(lambda c: c < 0), "$lte": _comparison(lambda c: c <= 0),
+    "$cmp": lambda arg, doc, variables: _agg_compare(*_values(arg, doc, variables)),
+    "$and": lambda arg, doc, variables: all(_truthy(evaluate(a, doc, variables))
+                                            for a in (arg if isinstance(arg, list) else [arg])),
+    "$or": lambda arg, doc, variables: any(_truthy(evaluate(a, doc, variables))
+                                           for a in (arg if isinstance(arg, list) else [arg])),
+    "$not": lambda arg, doc, variables: not _truthy(_values(arg, doc, variables)[0]),
+    "$cond": _cond, "$ifNull": _if_null, "$in": _in,
+    "$type": lambda arg, doc, variables: _agg_type(_values(arg, doc, variables)[0]),
+    "$objectToArray": _object_to_array, "$arrayToObject": _array_to_object,
+    "$filter": _filter, "$map": _map, "$indexOfBytes": _index_of_bytes,
+    "$concat": _concat, "$size": _size,
+}
 
 
 def _project(doc: dict, spec: dict) -> dict:

@@ -229,6 +229,31 @@ def test_pipeline_stages_filter_and_reshape(client, writer):
         (["_id", "operationType", "documentKey"], 1), (["_id", "operationType", "documentKey"], 2)]
 
 
+def test_expression_operators_in_a_change_stream_pipeline(client, writer):
+    keep = {"$and": [{"$ne": ["$$this.k", "secret"]},
+                     {"$ne": [{"$indexOfBytes": ["$$this.k", "secret."]}, 0]}]}
+    pipeline = [
+        {"$unset": ["fullDocument.secret", "updateDescription.updatedFields.secret"]},
+        {"$set": {"updateDescription.updatedFields": {"$cond": [
+            {"$eq": [{"$type": "$updateDescription.updatedFields"}, "object"]},
+            {"$arrayToObject": {"$filter": {
+                "input": {"$objectToArray": "$updateDescription.updatedFields"},
+                "cond": keep}}},
+            "$$REMOVE"]}}},
+        {"$match": {"$expr": {"$in": ["$operationType", ["insert", "update"]]}}},
+    ]
+    with client.db.c.watch(pipeline, max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_one({"_id": 1, "secret": "x", "name": "a"})
+        writer.db.c.update_one({"_id": 1}, {"$set": {"secret.hash": "y", "name": "b"}})
+        writer.db.c.delete_one({"_id": 1})
+        writer.db.c.insert_one({"_id": 2})
+        insert, update, again = drain(stream, 3)
+    assert insert["fullDocument"] == {"_id": 1, "name": "a"}
+    assert "updateDescription" not in insert  # $$REMOVE: the field is not created
+    assert update["updateDescription"]["updatedFields"] == {"name": "b"}
+    assert again["documentKey"] == {"_id": 2}  # the delete was filtered out by $expr
+
+
 def test_pipeline_that_drops_the_resume_token_fails_the_stream(client, writer):
     with client.db.c.watch([{"$project": {"_id": 0}}], max_await_time_ms=AWAIT_MS) as stream:
         writer.db.c.insert_one({"_id": 1})
