@@ -865,6 +865,10 @@ def _group(docs: list[dict], spec: dict) -> list[dict]:
 
 # --- state ---------------------------------------------------------------------------------------
 
+# Stored documents and logged events are never changed in place: every write builds new dicts
+# (apply_update works on a deep copy), so documents, events and images may share structure,
+# and replies may include them without copying.
+
 @dataclass
 class Collection:
     uuid: Binary
@@ -1379,12 +1383,11 @@ class TestPrimary:
     def _crud_event(self, op: str, db: str, name: str, coll: Collection, doc_id: Any,
                     extra: dict, pre: dict | None = None, post: dict | None = None) -> None:
         key = {"_id": doc_id}
-        extra = {"documentKey": copy.deepcopy(key), **extra}  # _append puts fullDocument first
+        extra = {"documentKey": key, **extra}  # _append puts fullDocument first
         keep = coll.images
         self._append(op, db, name, extra=extra, coll_uuid=coll.uuid,
                      event_id={"operationType": op, "documentKey": key},
-                     pre=copy.deepcopy(pre) if keep else None,
-                     post=copy.deepcopy(post) if keep else None)
+                     pre=pre if keep else None, post=post if keep else None)
 
     # -- collections --
 
@@ -1503,8 +1506,8 @@ class TestPrimary:
         ordered = cmd.get("ordered", True)
         n, errors = 0, []
         for index, raw in enumerate(cmd.get("documents", [])):
-            doc = dict(raw)
-            doc = {"_id": doc.pop("_id") if "_id" in doc else ObjectId(), **doc}
+            doc = {"_id": raw["_id"] if "_id" in raw else ObjectId(),
+                   **{k: v for k, v in raw.items() if k != "_id"}}
             coll = self._coll(db, name, create=True)
             key = _doc_key(doc["_id"])
             if key in coll.docs:
@@ -1512,9 +1515,8 @@ class TestPrimary:
                 if ordered:
                     break
                 continue
-            coll.docs[key] = copy.deepcopy(doc)
-            self._crud_event("insert", db, name, coll, doc["_id"],
-                             {"fullDocument": copy.deepcopy(doc)}, post=doc)
+            coll.docs[key] = doc
+            self._crud_event("insert", db, name, coll, doc["_id"], {"fullDocument": doc}, post=doc)
             n += 1
         return _write_reply({"n": n}, errors)
 
@@ -1571,7 +1573,7 @@ class TestPrimary:
             changed += 1
             if result.is_replacement:
                 self._crud_event("replace", db, name, coll, old["_id"],
-                                 {"fullDocument": copy.deepcopy(result.doc)},
+                                 {"fullDocument": result.doc},
                                  pre=old, post=result.doc)
             else:
                 description = {"updatedFields": result.updated, "removedFields": result.removed,
@@ -1597,7 +1599,7 @@ class TestPrimary:
             raise _duplicate_key_error(db, name, doc["_id"])
         coll.docs[_doc_key(doc["_id"])] = doc
         self._crud_event("insert", db, name, coll, doc["_id"],
-                         {"fullDocument": copy.deepcopy(doc)}, post=doc)
+                         {"fullDocument": doc}, post=doc)
         return doc["_id"]
 
     def _delete(self, db: str, cmd: dict) -> dict:
@@ -1616,7 +1618,7 @@ class TestPrimary:
 
     def _find(self, db: str, cmd: dict) -> dict:
         name = cmd["find"]
-        docs = copy.deepcopy(self._matching(self._coll(db, name), cmd.get("filter") or {}))
+        docs = self._matching(self._coll(db, name), cmd.get("filter") or {})
         if cmd.get("sort"):
             docs = _sorted(docs, cmd["sort"])
         docs = docs[cmd.get("skip", 0):]
@@ -1647,7 +1649,7 @@ class TestPrimary:
         target = cmd.get("aggregate")
         if not isinstance(target, str):
             raise _not_implemented("collection-less aggregations other than $changeStream")
-        docs = copy.deepcopy(self._matching(self._coll(db, target), {}))
+        docs = self._matching(self._coll(db, target), {})
         return _cursor_reply(f"{db}.{target}", run_pipeline(docs, stages))
 
     def _open_change_stream(self, db: str, cmd: dict, stages: list) -> dict:
@@ -1778,16 +1780,16 @@ class TestPrimary:
             if cursor.full_document == "updateLookup":
                 coll = self._coll(entry.db, entry.coll)
                 found = coll.docs.get(_doc_key(doc["documentKey"]["_id"])) if coll else None
-                image = copy.deepcopy(found)
+                image = found
             else:
-                image = copy.deepcopy(entry.post)
+                image = entry.post
                 if image is None and cursor.full_document == "required":
                     raise CommandError(47, "Change stream was configured to require a post-image "
                                            "for all update events, but the post-image was not "
                                            f"found for event: {_event_summary(doc)}")
             doc = _with_field_after(doc, "fullDocument", image, "wallTime")
         if op in ("update", "replace", "delete") and cursor.before_change != "off":
-            image = copy.deepcopy(entry.pre)
+            image = entry.pre
             if image is None and cursor.before_change == "required":
                 raise CommandError(47, "Change stream was configured to require a pre-image for "
                                        "all update, delete and replace events, but the pre-image "
