@@ -1209,7 +1209,7 @@ class TestPrimary:
 
     def _retry_key(self, name: str, cmd: dict) -> tuple[bytes, int] | None:
         """Retryable writes: a retry of a (session, txnNumber) gets the first reply, not a redo."""
-        if name not in ("insert", "update", "delete") or "txnNumber" not in cmd:
+        if name not in ("insert", "update", "delete", "findAndModify") or "txnNumber" not in cmd:
             return None
         if not self.replica_set:
             raise CommandError(20, "Transaction numbers are only allowed on a replica set member "
@@ -1229,6 +1229,8 @@ class TestPrimary:
             "authenticate": self._authenticate,
             "insert": self._insert, "update": self._update, "delete": self._delete,
             "find": self._find, "count": self._count, "aggregate": self._aggregate,
+            "findAndModify": self._find_and_modify, "findandmodify": self._find_and_modify,
+            "distinct": self._distinct,
             "getMore": self._get_more, "killCursors": self._kill_cursors,
             "create": self._create, "collMod": self._coll_mod, "drop": self._drop,
             "dropDatabase": self._drop_database, "renameCollection": self._rename,
@@ -1564,23 +1566,66 @@ class TestPrimary:
             if not upsert:
                 return 0, 0, _MISSING
             return 0, 0, self._upsert(db, name, query, update)
-        changed = 0
-        for old in targets:
-            result = apply_update(old, update)
-            if not result.changed:
-                continue
-            coll.docs[_doc_key(old["_id"])] = result.doc
-            changed += 1
-            if result.is_replacement:
-                self._crud_event("replace", db, name, coll, old["_id"],
-                                 {"fullDocument": result.doc},
-                                 pre=old, post=result.doc)
-            else:
-                description = {"updatedFields": result.updated, "removedFields": result.removed,
-                               "truncatedArrays": []}
-                self._crud_event("update", db, name, coll, old["_id"],
-                                 {"updateDescription": description}, pre=old, post=result.doc)
+        changed = sum(self._apply(db, name, coll, old, update).changed for old in targets)
         return len(targets), changed, _MISSING
+
+    def _apply(self, db: str, name: str, coll: Collection, old: dict, update: Any) -> UpdateResult:
+        """Update one stored document, logging a replace or update event if anything changed."""
+        result = apply_update(old, update)
+        if not result.changed:
+            return result
+        coll.docs[_doc_key(old["_id"])] = result.doc
+        if result.is_replacement:
+            self._crud_event("replace", db, name, coll, old["_id"], {"fullDocument": result.doc},
+                             pre=old, post=result.doc)
+        else:
+            description = {"updatedFields": result.updated, "removedFields": result.removed,
+                           "truncatedArrays": []}
+            self._crud_event("update", db, name, coll, old["_id"],
+                             {"updateDescription": description}, pre=old, post=result.doc)
+        return result
+
+    def _find_and_modify(self, db: str, cmd: dict) -> dict:
+        name = cmd["findAndModify"]
+        query, update = cmd.get("query") or {}, cmd.get("update")
+        remove, upsert, new = cmd.get("remove", False), cmd.get("upsert", False), cmd.get("new")
+        if remove == (update is not None):
+            raise CommandError(9, "Either an update or remove=true must be specified")
+        if remove and (upsert or new):
+            raise CommandError(9, "Cannot specify both an update and remove=true" if upsert else
+                                  "Cannot specify both new=true and remove=true; 'remove' always "
+                                  "returns the deleted document")
+        coll = self._coll(db, name)
+        targets = _sorted(self._matching(coll, query), cmd["sort"]) if cmd.get("sort") else \
+            self._matching(coll, query)
+        old = targets[0] if targets else None
+        if remove:
+            if old is not None:
+                del coll.docs[_doc_key(old["_id"])]
+                self._crud_event("delete", db, name, coll, old["_id"], {}, pre=old)
+            value, outcome = old, {"n": int(old is not None)}
+        elif old is not None:
+            result = self._apply(db, name, coll, old, update)
+            value, outcome = (result.doc if new else old), {"n": 1, "updatedExisting": True}
+        elif upsert:
+            new_id = self._upsert(db, name, query, update)
+            inserted = self._colls[(db, name)].docs[_doc_key(new_id)]
+            value = inserted if new else None
+            outcome = {"n": 1, "updatedExisting": False, "upserted": new_id}
+        else:
+            value, outcome = None, {"n": 0, "updatedExisting": False}
+        if value is not None and cmd.get("fields"):
+            value = _project(value, cmd["fields"])
+        return {"lastErrorObject": outcome, "value": value, "ok": 1.0}
+
+    def _distinct(self, db: str, cmd: dict) -> dict:
+        values: list = []
+        for doc in self._matching(self._coll(db, cmd["distinct"]), cmd.get("query") or {}):
+            for value in _candidates(doc, cmd["key"].split(".")):
+                for item in value if isinstance(value, list) else [value]:
+                    if not any(_agg_compare(item, seen) == 0 for seen in values):
+                        values.append(item)
+        return {"values": values, "ok": 1.0}
 
     def _upsert(self, db: str, name: str, query: dict, update: Any) -> Any:
         seed = {k: copy.deepcopy(v) for k, v in query.items()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from bson import Timestamp
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -119,6 +119,22 @@ def test_crud_round_trip(client):
     with pytest.raises(OperationFailure) as caught:
         coll.insert_one({"_id": result.upserted_id})
     assert caught.value.code == 11000
+
+
+def test_find_and_modify_and_distinct(server, client):
+    coll = client.db.c
+    coll.insert_many([{"_id": 1, "k": "a", "n": 1}, {"_id": 2, "k": "b"}, {"_id": 3, "k": "a"}])
+    assert coll.find_one_and_update({"_id": 1}, {"$inc": {"n": 1}}) == {"_id": 1, "k": "a",
+                                                                       "n": 1}
+    after = coll.find_one_and_update({"k": "a"}, {"$inc": {"n": 1}}, sort=[("_id", -1)],
+                                     return_document=ReturnDocument.AFTER)
+    assert after == {"_id": 3, "k": "a", "n": 1}
+    assert coll.find_one_and_delete({"_id": 2}) == {"_id": 2, "k": "b"}
+    assert coll.find_one_and_replace({"_id": 9}, {"x": 1}, upsert=True,
+                                     return_document=ReturnDocument.AFTER) == {"_id": 9, "x": 1}
+    assert coll.distinct("k") == ["a"]
+    assert [e["operationType"] for e in server.events[3:]] == [
+        "update", "update", "delete", "insert"]
 
 
 # --- change events -------------------------------------------------------------------------------
