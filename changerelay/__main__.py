@@ -43,8 +43,12 @@ def run_server(argv: list[str]) -> int:
 
 def _supervise(config, sockets) -> int:
     """Fork REUSE_PORT workers, each with its own SO_REUSEPORT socket and change stream."""
+    import dataclasses
+
     from . import app
 
+    # Keep the port the parent got (PORT=0 picks one), and leave the accepting to the workers.
+    config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
     for sock in sockets:
         sock.close()
     children = []

@@ -151,7 +151,7 @@ class Relay:
         self.catchup.discard(client)
 
     def status(self) -> dict:
-        return {**self.source.status(), **self.hub.stats(),
+        return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
                 "catching_up": self.catchup.count(),
                 "uptime": round(time.monotonic() - self.started, 1)}
 

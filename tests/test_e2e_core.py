@@ -284,3 +284,35 @@ def test_health_page_and_static(relay):
     assert relay.get("/static/changerelay.js").code == 200
     ready = relay.ready()
     assert ready["status"] == 200 and ready["source"] == "open"
+
+
+@pytest.mark.fault
+def test_reuse_port_workers_share_the_port_and_all_deliver(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, REUSE_PORT=2)
+    relay.wait_log("listening on", timeout=15)
+    deadline = time.monotonic() + 15
+    while sum("listening on" in line for line in relay.lines) < 2:
+        assert time.monotonic() < deadline, relay.log()
+        time.sleep(0.05)
+    pids = {line.split("changerelay ")[1].split()[0] for line in relay.lines
+            if "listening on" in line}
+    assert len(pids) == 2
+    ready = set()
+    while len(ready) < 2:  # each worker has its own change stream; wait until both report open
+        status = relay.ready()
+        if status["source"] == "open":
+            ready.add(status["pid"])
+        assert time.monotonic() < deadline + 15
+    writer = MongoClient(primary.uri)
+
+    async def scenario():
+        clients = [await WS.connect(relay.ws_url) for _ in range(8)]
+        writer.db.c.insert_many([{"_id": i} for i in range(50)])
+        for client in clients:
+            assert [f["documentKey"]["_id"] for f in await client.changes(50)] == list(range(50))
+        relay.proc.send_signal(15)
+        for client in clients:
+            assert (await client.closed())[0] == 1001
+        assert relay.proc.wait(10) == 0
+
+    run(scenario())
