@@ -31,6 +31,7 @@ from .scenarios import Bench, Inserter, Run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DB = "bench"
+IDLE_SECONDS = 3.0
 
 
 def parse_args(argv):
@@ -102,20 +103,33 @@ def measure_server(bench: Bench, server, counts, fixed, args, results) -> None:
                               "connect_seconds": reply["seconds"]})
     log(f"{server.name}: {top} connections in {reply['seconds']}s, "
         f"{(after - before) / top / 1024:.1f} KiB each")
+    idle = bench.idle(server, IDLE_SECONDS)
+    results["idle"].append({"server": server.name, "connections": top, "cpu_per_s": idle})
+    log(f"{server.name}: idle with {top} clients: {idle * 1000:.1f} ms CPU per second")
     for n in sorted(set(counts + fixed), reverse=True):
         bench.close_to(n)
         if n in fixed:
-            record(results, bench.fixed_rate(server, args.fixed_events, args.rate))
+            profile = profile_path(args, results, server, "fixed-rate", n)
+            record(results, bench.fixed_rate(server, args.fixed_events, args.rate, profile))
+            keep_profile(results, server, "fixed-rate", n, profile)
         if n in counts:
-            profile = None
-            if n == args.profile:
-                RESULTS.mkdir(exist_ok=True)
-                profile = RESULTS / f"{results['stamp']}-profile-{server.name}-{n}.txt"
+            profile = profile_path(args, results, server, "max-rate", n)
             record(results, bench.max_rate(server, events_for(n, args.deliveries), args.batch,
                                            profile))
-            if profile is not None:
-                results["profiles"][server.name] = summary(profile)
+            keep_profile(results, server, "max-rate", n, profile)
     bench.close_to(0)
+
+
+def profile_path(args, results, server, scenario: str, clients: int) -> Path | None:
+    if clients != args.profile:
+        return None
+    RESULTS.mkdir(exist_ok=True)
+    return RESULTS / f"{results['stamp']}-profile-{server.name}-{scenario}-{clients}.txt"
+
+
+def keep_profile(results, server, scenario: str, clients: int, path: Path | None) -> None:
+    if path is not None:
+        results["profiles"][f"{server.name} {scenario} {clients}"] = summary(path)
 
 
 def record(results: dict, run: Run) -> None:
@@ -139,6 +153,7 @@ def main(argv=None) -> int:
     results = {"started": started.isoformat(timespec="seconds"), "machine": machine(),
                "args": vars(args), "server_cores": sorted(server_cores),
                "client_cores": sorted(client_cores), "runs": [], "memory": [], "profiles": {},
+               "idle": [],
                "stamp": f"{started:%Y%m%dT%H%M%SZ}"}
     source = Source(client_cores)
     load = LoadClient(client_cores)

@@ -37,8 +37,8 @@ import sys
 import time
 from collections import Counter
 
-# The event's commit time, in compact or spaced JSON: "wallTime":{"$date":"2026-11-27T21:19:04.123Z"
-STAMP = re.compile(rb'"wallTime": ?\{"\$date": ?"(.{24})')
+# The event's commit time, compact or spaced JSON: "wallTime":{"$date":"2026-11-27T21:19:04.123Z"
+STAMP = re.compile(rb'"wallTime": ?\{"\$date": ?"([^"]+)"')
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 BUCKET = 1e-4  # latency histogram resolution: 0.1 ms
 
@@ -53,10 +53,16 @@ def raise_open_files_limit() -> int:
 
 
 def stamp_seconds(stamp: bytes) -> float:
-    """``2026-11-27T21:19:04.123Z`` as seconds since the epoch (UTC)."""
+    """``2026-11-27T21:19:04.123Z`` as seconds since the epoch (UTC).
+
+    Relaxed Extended JSON leaves the fraction out on a whole second: ``...T21:19:04Z``.
+    """
     text = stamp.decode()
+    if not text.endswith("Z"):
+        raise ValueError(f"wallTime {text!r} is not UTC; these servers send ...Z")
     whole = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
-    return whole + int(text[20:23]) / 1000
+    fraction = text[19:-1]
+    return whole + (float(fraction) if fraction else 0.0)
 
 
 class Stats:

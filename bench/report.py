@@ -99,6 +99,11 @@ def markdown(results: dict) -> str:
                        f"{mem['rss_before'] / 2**20:.1f} → {mem['rss_after'] / 2**20:.1f} MiB | "
                        f"{mem['bytes_per_connection'] / 1024:.1f} KiB |")
 
+    if results.get("idle"):
+        out += ["", "Idle CPU (clients connected, no events): " + "; ".join(
+            f"{i['server']} {i['cpu_per_s'] * 1000:.1f} ms/s with {i['connections']:,} clients"
+            for i in results["idle"]) + "."]
+
     reuse = [r for r in runs if r["scenario"] == "reuse-port"]
     if reuse:
         out += ["", "### REUSE_PORT (relay allowed on every core, sharing core 1 with the "
@@ -107,6 +112,8 @@ def markdown(results: dict) -> str:
         for run in reuse:
             out.append(f"| {run['detail']['processes']} | {run['clients']:,} | {_rate(run)} | "
                        f"{_cpu(run)} | {run['relay_core_busy']} |")
+    for name, table in results.get("profiles", {}).items():
+        out += ["", f"### Profile: {name} (py-spy, busy samples of all threads)", "", table]
     return "\n".join(out)
 
 

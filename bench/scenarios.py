@@ -192,9 +192,16 @@ class Bench:
         return self.measure(server, "max-rate", events,
                             lambda: self.inserter.burst(events, batch), profile)
 
-    def fixed_rate(self, server: Server, events: int, rate: float) -> Run:
+    def idle(self, server: Server, seconds: float) -> float:
+        """Server CPU seconds per wall second with its clients connected and no events."""
+        cpu0, start = server.cpu(), time.monotonic()
+        time.sleep(seconds)  # a measurement window, not a synchronisation
+        return round((server.cpu() - cpu0) / (time.monotonic() - start), 4)
+
+    def fixed_rate(self, server: Server, events: int, rate: float,
+                   profile: Path | None = None) -> Run:
         run = self.measure(server, f"{rate:g}/s", events,
-                           lambda: self.inserter.paced(events, rate))
+                           lambda: self.inserter.paced(events, rate), profile)
         run.scenario = "fixed-rate"
         run.detail["rate"] = rate
         return run
