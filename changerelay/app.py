@@ -92,18 +92,16 @@ class Relay:
 
     def peer_address(self, request) -> str:
         """The client's address; X-Forwarded-For is believed only from TRUSTED_PROXIES."""
-        peer = request.remote_ip
+        address = request.remote_ip
         proxies = self.config.trusted_proxies
         if not proxies:
-            return peer
-        chain = [peer]
+            return address
         forwarded = request.headers.get("X-Forwarded-For", "")
-        chain = [p.strip() for p in forwarded.split(",") if p.strip()] + chain
-        # Walk from the nearest hop back while the hop is one of our proxies.
-        for index in range(len(chain) - 1, 0, -1):
-            if not _in_networks(chain[index], proxies):
-                return chain[index]
-        return chain[0] if _in_networks(chain[-1], proxies) else peer
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        # Walk back from the nearest hop for as long as the hop is one of our proxies.
+        while hops and _in_networks(address, proxies):
+            address = hops.pop()
+        return address
 
     def check_origin(self, request) -> None:
         origin = request.headers.get("Origin")

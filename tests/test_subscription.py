@@ -1,0 +1,144 @@
+"""Subscriptions from query strings, and access rules from token claims."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import jwt
+import pytest
+
+from changerelay import events as ev
+from changerelay.auth import AccessRule, Authenticator
+from changerelay.subscription import Subscription, SubscriptionError, parse
+
+SCOPE = ("shop", None)
+
+
+def args(**values):
+    return {k: [v] for k, v in values.items()}
+
+
+def event(op="insert", db="shop", coll="orders", **fields):
+    return ev.encode_change({"_id": {"_data": "82AA"}, "operationType": op,
+                             "ns": {"db": db, "coll": coll} if db else None, **fields})
+
+
+def test_empty_query_matches_everything_and_groups_together():
+    a, resume = parse({}, SCOPE)
+    b, _ = parse({}, SCOPE)
+    assert resume is None and a.match_all and a.key == b.key
+
+
+def test_same_subscription_same_key_regardless_of_order():
+    a, _ = parse(args(ns="shop.a,shop.b", ops="insert,update"), SCOPE)
+    b, _ = parse(args(ns="shop.b, shop.a", ops="update,insert"), SCOPE)
+    assert a.key == b.key
+
+
+@pytest.mark.parametrize("query, code", [
+    (args(ns="other"), "ns_outside_scope"),
+    (args(ns="shop."), "invalid_ns"),
+    (args(ns=""), "invalid_ns"),
+    (args(ns="sh$op"), "invalid_ns"),
+    (args(ops="insert,explode"), "unknown_operation_type"),
+    (args(ops=","), "invalid_ops"),
+    (args(filter="[1]"), "invalid_filter"),
+    (args(resume_after="12345"), "invalid_resume_after"),
+    (args(colour="blue"), "unknown_parameter"),
+    ({"ns": ["shop", "shop.x"]}, "repeated_parameter"),
+])
+def test_refusals(query, code):
+    with pytest.raises(SubscriptionError) as info:
+        parse(query, SCOPE)
+    assert info.value.code == code and info.value.status == 400
+    assert code in info.value.body()
+
+
+def test_collection_scope_refuses_the_whole_database():
+    with pytest.raises(SubscriptionError):
+        parse(args(ns="shop"), ("shop", "orders"))
+    sub, _ = parse(args(ns="shop.orders"), ("shop", "orders"))
+    assert sub.matches(event())
+
+
+def test_namespace_matching_covers_database_level_events():
+    sub, _ = parse(args(ns="shop.orders"), SCOPE)
+    assert sub.matches(event())
+    assert not sub.matches(event(coll="users"))
+    assert sub.matches(event("dropDatabase", coll=None))   # the collection is gone too
+    assert sub.matches(event("invalidate", db=None))       # the stream itself ended
+    whole, _ = parse(args(ns="shop"), SCOPE)
+    assert whole.matches(event(coll="users"))
+
+
+def test_ops_and_filter_combine():
+    sub, resume = parse(args(ops="insert", filter='{"fullDocument.total": {"$gte": 10}}',
+                             resume_after="82ab"), SCOPE)
+    assert resume == "82AB"
+    assert sub.matches(event(fullDocument={"total": 12}))
+    assert not sub.matches(event(fullDocument={"total": 2}))
+    assert not sub.matches(event("update", fullDocument={"total": 12}))
+
+
+def test_access_rule_withholds_what_it_cannot_decide():
+    rule = AccessRule({"fullDocument.owner": "alice"})
+    assert rule({"operationType": "insert", "documentKey": {"_id": 1},
+                 "fullDocument": {"owner": "alice"}})
+    assert not rule({"operationType": "delete", "documentKey": {"_id": 1}})
+    assert not rule({"operationType": "update", "documentKey": {"_id": 1},
+                     "fullDocument": None})
+    negative = AccessRule({"fullDocument.owner": {"$ne": "bob"}})
+    assert not negative({"operationType": "delete", "documentKey": {"_id": 1}})  # no leak
+    by_key = AccessRule({"documentKey._id": {"$in": [1, 2]}})
+    assert by_key({"operationType": "delete", "documentKey": {"_id": 1}})
+
+
+def test_access_rule_and_client_filter_are_anded():
+    claims_rule = AccessRule({"fullDocument.owner": "alice"})
+    sub, _ = parse(args(filter='{"fullDocument.n": 1}'), SCOPE)
+    restricted = Subscription(sub.namespaces, sub.ops, sub.filter, claims_rule)
+    assert restricted.matches(event(documentKey={"_id": 1}, fullDocument={"owner": "alice",
+                                                                            "n": 1}))
+    assert not restricted.matches(event(documentKey={"_id": 1}, fullDocument={"owner": "bob",
+                                                                                "n": 1}))
+    assert restricted.key != sub.key
+
+
+SECRET = "s" * 40
+
+
+def authenticate(token=None, query_token=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    query = {"access_token": [query_token.encode()]} if query_token else {}
+    request = SimpleNamespace(headers=headers, query_arguments=query)
+    return Authenticator(SECRET, ["HS256"]).authenticate(request)
+
+
+def make(claims, key=SECRET, algorithm="HS256"):
+    return jwt.encode({"exp": int(time.time()) + 60, **claims}, key, algorithm=algorithm)
+
+
+def test_token_claims_restrict_namespaces():
+    auth = Authenticator(SECRET, ["HS256"])
+    claims = authenticate(make({"ns": ["shop.orders"]}))
+    sub, _ = parse({}, SCOPE)
+    assert auth.restrict(sub, claims).namespaces == frozenset({("shop", "orders")})
+    inside, _ = parse(args(ns="shop.orders"), SCOPE)
+    auth.restrict(inside, claims)
+    outside, _ = parse(args(ns="shop.users"), SCOPE)
+    with pytest.raises(SubscriptionError) as info:
+        auth.restrict(outside, claims)
+    assert info.value.status == 403
+    assert authenticate(query_token=make({}))["_ns"] is None
+
+
+@pytest.mark.parametrize("claims, code", [
+    ({"filter": {"$where": "1"}}, "invalid_token"),
+    ({"filter": "fullDocument.owner"}, "invalid_token"),
+    ({"ns": 5}, "invalid_token"),
+])
+def test_bad_claims_are_refused(claims, code):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(make(claims))
+    assert info.value.code == code and info.value.status == 401
