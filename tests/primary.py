@@ -14,6 +14,12 @@ mockupdb handles each connection on its own thread, but runs every handler under
 A ``getMore`` that blocked there would stall the very insert that should wake it, so each request
 is handled with that lock released and :class:`TestPrimary` guards its own state instead.
 
+Use::
+
+    with TestPrimary() as primary, MongoClient(primary.uri) as client:
+        client.db.c.insert_one({"_id": 1})
+        assert primary.events[-1]["operationType"] == "insert"
+
 .. _mockupdb: https://mockupdb.readthedocs.io/
 """
 
