@@ -14,6 +14,14 @@ mockupdb handles each connection on its own thread, but runs every handler under
 A ``getMore`` that blocked there would stall the very insert that should wake it, so each request
 is handled with that lock released and :class:`TestPrimary` guards its own state instead.
 
+Not implemented (each answers with an error saying so, never silently): transactions,
+``showExpandedEvents``, pipeline-style updates, arrayFilters, most query and expression operators
+beyond equality/comparison/$in/$exists/$and/$or/$nor/$expr and the ones in ``_OPERATORS``.
+Not modelled: secondaries and elections, the streaming (awaitable) hello — heartbeats poll, so a
+runtime switch of ``replica_set`` reaches a ``replicaSet=`` client only at its next heartbeat —,
+index enforcement beyond ``_id``, the drop of a ``dropTarget`` rename's target. Authentication
+needs the user in ``users`` (SCRAM verifies the password both ways).
+
 Use::
 
     with TestPrimary() as primary, MongoClient(primary.uri) as client:

@@ -415,7 +415,7 @@ def test_open_stream_that_fell_behind_loses_history(server, client, writer):
     assert server.change_streams_opened == 1  # not resumable: the driver did not retry
 
 
-def test_history_limit_rolls_the_oplog(client):
+def test_history_limit_rolls_the_oplog():
     with TestPrimary(history_limit=3) as small, connect(small) as c:
         c.db.c.insert_many([{"_id": i} for i in range(5)])
         assert [e["documentKey"]["_id"] for e in small.events] == [2, 3, 4]
