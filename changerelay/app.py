@@ -31,7 +31,6 @@ from .limits import Connections
 from .source import ChangeSource
 
 ROOT = Path(__file__).resolve().parent.parent
-PING_INTERVAL = 20
 MAX_INBOUND_FRAME = 4096
 
 
@@ -173,8 +172,8 @@ def make_app(relay: Relay) -> web.Application:
         ],
         template_path=str(ROOT / "templates"),
         static_path=str(ROOT / "static"),
-        websocket_ping_interval=PING_INTERVAL,
-        websocket_ping_timeout=PING_INTERVAL,
+        websocket_ping_interval=relay.config.ws_ping_interval,
+        websocket_ping_timeout=relay.config.ws_ping_interval,
         websocket_max_message_size=MAX_INBOUND_FRAME,
         compress_response=False,
     )

@@ -83,6 +83,9 @@ class Config:
         "POSITION_INTERVAL", 5.0, "seconds without a frame before a position message is sent")
     sse_heartbeat: float = _spec(
         "SSE_HEARTBEAT", 15.0, "seconds between SSE comment heartbeats (keeps proxies open)")
+    ws_ping_interval: float = _spec(
+        "WS_PING_INTERVAL", 20.0, "seconds between WebSocket pings; a client that does not "
+        "answer within as long again is closed")
     ws_compression: bool = _spec(
         "WS_COMPRESSION", False, "offer permessage-deflate (costs CPU per client)")
     reuse_port: int = _spec(

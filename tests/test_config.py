@@ -114,3 +114,9 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, spec in cfg._specs():
         assert spec.env in result.stdout, name
+
+
+def test_env_example_documents_every_setting():
+    text = (ROOT / ".env.example").read_text()
+    for _name, spec in cfg._specs():
+        assert f"{spec.env}=" in text, spec.env

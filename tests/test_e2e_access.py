@@ -10,10 +10,11 @@ import asyncio
 import json
 import time
 import urllib.parse
+import uuid
 
 import jwt
 import pytest
-from conftest import WS, run
+from conftest import SSE, WS, run
 from tornado import httpclient, websocket
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,9 @@ def unsigned(claims) -> str:
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
 
 
-GOOD = token({"ns": ["shop"]})
+# A database of this module's own, so that a run against MONGODB_TEST_URI touches nothing else.
+SHOP = "shop_" + uuid.uuid4().hex[:8]
+GOOD = token({"ns": [SHOP]})
 Q = urllib.parse.quote
 
 BAD_HANDSHAKES = [
@@ -65,8 +68,8 @@ BAD_HANDSHAKES = [
     ("expired", "", {"Authorization": "Bearer " + token(ttl=-60)}, 401, "token_expired"),
     ("no exp", "", {"Authorization": "Bearer " + jwt.encode({"sub": "x"}, SECRET)}, 401,
      "invalid_token"),
-    ("token for another namespace", "ns=shop.secrets",
-     {"Authorization": "Bearer " + token({"ns": ["shop.orders"]})}, 403, "ns_forbidden"),
+    ("token for another namespace", f"ns={SHOP}.secrets",
+     {"Authorization": "Bearer " + token({"ns": [f"{SHOP}.orders"]})}, 403, "ns_forbidden"),
     ("cross-origin handshake", "", {"Origin": "https://evil.example"}, 403,
      "origin_not_allowed"),
 ]
@@ -74,9 +77,11 @@ BAD_HANDSHAKES = [
 
 @pytest.fixture
 def secured(mongo, relay_factory):
-    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB="shop", AUTH_JWT_SECRET=SECRET)
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=SHOP, AUTH_JWT_SECRET=SECRET)
     relay.wait_ready()
-    return relay
+    yield relay
+    if not mongo.fake:
+        mongo.client.drop_database(SHOP)
 
 
 def _headers(extra):
@@ -89,7 +94,7 @@ def _headers(extra):
 def test_every_bad_handshake_is_refused_and_others_keep_receiving(mongo, secured, path):
     async def scenario():
         bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
-        shop = mongo.client.shop
+        shop = mongo.client[SHOP]
         for number, (what, query, headers, status, code) in enumerate(BAD_HANDSHAKES):
             response = secured.get(f"{path}?{query}" if query else path, headers=_headers(
                 {**headers, "Upgrade": "websocket", "Connection": "Upgrade",
@@ -111,7 +116,7 @@ def test_huge_query_string_is_refused_without_harm(mongo, secured):
         bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
         response = secured.get("/socket?filter=" + "a" * (1 << 20), headers=_headers({}))
         assert response.code == 414 and response.json()["error"] == "query_too_large"
-        mongo.client.shop.orders.insert_one({"_id": "after"})
+        mongo.client[SHOP].orders.insert_one({"_id": "after"})
         [frame] = await bystander.changes(1)
         assert frame["documentKey"] == {"_id": "after"}
         assert secured.get("/healthz").code == 200
@@ -128,7 +133,7 @@ def test_oversized_inbound_frame_closes_that_client_with_1009_only(mongo, secure
         await chatty.conn.write_message("x" * 5000)
         code, _ = await chatty.closed()
         assert code == 1009
-        mongo.client.shop.orders.insert_one({"_id": 1})
+        mongo.client[SHOP].orders.insert_one({"_id": 1})
         [frame] = await bystander.changes(1)
         assert frame["documentKey"] == {"_id": 1}
 
@@ -137,9 +142,9 @@ def test_oversized_inbound_frame_closes_that_client_with_1009_only(mongo, secure
 
 def test_access_token_query_parameter_and_exp_enforced_during_connection(mongo, secured):
     async def scenario():
-        short = token({"ns": ["shop"]}, ttl=1)
+        short = token({"ns": [SHOP]}, ttl=1)
         client = await WS.connect(f"{secured.ws_url}?access_token={short}")
-        mongo.client.shop.orders.insert_one({"_id": 1})
+        mongo.client[SHOP].orders.insert_one({"_id": 1})
         await client.changes(1)
         code, reason = await client.closed(timeout=15)  # exp + leeway (5 s)
         assert (code, reason) == (1008, "token expired")
@@ -268,6 +273,7 @@ def test_redacted_paths_never_leave_mongodb(mongo, relay_factory):
 
     async def scenario():
         client = await WS.connect(relay.ws_url)
+        stream = await SSE.open(relay.port)
         users = mongo.client[mongo.db].users
         users.insert_one({"_id": 1, "name": "ada", "password": secret,
                           "card": {"number": secret, "brand": "visa"}})
@@ -278,9 +284,9 @@ def test_redacted_paths_never_leave_mongodb(mongo, relay_factory):
         frames = await client.changes(4)
         assert frames[0]["fullDocument"] == {"_id": 1, "name": "ada", "card": {"brand": "visa"}}
         assert frames[2]["updateDescription"]["updatedFields"] == {"name": "ada2"}
-        text = json.dumps(frames)
-        assert secret not in text and "password" not in text
-        assert secret not in relay.log()
+        records = await stream.changes(4)
+        for text in (json.dumps(frames), json.dumps(records), relay.log()):
+            assert secret not in text and "password" not in text
 
     run(scenario())
 
@@ -308,5 +314,36 @@ def test_two_clients_same_filter_share_bytes(mongo, relay):
         b = await two.changes(10)
         assert a == b and [f["documentKey"]["_id"] for f in a] == list(range(1, 20, 2))
         assert relay.ready()["subscriptions"] == 1
+
+    run(scenario())
+
+
+def test_client_that_never_answers_pings_is_closed(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, WS_PING_INTERVAL=0.3)
+    relay.wait_ready()
+
+    async def scenario():
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+        await reader.readuntil(b"\r\n\r\n")
+        opcodes = []
+        async with asyncio.timeout(10):
+            while True:  # read frames, never answer: pings (0x9), then the end
+                head = await reader.read(2)
+                if len(head) < 2:
+                    break
+                payload = await reader.readexactly(head[1] & 0x7F)
+                opcodes.append(head[0] & 0x0F)
+                if opcodes[-1] == 0x8:
+                    assert int.from_bytes(payload[:2], "big") in (1000, 1001, 1011)
+        assert 0x9 in opcodes
+        writer.close()
+        # a polite client alongside is unaffected
+        polite = await WS.connect(relay.ws_url)
+        mongo.client[mongo.db].c.insert_one({"_id": "still"})
+        [frame] = await polite.changes(1)
+        assert frame["documentKey"] == {"_id": "still"}
 
     run(scenario())

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, WS, run, token_of
+from conftest import ROOT, SSE, WS, run, token_of
 from pymongo import MongoClient
 
 pytestmark = pytest.mark.e2e
@@ -230,61 +230,6 @@ def test_malformed_resume_token_is_refused_at_handshake(relay):
     response = relay.get("/socket?resume_after=not-hex")
     assert response.code == 400
     assert response.json()["error"] == "invalid_resume_after"
-
-
-class SSE:
-    """A raw Server-Sent Events reader (what EventSource does, minus the browser)."""
-
-    def __init__(self, reader, writer, status):
-        self.reader, self.writer, self.status = reader, writer, status
-        self.records: list[dict] = []
-        self.comments = 0
-
-    @classmethod
-    async def open(cls, port: int, query: str = "", last_event_id: str | None = None):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        headers = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
-        writer.write(f"GET /events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                     f"Accept: text/event-stream\r\n{headers}\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split()[1])
-        assert b"chunked" in head.lower() or status != 200
-        return cls(reader, writer, status)
-
-    async def _line(self) -> bytes:
-        # The body is HTTP/1.1 chunked; SSE records may span chunks, so unchunk into a buffer.
-        while b"\n" not in getattr(self, "_buf", b""):
-            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-            data = await self.reader.readexactly(size + 2)
-            self._buf = getattr(self, "_buf", b"") + data[:-2]
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
-
-    async def record(self, timeout: float = 20) -> dict:
-        fields: dict = {}
-        while True:
-            line = await asyncio.wait_for(self._line(), timeout)
-            if not line:
-                if fields:
-                    self.records.append(fields)
-                    return fields
-                continue
-            if line.startswith(b":"):
-                self.comments += 1
-                continue
-            name, _, value = line.decode().partition(": ")
-            fields[name] = value
-
-    async def changes(self, count: int) -> list[dict]:
-        got = []
-        while len(got) < count:
-            record = await self.record()
-            if "data" in record and "event" not in record:
-                got.append(record)
-        return got
-
-    def close(self):
-        self.writer.close()
 
 
 @pytest.mark.fault

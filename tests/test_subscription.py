@@ -142,3 +142,41 @@ def test_bad_claims_are_refused(claims, code):
     with pytest.raises(SubscriptionError) as info:
         authenticate(make(claims))
     assert info.value.code == code and info.value.status == 401
+
+
+def test_public_key_tokens_rs256_and_es256_only(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    path = tmp_path / "key.pem"
+    path.write_bytes(pem)
+    auth = Authenticator.from_config(SimpleNamespace(auth_jwt_secret=None,
+                                                     auth_jwt_public_key=str(path)))
+    good = make({"ns": ["shop"]}, key=private, algorithm="ES256")
+    request = SimpleNamespace(headers={"Authorization": f"Bearer {good}"}, query_arguments={})
+    assert auth.authenticate(request)["ns"] == ["shop"]
+    for token in (_hs256_with(pem), make({}, key=SECRET)):
+        request = SimpleNamespace(headers={"Authorization": f"Bearer {token}"},
+                                  query_arguments={})
+        with pytest.raises(SubscriptionError) as info:
+            auth.authenticate(request)
+        assert info.value.status == 401
+
+
+def _hs256_with(key: bytes) -> str:
+    """HS256 keyed with the public key's PEM text: the classic algorithm-confusion forgery."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(
+        json.dumps({"exp": int(time.time()) + 60, "ns": ["shop"]}).encode())
+    signature = b64(hmac.new(key, signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + signature).decode()
