@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,11 +47,14 @@ def parse_args(argv):
                         help="events/s of the fixed-rate runs (default 5)")
     parser.add_argument("--fixed-events", type=int, default=40,
                         help="events per fixed-rate run (default 40, i.e. 8 s at 5/s)")
-    parser.add_argument("--deliveries", type=int, default=200_000,
+    parser.add_argument("--deliveries", type=int, default=1_000_000,
                         help="target deliveries per max-rate run; events = this / clients, "
-                             "clamped to 50..3000 (default 200000)")
+                             "clamped to 50..3000 (default 1000000)")
     parser.add_argument("--batch", type=int, default=500,
                         help="documents per insert_many in max-rate runs (default 500)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="max-rate runs per client count; the table shows the median and "
+                             "the range (default 1)")
     parser.add_argument("--reuse-port", type=int, default=0, metavar="N",
                         help="also compare changerelay with REUSE_PORT=N against 1 process")
     parser.add_argument("--profile", type=int, metavar="CLIENTS",
@@ -75,6 +79,19 @@ def events_for(clients: int, deliveries: int) -> int:
     return max(50, min(3000, deliveries // clients))
 
 
+def revision() -> str:
+    """The commit measured, with ``+dirty`` if the relay's code has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=RESULTS.parent.parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "changerelay", "server.py"],
+                               capture_output=True, text=True, cwd=RESULTS.parent.parent,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine() -> dict:
     model = "?"
     with open("/proc/cpuinfo") as info:
@@ -83,7 +100,8 @@ def machine() -> dict:
                 model = line.split(":", 1)[1].strip()
                 break
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "kernel": platform.release()}
+            "kernel": platform.release(), "revision": revision(),
+            "loadavg_before": open("/proc/loadavg").read().split()[:3]}
 
 
 def log(message: str) -> None:
@@ -113,10 +131,12 @@ def measure_server(bench: Bench, server, counts, fixed, args, results) -> None:
             record(results, bench.fixed_rate(server, args.fixed_events, args.rate, profile))
             keep_profile(results, server, "fixed-rate", n, profile)
         if n in counts:
-            profile = profile_path(args, results, server, "max-rate", n)
-            record(results, bench.max_rate(server, events_for(n, args.deliveries), args.batch,
-                                           profile))
-            keep_profile(results, server, "max-rate", n, profile)
+            for repeat in range(args.repeat):
+                profile = profile_path(args, results, server, "max-rate", n) if not repeat \
+                    else None
+                record(results, bench.max_rate(server, events_for(n, args.deliveries),
+                                               args.batch, profile))
+                keep_profile(results, server, "max-rate", n, profile)
     bench.close_to(0)
 
 
@@ -180,10 +200,11 @@ def main(argv=None) -> int:
                 relay.start()
                 relay.wait_ready()
                 bench.connect(relay, 1000)
-                run = bench.max_rate(relay, events_for(1000, args.deliveries), args.batch)
-                run.scenario = "reuse-port"
-                run.detail["processes"] = processes
-                record(results, run)
+                for _ in range(args.repeat):
+                    run = bench.max_rate(relay, events_for(1000, args.deliveries), args.batch)
+                    run.scenario = "reuse-port"
+                    run.detail["processes"] = processes
+                    record(results, run)
                 bench.close_to(0)
                 relay.stop()
     finally:

@@ -30,24 +30,43 @@ def _rate(run: dict | None) -> str:
         return "-"
     if not run["complete"]:
         return f"LOSS ({run['detail']['short']} short, {run['detail']['over']} over)"
-    return f"{run['deliveries_per_s']:,} /s, p99 {run['latency_ms'].get('p99', '?')} ms"
+    text = f"{run['deliveries_per_s']:,} /s"
+    if run.get("repeats", 1) > 1:
+        text += f" ({run['dps_low']:,}-{run['dps_high']:,}, {run['repeats']} runs)"
+    return text + f", p99 {run['latency_ms'].get('p99', '?')} ms"
 
 
 def _cpu(run: dict | None) -> str:
-    return "-" if run is None or not run["complete"] else f"{run['relay_cpu_us_per_delivery']:.2f}"
+    if run is None or not run["complete"]:
+        return "-"
+    text = f"{run['relay_cpu_us_per_delivery']:.2f}"
+    if run.get("repeats", 1) > 1:
+        text += f" ({run['cpu_low']:.2f}-{run['cpu_high']:.2f})"
+    return text
 
 
 def _find(runs, server, scenario, clients):
-    for run in runs:
-        if (run["server"], run["scenario"], run["clients"]) == (server, scenario, clients):
-            return run
-    return None
+    """The median of the matching runs (by deliveries/s), with the range of the others."""
+    found = [r for r in runs if (r["server"], r["scenario"], r["clients"])
+             == (server, scenario, clients)]
+    if not found:
+        return None
+    if any(not r["complete"] for r in found):
+        return next(r for r in found if not r["complete"])
+    found.sort(key=lambda r: r["deliveries_per_s"])
+    median = dict(found[len(found) // 2])
+    cpus = [r["relay_cpu_us_per_delivery"] for r in found]
+    median.update(repeats=len(found), dps_low=found[0]["deliveries_per_s"],
+                  dps_high=found[-1]["deliveries_per_s"], cpu_low=min(cpus), cpu_high=max(cpus))
+    return median
 
 
 def markdown(results: dict) -> str:
     runs = results["runs"]
     m = results["machine"]
-    out = [f"Machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Linux {m['kernel']}; "
+    out = [f"Machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Linux {m['kernel']}, "
+           f"load average before the run {' '.join(m.get('loadavg_before', '?'))}, "
+           f"revision {m.get('revision', '?')}; "
            f"server on core {results['server_cores']}, load client + primary + harness on core "
            f"{results['client_cores']}. Payload: {results.get('payload_bytes', '?')} bytes per "
            "event.", ""]
@@ -109,8 +128,10 @@ def markdown(results: dict) -> str:
         out += ["", "### REUSE_PORT (relay allowed on every core, sharing core 1 with the "
                 "clients)", "", "| processes | clients | deliveries/s, p99 | relay CPU µs/delivery "
                 "| server CPU s / wall s |", "|---:|---:|---|---:|---:|"]
-        for run in reuse:
-            out.append(f"| {run['detail']['processes']} | {run['clients']:,} | {_rate(run)} | "
+        for processes in sorted({r["detail"]["processes"] for r in reuse}):
+            name = f"changerelay x{processes}"
+            run = _find(reuse, name, "reuse-port", 1000)
+            out.append(f"| {processes} | {run['clients']:,} | {_rate(run)} | "
                        f"{_cpu(run)} | {run['relay_core_busy']} |")
     for name, table in results.get("profiles", {}).items():
         out += ["", f"### Profile: {name} (py-spy, busy samples of all threads)", "", table]
