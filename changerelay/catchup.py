@@ -24,6 +24,8 @@ from . import events as ev
 
 HISTORY_LOST = 286
 BACKOFF_CAP = 5.0
+PACE_EVENTS = 1000     # events queued for one client before the catch-up waits for it
+STALL_TIMEOUT = 10.0   # seconds a catch-up waits for one client before cutting it off
 
 
 class Job:
@@ -138,6 +140,7 @@ class CatchUp:
                     self._hand_over(job, floor)
                     return
                 self._deliver(job, event)
+                await self._pace(job)
         finally:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
@@ -148,8 +151,18 @@ class CatchUp:
             if event.token > seen:
                 job.clients[client] = event.token
                 if client.subscription.matches(event):
-                    client.send(client.pack([event]))
+                    client.replay([event])
                 if client.closed:
+                    job.clients.pop(client, None)
+
+    async def _pace(self, job: Job) -> None:
+        """Read from MongoDB no faster than the slowest rider drains; cut off a stalled one."""
+        for client in tuple(job.clients):
+            if client.backlog is not None and len(client.backlog) > PACE_EVENTS:
+                try:
+                    await asyncio.wait_for(client.drained(), STALL_TIMEOUT)
+                except TimeoutError:
+                    client.cut_off()
                     job.clients.pop(client, None)
 
     def _hand_over(self, job: Job, floor: str) -> None:

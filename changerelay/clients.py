@@ -8,9 +8,11 @@ bounded however many clients stop reading, and a client that resumes afterwards 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 
 from logzero import logger
 from tornado.iostream import StreamClosedError
@@ -20,9 +22,18 @@ from . import wire
 
 SLOW_CONSUMER = 1013
 POLICY_VIOLATION = 1008
+REPLAY_CHUNK = 256 * 1024  # bytes per write while replaying
+DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
 
 
 class Client:
+    """Live events go straight to the socket; history goes through a flow-controlled backlog.
+
+    A replay can be far larger than ``CLIENT_BUFFER_BYTES`` (the whole replay buffer, or a long
+    catch-up), so it is written a chunk at a time as the socket drains. While a backlog exists,
+    live events queue behind it in order, and only they count against the limit.
+    """
+
     kind = "?"
 
     def __init__(self, subscription, limit: int, peer: str):
@@ -35,6 +46,60 @@ class Client:
         self.writer: wire.StreamWriter | None = None
         self.on_cut = None   # called once when the client is cut off (the hub unsubscribes it)
         self.claims: dict | None = None
+        self.backlog: deque | None = None  # Events (and packed control messages) to replay
+        self._queued = 0                   # live bytes queued behind the backlog
+        self._drained: asyncio.Future | None = None
+
+    def deliver(self, events: list, payload: bytes) -> None:
+        """Live events, with the payload shared by every client of the group."""
+        if self.backlog is None:
+            self.send(payload)
+            return
+        self.backlog.extend(events)
+        self._queued += len(payload)
+        if self._queued > self.limit:
+            self.cut_off()
+
+    def replay(self, events) -> None:
+        """History: written as fast as the client reads it, never faster."""
+        if self.backlog is None:
+            self.backlog = deque()
+            self._queued = 0
+        self.backlog.extend(events)
+        self._pump()
+
+    def _pump(self, _flushed=None) -> None:
+        backlog, writer = self.backlog, self.writer
+        if backlog is None:
+            return
+        try:
+            while backlog and writer.buffered() < self.limit // 2 and not self.closed:
+                if isinstance(backlog[0], bytes):
+                    writer.write(backlog.popleft())
+                    continue
+                chunk, size = [], 0
+                while backlog and size < REPLAY_CHUNK and not isinstance(backlog[0], bytes):
+                    event = backlog.popleft()
+                    chunk.append(event)
+                    size += len(event.frame)
+                writer.write(self.pack(chunk))
+            if backlog and not self.closed:
+                writer.stream.write(b"").add_done_callback(self._pump)
+                return
+        except StreamClosedError:
+            self.closed = True
+        self.backlog = None
+        self._queued = 0
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drained(self) -> None:
+        """Wait until the backlog has been handed to the socket (or the client is gone)."""
+        if self.backlog is None or self.closed:
+            return
+        if self._drained is None or self._drained.done():
+            self._drained = asyncio.get_running_loop().create_future()
+        await self._drained
 
     def send(self, payload: bytes) -> None:
         if self.closed:
@@ -49,7 +114,10 @@ class Client:
             self.closed = True
 
     def send_control(self, message: bytes, token: str | None = None) -> None:
-        self.send(self.pack_control(message, token))
+        if self.backlog is None:
+            self.send(self.pack_control(message, token))
+        elif token is None:  # a position is pointless behind a backlog; anything else queues
+            self.backlog.append(self.pack_control(message, token))
 
     def cut_off(self) -> None:
         if self.closed:
@@ -176,3 +244,7 @@ class EventStreamClient(Client):
         with contextlib.suppress(StreamClosedError):
             self.writer.write(self.pack_control(message))
         self.handler.end_stream()
+        # Like a WebSocket closing handshake: the client may drain what is queued, for a while.
+        stream = self.writer.stream
+        asyncio.get_running_loop().call_later(
+            DRAIN_TIMEOUT, lambda: stream.closed() or stream.close())

@@ -142,6 +142,7 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
             self.set_header("Cache-Control", "no-store")
             self.set_header("X-Accel-Buffering", "no")
+            self.set_header("Connection", "close")  # one stream per connection, ended by us
             self.write(b"retry: 1000\n\n")
             await self.flush()
             self.client = clients.EventStreamClient(

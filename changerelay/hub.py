@@ -37,7 +37,8 @@ class Subscriber(Protocol):
     told: str | None              # the last position sent, so a quiet client is told it once
 
     def pack(self, events: list[Event]) -> bytes: ...
-    def send(self, payload: bytes) -> None: ...
+    def deliver(self, events: list[Event], payload: bytes) -> None: ...
+    def replay(self, events: list[Event]) -> None: ...
     def send_control(self, message: bytes, token: str | None = None) -> None: ...
 
 
@@ -64,7 +65,7 @@ class Group:
             if payload is None:
                 payload = payloads[client.kind] = client.pack(matched)
             client.last_send = now
-            client.send(payload)
+            client.deliver(matched, payload)
 
 
 class Hub:
@@ -198,7 +199,7 @@ class Hub:
         matched = [event for event in self._log[index:] if matches(event)]
         if matched:
             client.last_send = time.monotonic()
-            client.send(client.pack(matched))
+            client.replay(matched)
 
     def unsubscribe(self, client) -> None:
         self.clients.discard(client)
@@ -224,7 +225,7 @@ class Hub:
             fresh = [e for e in batch if e.token > after and matches(e)]
             if fresh:
                 client.last_send = now
-                client.send(client.pack(fresh))
+                client.deliver(fresh, client.pack(fresh))
             if head >= after:
                 del self._ahead[client]
                 self._join(client)

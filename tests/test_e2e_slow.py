@@ -18,6 +18,7 @@ import time
 
 import pytest
 from conftest import WS, run, token_of
+from pymongo import MongoClient
 
 pytestmark = pytest.mark.e2e
 
@@ -162,3 +163,49 @@ def test_slow_consumer_is_cut_off_and_loses_nothing(primary, relay_factory):
         assert rss_after - rss_before < CLIENT_BUFFER + 16 * 1024 * 1024 + 64 * 1024 * 1024
 
     run(scenario())
+
+
+@pytest.mark.fault
+def test_sse_slow_consumer_gets_an_error_record_and_resumes(primary, relay_factory):
+    relay = relay_factory(MONGO_SRV=primary.uri, CLIENT_BUFFER_BYTES=1024 * 1024)
+    relay.wait_ready()
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    stalled.connect(("127.0.0.1", relay.port))
+    stalled.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode())
+    pad = "y" * EVENT_PAD
+    with MongoClient(primary.uri) as client:
+        for first in range(0, 1000, 50):
+            client.db.c.insert_many([{"_id": i, "pad": pad} for i in range(first, first + 50)])
+    relay.wait_log("cutting off slow consumer")
+    stalled.settimeout(30)
+    body = b""
+    while chunk := stalled.recv(1 << 20):
+        body += chunk
+    stalled.close()
+    head, _, chunked = body.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    text = _unchunk(chunked).decode()
+    ids = [line[4:] for line in text.split("\n") if line.startswith("id: ")]
+    assert "event: error" in text and '"code":"slow_consumer"' in text
+    assert 0 < len(ids) < 1000
+
+    async def scenario():
+        from conftest import SSE
+
+        again = await SSE.open(relay.port, last_event_id=ids[-1])
+        rest = await again.changes(1000 - len(ids))
+        assert ids + [r["id"] for r in rest] == primary.tokens()
+
+    run(scenario())
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        length = int(size, 16)
+        if length == 0:
+            break
+        out, data = out + data[:length], data[length + 2:]
+    return out

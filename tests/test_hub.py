@@ -38,6 +38,12 @@ class FakeClient:
     def send(self, payload):
         self.received.extend(json.loads(payload))
 
+    def deliver(self, events, payload):
+        self.send(payload)
+
+    def replay(self, events):
+        self.send(self.pack(events))
+
     def send_control(self, message, token=None):
         self.controls.append(json.loads(message))
 
