@@ -45,8 +45,8 @@ def parse_args(argv):
                         help="client counts for the fixed-rate runs (default 1000 [10000])")
     parser.add_argument("--rate", type=float, default=5.0,
                         help="events/s of the fixed-rate runs (default 5)")
-    parser.add_argument("--fixed-events", type=int, default=40,
-                        help="events per fixed-rate run (default 40, i.e. 8 s at 5/s)")
+    parser.add_argument("--fixed-events", type=int, default=100,
+                        help="events per fixed-rate run (default 100, i.e. 20 s at 5/s)")
     parser.add_argument("--deliveries", type=int, default=1_000_000,
                         help="target deliveries per max-rate run; events = this / clients, "
                              "clamped to 50..3000 (default 1000000)")

@@ -54,8 +54,11 @@ def family(pid: int) -> list[int]:
     return found
 
 
-def cpu_ticks_seconds(pid: int) -> float:
-    """utime + stime from ``/proc/PID/stat`` of ``pid`` and its descendants (10 ms resolution)."""
+def cpu_ticks_seconds(pid: int, system_only: bool = False) -> float:
+    """utime + stime from ``/proc/PID/stat`` of ``pid`` and its descendants (10 ms resolution).
+
+    With ``system_only``, stime alone: time in the kernel, mostly ``send()`` for a relay.
+    """
     total = 0
     for member in family(pid):
         try:
@@ -63,7 +66,7 @@ def cpu_ticks_seconds(pid: int) -> float:
                 fields = stat.read().rpartition(")")[2].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        total += int(fields[12]) + (0 if system_only else int(fields[11]))  # stime, utime
     return total / TICK
 
 
@@ -174,8 +177,8 @@ class Server:
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
 
-    def cpu_ticks(self) -> float:
-        return cpu_ticks_seconds(self.proc.pid)
+    def cpu_ticks(self, system_only: bool = False) -> float:
+        return cpu_ticks_seconds(self.proc.pid, system_only)
 
     def rss(self) -> int:
         return rss_bytes(self.proc.pid)

@@ -89,7 +89,8 @@ def markdown(results: dict) -> str:
     out += ["", "What bounded each max-rate run (events/s the source achieved while inserting; "
             "CPU seconds per wall second: the server, our client side, and other programs on this "
             "machine during the run):", "",
-            "| server | clients | events | inserted events/s | wall s | server core busy "
+            "| server | clients | events | inserted events/s | wall s "
+            "| server core busy (kernel share) "
             "| client core busy | other programs | load client µs/delivery "
             "| p50 / p99 / max ms |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -101,13 +102,14 @@ def markdown(results: dict) -> str:
     if fixed:
         out += ["", "### Fixed event rate (latency wallTime → frame received)", "",
                 "| clients | rate | tutorial p50 / p99 / max ms | changerelay p50 / p99 / max ms "
-                "| relay CPU µs/delivery (tutorial / changerelay) | server core busy (t / c) |",
-                "|---:|---:|---|---|---|---|"]
+                "| relay CPU µs/delivery (tutorial / changerelay) | server core busy (t / c) "
+                "| kernel share (t / c) |",
+                "|---:|---:|---|---|---|---|---|"]
         for n in sorted({r["clients"] for r in fixed}):
             t, c = (_find(runs, s, "fixed-rate", n) for s in ("tutorial", "changerelay"))
             rate = (t or c)["detail"]["rate"]
             out.append(f"| {n:,} | {rate:g}/s | {_lat(t)} | {_lat(c)} | {_cpu(t)} / {_cpu(c)} "
-                       f"| {_busy(t)} / {_busy(c)} |")
+                       f"| {_busy(t)} / {_busy(c)} | {_kernel(t)} / {_kernel(c)} |")
 
     if results["memory"]:
         out += ["", "### Memory per idle connection (RSS delta ÷ connections)", "",
@@ -142,6 +144,7 @@ def _bounds(run: dict) -> str:
     lat = run["latency_ms"]
     return (f"| {run['server']} | {run['clients']:,} | {run['events']:,} | "
             f"{run['events_per_s_inserted']:,} | {run['seconds']:.2f} | {run['relay_core_busy']} "
+            f"({run.get('relay_system_share', '?')}) "
             f"| {run['client_core_busy']} | {run['others_busy']} "
             f"| {run['load_cpu_us_per_delivery']} "
             f"| {lat.get('p50', '?')} / {lat.get('p99', '?')} / "
@@ -154,6 +157,10 @@ def _lat(run: dict | None) -> str:
     lat = run["latency_ms"]
     text = f"{lat.get('p50', '?')} / {lat.get('p99', '?')} / {lat.get('max', '?')}"
     return text if run["complete"] else f"LOSS ({text})"
+
+
+def _kernel(run: dict | None) -> str:
+    return "-" if run is None else f"{run.get('relay_system_share', '?')}"
 
 
 def _busy(run: dict | None) -> str:

@@ -44,6 +44,7 @@ class Run:
     events_per_s_inserted: float = 0.0
     relay_cpu_s: float = 0.0        # from /proc/PID/task/*/schedstat (ns)
     relay_cpu_s_stat: float = 0.0   # the same from /proc/PID/stat utime+stime (10 ms ticks)
+    relay_system_share: float = 0.0  # stime / (utime + stime): the kernel's part (send())
     relay_cpu_us_per_delivery: float = 0.0
     relay_core_busy: float = 0.0    # relay CPU seconds / wall seconds (1.0 = one core saturated)
     client_core_busy: float = 0.0   # load client + primary + harness CPU / wall seconds
@@ -130,6 +131,7 @@ class Bench:
         self.load.ask("arm", latency_every=every)
         profiler = None if profile is None else Profiler(family(server.proc.pid), profile)
         ticks0, load0, source0 = server.cpu_ticks(), self.load.cpu(), self.source.cpu()
+        system0 = server.cpu_ticks(system_only=True)
         cpu0, other0, cores0 = server.cpu(), self.harness_cpu(), core_busy_seconds()
         start = time.monotonic()
         send()
@@ -138,6 +140,9 @@ class Bench:
         result = self.load.ask("wait", expect=events, timeout=timeout)
         cpu1, other1, cores1 = server.cpu(), self.harness_cpu(), core_busy_seconds()
         run.relay_cpu_s_stat = round(server.cpu_ticks() - ticks0, 2)
+        if run.relay_cpu_s_stat:
+            system = server.cpu_ticks(system_only=True) - system0
+            run.relay_system_share = round(system / run.relay_cpu_s_stat, 2)
         load_cpu = self.load.cpu() - load0
         run.source_cpu_s = round(self.source.cpu() - source0, 3)
         if profiler is not None:
