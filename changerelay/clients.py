@@ -104,12 +104,9 @@ class Client:
     def send(self, payload: bytes) -> None:
         if self.closed:
             return
-        writer = self.writer
-        if writer.buffered() + len(payload) > self.limit:
-            self.cut_off()
-            return
         try:
-            writer.write(payload)
+            if not self.writer.write_within(payload, self.limit):
+                self.cut_off()
         except StreamClosedError:
             self.closed = True
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from . import events as ev
@@ -45,11 +45,12 @@ class Subscriber(Protocol):
 class Group:
     """Clients with the same subscription: one match per event, one payload per kind."""
 
-    __slots__ = ("clients", "subscription")
+    __slots__ = ("clients", "last_send", "subscription")
 
     def __init__(self, subscription):
         self.subscription = subscription
         self.clients: set = set()
+        self.last_send = 0.0  # the group's clients all got the same live frames at this time
 
     def deliver(self, batch: list[Event], now: float) -> None:
         if self.subscription.match_all:
@@ -59,12 +60,12 @@ class Group:
             matched = [event for event in batch if matches(event)]
         if not matched:
             return
+        self.last_send = now
         payloads: dict[str, bytes] = {}
         for client in tuple(self.clients):
             payload = payloads.get(client.kind)
             if payload is None:
                 payload = payloads[client.kind] = client.pack(matched)
-            client.last_send = now
             client.deliver(matched, payload)
 
 
@@ -243,17 +244,16 @@ class Hub:
         now = time.monotonic()
         message = ev.control("position", resume_after=self.position)
         sent = 0
-        for client in self._live_clients():
-            if now - client.last_send >= idle and client.told != self.position:
-                client.last_send = now
-                client.told = self.position
-                client.send_control(message, token=self.position)
-                sent += 1
-        return sent
-
-    def _live_clients(self) -> Iterable:
         for group in tuple(self._groups.values()):
-            yield from tuple(group.clients)
+            if now - group.last_send < idle:
+                continue
+            for client in tuple(group.clients):
+                if now - client.last_send >= idle and client.told != self.position:
+                    client.last_send = now
+                    client.told = self.position
+                    client.send_control(message, token=self.position)
+                    sent += 1
+        return sent
 
     def broadcast_control(self, message: bytes) -> None:
         for client in tuple(self.clients):

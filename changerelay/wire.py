@@ -18,23 +18,34 @@ from tornado.iostream import IOStream, StreamClosedError
 class StreamWriter:
     """Writes bytes to an ``IOStream`` without per-write Futures when it can."""
 
-    __slots__ = ("_direct", "stream")
+    __slots__ = ("_buffer", "_direct", "stream")
 
     def __init__(self, stream: IOStream):
         self.stream = stream
+        self._buffer = stream._write_buffer
         # TLS streams have their own state machine around the socket: always go through Tornado.
         self._direct = type(stream) is IOStream
 
     def buffered(self) -> int:
         """Bytes accepted but not yet handed to the kernel."""
-        return len(self.stream._write_buffer)
+        return self._buffer._size
 
     def write(self, data: bytes) -> None:
         """Write ``data`` in order after everything written before; raise StreamClosedError."""
+        self.write_within(data, 1 << 62)
+
+    def write_within(self, data: bytes, limit: int) -> bool:
+        """Write ``data`` unless that would queue more than ``limit`` bytes; False if not.
+
+        This is the per-client, per-flush call of the fan-out: one call, one syscall.
+        """
+        queued = self._buffer._size
         stream = self.stream
-        if stream._write_buffer or not self._direct:
+        if queued or not self._direct:
+            if queued + len(data) > limit:
+                return False
             stream.write(data)
-            return
+            return True
         sock = stream.socket
         if sock is None:
             raise StreamClosedError()
@@ -46,7 +57,10 @@ class StreamWriter:
             stream.close(exc_info=exc)
             raise StreamClosedError(real_error=exc) from exc
         if sent < len(data):
+            # Nothing was queued before, so this client is not slow: queue the rest whatever
+            # its size (one batch can exceed the limit; a backlog of them cannot).
             stream.write(memoryview(data)[sent:])
+        return True
 
 
 def ws_stream(handler) -> IOStream:

@@ -25,7 +25,7 @@ MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, 
 
 def test_private_attributes_still_exist():
     stream = iostream.IOStream(socket.socket())
-    assert len(stream._write_buffer) == 0
+    assert len(stream._write_buffer) == 0 and stream._write_buffer._size == 0
     assert hasattr(websocket.WebSocketProtocol13, "_write_frame")
     assert "_compressor" in websocket.WebSocketProtocol13._create_compressors.__code__.co_names
     assert "_chunking_output" in HTTP1Connection.__init__.__code__.co_names
@@ -114,6 +114,12 @@ class FakeWriter:
     def write(self, data):
         self.data += data
         self.queued += len(data)
+
+    def write_within(self, data, limit):
+        if self.queued + len(data) > limit:
+            return False
+        self.write(data)
+        return True
 
 
 class FakeHandler:
