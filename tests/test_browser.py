@@ -37,6 +37,7 @@ import tornado.web
 import tornado.websocket
 from browser import CHROMIUM, Browser, ConsoleMessage
 from bson import ObjectId, Timestamp, json_util
+from pymongo import MongoClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -144,6 +145,16 @@ def is_change(message: ConsoleMessage, document_key: dict[str, Any]) -> bool:
         and len(message.args) == 1
         and isinstance(message.args[0], dict)
         and message.args[0].get("documentKey") == document_key
+    )
+
+
+COUNT_JS = "Number(document.getElementById('count').textContent.replaceAll(',', ''))"
+
+
+def is_event(message: ConsoleMessage, token: str) -> bool:
+    """Whether ``message`` logged the change event whose id is ``token``."""
+    return bool(message.args) and isinstance(message.args[0], dict) and (
+        message.args[0].get("_id", {}).get("_data") == token
     )
 
 
@@ -298,6 +309,47 @@ def test_reconnects_with_resume_after_and_loses_nothing(
     assert len(resumed) == 1 and resumed <= set(held), (resumed, held)
     detail = page.evaluate("document.getElementById('status-detail').textContent")
     assert detail.startswith("last close: ")
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+def test_a_relay_killed_mid_stream_and_restarted_leaves_no_gap(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    """SIGKILL sends no close frame and flushes nothing: the page only sees its connection die
+    (1006), and all the successor learns of the page is the ``resume_after`` it reconnects with.
+    Writes go on before, during and after the outage; every event must arrive exactly once."""
+    relay = RealRelay(mongo, relay_factory)
+    page = live(browser, relay.page_url)
+    primary = mongo.primary
+    killed, restarted = threading.Event(), threading.Event()
+    gates = {700: killed, 1000: restarted}
+    writer = GatedWriter(mongo.uri, mongo.db, total=1200, batch=20, gates=gates)
+    writer.start()
+    try:
+        page.wait_for(f"{COUNT_JS} >= 300", 30)  # the writer goes on, up to 700
+        relay.crash(then=lambda: (killed.set(), writer.wait_written(800, 30)))
+        restarted.set()
+        writer.join(60)
+        assert not writer.is_alive() and writer.error is None, writer.error
+    finally:
+        writer.stop()
+
+    expected = [e["_id"]["_data"] for e in list(primary.events) if e["ns"]["db"] == mongo.db]
+    assert len(expected) == 1200
+    # The newest event, not a count, ends the wait: a gap then fails now, not at the deadline.
+    page.wait_for_console(lambda m: is_event(m, expected[-1]), 30)
+    assert [m["_id"]["_data"] for m in logged(page) if "operationType" in m] == expected
+    assert page.evaluate(COUNT_JS) == len(expected)
+
+    _, *retries = page.websocket_urls
+    resumed = {parse_qs(urlsplit(url).query).get("resume_after", [None])[0] for url in retries}
+    held = {m.get("_id", {}).get("_data") or m.get("resume_after") for m in logged(page)}
+    assert len(resumed) == 1 and resumed <= held, (resumed, retries)
+    detail = page.evaluate("document.getElementById('status-detail').textContent")
+    assert detail.startswith("last close: 1006 ")  # cut, not closed: it really was killed
+    refused = "failed: Error in connection establishment: net::ERR_CONNECTION_REFUSED"
+    assert [text for text in problems(page) if not text.endswith(refused)] == []
 
 
 def test_status_shows_reconnecting_and_the_last_close(
@@ -549,6 +601,69 @@ class RealRelay:
         if then is not None:
             then()
         self._relay = self._start()
+
+    def crash(self, then: Callable[[], Any] | None = None) -> None:
+        """Restart the relay after SIGKILL: sockets are cut without a close frame, nothing is
+        flushed; ``then`` runs while nothing listens on the port."""
+        self._relay.kill()
+        if then is not None:
+            then()
+        self._relay = self._start()
+
+
+class GatedWriter(threading.Thread):
+    """Inserts ``total`` small documents in batches through its own PyMongo client.
+
+    Before document ``n`` it waits for ``gates[n]``, so a test can place writes before, during
+    and after an outage whatever the machine's speed; the pause between batches keeps events
+    arriving while the test acts, rather than all at once.
+    """
+
+    def __init__(
+        self, uri: str, db: str, *, total: int, batch: int, gates: dict[int, threading.Event]
+    ) -> None:
+        super().__init__(daemon=True)
+        self._uri, self._db, self._total, self._batch, self._gates = uri, db, total, batch, gates
+        self._stopping = threading.Event()
+        self._progress = threading.Condition()
+        self.written = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with MongoClient(self._uri, serverSelectionTimeoutMS=10_000) as client:
+                orders = client[self._db]["orders"]
+                for start in range(0, self._total, self._batch):
+                    gate = self._gates.get(start)
+                    if gate is not None and not gate.wait(60):
+                        raise TimeoutError(f"gate before document {start} never opened")
+                    if self._stopping.is_set():
+                        return
+                    orders.insert_many(
+                        [{"n": n} for n in range(start, min(start + self._batch, self._total))]
+                    )
+                    with self._progress:
+                        self.written = min(start + self._batch, self._total)
+                        self._progress.notify_all()
+                    self._stopping.wait(0.01)
+        except BaseException as error:  # reported by the test, which owns the assertion
+            self.error = error
+        finally:
+            with self._progress:
+                self._progress.notify_all()
+
+    def wait_written(self, count: int, timeout: float) -> None:
+        with self._progress:
+            if not self._progress.wait_for(
+                lambda: self.written >= count or not self.is_alive(), timeout
+            ):
+                raise TimeoutError(f"the writer wrote {self.written} documents, not {count}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for gate in self._gates.values():
+            gate.set()
+        self.join(10)
 
 
 
