@@ -57,7 +57,8 @@ class Relay:
         from tornado.ioloop import PeriodicCallback
 
         for callback, seconds in ((self._tick, min(1.0, self.config.position_interval / 2)),
-                                  (self._heartbeat, self.config.sse_heartbeat)):
+                                  (self._heartbeat, self.config.sse_heartbeat),
+                                  (self._ping, self.config.ws_ping_interval)):
             timer = PeriodicCallback(callback, seconds * 1000)
             timer.start()
             self._timers.append(timer)
@@ -66,6 +67,14 @@ class Relay:
         self.hub.send_positions(self.config.position_interval)
         if self.auth is not None:
             self.auth.expire(self.hub.clients)
+
+    def _ping(self) -> None:
+        """Ping every WebSocket; close those that did not answer the previous ping in time."""
+        now = time.monotonic()
+        timeout = self.config.ws_ping_interval * 1.5
+        for client in tuple(self.hub.clients):
+            if client.kind.startswith("ws"):
+                client.ping(now, timeout)
 
     def _heartbeat(self) -> None:
         for client in tuple(self.hub.clients):
@@ -172,8 +181,7 @@ def make_app(relay: Relay) -> web.Application:
         ],
         template_path=str(ROOT / "templates"),
         static_path=str(ROOT / "static"),
-        websocket_ping_interval=relay.config.ws_ping_interval,
-        websocket_ping_timeout=relay.config.ws_ping_interval,
+        websocket_ping_interval=None,  # one shared pinger instead of a Task per connection
         websocket_max_message_size=MAX_INBOUND_FRAME,
         compress_response=False,
     )

@@ -21,6 +21,7 @@ from . import events as ev
 from . import wire
 
 SLOW_CONSUMER = 1013
+PING = ev.ws_frame(b"", opcode=0x9)
 POLICY_VIOLATION = 1008
 REPLAY_CHUNK = 256 * 1024  # bytes per write while replaying
 DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
@@ -34,9 +35,11 @@ class Client:
     live events queue behind it in order, and only they count against the limit.
     """
 
-    kind = "?"
+    __slots__ = ("_drained", "_queued", "backlog", "claims", "closed", "kind", "last_send",
+                 "limit", "on_cut", "peer", "subscription", "told", "writer")
 
     def __init__(self, subscription, limit: int, peer: str):
+        self.kind = "?"
         self.subscription = subscription
         self.limit = limit
         self.peer = peer
@@ -146,11 +149,13 @@ class Client:
 class WebSocketClient(Client):
     """A ``ChangesHandler`` connection. Frames are pre-built once per event and shared."""
 
-    kind = "ws"
+    __slots__ = ("handler", "pinged")
 
     def __init__(self, handler, subscription, limit: int, peer: str):
         super().__init__(subscription, limit, peer)
+        self.kind = "ws"
         self.handler = handler
+        self.pinged: float | None = None  # when an unanswered ping was sent
 
     def attach(self) -> None:
         """Call once the WebSocket is open."""
@@ -195,6 +200,19 @@ class WebSocketClient(Client):
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
         return ev.ws_frame(message)
 
+    def ping(self, now: float, timeout: float) -> None:
+        """One shared timer pings every connection (Tornado would run a Task per connection)."""
+        if self.closed:
+            return
+        if self.pinged is not None and now - self.pinged > timeout:
+            self.closed = True
+            self.handler.close(1000, "ping timed out")
+            return
+        if self.pinged is None:
+            self.pinged = now
+            with contextlib.suppress(StreamClosedError):
+                self.writer.write(PING)
+
     def finish(self, message: bytes, code: int = SLOW_CONSUMER,
                reason: str = "slow consumer") -> None:
         try:
@@ -208,10 +226,11 @@ class WebSocketClient(Client):
 class EventStreamClient(Client):
     """A Server-Sent Events response (``GET /events``)."""
 
-    kind = "sse"
+    __slots__ = ("chunked", "handler")
 
     def __init__(self, handler, subscription, limit: int, peer: str):
         super().__init__(subscription, limit, peer)
+        self.kind = "sse"
         self.handler = handler
         self.chunked = False
 

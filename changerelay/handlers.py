@@ -10,7 +10,7 @@ import asyncio
 import json
 from urllib.parse import urlsplit
 
-from tornado import web, websocket
+from tornado import httputil, web, websocket
 
 from . import clients
 from .subscription import SubscriptionError
@@ -99,6 +99,12 @@ class ChangesHandler(RelayHandlerMixin, websocket.WebSocketHandler):
             self, self.subscription, relay.config.client_buffer_bytes, self.peer)
         self.client.attach()
         relay.attach(self.client, self.resume_after, self.claims)
+        self.subscription = self.claims = self.resume_after = None
+        _forget_request_details(self.request)
+
+    def on_pong(self, data):
+        if self.client is not None:
+            self.client.pinged = None
 
     def on_message(self, message):
         # Clients are not expected to send anything; oversized frames are closed with 1009 by
@@ -212,6 +218,15 @@ class ReadyHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(body))
+
+
+_NO_HEADERS = httputil.HTTPHeaders()
+
+
+def _forget_request_details(request) -> None:
+    """An open WebSocket lives for hours; its handshake's headers and arguments need not."""
+    request.headers = _NO_HEADERS
+    request.arguments = request.query_arguments = request.body_arguments = {}
 
 
 def same_origin(origin: str, host: str) -> bool:

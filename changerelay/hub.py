@@ -217,6 +217,7 @@ class Hub:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = Group(client.subscription)
+        client.subscription = group.subscription  # one compiled copy per distinct subscription
         group.clients.add(client)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
