@@ -35,11 +35,12 @@ class Client:
     live events queue behind it in order, and only they count against the limit.
     """
 
-    __slots__ = ("_drained", "_queued", "backlog", "claims", "closed", "kind", "last_send",
-                 "limit", "on_cut", "peer", "subscription", "told", "writer")
+    __slots__ = ("_drained", "_queued", "backlog", "claims", "closed", "handler", "kind",
+                 "last_send", "limit", "on_cut", "peer", "subscription", "told", "writer")
 
-    def __init__(self, subscription, limit: int, peer: str):
+    def __init__(self, handler, subscription, limit: int, peer: str):
         self.kind = "?"
+        self.handler = handler
         self.subscription = subscription
         self.limit = limit
         self.peer = peer
@@ -120,41 +121,40 @@ class Client:
             self.backlog.append(self.pack_control(message, token))
 
     def cut_off(self) -> None:
-        if self.closed:
-            return
-        logger.warning("cutting off slow consumer %s (%d bytes unsent)", self.peer,
-                       self.writer.buffered())
-        self.closed = True
-        if self.on_cut is not None:
-            self.on_cut()
-        self.finish(ev.control("error", code="slow_consumer", message=(
+        if not self.closed:
+            logger.warning("cutting off slow consumer %s (%d bytes unsent)", self.peer,
+                           self.writer.buffered())
+        self._end(ev.control("error", code="slow_consumer", message=(
             "you fell more than CLIENT_BUFFER_BYTES behind; reconnect with resume_after "
             "to continue without loss")))
 
-    def finish(self, message: bytes) -> None:
-        raise NotImplementedError
-
     def expire(self) -> None:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
+        self._end(ev.control("error", code="token_expired",
+                             message="your token has expired; reconnect with a fresh one"),
+                  code=POLICY_VIOLATION, reason="token expired")
+
+    def _end(self, message: bytes, **close) -> None:
+        """Leave the hub, say why in a last message, and close."""
         if self.closed:
             return
         self.closed = True
         if self.on_cut is not None:
             self.on_cut()
-        self.finish(ev.control("error", code="token_expired",
-                               message="your token has expired; reconnect with a fresh one"),
-                    code=POLICY_VIOLATION, reason="token expired")
+        self.finish(message, **close)
+
+    def finish(self, message: bytes, **close) -> None:
+        raise NotImplementedError
 
 
 class WebSocketClient(Client):
     """A ``ChangesHandler`` connection. Frames are pre-built once per event and shared."""
 
-    __slots__ = ("handler", "pinged")
+    __slots__ = ("pinged",)
 
     def __init__(self, handler, subscription, limit: int, peer: str):
-        super().__init__(subscription, limit, peer)
+        super().__init__(handler, subscription, limit, peer)
         self.kind = "ws"
-        self.handler = handler
         self.pinged: float | None = None  # when an unanswered ping was sent
 
     def attach(self) -> None:
@@ -226,12 +226,11 @@ class WebSocketClient(Client):
 class EventStreamClient(Client):
     """A Server-Sent Events response (``GET /events``)."""
 
-    __slots__ = ("chunked", "handler")
+    __slots__ = ("chunked",)
 
     def __init__(self, handler, subscription, limit: int, peer: str):
-        super().__init__(subscription, limit, peer)
+        super().__init__(handler, subscription, limit, peer)
         self.kind = "sse"
-        self.handler = handler
         self.chunked = False
 
     def attach(self) -> None:
