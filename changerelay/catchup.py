@@ -36,6 +36,7 @@ class Job:
         self.position = after      # the newest token this job has read past
         self.clients: dict = {}    # client -> the newest token that client has seen
         self.running = False
+        self.after_invalidate = False  # position is an invalidate: continue with startAfter
         self.task: asyncio.Task | None = None
 
     def accepts(self, after: str) -> bool:
@@ -91,8 +92,9 @@ class CatchUp:
                 failures = 0
                 while job.clients:
                     try:
-                        await self._stream(job)
-                        return
+                        if await self._stream(job):
+                            return
+                        continue  # invalidated: reopen right after the invalidate
                     except OperationFailure as exc:
                         if exc.code == HISTORY_LOST or _bad_token(exc):
                             self._resync(job, "history_lost" if exc.code == HISTORY_LOST
@@ -109,7 +111,9 @@ class CatchUp:
             if job in self.jobs:
                 self.jobs.remove(job)
 
-    async def _stream(self, job: Job) -> None:
+    async def _stream(self, job: Job) -> bool:
+        """Replay from ``job.position``; True once handed over, False to reopen after an
+        invalidate (which ends a change stream, as it ends the relay's own)."""
         source = self.relay.source
         hub = self.relay.hub
         options = {"max_await_time_ms": 200}
@@ -118,12 +122,19 @@ class CatchUp:
             options["full_document"] = mode
         token = {"_data": job.position}
         try:
-            stream = await source.target().watch(source.pipeline(), resume_after=token, **options)
+            if job.after_invalidate:
+                stream = await source.target().watch(source.pipeline(), start_after=token,
+                                                     **options)
+            else:
+                stream = await source.target().watch(source.pipeline(), resume_after=token,
+                                                     **options)
         except OperationFailure as exc:
-            if not _bad_token(exc) or job.position != job.start:
+            if not _bad_token(exc) or job.position != job.start or job.after_invalidate:
                 raise
-            # An invalidate event's token can only be continued from with startAfter.
+            # The client's own id may be an invalidate: only startAfter continues from one.
+            job.after_invalidate = True
             stream = await source.target().watch(source.pipeline(), start_after=token, **options)
+        job.after_invalidate = False
         self.streams_opened += 1
         try:
             while job.clients:
@@ -133,14 +144,20 @@ class CatchUp:
                     resume = stream.resume_token
                     if resume is not None and floor is not None and resume["_data"] >= floor:
                         self._hand_over(job, floor)
-                        return
+                        return True
+                    if not stream.alive:
+                        raise PyMongoError("catch-up change stream closed by the server")
                     continue
                 event = ev.encode_change(change)
                 if floor is not None and event.token > floor:
                     self._hand_over(job, floor)
-                    return
+                    return True
                 self._deliver(job, event)
+                if event.op == "invalidate":
+                    job.after_invalidate = True
+                    return False
                 await self._pace(job)
+            return True
         finally:
             with contextlib.suppress(PyMongoError):
                 await stream.close()

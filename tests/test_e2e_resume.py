@@ -318,3 +318,31 @@ def test_tail_cli_survives_a_relay_restart(primary, relay_factory, tmp_path):
 
 def _lines(path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
+
+
+@pytest.mark.fault
+def test_catch_up_crosses_an_invalidate_like_the_live_stream(primary, relay_factory):
+    """A collection is dropped and recreated while a client is away, beyond the buffer: its
+    catch-up must deliver drop + invalidate and carry on after them, exactly as live clients
+    saw it."""
+    relay = relay_factory(MONGO_SRV=primary.uri, WATCH_DB="db", WATCH_COLLECTION="c",
+                          REPLAY_BUFFER=20)
+    relay.wait_ready()
+
+    async def scenario():
+        live = await WS.connect(relay.ws_url)
+        away = await ResumingClient().connect(relay.ws_url)
+        write(primary.uri, "db", 500)
+        await away.read(500)
+        away.drop()
+        write(primary.uri, "db", 300, start=500)
+        with MongoClient(primary.uri) as client:
+            client.db.c.drop()
+            client.db.c.insert_one({"_id": "reborn"})
+        write(primary.uri, "db", 250, start=1000)
+        expected = [token_of(f) for f in await live.changes(500 + 300 + 2 + 1 + 250)]
+        await away.connect(relay.ws_url)
+        await away.read(len(expected))
+        assert away.tokens == expected
+
+    run(scenario())
