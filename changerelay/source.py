@@ -217,6 +217,8 @@ class ChangeSource:
                     if token is not None:
                         self._token = token
                         hub.advance(token["_data"])
+                    if not stream.alive:
+                        raise ConnectionFailure("the change stream was closed by the server")
                     continue
                 self.last_event_at = time.monotonic()
                 hub.publish(ev.encode_change(change))
