@@ -121,7 +121,9 @@ def measure_server(bench: Bench, server, counts, fixed, args, results) -> None:
                               "connect_seconds": reply["seconds"]})
     log(f"{server.name}: {top} connections in {reply['seconds']}s, "
         f"{(after - before) / top / 1024:.1f} KiB each")
-    idle = bench.idle(server, IDLE_SECONDS)
+    profile = profile_path(args, results, server, "idle", top)
+    idle = bench.idle(server, IDLE_SECONDS * (5 if profile else 1), profile)
+    keep_profile(results, server, "idle", top, profile)
     results["idle"].append({"server": server.name, "connections": top, "cpu_per_s": idle})
     log(f"{server.name}: idle with {top} clients: {idle * 1000:.1f} ms CPU per second")
     for n in sorted(set(counts + fixed), reverse=True):

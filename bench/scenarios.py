@@ -197,11 +197,15 @@ class Bench:
         return self.measure(server, "max-rate", events,
                             lambda: self.inserter.burst(events, batch), profile)
 
-    def idle(self, server: Server, seconds: float) -> float:
+    def idle(self, server: Server, seconds: float, profile: Path | None = None) -> float:
         """Server CPU seconds per wall second with its clients connected and no events."""
+        profiler = None if profile is None else Profiler(family(server.proc.pid), profile)
         cpu0, start = server.cpu(), time.monotonic()
         time.sleep(seconds)  # a measurement window, not a synchronisation
-        return round((server.cpu() - cpu0) / (time.monotonic() - start), 4)
+        idle = round((server.cpu() - cpu0) / (time.monotonic() - start), 4)
+        if profiler is not None:
+            profiler.stop()
+        return idle
 
     def fixed_rate(self, server: Server, events: int, rate: float,
                    profile: Path | None = None) -> Run:
