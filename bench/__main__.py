@@ -27,7 +27,7 @@ from pathlib import Path
 from . import report
 from .loadclient import raise_open_files_limit
 from .procs import LoadClient, Relay, Source, Tutorial
-from .profile import summary
+from .profile import Profiler, summary
 from .scenarios import Bench, Inserter, Run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,6 +60,8 @@ def parse_args(argv):
     parser.add_argument("--profile", type=int, metavar="CLIENTS",
                         help="py-spy each server during its max-rate run at CLIENTS clients "
                              "(needs pip install py-spy); stacks saved next to the results")
+    parser.add_argument("--profile-native", action="store_true",
+                        help="with --profile: include native (C) frames, e.g. socket send")
     parser.add_argument("--servers", nargs="+", default=["tutorial", "changerelay"],
                         choices=["tutorial", "changerelay"])
     return parser.parse_args(argv)
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     counts = args.clients or ([100, 1000, 10000] if args.full else [100, 1000])
     fixed = args.fixed_clients if args.fixed_clients is not None else (
         [1000, 10000] if args.full else [1000])
+    Profiler.native = args.profile_native
     server_cores, client_cores = cores()
     raise_open_files_limit()  # inherited by the servers, which the tutorial server needs
     os.sched_setaffinity(0, client_cores)

@@ -18,14 +18,19 @@ from pathlib import Path
 
 
 class Profiler:
+    native = False  # --profile-native: C frames too (sock.send, ...); pauses the target to sample
+
     def __init__(self, pids: list[int], path: Path, rate: int = 200):
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(exe).exists():
             raise RuntimeError("--profile needs py-spy: pip install py-spy (into .venv)")
         self.path = path
         self.proc = subprocess.Popen(
-            [exe, "record", "--nonblocking", "--threads", "--format", "raw", "--rate", str(rate),
+            [exe, "record", "--threads", "--format", "raw", "--rate", str(rate),
+             # native stacks need the target paused while sampled; Python-only ones do not
+             *([] if self.native else ["--nonblocking"]),
              "--output", str(path), "--pid", str(pids[0]),
+             *(["--native"] if self.native else []),
              *(["--subprocesses"] if len(pids) > 1 else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -39,6 +44,12 @@ class Profiler:
         if not self.path.exists():
             raise RuntimeError(f"py-spy wrote no profile: {err.strip()[-500:]}")
         return self.path
+
+
+# Leaf frames of a thread that waits (py-spy samples some of them as active, and with --native
+# the leaf is the libc call): a lock, epoll or select, a condition variable.
+WAITING = ("acquire_lock", "epoll_wait", "select (selectors.py)", "poll (selectors.py)",
+           "wait (threading.py)", "idle")
 
 
 def _frames(stack: str) -> list[str]:
@@ -60,8 +71,7 @@ def summary(path: Path, top: int = 25) -> str:
             continue
         n = int(count)
         frames = _frames(stack)
-        if any("idle" in f or "select (selectors.py)" in f or "poll (selectors.py)" in f
-               or "wait (threading.py)" in f for f in frames[-2:]):
+        if any(mark in frame for frame in frames[-3:] for mark in WAITING):
             continue  # a thread waiting is not CPU
         total += n
         own[frames[-1]] += n
