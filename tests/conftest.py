@@ -45,21 +45,58 @@ def pytest_collection_modifyitems(config, items):
 
 
 class Mongo:
-    """The MongoDB a test writes to: the test primary, or a real replica set."""
+    """The MongoDB a test writes to: the test primary, or a real replica set.
+
+    ``tokens()`` is the reference log the clients are compared with: the ids of every change
+    event in the test's database, in order — from the test primary's own log, or on a real
+    deployment from a change stream this fixture opened before the test wrote anything.
+    """
 
     def __init__(self, uri: str, primary: TestPrimary | None):
         self.uri = uri
         self.primary = primary
         self.db = "t_" + uuid.uuid4().hex[:12]
         self.client = MongoClient(uri, serverSelectionTimeoutMS=5000)
+        self._log: list[str] = []
+        self._recorder = None
+        if primary is None:
+            marks = self.db + "_marks"
+            self._recorder = self.client.watch(
+                [{"$match": {"ns.db": {"$in": [self.db, marks]}}}], max_await_time_ms=200)
 
     @property
     def fake(self) -> bool:
         return self.primary is not None
 
+    def tokens(self) -> list[str]:
+        if self.fake:
+            return [e["_id"]["_data"] for e in self.primary.events
+                    if e.get("ns", {}).get("db") == self.db]
+        # Change streams are totally ordered: once a marker written now shows up, every event
+        # committed before it has been seen.
+        marker = uuid.uuid4().hex
+        self.client[self.db + "_marks"].m.insert_one({"_id": marker})
+        while True:
+            change = self._recorder.try_next()
+            if change is None:
+                continue
+            if change.get("ns", {}).get("db") == self.db:
+                self._log.append(change["_id"]["_data"])
+            elif change.get("documentKey", {}).get("_id") == marker:
+                return list(self._log)
+
+    def wait_for(self, predicate, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            time.sleep(0.01)
+
     def close(self):
         if not self.fake:
+            self._recorder.close()
             self.client.drop_database(self.db)
+            self.client.drop_database(self.db + "_marks")
         self.client.close()
 
 

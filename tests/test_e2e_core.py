@@ -286,9 +286,8 @@ def test_health_page_and_static(relay):
     assert ready["status"] == 200 and ready["source"] == "open"
 
 
-@pytest.mark.fault
-def test_reuse_port_workers_share_the_port_and_all_deliver(primary, relay_factory):
-    relay = relay_factory(MONGO_SRV=primary.uri, REUSE_PORT=2)
+def test_reuse_port_workers_share_the_port_and_all_deliver(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REUSE_PORT=2)
     relay.wait_log("listening on", timeout=15)
     deadline = time.monotonic() + 15
     while sum("listening on" in line for line in relay.lines) < 2:
@@ -303,11 +302,11 @@ def test_reuse_port_workers_share_the_port_and_all_deliver(primary, relay_factor
         if status["source"] == "open":
             ready.add(status["pid"])
         assert time.monotonic() < deadline + 15
-    writer = MongoClient(primary.uri)
+    writer = MongoClient(mongo.uri)
 
     async def scenario():
         clients = [await WS.connect(relay.ws_url) for _ in range(8)]
-        writer.db.c.insert_many([{"_id": i} for i in range(50)])
+        writer[mongo.db].c.insert_many([{"_id": i} for i in range(50)])
         for client in clients:
             assert [f["documentKey"]["_id"] for f in await client.changes(50)] == list(range(50))
         relay.proc.send_signal(15)

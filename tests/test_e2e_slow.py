@@ -93,7 +93,7 @@ class StalledClient:
         return data[0] & 0x0F, data[offset:offset + length]
 
 
-async def flow_and_measure(relay, uri: str, start: int, fast_clients: list[WS]):
+async def flow_and_measure(relay, mongo, start: int, fast_clients: list[WS]):
     """Write EVENTS padded documents; return every fast client's latencies (seconds)."""
     latencies = []
 
@@ -104,7 +104,8 @@ async def flow_and_measure(relay, uri: str, start: int, fast_clients: list[WS]):
 
     consumers = [asyncio.create_task(consume(c)) for c in fast_clients]
     # The writer runs in its own process so that it does not compete with the readers for the GIL.
-    writer = await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, uri, str(start))
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, mongo.uri, mongo.db, str(start))
     assert await writer.wait() == 0
     await asyncio.gather(*consumers)
     return latencies
@@ -113,11 +114,11 @@ async def flow_and_measure(relay, uri: str, start: int, fast_clients: list[WS]):
 WRITER = f"""
 import sys, time
 from pymongo import MongoClient
-uri, start = sys.argv[1], int(sys.argv[2])
+uri, db, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pad = "x" * {EVENT_PAD}
 with MongoClient(uri) as client:
     for first in range(start, start + {EVENTS}, 10):
-        client.db.c.insert_many([{{"_id": i, "pad": pad}} for i in range(first, first + 10)])
+        client[db].c.insert_many([{{"_id": i, "pad": pad}} for i in range(first, first + 10)])
         time.sleep(0.02)  # pacing: ~500 events/s (5 MB/s), a steady stream
 """
 
@@ -126,19 +127,18 @@ def p99(values):
     return statistics.quantiles(values, n=100)[98]
 
 
-@pytest.mark.fault
-def test_slow_consumer_is_cut_off_and_loses_nothing(primary, relay_factory):
-    relay = relay_factory(MONGO_SRV=primary.uri, CLIENT_BUFFER_BYTES=CLIENT_BUFFER,
+def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=CLIENT_BUFFER,
                           REPLAY_BUFFER_BYTES=16 * 1024 * 1024, LOG_LEVEL="INFO")
     relay.wait_ready()
 
     async def scenario():
         fast = [await WS.connect(relay.ws_url) for _ in range(3)]
-        baseline = await flow_and_measure(relay, primary.uri, 0, fast)
+        baseline = await flow_and_measure(relay, mongo, 0, fast)
         rss_before = rss(relay.proc.pid)
 
         stalled = StalledClient(relay.port)
-        with_slow = await flow_and_measure(relay, primary.uri, EVENTS, fast)
+        with_slow = await flow_and_measure(relay, mongo, EVENTS, fast)
         rss_after = rss(relay.proc.pid)
         relay.wait_log("cutting off slow consumer")
 
@@ -152,7 +152,7 @@ def test_slow_consumer_is_cut_off_and_loses_nothing(primary, relay_factory):
         resumed = await WS.connect(f"{relay.ws_url}?resume_after={seen[-1]}")
         rest = await resumed.changes(EVENTS - len(seen))
         tokens = seen + [token_of(f) for f in rest]
-        assert tokens == primary.tokens()[EVENTS:]
+        assert tokens == mongo.tokens()[EVENTS:]
 
         print(f"p99 latency without a slow client {p99(baseline) * 1000:.1f} ms, "
               f"with one {p99(with_slow) * 1000:.1f} ms; RSS {rss_before >> 20} -> "
@@ -165,18 +165,18 @@ def test_slow_consumer_is_cut_off_and_loses_nothing(primary, relay_factory):
     run(scenario())
 
 
-@pytest.mark.fault
-def test_sse_slow_consumer_gets_an_error_record_and_resumes(primary, relay_factory):
-    relay = relay_factory(MONGO_SRV=primary.uri, CLIENT_BUFFER_BYTES=1024 * 1024)
+def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=1 << 20)
     relay.wait_ready()
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
     stalled.connect(("127.0.0.1", relay.port))
     stalled.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode())
     pad = "y" * EVENT_PAD
-    with MongoClient(primary.uri) as client:
+    with MongoClient(mongo.uri) as client:
         for first in range(0, 1000, 50):
-            client.db.c.insert_many([{"_id": i, "pad": pad} for i in range(first, first + 50)])
+            batch = [{"_id": i, "pad": pad} for i in range(first, first + 50)]
+            client[mongo.db].c.insert_many(batch)
     relay.wait_log("cutting off slow consumer")
     stalled.settimeout(30)
     body = b""
@@ -195,7 +195,7 @@ def test_sse_slow_consumer_gets_an_error_record_and_resumes(primary, relay_facto
 
         again = await SSE.open(relay.port, last_event_id=ids[-1])
         rest = await again.changes(1000 - len(ids))
-        assert ids + [r["id"] for r in rest] == primary.tokens()
+        assert ids + [r["id"] for r in rest] == mongo.tokens()
 
     run(scenario())
 
