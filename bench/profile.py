@@ -57,7 +57,8 @@ def _frames(stack: str) -> list[str]:
     frames = []
     for frame in stack.split(";"):
         name, _, where = frame.partition(" (")
-        frames.append(f"{name} ({where.rsplit(':', 1)[0].split('/')[-1]})" if where else name)
+        where = where.removesuffix(")").rsplit(":", 1)[0].split("/")[-1]
+        frames.append(f"{name} ({where})" if where else name)
     return frames
 
 
