@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import tornado.httpserver
+import tornado.netutil
 import tornado.web
 import tornado.websocket
 from bson import json_util
@@ -61,8 +63,10 @@ async def main():
         target = target[os.environ["WATCH_COLLECTION"]]
     app = tornado.web.Application([(r"/socket", ChangesHandler)])
     host = os.environ.get("HOST", "127.0.0.1")
-    server = app.listen(int(os.environ.get("PORT", "8000")), host)
-    port = next(iter(server._sockets.values())).getsockname()[1]
+    # app.listen(PORT) in the tutorial; bound by hand here only to learn the port PORT=0 picked.
+    sockets = tornado.netutil.bind_sockets(int(os.environ.get("PORT", "8000")), host)
+    tornado.httpserver.HTTPServer(app).add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
     print(f"tutorial server {os.getpid()} listening on http://{host}:{port}/", flush=True)
     await watch(target)
 
