@@ -101,6 +101,7 @@ class ChangesHandler(RelayHandlerMixin, websocket.WebSocketHandler):
         relay.attach(self.client, self.resume_after, self.claims)
         self.subscription = self.claims = self.resume_after = None
         _forget_request_details(self.request)
+        self._headers = _NO_HEADERS  # the 101 response went out: its headers are done with
 
     def on_pong(self, data):
         if self.client is not None:
