@@ -62,6 +62,9 @@ def parse_args(argv):
                              "(needs pip install py-spy); stacks saved next to the results")
     parser.add_argument("--profile-native", action="store_true",
                         help="with --profile: include native (C) frames, e.g. socket send")
+    parser.add_argument("--relay-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for changerelay, e.g. --relay-env WS_PING_INTERVAL=600 "
+                             "(repeatable)")
     parser.add_argument("--servers", nargs="+", default=["tutorial", "changerelay"],
                         choices=["tutorial", "changerelay"])
     return parser.parse_args(argv)
@@ -75,6 +78,16 @@ def cores() -> tuple[set[int], set[int]]:
               "2-core run", file=sys.stderr)
         return set(available), set(available)
     return {available[0]}, set(available[1:])
+
+
+def relay_env(args) -> dict:
+    env = {}
+    for item in args.relay_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--relay-env {item!r}: write NAME=VALUE, e.g. WS_PING_INTERVAL=600")
+        env[name] = value
+    return env
 
 
 def events_for(clients: int, deliveries: int) -> int:
@@ -192,14 +205,18 @@ def main(argv=None) -> int:
         log(f"source ceiling: {results['ceiling']['events_per_s']} events/s through a bare "
             f"change stream ({ceiling_events} events)")
         for name in args.servers:
-            server = (Tutorial if name == "tutorial" else Relay)(source.uri, DB, server_cores)
+            if name == "tutorial":
+                server = Tutorial(source.uri, DB, server_cores)
+            else:
+                server = Relay(source.uri, DB, server_cores, env=relay_env(args))
             servers.append(server)
             measure_server(bench, server, counts, fixed, args, results)
             server.stop()
         if args.reuse_port > 1:
             every = server_cores | client_cores
             for processes in (1, args.reuse_port):
-                relay = Relay(source.uri, DB, every, reuse_port=processes if processes > 1 else 0)
+                relay = Relay(source.uri, DB, every, reuse_port=processes if processes > 1 else 0,
+                              env=relay_env(args))
                 relay.name = f"changerelay x{processes}"
                 servers.append(relay)
                 relay.start()

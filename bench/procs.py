@@ -197,8 +197,9 @@ class Server:
 class Relay(Server):
     name = "changerelay"
 
-    def __init__(self, uri: str, db: str, cpus: set[int] | None, reuse_port: int = 0):
-        env = {"MONGO_SRV": uri, "WATCH_DB": db, "LOG_LEVEL": "INFO"}
+    def __init__(self, uri: str, db: str, cpus: set[int] | None, reuse_port: int = 0,
+                 env: dict | None = None):
+        env = {"MONGO_SRV": uri, "WATCH_DB": db, "LOG_LEVEL": "INFO", **(env or {})}
         if reuse_port:
             env["REUSE_PORT"] = str(reuse_port)
         super().__init__([sys.executable, "server.py"], env, cpus)
