@@ -150,6 +150,10 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
             self.set_header("Cache-Control", "no-store")
             self.set_header("X-Accel-Buffering", "no")
             self.set_header("Connection", "close")  # one stream per connection, ended by us
+            origin = self.request.headers.get("Origin")
+            if origin:  # admitted above, so allowed: let EventSource read it cross-origin
+                self.set_header("Access-Control-Allow-Origin", origin)
+                self.set_header("Vary", "Origin")
             self.write(b"retry: 1000\n\n")
             await self.flush()
             self.client = clients.EventStreamClient(

@@ -27,6 +27,10 @@ from typing import Protocol
 from . import events as ev
 from .events import Event
 
+# How far (seconds of cluster time) a resume point may be ahead of our newest event and still
+# be taken as coming from a relay that is just a little ahead of this one; further is refused.
+AHEAD_WINDOW = 60
+
 
 class Subscriber(Protocol):
     """What the hub needs from a connected client; transports implement it."""
@@ -187,6 +191,12 @@ class Hub:
         self.clients.add(client)
         head = self._tokens[-1] if len(self._tokens) > self._start else self.floor
         if after > head:
+            if ev.token_seconds(after) - ev.token_seconds(head) > AHEAD_WINDOW:
+                # Not from a relay a moment ahead of us, and MongoDB would wait for that time
+                # to come: the position is unusable, and the client must be told so.
+                client.send_control(ev.control("resync", reason="invalid_token"))
+                self._join(client)
+                return True
             # From another relay that is ahead of us: hold back what it has already seen.
             self._ahead[client] = after
             return True

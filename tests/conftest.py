@@ -322,15 +322,20 @@ class SSE:
         self.comments = 0
 
     @classmethod
-    async def open(cls, port: int, query: str = "", last_event_id: str | None = None):
+    async def open(cls, port: int, query: str = "", last_event_id: str | None = None,
+                   extra: dict | None = None):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         headers = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        headers += "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
         writer.write(f"GET /events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                      f"Accept: text/event-stream\r\n{headers}\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split()[1])
+        self_headers = head.decode("latin-1").lower()
         assert b"chunked" in head.lower() or status != 200
-        return cls(reader, writer, status)
+        stream = cls(reader, writer, status)
+        stream.head = self_headers
+        return stream
 
     async def _line(self) -> bytes:
         # The body is HTTP/1.1 chunked; SSE records may span chunks, so unchunk into a buffer.

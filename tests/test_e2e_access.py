@@ -212,6 +212,10 @@ def test_origins(mongo, relay_factory, path):
         request = httpclient.HTTPRequest(relay.ws_url, headers={"Origin": "https://app.example"})
         conn = await websocket.websocket_connect(request)
         conn.close()
+        stream = await SSE.open(relay.port, extra={"Origin": "https://app.example"})
+        assert stream.status == 200  # and readable by EventSource on that origin:
+        assert "access-control-allow-origin: https://app.example" in stream.head
+        stream.close()
 
     run(scenario())
 

@@ -344,3 +344,25 @@ def test_catch_up_crosses_an_invalidate_like_the_live_stream(mongo, relay_factor
         assert away.tokens == expected
 
     run(scenario())
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("token", [
+    "82" + "7FFF0000" + "00000001" + "2B0229296E04",   # well formed, decades in the future
+    "82" + "00000010" + "00000001" + "2B0229296E04",   # well formed, long before any history
+    "8263A1B2C300000001FF",                            # a cluster time, then garbage
+])
+def test_unusable_resume_point_gets_resync_then_live(primary, relay_factory, token):
+    """Never a silent wait: a token MongoDB cannot resume from means resync, then live events."""
+    relay = relay_factory(MONGO_SRV=primary.uri)
+    relay.wait_ready()
+
+    async def scenario():
+        write(primary.uri, "db", 3)
+        client = await WS.connect(f"{relay.ws_url}?resume_after={token}")
+        first = await client.recv()
+        assert first["type"] == "resync" and first["reason"] in ("history_lost", "invalid_token")
+        write(primary.uri, "db", 2, start=3)
+        assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [3, 4]
+
+    run(scenario())

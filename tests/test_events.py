@@ -73,4 +73,14 @@ def test_malformed_tokens_refused(text):
 
 
 def test_token_normalised_to_mongodb_case():
-    assert ev.parse_token("8263a1b2") == "8263A1B2"
+    assert ev.parse_token("8263a1b2c3000000012b04") == "8263A1B2C3000000012B04"
+
+
+def test_token_cluster_time():
+    assert ev.token_seconds("8263A1B2C3000000012B04") == 0x63A1B2C3
+
+
+@pytest.mark.parametrize("text", ["ABCDEF", "8263A1", "0163A1B2C3000000012B04"])
+def test_hex_that_is_not_a_resume_token_is_refused(text):
+    with pytest.raises(ValueError, match="not a MongoDB resume token"):
+        ev.parse_token(text)

@@ -103,6 +103,17 @@ def test_resume_ahead_of_head_skips_what_client_has_seen():
     assert client.received == [token(4), token(5)]
 
 
+def test_resume_far_ahead_is_told_to_resync_instead_of_waiting_forever():
+    hub = started_hub()
+    hub.publish(event(1))
+    client = FakeClient()
+    far = f"82{0x7FFF0000:08X}00000001"  # cluster time decades ahead: not a relay's recent id
+    assert hub.resume(client, far)
+    assert client.controls == [{"type": "resync", "reason": "invalid_token"}]
+    hub.publish(event(2))
+    assert client.received == [token(2)]
+
+
 def test_resume_before_stream_opens_waits_for_it():
     hub = Hub()
     client = FakeClient()

@@ -74,8 +74,8 @@ def test_namespace_matching_covers_database_level_events():
 
 def test_ops_and_filter_combine():
     sub, resume = parse(args(ops="insert", filter='{"fullDocument.total": {"$gte": 10}}',
-                             resume_after="82ab"), SCOPE)
-    assert resume == "82AB"
+                             resume_after="8263a1b2c3000000012b04"), SCOPE)
+    assert resume == "8263A1B2C3000000012B04"
     assert sub.matches(event(fullDocument={"total": 12}))
     assert not sub.matches(event(fullDocument={"total": 2}))
     assert not sub.matches(event("update", fullDocument={"total": 12}))
