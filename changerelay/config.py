@@ -307,7 +307,27 @@ def _pipeline(source, raw):
             raise ConfigError(
                 source, f"stage {index} is {name}, which change streams do not allow; use one of "
                 + ", ".join(sorted(PIPELINE_STAGES)))
+        if _touches_id(name, stage[name]):
+            raise ConfigError(
+                source, f"stage {index} ({name}) changes _id, the resume token: MongoDB then "
+                "ends the change stream (error 280); leave _id as it is")
     return tuple(stages)
+
+
+def _touches_id(name: str, spec) -> bool:
+    if name in ("$replaceRoot", "$replaceWith", "$redact"):
+        return False  # can't tell statically; MongoDB checks at run time
+    if name == "$unset":
+        fields = [spec] if isinstance(spec, str) else spec
+        return any(isinstance(f, str) and (f == "_id" or f.startswith("_id.")) for f in fields)
+    if isinstance(spec, dict):
+        keys = [k for k in spec if k == "_id" or k.startswith("_id.")]
+        if name == "$project":
+            inclusive = any(v not in (0, False) for k, v in spec.items() if k != "_id")
+            return any(spec[k] in (0, False) for k in keys) or (
+                inclusive and any(not isinstance(spec[k], int | bool) for k in keys))
+        return bool(keys)
+    return False
 
 
 def _origins(source, raw):

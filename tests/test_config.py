@@ -50,6 +50,11 @@ def test_scopes():
     assert load(env={"WATCH_DB": "shop", "WATCH_COLLECTION": "orders"}).scope == "collection"
 
 
+def test_pipeline_that_keeps_id_is_fine():
+    c = load(env={"PIPELINE": '[{"$project": {"fullDocument": 1, "operationType": 1}}]'})
+    assert c.pipeline[0]["$project"]["fullDocument"] == 1
+
+
 def test_pipeline_is_parsed_as_extended_json():
     c = load(env={"PIPELINE": '[{"$match": {"operationType": "insert"}}, {"$unset": "x"}]'})
     assert c.pipeline == ({"$match": {"operationType": "insert"}}, {"$unset": "x"})
@@ -63,6 +68,9 @@ def test_pipeline_is_parsed_as_extended_json():
     ({"PIPELINE": '{"$match": {}}'}, "PIPELINE", "JSON array"),
     ({"PIPELINE": '[{"$lookup": {}}]'}, "PIPELINE", "$lookup"),
     ({"PIPELINE": '[{"$match": {}, "$project": {}}]'}, "PIPELINE", "exactly one key"),
+    ({"PIPELINE": '[{"$project": {"_id": 0}}]'}, "PIPELINE", "resume token"),
+    ({"PIPELINE": '[{"$unset": "_id"}]'}, "PIPELINE", "resume token"),
+    ({"PIPELINE": '[{"$set": {"_id._data": "x"}}]'}, "PIPELINE", "resume token"),
     ({"FULL_DOCUMENT": "always"}, "FULL_DOCUMENT", "updateLookup"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "text, json"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "DEBUG"),
