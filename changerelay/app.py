@@ -42,6 +42,7 @@ class Relay:
         self.hub = Hub(config.replay_buffer, config.replay_buffer_bytes, loop.call_soon)
         self.source = ChangeSource(config, self.hub, mongo_client)
         self.catchup = CatchUp(self)
+        self.hub.behind = self.catchup.add
         self.connections = Connections(config.max_connections, config.max_connections_per_ip)
         self.auth = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:

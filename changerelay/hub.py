@@ -92,6 +92,9 @@ class Hub:
         self._waiting: dict[object, str] = {}  # clients resuming before the stream first opened
         self.clients: set = set()
         self.published = 0
+        # Called with (client, after) for a waiting client whose resume point turns out to be
+        # older than the log; the relay points it at the catch-up.
+        self.behind: Callable[[object, str], None] = lambda client, after: None
 
     # -- source side -------------------------------------------------------------------------
 
@@ -116,7 +119,11 @@ class Hub:
             self.position = floor
         waiting, self._waiting = self._waiting, {}
         for client, after in waiting.items():
-            self.resume(client, after)
+            if not self.resume(client, after):
+                # Older than where the stream starts (a client back from a relay that
+                # restarted): only MongoDB's history has what it missed.
+                self.clients.discard(client)
+                self.behind(client, after)
 
     def publish(self, event: Event) -> None:
         self._log.append(event)

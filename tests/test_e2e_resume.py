@@ -366,3 +366,30 @@ def test_unusable_resume_point_gets_resync_then_live(primary, relay_factory, tok
         assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [3, 4]
 
     run(scenario())
+
+
+@pytest.mark.fault
+def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(primary,
+                                                                           relay_factory):
+    """A relay restarts; the client is back before the new relay's change stream is open (here
+    held shut by failing aggregates), so the hub cannot place it yet. Once the stream opens, the
+    client's point is older than it: the catch-up must take it, not leave it waiting."""
+    relay = relay_factory(MONGO_SRV=primary.uri)
+    relay.wait_ready()
+
+    async def scenario():
+        client = await ResumingClient().connect(relay.ws_url)
+        write(primary.uri, "db", 600)
+        await client.read(600)
+        relay.proc.kill()
+        write(primary.uri, "db", 500, start=600)
+        primary.fail_next("aggregate", code=2, errmsg="held shut by the test", count=3)
+        successor = relay_factory(MONGO_SRV=primary.uri)
+        assert successor.ready()["source"] != "open"
+        await client.connect(successor.ws_url)
+        successor.wait_ready(timeout=30)
+        write(primary.uri, "db", 100, start=1100)
+        await client.read(1200)
+        assert_matches_log(client.tokens, primary)
+
+    run(scenario())

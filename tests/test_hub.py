@@ -123,6 +123,17 @@ def test_resume_before_stream_opens_waits_for_it():
     assert client.received == [token(1)]
 
 
+def test_waiting_client_older_than_the_new_stream_goes_to_catch_up():
+    hub = Hub()
+    behind = []
+    hub.behind = lambda client, after: behind.append((client, after))
+    client = FakeClient()
+    assert hub.resume(client, token(3))   # the stream has not opened yet: wait
+    hub.start(token(10))                  # it opens later than the client's position
+    assert behind == [(client, token(3))]
+    assert client not in hub.clients
+
+
 def test_history_lost_tells_everyone_to_resync():
     hub = started_hub()
     client = FakeClient()
