@@ -315,3 +315,26 @@ def test_reuse_port_workers_share_the_port_and_all_deliver(mongo, relay_factory)
         assert relay.proc.wait(10) == 0
 
     run(scenario())
+
+
+def test_permessage_deflate_when_enabled(mongo, relay_factory):
+    """WS_COMPRESSION=true: a client that negotiates deflate gets every event, live and replayed
+    (replays go out as uncompressed messages, which RFC 7692 allows on a deflate connection)."""
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, WS_COMPRESSION="true")
+    relay.wait_ready()
+
+    async def scenario():
+        from tornado import websocket
+
+        plain = await WS.connect(relay.ws_url)
+        deflate = WS(await websocket.websocket_connect(relay.ws_url, compression_options={}))
+        assert "permessage-deflate" in deflate.conn.headers.get("Sec-WebSocket-Extensions", "")
+        coll = mongo.client[mongo.db].c
+        coll.insert_many([{"_id": i, "text": "x" * 2000} for i in range(20)])
+        live = await deflate.changes(20)
+        assert live == await plain.changes(20)
+        resumed = WS(await websocket.websocket_connect(
+            f"{relay.ws_url}?resume_after={token_of(live[4])}", compression_options={}))
+        assert [f["documentKey"]["_id"] for f in await resumed.changes(15)] == list(range(5, 20))
+
+    run(scenario())
