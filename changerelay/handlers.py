@@ -64,7 +64,7 @@ class ChangesHandler(RelayHandlerMixin, websocket.WebSocketHandler):
     """``/socket``: one WebSocket per client; every change event is one text frame."""
 
     async def get(self, *args, **kwargs):
-        admitted = self.admitted()
+        admitted = self.admitted()  # first, so that curl shows what is wrong with a query
         if admitted is None:
             return
         self.subscription, self.resume_after, self.claims = admitted
@@ -73,6 +73,12 @@ class ChangesHandler(RelayHandlerMixin, websocket.WebSocketHandler):
             self.slot = relay.connections.acquire(self.peer)
         except SubscriptionError as exc:
             self.refuse(exc)
+            return
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            self._release()
+            self.refuse(SubscriptionError(
+                "websocket_required", "/socket speaks WebSocket: connect with a WebSocket "
+                "client (ws:// or wss://), or use /events for Server-Sent Events", status=400))
             return
         self.client = None
         try:

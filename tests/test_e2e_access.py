@@ -295,6 +295,12 @@ def test_redacted_paths_never_leave_mongodb(mongo, relay_factory):
     run(scenario())
 
 
+def test_plain_get_on_the_socket_endpoint_says_what_to_do(relay):
+    response = relay.get("/socket")
+    assert response.code == 400 and response.json()["error"] == "websocket_required"
+    assert relay.ready()["clients"] == 0
+
+
 def test_security_headers_on_the_page(relay):
     page = relay.get("/")
     csp = page.headers["Content-Security-Policy"]
