@@ -338,3 +338,15 @@ def test_permessage_deflate_when_enabled(mongo, relay_factory):
         assert [f["documentKey"]["_id"] for f in await resumed.changes(15)] == list(range(5, 20))
 
     run(scenario())
+
+
+def test_json_logs_are_one_object_per_line_and_mask_the_password(relay_factory):
+    uri = "mongodb://relay:s3cret-pw@127.0.0.1:9/?serverSelectionTimeoutMS=200"
+    relay = relay_factory(MONGO_SRV=uri, LOG_FORMAT="json")
+    relay.wait_ready(source="unreachable")
+    assert relay.get("/healthz").code == 200
+    relay.wait_log("GET /healthz")
+    records = [json.loads(line) for line in relay.lines if line.strip()]
+    assert {"message", "levelname"} <= set(records[0])
+    assert not any("s3cret-pw" in line for line in relay.lines)
+    assert any("relay:***@" in r["message"] for r in records)
