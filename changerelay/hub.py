@@ -7,8 +7,9 @@ evaluation per group, not per client) and every client of the group gets the sam
 here awaits, so a slow or broken client can never stall the others or the change stream; transports
 enforce their own outbound limits.
 
-A client that resumes is placed with a synchronous replay from the log followed by joining its
-group, with no await in between: that is the whole argument for "no gap, no duplicate" across the
+A client that resumes gets the events after its position queued as a replay and joins its group
+in the same step, with no await in between; live events then queue behind the replay (the client
+writes it as its socket drains). That is the whole argument for "no gap, no duplicate" across the
 hand-over from history to live.
 
 ``floor`` is the resume point the log starts from: every event after ``floor`` up to the newest is
