@@ -137,7 +137,6 @@ class Relay:
         return None if self.auth is None else self.auth.authenticate(request)
 
     def subscription_for(self, arguments, claims):
-        arguments = {k: v for k, v in arguments.items()}
         subscription, resume_after = subs.parse(
             arguments, (self.config.watch_db, self.config.watch_collection))
         if claims is not None:
@@ -193,9 +192,21 @@ def make_app(relay: Relay) -> web.Application:
         websocket_ping_interval=None,  # one shared pinger instead of a Task per connection
         websocket_max_message_size=MAX_INBOUND_FRAME,
         compress_response=False,
+        log_function=log_request,
     )
     app.relay = relay
     return app
+
+
+def log_request(handler) -> None:
+    """Tornado's access line without the query string: it can carry an access_token."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    access = logging.getLogger("tornado.access")
+    if access.isEnabledFor(level):
+        request = handler.request
+        access.log(level, "%d %s %s (%s) %.2fms", status, request.method,
+                   request.path, request.remote_ip, 1000.0 * request.request_time())
 
 
 def setup_logging(config: Config) -> None:

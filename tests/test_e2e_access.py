@@ -149,6 +149,7 @@ def test_access_token_query_parameter_and_exp_enforced_during_connection(mongo, 
         code, reason = await client.closed(timeout=15)  # exp + leeway (5 s)
         assert (code, reason) == (1008, "token expired")
         assert client.frames[-1]["code"] == "token_expired"
+        assert short not in secured.log()  # access lines leave the query string out
 
     run(scenario())
 
