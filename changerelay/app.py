@@ -80,7 +80,7 @@ class Relay:
         """
         self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
-        timeout = self.config.ws_ping_interval * 1.5
+        timeout = self.config.ws_ping_interval * 0.99  # the next visit of this slice
         for client in tuple(self.hub.clients):
             if client.kind.startswith("ws") and hash(client) % PING_SLICES == self._ping_slice:
                 client.ping(now, timeout)
