@@ -8,6 +8,7 @@ free of I/O.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -51,6 +52,7 @@ class Relay:
             self.auth = Authenticator.from_config(config)
         self.started = time.monotonic()
         self._timers: list = []
+        self._gone: asyncio.Event | None = None  # set during shutdown once every client left
         self._ping_slice = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -91,19 +93,22 @@ class Relay:
                 client.heartbeat()
 
     async def shutdown(self) -> None:
+        """Close every client (1001), give them half the shutdown time to go, then MongoDB."""
         for timer in self._timers:
             timer.stop()
-        closing = []
-        for client in tuple(self.hub.clients) + tuple(self.catchup.clients()):
-            closing.append(client.handler)
+        self._gone = asyncio.Event()
+        clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
+        for client in clients:
             client.handler.shutdown()
         await self.catchup.stop()
-        deadline = time.monotonic() + self.config.shutdown_timeout / 2
-        while time.monotonic() < deadline and any(
-            getattr(h, "ws_connection", None) is not None for h in closing
-        ):
-            await asyncio.sleep(0.05)
+        self._check_gone()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._gone.wait(), self.config.shutdown_timeout / 2)
         await self.source.stop()
+
+    def _check_gone(self) -> None:
+        if self._gone is not None and not self.hub.clients and not self.catchup.count():
+            self._gone.set()
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -163,6 +168,7 @@ class Relay:
     def detach(self, client) -> None:
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
+        self._check_gone()
 
     def status(self) -> dict:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),

@@ -6,6 +6,7 @@ set (each in its own database).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import socket
@@ -14,7 +15,7 @@ import uuid
 
 import pytest
 from bson import Binary, Decimal128, Int64, ObjectId
-from conftest import WS, run, token_of
+from conftest import SSE, WS, run, token_of
 from primary import TestPrimary
 from pymongo import MongoClient
 
@@ -262,12 +263,16 @@ def test_auth_failure_is_named_and_password_never_shown(relay_factory):
 def test_sigterm_closes_clients_with_1001_and_exits_0(mongo, relay):
     async def scenario():
         client = await WS.connect(relay.ws_url)
+        stream = await SSE.open(relay.port)
         mongo.client[mongo.db].c.insert_one({"_id": 1})
         await client.changes(1)
+        await stream.changes(1)
         started = time.monotonic()
         relay.proc.send_signal(15)
         code, reason = await client.closed(timeout=5)
         assert (code, reason) == (1001, "server shutting down")
+        await asyncio.wait_for(stream.reader.read(), 5)  # returns only at EOF: SSE ends too
+        assert stream.reader.at_eof()
         assert relay.proc.wait(5) == 0
         assert time.monotonic() - started < 5
 
