@@ -173,10 +173,6 @@ class Hub:
 
     # -- client side -------------------------------------------------------------------------
 
-    def covers(self, after: str) -> bool:
-        """Can a client resuming after ``after`` be served from the log alone?"""
-        return self.floor is not None and after >= self.floor
-
     def subscribe(self, client) -> None:
         """Join live, from the next event on."""
         self.flush()
@@ -197,7 +193,7 @@ class Hub:
             return False
         self.flush()
         self.clients.add(client)
-        head = self._tokens[-1] if len(self._tokens) > self._start else self.floor
+        head = self.head
         if after > head:
             if ev.token_seconds(after) - ev.token_seconds(head) > AHEAD_WINDOW:
                 # Not from a relay a moment ahead of us, and MongoDB would wait for that time
@@ -274,12 +270,9 @@ class Hub:
                     sent += 1
         return sent
 
-    def broadcast_control(self, message: bytes) -> None:
-        for client in tuple(self.clients):
-            client.send_control(message)
-
     @property
     def head(self) -> str | None:
+        """The newest event in the log, or ``floor`` when there is none."""
         return self._tokens[-1] if len(self._tokens) > self._start else self.floor
 
     def stats(self) -> dict:
