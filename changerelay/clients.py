@@ -160,42 +160,12 @@ class WebSocketClient(Client):
     def attach(self) -> None:
         """Call once the WebSocket is open."""
         if wire.ws_compressed(self.handler):
-            # permessage-deflate keeps per-connection state: frames cannot be shared.
-            self.kind = "ws-deflate"
-        self.writer = wire.StreamWriter(wire.ws_stream(self.handler))
+            self.writer = wire.DeflateWriter(self.handler)
+        else:
+            self.writer = wire.StreamWriter(wire.ws_stream(self.handler))
 
     def pack(self, events) -> bytes:
-        if self.kind == "ws":
-            return b"".join([event.frame for event in events])
-        return b"".join(ev.ws_frame(event.data) for event in events)
-
-    def send(self, payload: bytes) -> None:
-        if self.kind == "ws":
-            super().send(payload)
-        elif not self.closed:
-            self._send_compressed(payload)
-
-    def _send_compressed(self, payload: bytes) -> None:
-        # Rare path: unpack our own frames and let Tornado compress each message.
-        view, offset = memoryview(payload), 0
-        while offset < len(view):
-            length = view[offset + 1] & 0x7F
-            offset += 2
-            if length == 126:
-                length = int.from_bytes(view[offset:offset + 2], "big")
-                offset += 2
-            elif length == 127:
-                length = int.from_bytes(view[offset:offset + 8], "big")
-                offset += 8
-            message = bytes(view[offset:offset + length]).decode()
-            offset += length
-            if wire.ws_stream(self.handler).closed():
-                self.closed = True
-                return
-            if self.writer.buffered() + length > self.limit:
-                self.cut_off()
-                return
-            self.handler.write_message(message)
+        return b"".join([event.frame for event in events])
 
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
         return ev.ws_frame(message)

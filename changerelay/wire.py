@@ -63,6 +63,56 @@ class StreamWriter:
         return True
 
 
+class DeflateWriter:
+    """The writer for a permessage-deflate connection, where frames cannot be shared.
+
+    It takes the same pre-built frames and hands each text message to Tornado's
+    ``write_message``, which compresses it with the connection's own state; control frames
+    (pings) are never compressed and go out as they are. Rare path: deflate is off by default.
+    """
+
+    __slots__ = ("_buffer", "handler", "stream")
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.stream = ws_stream(handler)
+        self._buffer = self.stream._write_buffer
+
+    def buffered(self) -> int:
+        return self._buffer._size
+
+    def write(self, data: bytes) -> None:
+        self.write_within(data, 1 << 62)
+
+    def write_within(self, data: bytes, limit: int) -> bool:
+        if self.stream.closed():
+            raise StreamClosedError()
+        if self._buffer._size + len(data) > limit:
+            return False
+        for opcode, frame, payload in split_frames(data):
+            if opcode == 0x1:
+                self.handler.write_message(bytes(payload).decode())
+            else:
+                self.stream.write(bytes(frame))
+        return True
+
+
+def split_frames(data: bytes):
+    """``(opcode, whole frame, payload)`` for each unmasked frame in ``data``."""
+    view, offset = memoryview(data), 0
+    while offset < len(view):
+        start, opcode, length = offset, view[offset] & 0x0F, view[offset + 1] & 0x7F
+        offset += 2
+        if length == 126:
+            length = int.from_bytes(view[offset:offset + 2], "big")
+            offset += 2
+        elif length == 127:
+            length = int.from_bytes(view[offset:offset + 8], "big")
+            offset += 8
+        yield opcode, view[start:offset + length], view[offset:offset + length]
+        offset += length
+
+
 def ws_stream(handler) -> IOStream:
     """The IOStream under an accepted ``WebSocketHandler``."""
     return handler.ws_connection.stream

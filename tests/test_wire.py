@@ -157,3 +157,12 @@ def test_sse_records_are_framed_like_tornado_chunks(chunked):
         assert int(size, 16) == len(event.sse) and rest == event.sse + b"\r\n"
     else:
         assert packed == event.sse
+
+
+def test_split_frames_inverts_ws_frame():
+    payloads = [m.encode() for m in MESSAGES]
+    joined = b"".join(ev.ws_frame(p) for p in payloads) + clients.PING
+    parts = list(wire.split_frames(joined))
+    assert [bytes(payload) for _, _, payload in parts[:-1]] == payloads
+    assert [opcode for opcode, _, _ in parts] == [0x1] * len(payloads) + [0x9]
+    assert b"".join(bytes(frame) for _, frame, _ in parts) == joined
