@@ -173,6 +173,7 @@ class Relay:
     def status(self) -> dict:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
                 "catching_up": self.catchup.count(),
+                "catchup_streams_opened": self.catchup.streams_opened,
                 "uptime": round(time.monotonic() - self.started, 1)}
 
 

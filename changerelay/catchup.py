@@ -24,6 +24,7 @@ from . import events as ev
 
 HISTORY_LOST = 286
 BACKOFF_CAP = 5.0
+CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
 PACE_EVENTS = 1000     # events queued for one client before the catch-up waits for it
 STALL_TIMEOUT = 10.0   # seconds a catch-up waits for one client before cutting it off
 
@@ -114,26 +115,20 @@ class CatchUp:
     async def _stream(self, job: Job) -> bool:
         """Replay from ``job.position``; True once handed over, False to reopen after an
         invalidate (which ends a change stream, as it ends the relay's own)."""
-        source = self.relay.source
+        open_stream = self.relay.source.open_stream
         hub = self.relay.hub
-        options = {"max_await_time_ms": 200}
-        mode = self.relay.config.full_document
-        if mode != "default":
-            options["full_document"] = mode
         token = {"_data": job.position}
         try:
             if job.after_invalidate:
-                stream = await source.target().watch(source.pipeline(), start_after=token,
-                                                     **options)
+                stream = await open_stream(start_after=token, max_await_ms=CATCHUP_AWAIT_MS)
             else:
-                stream = await source.target().watch(source.pipeline(), resume_after=token,
-                                                     **options)
+                stream = await open_stream(resume_after=token, max_await_ms=CATCHUP_AWAIT_MS)
         except OperationFailure as exc:
             if not _bad_token(exc) or job.position != job.start or job.after_invalidate:
                 raise
             # The client's own id may be an invalidate: only startAfter continues from one.
             job.after_invalidate = True
-            stream = await source.target().watch(source.pipeline(), start_after=token, **options)
+            stream = await open_stream(start_after=token, max_await_ms=CATCHUP_AWAIT_MS)
         job.after_invalidate = False
         self.streams_opened += 1
         try:

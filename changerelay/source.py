@@ -170,22 +170,24 @@ class ChangeSource:
         self.attempts += 1
         fresh = self._token is None and self._start_after is None
         try:
-            stream = await self._open(self._start_after, self._token)
+            stream = await self.open_stream(self._start_after, self._token)
         except OperationFailure as exc:
             if exc.code != HISTORY_LOST or fresh:
                 raise
             logger.error("the resume point is no longer in the oplog (286): starting from now; "
                          "clients are told to resync")
             self._token = self._start_after = None
-            stream = await self._open(None, None)
+            stream = await self.open_stream()
             fresh = True
         self._opened(stream, fresh)
         await self._pump(stream)
 
-    async def _open(self, start_after, resume_after):
+    async def open_stream(self, start_after=None, resume_after=None,
+                          max_await_ms: int = MAX_AWAIT_MS):
+        """``watch()`` on the configured scope, pipeline and fullDocument mode (catch-ups too)."""
         mode = self.config.full_document
         options = dict(full_document=None if mode == "default" else mode,
-                       max_await_time_ms=MAX_AWAIT_MS)
+                       max_await_time_ms=max_await_ms)
         if start_after is not None:
             options["start_after"] = start_after
         elif resume_after is not None:
