@@ -32,7 +32,6 @@ from .limits import Connections
 from .source import ChangeSource
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_INBOUND_FRAME = 4096
 PING_SLICES = 20
 
 
@@ -99,7 +98,7 @@ class Relay:
         self._gone = asyncio.Event()
         clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
         for client in clients:
-            client.handler.shutdown()
+            client.transport.shutdown()
         await self.catchup.stop()
         self._check_gone()
         with contextlib.suppress(TimeoutError):
@@ -196,8 +195,6 @@ def make_app(relay: Relay) -> web.Application:
         ],
         template_path=str(ROOT / "templates"),
         static_path=str(ROOT / "static"),
-        websocket_ping_interval=None,  # one shared pinger instead of a Task per connection
-        websocket_max_message_size=MAX_INBOUND_FRAME,
         compress_response=False,
         log_function=log_request,
     )

@@ -18,11 +18,9 @@ from logzero import logger
 from tornado.iostream import StreamClosedError
 
 from . import events as ev
-from . import wire
+from . import frames, wire
 
-SLOW_CONSUMER = 1013
-PING = ev.ws_frame(b"", opcode=0x9)
-POLICY_VIOLATION = 1008
+PING = frames.ws_frame(b"", frames.PING)
 REPLAY_CHUNK = 256 * 1024  # bytes per write while replaying
 DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
 
@@ -35,19 +33,19 @@ class Client:
     live events queue behind it in order, and only they count against the limit.
     """
 
-    __slots__ = ("_drained", "_queued", "backlog", "claims", "closed", "handler", "kind",
-                 "last_send", "limit", "on_cut", "peer", "subscription", "told", "writer")
+    __slots__ = ("_drained", "_queued", "backlog", "claims", "closed", "kind", "last_send",
+                 "limit", "on_cut", "peer", "subscription", "told", "transport", "writer")
 
-    def __init__(self, handler, subscription, limit: int, peer: str):
+    def __init__(self, transport, subscription, limit: int, peer: str):
         self.kind = "?"
-        self.handler = handler
+        self.transport = transport  # what carries the bytes; has shutdown()
         self.subscription = subscription
         self.limit = limit
         self.peer = peer
         self.last_send = time.monotonic()
         self.told: str | None = None
         self.closed = False
-        self.writer: wire.StreamWriter | None = None
+        self.writer = None  # buffered(), write(), write_within(), when_drained()
         self.on_cut = None   # called once when the client is cut off (the hub unsubscribes it)
         self.claims: dict | None = None
         self.backlog: deque | None = None  # Events (and packed control messages) to replay
@@ -88,7 +86,7 @@ class Client:
                     size += len(event.frame)
                 writer.write(self.pack(chunk))
             if backlog and not self.closed:
-                writer.stream.write(b"").add_done_callback(self._pump)
+                writer.when_drained(self._pump)
                 return
         except StreamClosedError:
             self.closed = True
@@ -132,7 +130,7 @@ class Client:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
         self._end(ev.control("error", code="token_expired",
                              message="your token has expired; reconnect with a fresh one"),
-                  code=POLICY_VIOLATION, reason="token expired")
+                  code=frames.POLICY_VIOLATION, reason="token expired")
 
     def _end(self, message: bytes, **close) -> None:
         """Leave the hub, say why in a last message, and close."""
@@ -148,27 +146,28 @@ class Client:
 
 
 class WebSocketClient(Client):
-    """A ``ChangesHandler`` connection. Frames are pre-built once per event and shared."""
+    """A WebSocket (``connection.WebSocketConnection``). Frames are built once per event, shared."""
 
     __slots__ = ("pinged",)
 
-    def __init__(self, handler, subscription, limit: int, peer: str):
-        super().__init__(handler, subscription, limit, peer)
-        self.kind = "ws"
+    def __init__(self, connection, subscription, limit: int, peer: str, deflate: bool = False):
+        super().__init__(connection, subscription, limit, peer)
+        # permessage-deflate clients share the compressed frames, so they are a kind of their own
+        self.kind = "ws-deflate" if deflate else "ws"
+        self.writer = connection
         self.pinged: float | None = None  # when an unanswered ping was sent
-
-    def attach(self) -> None:
-        """Call once the WebSocket is open."""
-        if wire.ws_compressed(self.handler):
-            self.writer = wire.DeflateWriter(self.handler)
-        else:
-            self.writer = wire.StreamWriter(wire.ws_stream(self.handler))
+        connection.on_pong = self.pong
 
     def pack(self, events) -> bytes:
-        return b"".join([event.frame for event in events])
+        if self.kind == "ws":
+            return b"".join([event.frame for event in events])
+        return b"".join([event.deflated for event in events])
 
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
-        return ev.ws_frame(message)
+        return frames.ws_frame(message)  # uncompressed: RFC 7692 lets each message choose
+
+    def pong(self) -> None:
+        self.pinged = None
 
     def ping(self, now: float, timeout: float) -> None:
         """One shared timer pings every connection (Tornado would run a Task per connection)."""
@@ -176,21 +175,21 @@ class WebSocketClient(Client):
             return
         if self.pinged is not None and now - self.pinged > timeout:
             self.closed = True
-            self.handler.close(1000, "ping timed out")
+            self.transport.close(frames.NORMAL, "ping timed out")
             return
         if self.pinged is None:
             self.pinged = now
             with contextlib.suppress(StreamClosedError):
                 self.writer.write(PING)
 
-    def finish(self, message: bytes, code: int = SLOW_CONSUMER,
+    def finish(self, message: bytes, code: int = frames.TRY_AGAIN_LATER,
                reason: str = "slow consumer") -> None:
         try:
             if self.writer.buffered() + len(message) <= self.limit + 4096:
-                self.writer.write(ev.ws_frame(message))
+                self.writer.write(frames.ws_frame(message))
         except StreamClosedError:
             return
-        self.handler.close(code, reason)
+        self.transport.close(code, reason)
 
 
 class EventStreamClient(Client):
@@ -199,15 +198,15 @@ class EventStreamClient(Client):
     __slots__ = ("chunked",)
 
     def __init__(self, handler, subscription, limit: int, peer: str):
-        super().__init__(handler, subscription, limit, peer)
+        super().__init__(handler, subscription, limit, peer)  # handler: the EventsHandler
         self.kind = "sse"
         self.chunked = False
 
     def attach(self) -> None:
         """Call once the response headers are flushed."""
-        self.chunked = wire.http_chunked(self.handler)
+        self.chunked = wire.http_chunked(self.transport)
         self.kind = "sse-chunked" if self.chunked else "sse"
-        self.writer = wire.StreamWriter(wire.http_stream(self.handler))
+        self.writer = wire.StreamWriter(wire.http_stream(self.transport))
 
     def _frame(self, data: bytes) -> bytes:
         return wire.chunk(data) if self.chunked else data
@@ -228,7 +227,7 @@ class EventStreamClient(Client):
     def finish(self, message: bytes, **_close) -> None:
         with contextlib.suppress(StreamClosedError):
             self.writer.write(self.pack_control(message))
-        self.handler.end_stream()
+        self.transport.end_stream()
         # Like a WebSocket closing handshake: the client may drain what is queued, for a while.
         stream = self.writer.stream
         asyncio.get_running_loop().call_later(

@@ -2,30 +2,19 @@
 
 Everything a client receives for one change is derived here exactly once per event, however many
 clients receive it: the relaxed Extended JSON text, the WebSocket frame that carries it and the
-Server-Sent Events record. The fan-out then only moves bytes.
+Server-Sent Events record (and, for permessage-deflate clients, one compressed frame). The fan-out
+then only moves bytes.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 
 from bson import json_util
 
+from .frames import deflate, ws_frame
+
 _RELAXED = json_util.RELAXED_JSON_OPTIONS
-
-
-def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """An unmasked, final WebSocket frame (RFC 6455 §5.2) as a server sends it."""
-    length = len(payload)
-    first = 0x80 | opcode
-    if length < 126:
-        header = struct.pack("!BB", first, length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", first, 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 127, length)
-    return header + payload
 
 
 class Event:
@@ -36,7 +25,7 @@ class Event:
     hub find a resume point with a binary search.
     """
 
-    __slots__ = ("_header", "_sse", "change", "frame", "ns", "op", "token")
+    __slots__ = ("_deflated", "_header", "_sse", "change", "frame", "ns", "op", "token")
 
     def __init__(self, change: dict, data: bytes, token: str):
         self.change = change
@@ -47,6 +36,7 @@ class Event:
         self.frame = ws_frame(data)
         self._header = len(self.frame) - len(data)
         self._sse = None
+        self._deflated = None
 
     @property
     def data(self) -> bytes:
@@ -59,6 +49,13 @@ class Event:
         if self._sse is None:
             self._sse = b"id: " + self.token.encode() + b"\ndata: " + self.data + b"\n\n"
         return self._sse
+
+    @property
+    def deflated(self) -> bytes:
+        """The frame compressed for permessage-deflate clients; one per event, on first use."""
+        if self._deflated is None:
+            self._deflated = ws_frame(deflate(self.data), compressed=True)
+        return self._deflated
 
     @property
     def size(self) -> int:

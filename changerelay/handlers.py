@@ -10,12 +10,14 @@ import asyncio
 import json
 from urllib.parse import urlsplit
 
-from tornado import httputil, web, websocket
+from tornado import web
+from tornado.iostream import StreamClosedError
 
-from . import clients
+from . import clients, frames, wire
+from .connection import WebSocketConnection
 from .subscription import SubscriptionError
 
-GOING_AWAY = 1001
+MAX_INBOUND_FRAME = 4096  # bytes in one message from a client; larger closes it with 1009
 # Tornado drops a request whose headers exceed its limit without answering; we let it read up to
 # MAX_HEADER_BYTES (set on the server) so that an oversized query gets a JSON 414 instead.
 MAX_QUERY_BYTES = 512 * 1024
@@ -60,73 +62,79 @@ class RelayHandlerMixin:
         return None
 
 
-class ChangesHandler(RelayHandlerMixin, websocket.WebSocketHandler):
-    """``/socket``: one WebSocket per client; every change event is one text frame."""
+class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
+    """``/socket``: one WebSocket per client; every change event is one text frame.
 
-    async def get(self, *args, **kwargs):
+    The handshake is answered here; then the socket leaves Tornado for a ``WebSocketConnection``
+    (``connection.py``), which is all an open WebSocket costs us.
+    """
+
+    def get(self):
         admitted = self.admitted()  # first, so that curl shows what is wrong with a query
         if admitted is None:
             return
-        self.subscription, self.resume_after, self.claims = admitted
+        subscription, resume_after, claims = admitted
         relay = self.application.relay
         try:
-            self.slot = relay.connections.acquire(self.peer)
+            slot = relay.connections.acquire(self.peer)
         except SubscriptionError as exc:
             self.refuse(exc)
             return
-        if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            self._release()
-            self.refuse(SubscriptionError(
-                "websocket_required", "/socket speaks WebSocket: connect with a WebSocket "
-                "client (ws:// or wss://), or use /events for Server-Sent Events", status=400))
-            return
-        self.client = None
         try:
-            await super().get(*args, **kwargs)
-        finally:
-            if self.client is None:
-                self._release()
+            accept, extensions = self.handshake(relay.config.ws_compression)
+            self.set_status(101)
+            self.set_header("Upgrade", "websocket")
+            self.set_header("Connection", "Upgrade")
+            self.set_header("Sec-WebSocket-Accept", accept)
+            if extensions:
+                self.set_header("Sec-WebSocket-Extensions", extensions)
+            self.finish()
+            sock, unread, unwritten = wire.take_socket(self.detach())
+        except SubscriptionError as exc:
+            relay.connections.release(slot)
+            self.refuse(exc)
+            return
+        except StreamClosedError:
+            relay.connections.release(slot)
+            return
+        deflate = extensions is not None
+        connection = WebSocketConnection(sock, frames.FrameReader(MAX_INBOUND_FRAME, deflate))
+        client = clients.WebSocketClient(
+            connection, subscription, relay.config.client_buffer_bytes, self.peer, deflate)
 
-    def _release(self) -> None:
-        if self.slot is not None:
-            self.application.relay.connections.release(self.slot)
-            self.slot = None
+        def lost():
+            relay.detach(client)
+            relay.connections.release(slot)
 
-    def check_origin(self, origin: str) -> bool:
-        return True  # already decided in admit(), with a JSON reason
+        connection.on_close = lost
+        connection.start(unwritten, unread)
+        relay.attach(client, resume_after, claims)
 
-    def get_compression_options(self):
-        return {} if self.application.relay.config.ws_compression else None
-
-    def open(self, *args, **kwargs):
-        relay = self.application.relay
-        self.set_nodelay(True)
-        self.client = clients.WebSocketClient(
-            self, self.subscription, relay.config.client_buffer_bytes, self.peer)
-        self.client.attach()
-        relay.attach(self.client, self.resume_after, self.claims)
-        self.subscription = self.claims = self.resume_after = None
-        _forget_request_details(self.request)
-        self._headers = _NO_HEADERS  # the 101 response went out: its headers are done with
-
-    def on_pong(self, data):
-        if self.client is not None:
-            self.client.pinged = None
-
-    def on_message(self, message):
-        # Clients are not expected to send anything; oversized frames are closed with 1009 by
-        # Tornado (websocket_max_message_size), the rest is ignored.
-        pass
-
-    def on_close(self):
-        relay = self.application.relay
-        if getattr(self, "client", None) is not None:
-            relay.detach(self.client)
-        if getattr(self, "slot", None) is not None:
-            self._release()
-
-    def shutdown(self) -> None:
-        self.close(GOING_AWAY, "server shutting down")
+    def handshake(self, compression: bool) -> tuple[str, str | None]:
+        """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; SubscriptionError if the
+        request is not a WebSocket handshake we can answer (RFC 6455 §4.2.1)."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            raise SubscriptionError(
+                "websocket_required", "/socket speaks WebSocket: connect with a WebSocket "
+                "client (ws:// or wss://), or use /events for Server-Sent Events", status=400)
+        connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+        if "upgrade" not in connection or self.request.version != "HTTP/1.1":
+            raise SubscriptionError(
+                "bad_handshake", "a WebSocket handshake is an HTTP/1.1 GET with "
+                "'Connection: Upgrade' and 'Upgrade: websocket'", status=400)
+        if headers.get("Sec-WebSocket-Version") != "13":
+            self.set_header("Sec-WebSocket-Version", "13")
+            raise SubscriptionError(
+                "unsupported_websocket_version", "this relay speaks WebSocket version 13 "
+                "(RFC 6455); send 'Sec-WebSocket-Version: 13'", status=426)
+        accept = frames.accept_key(headers.get("Sec-WebSocket-Key", ""))
+        if accept is None:
+            raise SubscriptionError(
+                "bad_handshake", "Sec-WebSocket-Key must be the base64 of 16 random bytes",
+                status=400)
+        offers = ", ".join(headers.get_list("Sec-WebSocket-Extensions"))
+        return accept, frames.negotiate_deflate(offers) if compression else None
 
 
 class EventsHandler(RelayHandlerMixin, web.RequestHandler):
@@ -229,15 +237,6 @@ class ReadyHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(body))
-
-
-_NO_HEADERS = httputil.HTTPHeaders()
-
-
-def _forget_request_details(request) -> None:
-    """An open WebSocket lives for hours; its handshake's headers and arguments need not."""
-    request.headers = _NO_HEADERS
-    request.arguments = request.query_arguments = request.body_arguments = {}
 
 
 def same_origin(origin: str, host: str) -> bool:

@@ -1,16 +1,18 @@
 """The one place that reaches into Tornado's internals, so an upgrade breaks loudly here only.
 
-Tornado's public path for a WebSocket message builds a frame, a Future and a Task per client per
-message. For a relay that sends the same bytes to thousands of clients that bookkeeping is most of
-the CPU, so we write pre-built frames straight to the socket when the stream has nothing queued,
-and fall back to ``IOStream.write`` (which queues and flushes on writability) for whatever the
-kernel does not take. Queued bytes are measured on the stream's own buffer, so the slow-consumer
-limit and Tornado agree on one number.
+* ``StreamWriter``: Server-Sent Events responses are Tornado streams. Tornado's public write path
+  makes a Future per write; for bytes shared by thousands of clients we write straight to the
+  socket when the stream has nothing queued and fall back to ``IOStream.write`` for what the
+  kernel does not take. Queued bytes are read off the stream's own buffer, so the slow-consumer
+  limit and Tornado agree on one number.
+* ``take_socket``: a WebSocket leaves Tornado after its handshake (see ``connection.py``).
 
 ``tests/test_wire.py`` pins the private attributes used here.
 """
 
 from __future__ import annotations
+
+import socket
 
 from tornado.iostream import IOStream, StreamClosedError
 
@@ -33,6 +35,10 @@ class StreamWriter:
     def write(self, data: bytes) -> None:
         """Write ``data`` in order after everything written before; raise StreamClosedError."""
         self.write_within(data, 1 << 62)
+
+    def when_drained(self, callback) -> None:
+        """Call ``callback`` once everything queued is with the kernel."""
+        self.stream.write(b"").add_done_callback(lambda _: callback())
 
     def write_within(self, data: bytes, limit: int) -> bool:
         """Write ``data`` unless that would queue more than ``limit`` bytes; False if not.
@@ -63,64 +69,25 @@ class StreamWriter:
         return True
 
 
-class DeflateWriter:
-    """The writer for a permessage-deflate connection, where frames cannot be shared.
+def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
+    """Take the socket out of a detached stream: ``(socket, unread bytes, unwritten bytes)``.
 
-    It takes the same pre-built frames and hands each text message to Tornado's
-    ``write_message``, which compresses it with the connection's own state; control frames
-    (pings) are never compressed and go out as they are. Rare path: deflate is off by default.
+    After a WebSocket handshake we drop Tornado's stream and run the connection ourselves
+    (``connection.py``). The stream may hold bytes it read past the request (a client that sent
+    a frame right behind its handshake) and the tail of the 101 response; both are handed over.
     """
-
-    __slots__ = ("_buffer", "handler", "stream")
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.stream = ws_stream(handler)
-        self._buffer = self.stream._write_buffer
-
-    def buffered(self) -> int:
-        return self._buffer._size
-
-    def write(self, data: bytes) -> None:
-        self.write_within(data, 1 << 62)
-
-    def write_within(self, data: bytes, limit: int) -> bool:
-        if self.stream.closed():
-            raise StreamClosedError()
-        if self._buffer._size + len(data) > limit:
-            return False
-        for opcode, frame, payload in split_frames(data):
-            if opcode == 0x1:
-                self.handler.write_message(bytes(payload).decode())
-            else:
-                self.stream.write(bytes(frame))
-        return True
-
-
-def split_frames(data: bytes):
-    """``(opcode, whole frame, payload)`` for each unmasked frame in ``data``."""
-    view, offset = memoryview(data), 0
-    while offset < len(view):
-        start, opcode, length = offset, view[offset] & 0x0F, view[offset + 1] & 0x7F
-        offset += 2
-        if length == 126:
-            length = int.from_bytes(view[offset:offset + 2], "big")
-            offset += 2
-        elif length == 127:
-            length = int.from_bytes(view[offset:offset + 8], "big")
-            offset += 8
-        yield opcode, view[start:offset + length], view[offset:offset + length]
-        offset += length
-
-
-def ws_stream(handler) -> IOStream:
-    """The IOStream under an accepted ``WebSocketHandler``."""
-    return handler.ws_connection.stream
-
-
-def ws_compressed(handler) -> bool:
-    """True if permessage-deflate was negotiated: frames then differ per client."""
-    return getattr(handler.ws_connection, "_compressor", None) is not None
+    if stream.closed() or stream.socket is None:
+        raise StreamClosedError()
+    sock = stream.socket
+    stream.io_loop.remove_handler(sock)
+    unread = bytes(stream._read_buffer[:stream._read_buffer_size])
+    buffer, unwritten = stream._write_buffer, []
+    while buffer._size:
+        chunk = buffer.peek(buffer._size)
+        unwritten.append(bytes(chunk))
+        buffer.advance(len(chunk))
+    stream.socket = None  # the stream is dropped; nothing in it may touch the socket again
+    return sock, unread, b"".join(unwritten)
 
 
 def http_stream(handler) -> IOStream:

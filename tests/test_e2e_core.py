@@ -323,8 +323,8 @@ def test_reuse_port_workers_share_the_port_and_all_deliver(mongo, relay_factory)
 
 
 def test_permessage_deflate_when_enabled(mongo, relay_factory):
-    """WS_COMPRESSION=true: a client that negotiates deflate gets every event, live and replayed
-    (replays go out as uncompressed messages, which RFC 7692 allows on a deflate connection)."""
+    """WS_COMPRESSION=true: a client that negotiates deflate gets every event, live and replayed,
+    as the compressed frames built once per event (control messages go uncompressed)."""
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, WS_COMPRESSION="true")
     relay.wait_ready()
 

@@ -9,6 +9,7 @@ import pytest
 from bson import Decimal128, Int64, ObjectId, Timestamp
 
 from changerelay import events as ev
+from changerelay.frames import ws_frame
 
 
 def change(**extra):
@@ -42,7 +43,7 @@ def test_events_without_documents_encode():
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
 def test_ws_frame_lengths(size):
     payload = b"x" * size
-    frame = ev.ws_frame(payload)
+    frame = ws_frame(payload)
     assert frame[0] == 0x81
     assert frame.endswith(payload)
     if size < 126:

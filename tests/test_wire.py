@@ -1,7 +1,7 @@
-"""The fast write path against Tornado itself: same bytes on the wire, same buffer accounting.
+"""The write paths against Tornado itself: same bytes on the wire, same buffer accounting.
 
 These tests are the tripwire for a Tornado upgrade: ``changerelay/wire.py`` uses private
-attributes (``IOStream._write_buffer``, ``WebSocketProtocol13._compressor``,
+attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
 ``HTTP1Connection._chunking_output``) and must fail here, loudly, if they change.
 """
 
@@ -16,30 +16,33 @@ import pytest
 from tornado import httpserver, iostream, netutil, web, websocket
 from tornado.http1connection import HTTP1Connection
 
-from changerelay import clients, wire
+from changerelay import clients, frames, wire
 from changerelay import events as ev
 from changerelay.subscription import ALL
+from tests.test_frames import masked
 
-MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, "e" * 200_000]
+MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, "e" * 200_000,
+            '{"operationType":"insert","fullDocument":{"t":"' + "abc" * 500 + '"}}']
 
 
 def test_private_attributes_still_exist():
     stream = iostream.IOStream(socket.socket())
     assert len(stream._write_buffer) == 0 and stream._write_buffer._size == 0
-    assert hasattr(websocket.WebSocketProtocol13, "_write_frame")
-    assert "_compressor" in websocket.WebSocketProtocol13._create_compressors.__code__.co_names
+    assert callable(stream._write_buffer.peek) and callable(stream._write_buffer.advance)
+    assert stream._read_buffer == bytearray() and stream._read_buffer_size == 0
     assert "_chunking_output" in HTTP1Connection.__init__.__code__.co_names
     stream.close()
 
 
-async def _raw_ws_client(port: int):
+async def _raw_ws_client(port: int, extensions: str | None = None, then: bytes = b""):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
     writer.write((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    await reader.readuntil(b"\r\n\r\n")
-    return reader, writer
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n{offer}"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode() + then)
+    head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head
 
 
 async def _read_frame(reader) -> bytes:
@@ -66,15 +69,58 @@ def test_prebuilt_frames_are_byte_identical_to_write_message():
         server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
         [sock] = netutil.bind_sockets(0, "127.0.0.1")
         server.add_sockets([sock])
-        reader, writer = await _raw_ws_client(sock.getsockname()[1])
+        reader, writer, _ = await _raw_ws_client(sock.getsockname()[1])
         handler = await opened
-        direct = wire.StreamWriter(wire.ws_stream(handler))
         for message in MESSAGES:
             await handler.write_message(message)
-            direct.write(ev.ws_frame(message.encode()))
             theirs = await _read_frame(reader)
-            ours = await _read_frame(reader)
-            assert ours == theirs, message[:10]
+            assert frames.ws_frame(message.encode()) == theirs, message[:10]
+        writer.close()
+        server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_deflated_bodies_are_tornados_without_context_takeover():
+    """Tornado compresses the same way when it takes no context (it cannot be made to over the
+    wire: its header parser drops valueless parameters such as server_no_context_takeover)."""
+    tornado_compressor = websocket._PerMessageDeflateCompressor(persistent=False, max_wbits=None)
+    for message in MESSAGES:
+        data = message.encode()
+        assert frames.deflate(data) == tornado_compressor.compress(data), message[:10]
+
+
+def test_take_socket_hands_over_unread_bytes_and_a_working_socket():
+    """A client that sends a frame right behind its handshake loses nothing in the hand-over."""
+    async def scenario():
+        taken = asyncio.get_running_loop().create_future()
+
+        class Handler(web.RequestHandler):
+            def get(self):
+                self.set_status(101)
+                self.set_header("Upgrade", "websocket")
+                self.set_header("Connection", "Upgrade")
+                self.finish()
+                taken.set_result(wire.take_socket(self.detach()))
+
+        server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
+        [sock] = netutil.bind_sockets(0, "127.0.0.1")
+        server.add_sockets([sock])
+        early = masked(b"early bird")
+        reader, writer, head = await _raw_ws_client(sock.getsockname()[1], then=early)
+        assert head.startswith(b"HTTP/1.1 101")
+        ours, unread, unwritten = await taken
+        assert unread in (early, b"")  # read with the request, or still in the kernel
+        assert unwritten == b""
+        rest = b""
+        if not unread:
+            ours.setblocking(True)
+            rest = ours.recv(len(early))
+        assert unread + rest == early
+        ours.setblocking(True)
+        ours.sendall(b"after")
+        assert await reader.readexactly(5) == b"after"
+        ours.close()
         writer.close()
         server.stop()
 
@@ -82,7 +128,7 @@ def test_prebuilt_frames_are_byte_identical_to_write_message():
 
 
 def test_direct_writes_keep_order_when_the_kernel_pushes_back():
-    """Fill the socket until the kernel refuses, then keep writing: nothing reordered or lost."""
+    """SSE: fill the socket until the kernel refuses, keep writing: nothing reordered or lost."""
     async def scenario():
         a, b = socket.socketpair()
         a.setblocking(False)
@@ -93,9 +139,12 @@ def test_direct_writes_keep_order_when_the_kernel_pushes_back():
         for chunk in chunks:
             writer.write(chunk)
         assert writer.buffered() > 0
+        drained = asyncio.Event()
+        writer.when_drained(drained.set)
         reader = iostream.IOStream(b)
         received = await reader.read_bytes(sum(map(len, chunks)))
         assert received == b"".join(chunks)
+        await asyncio.wait_for(drained.wait(), 5)
         assert writer.buffered() == 0
         stream.close()
         reader.close()
@@ -103,10 +152,12 @@ def test_direct_writes_keep_order_when_the_kernel_pushes_back():
     asyncio.run(scenario())
 
 
-class FakeWriter:
+class FakeConnection:
     def __init__(self):
         self.queued = 0
         self.data = b""
+        self.closed_with = None
+        self.on_pong = None
 
     def buffered(self):
         return self.queued
@@ -121,29 +172,35 @@ class FakeWriter:
         self.write(data)
         return True
 
-
-class FakeHandler:
-    def __init__(self):
-        self.closed_with = None
-
     def close(self, code, reason):
         self.closed_with = (code, reason)
 
 
 def test_client_never_buffers_past_its_limit_and_is_cut_off_with_1013():
-    handler = FakeHandler()
-    client = clients.WebSocketClient(handler, ALL, limit=1000, peer="test")
-    client.writer = FakeWriter()
+    connection = FakeConnection()
+    client = clients.WebSocketClient(connection, ALL, limit=1000, peer="test")
     cut = []
     client.on_cut = lambda: cut.append(True)
-    frame = ev.ws_frame(b"y" * 300)
+    frame = frames.ws_frame(b"y" * 300)
     for _ in range(10):
         client.send(frame)
-    assert client.writer.queued <= 1000 + 4096
-    assert client.writer.data.count(frame) == 3
-    assert handler.closed_with == (1013, "slow consumer")
+    assert connection.queued <= 1000 + 4096
+    assert connection.data.count(frame) == 3
+    assert connection.closed_with == (1013, "slow consumer")
     assert cut == [True]
-    assert b'"code":"slow_consumer"' in client.writer.data
+    assert b'"code":"slow_consumer"' in connection.data
+
+
+def test_deflate_clients_get_the_compressed_frames_and_plain_control_messages():
+    event = ev.encode_change({"_id": {"_data": "82AB"}, "operationType": "insert",
+                              "fullDocument": {"t": "x" * 1000}})
+    plain = clients.WebSocketClient(FakeConnection(), ALL, limit=1 << 20, peer="a")
+    deflate = clients.WebSocketClient(FakeConnection(), ALL, limit=1 << 20, peer="b",
+                                      deflate=True)
+    assert plain.pack([event, event]) == event.frame * 2
+    assert deflate.pack([event]) == event.deflated and event.deflated[0] == 0xC1
+    assert len(event.deflated) < len(event.frame) // 5
+    assert deflate.pack_control(b'{"type":"x"}')[0] == 0x81
 
 
 @pytest.mark.parametrize("chunked", [True, False])
@@ -157,12 +214,3 @@ def test_sse_records_are_framed_like_tornado_chunks(chunked):
         assert int(size, 16) == len(event.sse) and rest == event.sse + b"\r\n"
     else:
         assert packed == event.sse
-
-
-def test_split_frames_inverts_ws_frame():
-    payloads = [m.encode() for m in MESSAGES]
-    joined = b"".join(ev.ws_frame(p) for p in payloads) + clients.PING
-    parts = list(wire.split_frames(joined))
-    assert [bytes(payload) for _, _, payload in parts[:-1]] == payloads
-    assert [opcode for opcode, _, _ in parts] == [0x1] * len(payloads) + [0x9]
-    assert b"".join(bytes(frame) for _, frame, _ in parts) == joined

@@ -1,0 +1,246 @@
+"""One WebSocket after its handshake, on a bare non-blocking socket.
+
+Tornado keeps a handler, a request, an IOStream, a protocol object and a chain of coroutines alive
+for every open WebSocket. A relay holds thousands of connections that mostly wait, and what they
+wait for is bytes we already built, so this is the whole of it: a socket, a reader callback, an
+outbound queue for what the kernel did not take, and the closing handshake. The protocol itself
+is in ``frames.py``.
+
+Writes go straight to the socket when nothing is queued (one ``send`` per client per flush, no
+Future), and queue otherwise; ``buffered()`` is the one number the slow-consumer limit reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import Callable
+
+from tornado.iostream import StreamClosedError
+
+from . import frames
+
+CLOSE_TIMEOUT = 5.0  # seconds the peer gets to answer our close frame (Tornado's figure)
+_COALESCE = 64 * 1024
+_RECV = 65536
+
+
+class WebSocketConnection:
+    """The server end of an open WebSocket.
+
+    ``on_pong`` is called for every pong; ``on_close`` once, when the socket is closed. Writes
+    after our close frame raise ``StreamClosedError``, as they would on a Tornado stream.
+    """
+
+    __slots__ = ("_closing", "_drain", "_out", "_reader", "_size", "_timer", "closed", "loop",
+                 "on_close", "on_pong", "sock")
+
+    def __init__(self, sock: socket.socket, reader: frames.FrameReader,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.sock = sock
+        self.loop = loop or asyncio.get_running_loop()
+        self._reader: frames.FrameReader | None = reader
+        self._out: deque = deque()
+        self._size = 0
+        self._drain: list[Callable[[], None]] | None = None
+        self._closing = False  # our close frame is queued: nothing more may be written
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.on_pong: Callable[[], None] = _nothing
+        self.on_close: Callable[[], None] = _nothing
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def start(self, pending_out: bytes = b"", pending_in: bytes = b"") -> None:
+        """Begin reading; ``pending_*`` are bytes the handshake's stream had not moved yet."""
+        if pending_out:
+            self._queue(pending_out)
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        if pending_in:
+            self.loop.call_soon(self._received, pending_in)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def buffered(self) -> int:
+        """Bytes accepted but not yet handed to the kernel."""
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        self.write_within(data, 1 << 62)
+
+    def write_within(self, data: bytes, limit: int) -> bool:
+        """Write ``data`` unless that would queue more than ``limit`` bytes; False if not.
+
+        This is the per-client, per-flush call of the fan-out: one call, one syscall.
+        """
+        if self._closing:
+            raise StreamClosedError()
+        if self._size:
+            if self._size + len(data) > limit:
+                return False
+            self._out.append(data)
+            self._size += len(data)
+            return True
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost()
+            raise StreamClosedError(real_error=exc) from exc
+        if sent < len(data):
+            # Nothing was queued before, so this client is not slow: queue the rest whatever
+            # its size (one batch can exceed the limit; a backlog of them cannot).
+            self._queue(memoryview(data)[sent:])
+        return True
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything queued is with the kernel (or the socket is gone)."""
+        if not self._size or self.closed:
+            self.loop.call_soon(callback)
+            return
+        if self._drain is None:
+            self._drain = []
+        self._drain.append(callback)
+
+    def _queue(self, data) -> None:
+        if not self._size:
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+        self._out.append(data)
+        self._size += len(data)
+
+    def _writable(self) -> None:
+        out = self._out
+        while out:
+            chunk = out[0]
+            if len(out) > 1 and len(chunk) < _COALESCE:
+                # Many small queued payloads (live events behind a slow reader): one send.
+                parts, size = [], 0
+                while out and size < _COALESCE:
+                    part = out.popleft()
+                    parts.append(part)
+                    size += len(part)
+                chunk = b"".join(parts)
+                out.appendleft(chunk)
+            try:
+                sent = self.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._lost()
+                return
+            self._size -= sent
+            if sent < len(chunk):
+                out[0] = memoryview(chunk)[sent:]
+                return
+            out.popleft()
+        self.loop.remove_writer(self.sock.fileno())
+        self._drained()
+
+    def _drained(self) -> None:
+        callbacks, self._drain = self._drain, None
+        for callback in callbacks or ():
+            callback()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        if not data:
+            self._lost()
+            return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        if self._reader is None or self.closed:
+            return  # failed or closing after a protocol error: discard until the peer goes
+        try:
+            messages = self._reader.feed(data)
+        except frames.ProtocolError as exc:
+            self._reader = None
+            self.close(exc.code, exc.reason)
+            return
+        for opcode, payload in messages:
+            if opcode == frames.PING:
+                if not self._closing:
+                    self.write(frames.ws_frame(payload, frames.PONG))
+            elif opcode == frames.PONG:
+                self.on_pong()
+            elif opcode == frames.CLOSE:
+                self._peer_closed(payload)
+                return
+            # Text and binary messages: clients have nothing to tell a relay; ignored.
+
+    def _peer_closed(self, payload: bytes) -> None:
+        if not self._closing:
+            # Answer with the same code (RFC 6455 §5.5.1), then close once it is sent.
+            code = frames.close_code(payload)
+            self._queue_close(b"" if code is None else payload[:2])
+        self._reader = None
+        self.when_drained(self._abort)
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self, code: int = frames.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake; the socket closes when the peer answers, or in 5 s."""
+        if self._closing or self.closed:
+            return
+        self._queue_close(frames.close_frame(code, reason)[2:])
+        if self._reader is None:
+            # We failed the connection: we will not read its answer, so say we are done.
+            self.when_drained(self._shutdown_write)
+        self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _queue_close(self, payload: bytes) -> None:
+        frame = frames.ws_frame(payload, frames.CLOSE)
+        if self._size:
+            self._queue(frame)
+        else:
+            self.write(frame)
+        self._closing = True
+
+    def _shutdown_write(self) -> None:
+        if not self.closed:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._lost()
+
+    def shutdown(self) -> None:
+        """The relay is stopping: going away (1001)."""
+        self.close(frames.GOING_AWAY, "server shutting down")
+
+    def _abort(self) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        """Close the socket now, whatever its state; tell the owner once."""
+        if self.closed:
+            return
+        self.closed = True
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            if self._size:
+                self.loop.remove_writer(fd)
+        self.sock.close()
+        self._out.clear()
+        self._size = 0
+        self._drained()
+        self.on_close()
+        self.on_close = self.on_pong = _nothing
+
+
+def _nothing() -> None:
+    pass

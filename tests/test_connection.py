@@ -1,0 +1,194 @@
+"""An open WebSocket on a bare socket (``changerelay/connection.py``), against a raw peer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+from tornado.iostream import StreamClosedError
+
+from changerelay import connection as conn_module
+from changerelay import frames
+from changerelay.connection import WebSocketConnection
+from tests.test_frames import masked
+
+
+class Peer:
+    """The client end of a socketpair, read with asyncio."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+
+    async def read(self, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        while len(self.buffer) < n:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 20), 5)
+            if not chunk:
+                raise EOFError(f"EOF after {len(self.buffer)} of {n} bytes")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    async def frame(self) -> tuple[int, bytes]:
+        head = await self.read(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", await self.read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", await self.read(8))[0]
+        return head[0] & 0x0F, await self.read(length)
+
+    async def eof(self) -> bool:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), 5) == b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Loopback TCP with small buffers, so that the kernel pushes back after a few hundred KB."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.socket()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        theirs.connect(server.getsockname())
+        ours, _ = server.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    return ours, theirs
+
+
+def pair(max_size: int = 4096, deflate: bool = False):
+    ours, theirs = tcp_pair()
+    theirs.setblocking(False)
+    connection = WebSocketConnection(ours, frames.FrameReader(max_size, deflate))
+    events = {"pongs": 0, "closed": 0, "gone": asyncio.Event(), "pong": asyncio.Event()}
+
+    def closed():
+        events["closed"] += 1
+        events["gone"].set()
+
+    def ponged():
+        events["pongs"] += 1
+        events["pong"].set()
+
+    connection.on_pong = ponged
+    connection.on_close = closed
+    return connection, Peer(theirs), events
+
+
+def run(coro):
+    asyncio.run(coro)
+
+
+def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_reported():
+    async def scenario():
+        connection, peer, _ = pair()
+        connection.start()
+        chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
+        for chunk in chunks:
+            connection.write(chunk)
+        assert connection.buffered() > 0
+        assert not connection.write_within(b"x", connection.buffered())  # a queue has a limit
+        drained = asyncio.Event()
+        connection.when_drained(drained.set)
+        assert await peer.read(3_000_000) == b"".join(chunks)
+        await asyncio.wait_for(drained.wait(), 5)
+        assert connection.buffered() == 0
+        assert connection.write_within(b"y" * 100, 10)  # nothing queued: the kernel takes it
+        assert await peer.read(100) == b"y" * 100
+
+    run(scenario())
+
+
+def test_ping_is_answered_with_its_payload_and_pongs_are_reported():
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start(pending_in=masked(b"early", frames.PING))  # sent behind the handshake
+        assert await peer.frame() == (frames.PONG, b"early")
+        peer.send(masked(b"abc", frames.PING) + masked(b"", frames.PONG))
+        assert await peer.frame() == (frames.PONG, b"abc")
+        await asyncio.wait_for(events["pong"].wait(), 5)
+        assert events["pongs"] == 1
+
+    run(scenario())
+
+
+def test_peer_close_is_echoed_then_the_socket_closes_once():
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        peer.send(masked(struct.pack("!H", 1001) + b"bye", frames.CLOSE))
+        assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001))
+        assert await peer.eof()
+        await asyncio.wait_for(events["gone"].wait(), 5)
+        assert events["closed"] == 1 and connection.closed
+        with pytest.raises(StreamClosedError):
+            connection.write(b"late")
+
+    run(scenario())
+
+
+def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
+        assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1013) + b"slow consumer")
+        with pytest.raises(StreamClosedError):
+            connection.write(b"more")
+        assert not connection.closed  # waiting for the peer's close frame
+        peer.send(masked(struct.pack("!H", 1013), frames.CLOSE))
+        assert await peer.eof()
+        await asyncio.wait_for(events["gone"].wait(), 5)
+        assert events["closed"] == 1
+
+    run(scenario())
+
+
+def test_a_silent_peer_is_dropped_after_the_close_timeout(monkeypatch):
+    monkeypatch.setattr(conn_module, "CLOSE_TIMEOUT", 0.2)
+
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        connection.shutdown()
+        assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001) +
+                                      b"server shutting down")
+        await asyncio.wait_for(events["gone"].wait(), 5)
+        assert await peer.eof()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("data, code", [
+    (bytes([0x81, 0x01]) + b"x", 1002),    # unmasked
+    (masked(b"x" * 5000), 1009),
+    (masked(b"\xc3\x28"), 1007),
+])
+def test_protocol_errors_close_with_their_code_then_end_the_stream(data, code):
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        peer.send(data)
+        opcode, payload = await peer.frame()
+        assert (opcode, frames.close_code(payload)) == (frames.CLOSE, code)
+        assert await peer.eof()  # we stop writing at once; the peer may still say goodbye
+        peer.sock.close()
+        await asyncio.wait_for(events["gone"].wait(), 5)
+
+    run(scenario())
+
+
+def test_peer_vanishing_is_reported_once():
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        peer.sock.close()
+        await asyncio.wait_for(events["gone"].wait(), 5)
+        connection.close()  # harmless afterwards
+        assert events["closed"] == 1
+
+    run(scenario())
