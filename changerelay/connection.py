@@ -170,8 +170,13 @@ class WebSocketConnection:
             return
         for opcode, payload in messages:
             if opcode == frames.PING:
-                if not self._closing:
-                    self.write(frames.ws_frame(payload, frames.PONG))
+                # A peer that pings without reading gets no pongs piling up here (RFC 6455
+                # §5.5.3 lets us answer only the latest ping).
+                if not self._closing and self._size < _COALESCE:
+                    try:
+                        self.write(frames.ws_frame(payload, frames.PONG))
+                    except StreamClosedError:
+                        return
             elif opcode == frames.PONG:
                 self.on_pong()
             elif opcode == frames.CLOSE:

@@ -7,6 +7,7 @@ which must keep receiving every event: bad input never costs anyone else anythin
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import time
 import urllib.parse
@@ -107,6 +108,45 @@ def test_every_bad_handshake_is_refused_and_others_keep_receiving(mongo, secured
             shop.orders.insert_one({"_id": number})
             [frame] = await bystander.changes(1)
             assert frame["documentKey"] == {"_id": number}, what
+
+    run(scenario())
+
+
+BAD_UPGRADES = [
+    ("no Connection: Upgrade", {"Connection": "keep-alive"}, 400, "bad_handshake"),
+    ("version 8", {"Sec-WebSocket-Version": "8"}, 426, "unsupported_websocket_version"),
+    ("no version", {"Sec-WebSocket-Version": ""}, 426, "unsupported_websocket_version"),
+    ("no key", {"Sec-WebSocket-Key": ""}, 400, "bad_handshake"),
+    ("short key", {"Sec-WebSocket-Key": "c2hvcnQ="}, 400, "bad_handshake"),
+    ("key not base64", {"Sec-WebSocket-Key": "!!!!!!!!!!!!!!!!!!!!!!=="}, 400, "bad_handshake"),
+]
+
+
+def _upgrade_request(relay, headers: dict):
+    """GET /socket with exactly these headers (urllib would add ``Connection: close``)."""
+    connection = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    connection.request("GET", "/socket", headers=headers)
+    response = connection.getresponse()
+    body = response.read() if response.status != 101 else b""
+    connection.close()
+    return response.status, body, response.headers
+
+
+def test_bad_websocket_upgrades_get_json_errors_and_others_keep_receiving(mongo, secured):
+    async def scenario():
+        bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade",
+                   "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        for number, (what, headers, status, code) in enumerate(BAD_UPGRADES):
+            got, body, reply_headers = _upgrade_request(secured, _headers({**upgrade, **headers}))
+            assert got == status, (what, body)
+            assert json.loads(body)["error"] == code, what
+            if status == 426:
+                assert reply_headers["Sec-WebSocket-Version"] == "13"
+            mongo.client[SHOP].orders.insert_one({"_id": number})
+            [frame] = await bystander.changes(1)
+            assert frame["documentKey"] == {"_id": number}, what
+        assert _upgrade_request(secured, _headers(upgrade))[0] == 101
 
     run(scenario())
 
