@@ -87,7 +87,8 @@ class Config:
         "WS_PING_INTERVAL", 20.0, "seconds between WebSocket pings; a client that does not "
         "answer within as long again is closed")
     ws_compression: bool = _spec(
-        "WS_COMPRESSION", False, "offer permessage-deflate (costs CPU per client)")
+        "WS_COMPRESSION", False,
+        "accept permessage-deflate (each event compressed once; clients pay to inflate)")
     reuse_port: int = _spec(
         "REUSE_PORT", 0, "run N processes sharing the port with SO_REUSEPORT (0: one process)")
     shutdown_timeout: float = _spec(
