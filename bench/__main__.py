@@ -9,8 +9,10 @@ Both servers are measured the same way, one after the other, against one test pr
    the next count;
 3. with ``--reuse-port N``: changerelay with N processes against 1, at 1,000 clients.
 
-Cores: the server gets core 0; the load client, the primary and this harness share core 1. The
-results go to ``bench/results/<UTC time>.json`` and a Markdown table goes to stdout.
+Cores: the server gets core 0; the load client, the primary and this harness share core 1.
+Before anything starts, loopback's receive processing is steered to core 1 (``--loopback-rx``,
+see ``bench/loopback.py``). The results go to ``bench/results/<UTC time>.json`` and a Markdown
+table goes to stdout.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import report
+from . import loopback, report
 from .loadclient import raise_open_files_limit
 from .procs import LoadClient, Relay, Source, Tutorial
 from .profile import Profiler, summary
@@ -67,6 +69,10 @@ def parse_args(argv):
                              "(repeatable)")
     parser.add_argument("--servers", nargs="+", default=["tutorial", "changerelay"],
                         choices=["tutorial", "changerelay"])
+    parser.add_argument("--loopback-rx", choices=["client", "sender"], default="client",
+                        help="which core does loopback's TCP receive work: the clients' (default; "
+                             "rps_cpus on lo, restored afterwards, needs root) or, as the kernel "
+                             "does by default, the sender's, i.e. the server's")
     return parser.parse_args(argv)
 
 
@@ -193,6 +199,29 @@ def main(argv=None) -> int:
                "client_cores": sorted(client_cores), "runs": [], "memory": [], "profiles": {},
                "idle": [],
                "stamp": f"{started:%Y%m%dT%H%M%SZ}"}
+    most = max(counts + fixed + ([1000] if args.reuse_port > 1 else []))
+    steering = loopback.steer(args.loopback_rx, client_cores, server_cores, clients=most)
+    if steering.mode == "client":
+        log(f"loopback receive work steered to core {sorted(client_cores)}: rps_cpus "
+            f"{steering.mask}, netdev_max_backlog {steering.backlog}")
+    try:
+        run_all(args, counts, fixed, server_cores, client_cores, results)
+    finally:
+        results["machine"]["loopback_rx"] = steering.record()
+        steering.restore()
+    if results["machine"]["loopback_rx"]["dropped"]:
+        log(f"{results['machine']['loopback_rx']['dropped']} packets dropped at a receive "
+            "backlog during the run: TCP retransmitted them, latencies include that")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{results['stamp']}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(report.markdown(results))
+    print(f"\nresults: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    failed = [r for r in results["runs"] if not r["complete"]]
+    return 1 if failed else 0
+
+
+def run_all(args, counts, fixed, server_cores, client_cores, results) -> None:
     source = Source(client_cores)
     load = LoadClient(client_cores)
     inserter = Inserter(source, DB)
@@ -235,13 +264,6 @@ def main(argv=None) -> int:
         load.stop()
         inserter.close()
         source.stop()
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{results['stamp']}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(report.markdown(results))
-    print(f"\nresults: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
-    failed = [r for r in results["runs"] if not r["complete"]]
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 from bson import json_util
 from pymongo import MongoClient
 
+from .loopback import WHY
+
 
 def payload_size(uri: str, db: str) -> int:
     """Bytes of one insert event as both servers send it (relaxed Extended JSON, compact)."""
@@ -69,7 +71,7 @@ def markdown(results: dict) -> str:
            f"revision {m.get('revision', '?')}; "
            f"server on core {results['server_cores']}, load client + primary + harness on core "
            f"{results['client_cores']}. Payload: {results.get('payload_bytes', '?')} bytes per "
-           "event.", ""]
+           f"event. {_loopback(m, results['client_cores'])}", ""]
     ceiling = results.get("ceiling")
     if ceiling:
         out += [f"Source ceiling: a bare change stream on the server core received "
@@ -140,13 +142,32 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def _loopback(machine: dict, client_cores) -> str:
+    """Which core did the clients' TCP receive work; results before ``--loopback-rx`` don't say."""
+    rx = machine.get("loopback_rx")
+    if rx is None:
+        return ("Loopback receive work: not recorded (an older results file; the kernel default "
+                "does it inside the sender's send(), on the server core).")
+    drops = rx.get("dropped")
+    drops = "" if drops is None else (
+        f" Packets dropped at a receive backlog during the run: {drops:,}"
+        + (" (TCP retransmitted them; latencies include that)." if drops else "."))
+    if rx["mode"] == "client":
+        return (f"Loopback receive work on the client core {client_cores} (rps_cpus {rx['mask']} "
+                f"on lo, netdev_max_backlog {rx.get('backlog', '?')}): {WHY}.{drops}")
+    why = f" ({rx['reason']})" if rx.get("reason") else ""
+    return (f"Loopback receive work in the sender's send(){why}: the server core also pays for "
+            "its clients' kernel receive work, which a real network does on the client's "
+            f"machine.{drops}")
+
+
 def _bounds(run: dict) -> str:
     lat = run["latency_ms"]
     return (f"| {run['server']} | {run['clients']:,} | {run['events']:,} | "
             f"{run['events_per_s_inserted']:,} | {run['seconds']:.2f} | {run['relay_core_busy']} "
             f"({run.get('relay_system_share', '?')}) "
-            f"| {run['client_core_busy']} | {run['others_busy']} "
-            f"| {run['load_cpu_us_per_delivery']} "
+            f"| {run['client_core_busy']} | {run.get('others_busy', '?')} "
+            f"| {run.get('load_cpu_us_per_delivery', '?')} "
             f"| {lat.get('p50', '?')} / {lat.get('p99', '?')} / "
             f"{lat.get('max', '?')} |")
 
