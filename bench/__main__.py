@@ -11,7 +11,8 @@ Both servers are measured the same way, one after the other, against one test pr
 
 Cores: the server gets core 0; the load client, the primary and this harness share core 1.
 Before anything starts, loopback's receive processing is steered to core 1 (``--loopback-rx``,
-see ``bench/loopback.py``). The results go to ``bench/results/<UTC time>.json`` and a Markdown
+see ``bench/loopback.py``), and a bare loop of ``send()`` measures the floor under the fixed-rate
+runs (``bench/sendfloor.py``). The results go to ``bench/results/<UTC time>.json`` and a Markdown
 table goes to stdout.
 """
 
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import loopback, report
+from . import loopback, report, sendfloor
 from .loadclient import raise_open_files_limit
 from .procs import LoadClient, Relay, Source, Tutorial
 from .profile import Profiler, summary
@@ -73,6 +74,8 @@ def parse_args(argv):
                         help="which core does loopback's TCP receive work: the clients' (default; "
                              "rps_cpus on lo, restored afterwards, needs root) or, as the kernel "
                              "does by default, the sender's, i.e. the server's")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the send floor (a bare send() loop at each fixed-rate count)")
     return parser.parse_args(argv)
 
 
@@ -184,6 +187,18 @@ def record(results: dict, run: Run) -> None:
         f"[{status}]")
 
 
+def send_floor(args, fixed, payload: int, server_cores, client_cores) -> list[dict]:
+    """The bare ``send()`` loop at each fixed-rate count, before any server starts."""
+    if args.no_floor or not fixed:
+        return []
+    size = sendfloor.frame_bytes(payload)
+    floor = sendfloor.run(sorted(fixed), size, args.rate, server_cores, client_cores)
+    for point in floor:
+        log(f"send floor: {point['clients']} sockets x {size} bytes: {point['us_per_send']} us "
+            f"per send, {point['pass_ms']} ms per pass")
+    return floor
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     counts = args.clients or ([100, 1000, 10000] if args.full else [100, 1000])
@@ -229,6 +244,8 @@ def run_all(args, counts, fixed, server_cores, client_cores, results) -> None:
     servers = []
     try:
         results["payload_bytes"] = report.payload_size(source.uri, DB)
+        results["send_floor"] = send_floor(args, fixed, results["payload_bytes"], server_cores,
+                                           client_cores)
         ceiling_events = events_for(min(counts), args.deliveries)
         results["ceiling"] = bench.ceiling(ceiling_events, args.batch, server_cores)
         log(f"source ceiling: {results['ceiling']['events_per_s']} events/s through a bare "

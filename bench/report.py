@@ -112,6 +112,7 @@ def markdown(results: dict) -> str:
             rate = (t or c)["detail"]["rate"]
             out.append(f"| {n:,} | {rate:g}/s | {_lat(t)} | {_lat(c)} | {_cpu(t)} / {_cpu(c)} "
                        f"| {_busy(t)} / {_busy(c)} | {_kernel(t)} / {_kernel(c)} |")
+    out += _floor(results)
 
     if results["memory"]:
         out += ["", "### Memory per idle connection (RSS delta ÷ connections)", "",
@@ -159,6 +160,25 @@ def _loopback(machine: dict, client_cores) -> str:
     return (f"Loopback receive work in the sender's send(){why}: the server core also pays for "
             "its clients' kernel receive work, which a real network does on the client's "
             f"machine.{drops}")
+
+
+def _floor(results: dict) -> list[str]:
+    """The bare ``send()`` loop next to the fixed-rate table: the sends alone, no relay."""
+    floor = results.get("send_floor")
+    if not floor:
+        return []
+    out = ["", f"Send floor, what one pass over every socket costs with no relay at all: a bare "
+           f"loop of socket.send of {floor[0]['bytes']} bytes (one event frame) to each loopback "
+           f"TCP connection, on core {results['server_cores']}, read by an epoll loop on core "
+           f"{results['client_cores']}; median of {floor[0]['passes']} passes. A floor: spaced "
+           "by the relay's own work, each send costs more.", "",
+           "| clients | µs per send (wall / CPU) | one pass, ms (median / max) |",
+           "|---:|---|---|"]
+    for point in floor:
+        out.append(f"| {point['clients']:,} | {point['us_per_send']:.2f} / "
+                   f"{point['cpu_us_per_send']:.2f} | {point['pass_ms']:.1f} / "
+                   f"{point['pass_ms_max']:.1f} |")
+    return out
 
 
 def _bounds(run: dict) -> str:
