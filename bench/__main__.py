@@ -10,10 +10,10 @@ Both servers are measured the same way, one after the other, against one test pr
 3. with ``--reuse-port N``: changerelay with N processes against 1, at 1,000 clients.
 
 Cores: the server gets core 0; the load client, the primary and this harness share core 1.
-Before anything starts, loopback's receive processing is steered to core 1 (``--loopback-rx``,
-see ``bench/loopback.py``), and a bare loop of ``send()`` measures the floor under the fixed-rate
-runs (``bench/sendfloor.py``). The results go to ``bench/results/<UTC time>.json`` and a Markdown
-table goes to stdout.
+Loopback's receive processing stays where the kernel puts it (``--loopback-rx client`` steers it
+to core 1, see ``bench/loopback.py``), and a bare loop of ``send()`` measures the floor under the
+fixed-rate runs (``bench/sendfloor.py``). The results go to ``bench/results/<UTC time>.json``
+and a Markdown table goes to stdout.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def parse_args(argv):
                              "(repeatable)")
     parser.add_argument("--servers", nargs="+", default=["tutorial", "changerelay"],
                         choices=["tutorial", "changerelay"])
-    parser.add_argument("--loopback-rx", choices=["client", "sender"], default="client",
-                        help="which core does loopback's TCP receive work: the clients' (default; "
-                             "rps_cpus on lo, restored afterwards, needs root) or, as the kernel "
-                             "does by default, the sender's, i.e. the server's")
+    parser.add_argument("--loopback-rx", choices=["client", "sender"], default="sender",
+                        help="which core does loopback's TCP receive work: as the kernel does "
+                             "by default, the sender's, i.e. the server's (default), or the "
+                             "clients' (rps_cpus on lo, restored afterwards, needs root)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the send floor (a bare send() loop at each fixed-rate count)")
     return parser.parse_args(argv)
