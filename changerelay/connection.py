@@ -13,6 +13,7 @@ Future), and queue otherwise; ``buffered()`` is the one number the slow-consumer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -191,6 +192,8 @@ class WebSocketConnection:
             self._queue_close(b"" if code is None else payload[:2])
         self._reader = None
         self.when_drained(self._abort)
+        if self._timer is None and not self.closed:  # a peer that stops reading our reply
+            self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
 
     # -- closing -------------------------------------------------------------------------------
 
@@ -199,6 +202,8 @@ class WebSocketConnection:
         if self._closing or self.closed:
             return
         self._queue_close(frames.close_frame(code, reason)[2:])
+        if self.closed:
+            return  # the socket failed as we wrote to it
         if self._reader is None:
             # We failed the connection: we will not read its answer, so say we are done.
             self.when_drained(self._shutdown_write)
@@ -209,7 +214,8 @@ class WebSocketConnection:
         if self._size:
             self._queue(frame)
         else:
-            self.write(frame)
+            with contextlib.suppress(StreamClosedError):
+                self.write(frame)
         self._closing = True
 
     def _shutdown_write(self) -> None:

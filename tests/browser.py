@@ -97,6 +97,7 @@ class Browser:
         self._changed = threading.Condition()
         self._console: list[ConsoleMessage] = []
         self._websocket_urls: list[str] = []
+        self._websocket_handshakes: list[dict[str, str]] = []  # response headers, in order
         # Console arguments are fetched by value in arrival order; this queue keeps that order.
         self._console_queue: asyncio.Queue[tuple[int, str, list[dict[str, Any]]]] | None = None
         self._tasks: list[asyncio.Future[None]] = []
@@ -242,6 +243,7 @@ class Browser:
         with self._changed:
             self._console.clear()
             self._websocket_urls.clear()
+            self._websocket_handshakes.clear()
             self._page_loads += 1
 
         async def navigate() -> None:
@@ -327,6 +329,12 @@ class Browser:
         """URLs of every WebSocket the page opened, in order (from the Network domain)."""
         with self._changed:
             return list(self._websocket_urls)
+
+    @property
+    def websocket_handshakes(self) -> list[dict[str, str]]:
+        """Response headers (lower-case names) of every WebSocket handshake the page completed."""
+        with self._changed:
+            return list(self._websocket_handshakes)
 
     def wait_for_websockets(self, count: int, timeout: float = 5.0) -> list[str]:
         """Wait until the page has opened at least ``count`` WebSockets; return their URLs."""
@@ -423,6 +431,11 @@ class Browser:
         elif method == "Network.webSocketCreated":
             with self._changed:
                 self._websocket_urls.append(params["url"])
+                self._changed.notify_all()
+        elif method == "Network.webSocketHandshakeResponseReceived":
+            headers = {k.lower(): v for k, v in params["response"].get("headers", {}).items()}
+            with self._changed:
+                self._websocket_handshakes.append(headers)
                 self._changed.notify_all()
 
     async def _console_loop(self) -> None:

@@ -312,6 +312,28 @@ def test_reconnects_with_resume_after_and_loses_nothing(
     assert detail.startswith("last close: ")
 
 
+
+
+@pytest.mark.e2e
+def test_chromium_inflates_the_shared_deflate_frames(browser: Browser, mongo: Any,
+                                                     relay_factory: Callable[..., Any]) -> None:
+    """WS_COMPRESSION=true: Chromium negotiates permessage-deflate and reads every event."""
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, WS_COMPRESSION="true")
+    relay.wait_ready()
+    live(browser, relay.url + "/")
+    [handshake] = browser.websocket_handshakes
+    assert "permessage-deflate" in handshake.get("sec-websocket-extensions", "")
+    marker = unique("zip")
+    documents = [{"_id": f"{marker}-{i}", "text": "compress me " * (50 + i)} for i in range(30)]
+    mongo.client[mongo.db]["orders"].insert_many(documents)
+    wait_for_rows(browser, marker, 30)
+    browser.wait_for_console(lambda m: is_change(m, {"_id": documents[-1]["_id"]}))
+    got = {m["documentKey"]["_id"]: m["fullDocument"] for m in logged(browser)
+           if m.get("operationType") == "insert"}
+    assert [got[d["_id"]] for d in documents] == documents
+    assert problems(browser) == []
+
+
 @pytest.mark.e2e
 def test_a_relay_killed_mid_stream_and_restarted_leaves_no_gap(
     browser: Browser, mongo: Any, relay_factory: Callable[..., Any]

@@ -192,3 +192,34 @@ def test_peer_vanishing_is_reported_once():
         assert events["closed"] == 1
 
     run(scenario())
+
+
+def test_closing_a_reset_connection_raises_nothing_and_reports_once():
+    async def scenario():
+        connection, peer, events = pair()  # not started: nothing reads, so send() meets the RST
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.sock.close()  # RST
+        with pytest.raises(StreamClosedError):  # the RST is on loopback at once
+            for _ in range(1000):
+                connection.write(b"x")
+        assert events["closed"] == 1
+        connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
+        connection.shutdown()
+        assert events["closed"] == 1
+
+    run(scenario())
+
+
+def test_a_peer_that_closes_but_never_reads_our_reply_is_dropped(monkeypatch):
+    monkeypatch.setattr(conn_module, "CLOSE_TIMEOUT", 0.2)
+
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
+            connection.write(b"z" * 100_000)
+        assert connection.buffered() > 0
+        peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
+        await asyncio.wait_for(events["gone"].wait(), 5)
+
+    run(scenario())
