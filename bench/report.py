@@ -138,6 +138,16 @@ def markdown(results: dict) -> str:
             run = _find(reuse, name, "reuse-port", 1000)
             out.append(f"| {processes} | {run['clients']:,} | {_rate(run)} | "
                        f"{_cpu(run)} | {run['relay_core_busy']} |")
+    reuse_fixed = [r for r in runs if r["scenario"] == "reuse-port-fixed"]
+    if reuse_fixed:
+        out += ["", "At a fixed rate (one event per flush: one send() per client per event, so "
+                "the time of a pass over the sockets is what a second process can split):", "",
+                "| processes | clients | rate | p50 / p99 / max ms | relay CPU µs/delivery "
+                "| server CPU s / wall s |", "|---:|---:|---:|---|---:|---:|"]
+        for run in sorted(reuse_fixed, key=lambda r: r["detail"]["processes"]):
+            out.append(f"| {run['detail']['processes']} | {run['clients']:,} | "
+                       f"{run['detail']['rate']:g}/s | {_lat(run)} | {_cpu(run)} | "
+                       f"{run['relay_core_busy']} |")
     for name, table in results.get("profiles", {}).items():
         out += ["", f"### Profile: {name} (py-spy, busy samples of all threads)", "", table]
     return "\n".join(out)
