@@ -30,8 +30,9 @@ _RECV = 65536
 class WebSocketConnection:
     """The server end of an open WebSocket.
 
-    ``on_pong`` is called for every pong; ``on_close`` once, when the socket is closed. Writes
-    after our close frame raise ``StreamClosedError``, as they would on a Tornado stream.
+    ``on_pong`` is called for every pong; ``on_close`` once, soon after the socket is closed
+    (from the loop, like Tornado's close callbacks). Writes after our close frame raise
+    ``StreamClosedError``, as they would on a Tornado stream.
     """
 
     __slots__ = ("_closing", "_drain", "_out", "_reader", "_size", "_timer", "closed", "loop",
@@ -249,8 +250,10 @@ class WebSocketConnection:
         self._out.clear()
         self._size = 0
         self._drained()
-        self.on_close()
-        self.on_close = self.on_pong = _nothing
+        # Never from inside the write that failed: its caller (the hub, mid-way through a flush
+        # or a resume) would see the client leave under its feet.
+        on_close, self.on_close, self.on_pong = self.on_close, _nothing, _nothing
+        self.loop.call_soon(on_close)
 
 
 def _nothing() -> None:

@@ -202,9 +202,10 @@ def test_closing_a_reset_connection_raises_nothing_and_reports_once():
         with pytest.raises(StreamClosedError):  # the RST is on loopback at once
             for _ in range(1000):
                 connection.write(b"x")
-        assert events["closed"] == 1
+        await asyncio.wait_for(events["gone"].wait(), 5)
         connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
         connection.shutdown()
+        await asyncio.sleep(0.01)
         assert events["closed"] == 1
 
     run(scenario())
@@ -221,5 +222,44 @@ def test_a_peer_that_closes_but_never_reads_our_reply_is_dropped(monkeypatch):
         assert connection.buffered() > 0
         peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
         await asyncio.wait_for(events["gone"].wait(), 5)
+
+    run(scenario())
+
+
+def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
+    """on_close must not run inside the write that failed: the hub is mid-way through a resume
+    (or a flush) and would put the client back into a group, or fail on its own dicts."""
+    from changerelay.clients import WebSocketClient
+    from changerelay.hub import Hub
+    from changerelay.subscription import ALL
+    from tests.test_hub import event, token
+
+    async def reset_client(hub):
+        connection, peer, _ = pair()  # not started: the first send() meets the RST
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.sock.close()
+        await asyncio.sleep(0.01)
+        client = WebSocketClient(connection, ALL, 1 << 20, "test")
+        connection.on_close = lambda: hub.unsubscribe(client)
+        return client
+
+    async def scenario():
+        hub = Hub(call_soon=lambda flush: None)
+        hub.start(token(0))
+        for n in range(1, 4):
+            hub.publish(event(n))
+        hub.flush()
+        replayed = await reset_client(hub)
+        assert hub.resume(replayed, token(0))  # replays events 1-3 into the reset socket
+        ahead = await reset_client(hub)
+        assert hub.resume(ahead, token(4))  # from a relay one event ahead of us
+        hub.publish(event(4))
+        hub.publish(event(5))
+        hub.flush()  # event 5 goes to `ahead`, whose socket is reset
+        await asyncio.sleep(0.01)
+        assert replayed.closed and ahead.closed
+        groups = [group.clients for group in hub._groups.values()]
+        assert not any(replayed in clients or ahead in clients for clients in groups)
+        assert hub.clients == set()
 
     run(scenario())
