@@ -35,8 +35,8 @@ class WebSocketConnection:
     ``StreamClosedError``, as they would on a Tornado stream.
     """
 
-    __slots__ = ("_closing", "_drain", "_out", "_reader", "_size", "_timer", "closed", "loop",
-                 "on_close", "on_pong", "sock")
+    __slots__ = ("_closing", "_drain", "_out", "_pong", "_reader", "_size", "_timer", "closed",
+                 "loop", "on_close", "on_pong", "sock")
 
     def __init__(self, sock: socket.socket, reader: frames.FrameReader,
                  loop: asyncio.AbstractEventLoop | None = None):
@@ -48,6 +48,7 @@ class WebSocketConnection:
         self._drain: list[Callable[[], None]] | None = None
         self._closing = False  # our close frame is queued: nothing more may be written
         self._timer: asyncio.TimerHandle | None = None
+        self._pong: bytes | None = None  # the latest ping's payload, while a long queue waits
         self.closed = False
         self.on_pong: Callable[[], None] = _nothing
         self.on_close: Callable[[], None] = _nothing
@@ -136,9 +137,14 @@ class WebSocketConnection:
             self._size -= sent
             if sent < len(chunk):
                 out[0] = memoryview(chunk)[sent:]
-                return
+                break
             out.popleft()
-        self.loop.remove_writer(self.sock.fileno())
+        if not out:
+            self.loop.remove_writer(self.sock.fileno())
+        if self._pong is not None and self._size < _COALESCE:
+            self._answer_ping()  # may queue again
+        if self._size or self.closed:
+            return
         self._drained()
 
     def _drained(self) -> None:
@@ -172,12 +178,13 @@ class WebSocketConnection:
             return
         for opcode, payload in messages:
             if opcode == frames.PING:
-                # A peer that pings without reading gets no pongs piling up here (RFC 6455
-                # §5.5.3 lets us answer only the latest ping).
-                if not self._closing and self._size < _COALESCE:
-                    try:
-                        self.write(frames.ws_frame(payload, frames.PONG))
-                    except StreamClosedError:
+                # A peer that pings without reading gets no pongs piling up here: behind a
+                # long queue, only the latest ping is answered, once the queue is short (RFC
+                # 6455 §5.5.3).
+                self._pong = payload
+                if self._size < _COALESCE:
+                    self._answer_ping()
+                    if self.closed:
                         return
             elif opcode == frames.PONG:
                 self.on_pong()
@@ -185,6 +192,12 @@ class WebSocketConnection:
                 self._peer_closed(payload)
                 return
             # Text and binary messages: clients have nothing to tell a relay; ignored.
+
+    def _answer_ping(self) -> None:
+        payload, self._pong = self._pong, None
+        if not self._closing:
+            with contextlib.suppress(StreamClosedError):
+                self.write(frames.ws_frame(payload, frames.PONG))
 
     def _peer_closed(self, payload: bytes) -> None:
         if not self._closing:

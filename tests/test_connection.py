@@ -263,3 +263,26 @@ def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         assert hub.clients == set()
 
     run(scenario())
+
+
+def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
+    """RFC 6455 §5.5.2: every ping gets a pong (§5.5.3: at least the latest one), even while a
+    replay keeps megabytes queued; a dropped pong makes keepalive clients give up on us."""
+    async def scenario():
+        connection, peer, _ = pair()
+        connection.start()
+        frame = frames.ws_frame(b"z" * 100_000)
+        for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
+            connection.write(frame)
+        queued = connection.buffered()
+        assert queued > conn_module._COALESCE
+        peer.send(masked(b"one", frames.PING) * 1000 + masked(b"two", frames.PING))
+        await asyncio.sleep(0.05)
+        assert connection.buffered() == queued  # no pongs piling up behind the queue
+        received = [await peer.frame() for _ in range(31)]
+        assert received[:30] == [(frames.TEXT, b"z" * 100_000)] * 30
+        assert received[30] == (frames.PONG, b"two")
+        await asyncio.sleep(0.05)
+        assert connection.buffered() == 0 and peer.buffer == b""
+
+    run(scenario())
