@@ -163,6 +163,12 @@ class WebSocketConnection:
             self._lost()
             return
         if not data:
+            if self._closing and self._size:
+                # The peer has said all it will (FIN) but may still read: our close frame
+                # is queued, so stop reading and close once it is sent (or at the timeout).
+                self.loop.remove_reader(self.sock.fileno())
+                self.when_drained(self._abort)
+                return
             self._lost()
             return
         self._received(data)

@@ -286,3 +286,24 @@ def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
         assert connection.buffered() == 0 and peer.buffer == b""
 
     run(scenario())
+
+
+def test_a_peer_that_closes_then_half_closes_still_gets_our_close_frame():
+    """A peer may send its close frame and then FIN (shutdown(SHUT_WR)): it still reads, and we
+    still owe it a close frame (RFC 6455 §5.5.1), behind whatever was queued."""
+    async def scenario():
+        connection, peer, events = pair()
+        connection.start()
+        frame = frames.ws_frame(b"z" * 100_000)
+        for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
+            connection.write(frame)
+        peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
+        peer.sock.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        received = [await peer.frame() for _ in range(31)]
+        assert received[:30] == [(frames.TEXT, b"z" * 100_000)] * 30
+        assert received[30] == (frames.CLOSE, struct.pack("!H", 1000))
+        assert await peer.eof()
+        await asyncio.wait_for(events["gone"].wait(), 5)
+
+    run(scenario())
