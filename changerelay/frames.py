@@ -161,7 +161,8 @@ class FrameReader:
             if opcode == CONTINUATION:
                 if self._message is None:
                     raise ProtocolError(PROTOCOL_ERROR, "continuation frame outside a message")
-                self._message[2].append(payload)
+                if payload:  # empty fragments weigh nothing against max_size: keep none
+                    self._message[2].append(payload)
             else:
                 if self._message is not None:
                     raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")

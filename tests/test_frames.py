@@ -106,6 +106,25 @@ def test_fragmented_message_with_a_ping_in_between():
     assert out == [(PING, b"!"), (TEXT, b"hello")]
 
 
+def test_empty_fragments_do_not_pile_up():
+    """The size limit counts payload bytes; a message of endless empty fragments (6 bytes on
+    the wire each) must not grow a list of them."""
+    import tracemalloc
+
+    reader = frames.FrameReader(4096)
+    reader.feed(masked(b"he", TEXT, fin=False))
+    empty = masked(b"", CONTINUATION, fin=False) * 1000
+    tracemalloc.start()
+    try:
+        for _ in range(50):
+            assert reader.feed(empty) == []
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 100_000
+    assert reader.feed(masked(b"llo", CONTINUATION)) == [(TEXT, b"hello")]
+
+
 def test_close_frames_are_checked():
     reader = frames.FrameReader(4096)
     assert reader.feed(masked(b"", CLOSE)) == [(CLOSE, b"")]
