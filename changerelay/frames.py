@@ -110,7 +110,8 @@ def deflate(data: bytes) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut to fit the 125 bytes a control frame may carry."""
-    payload = struct.pack("!H", code) + reason.encode()[:123]
+    cut = reason.encode()[:123].decode("utf-8", "ignore")  # whole characters: it must be UTF-8
+    payload = struct.pack("!H", code) + cut.encode()
     return ws_frame(payload, CLOSE)
 
 

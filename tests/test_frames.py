@@ -85,6 +85,7 @@ def test_close_frame_cuts_long_reasons_to_a_control_frame():
     frame = frames.close_frame(1013, "é" * 200)
     assert frame[0] == 0x88 and frame[1] <= 125
     assert frames.close_code(frame[2:]) == 1013
+    assert frame[4:].decode("utf-8") == "é" * 61  # cut between characters (RFC 6455 §5.5.1)
 
 
 def test_reader_unmasks_and_splits_frames_however_bytes_arrive():
