@@ -57,11 +57,15 @@ def negotiate_deflate(header: str | None) -> str | None:
     directions: every message is then compressed on its own, so one compressed frame per event
     serves every client, and an inbound message needs no per-connection inflate state. An offer
     that limits our window below 15 bits is declined, since a shared frame has one window size.
-    RFC 7692 §7.1.1 lets the server ask for both no-context-takeover parameters unasked.
+    RFC 7692 §7.1.1 lets the server ask for both no-context-takeover parameters unasked; an
+    accepted server_max_window_bits must be answered (§7.1.2.1).
     """
     for offer in (header or "").split(","):
         name, *params = [part.strip() for part in offer.split(";")]
         if name.lower() == "permessage-deflate" and _acceptable(params):
+            if any(p.partition("=")[0].strip().lower() == "server_max_window_bits"
+                   for p in params):
+                return DEFLATE_RESPONSE + "; server_max_window_bits=15"
             return DEFLATE_RESPONSE
     return None
 

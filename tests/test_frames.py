@@ -61,7 +61,15 @@ def test_accept_key_is_the_rfc_example_and_refuses_bad_keys():
 ])
 def test_deflate_negotiation(offer, accepted):
     answer = frames.negotiate_deflate(offer)
-    assert (answer == frames.DEFLATE_RESPONSE) is accepted
+    assert (answer is not None and answer.startswith(frames.DEFLATE_RESPONSE)) is accepted
+
+
+def test_an_accepted_server_max_window_bits_is_answered():
+    """RFC 7692 §7.1.2.1: a server accepts an offer with server_max_window_bits by including
+    the parameter in its response; a client may fail the handshake otherwise."""
+    answer = frames.negotiate_deflate("permessage-deflate; Server_Max_Window_Bits=15")
+    assert answer == frames.DEFLATE_RESPONSE + "; server_max_window_bits=15"
+    assert frames.negotiate_deflate("permessage-deflate") == frames.DEFLATE_RESPONSE
 
 
 def test_server_frames_have_minimal_length_encodings():
