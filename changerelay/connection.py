@@ -43,7 +43,7 @@ class WebSocketConnection:
         self.sock = sock
         self.loop = loop or asyncio.get_running_loop()
         self._reader: frames.FrameReader | None = reader
-        self._out: deque = deque()
+        self._out: deque | None = None  # only while something waits: an empty deque is 760 B
         self._size = 0
         self._drain: list[Callable[[], None]] | None = None
         self._closing = False  # our close frame is queued: nothing more may be written
@@ -111,6 +111,7 @@ class WebSocketConnection:
     def _queue(self, data) -> None:
         if not self._size:
             self.loop.add_writer(self.sock.fileno(), self._writable)
+            self._out = deque()
         self._out.append(data)
         self._size += len(data)
 
@@ -141,6 +142,7 @@ class WebSocketConnection:
             out.popleft()
         if not out:
             self.loop.remove_writer(self.sock.fileno())
+            self._out = None
         if self._pong is not None and self._size < _COALESCE:
             self._answer_ping()  # may queue again
         if self._size or self.closed:
@@ -266,7 +268,7 @@ class WebSocketConnection:
             if self._size:
                 self.loop.remove_writer(fd)
         self.sock.close()
-        self._out.clear()
+        self._out = None
         self._size = 0
         self._drained()
         # Never from inside the write that failed: its caller (the hub, mid-way through a flush

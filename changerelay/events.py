@@ -12,7 +12,8 @@ import json
 
 from bson import json_util
 
-from .frames import deflate, ws_frame
+from .frames import deflate as _deflate
+from .frames import ws_frame
 
 _RELAXED = json_util.RELAXED_JSON_OPTIONS
 
@@ -54,23 +55,31 @@ class Event:
     def deflated(self) -> bytes:
         """The frame compressed for permessage-deflate clients; one per event, on first use."""
         if self._deflated is None:
-            self._deflated = ws_frame(deflate(self.data), compressed=True)
+            self._deflated = ws_frame(_deflate(self.data), compressed=True)
         return self._deflated
 
     @property
     def size(self) -> int:
-        """Bytes held for this event: the frame, and about as much for the decoded document."""
-        return 2 * len(self.frame)
+        """Bytes held for this event: the frame, about as much for the decoded document, and
+        the compressed frame if there is one."""
+        return 2 * len(self.frame) + (len(self._deflated) if self._deflated else 0)
 
     def __repr__(self):
         return f"<Event {self.op} {self.ns} {self.token[:24]}…>"
 
 
-def encode_change(change: dict) -> Event:
-    """Encode a change event document as MongoDB delivered it (after the pipeline)."""
+def encode_change(change: dict, deflate: bool = False) -> Event:
+    """Encode a change event document as MongoDB delivered it (after the pipeline).
+
+    With ``deflate`` (WS_COMPRESSION) the compressed frame is built now, so that the event's
+    ``size`` — what the replay buffer counts — does not change once it is in the log.
+    """
     token = token_hex(change["_id"])
     data = json_util.dumps(change, json_options=_RELAXED, separators=(",", ":")).encode()
-    return Event(change, data, token)
+    event = Event(change, data, token)
+    if deflate:
+        event._deflated = ws_frame(_deflate(data), compressed=True)
+    return event
 
 
 def token_hex(resume_token) -> str:

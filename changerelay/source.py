@@ -223,7 +223,7 @@ class ChangeSource:
                         raise ConnectionFailure("the change stream was closed by the server")
                     continue
                 self.last_event_at = time.monotonic()
-                hub.publish(ev.encode_change(change))
+                hub.publish(ev.encode_change(change, deflate=self.config.ws_compression))
                 if change.get("operationType") == "invalidate":
                     self._start_after = change["_id"]
                     self._token = None

@@ -85,3 +85,13 @@ def test_token_cluster_time():
 def test_hex_that_is_not_a_resume_token_is_refused(text):
     with pytest.raises(ValueError, match="not a MongoDB resume token"):
         ev.parse_token(text)
+
+
+def test_with_deflate_the_compressed_frame_is_built_at_once_and_counted():
+    change = {"_id": {"_data": "8263A1B2C3000000012B022C0100296E5A1004"}, "operationType": "insert",
+              "fullDocument": {"text": "abc" * 1000}}
+    plain, compressed = ev.encode_change(change), ev.encode_change(change, deflate=True)
+    assert plain.size == 2 * len(plain.frame)
+    size = compressed.size
+    assert size == 2 * len(compressed.frame) + len(compressed.deflated)
+    assert compressed.size == size  # stable: the replay buffer adds and later subtracts it
