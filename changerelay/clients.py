@@ -33,8 +33,9 @@ class Client:
     live events queue behind it in order, and only they count against the limit.
     """
 
-    __slots__ = ("_drained", "_queued", "backlog", "claims", "closed", "kind", "last_send",
-                 "limit", "on_cut", "peer", "subscription", "told", "transport", "writer")
+    __slots__ = ("_drained", "_history", "_queued", "backlog", "claims", "closed", "kind",
+                 "last_send", "limit", "on_cut", "peer", "subscription", "told", "transport",
+                 "writer")
 
     def __init__(self, transport, subscription, limit: int, peer: str):
         self.kind = "?"
@@ -50,6 +51,7 @@ class Client:
         self.claims: dict | None = None
         self.backlog: deque | None = None  # Events (and packed control messages) to replay
         self._queued = 0                   # live bytes queued behind the backlog
+        self._history = 0                  # replayed events still in the backlog (they come first)
         self._drained: asyncio.Future | None = None
 
     def deliver(self, events: list, payload: bytes) -> None:
@@ -58,7 +60,7 @@ class Client:
             self.send(payload)
             return
         self.backlog.extend(events)
-        self._queued += len(payload)
+        self._queued += sum(map(self.weight, events))
         if self._queued > self.limit:
             self.cut_off()
 
@@ -66,8 +68,9 @@ class Client:
         """History: written as fast as the client reads it, never faster."""
         if self.backlog is None:
             self.backlog = deque()
-            self._queued = 0
+            self._queued = self._history = 0
         self.backlog.extend(events)
+        self._history += len(events)
         self._pump()
 
     def _pump(self, _flushed=None) -> None:
@@ -84,6 +87,10 @@ class Client:
                     event = backlog.popleft()
                     chunk.append(event)
                     size += len(event.frame)
+                    if self._history:
+                        self._history -= 1
+                    else:  # a live event: it no longer counts as queued behind the backlog
+                        self._queued -= self.weight(event)
                 writer.write(self.pack(chunk))
             if backlog and not self.closed:
                 writer.when_drained(self._pump)
@@ -91,7 +98,7 @@ class Client:
         except StreamClosedError:
             self.closed = True
         self.backlog = None
-        self._queued = 0
+        self._queued = self._history = 0
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -158,6 +165,9 @@ class WebSocketClient(Client):
         self.pinged: float | None = None  # when an unanswered ping was sent
         connection.on_pong = self.pong
 
+    def weight(self, event) -> int:
+        return len(event.frame) if self.kind == "ws" else len(event.deflated)
+
     def pack(self, events) -> bytes:
         if self.kind == "ws":
             return b"".join([event.frame for event in events])
@@ -207,6 +217,9 @@ class EventStreamClient(Client):
         self.chunked = wire.http_chunked(self.transport)
         self.kind = "sse-chunked" if self.chunked else "sse"
         self.writer = wire.StreamWriter(wire.http_stream(self.transport))
+
+    def weight(self, event) -> int:
+        return len(event.sse)
 
     def _frame(self, data: bytes) -> bytes:
         return wire.chunk(data) if self.chunked else data

@@ -214,3 +214,64 @@ def test_sse_records_are_framed_like_tornado_chunks(chunked):
         assert int(size, 16) == len(event.sse) and rest == event.sse + b"\r\n"
     else:
         assert packed == event.sse
+
+
+class DrainableConnection(FakeConnection):
+    """A socket whose peer reads ``drain(n)`` bytes when the test says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    def when_drained(self, callback):
+        self.waiting.append(callback)
+
+    def drain(self, n: int) -> None:
+        self.queued = max(0, self.queued - n)
+        waiting, self.waiting = self.waiting, []
+        for callback in waiting:
+            callback()
+
+
+def _events(start: int, count: int, size: int = 1000):
+    return [ev.encode_change({"_id": {"_data": f"82{i:016X}"}, "operationType": "insert",
+                              "fullDocument": {"t": "x" * (size - 100)}})
+            for i in range(start, start + count)]
+
+
+def test_a_client_reading_faster_than_live_traffic_is_not_cut_off_behind_a_replay():
+    """Live events queued behind a replay count against the limit only until they are written:
+    a client that reads 110 KB for every 100 KB of live events catches up, however long."""
+    connection = DrainableConnection()
+    client = clients.WebSocketClient(connection, ALL, limit=4_000_000, peer="test")
+    cut = []
+    client.on_cut = lambda: cut.append(True)
+    history = _events(0, 3000)  # 3 MB: written a chunk at a time as the client reads
+    client.replay(history)
+    sent, n = list(history), len(history)
+    for _ in range(70):  # 7 MB of live events arrive meanwhile: more than the limit
+        live = _events(n, 100)
+        n += 100
+        sent += live
+        client.deliver(live, client.pack(live))
+        connection.drain(110_000)
+        assert not cut
+    while client.backlog is not None:
+        connection.drain(1 << 30)
+    assert connection.data == b"".join(event.frame for event in sent)
+    assert not cut
+
+
+def test_a_client_reading_slower_than_live_traffic_behind_a_replay_is_cut_off():
+    connection = DrainableConnection()
+    client = clients.WebSocketClient(connection, ALL, limit=4_000_000, peer="test")
+    cut = []
+    client.on_cut = lambda: cut.append(True)
+    client.replay(_events(0, 3000))
+    n = 3000
+    for _ in range(70):
+        live = _events(n, 100)
+        n += 100
+        client.deliver(live, client.pack(live))
+        connection.drain(20_000)
+    assert cut == [True] and connection.closed_with == (1013, "slow consumer")
