@@ -36,7 +36,7 @@ AHEAD_WINDOW = 60
 class Subscriber(Protocol):
     """What the hub needs from a connected client; transports implement it."""
 
-    kind: str                     # "ws" or "sse": clients of one kind share one payload per flush
+    kind: str                     # "ws", "ws-deflate", "sse"...: one kind shares one payload
     subscription: object          # has .key (str) and .matches(Event) -> bool
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
