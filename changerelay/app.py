@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import resource
 import signal
@@ -33,6 +34,7 @@ from .source import ChangeSource
 
 ROOT = Path(__file__).resolve().parent.parent
 PING_SLICES = 20
+POSITION_SLACK = 100  # positions per tick on top of the even share
 
 
 class Relay:
@@ -60,15 +62,23 @@ class Relay:
         self.source.start()
         from tornado.ioloop import PeriodicCallback
 
-        for callback, seconds in ((self._tick, min(1.0, self.config.position_interval / 2)),
+        for callback, seconds in ((self._tick, self._tick_seconds),
                                   (self._heartbeat, self.config.sse_heartbeat),
                                   (self._ping, self.config.ws_ping_interval / PING_SLICES)):
             timer = PeriodicCallback(callback, seconds * 1000)
             timer.start()
             self._timers.append(timer)
 
+    @property
+    def _tick_seconds(self) -> float:
+        return min(1.0, self.config.position_interval / 2)
+
     def _tick(self) -> None:
-        self.hub.send_positions(self.config.position_interval)
+        # Position messages are spread over the interval like pings: a share of the clients
+        # per tick (10,000 quiet clients in one pass hold the loop for ~100 ms).
+        ticks = self.config.position_interval / self._tick_seconds
+        budget = math.ceil(len(self.hub.clients) / ticks) + POSITION_SLACK
+        self.hub.send_positions(self.config.position_interval, budget)
         if self.auth is not None:
             self.auth.expire(self.hub.clients)
 

@@ -248,11 +248,14 @@ class Hub:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def send_positions(self, idle: float) -> int:
+    def send_positions(self, idle: float, budget: int | None = None) -> int:
         """Tell clients that heard nothing for ``idle`` seconds where they could resume from.
 
         A heavily filtered subscription may match nothing for hours while the oplog moves on;
-        without this its newest id would fall out of the oplog window.
+        without this its newest id would fall out of the oplog window. At most ``budget``
+        clients are told per call: the rest stay due and are told on the next calls, so a crowd
+        of quiet clients costs a few short bursts rather than one long one that live events
+        would wait behind.
         """
         if self.position is None:
             return 0
@@ -263,6 +266,8 @@ class Hub:
             if now - group.last_send < idle:
                 continue
             for client in tuple(group.clients):
+                if budget is not None and sent >= budget:
+                    return sent
                 if now - client.last_send >= idle and client.told != self.position:
                     client.last_send = now
                     client.told = self.position

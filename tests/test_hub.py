@@ -171,6 +171,17 @@ def test_position_sent_once_to_quiet_clients_only():
     assert hub.send_positions(idle=0) == 0
 
 
+def test_positions_go_out_a_budget_at_a_time_and_every_quiet_client_gets_one():
+    hub = started_hub()
+    quiet = [FakeClient(Subscription(ops=frozenset({"delete"}))) for _ in range(10)]
+    for client in quiet:
+        hub.subscribe(client)
+    hub.publish(event(1))
+    hub.advance(token(2))
+    assert [hub.send_positions(idle=0, budget=3) for _ in range(5)] == [3, 3, 3, 1, 0]
+    assert all(c.controls == [{"type": "position", "resume_after": token(2)}] for c in quiet)
+
+
 def test_byte_bound_evicts_oldest():
     one = event(1)
     hub = started_hub(max_bytes=one.size * 2)
