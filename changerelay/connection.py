@@ -209,13 +209,29 @@ class WebSocketConnection:
 
     def _peer_closed(self, payload: bytes) -> None:
         if not self._closing:
-            # Answer with the same code (RFC 6455 §5.5.1), then close once it is sent.
+            # Answer with the same code (RFC 6455 §5.5.1), as soon as practical: what is still
+            # queued the peer will not read. Then close once the answer is sent.
+            self._drop_unsent()
             code = frames.close_code(payload)
             self._queue_close(b"" if code is None else payload[:2])
         self._reader = None
         self.when_drained(self._abort)
         if self._timer is None and not self.closed:  # a peer that stops reading our reply
             self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _drop_unsent(self) -> None:
+        """Forget queued bytes, except a chunk already partly sent: its frame stays whole."""
+        out = self._out
+        if not out:
+            return
+        first = out[0]
+        out.clear()
+        if isinstance(first, memoryview):  # the tail of a partial send()
+            out.append(first)
+            self._size = len(first)
+        else:
+            self._out, self._size = None, 0
+            self.loop.remove_writer(self.sock.fileno())
 
     # -- closing -------------------------------------------------------------------------------
 
