@@ -73,7 +73,7 @@ class Client:
         self._history += len(events)
         self._pump()
 
-    def _pump(self, _flushed=None) -> None:
+    def _pump(self) -> None:
         backlog, writer = self.backlog, self.writer
         if backlog is None:
             return
@@ -86,11 +86,12 @@ class Client:
                 while backlog and size < REPLAY_CHUNK and not isinstance(backlog[0], bytes):
                     event = backlog.popleft()
                     chunk.append(event)
-                    size += len(event.frame)
+                    weight = self.weight(event)
+                    size += weight
                     if self._history:
                         self._history -= 1
                     else:  # a live event: it no longer counts as queued behind the backlog
-                        self._queued -= self.weight(event)
+                        self._queued -= weight
                 writer.write(self.pack(chunk))
             if backlog and not self.closed:
                 writer.when_drained(self._pump)
@@ -148,6 +149,10 @@ class Client:
             self.on_cut()
         self.finish(message, **close)
 
+    def weight(self, event) -> int:
+        """Bytes ``event`` adds to this client's stream."""
+        raise NotImplementedError
+
     def finish(self, message: bytes, **close) -> None:
         raise NotImplementedError
 
@@ -165,13 +170,14 @@ class WebSocketClient(Client):
         self.pinged: float | None = None  # when an unanswered ping was sent
         connection.on_pong = self.pong
 
+    def frame(self, event) -> bytes:
+        return event.frame if self.kind == "ws" else event.deflated
+
     def weight(self, event) -> int:
-        return len(event.frame) if self.kind == "ws" else len(event.deflated)
+        return len(self.frame(event))
 
     def pack(self, events) -> bytes:
-        if self.kind == "ws":
-            return b"".join([event.frame for event in events])
-        return b"".join([event.deflated for event in events])
+        return b"".join(map(self.frame, events))
 
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
         return frames.ws_frame(message)  # uncompressed: RFC 7692 lets each message choose
