@@ -83,8 +83,7 @@ class WebSocketConnection:
         if self._size:
             if self._size + len(data) > limit:
                 return False
-            self._out.append(data)
-            self._size += len(data)
+            self._queue(data)
             return True
         try:
             sent = self.sock.send(data)
@@ -169,7 +168,7 @@ class WebSocketConnection:
                 # The peer has said all it will (FIN) but may still read: our close frame
                 # is queued, so stop reading and close once it is sent (or at the timeout).
                 self.loop.remove_reader(self.sock.fileno())
-                self.when_drained(self._abort)
+                self.when_drained(self._lost)
                 return
             self._lost()
             return
@@ -212,12 +211,11 @@ class WebSocketConnection:
             # Answer with the same code (RFC 6455 §5.5.1), as soon as practical: what is still
             # queued the peer will not read. Then close once the answer is sent.
             self._drop_unsent()
-            code = frames.close_code(payload)
-            self._queue_close(b"" if code is None else payload[:2])
+            self._queue_close(frames.ws_frame(payload[:2], frames.CLOSE))
         self._reader = None
-        self.when_drained(self._abort)
+        self.when_drained(self._lost)
         if self._timer is None and not self.closed:  # a peer that stops reading our reply
-            self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
+            self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._lost)
 
     def _drop_unsent(self) -> None:
         """Forget queued bytes, except a chunk already partly sent: its frame stays whole."""
@@ -239,21 +237,17 @@ class WebSocketConnection:
         """Start the closing handshake; the socket closes when the peer answers, or in 5 s."""
         if self._closing or self.closed:
             return
-        self._queue_close(frames.close_frame(code, reason)[2:])
+        self._queue_close(frames.close_frame(code, reason))
         if self.closed:
             return  # the socket failed as we wrote to it
         if self._reader is None:
             # We failed the connection: we will not read its answer, so say we are done.
             self.when_drained(self._shutdown_write)
-        self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
+        self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._lost)
 
-    def _queue_close(self, payload: bytes) -> None:
-        frame = frames.ws_frame(payload, frames.CLOSE)
-        if self._size:
-            self._queue(frame)
-        else:
-            with contextlib.suppress(StreamClosedError):
-                self.write(frame)
+    def _queue_close(self, frame: bytes) -> None:
+        with contextlib.suppress(StreamClosedError):  # the socket failed: _lost has run
+            self.write(frame)
         self._closing = True
 
     def _shutdown_write(self) -> None:
@@ -266,9 +260,6 @@ class WebSocketConnection:
     def shutdown(self) -> None:
         """The relay is stopping: going away (1001)."""
         self.close(frames.GOING_AWAY, "server shutting down")
-
-    def _abort(self) -> None:
-        self._lost()
 
     def _lost(self) -> None:
         """Close the socket now, whatever its state; tell the owner once."""
