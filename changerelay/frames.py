@@ -62,34 +62,37 @@ def negotiate_deflate(header: str | None) -> str | None:
     """
     for offer in (header or "").split(","):
         name, *params = [part.strip() for part in offer.split(";")]
-        if name.lower() == "permessage-deflate" and _acceptable(params):
-            if any(p.partition("=")[0].strip().lower() == "server_max_window_bits"
-                   for p in params):
+        if name.lower() != "permessage-deflate":
+            continue
+        keys = _acceptable(params)
+        if keys is not None:
+            if "server_max_window_bits" in keys:
                 return DEFLATE_RESPONSE + "; server_max_window_bits=15"
             return DEFLATE_RESPONSE
     return None
 
 
-def _acceptable(params: list[str]) -> bool:
+def _acceptable(params: list[str]) -> set[str] | None:
+    """The parameter names of an offer we can honour, or None."""
     seen = set()
     for param in params:
         key, _, value = param.partition("=")
         key, value = key.strip().lower(), value.strip().strip('"')
         if key in seen:
-            return False
+            return None
         seen.add(key)
         if key in ("server_no_context_takeover", "client_no_context_takeover"):
             if value:
-                return False
+                return None
         elif key == "server_max_window_bits":
             if value != "15":
-                return False
+                return None
         elif key == "client_max_window_bits":
             if value and not (value.isdigit() and 8 <= int(value) <= 15):
-                return False
+                return None
         else:
-            return False
-    return True
+            return None
+    return seen
 
 
 def ws_frame(payload: bytes, opcode: int = TEXT, compressed: bool = False) -> bytes:
@@ -207,16 +210,15 @@ class FrameReader:
             if available < 10:
                 return None
             length, header = struct.unpack_from("!Q", buffer, offset + 2)[0], 10
-        if opcode not in _CONTROL:
-            self._size += length
-            if self._size > self.max_size:
-                raise ProtocolError(MESSAGE_TOO_BIG, f"messages are limited to {self.max_size} "
-                                    "bytes; this relay only sends")
+        data = opcode not in _CONTROL
+        if data and self._size + length > self.max_size:
+            raise ProtocolError(MESSAGE_TOO_BIG, f"messages are limited to {self.max_size} "
+                                "bytes; this relay only sends")
         end = offset + header + 4 + length
         if len(buffer) < end:
-            if opcode not in _CONTROL:
-                self._size -= length  # counted again when the rest arrives
             return None
+        if data:
+            self._size += length
         mask = buffer[offset + header:offset + header + 4]
         payload = _unmask(mask, buffer[offset + header + 4:end])
         return end, fin, rsv1, opcode, payload
