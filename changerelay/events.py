@@ -28,7 +28,7 @@ class Event:
 
     __slots__ = ("_deflated", "_header", "_sse", "change", "frame", "ns", "op", "token")
 
-    def __init__(self, change: dict, data: bytes, token: str):
+    def __init__(self, change: dict, data: bytes, token: str, deflate: bool = False):
         self.change = change
         self.token = token
         self.op = change.get("operationType", "")
@@ -37,7 +37,7 @@ class Event:
         self.frame = ws_frame(data)
         self._header = len(self.frame) - len(data)
         self._sse = None
-        self._deflated = None
+        self._deflated = _deflated_frame(data) if deflate else None
 
     @property
     def data(self) -> bytes:
@@ -55,7 +55,7 @@ class Event:
     def deflated(self) -> bytes:
         """The frame compressed for permessage-deflate clients; one per event, on first use."""
         if self._deflated is None:
-            self._deflated = ws_frame(_deflate(self.data), compressed=True)
+            self._deflated = _deflated_frame(self.data)
         return self._deflated
 
     @property
@@ -76,10 +76,11 @@ def encode_change(change: dict, deflate: bool = False) -> Event:
     """
     token = token_hex(change["_id"])
     data = json_util.dumps(change, json_options=_RELAXED, separators=(",", ":")).encode()
-    event = Event(change, data, token)
-    if deflate:
-        event._deflated = ws_frame(_deflate(data), compressed=True)
-    return event
+    return Event(change, data, token, deflate)
+
+
+def _deflated_frame(data: bytes) -> bytes:
+    return ws_frame(_deflate(data), compressed=True)
 
 
 def token_hex(resume_token) -> str:
