@@ -685,10 +685,6 @@ def _plain_scalar(item: Any) -> bool:
     return type(item) in (str, int, float) and item == item
 
 
-def _plain_scalar(item: Any) -> bool:
-    return type(item) in (str, int, float) and item == item
-
-
 def _in_test(operands: list) -> Test:
     # Exact str/int/float operands go in a set: hashing agrees with BSON equality there
     # (1 == 1.0), and bool values never reach it.  NaN would not find itself, so it
