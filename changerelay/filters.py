@@ -668,8 +668,9 @@ def _comparison(operator: str, operand: Any) -> Test:
     return fast_test
 
 
-def _regex_test(compiled: re.Pattern, literal: Regex) -> Test:
+def _regex_test(literal: Regex) -> Test:
     parts = _regex_parts(literal)
+    compiled = _compile_regex(*parts)
 
     def test(value: Any) -> bool:
         if type(value) is str or (isinstance(value, str) and not isinstance(value, Code)):
@@ -690,14 +691,11 @@ def _in_test(operands: list) -> Test:
     # (1 == 1.0), and bool values never reach it.  NaN would not find itself, so it
     # stays with the general tests, as does everything else.
     hashable = {item for item in operands if _plain_scalar(item)}
-
-    def compiled(item: Any) -> Test:
-        if isinstance(item, Regex):
-            return _regex_test(_compile_regex(*_regex_parts(item)), item)
-        return _comparison("$eq", item)
-
-    every = [compiled(item) for item in operands]
-    rest = [compiled(item) for item in operands if not _plain_scalar(item)]
+    every = [
+        _regex_test(item) if isinstance(item, Regex) else _comparison("$eq", item)
+        for item in operands
+    ]
+    rest = [check for item, check in zip(operands, every, strict=True) if not _plain_scalar(item)]
 
     def test(value: Any) -> bool:
         # A null operand also matches missing, through _comparison, as $eq: null does.
@@ -773,9 +771,7 @@ def _operator_document(path: str, parts: tuple, spec: dict, depth: int) -> tuple
             normal[operator] = bool(operand)
         elif operator == "$regex":
             literal = _regex_literal({"$regex": operand, "$options": spec.get("$options", "")})
-            predicates.append(
-                _any(parts, _regex_test(_compile_regex(*_regex_parts(literal)), literal))
-            )
+            predicates.append(_any(parts, _regex_test(literal)))
             normal["$regex"], normal["$options"] = _regex_parts(literal)
         else:  # $not
             if isinstance(operand, Regex | re.Pattern) or (
