@@ -721,7 +721,7 @@ def _all(predicates: list[Predicate]) -> Predicate:
     return lambda event: all(predicate(event) for predicate in predicates)
 
 
-def _operator_document(path: str, parts: tuple, spec: dict, depth: int) -> tuple[Predicate, dict]:
+def _operator_document(path: str, parts: tuple, spec: dict) -> tuple[Predicate, dict]:
     """Compile ``{"$gt": 1, "$lt": 5}`` for one path; each operator traverses on its own."""
     predicates: list[Predicate] = []
     normal: dict = {}
@@ -788,7 +788,7 @@ def _operator_document(path: str, parts: tuple, spec: dict, depth: int) -> tuple
                 raise FilterError(
                     "invalid_filter", f'$not on {path!r} takes operators, e.g. {{"$gt": 5}}'
                 )
-            inner, inner_normal = _operator_document(path, parts, operand, depth + 1)
+            inner, inner_normal = _operator_document(path, parts, operand)
             predicates.append(_not(inner))
             normal[operator] = inner_normal
     return _all(predicates), dict(sorted(normal.items()))
@@ -806,7 +806,7 @@ def _unknown(operator: str, allowed: Iterable[str], where: str = "on a field") -
     )
 
 
-def _field(path: str, condition: Any, depth: int) -> tuple[Predicate, dict]:
+def _field(path: str, condition: Any) -> tuple[Predicate, dict]:
     parts = tuple(_check_path(path).split("."))
     if isinstance(condition, dict) and condition:
         keys = list(condition)
@@ -814,7 +814,7 @@ def _field(path: str, condition: Any, depth: int) -> tuple[Predicate, dict]:
             if set(keys) & _EJSON_KEYS or "$regularExpression" in keys:
                 condition = _value(condition)  # {"$oid": ...}: an Extended JSON value
             else:
-                return _operator_document(path, parts, condition, depth)
+                return _operator_document(path, parts, condition)
         elif any(isinstance(key, str) and key.startswith("$") for key in keys):
             raise FilterError(
                 "invalid_filter",
@@ -822,11 +822,11 @@ def _field(path: str, condition: Any, depth: int) -> tuple[Predicate, dict]:
             )
     value = _value(condition)
     if isinstance(value, Regex):  # {field: /re/} means "matches", not "equals"
-        return _operator_document(path, parts, {"$regex": value}, depth)
+        return _operator_document(path, parts, {"$regex": value})
     return _any(parts, _comparison("$eq", value)), {"$eq": value}
 
 
-def _filter(spec: Any, depth: int) -> tuple[Predicate, dict]:
+def _filter(spec: Any) -> tuple[Predicate, dict]:
     if not isinstance(spec, dict):
         raise FilterError(
             "invalid_filter", f"a filter must be a JSON object, not {type(spec).__name__}"
@@ -839,7 +839,7 @@ def _filter(spec: Any, depth: int) -> tuple[Predicate, dict]:
         if key in LOGICAL_OPERATORS:
             if not isinstance(condition, list) or not condition:
                 raise FilterError("invalid_filter", f"{key} needs a non-empty array of filters")
-            compiled = [_filter(branch, depth + 1) for branch in condition]
+            compiled = [_filter(branch) for branch in condition]
             branches = [predicate for predicate, _ in compiled]
             normal[key] = [branch_normal for _, branch_normal in compiled]
             if key == "$and":
@@ -850,7 +850,7 @@ def _filter(spec: Any, depth: int) -> tuple[Predicate, dict]:
         elif key.startswith("$"):
             raise _unknown(key, LOGICAL_OPERATORS, where="at the top level")
         else:
-            predicate, normal[key] = _field(key, condition, depth)
+            predicate, normal[key] = _field(key, condition)
             predicates.append(predicate)
     return _all(predicates), dict(sorted(normal.items()))
 
@@ -928,7 +928,7 @@ def compile_filter(spec: dict) -> Filter:
     """
     _check_depth(spec)
     try:
-        predicate, normal = _filter(spec, 1)
+        predicate, normal = _filter(spec)
     except RecursionError:  # pragma: no cover - depth is capped above
         raise FilterError("filter_too_deep", "filter nests too deeply") from None
     return Filter(predicate, normal)
