@@ -54,6 +54,7 @@ __all__ = [
     "MAX_REGEX_LENGTH",
     "Filter",
     "FilterError",
+    "all_of",
     "compile_filter",
     "parse_filter",
 ]
@@ -710,7 +711,8 @@ def _not(predicate: Predicate) -> Predicate:
     return lambda event: not predicate(event)
 
 
-def _all(predicates: list[Predicate]) -> Predicate:
+def all_of(predicates: list[Predicate]) -> Predicate:
+    """One predicate that holds when every one of ``predicates`` does, in order."""
     if not predicates:
         return lambda event: True
     if len(predicates) == 1:
@@ -791,7 +793,7 @@ def _operator_document(path: str, parts: tuple, spec: dict) -> tuple[Predicate, 
             inner, inner_normal = _operator_document(path, parts, operand)
             predicates.append(_not(inner))
             normal[operator] = inner_normal
-    return _all(predicates), dict(sorted(normal.items()))
+    return all_of(predicates), dict(sorted(normal.items()))
 
 
 def _unknown(operator: str, allowed: Iterable[str], where: str = "on a field") -> FilterError:
@@ -843,7 +845,7 @@ def _filter(spec: Any) -> tuple[Predicate, dict]:
             branches = [predicate for predicate, _ in compiled]
             normal[key] = [branch_normal for _, branch_normal in compiled]
             if key == "$and":
-                predicates.append(_all(branches))
+                predicates.append(all_of(branches))
             else:
                 either = _either(branches)
                 predicates.append(either if key == "$or" else _not(either))
@@ -852,7 +854,7 @@ def _filter(spec: Any) -> tuple[Predicate, dict]:
         else:
             predicate, normal[key] = _field(key, condition)
             predicates.append(predicate)
-    return _all(predicates), dict(sorted(normal.items()))
+    return all_of(predicates), dict(sorted(normal.items()))
 
 
 def _either(predicates: list[Predicate]) -> Predicate:

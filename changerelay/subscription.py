@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 
 from . import events as ev
+from . import filters
 
 OPERATION_TYPES = frozenset({
     "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -83,11 +84,7 @@ class Subscription:
         if self.filter is not None:
             predicate = self.filter
             checks.append(lambda event: predicate(event.change))
-        if not checks:
-            return lambda event: True
-        if len(checks) == 1:
-            return checks[0]
-        return lambda event: all(check(event) for check in checks)
+        return filters.all_of(checks)
 
     def __repr__(self):
         return f"<Subscription {self.key}>"
@@ -172,8 +169,6 @@ def _ops(raw: str) -> frozenset:
 
 
 def _filter(raw: str):
-    from . import filters
-
     try:
         return filters.parse_filter(raw)
     except filters.FilterError as exc:
