@@ -159,10 +159,15 @@ class CatchUp:
 
     def _deliver(self, job: Job, event) -> None:
         job.position = event.token
+        verdicts: dict[str, bool] = {}  # one match per distinct subscription, as in the hub
         for client, seen in tuple(job.clients.items()):
             if event.token > seen:
                 job.clients[client] = event.token
-                if client.subscription.matches(event):
+                subscription = client.subscription
+                matched = verdicts.get(subscription.key)
+                if matched is None:
+                    matched = verdicts[subscription.key] = subscription.matches(event)
+                if matched:
                     client.replay([event])
                 if client.closed:
                     job.clients.pop(client, None)
