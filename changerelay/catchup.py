@@ -21,8 +21,8 @@ from logzero import logger
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import events as ev
+from .source import HISTORY_LOST
 
-HISTORY_LOST = 286
 BACKOFF_CAP = 5.0
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
 PACE_EVENTS = 1000     # events queued for one client before the catch-up waits for it
@@ -96,14 +96,12 @@ class CatchUp:
                         if await self._stream(job):
                             return
                         continue  # invalidated: reopen right after the invalidate
-                    except OperationFailure as exc:
-                        if exc.code == HISTORY_LOST or _bad_token(exc):
+                    except PyMongoError as exc:
+                        if isinstance(exc, OperationFailure) and (
+                                exc.code == HISTORY_LOST or _bad_token(exc)):
                             self._resync(job, "history_lost" if exc.code == HISTORY_LOST
                                          else "invalid_token")
                             return
-                        failures += 1
-                        logger.warning("catch-up stream failed: %s", exc)
-                    except PyMongoError as exc:
                         failures += 1
                         logger.warning("catch-up stream failed: %s", exc)
                     await asyncio.sleep(min(BACKOFF_CAP, 0.2 * 2 ** failures)
