@@ -96,7 +96,6 @@ class ChangeSource:
         self.client = client
         self.state = "starting"
         self.reason = "connecting to MongoDB"
-        self.opened_at: float | None = None
         self.last_event_at: float | None = None
         self.attempts = 0
         self._token: dict | None = None       # where to reopen from: resume_after
@@ -198,7 +197,6 @@ class ChangeSource:
         """Tell the hub where the stream stands; a fresh start after the first is a gap."""
         token = stream.resume_token
         self.state, self.reason = "open", "change stream open"
-        self.opened_at = time.monotonic()
         logger.info("change stream open on %s (%s)", self.config.scope,
                     "from now" if fresh else "resumed")
         if token is None:
