@@ -137,6 +137,10 @@ def _specs():
     return [(f.name, f.metadata["spec"]) for f in fields(Config)]
 
 
+def _flag(env: str) -> str:
+    return "--" + env.lower().replace("_", "-")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise ConfigError("command line", f"{message}; see --help")
@@ -150,15 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Flags win over the environment, which wins over .env.",
     )
     for name, spec in _specs():
-        flag = "--" + spec.env.lower().replace("_", "-")
-        names = [flag]
-        if name == "mongo_uri":
-            names.append("--mongodb-uri")
-        default = "" if spec.default in (None, ()) else spec.default
+        envs = (spec.env, *spec.aliases)
+        default = "unset" if spec.default in (None, ()) else spec.default
         parser.add_argument(
-            *names, dest=name, metavar=spec.env, default=None,
-            help=f"{spec.help} (env {' / '.join((spec.env, *spec.aliases))}; default: "
-            f"{default if default != '' else 'unset'})",
+            *map(_flag, envs), dest=name, metavar=spec.env, default=None,
+            help=f"{spec.help} (env {' / '.join(envs)}; default: {default})",
         )
     return parser
 
@@ -174,7 +174,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     values = {}
     for name, spec in _specs():
         raw = getattr(args, name)
-        source = "--" + spec.env.lower().replace("_", "-")
+        source = _flag(spec.env)
         if raw is None:
             for mapping in (environ, dotenv):
                 for key in (spec.env, *spec.aliases):
