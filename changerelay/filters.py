@@ -701,7 +701,9 @@ def _in_test(operands: list) -> Test:
     def test(value: Any) -> bool:
         # A null operand also matches missing, through _comparison, as $eq: null does.
         if type(value) in (str, int, float):
-            return value in hashable or any(check(value) for check in rest)
+            if value in hashable:
+                return True
+            return bool(rest) and any(check(value) for check in rest)  # usually none left
         return any(check(value) for check in every)
 
     return test
