@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
 
@@ -234,13 +235,22 @@ def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
     from changerelay.subscription import ALL
     from tests.test_hub import event, token
 
+    left: list[asyncio.Event] = []
+
     async def reset_client(hub):
         connection, peer, _ = pair()  # not started: the first send() meets the RST
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.sock.close()
-        await asyncio.sleep(0.01)
+        assert select.select([connection.sock], [], [], 5)[0]  # the RST is in: readable
         client = WebSocketClient(connection, ALL, 1 << 20, "test")
-        connection.on_close = lambda: hub.unsubscribe(client)
+        gone = asyncio.Event()
+        left.append(gone)
+
+        def on_close():
+            hub.unsubscribe(client)
+            gone.set()
+
+        connection.on_close = on_close
         return client
 
     async def scenario():
@@ -256,8 +266,8 @@ def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         hub.publish(event(4))
         hub.publish(event(5))
         hub.flush()  # event 5 goes to `ahead`, whose socket is reset
-        await asyncio.sleep(0.01)
         assert replayed.closed and ahead.closed
+        await asyncio.wait_for(asyncio.gather(*(gone.wait() for gone in left)), 5)
         groups = [group.clients for group in hub._groups.values()]
         assert not any(replayed in clients or ahead in clients for clients in groups)
         assert hub.clients == set()
@@ -269,20 +279,23 @@ def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
     """RFC 6455 §5.5.2: every ping gets a pong (§5.5.3: at least the latest one), even while a
     replay keeps megabytes queued; a dropped pong makes keepalive clients give up on us."""
     async def scenario():
-        connection, peer, _ = pair()
+        connection, peer, events = pair()
         connection.start()
         frame = frames.ws_frame(b"z" * 100_000)
         for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
             connection.write(frame)
         queued = connection.buffered()
         assert queued > conn_module._COALESCE
-        peer.send(masked(b"one", frames.PING) * 1000 + masked(b"two", frames.PING))
-        await asyncio.sleep(0.05)
+        # A pong behind the pings: once it is reported, the connection has read them all.
+        peer.send(masked(b"one", frames.PING) * 1000 + masked(b"two", frames.PING)
+                  + masked(b"", frames.PONG))
+        await asyncio.wait_for(events["pong"].wait(), 5)
         assert connection.buffered() == queued  # no pongs piling up behind the queue
         received = [await peer.frame() for _ in range(31)]
         assert received[:30] == [(frames.TEXT, b"z" * 100_000)] * 30
         assert received[30] == (frames.PONG, b"two")
-        await asyncio.sleep(0.05)
+        peer.send(masked(b"three", frames.PING))  # its pong comes next: no other was queued
+        assert await peer.frame() == (frames.PONG, b"three")
         assert connection.buffered() == 0 and peer.buffer == b""
 
     run(scenario())
