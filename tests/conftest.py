@@ -316,10 +316,10 @@ class WS:
 class SSE:
     """A raw Server-Sent Events reader (what EventSource does, minus the browser)."""
 
-    def __init__(self, reader, writer, status):
+    def __init__(self, reader, writer, status: int, head: str):
         self.reader, self.writer, self.status = reader, writer, status
-        self.records: list[dict] = []
-        self.comments = 0
+        self.head = head  # the response head, lower-cased
+        self._buf = b""
 
     @classmethod
     async def open(cls, port: int, query: str = "", last_event_id: str | None = None,
@@ -331,35 +331,38 @@ class SSE:
                      f"Accept: text/event-stream\r\n{headers}\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split()[1])
-        self_headers = head.decode("latin-1").lower()
         assert b"chunked" in head.lower() or status != 200
-        stream = cls(reader, writer, status)
-        stream.head = self_headers
-        return stream
+        return cls(reader, writer, status, head.decode("latin-1").lower())
 
     async def _line(self) -> bytes:
         # The body is HTTP/1.1 chunked; SSE records may span chunks, so unchunk into a buffer.
-        while b"\n" not in getattr(self, "_buf", b""):
+        while b"\n" not in self._buf:
             size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
             data = await self.reader.readexactly(size + 2)
-            self._buf = getattr(self, "_buf", b"") + data[:-2]
+            self._buf += data[:-2]
         line, _, self._buf = self._buf.partition(b"\n")
         return line
 
     async def record(self, timeout: float = 20) -> dict:
+        """The next record; comment lines (heartbeats) are skipped."""
         fields: dict = {}
         while True:
             line = await asyncio.wait_for(self._line(), timeout)
             if not line:
                 if fields:
-                    self.records.append(fields)
                     return fields
                 continue
             if line.startswith(b":"):
-                self.comments += 1
                 continue
             name, _, value = line.decode().partition(": ")
             fields[name] = value
+
+    async def comment(self, timeout: float = 5) -> bytes:
+        """The next comment line (a heartbeat); call it between records, as it skips lines."""
+        async with asyncio.timeout(timeout):
+            while not (line := await self._line()).startswith(b":"):
+                pass
+        return line
 
     async def changes(self, count: int) -> list[dict]:
         got = []
