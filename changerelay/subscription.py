@@ -49,7 +49,10 @@ class Subscription:
         self.filter = filter          # None, or a filters.Filter
         self.access = access          # None, or an auth.AccessRule (a JWT claim)
         self.key = json.dumps([
-            sorted(f"{db}.{coll or '*'}" for db, coll in namespaces) if namespaces else None,
+            # A database name has no ".", so "db" and "db.coll" cannot be confused (a
+            # collection may be named "*").
+            sorted(f"{db}.{coll}" if coll else db for db, coll in namespaces)
+            if namespaces else None,
             sorted(ops) if ops else None,
             filter.key if filter is not None else None,
             access.key if access is not None else None,

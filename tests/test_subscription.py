@@ -36,6 +36,15 @@ def test_same_subscription_same_key_regardless_of_order():
     assert a.key == b.key
 
 
+def test_a_collection_named_star_is_not_the_whole_database():
+    # MongoDB allows a collection named "*"; the hub shares one compiled subscription per key,
+    # so equal keys for ns=shop and ns=shop.* would hand one client the other's namespaces.
+    database, _ = parse(args(ns="shop"), SCOPE)
+    star, _ = parse(args(ns="shop.*"), SCOPE)
+    assert database.matches(event(coll="orders")) and not star.matches(event(coll="orders"))
+    assert database.key != star.key
+
+
 @pytest.mark.parametrize("query, code", [
     (args(ns="other"), "ns_outside_scope"),
     (args(ns="shop."), "invalid_ns"),
