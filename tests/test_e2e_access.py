@@ -379,17 +379,17 @@ def test_client_that_never_answers_pings_is_closed(mongo, relay_factory):
                       "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
         await reader.readuntil(b"\r\n\r\n")
-        opcodes = []
+        opcodes, payload = [], b""
         async with asyncio.timeout(10):
-            while True:  # read frames, never answer: pings (0x9), then the end
-                head = await reader.read(2)
-                if len(head) < 2:
+            while True:  # read frames, never answer: pings (0x9), a close frame, then the end
+                try:
+                    head = await reader.readexactly(2)
+                except asyncio.IncompleteReadError:
                     break
                 payload = await reader.readexactly(head[1] & 0x7F)
                 opcodes.append(head[0] & 0x0F)
-                if opcodes[-1] == 0x8:
-                    assert int.from_bytes(payload[:2], "big") in (1000, 1001, 1011)
-        assert 0x9 in opcodes
+        assert 0x9 in opcodes and opcodes[-1] == 0x8, opcodes
+        assert int.from_bytes(payload[:2], "big") in (1000, 1001, 1011)
         writer.close()
         # a polite client alongside is unaffected
         polite = await WS.connect(relay.ws_url)
