@@ -26,7 +26,7 @@ from bson import (
     Timestamp,
     json_util,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mongomock.filtering import filter_applies
 
@@ -803,8 +803,7 @@ PROPERTY = settings(
 @given(FILTERS, DOCUMENTS)
 def test_agrees_with_mongomock(spec, fields):
     event = {"fullDocument": fields}
-    if any(_continues_past_a_non_document(event, path) for path in _paths(spec)):
-        return
+    assume(not any(_continues_past_a_non_document(event, path) for path in _paths(spec)))
     assert compile_filter(spec)(event) is filter_applies(_for_mongomock(spec), event)
 
 
