@@ -871,9 +871,7 @@ def _check_depth(spec: Any) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise FilterError(
-                "filter_too_deep", f"documents and arrays nest deeper than {MAX_DEPTH} levels"
-            )
+            raise _too_deep()
         if isinstance(node, dict):
             stack.extend((child, depth + 1) for child in node.values() if _nests(child))
         elif isinstance(node, list):
@@ -1003,9 +1001,7 @@ def parse_filter(text: str | bytes) -> Filter:
         elif char in "]}":
             depth -= 1
     if deepest > MAX_DEPTH:
-        raise FilterError(
-            "filter_too_deep", f"documents and arrays nest deeper than {MAX_DEPTH} levels"
-        )
+        raise _too_deep()
     try:
         spec = json.loads(
             source,
@@ -1018,11 +1014,13 @@ def parse_filter(text: str | bytes) -> Filter:
         raise
     except (ValueError, RecursionError) as exc:
         raise FilterError("invalid_json", f"filter is not valid JSON: {exc}") from None
-    if not isinstance(spec, dict):
-        raise FilterError(
-            "invalid_filter", f"a filter must be a JSON object, not {type(spec).__name__}"
-        )
     return compile_filter(spec)
+
+
+def _too_deep() -> FilterError:
+    return FilterError(
+        "filter_too_deep", f"documents and arrays nest deeper than {MAX_DEPTH} levels"
+    )
 
 
 def _too_large(size: int) -> FilterError:
