@@ -110,18 +110,12 @@ def primary():
 
 
 @pytest.fixture
-def mongo(request):
-    if REAL_URI:
-        m = Mongo(REAL_URI, None)
-        yield m
-        m.close()
-        return
-    server = TestPrimary().start()
-    m = Mongo(server.uri, server)
-    try:
-        yield m
-    finally:
-        m.close()
+def mongo():
+    server = None if REAL_URI else TestPrimary().start()
+    m = Mongo(REAL_URI or server.uri, server)
+    yield m
+    m.close()
+    if server is not None:
         server.stop()
 
 

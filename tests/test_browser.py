@@ -312,8 +312,6 @@ def test_reconnects_with_resume_after_and_loses_nothing(
     assert detail.startswith("last close: ")
 
 
-
-
 @pytest.mark.e2e
 def test_chromium_inflates_the_shared_deflate_frames(browser: Browser, mongo: Any,
                                                      relay_factory: Callable[..., Any]) -> None:
@@ -688,8 +686,6 @@ class GatedWriter(threading.Thread):
         for gate in self._gates.values():
             gate.set()
         self.join(10)
-
-
 
 
 class StubRelay:

@@ -8,19 +8,14 @@ itself. Expected values come from the MongoDB manual (change events, resume, err
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from bson import Timestamp
+from primary import TestPrimary
 from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from primary import TestPrimary
 
 AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
 
