@@ -46,7 +46,7 @@ class AccessRule:
             "fullDocument"
         ):
             return False  # undecidable without the document: withhold
-        return self.filter(change)
+        return self.filter.predicate(change)
 
 
 def _paths(spec) -> set[str]:

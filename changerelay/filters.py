@@ -888,19 +888,22 @@ def _nests(value: Any) -> bool:
 
 
 class Filter:
-    """A compiled filter: call it with a change event to learn whether it matches."""
+    """A compiled filter: call it with a change event to learn whether it matches.
 
-    __slots__ = ("_predicate", "key", "spec")
+    Hot loops take ``predicate`` itself, the same test without the call through ``Filter``.
+    """
+
+    __slots__ = ("key", "predicate", "spec")
 
     def __init__(self, predicate: Predicate, spec: dict) -> None:
-        self._predicate = predicate
+        self.predicate = predicate
         self.spec = spec
         self.key = json_util.dumps(
             spec, json_options=_KEY_OPTIONS, separators=(",", ":"), ensure_ascii=False
         )
 
     def __call__(self, event: dict) -> bool:
-        return self._predicate(event)
+        return self.predicate(event)
 
     def __and__(self, other: Filter) -> Filter:
         if not isinstance(other, Filter):
@@ -909,7 +912,7 @@ class Filter:
             return other
         if not other.spec or other.key == self.key:
             return self
-        left, right = self._predicate, other._predicate
+        left, right = self.predicate, other.predicate
         return Filter(lambda event: left(event) and right(event), {"$and": [self.spec, other.spec]})
 
     def __eq__(self, other: object) -> bool:

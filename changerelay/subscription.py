@@ -85,7 +85,7 @@ class Subscription:
 
             checks.append(in_namespaces)
         if self.filter is not None:
-            predicate = self.filter
+            predicate = self.filter.predicate
             checks.append(lambda event: predicate(event.change))
         return filters.all_of(checks)
 
