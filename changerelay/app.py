@@ -23,7 +23,6 @@ import logzero
 from logzero import logger
 from tornado import httpserver, netutil, web
 
-from . import events as ev
 from . import handlers
 from . import subscription as subs
 from .catchup import CatchUp
@@ -156,12 +155,6 @@ class Relay:
         if claims is not None:
             subscription = self.auth.restrict(subscription, claims)
         return subscription, resume_after
-
-    def parse_resume(self, text: str) -> str:
-        try:
-            return ev.parse_token(text)
-        except ValueError as exc:
-            raise subs.SubscriptionError("invalid_resume_after", str(exc)) from None
 
     # -- clients -------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from tornado.iostream import StreamClosedError
 
 from . import clients, frames, wire
 from .connection import WebSocketConnection
-from .subscription import SubscriptionError
+from .subscription import SubscriptionError, parse_resume
 
 MAX_INBOUND_FRAME = 4096  # bytes in one message from a client; larger closes it with 1009
 # Tornado drops a request whose headers exceed its limit without answering; we let it read up to
@@ -149,7 +149,7 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
         relay = self.application.relay
         if last_event_id and resume_after is None:
             try:
-                resume_after = relay.parse_resume(last_event_id)
+                resume_after = parse_resume(last_event_id)
             except SubscriptionError as exc:
                 self.refuse(exc)
                 return

@@ -117,13 +117,16 @@ def parse(arguments: Mapping[str, list], scope: tuple[str | None, str | None]) -
     namespaces = _namespaces(values["ns"], scope) if "ns" in values else None
     ops = _ops(values["ops"]) if "ops" in values else None
     predicate = _filter(values["filter"]) if "filter" in values else None
-    resume_after = None
-    if "resume_after" in values:
-        try:
-            resume_after = ev.parse_token(values["resume_after"])
-        except ValueError as exc:
-            raise SubscriptionError("invalid_resume_after", str(exc)) from None
+    resume_after = parse_resume(values["resume_after"]) if "resume_after" in values else None
     return Subscription(namespaces, ops, predicate), resume_after
+
+
+def parse_resume(text: str) -> str:
+    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; SubscriptionError."""
+    try:
+        return ev.parse_token(text)
+    except ValueError as exc:
+        raise SubscriptionError("invalid_resume_after", str(exc)) from None
 
 
 def _namespaces(raw: str, scope) -> frozenset:
