@@ -79,7 +79,7 @@ class Relay:
         budget = math.ceil(len(self.hub.clients) / ticks) + POSITION_SLACK
         self.hub.send_positions(self.config.position_interval, budget)
         if self.auth is not None:
-            self.auth.expire(self.hub.clients)
+            self.auth.expire([*self.hub.clients, *self.catchup.clients()])
 
     def _ping(self) -> None:
         """Ping one slice of the WebSockets; close those that left the last ping unanswered.

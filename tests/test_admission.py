@@ -83,3 +83,27 @@ def test_no_caps_by_default():
     for _ in range(10_000):
         caps.acquire("same")
     assert caps.total == 10_000
+
+
+def test_an_expired_token_ends_a_client_that_is_still_catching_up():
+    """``exp`` is enforced on every connection, not only on those already live in the hub."""
+    import time
+
+    from changerelay.auth import Authenticator
+    from changerelay.hub import Hub
+
+    class Rider:
+        claims = {"exp": time.time() - 60}
+        expired = False
+
+        def expire(self):
+            self.expired = True
+
+    rider = Rider()
+    fake = Relay.__new__(Relay)
+    fake.config = SimpleNamespace(position_interval=5.0)
+    fake.hub = Hub()
+    fake.auth = Authenticator.__new__(Authenticator)
+    fake.catchup = SimpleNamespace(clients=lambda: [rider])
+    fake._tick()
+    assert rider.expired
