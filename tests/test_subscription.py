@@ -134,7 +134,7 @@ def test_token_claims_restrict_namespaces():
     sub, _ = parse({}, SCOPE)
     assert auth.restrict(sub, claims).namespaces == frozenset({("shop", "orders")})
     inside, _ = parse(args(ns="shop.orders"), SCOPE)
-    auth.restrict(inside, claims)
+    assert auth.restrict(inside, claims).namespaces == frozenset({("shop", "orders")})
     outside, _ = parse(args(ns="shop.users"), SCOPE)
     with pytest.raises(SubscriptionError) as info:
         auth.restrict(outside, claims)
