@@ -76,9 +76,12 @@ class Mongo:
         # committed before it has been seen.
         marker = uuid.uuid4().hex
         self.client[self.db + "_marks"].m.insert_one({"_id": marker})
+        deadline = time.monotonic() + 30
         while True:
             change = self._recorder.try_next()
             if change is None:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the marker {marker} never came through the recorder")
                 continue
             if change.get("ns", {}).get("db") == self.db:
                 self._log.append(change["_id"]["_data"])
@@ -107,6 +110,13 @@ def primary():
         pytest.skip("needs the test primary for fault injection")
     with TestPrimary() as server:
         yield server
+
+
+@pytest.fixture
+def writer(primary):
+    """A driver client of the test primary, for the test's own writes."""
+    with MongoClient(primary.uri) as client:
+        yield client
 
 
 @pytest.fixture

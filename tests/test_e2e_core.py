@@ -129,10 +129,9 @@ def assert_exactly(frames, primary, db=None):
 
 
 @pytest.mark.fault
-def test_hang_up_mid_stream_loses_nothing(primary, relay_factory):
+def test_hang_up_mid_stream_loses_nothing(primary, writer, relay_factory):
     relay = relay_factory(MONGO_SRV=primary.uri)
     relay.wait_ready()
-    writer = MongoClient(primary.uri)
 
     async def scenario():
         client = await WS.connect(relay.ws_url)
@@ -148,10 +147,9 @@ def test_hang_up_mid_stream_loses_nothing(primary, relay_factory):
 
 
 @pytest.mark.fault
-def test_non_resumable_error_reopens_from_the_last_token(primary, relay_factory):
+def test_non_resumable_error_reopens_from_the_last_token(primary, writer, relay_factory):
     relay = relay_factory(MONGO_SRV=primary.uri)
     relay.wait_ready()
-    writer = MongoClient(primary.uri)
 
     async def scenario():
         client = await WS.connect(relay.ws_url)
@@ -212,11 +210,11 @@ def test_unreachable_at_start_then_appearing(relay_factory):
     assert relay.get("/").code == 200
     with TestPrimary(port=port) as primary:
         relay.wait_ready(timeout=30)
-        writer = MongoClient(primary.uri)
 
         async def scenario():
             client = await WS.connect(relay.ws_url)
-            writer.db.c.insert_one({"_id": "late"})
+            with MongoClient(primary.uri) as writer:
+                writer.db.c.insert_one({"_id": "late"})
             [frame] = await client.changes(1)
             assert frame["documentKey"] == {"_id": "late"}
 
@@ -307,11 +305,10 @@ def test_reuse_port_workers_share_the_port_and_all_deliver(mongo, relay_factory)
         if status["source"] == "open":
             ready.add(status["pid"])
         assert time.monotonic() < deadline + 15
-    writer = MongoClient(mongo.uri)
 
     async def scenario():
         clients = [await WS.connect(relay.ws_url) for _ in range(8)]
-        writer[mongo.db].c.insert_many([{"_id": i} for i in range(50)])
+        mongo.client[mongo.db].c.insert_many([{"_id": i} for i in range(50)])
         for client in clients:
             assert [f["documentKey"]["_id"] for f in await client.changes(50)] == list(range(50))
         relay.proc.send_signal(15)
