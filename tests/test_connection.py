@@ -61,7 +61,8 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def pair(max_size: int = 4096, deflate: bool = False):
+def pair(max_size: int = 4096, deflate: bool = False, start: bool = True):
+    """A connection (started, unless ``start=False``), its peer, and what it reported."""
     ours, theirs = tcp_pair()
     theirs.setblocking(False)
     connection = WebSocketConnection(ours, frames.FrameReader(max_size, deflate))
@@ -77,7 +78,15 @@ def pair(max_size: int = 4096, deflate: bool = False):
 
     connection.on_pong = ponged
     connection.on_close = closed
+    if start:
+        connection.start()
     return connection, Peer(theirs), events
+
+
+@pytest.fixture
+def quick_close(monkeypatch):
+    """The peer gets 0.2 s, not 5, to answer our close frame."""
+    monkeypatch.setattr(conn_module, "CLOSE_TIMEOUT", 0.2)
 
 
 def run(coro):
@@ -87,7 +96,6 @@ def run(coro):
 def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_reported():
     async def scenario():
         connection, peer, _ = pair()
-        connection.start()
         chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
         for chunk in chunks:
             connection.write(chunk)
@@ -106,7 +114,7 @@ def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_reported():
 
 def test_ping_is_answered_with_its_payload_and_pongs_are_reported():
     async def scenario():
-        connection, peer, events = pair()
+        connection, peer, events = pair(start=False)
         connection.start(pending_in=masked(b"early", frames.PING))  # sent behind the handshake
         assert await peer.frame() == (frames.PONG, b"early")
         peer.send(masked(b"abc", frames.PING) + masked(b"", frames.PONG))
@@ -120,7 +128,6 @@ def test_ping_is_answered_with_its_payload_and_pongs_are_reported():
 def test_peer_close_is_echoed_then_the_socket_closes_once():
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         peer.send(masked(struct.pack("!H", 1001) + b"bye", frames.CLOSE))
         assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001))
         assert await peer.eof()
@@ -135,7 +142,6 @@ def test_peer_close_is_echoed_then_the_socket_closes_once():
 def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
         assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1013) + b"slow consumer")
         with pytest.raises(StreamClosedError):
@@ -149,12 +155,10 @@ def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
     run(scenario())
 
 
-def test_a_silent_peer_is_dropped_after_the_close_timeout(monkeypatch):
-    monkeypatch.setattr(conn_module, "CLOSE_TIMEOUT", 0.2)
+def test_a_silent_peer_is_dropped_after_the_close_timeout(quick_close):
 
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         connection.shutdown()
         assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001) +
                                       b"server shutting down")
@@ -171,8 +175,7 @@ def test_a_silent_peer_is_dropped_after_the_close_timeout(monkeypatch):
 ])
 def test_protocol_errors_close_with_their_code_then_end_the_stream(data, code):
     async def scenario():
-        connection, peer, events = pair()
-        connection.start()
+        _, peer, events = pair()  # the loop holds the connection
         peer.send(data)
         opcode, payload = await peer.frame()
         assert (opcode, frames.close_code(payload)) == (frames.CLOSE, code)
@@ -186,7 +189,6 @@ def test_protocol_errors_close_with_their_code_then_end_the_stream(data, code):
 def test_peer_vanishing_is_reported_once():
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         peer.sock.close()
         await asyncio.wait_for(events["gone"].wait(), 5)
         connection.close()  # harmless afterwards
@@ -197,7 +199,7 @@ def test_peer_vanishing_is_reported_once():
 
 def test_closing_a_reset_connection_raises_nothing_and_reports_once():
     async def scenario():
-        connection, peer, events = pair()  # not started: nothing reads, so send() meets the RST
+        connection, peer, events = pair(start=False)  # nothing reads: send() meets the RST
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.sock.close()  # RST
         with pytest.raises(StreamClosedError):  # the RST is on loopback at once
@@ -213,12 +215,10 @@ def test_closing_a_reset_connection_raises_nothing_and_reports_once():
     run(scenario())
 
 
-def test_a_peer_that_closes_but_never_reads_our_reply_is_dropped(monkeypatch):
-    monkeypatch.setattr(conn_module, "CLOSE_TIMEOUT", 0.2)
+def test_a_peer_that_closes_but_never_reads_our_reply_is_dropped(quick_close):
 
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
             connection.write(b"z" * 100_000)
         assert connection.buffered() > 0
@@ -239,7 +239,7 @@ def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
     left: list[asyncio.Event] = []
 
     async def reset_client(hub):
-        connection, peer, _ = pair()  # not started: the first send() meets the RST
+        connection, peer, _ = pair(start=False)  # nothing reads: the first send() meets the RST
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.sock.close()
         assert select.select([connection.sock], [], [], 5)[0]  # the RST is in: readable
@@ -281,7 +281,6 @@ def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
     replay keeps megabytes queued; a dropped pong makes keepalive clients give up on us."""
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         frame = frames.ws_frame(b"z" * 100_000)
         for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
             connection.write(frame)
@@ -307,7 +306,6 @@ def test_a_peer_that_closes_then_half_closes_still_gets_our_close_frame():
     still owe it a close frame (RFC 6455 §5.5.1), after whatever frame was in flight."""
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         frame = frames.ws_frame(b"z" * 100_000)
         for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
             connection.write(frame)
@@ -325,7 +323,6 @@ def test_a_peer_that_closes_then_half_closes_still_gets_our_close_frame():
 def test_a_peer_closing_behind_a_long_queue_gets_our_answer_without_the_queue():
     async def scenario():
         connection, peer, events = pair()
-        connection.start()
         frame = frames.ws_frame(b"z" * 100_000)
         for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
             connection.write(frame)
