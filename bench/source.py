@@ -1,8 +1,8 @@
 """The change source: the wire-protocol test primary, alone in its own process.
 
-``tests/primary.py`` is pure Python and holds one lock per request, so it is the slowest part of
-the pipeline; in the harness's process it would also compete with the inserter for the GIL. Here
-it runs by itself, prints its connection string on one line and stops when stdin closes.
+``changerelay/primary.py`` is pure Python and holds one lock per request, so it is the slowest
+part of the pipeline; in the harness's process it would also compete with the inserter for the
+GIL. Here it runs by itself, prints its connection string on one line and stops when stdin closes.
 
 Run by hand: ``python -m bench.source`` (then point ``MONGO_SRV`` at the printed URI).
 """
@@ -10,11 +10,8 @@ Run by hand: ``python -m bench.source`` (then point ``MONGO_SRV`` at the printed
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from primary import TestPrimary
+from changerelay.primary import TestPrimary
 
 
 def main() -> None:

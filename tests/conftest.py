@@ -29,7 +29,7 @@ from tornado import httpclient, websocket
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from primary import TestPrimary  # noqa: E402
+from changerelay.primary import TestPrimary  # noqa: E402
 
 REAL_URI = os.environ.get("MONGODB_TEST_URI")
 

@@ -16,8 +16,9 @@ import uuid
 import pytest
 from bson import Binary, Decimal128, Int64, ObjectId
 from conftest import SSE, WS, run, token_of
-from primary import TestPrimary
 from pymongo import MongoClient
+
+from changerelay.primary import TestPrimary
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,10 @@ import time
 
 import pytest
 from bson import Timestamp
-from primary import TestPrimary
 from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+
+from changerelay.primary import TestPrimary
 
 AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
 

@@ -116,7 +116,7 @@ class CommandError(Exception):
 
 
 def _not_implemented(what: str) -> CommandError:
-    return CommandError(2, f"TestPrimary does not implement {what}; extend tests/primary.py "
+    return CommandError(2, f"TestPrimary does not implement {what}; extend changerelay/primary.py "
                            "or test this against a real replica set (MONGODB_TEST_URI)")
 
 
