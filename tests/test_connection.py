@@ -13,7 +13,7 @@ from tornado.iostream import StreamClosedError
 from changerelay import connection as conn_module
 from changerelay import frames
 from changerelay.connection import WebSocketConnection
-from tests.test_frames import masked
+from tests.support import masked
 
 
 class Peer:
@@ -89,83 +89,64 @@ def quick_close(monkeypatch):
     monkeypatch.setattr(conn_module, "CLOSE_TIMEOUT", 0.2)
 
 
-def run(coro):
-    asyncio.run(coro)
+async def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_reported():
+    connection, peer, _ = pair()
+    chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
+    for chunk in chunks:
+        connection.write(chunk)
+    assert connection.buffered() > 0
+    assert not connection.write_within(b"x", connection.buffered())  # a queue has a limit
+    drained = asyncio.Event()
+    connection.when_drained(drained.set)
+    assert await peer.read(3_000_000) == b"".join(chunks)
+    await asyncio.wait_for(drained.wait(), 5)
+    assert connection.buffered() == 0
+    assert connection.write_within(b"y" * 100, 10)  # nothing queued: the kernel takes it
+    assert await peer.read(100) == b"y" * 100
 
 
-def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_reported():
-    async def scenario():
-        connection, peer, _ = pair()
-        chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
-        for chunk in chunks:
-            connection.write(chunk)
-        assert connection.buffered() > 0
-        assert not connection.write_within(b"x", connection.buffered())  # a queue has a limit
-        drained = asyncio.Event()
-        connection.when_drained(drained.set)
-        assert await peer.read(3_000_000) == b"".join(chunks)
-        await asyncio.wait_for(drained.wait(), 5)
-        assert connection.buffered() == 0
-        assert connection.write_within(b"y" * 100, 10)  # nothing queued: the kernel takes it
-        assert await peer.read(100) == b"y" * 100
-
-    run(scenario())
+async def test_ping_is_answered_with_its_payload_and_pongs_are_reported():
+    connection, peer, events = pair(start=False)
+    connection.start(pending_in=masked(b"early", frames.PING))  # sent behind the handshake
+    assert await peer.frame() == (frames.PONG, b"early")
+    peer.send(masked(b"abc", frames.PING) + masked(b"", frames.PONG))
+    assert await peer.frame() == (frames.PONG, b"abc")
+    await asyncio.wait_for(events["pong"].wait(), 5)
+    assert events["pongs"] == 1
 
 
-def test_ping_is_answered_with_its_payload_and_pongs_are_reported():
-    async def scenario():
-        connection, peer, events = pair(start=False)
-        connection.start(pending_in=masked(b"early", frames.PING))  # sent behind the handshake
-        assert await peer.frame() == (frames.PONG, b"early")
-        peer.send(masked(b"abc", frames.PING) + masked(b"", frames.PONG))
-        assert await peer.frame() == (frames.PONG, b"abc")
-        await asyncio.wait_for(events["pong"].wait(), 5)
-        assert events["pongs"] == 1
-
-    run(scenario())
+async def test_peer_close_is_echoed_then_the_socket_closes_once():
+    connection, peer, events = pair()
+    peer.send(masked(struct.pack("!H", 1001) + b"bye", frames.CLOSE))
+    assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001))
+    assert await peer.eof()
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert events["closed"] == 1 and connection.closed
+    with pytest.raises(StreamClosedError):
+        connection.write(b"late")
 
 
-def test_peer_close_is_echoed_then_the_socket_closes_once():
-    async def scenario():
-        connection, peer, events = pair()
-        peer.send(masked(struct.pack("!H", 1001) + b"bye", frames.CLOSE))
-        assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001))
-        assert await peer.eof()
-        await asyncio.wait_for(events["gone"].wait(), 5)
-        assert events["closed"] == 1 and connection.closed
-        with pytest.raises(StreamClosedError):
-            connection.write(b"late")
-
-    run(scenario())
-
-
-def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
-    async def scenario():
-        connection, peer, events = pair()
-        connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
-        assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1013) + b"slow consumer")
-        with pytest.raises(StreamClosedError):
-            connection.write(b"more")
-        assert not connection.closed  # waiting for the peer's close frame
-        peer.send(masked(struct.pack("!H", 1013), frames.CLOSE))
-        assert await peer.eof()
-        await asyncio.wait_for(events["gone"].wait(), 5)
-        assert events["closed"] == 1
-
-    run(scenario())
+async def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
+    connection, peer, events = pair()
+    connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
+    assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1013) + b"slow consumer")
+    with pytest.raises(StreamClosedError):
+        connection.write(b"more")
+    assert not connection.closed  # waiting for the peer's close frame
+    peer.send(masked(struct.pack("!H", 1013), frames.CLOSE))
+    assert await peer.eof()
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert events["closed"] == 1
 
 
-def test_a_silent_peer_is_dropped_after_the_close_timeout(quick_close):
+async def test_a_silent_peer_is_dropped_after_the_close_timeout(quick_close):
 
-    async def scenario():
-        connection, peer, events = pair()
-        connection.shutdown()
-        assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001) +
-                                      b"server shutting down")
-        await asyncio.wait_for(events["gone"].wait(), 5)
-        assert await peer.eof()
-
-    run(scenario())
+    connection, peer, events = pair()
+    connection.shutdown()
+    assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001) +
+                                  b"server shutting down")
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert await peer.eof()
 
 
 @pytest.mark.parametrize("data, code", [
@@ -173,68 +154,56 @@ def test_a_silent_peer_is_dropped_after_the_close_timeout(quick_close):
     (masked(b"x" * 5000), 1009),
     (masked(b"\xc3\x28"), 1007),
 ])
-def test_protocol_errors_close_with_their_code_then_end_the_stream(data, code):
-    async def scenario():
-        _, peer, events = pair()  # the loop holds the connection
-        peer.send(data)
-        opcode, payload = await peer.frame()
-        assert (opcode, frames.close_code(payload)) == (frames.CLOSE, code)
-        assert await peer.eof()  # we stop writing at once; the peer may still say goodbye
-        peer.sock.close()
-        await asyncio.wait_for(events["gone"].wait(), 5)
-
-    run(scenario())
+async def test_protocol_errors_close_with_their_code_then_end_the_stream(data, code):
+    _, peer, events = pair()  # the loop holds the connection
+    peer.send(data)
+    opcode, payload = await peer.frame()
+    assert (opcode, frames.close_code(payload)) == (frames.CLOSE, code)
+    assert await peer.eof()  # we stop writing at once; the peer may still say goodbye
+    peer.sock.close()
+    await asyncio.wait_for(events["gone"].wait(), 5)
 
 
-def test_peer_vanishing_is_reported_once():
-    async def scenario():
-        connection, peer, events = pair()
-        peer.sock.close()
-        await asyncio.wait_for(events["gone"].wait(), 5)
-        connection.close()  # harmless afterwards
-        assert events["closed"] == 1
-
-    run(scenario())
+async def test_peer_vanishing_is_reported_once():
+    connection, peer, events = pair()
+    peer.sock.close()
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    connection.close()  # harmless afterwards
+    assert events["closed"] == 1
 
 
-def test_closing_a_reset_connection_raises_nothing_and_reports_once():
-    async def scenario():
-        connection, peer, events = pair(start=False)  # nothing reads: send() meets the RST
-        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        peer.sock.close()  # RST
-        with pytest.raises(StreamClosedError):  # the RST is on loopback at once
-            for _ in range(1000):
-                connection.write(b"x")
-        await asyncio.wait_for(events["gone"].wait(), 5)
-        connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
-        connection.shutdown()
-        for _ in range(3):  # a second report could only be a callback already scheduled
-            await asyncio.sleep(0)
-        assert events["closed"] == 1
-
-    run(scenario())
+async def test_closing_a_reset_connection_raises_nothing_and_reports_once():
+    connection, peer, events = pair(start=False)  # nothing reads: send() meets the RST
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.sock.close()  # RST
+    with pytest.raises(StreamClosedError):  # the RST is on loopback at once
+        for _ in range(1000):
+            connection.write(b"x")
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
+    connection.shutdown()
+    for _ in range(3):  # a second report could only be a callback already scheduled
+        await asyncio.sleep(0)
+    assert events["closed"] == 1
 
 
-def test_a_peer_that_closes_but_never_reads_our_reply_is_dropped(quick_close):
+async def test_a_peer_that_closes_but_never_reads_our_reply_is_dropped(quick_close):
 
-    async def scenario():
-        connection, peer, events = pair()
-        for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
-            connection.write(b"z" * 100_000)
-        assert connection.buffered() > 0
-        peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
-        await asyncio.wait_for(events["gone"].wait(), 5)
-
-    run(scenario())
+    connection, peer, events = pair()
+    for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
+        connection.write(b"z" * 100_000)
+    assert connection.buffered() > 0
+    peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
+    await asyncio.wait_for(events["gone"].wait(), 5)
 
 
-def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
+async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
     """on_close must not run inside the write that failed: the hub is mid-way through a resume
     (or a flush) and would put the client back into a group, or fail on its own dicts."""
     from changerelay.clients import WebSocketClient
     from changerelay.hub import Hub
     from changerelay.subscription import ALL
-    from tests.test_hub import event, token
+    from tests.support import event, token
 
     left: list[asyncio.Event] = []
 
@@ -254,89 +223,77 @@ def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         connection.on_close = on_close
         return client
 
-    async def scenario():
-        hub = Hub(call_soon=lambda flush: None)
-        hub.start(token(0))
-        for n in range(1, 4):
-            hub.publish(event(n))
-        hub.flush()
-        replayed = await reset_client(hub)
-        assert hub.resume(replayed, token(0))  # replays events 1-3 into the reset socket
-        ahead = await reset_client(hub)
-        assert hub.resume(ahead, token(4))  # from a relay one event ahead of us
-        hub.publish(event(4))
-        hub.publish(event(5))
-        hub.flush()  # event 5 goes to `ahead`, whose socket is reset
-        assert replayed.closed and ahead.closed
-        await asyncio.wait_for(asyncio.gather(*(gone.wait() for gone in left)), 5)
-        groups = [group.clients for group in hub._groups.values()]
-        assert not any(replayed in clients or ahead in clients for clients in groups)
-        assert hub.clients == set()
-
-    run(scenario())
+    hub = Hub(call_soon=lambda flush: None)
+    hub.start(token(0))
+    for n in range(1, 4):
+        hub.publish(event(n))
+    hub.flush()
+    replayed = await reset_client(hub)
+    assert hub.resume(replayed, token(0))  # replays events 1-3 into the reset socket
+    ahead = await reset_client(hub)
+    assert hub.resume(ahead, token(4))  # from a relay one event ahead of us
+    hub.publish(event(4))
+    hub.publish(event(5))
+    hub.flush()  # event 5 goes to `ahead`, whose socket is reset
+    assert replayed.closed and ahead.closed
+    await asyncio.wait_for(asyncio.gather(*(gone.wait() for gone in left)), 5)
+    groups = [group.clients for group in hub._groups.values()]
+    assert not any(replayed in clients or ahead in clients for clients in groups)
+    assert hub.clients == set()
 
 
-def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
+async def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
     """RFC 6455 §5.5.2: every ping gets a pong (§5.5.3: at least the latest one), even while a
     replay keeps megabytes queued; a dropped pong makes keepalive clients give up on us."""
-    async def scenario():
-        connection, peer, events = pair()
-        frame = frames.ws_frame(b"z" * 100_000)
-        for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
-            connection.write(frame)
-        queued = connection.buffered()
-        assert queued > conn_module._COALESCE
-        # A pong behind the pings: once it is reported, the connection has read them all.
-        peer.send(masked(b"one", frames.PING) * 1000 + masked(b"two", frames.PING)
-                  + masked(b"", frames.PONG))
-        await asyncio.wait_for(events["pong"].wait(), 5)
-        assert connection.buffered() == queued  # no pongs piling up behind the queue
-        received = [await peer.frame() for _ in range(31)]
-        assert received[:30] == [(frames.TEXT, b"z" * 100_000)] * 30
-        assert received[30] == (frames.PONG, b"two")
-        peer.send(masked(b"three", frames.PING))  # its pong comes next: no other was queued
-        assert await peer.frame() == (frames.PONG, b"three")
-        assert connection.buffered() == 0 and peer.buffer == b""
-
-    run(scenario())
+    connection, peer, events = pair()
+    frame = frames.ws_frame(b"z" * 100_000)
+    for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
+        connection.write(frame)
+    queued = connection.buffered()
+    assert queued > conn_module._COALESCE
+    # A pong behind the pings: once it is reported, the connection has read them all.
+    peer.send(masked(b"one", frames.PING) * 1000 + masked(b"two", frames.PING)
+              + masked(b"", frames.PONG))
+    await asyncio.wait_for(events["pong"].wait(), 5)
+    assert connection.buffered() == queued  # no pongs piling up behind the queue
+    received = [await peer.frame() for _ in range(31)]
+    assert received[:30] == [(frames.TEXT, b"z" * 100_000)] * 30
+    assert received[30] == (frames.PONG, b"two")
+    peer.send(masked(b"three", frames.PING))  # its pong comes next: no other was queued
+    assert await peer.frame() == (frames.PONG, b"three")
+    assert connection.buffered() == 0 and peer.buffer == b""
 
 
-def test_a_peer_that_closes_then_half_closes_still_gets_our_close_frame():
+async def test_a_peer_that_closes_then_half_closes_still_gets_our_close_frame():
     """A peer may send its close frame and then FIN (shutdown(SHUT_WR)): it still reads, and we
     still owe it a close frame (RFC 6455 §5.5.1), after whatever frame was in flight."""
-    async def scenario():
-        connection, peer, events = pair()
-        frame = frames.ws_frame(b"z" * 100_000)
-        for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
-            connection.write(frame)
-        peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
-        peer.sock.shutdown(socket.SHUT_WR)
-        while (received := await peer.frame())[0] == frames.TEXT:
-            assert received[1] == b"z" * 100_000
-        assert received == (frames.CLOSE, struct.pack("!H", 1000))
-        assert await peer.eof()
-        await asyncio.wait_for(events["gone"].wait(), 5)
-
-    run(scenario())
+    connection, peer, events = pair()
+    frame = frames.ws_frame(b"z" * 100_000)
+    for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
+        connection.write(frame)
+    peer.send(masked(struct.pack("!H", 1000), frames.CLOSE))
+    peer.sock.shutdown(socket.SHUT_WR)
+    while (received := await peer.frame())[0] == frames.TEXT:
+        assert received[1] == b"z" * 100_000
+    assert received == (frames.CLOSE, struct.pack("!H", 1000))
+    assert await peer.eof()
+    await asyncio.wait_for(events["gone"].wait(), 5)
 
 
-def test_a_peer_closing_behind_a_long_queue_gets_our_answer_without_the_queue():
-    async def scenario():
-        connection, peer, events = pair()
-        frame = frames.ws_frame(b"z" * 100_000)
-        for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
-            connection.write(frame)
-        peer.send(masked(struct.pack("!H", 1001), frames.CLOSE))
-        received = 0
-        while True:
-            opcode, payload = await peer.frame()
-            if opcode == frames.CLOSE:
-                break
-            assert payload == b"z" * 100_000  # whole frames only
-            received += 1
-        assert payload == struct.pack("!H", 1001)
-        assert received < 100
-        assert await peer.eof()
-        await asyncio.wait_for(events["gone"].wait(), 5)
-
-    run(scenario())
+async def test_a_peer_closing_behind_a_long_queue_gets_our_answer_without_the_queue():
+    connection, peer, events = pair()
+    frame = frames.ws_frame(b"z" * 100_000)
+    for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
+        connection.write(frame)
+    peer.send(masked(struct.pack("!H", 1001), frames.CLOSE))
+    received = 0
+    while True:
+        opcode, payload = await peer.frame()
+        if opcode == frames.CLOSE:
+            break
+        assert payload == b"z" * 100_000  # whole frames only
+        received += 1
+    assert payload == struct.pack("!H", 1001)
+    assert received < 100
+    assert await peer.eof()
+    await asyncio.wait_for(events["gone"].wait(), 5)

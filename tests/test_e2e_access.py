@@ -15,8 +15,9 @@ import uuid
 
 import jwt
 import pytest
-from conftest import SSE, WS, run
 from tornado import httpclient, websocket
+
+from tests.support import SSE, WS
 
 pytestmark = pytest.mark.e2e
 
@@ -92,24 +93,21 @@ def _headers(extra):
 
 
 @pytest.mark.parametrize("path", ["/socket", "/events"])
-def test_every_bad_handshake_is_refused_and_others_keep_receiving(mongo, secured, path):
-    async def scenario():
-        bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
-        shop = mongo.client[SHOP]
-        for number, (what, query, headers, status, code) in enumerate(BAD_HANDSHAKES):
-            response = secured.get(f"{path}?{query}" if query else path, headers=_headers(
-                {**headers, "Upgrade": "websocket", "Connection": "Upgrade",
-                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-                if path == "/socket" else headers))
-            assert response.code == status, (what, response.body)
-            body = response.json()
-            assert body["error"] == code, (what, body)
-            assert len(body["message"]) > 10
-            shop.orders.insert_one({"_id": number})
-            [frame] = await bystander.changes(1)
-            assert frame["documentKey"] == {"_id": number}, what
-
-    run(scenario())
+async def test_every_bad_handshake_is_refused_and_others_keep_receiving(mongo, secured, path):
+    bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
+    shop = mongo.client[SHOP]
+    for number, (what, query, headers, status, code) in enumerate(BAD_HANDSHAKES):
+        response = secured.get(f"{path}?{query}" if query else path, headers=_headers(
+            {**headers, "Upgrade": "websocket", "Connection": "Upgrade",
+             "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+            if path == "/socket" else headers))
+        assert response.code == status, (what, response.body)
+        body = response.json()
+        assert body["error"] == code, (what, body)
+        assert len(body["message"]) > 10
+        shop.orders.insert_one({"_id": number})
+        [frame] = await bystander.changes(1)
+        assert frame["documentKey"] == {"_id": number}, what
 
 
 BAD_UPGRADES = [
@@ -132,208 +130,178 @@ def _upgrade_request(relay, headers: dict):
     return response.status, body, response.headers
 
 
-def test_bad_websocket_upgrades_get_json_errors_and_others_keep_receiving(mongo, secured):
-    async def scenario():
-        bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
-        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade",
-                   "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-        for number, (what, headers, status, code) in enumerate(BAD_UPGRADES):
-            got, body, reply_headers = _upgrade_request(secured, _headers({**upgrade, **headers}))
-            assert got == status, (what, body)
-            assert json.loads(body)["error"] == code, what
-            if status == 426:
-                assert reply_headers["Sec-WebSocket-Version"] == "13"
-            mongo.client[SHOP].orders.insert_one({"_id": number})
-            [frame] = await bystander.changes(1)
-            assert frame["documentKey"] == {"_id": number}, what
-        assert _upgrade_request(secured, _headers(upgrade))[0] == 101
-
-    run(scenario())
-
-
-def test_huge_query_string_is_refused_without_harm(mongo, secured):
-    async def scenario():
-        bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
-        response = secured.get("/socket?filter=" + "a" * (1 << 20), headers=_headers({}))
-        assert response.code == 414 and response.json()["error"] == "query_too_large"
-        mongo.client[SHOP].orders.insert_one({"_id": "after"})
+async def test_bad_websocket_upgrades_get_json_errors_and_others_keep_receiving(mongo, secured):
+    bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    for number, (what, headers, status, code) in enumerate(BAD_UPGRADES):
+        got, body, reply_headers = _upgrade_request(secured, _headers({**upgrade, **headers}))
+        assert got == status, (what, body)
+        assert json.loads(body)["error"] == code, what
+        if status == 426:
+            assert reply_headers["Sec-WebSocket-Version"] == "13"
+        mongo.client[SHOP].orders.insert_one({"_id": number})
         [frame] = await bystander.changes(1)
-        assert frame["documentKey"] == {"_id": "after"}
-        assert secured.get("/healthz").code == 200
-
-    run(scenario())
+        assert frame["documentKey"] == {"_id": number}, what
+    assert _upgrade_request(secured, _headers(upgrade))[0] == 101
 
 
-def test_oversized_inbound_frame_closes_that_client_with_1009_only(mongo, secured):
-    async def scenario():
-        auth = {"Authorization": f"Bearer {GOOD}"}
-        bystander = await WS.connect(secured.ws_url, headers=auth)
-        chatty = await WS.connect(secured.ws_url, headers=auth)
-        await chatty.conn.write_message("hello")  # small frames are ignored
-        await chatty.conn.write_message("x" * 5000)
-        code, _ = await chatty.closed()
-        assert code == 1009
-        mongo.client[SHOP].orders.insert_one({"_id": 1})
-        [frame] = await bystander.changes(1)
-        assert frame["documentKey"] == {"_id": 1}
-
-    run(scenario())
+async def test_huge_query_string_is_refused_without_harm(mongo, secured):
+    bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
+    response = secured.get("/socket?filter=" + "a" * (1 << 20), headers=_headers({}))
+    assert response.code == 414 and response.json()["error"] == "query_too_large"
+    mongo.client[SHOP].orders.insert_one({"_id": "after"})
+    [frame] = await bystander.changes(1)
+    assert frame["documentKey"] == {"_id": "after"}
+    assert secured.get("/healthz").code == 200
 
 
-def test_access_token_query_parameter_and_exp_enforced_during_connection(mongo, secured):
-    async def scenario():
-        short = token({"ns": [SHOP]}, ttl=1)
-        client = await WS.connect(f"{secured.ws_url}?access_token={short}")
-        mongo.client[SHOP].orders.insert_one({"_id": 1})
-        await client.changes(1)
-        code, reason = await client.closed(timeout=15)  # exp + leeway (5 s)
-        assert (code, reason) == (1008, "token expired")
-        assert client.frames[-1]["code"] == "token_expired"
-        assert short not in secured.log()  # access lines leave the query string out
+async def test_oversized_inbound_frame_closes_that_client_with_1009_only(mongo, secured):
+    auth = {"Authorization": f"Bearer {GOOD}"}
+    bystander = await WS.connect(secured.ws_url, headers=auth)
+    chatty = await WS.connect(secured.ws_url, headers=auth)
+    await chatty.conn.write_message("hello")  # small frames are ignored
+    await chatty.conn.write_message("x" * 5000)
+    code, _ = await chatty.closed()
+    assert code == 1009
+    mongo.client[SHOP].orders.insert_one({"_id": 1})
+    [frame] = await bystander.changes(1)
+    assert frame["documentKey"] == {"_id": 1}
 
-    run(scenario())
+
+async def test_access_token_query_parameter_and_exp_enforced_during_connection(mongo, secured):
+    short = token({"ns": [SHOP]}, ttl=1)
+    client = await WS.connect(f"{secured.ws_url}?access_token={short}")
+    mongo.client[SHOP].orders.insert_one({"_id": 1})
+    await client.changes(1)
+    code, reason = await client.closed(timeout=15)  # exp + leeway (5 s)
+    assert (code, reason) == (1008, "token expired")
+    assert client.frames[-1]["code"] == "token_expired"
+    assert short not in secured.log()  # access lines leave the query string out
 
 
-def test_row_level_rules_alice_and_bob_each_see_exactly_their_own(mongo, relay_factory):
+async def test_row_level_rules_alice_and_bob_each_see_exactly_their_own(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=SECRET)
     relay.wait_ready()
 
     def for_user(name):
         return token({"ns": [mongo.db], "filter": {"fullDocument.owner": name}})
 
-    async def scenario():
-        alice = await WS.connect(f"{relay.ws_url}?access_token={for_user('alice')}")
-        bob = await WS.connect(relay.ws_url,
-                               headers={"Authorization": f"Bearer {for_user('bob')}"})
-        # bob also filters further; the rule and his filter are ANDed.
-        bob_big = await WS.connect(
-            relay.ws_url + "?filter=" + Q(json.dumps({"fullDocument.n": {"$gte": 10}})),
-            headers={"Authorization": f"Bearer {for_user('bob')}"})
-        notes = mongo.client[mongo.db].notes
-        expected = {"alice": [], "bob": [], "bob_big": []}
-        for n in range(40):
-            owner = "alice" if n % 3 else "bob"
-            notes.insert_one({"_id": n, "owner": owner, "n": n})
-            expected[owner].append(("insert", n))
-            if owner == "bob" and n >= 10:
-                expected["bob_big"].append(("insert", n))
-        notes.update_one({"_id": 1}, {"$set": {"n": 100}})
-        expected["alice"].append(("update", 1))
-        notes.delete_one({"_id": 2})  # no document: the rule cannot be decided, so withheld
-        notes.insert_one({"_id": "end", "owner": "alice", "n": 0})
-        expected["alice"].append(("insert", "end"))
-        notes.insert_one({"_id": "end-b", "owner": "bob", "n": 50})
-        expected["bob"].append(("insert", "end-b"))
-        expected["bob_big"].append(("insert", "end-b"))
+    alice = await WS.connect(f"{relay.ws_url}?access_token={for_user('alice')}")
+    bob = await WS.connect(relay.ws_url,
+                           headers={"Authorization": f"Bearer {for_user('bob')}"})
+    # bob also filters further; the rule and his filter are ANDed.
+    bob_big = await WS.connect(
+        relay.ws_url + "?filter=" + Q(json.dumps({"fullDocument.n": {"$gte": 10}})),
+        headers={"Authorization": f"Bearer {for_user('bob')}"})
+    notes = mongo.client[mongo.db].notes
+    expected = {"alice": [], "bob": [], "bob_big": []}
+    for n in range(40):
+        owner = "alice" if n % 3 else "bob"
+        notes.insert_one({"_id": n, "owner": owner, "n": n})
+        expected[owner].append(("insert", n))
+        if owner == "bob" and n >= 10:
+            expected["bob_big"].append(("insert", n))
+    notes.update_one({"_id": 1}, {"$set": {"n": 100}})
+    expected["alice"].append(("update", 1))
+    notes.delete_one({"_id": 2})  # no document: the rule cannot be decided, so withheld
+    notes.insert_one({"_id": "end", "owner": "alice", "n": 0})
+    expected["alice"].append(("insert", "end"))
+    notes.insert_one({"_id": "end-b", "owner": "bob", "n": 50})
+    expected["bob"].append(("insert", "end-b"))
+    expected["bob_big"].append(("insert", "end-b"))
 
-        def seen(frames):
-            return [(f["operationType"], f["documentKey"]["_id"]) for f in frames]
+    def seen(frames):
+        return [(f["operationType"], f["documentKey"]["_id"]) for f in frames]
 
-        assert seen(await alice.changes(len(expected["alice"]))) == expected["alice"]
-        assert seen(await bob.changes(len(expected["bob"]))) == expected["bob"]
-        assert seen(await bob_big.changes(len(expected["bob_big"]))) == expected["bob_big"]
-        for client in (alice, bob, bob_big):
-            for frame in client.frames:
-                assert frame.get("fullDocument", {}).get("owner") in (None, "alice"
-                                                                      if client is alice
-                                                                      else "bob")
-
-    run(scenario())
+    assert seen(await alice.changes(len(expected["alice"]))) == expected["alice"]
+    assert seen(await bob.changes(len(expected["bob"]))) == expected["bob"]
+    assert seen(await bob_big.changes(len(expected["bob_big"]))) == expected["bob_big"]
+    for client in (alice, bob, bob_big):
+        for frame in client.frames:
+            assert frame.get("fullDocument", {}).get("owner") in (None, "alice"
+                                                                  if client is alice
+                                                                  else "bob")
 
 
 @pytest.mark.parametrize("path", ["/socket", "/events"])
-def test_origins(mongo, relay_factory, path):
+async def test_origins(mongo, relay_factory, path):
     relay = relay_factory(MONGO_SRV=mongo.uri, ALLOWED_ORIGINS="https://app.example")
     relay.wait_ready()
     assert relay.get(path, headers={"Origin": "https://evil.example"}).code == 403
     same = relay.get("/socket", headers={"Origin": relay.url})
     assert same.code == 403  # an explicit list replaces the same-origin default
 
-    async def scenario():
-        request = httpclient.HTTPRequest(relay.ws_url, headers={"Origin": "https://app.example"})
-        conn = await websocket.websocket_connect(request)
-        conn.close()
-        stream = await SSE.open(relay.port, extra={"Origin": "https://app.example"})
-        assert stream.status == 200  # and readable by EventSource on that origin:
-        assert "access-control-allow-origin: https://app.example" in stream.head
-        stream.close()
-
-    run(scenario())
+    request = httpclient.HTTPRequest(relay.ws_url, headers={"Origin": "https://app.example"})
+    conn = await websocket.websocket_connect(request)
+    conn.close()
+    stream = await SSE.open(relay.port, extra={"Origin": "https://app.example"})
+    assert stream.status == 200  # and readable by EventSource on that origin:
+    assert "access-control-allow-origin: https://app.example" in stream.head
+    stream.close()
 
 
-def test_default_origin_is_same_origin_only(mongo, relay):
+async def test_default_origin_is_same_origin_only(mongo, relay):
     assert relay.get("/socket", headers={"Origin": "https://evil.example"}).code == 403
 
-    async def scenario():
-        request = httpclient.HTTPRequest(relay.ws_url, headers={"Origin": relay.url})
-        conn = await websocket.websocket_connect(request)
-        conn.close()
-
-    run(scenario())
+    request = httpclient.HTTPRequest(relay.ws_url, headers={"Origin": relay.url})
+    conn = await websocket.websocket_connect(request)
+    conn.close()
 
 
-def test_connection_caps_and_trusted_proxies(mongo, relay_factory):
+async def test_connection_caps_and_trusted_proxies(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, MAX_CONNECTIONS=3, MAX_CONNECTIONS_PER_IP=2,
                           TRUSTED_PROXIES="127.0.0.1")
     relay.wait_ready()
 
-    async def scenario():
-        def via(client_ip):
-            return {"X-Forwarded-For": client_ip}
+    def via(client_ip):
+        return {"X-Forwarded-For": client_ip}
 
-        a1 = await WS.connect(relay.ws_url, headers=via("203.0.113.1"))
-        await WS.connect(relay.ws_url, headers=via("203.0.113.1"))
-        third = relay.get("/socket", headers={**via("203.0.113.1"), "Upgrade": "websocket"})
-        assert third.code == 429 and third.json()["error"] == "too_many_connections_from_address"
-        await WS.connect(relay.ws_url, headers=via("203.0.113.2"))
-        fourth = relay.get("/socket", headers=via("203.0.113.3"))
-        assert fourth.code == 503 and fourth.json()["error"] == "too_many_connections"
-        a1.close()
-        deadline = time.monotonic() + 10
-        while relay.ready()["clients"] != 2:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        await WS.connect(relay.ws_url, headers=via("203.0.113.3"))
-
-    run(scenario())
+    a1 = await WS.connect(relay.ws_url, headers=via("203.0.113.1"))
+    await WS.connect(relay.ws_url, headers=via("203.0.113.1"))
+    third = relay.get("/socket", headers={**via("203.0.113.1"), "Upgrade": "websocket"})
+    assert third.code == 429 and third.json()["error"] == "too_many_connections_from_address"
+    await WS.connect(relay.ws_url, headers=via("203.0.113.2"))
+    fourth = relay.get("/socket", headers=via("203.0.113.3"))
+    assert fourth.code == 503 and fourth.json()["error"] == "too_many_connections"
+    a1.close()
+    deadline = time.monotonic() + 10
+    while relay.ready()["clients"] != 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await WS.connect(relay.ws_url, headers=via("203.0.113.3"))
 
 
-def test_untrusted_peer_cannot_spoof_its_address(mongo, relay_factory):
+async def test_untrusted_peer_cannot_spoof_its_address(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, MAX_CONNECTIONS_PER_IP=1)
     relay.wait_ready()
 
-    async def scenario():
-        await WS.connect(relay.ws_url, headers={"X-Forwarded-For": "198.51.100.1"})
-        second = relay.get("/socket", headers={"X-Forwarded-For": "198.51.100.2"})
-        assert second.code == 429  # both are 127.0.0.1: no TRUSTED_PROXIES, no believing XFF
-
-    run(scenario())
+    await WS.connect(relay.ws_url, headers={"X-Forwarded-For": "198.51.100.1"})
+    second = relay.get("/socket", headers={"X-Forwarded-For": "198.51.100.2"})
+    assert second.code == 429  # both are 127.0.0.1: no TRUSTED_PROXIES, no believing XFF
 
 
-def test_redacted_paths_never_leave_mongodb(mongo, relay_factory):
+async def test_redacted_paths_never_leave_mongodb(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
                           REDACT="fullDocument.password,fullDocument.card.number")
     relay.wait_ready()
     secret = "s3cr3t-VALUE"
 
-    async def scenario():
-        client = await WS.connect(relay.ws_url)
-        stream = await SSE.open(relay.port)
-        users = mongo.client[mongo.db].users
-        users.insert_one({"_id": 1, "name": "ada", "password": secret,
-                          "card": {"number": secret, "brand": "visa"}})
-        users.update_one({"_id": 1}, {"$set": {"password": secret + "2"}})
-        users.update_one({"_id": 1}, {"$set": {"password.hash": secret + "3",
-                                               "card.number": secret + "4", "name": "ada2"}})
-        users.replace_one({"_id": 1}, {"name": "ada3", "password": secret + "5"})
-        frames = await client.changes(4)
-        assert frames[0]["fullDocument"] == {"_id": 1, "name": "ada", "card": {"brand": "visa"}}
-        assert frames[2]["updateDescription"]["updatedFields"] == {"name": "ada2"}
-        records = await stream.changes(4)
-        for text in (json.dumps(frames), json.dumps(records), relay.log()):
-            assert secret not in text and "password" not in text
-
-    run(scenario())
+    client = await WS.connect(relay.ws_url)
+    stream = await SSE.open(relay.port)
+    users = mongo.client[mongo.db].users
+    users.insert_one({"_id": 1, "name": "ada", "password": secret,
+                      "card": {"number": secret, "brand": "visa"}})
+    users.update_one({"_id": 1}, {"$set": {"password": secret + "2"}})
+    users.update_one({"_id": 1}, {"$set": {"password.hash": secret + "3",
+                                           "card.number": secret + "4", "name": "ada2"}})
+    users.replace_one({"_id": 1}, {"name": "ada3", "password": secret + "5"})
+    frames = await client.changes(4)
+    assert frames[0]["fullDocument"] == {"_id": 1, "name": "ada", "card": {"brand": "visa"}}
+    assert frames[2]["updateDescription"]["updatedFields"] == {"name": "ada2"}
+    records = await stream.changes(4)
+    for text in (json.dumps(frames), json.dumps(records), relay.log()):
+        assert secret not in text and "password" not in text
 
 
 def test_plain_get_on_the_socket_endpoint_says_what_to_do(relay):
@@ -353,48 +321,42 @@ def test_security_headers_on_the_page(relay):
     assert page.headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_two_clients_same_filter_share_bytes(mongo, relay):
-    async def scenario():
-        query = "?filter=" + Q(json.dumps({"fullDocument.kind": "a"}))
-        one = await WS.connect(relay.ws_url + query)
-        two = await WS.connect(relay.ws_url + query)
-        coll = mongo.client[mongo.db].things
-        for n in range(20):
-            coll.insert_one({"_id": n, "kind": "a" if n % 2 else "b"})
-        a = await one.changes(10)
-        b = await two.changes(10)
-        assert a == b and [f["documentKey"]["_id"] for f in a] == list(range(1, 20, 2))
-        assert relay.ready()["subscriptions"] == 1
-
-    run(scenario())
+async def test_two_clients_same_filter_share_bytes(mongo, relay):
+    query = "?filter=" + Q(json.dumps({"fullDocument.kind": "a"}))
+    one = await WS.connect(relay.ws_url + query)
+    two = await WS.connect(relay.ws_url + query)
+    coll = mongo.client[mongo.db].things
+    for n in range(20):
+        coll.insert_one({"_id": n, "kind": "a" if n % 2 else "b"})
+    a = await one.changes(10)
+    b = await two.changes(10)
+    assert a == b and [f["documentKey"]["_id"] for f in a] == list(range(1, 20, 2))
+    assert relay.ready()["subscriptions"] == 1
 
 
-def test_client_that_never_answers_pings_is_closed(mongo, relay_factory):
+async def test_client_that_never_answers_pings_is_closed(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, WS_PING_INTERVAL=0.3)
     relay.wait_ready()
 
-    async def scenario():
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-        writer.write((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n"
-                      "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
-        await reader.readuntil(b"\r\n\r\n")
-        opcodes, payload = [], b""
-        async with asyncio.timeout(10):
-            while True:  # read frames, never answer: pings (0x9), a close frame, then the end
-                try:
-                    head = await reader.readexactly(2)
-                except asyncio.IncompleteReadError:
-                    break
-                payload = await reader.readexactly(head[1] & 0x7F)
-                opcodes.append(head[0] & 0x0F)
-        assert 0x9 in opcodes and opcodes[-1] == 0x8, opcodes
-        assert int.from_bytes(payload[:2], "big") in (1000, 1001, 1011)
-        writer.close()
-        # a polite client alongside is unaffected
-        polite = await WS.connect(relay.ws_url)
-        mongo.client[mongo.db].c.insert_one({"_id": "still"})
-        [frame] = await polite.changes(1)
-        assert frame["documentKey"] == {"_id": "still"}
-
-    run(scenario())
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+    await reader.readuntil(b"\r\n\r\n")
+    opcodes, payload = [], b""
+    async with asyncio.timeout(10):
+        while True:  # read frames, never answer: pings (0x9), a close frame, then the end
+            try:
+                head = await reader.readexactly(2)
+            except asyncio.IncompleteReadError:
+                break
+            payload = await reader.readexactly(head[1] & 0x7F)
+            opcodes.append(head[0] & 0x0F)
+    assert 0x9 in opcodes and opcodes[-1] == 0x8, opcodes
+    assert int.from_bytes(payload[:2], "big") in (1000, 1001, 1011)
+    writer.close()
+    # a polite client alongside is unaffected
+    polite = await WS.connect(relay.ws_url)
+    mongo.client[mongo.db].c.insert_one({"_id": "still"})
+    [frame] = await polite.changes(1)
+    assert frame["documentKey"] == {"_id": "still"}

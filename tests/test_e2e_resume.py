@@ -12,8 +12,9 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, SSE, WS, run, token_of
 from pymongo import MongoClient
+
+from tests.support import ROOT, SSE, WS, token_of
 
 pytestmark = pytest.mark.e2e
 
@@ -110,120 +111,105 @@ def assert_matches_log(tokens, mongo):
 
 
 @pytest.mark.parametrize("buffer", [10000, 100])
-def test_client_drops_mid_stream_and_resumes(mongo, relay_factory, buffer):
+async def test_client_drops_mid_stream_and_resumes(mongo, relay_factory, buffer):
     """Inside the replay buffer (10000) and far beyond it (100: catch-up from MongoDB)."""
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=buffer)
     relay.wait_ready()
 
-    async def scenario():
-        client = await ResumingClient().connect(relay.ws_url)
-        write(mongo.uri, mongo.db, 400)
-        await client.read(300)
-        client.drop()
-        write(mongo.uri, mongo.db, 700, start=400)
-        await client.connect(relay.ws_url)
-        write(mongo.uri, mongo.db, 100, start=1100)
-        await client.read(1200)
-        assert_matches_log(client.tokens, mongo)
-
-    run(scenario())
+    client = await ResumingClient().connect(relay.ws_url)
+    write(mongo.uri, mongo.db, 400)
+    await client.read(300)
+    client.drop()
+    write(mongo.uri, mongo.db, 700, start=400)
+    await client.connect(relay.ws_url)
+    write(mongo.uri, mongo.db, 100, start=1100)
+    await client.read(1200)
+    assert_matches_log(client.tokens, mongo)
 
 
-def test_relay_killed_and_restarted_while_writes_continue(mongo, relay_factory):
+async def test_relay_killed_and_restarted_while_writes_continue(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
     relay.wait_ready()
     writer = Writer(mongo.uri, mongo.db, 1500)
 
-    async def scenario():
-        clients = [await ResumingClient().connect(relay.ws_url) for _ in range(3)]
-        writer.start()
-        for client in clients:
-            await client.read(200)
-        relay.proc.kill()  # SIGKILL: no goodbye, no flush
-        for client in clients:
-            await client.read_until_closed()
-        replacement = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
-        replacement.wait_ready()
-        for client in clients:
-            await client.connect(replacement.ws_url)
-        writer.finish()
-        for client in clients:
-            await client.read(1500)
-            assert_matches_log(client.tokens, mongo)
-
-    run(scenario())
+    clients = [await ResumingClient().connect(relay.ws_url) for _ in range(3)]
+    writer.start()
+    for client in clients:
+        await client.read(200)
+    relay.proc.kill()  # SIGKILL: no goodbye, no flush
+    for client in clients:
+        await client.read_until_closed()
+    replacement = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
+    replacement.wait_ready()
+    for client in clients:
+        await client.connect(replacement.ws_url)
+    writer.finish()
+    for client in clients:
+        await client.read(1500)
+        assert_matches_log(client.tokens, mongo)
 
 
-def test_client_moves_from_relay_a_to_relay_b(mongo, relay_factory):
+async def test_client_moves_from_relay_a_to_relay_b(mongo, relay_factory):
     a = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
     b = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=200)
     a.wait_ready()
     b.wait_ready()
     writer = Writer(mongo.uri, mongo.db, 1200)
 
-    async def scenario():
-        client = await ResumingClient().connect(a.ws_url)
-        writer.start()
-        await client.read(400)
-        client.drop()
-        await client.connect(b.ws_url)
-        writer.finish()
-        await client.read(1200)
-        assert_matches_log(client.tokens, mongo)
-
-    run(scenario())
+    client = await ResumingClient().connect(a.ws_url)
+    writer.start()
+    await client.read(400)
+    client.drop()
+    await client.connect(b.ws_url)
+    writer.finish()
+    await client.read(1200)
+    assert_matches_log(client.tokens, mongo)
 
 
-def test_500_clients_reconnect_at_once_sharing_few_change_streams(mongo, relay_factory):
+async def test_500_clients_reconnect_at_once_sharing_few_change_streams(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
                           REPLAY_BUFFER=50, CATCHUP_STREAMS=4)
     relay.wait_ready()
 
-    async def scenario():
-        write(mongo.uri, mongo.db, 1000)
-        log = mongo.tokens()
-        clients = []
-        for index in range(500, 1000):
-            client = ResumingClient()
-            client.last = log[index]  # each one stopped at a different point, most of them
-            client.tokens = log[: index + 1]  # before the relay's 50-event buffer
-            clients.append(client)
-        before = mongo.primary.change_streams_opened if mongo.fake else 0
-        await asyncio.gather(*(c.connect(relay.ws_url) for c in clients))
-        write(mongo.uri, mongo.db, 100, start=1000)
-        await asyncio.gather(*(c.read(1100, timeout=90) for c in clients))
-        if mongo.fake:  # only the test primary can count the change streams opened
-            opened = mongo.primary.change_streams_opened - before
-            assert opened <= 8, f"{opened} catch-up change streams for 500 clients"
-        for client in clients:
-            assert_matches_log(client.tokens, mongo)
-        for client in clients:
-            client.drop()
-
-    run(scenario())
+    write(mongo.uri, mongo.db, 1000)
+    log = mongo.tokens()
+    clients = []
+    for index in range(500, 1000):
+        client = ResumingClient()
+        client.last = log[index]  # each one stopped at a different point, most of them
+        client.tokens = log[: index + 1]  # before the relay's 50-event buffer
+        clients.append(client)
+    before = mongo.primary.change_streams_opened if mongo.fake else 0
+    await asyncio.gather(*(c.connect(relay.ws_url) for c in clients))
+    write(mongo.uri, mongo.db, 100, start=1000)
+    await asyncio.gather(*(c.read(1100, timeout=90) for c in clients))
+    if mongo.fake:  # only the test primary can count the change streams opened
+        opened = mongo.primary.change_streams_opened - before
+        assert opened <= 8, f"{opened} catch-up change streams for 500 clients"
+    for client in clients:
+        assert_matches_log(client.tokens, mongo)
+    for client in clients:
+        client.drop()
 
 
 @pytest.mark.fault
-def test_resume_from_forgotten_history_gets_resync_then_live(primary, relay_factory):
+async def test_resume_from_forgotten_history_gets_resync_then_live(primary, relay_factory):
     relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=10)
     relay.wait_ready()
 
-    async def scenario():
-        client = await ResumingClient().connect(relay.ws_url)
-        write(primary.uri, "db", 100)
-        await client.read(100)
-        old = client.tokens[5]
-        write(primary.uri, "db", 900, start=100)
-        await client.read(1000)  # the relay itself is caught up: only the old token is lost
-        primary.forget_history(keep_last=50)
-        late = await WS.connect(f"{relay.ws_url}?resume_after={old}")
-        first = await late.recv()
-        assert first == {"type": "resync", "reason": "history_lost"}
-        write(primary.uri, "db", 5, start=1000)
-        fresh = await late.changes(5)
-        assert [f["documentKey"]["_id"] for f in fresh] == list(range(1000, 1005))
-
-    run(scenario())
+    client = await ResumingClient().connect(relay.ws_url)
+    write(primary.uri, "db", 100)
+    await client.read(100)
+    old = client.tokens[5]
+    write(primary.uri, "db", 900, start=100)
+    await client.read(1000)  # the relay itself is caught up: only the old token is lost
+    primary.forget_history(keep_last=50)
+    late = await WS.connect(f"{relay.ws_url}?resume_after={old}")
+    first = await late.recv()
+    assert first == {"type": "resync", "reason": "history_lost"}
+    write(primary.uri, "db", 5, start=1000)
+    fresh = await late.changes(5)
+    assert [f["documentKey"]["_id"] for f in fresh] == list(range(1000, 1005))
 
 
 def test_malformed_resume_token_is_refused_at_handshake(relay):
@@ -232,30 +218,27 @@ def test_malformed_resume_token_is_refused_at_handshake(relay):
     assert response.json()["error"] == "invalid_resume_after"
 
 
-def test_sse_streams_the_same_events_and_resumes_with_last_event_id(mongo, relay_factory):
+async def test_sse_streams_the_same_events_and_resumes_with_last_event_id(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
                           REPLAY_BUFFER=300, SSE_HEARTBEAT=0.2)
     relay.wait_ready()
 
-    async def scenario():
-        ws = await WS.connect(relay.ws_url)
-        sse = await SSE.open(relay.port)
-        assert sse.status == 200
-        write(mongo.uri, mongo.db, 400)
-        first = await sse.changes(250)
-        ws_frames = await ws.changes(400)
-        for record, frame in zip(first, ws_frames, strict=False):
-            assert json.loads(record["data"]) == frame  # same bytes' meaning on both transports
-            assert record["id"] == token_of(frame)
-        sse.close()
-        write(mongo.uri, mongo.db, 700, start=400)  # the gap is beyond the 300-event buffer
-        again = await SSE.open(relay.port, last_event_id=first[-1]["id"])
-        rest = await again.changes(850)
-        await again.comment(timeout=5)  # heartbeats keep flowing on a quiet stream
-        tokens = [r["id"] for r in first] + [r["id"] for r in rest]
-        assert_matches_log(tokens, mongo)
-
-    run(scenario())
+    ws = await WS.connect(relay.ws_url)
+    sse = await SSE.open(relay.port)
+    assert sse.status == 200
+    write(mongo.uri, mongo.db, 400)
+    first = await sse.changes(250)
+    ws_frames = await ws.changes(400)
+    for record, frame in zip(first, ws_frames, strict=False):
+        assert json.loads(record["data"]) == frame  # same bytes' meaning on both transports
+        assert record["id"] == token_of(frame)
+    sse.close()
+    write(mongo.uri, mongo.db, 700, start=400)  # the gap is beyond the 300-event buffer
+    again = await SSE.open(relay.port, last_event_id=first[-1]["id"])
+    rest = await again.changes(850)
+    await again.comment(timeout=5)  # heartbeats keep flowing on a quiet stream
+    tokens = [r["id"] for r in first] + [r["id"] for r in rest]
+    assert_matches_log(tokens, mongo)
 
 
 def test_sse_refuses_bad_input_with_json(relay):
@@ -265,27 +248,24 @@ def test_sse_refuses_bad_input_with_json(relay):
     assert response.code == 400 and response.json()["error"] == "invalid_resume_after"
 
 
-def test_quiet_subscription_gets_positions_and_resumes_from_them(mongo, relay_factory):
+async def test_quiet_subscription_gets_positions_and_resumes_from_them(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
                           POSITION_INTERVAL=0.3, REPLAY_BUFFER=50)
     relay.wait_ready()
 
-    async def scenario():
-        quiet = await WS.connect(f"{relay.ws_url}?ops=delete")
-        write(mongo.uri, mongo.db, 1000)
-        newest = mongo.tokens()[-1]
-        position = await quiet.until(
-            lambda f: f.get("type") == "position" and f["resume_after"] >= newest)
-        quiet.close()
-        with MongoClient(mongo.uri) as client:
-            client[mongo.db].c.delete_one({"_id": 3})
-        resumed = await WS.connect(f"{relay.ws_url}?ops=delete&resume_after="
-                                   f"{position['resume_after']}")
-        [delete] = await resumed.changes(1)
-        assert delete["documentKey"] == {"_id": 3}
-        assert token_of(delete) == mongo.tokens()[-1]
-
-    run(scenario())
+    quiet = await WS.connect(f"{relay.ws_url}?ops=delete")
+    write(mongo.uri, mongo.db, 1000)
+    newest = mongo.tokens()[-1]
+    position = await quiet.until(
+        lambda f: f.get("type") == "position" and f["resume_after"] >= newest)
+    quiet.close()
+    with MongoClient(mongo.uri) as client:
+        client[mongo.db].c.delete_one({"_id": 3})
+    resumed = await WS.connect(f"{relay.ws_url}?ops=delete&resume_after="
+                               f"{position['resume_after']}")
+    [delete] = await resumed.changes(1)
+    assert delete["documentKey"] == {"_id": 3}
+    assert token_of(delete) == mongo.tokens()[-1]
 
 
 def test_tail_cli_survives_a_relay_restart(mongo, relay_factory, tmp_path):
@@ -317,7 +297,7 @@ def _lines(path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def test_catch_up_crosses_an_invalidate_like_the_live_stream(mongo, relay_factory):
+async def test_catch_up_crosses_an_invalidate_like_the_live_stream(mongo, relay_factory):
     """A collection is dropped and recreated while a client is away, beyond the buffer: its
     catch-up must deliver drop + invalidate and carry on after them, exactly as live clients
     saw it."""
@@ -325,23 +305,20 @@ def test_catch_up_crosses_an_invalidate_like_the_live_stream(mongo, relay_factor
                           REPLAY_BUFFER=20)
     relay.wait_ready()
 
-    async def scenario():
-        live = await WS.connect(relay.ws_url)
-        away = await ResumingClient().connect(relay.ws_url)
-        write(mongo.uri, mongo.db, 500)
-        await away.read(500)
-        away.drop()
-        write(mongo.uri, mongo.db, 300, start=500)
-        with MongoClient(mongo.uri) as client:
-            client[mongo.db].c.drop()
-            client[mongo.db].c.insert_one({"_id": "reborn"})
-        write(mongo.uri, mongo.db, 250, start=1000)
-        expected = [token_of(f) for f in await live.changes(500 + 300 + 2 + 1 + 250)]
-        await away.connect(relay.ws_url)
-        await away.read(len(expected))
-        assert away.tokens == expected
-
-    run(scenario())
+    live = await WS.connect(relay.ws_url)
+    away = await ResumingClient().connect(relay.ws_url)
+    write(mongo.uri, mongo.db, 500)
+    await away.read(500)
+    away.drop()
+    write(mongo.uri, mongo.db, 300, start=500)
+    with MongoClient(mongo.uri) as client:
+        client[mongo.db].c.drop()
+        client[mongo.db].c.insert_one({"_id": "reborn"})
+    write(mongo.uri, mongo.db, 250, start=1000)
+    expected = [token_of(f) for f in await live.changes(500 + 300 + 2 + 1 + 250)]
+    await away.connect(relay.ws_url)
+    await away.read(len(expected))
+    assert away.tokens == expected
 
 
 @pytest.mark.fault
@@ -350,24 +327,21 @@ def test_catch_up_crosses_an_invalidate_like_the_live_stream(mongo, relay_factor
     "82" + "00000010" + "00000001" + "2B0229296E04",   # well formed, long before any history
     "8263A1B2C300000001FF",                            # a cluster time, then garbage
 ])
-def test_unusable_resume_point_gets_resync_then_live(primary, relay_factory, token):
+async def test_unusable_resume_point_gets_resync_then_live(primary, relay_factory, token):
     """Never a silent wait: a token MongoDB cannot resume from means resync, then live events."""
     relay = relay_factory(MONGO_SRV=primary.uri)
     relay.wait_ready()
 
-    async def scenario():
-        write(primary.uri, "db", 3)
-        client = await WS.connect(f"{relay.ws_url}?resume_after={token}")
-        first = await client.recv()
-        assert first["type"] == "resync" and first["reason"] in ("history_lost", "invalid_token")
-        write(primary.uri, "db", 2, start=3)
-        assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [3, 4]
-
-    run(scenario())
+    write(primary.uri, "db", 3)
+    client = await WS.connect(f"{relay.ws_url}?resume_after={token}")
+    first = await client.recv()
+    assert first["type"] == "resync" and first["reason"] in ("history_lost", "invalid_token")
+    write(primary.uri, "db", 2, start=3)
+    assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [3, 4]
 
 
 @pytest.mark.fault
-def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(primary,
+async def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(primary,
                                                                            relay_factory):
     """A relay restarts; the client is back before the new relay's change stream is open (here
     held shut by failing aggregates), so the hub cannot place it yet. Once the stream opens, the
@@ -375,19 +349,16 @@ def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(primar
     relay = relay_factory(MONGO_SRV=primary.uri)
     relay.wait_ready()
 
-    async def scenario():
-        client = await ResumingClient().connect(relay.ws_url)
-        write(primary.uri, "db", 600)
-        await client.read(600)
-        relay.proc.kill()
-        write(primary.uri, "db", 500, start=600)
-        primary.fail_next("aggregate", code=2, errmsg="held shut by the test", count=3)
-        successor = relay_factory(MONGO_SRV=primary.uri)
-        assert successor.ready()["source"] != "open"
-        await client.connect(successor.ws_url)
-        successor.wait_ready(timeout=30)
-        write(primary.uri, "db", 100, start=1100)
-        await client.read(1200)
-        assert_matches_log(client.tokens, primary)
-
-    run(scenario())
+    client = await ResumingClient().connect(relay.ws_url)
+    write(primary.uri, "db", 600)
+    await client.read(600)
+    relay.proc.kill()
+    write(primary.uri, "db", 500, start=600)
+    primary.fail_next("aggregate", code=2, errmsg="held shut by the test", count=3)
+    successor = relay_factory(MONGO_SRV=primary.uri)
+    assert successor.ready()["source"] != "open"
+    await client.connect(successor.ws_url)
+    successor.wait_ready(timeout=30)
+    write(primary.uri, "db", 100, start=1100)
+    await client.read(1200)
+    assert_matches_log(client.tokens, primary)

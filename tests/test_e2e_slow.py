@@ -17,8 +17,9 @@ import sys
 import time
 
 import pytest
-from conftest import WS, run, token_of
 from pymongo import MongoClient
+
+from tests.support import WS, token_of
 
 pytestmark = pytest.mark.e2e
 
@@ -128,45 +129,42 @@ def p99(values):
     return statistics.quantiles(values, n=100)[98]
 
 
-def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
+async def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=CLIENT_BUFFER,
                           REPLAY_BUFFER_BYTES=16 * 1024 * 1024, LOG_LEVEL="INFO")
     relay.wait_ready()
 
-    async def scenario():
-        fast = [await WS.connect(relay.ws_url) for _ in range(3)]
-        baseline = await flow_and_measure(relay, mongo, 0, fast)
-        rss_before = rss(relay.proc.pid)
+    fast = [await WS.connect(relay.ws_url) for _ in range(3)]
+    baseline = await flow_and_measure(relay, mongo, 0, fast)
+    rss_before = rss(relay.proc.pid)
 
-        stalled = StalledClient(relay.port)
-        with_slow = await flow_and_measure(relay, mongo, EVENTS, fast)
-        rss_after = rss(relay.proc.pid)
-        relay.wait_log("cutting off slow consumer")
+    stalled = StalledClient(relay.port)
+    with_slow = await flow_and_measure(relay, mongo, EVENTS, fast)
+    rss_after = rss(relay.proc.pid)
+    relay.wait_log("cutting off slow consumer")
 
-        frames, close = await asyncio.get_running_loop().run_in_executor(
-            None, stalled.read_everything)
-        assert close == (1013, "slow consumer")
-        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "slow_consumer"
-        seen = [token_of(f) for f in frames if "operationType" in f]
-        assert 0 < len(seen) < EVENTS
+    frames, close = await asyncio.get_running_loop().run_in_executor(
+        None, stalled.read_everything)
+    assert close == (1013, "slow consumer")
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "slow_consumer"
+    seen = [token_of(f) for f in frames if "operationType" in f]
+    assert 0 < len(seen) < EVENTS
 
-        resumed = await WS.connect(f"{relay.ws_url}?resume_after={seen[-1]}")
-        rest = await resumed.changes(EVENTS - len(seen))
-        tokens = seen + [token_of(f) for f in rest]
-        assert tokens == mongo.tokens()[EVENTS:]
+    resumed = await WS.connect(f"{relay.ws_url}?resume_after={seen[-1]}")
+    rest = await resumed.changes(EVENTS - len(seen))
+    tokens = seen + [token_of(f) for f in rest]
+    assert tokens == mongo.tokens()[EVENTS:]
 
-        print(f"p99 latency without a slow client {p99(baseline) * 1000:.1f} ms, "
-              f"with one {p99(with_slow) * 1000:.1f} ms; RSS {rss_before >> 20} -> "
-              f"{rss_after >> 20} MiB")
-        assert p99(with_slow) <= 2 * p99(baseline) + 0.005
-        # Bounded: one client buffer + the replay buffer + slack for the interpreter's arenas and
-        # the driver's batches. Without the cut-off, the stalled client alone would hold 20 MiB.
-        assert rss_after - rss_before < CLIENT_BUFFER + 16 * 1024 * 1024 + 64 * 1024 * 1024
-
-    run(scenario())
+    print(f"p99 latency without a slow client {p99(baseline) * 1000:.1f} ms, "
+          f"with one {p99(with_slow) * 1000:.1f} ms; RSS {rss_before >> 20} -> "
+          f"{rss_after >> 20} MiB")
+    assert p99(with_slow) <= 2 * p99(baseline) + 0.005
+    # Bounded: one client buffer + the replay buffer + slack for the interpreter's arenas and
+    # the driver's batches. Without the cut-off, the stalled client alone would hold 20 MiB.
+    assert rss_after - rss_before < CLIENT_BUFFER + 16 * 1024 * 1024 + 64 * 1024 * 1024
 
 
-def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_factory):
+async def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=1 << 20)
     relay.wait_ready()
     stalled = socket.socket()
@@ -191,14 +189,11 @@ def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_factory
     assert "event: error" in text and '"code":"slow_consumer"' in text
     assert 0 < len(ids) < 1000
 
-    async def scenario():
-        from conftest import SSE
+    from tests.support import SSE
 
-        again = await SSE.open(relay.port, last_event_id=ids[-1])
-        rest = await again.changes(1000 - len(ids))
-        assert ids + [r["id"] for r in rest] == mongo.tokens()
-
-    run(scenario())
+    again = await SSE.open(relay.port, last_event_id=ids[-1])
+    rest = await again.changes(1000 - len(ids))
+    assert ids + [r["id"] for r in rest] == mongo.tokens()
 
 
 def _unchunk(data: bytes) -> bytes:

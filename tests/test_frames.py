@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 
@@ -10,22 +9,7 @@ import pytest
 
 from changerelay import frames
 from changerelay.frames import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, ProtocolError
-
-
-def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = False,
-           mask: bytes | None = None, length_as: int | None = None) -> bytes:
-    """A frame as a client must send it."""
-    mask = os.urandom(4) if mask is None else mask
-    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    length = len(payload) if length_as is None else length_as
-    if length < 126:
-        header = struct.pack("!BB", first, 0x80 | length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", first, 0x80 | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, length)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + body
+from tests.support import masked
 
 
 def compress(data: bytes) -> bytes:

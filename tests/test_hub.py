@@ -7,18 +7,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from changerelay import events as ev
 from changerelay.hub import Hub
 from changerelay.subscription import ALL, Subscription
-
-
-def token(n: int) -> str:
-    return f"82{n:016X}"
-
-
-def event(n: int, op="insert", db="db", coll="c") -> ev.Event:
-    return ev.encode_change({"_id": {"_data": token(n)}, "operationType": op,
-                             "ns": {"db": db, "coll": coll}, "documentKey": {"_id": n}})
+from tests.support import event, token
 
 
 class FakeClient:

@@ -645,18 +645,14 @@ def test_stream_scope_errors(client):
     assert caught.value.code == 73
 
 
-def test_async_client_watches_collection_database_and_cluster(server, writer):
-    async def scenario():
-        async with AsyncMongoClient(server.uri, serverSelectionTimeoutMS=5000) as client:
-            streams = [await client.db.c.watch(max_await_time_ms=AWAIT_MS),
-                       await client.db.watch(max_await_time_ms=AWAIT_MS),
-                       await client.watch(max_await_time_ms=AWAIT_MS)]
-            await asyncio.to_thread(writer.db.c.insert_one, {"_id": 1})
-            got = [await asyncio.wait_for(s.next(), 5) for s in streams]
-            for s in streams:
-                await s.close()
-            return got
-
-    events = asyncio.run(scenario())
+async def test_async_client_watches_collection_database_and_cluster(server, writer):
+    async with AsyncMongoClient(server.uri, serverSelectionTimeoutMS=5000) as client:
+        streams = [await client.db.c.watch(max_await_time_ms=AWAIT_MS),
+                   await client.db.watch(max_await_time_ms=AWAIT_MS),
+                   await client.watch(max_await_time_ms=AWAIT_MS)]
+        await asyncio.to_thread(writer.db.c.insert_one, {"_id": 1})
+        events = [await asyncio.wait_for(s.next(), 5) for s in streams]
+        for s in streams:
+            await s.close()
     assert [e["documentKey"] for e in events] == [{"_id": 1}] * 3
     assert all(e == server.events[0] for e in events)

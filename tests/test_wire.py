@@ -19,7 +19,7 @@ from tornado.http1connection import HTTP1Connection
 from changerelay import clients, frames, wire
 from changerelay import events as ev
 from changerelay.subscription import ALL
-from tests.test_frames import masked
+from tests.support import masked
 
 MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, "e" * 200_000,
             '{"operationType":"insert","fullDocument":{"t":"' + "abc" * 500 + '"}}']
@@ -58,27 +58,24 @@ async def _read_frame(reader) -> bytes:
     return head + extra + await reader.readexactly(length)
 
 
-def test_prebuilt_frames_are_byte_identical_to_write_message():
-    async def scenario():
-        opened = asyncio.get_running_loop().create_future()
+async def test_prebuilt_frames_are_byte_identical_to_write_message():
+    opened = asyncio.get_running_loop().create_future()
 
-        class Handler(websocket.WebSocketHandler):
-            def open(self):
-                opened.set_result(self)
+    class Handler(websocket.WebSocketHandler):
+        def open(self):
+            opened.set_result(self)
 
-        server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
-        [sock] = netutil.bind_sockets(0, "127.0.0.1")
-        server.add_sockets([sock])
-        reader, writer, _ = await _raw_ws_client(sock.getsockname()[1])
-        handler = await opened
-        for message in MESSAGES:
-            await handler.write_message(message)
-            theirs = await _read_frame(reader)
-            assert frames.ws_frame(message.encode()) == theirs, message[:10]
-        writer.close()
-        server.stop()
-
-    asyncio.run(scenario())
+    server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
+    [sock] = netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets([sock])
+    reader, writer, _ = await _raw_ws_client(sock.getsockname()[1])
+    handler = await opened
+    for message in MESSAGES:
+        await handler.write_message(message)
+        theirs = await _read_frame(reader)
+        assert frames.ws_frame(message.encode()) == theirs, message[:10]
+    writer.close()
+    server.stop()
 
 
 def test_deflated_bodies_are_tornados_without_context_takeover():
@@ -90,66 +87,60 @@ def test_deflated_bodies_are_tornados_without_context_takeover():
         assert frames.deflate(data) == tornado_compressor.compress(data), message[:10]
 
 
-def test_take_socket_hands_over_unread_bytes_and_a_working_socket():
+async def test_take_socket_hands_over_unread_bytes_and_a_working_socket():
     """A client that sends a frame right behind its handshake loses nothing in the hand-over."""
-    async def scenario():
-        taken = asyncio.get_running_loop().create_future()
+    taken = asyncio.get_running_loop().create_future()
 
-        class Handler(web.RequestHandler):
-            def get(self):
-                self.set_status(101)
-                self.set_header("Upgrade", "websocket")
-                self.set_header("Connection", "Upgrade")
-                self.finish()
-                taken.set_result(wire.take_socket(self.detach()))
+    class Handler(web.RequestHandler):
+        def get(self):
+            self.set_status(101)
+            self.set_header("Upgrade", "websocket")
+            self.set_header("Connection", "Upgrade")
+            self.finish()
+            taken.set_result(wire.take_socket(self.detach()))
 
-        server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
-        [sock] = netutil.bind_sockets(0, "127.0.0.1")
-        server.add_sockets([sock])
-        early = masked(b"early bird")
-        reader, writer, head = await _raw_ws_client(sock.getsockname()[1], then=early)
-        assert head.startswith(b"HTTP/1.1 101")
-        ours, unread, unwritten = await taken
-        assert unread in (early, b"")  # read with the request, or still in the kernel
-        assert unwritten == b""
-        rest = b""
-        if not unread:
-            ours.setblocking(True)
-            rest = ours.recv(len(early))
-        assert unread + rest == early
+    server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
+    [sock] = netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets([sock])
+    early = masked(b"early bird")
+    reader, writer, head = await _raw_ws_client(sock.getsockname()[1], then=early)
+    assert head.startswith(b"HTTP/1.1 101")
+    ours, unread, unwritten = await taken
+    assert unread in (early, b"")  # read with the request, or still in the kernel
+    assert unwritten == b""
+    rest = b""
+    if not unread:
         ours.setblocking(True)
-        ours.sendall(b"after")
-        assert await reader.readexactly(5) == b"after"
-        ours.close()
-        writer.close()
-        server.stop()
+        rest = ours.recv(len(early))
+    assert unread + rest == early
+    ours.setblocking(True)
+    ours.sendall(b"after")
+    assert await reader.readexactly(5) == b"after"
+    ours.close()
+    writer.close()
+    server.stop()
 
-    asyncio.run(scenario())
 
-
-def test_direct_writes_keep_order_when_the_kernel_pushes_back():
+async def test_direct_writes_keep_order_when_the_kernel_pushes_back():
     """SSE: fill the socket until the kernel refuses, keep writing: nothing reordered or lost."""
-    async def scenario():
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        stream = iostream.IOStream(a)
-        writer = wire.StreamWriter(stream)
-        chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
-        for chunk in chunks:
-            writer.write(chunk)
-        assert writer.buffered() > 0
-        drained = asyncio.Event()
-        writer.when_drained(drained.set)
-        reader = iostream.IOStream(b)
-        received = await reader.read_bytes(sum(map(len, chunks)))
-        assert received == b"".join(chunks)
-        await asyncio.wait_for(drained.wait(), 5)
-        assert writer.buffered() == 0
-        stream.close()
-        reader.close()
-
-    asyncio.run(scenario())
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    stream = iostream.IOStream(a)
+    writer = wire.StreamWriter(stream)
+    chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
+    for chunk in chunks:
+        writer.write(chunk)
+    assert writer.buffered() > 0
+    drained = asyncio.Event()
+    writer.when_drained(drained.set)
+    reader = iostream.IOStream(b)
+    received = await reader.read_bytes(sum(map(len, chunks)))
+    assert received == b"".join(chunks)
+    await asyncio.wait_for(drained.wait(), 5)
+    assert writer.buffered() == 0
+    stream.close()
+    reader.close()
 
 
 class FakeConnection:

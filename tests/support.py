@@ -1,0 +1,351 @@
+"""What the tests share: a MongoDB to write to, the relay as a process, real clients, frames.
+
+Tests import from here (``from tests.support import WS``); ``conftest.py`` holds only fixtures and
+the runner for ``async def`` tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymongo import MongoClient
+from tornado import httpclient, websocket
+
+from changerelay import events as ev
+from changerelay.frames import TEXT
+from changerelay.primary import TestPrimary
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_URI = os.environ.get("MONGODB_TEST_URI")
+
+
+class Mongo:
+    """The MongoDB a test writes to: the test primary, or a real replica set.
+
+    ``tokens()`` is the reference log the clients are compared with: the ids of every change
+    event in the test's database, in order — from the test primary's own log, or on a real
+    deployment from a change stream this fixture opened before the test wrote anything.
+    """
+
+    def __init__(self, uri: str, primary: TestPrimary | None):
+        self.uri = uri
+        self.primary = primary
+        self.db = "t_" + uuid.uuid4().hex[:12]
+        self.client = MongoClient(uri, serverSelectionTimeoutMS=5000)
+        self._log: list[str] = []
+        self._recorder = None
+        if primary is None:
+            marks = self.db + "_marks"
+            self._recorder = self.client.watch(
+                [{"$match": {"ns.db": {"$in": [self.db, marks]}}}], max_await_time_ms=200)
+
+    @property
+    def fake(self) -> bool:
+        return self.primary is not None
+
+    def tokens(self) -> list[str]:
+        if self.fake:
+            return [e["_id"]["_data"] for e in self.primary.events
+                    if e.get("ns", {}).get("db") == self.db]
+        # Change streams are totally ordered: once a marker written now shows up, every event
+        # committed before it has been seen.
+        marker = uuid.uuid4().hex
+        self.client[self.db + "_marks"].m.insert_one({"_id": marker})
+        deadline = time.monotonic() + 30
+        while True:
+            change = self._recorder.try_next()
+            if change is None:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the marker {marker} never came through the recorder")
+                continue
+            if change.get("ns", {}).get("db") == self.db:
+                self._log.append(change["_id"]["_data"])
+            elif change.get("documentKey", {}).get("_id") == marker:
+                return list(self._log)
+
+    def wait_for(self, predicate, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            time.sleep(0.01)
+
+    def close(self):
+        if not self.fake:
+            self._recorder.close()
+            self.client.drop_database(self.db)
+            self.client.drop_database(self.db + "_marks")
+        self.client.close()
+
+
+@dataclass
+class Response:
+    code: int
+    body: bytes
+    headers: object
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class RelayProcess:
+    """``python server.py`` as a subprocess, on a free port, with its log captured."""
+
+    def __init__(self, env: dict, args=()):
+        self.env = env
+        self.args = list(args)
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 15) -> RelayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "WATCH_"))}
+        env.update({"PORT": "0", "HOST": "127.0.0.1", "LOG_LEVEL": "DEBUG",
+                    "PYTHONUNBUFFERED": "1"})
+        env.update({k: str(v) for k, v in self.env.items()})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), *self.args], cwd=str(ROOT), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout):
+            self.kill()
+            raise AssertionError("relay did not start listening:\n" + self.log())
+        return self
+
+    def _read(self):
+        pattern = re.compile(r"listening on http://[\d.]+:(\d+)/")
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = pattern.search(line)
+            if match and self.port is None:
+                self.port = int(match.group(1))
+                self._listening.set()
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/socket"
+
+    def get(self, path: str, headers=None) -> Response:
+        """A plain blocking GET (usable inside or outside an event loop)."""
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return Response(reply.status, reply.read(), reply.headers)
+        except urllib.error.HTTPError as error:
+            return Response(error.code, error.read(), error.headers)
+
+    def ready(self) -> dict:
+        response = self.get("/readyz")
+        return {"status": response.code, **json.loads(response.body or b"{}")}
+
+    def wait_ready(self, timeout: float = 15, source: str = "open") -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.ready()
+            if status.get("source") == source:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"readyz never reached {source}: {status}\n{self.log()}")
+            time.sleep(0.05)
+
+    def wait_log(self, text: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} never appeared in the relay log:\n{self.log()}")
+
+    def terminate(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._reader.join(2)
+        return code
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class WS:
+    """A real WebSocket client (Tornado's) that records every frame it receives."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.frames: list[dict] = []
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs) -> WS:
+        request = httpclient.HTTPRequest(url, **kwargs)
+        return cls(await websocket.websocket_connect(request))
+
+    async def recv(self, timeout: float = 10):
+        message = await asyncio.wait_for(self.conn.read_message(), timeout)
+        if message is None:
+            return None
+        frame = json.loads(message)
+        self.frames.append(frame)
+        return frame
+
+    async def changes(self, count: int, timeout: float = 20) -> list[dict]:
+        """The next ``count`` change events (control messages are recorded but skipped)."""
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError(f"closed after {len(got)} of {count} changes: "
+                                     f"{self.close_code} {self.close_reason}")
+            if "operationType" in frame:
+                got.append(frame)
+        return got
+
+    async def until(self, predicate, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError(f"closed before the awaited frame: {self.close_code}")
+            if predicate(frame):
+                return frame
+
+    async def closed(self, timeout: float = 10):
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await asyncio.wait_for(self.conn.read_message(),
+                                             max(0.01, deadline - time.monotonic()))
+            if message is None:
+                return self.close_code, self.close_reason
+            self.frames.append(json.loads(message))
+
+    @property
+    def close_code(self):
+        return self.conn.close_code
+
+    @property
+    def close_reason(self):
+        return self.conn.close_reason
+
+    def close(self):
+        self.conn.close()
+
+
+class SSE:
+    """A raw Server-Sent Events reader (what EventSource does, minus the browser)."""
+
+    def __init__(self, reader, writer, status: int, head: str):
+        self.reader, self.writer, self.status = reader, writer, status
+        self.head = head  # the response head, lower-cased
+        self._buf = b""
+
+    @classmethod
+    async def open(cls, port: int, query: str = "", last_event_id: str | None = None,
+                   extra: dict | None = None):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        headers = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        headers += "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
+        writer.write(f"GET /events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                     f"Accept: text/event-stream\r\n{headers}\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split()[1])
+        assert b"chunked" in head.lower() or status != 200
+        return cls(reader, writer, status, head.decode("latin-1").lower())
+
+    async def _line(self) -> bytes:
+        # The body is HTTP/1.1 chunked; SSE records may span chunks, so unchunk into a buffer.
+        while b"\n" not in self._buf:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            data = await self.reader.readexactly(size + 2)
+            self._buf += data[:-2]
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    async def record(self, timeout: float = 20) -> dict:
+        """The next record; comment lines (heartbeats) are skipped."""
+        fields: dict = {}
+        while True:
+            line = await asyncio.wait_for(self._line(), timeout)
+            if not line:
+                if fields:
+                    return fields
+                continue
+            if line.startswith(b":"):
+                continue
+            name, _, value = line.decode().partition(": ")
+            fields[name] = value
+
+    async def comment(self, timeout: float = 5) -> bytes:
+        """The next comment line (a heartbeat); call it between records, as it skips lines."""
+        async with asyncio.timeout(timeout):
+            while not (line := await self._line()).startswith(b":"):
+                pass
+        return line
+
+    async def changes(self, count: int) -> list[dict]:
+        got = []
+        while len(got) < count:
+            record = await self.record()
+            if "data" in record and "event" not in record:
+                got.append(record)
+        return got
+
+    def close(self):
+        self.writer.close()
+
+
+def token(n: int) -> str:
+    """A resume token's _data for the n-th event (the hub's tests need only their order)."""
+    return f"82{n:016X}"
+
+
+def event(n: int, op="insert", db="db", coll="c") -> ev.Event:
+    """An encoded insert (or ``op``) event numbered ``n``."""
+    return ev.encode_change({"_id": {"_data": token(n)}, "operationType": op,
+                             "ns": {"db": db, "coll": coll}, "documentKey": {"_id": n}})
+
+
+def token_of(frame: dict) -> str:
+    return frame["_id"]["_data"]
+
+
+def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = False,
+           mask: bytes | None = None, length_as: int | None = None) -> bytes:
+    """A frame as a client must send it."""
+    mask = os.urandom(4) if mask is None else mask
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    length = len(payload) if length_as is None else length_as
+    if length < 126:
+        header = struct.pack("!BB", first, 0x80 | length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, length)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return header + mask + body
