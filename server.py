@@ -11,4 +11,4 @@ import sys
 from changerelay.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="server.py"))

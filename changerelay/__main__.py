@@ -1,4 +1,6 @@
-"""Command line: ``python -m changerelay`` (the server) and ``python -m changerelay tail URL``."""
+"""Command line: ``changerelay`` runs the server (as do ``python -m changerelay`` and
+``python server.py``); ``changerelay tail URL`` is a terminal client; ``changerelay token`` mints a
+test JWT."""
 
 from __future__ import annotations
 
@@ -11,18 +13,23 @@ import sys
 from . import config as cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    prog = prog or "changerelay"
     if argv[:1] == ["tail"]:
         from .tail import main as tail_main
 
-        return tail_main(argv[1:])
-    return run_server(argv)
+        return tail_main(argv[1:], prog=f"{prog} tail")
+    if argv[:1] == ["token"]:
+        from .mint import main as token_main
+
+        return token_main(argv[1:], prog=f"{prog} token")
+    return run_server(argv, prog)
 
 
-def run_server(argv: list[str]) -> int:
+def run_server(argv: list[str], prog: str = "changerelay") -> int:
     try:
-        config = cfg.load(argv)
+        config = cfg.load(argv, prog=prog)
     except cfg.ConfigError as exc:
         print(f"changerelay: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,15 @@ from .hub import Hub
 from .limits import Connections
 from .source import ChangeSource
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _bundled(name: str) -> Path:
+    """``templates/`` or ``static/``: at the top of a checkout, inside the package once installed
+    (``pip install .`` maps them there; see pyproject.toml)."""
+    package = Path(__file__).resolve().parent
+    installed = package / name
+    return installed if installed.is_dir() else package.parent / name
+
+
 PING_SLICES = 20
 POSITION_SLACK = 100  # positions per tick on top of the even share
 
@@ -196,8 +204,8 @@ def make_app(relay: Relay) -> web.Application:
             (r"/healthz", handlers.HealthHandler),
             (r"/readyz", handlers.ReadyHandler),
         ],
-        template_path=str(ROOT / "templates"),
-        static_path=str(ROOT / "static"),
+        template_path=str(_bundled("templates")),
+        static_path=str(_bundled("static")),
         compress_response=False,
         log_function=log_request,
     )

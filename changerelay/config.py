@@ -146,9 +146,9 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError("command line", f"{message}; see --help")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "changerelay") -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="server.py",
+        prog=prog,
         description="Relay MongoDB change streams to browsers over WebSockets and SSE.",
         epilog="Every flag can also be set as the environment variable shown, or in ./.env. "
         "Flags win over the environment, which wins over .env.",
@@ -164,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
-         dotenv_path: str | os.PathLike | None = ".env") -> Config:
+         dotenv_path: str | os.PathLike | None = ".env", prog: str = "changerelay") -> Config:
     """Read and validate every setting; raise :class:`ConfigError` on the first bad one."""
     environ = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     dotenv = {}
     if dotenv_path is not None and Path(dotenv_path).is_file():
         dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}

@@ -1,4 +1,4 @@
-"""``python -m changerelay tail URL``: print a relay's events as JSON lines, resuming forever.
+"""``changerelay tail URL``: print a relay's events as JSON lines, resuming forever.
 
 The reference client for the resume protocol, in a terminal: it remembers the newest event id or
 position, reconnects with ``resume_after`` after any drop (exponential backoff with full jitter),
@@ -93,8 +93,8 @@ class Tail:
                 self.note(f"resync ({frame.get('reason')}): events were lost; reload your state")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m changerelay tail",
+def main(argv: list[str], prog: str = "changerelay tail") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description=__doc__.splitlines()[0])
     parser.add_argument("url", help="e.g. ws://localhost:8000/socket?ns=shop.orders")
     parser.add_argument("--resume-after", help="the _id._data of the last event you processed")
