@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import dataclasses
 import logging
 import math
 import os
@@ -23,7 +23,7 @@ import logzero
 from logzero import logger
 from tornado import httpserver, netutil, web
 
-from . import handlers
+from . import admission, handlers
 from . import subscription as subs
 from .catchup import CatchUp
 from .config import Config, describe
@@ -53,6 +53,7 @@ class Relay:
         self.catchup = CatchUp(self)
         self.hub.behind = self.catchup.add
         self.connections = Connections(config.max_connections, config.max_connections_per_ip)
+        self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
         self.auth = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:
             from .auth import Authenticator
@@ -128,32 +129,6 @@ class Relay:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def peer_address(self, request) -> str:
-        """The client's address; X-Forwarded-For is believed only from TRUSTED_PROXIES."""
-        address = request.remote_ip
-        proxies = self.config.trusted_proxies
-        if not proxies:
-            return address
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-        # Walk back from the nearest hop for as long as the hop is one of our proxies.
-        while hops and _in_networks(address, proxies):
-            address = hops.pop()
-        return address
-
-    def check_origin(self, request) -> None:
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return  # not a browser: origin checks protect browsers' ambient credentials only
-        allowed = self.config.allowed_origins
-        if "*" in allowed or origin.rstrip("/") in allowed:
-            return
-        if not allowed and handlers.same_origin(origin, request.host):
-            return
-        raise subs.SubscriptionError(
-            "origin_not_allowed", f"origin {origin!r} may not connect; add it to "
-            "ALLOWED_ORIGINS (default: same origin only)", status=403)
-
     def authenticate(self, request):
         return None if self.auth is None else self.auth.authenticate(request)
 
@@ -187,14 +162,6 @@ class Relay:
                 "uptime": round(time.monotonic() - self.started, 1)}
 
 
-def _in_networks(address: str, networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
 def make_app(relay: Relay) -> web.Application:
     app = web.Application(
         [
@@ -206,6 +173,7 @@ def make_app(relay: Relay) -> web.Application:
         ],
         template_path=str(_bundled("templates")),
         static_path=str(_bundled("static")),
+        static_handler_class=handlers.StaticHandler,
         compress_response=False,
         log_function=log_request,
     )
@@ -257,14 +225,21 @@ def bind(config: Config) -> list[socket.socket]:
 
 async def serve(config: Config, sockets: list[socket.socket]) -> int:
     """Run one relay process until SIGINT/SIGTERM; return the exit status."""
+    # PORT=0 picks a port: the Host check's default names the one actually listened on.
+    config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
     relay = Relay(config)
     server = httpserver.HTTPServer(make_app(relay), xheaders=False, idle_connection_timeout=60,
                                    max_header_size=handlers.MAX_HEADER_BYTES)
     server.add_sockets(sockets)
     relay.start()
-    port = sockets[0].getsockname()[1]
     logger.info("changerelay %d listening on http://%s:%d/ — %s", os.getpid(), config.host,
-                port, describe(config))
+                config.port, describe(config))
+    if relay.hosts is None and not config.allowed_hosts:
+        logger.warning(
+            "HOST=%s is not a loopback address and ALLOWED_HOSTS is unset: any Host header is "
+            "answered, so a page on any site can reach the relay by DNS rebinding; set "
+            "ALLOWED_HOSTS to the names clients use (e.g. ALLOWED_HOSTS=relay.example.com)",
+            config.host)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
+from . import admission
+
 FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -106,7 +108,11 @@ class Config:
         "MAX_CONNECTIONS_PER_IP", 0, "connections per client address (0: off)")
     trusted_proxies: tuple = _spec(
         "TRUSTED_PROXIES", (), "comma-separated proxy addresses/networks whose X-Forwarded-For "
-        "is believed")
+        "and X-Forwarded-Proto are believed")
+    allowed_hosts: tuple = _spec(
+        "ALLOWED_HOSTS", (), "comma-separated host[:port] names clients reach the relay by; any "
+        "other Host gets 421, except on /healthz and /readyz (* = any). Unset: the loopback "
+        "names on the listening port if HOST is loopback, else no check")
 
     @property
     def scope(self) -> str:
@@ -331,17 +337,17 @@ def _touches_id(name: str, spec) -> bool:
     return False
 
 
-def _origins(source, raw):
-    origins = _csv(raw)
-    for origin in origins:
-        if origin == "*":
-            continue
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-            raise ConfigError(
-                source, f"{origin!r} is not an origin; write scheme://host[:port], "
-                "e.g. https://app.example.com, or * for any")
-    return tuple(o.rstrip("/") for o in origins)
+def _names(parse, what: str, example: str):
+    """A comma-separated list of what ``parse`` accepts, normalised by it; ``*`` stands for any."""
+    def convert(source, raw):
+        names = []
+        for item in _csv(raw):
+            name = item if item == "*" else parse(item)
+            if name is None:
+                raise ConfigError(source, f"{item!r} is not {what}; write {example}, or * for any")
+            names.append(name)
+        return tuple(names)
+    return convert
 
 
 def _networks(source, raw):
@@ -396,10 +402,13 @@ _CONVERTERS = {
     "replay_buffer": _replay,
     "client_buffer_bytes": _positive,
     "catchup_streams": _positive,
-    "allowed_origins": _origins,
+    "allowed_origins": _names(admission.parse_origin, "an origin",
+                              "scheme://host[:port], e.g. https://app.example.com"),
     "trusted_proxies": _networks,
     "redact": _redact_paths,
     "auth_jwt_public_key": _pem_path,
+    "allowed_hosts": _names(admission.parse_host, "a host[:port]", "the names clients use, "
+                            "e.g. relay.example.com,relay.example.com:8443,[::1]:8000"),
 }
 
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from urllib.parse import urlsplit
 
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from . import clients, frames, wire
+from . import admission, clients, frames, wire
 from .connection import WebSocketConnection
 from .subscription import SubscriptionError, parse_resume
 
@@ -24,24 +23,19 @@ MAX_QUERY_BYTES = 512 * 1024
 MAX_HEADER_BYTES = 2 * 1024 * 1024
 
 
-class RelayHandlerMixin:
-    """Admission shared by both transports: origin, auth, limits, subscription."""
+class HostCheckedMixin:
+    """Every route a browser can be sent to — the page, static files, both transports — answers
+    only to the names the relay is reached by (``admission.check_host``), before anything else.
+    The probes do not: they are sent to the pod's IP."""
 
-    def admit(self):
-        """Return ``(subscription, resume_after, claims)`` or raise SubscriptionError."""
+    def prepare(self):
         relay = self.application.relay
-        self.peer = relay.peer_address(self.request)
-        if len(self.request.query) > MAX_QUERY_BYTES:
-            raise SubscriptionError(
-                "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
-                "filters are limited to 4 KiB", status=414)
-        relay.check_origin(self.request)
-        claims = relay.authenticate(self.request)
-        arguments = {
-            name: [value.decode("utf-8", "strict") for value in values]
-            for name, values in self.request.query_arguments.items()
-        }
-        return (*relay.subscription_for(arguments, claims), claims)
+        self.peer, scheme = admission.forwarded(self.request, relay.config.trusted_proxies)
+        self.served = admission.served_origin(self.request.headers.get("Host"), scheme)
+        try:
+            admission.check_host(self.served, relay.hosts)
+        except SubscriptionError as exc:
+            self.refuse(exc)  # finished: Tornado calls no get()
 
     def refuse(self, exc: SubscriptionError) -> None:
         self.set_status(exc.status)
@@ -50,6 +44,26 @@ class RelayHandlerMixin:
         if exc.status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="changerelay"')
         self.finish(exc.body())
+
+
+class RelayHandlerMixin(HostCheckedMixin):
+    """Admission shared by both transports: Host, origin, auth, limits, subscription."""
+
+    def admit(self):
+        """Return ``(subscription, resume_after, claims)`` or raise SubscriptionError."""
+        relay = self.application.relay
+        if len(self.request.query) > MAX_QUERY_BYTES:
+            raise SubscriptionError(
+                "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
+                "filters are limited to 4 KiB", status=414)
+        admission.check_origin(self.request.headers.get("Origin"), self.served,
+                               relay.config.allowed_origins)
+        claims = relay.authenticate(self.request)
+        arguments = {
+            name: [value.decode("utf-8", "strict") for value in values]
+            for name, values in self.request.query_arguments.items()
+        }
+        return (*relay.subscription_for(arguments, claims), claims)
 
     def admitted(self):
         try:
@@ -196,7 +210,7 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
         self.end_stream()
 
 
-class WebpageHandler(web.RequestHandler):
+class WebpageHandler(HostCheckedMixin, web.RequestHandler):
     """``/``: the live page. Scripts come only from /static, so the CSP can forbid the rest."""
 
     def set_default_headers(self):
@@ -216,6 +230,10 @@ class WebpageHandler(web.RequestHandler):
     def head(self):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.finish()
+
+
+class StaticHandler(HostCheckedMixin, web.StaticFileHandler):
+    """``/static/…``: the page's scripts, under the same Host check as the page."""
 
 
 class HealthHandler(web.RequestHandler):
@@ -238,6 +256,3 @@ class ReadyHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(body))
 
-
-def same_origin(origin: str, host: str) -> bool:
-    return urlsplit(origin).netloc.lower() == host.lower()

@@ -1,0 +1,177 @@
+"""Who is asking, and by which name: the client's address and scheme behind proxies, and the
+``Host`` and ``Origin`` checks that keep other sites' pages out.
+
+Why ``Host`` matters: a page on ``evil.example`` can rebind its own name to 127.0.0.1 (DNS
+rebinding); the browser then sends ``Host: evil.example`` and a matching ``Origin``, so comparing
+the two proves nothing. Only a list of the names the relay is really reached by tells that page
+from ours. Plain functions of the request and the settings, so both transports and the page call
+the same rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import NamedTuple
+
+from .subscription import SubscriptionError
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a proxy may report in X-Forwarded-Proto, as the scheme of the page that connects.
+FORWARDED_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+# host[:port]: a DNS name (RFC 1035 labels; "_" too, as in container and service names) with an
+# optional trailing dot — an IPv4 address has the same characters — or an IPv6 address in
+# brackets, without a zone id (it names an interface, not a host).
+_HOST = re.compile(r"(?:(?P<name>[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*)\.?"
+                   r"|\[(?P<ipv6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
+_LONGEST_HOST = 253 + 1 + 1 + 5  # a name, its trailing dot, ":" and a port
+_SHOWN = 100  # characters of a refused header echoed back in the message
+
+
+class Origin(NamedTuple):
+    """A web origin (scheme, host, port), with the scheme's default port filled in."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+def parse_host(text: str) -> tuple[str, int | None] | None:
+    """``(host, port or None)`` of a ``host[:port]``, normalised — lower case, no trailing dot,
+    IPv6 in brackets and compressed — or None if it is not one."""
+    if not text or len(text) > _LONGEST_HOST:
+        return None
+    match = _HOST.fullmatch(text.lower())
+    if match is None:
+        return None
+    host, ipv6, port = match.group("name", "ipv6", "port")
+    if ipv6 is not None:
+        try:
+            host = f"[{ipaddress.IPv6Address(ipv6).compressed}]"
+        except ValueError:
+            return None
+    if port is None:
+        return host, None
+    number = int(port)
+    return (host, number) if 0 < number < 65536 else None
+
+
+def parse_origin(text: str) -> Origin | None:
+    """The ``Origin`` header's (or an ALLOWED_ORIGINS entry's) origin, or None (``null``, a
+    path, credentials, another scheme)."""
+    scheme, separator, authority = text.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in DEFAULT_PORTS:
+        return None
+    return served_origin(authority.removesuffix("/"), scheme)
+
+
+def served_origin(host: str | None, scheme: str) -> Origin | None:
+    """The origin of a page served over ``scheme`` under this ``Host``, or None if ``Host`` is
+    not a ``host[:port]``."""
+    parsed = parse_host(host) if host is not None else None
+    if parsed is None:
+        return None
+    name, port = parsed
+    return Origin(scheme, name, port or DEFAULT_PORTS[scheme])
+
+
+def forwarded(request, proxies) -> tuple[str, str]:
+    """The client's address and the scheme its page was served over.
+
+    X-Forwarded-For and X-Forwarded-Proto are believed only from TRUSTED_PROXIES: each trusted
+    proxy appends the address and scheme it received, so both lists are walked back from the
+    nearest hop for as long as the hop is one of our proxies.
+    """
+    address, scheme = request.remote_ip, request.protocol
+    if not proxies:
+        return address, scheme
+    hops = _list(request.headers.get("X-Forwarded-For", ""))
+    schemes = _list(request.headers.get("X-Forwarded-Proto", ""))
+    while (hops or schemes) and _in_networks(address, proxies):
+        if schemes:
+            scheme = FORWARDED_SCHEMES.get(schemes.pop().lower(), scheme)
+        if not hops:
+            break
+        address = hops.pop()
+    return address, scheme
+
+
+def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | None:
+    """The ``(host, port or None)`` pairs the relay answers to; None: any ``Host``.
+
+    ALLOWED_HOSTS unset: a relay on a loopback address answers to the loopback names on the
+    port it listens on — only pages on this machine reach it, and none of them by a rebound
+    name. On any other address the names are the operator's to give (start-up warns).
+    """
+    if "*" in setting:
+        return None
+    if setting:
+        return frozenset(setting)
+    try:
+        address = ipaddress.ip_address(listen_host)
+    except ValueError:
+        if listen_host.lower() != "localhost":
+            return None
+        names = LOOPBACK_NAMES
+    else:
+        if not address.is_loopback:
+            return None
+        own = f"[{address.compressed}]" if address.version == 6 else address.compressed
+        names = (*LOOPBACK_NAMES, own)
+    return frozenset((name, port) for name in names)
+
+
+def check_host(served: Origin | None, allowed: frozenset | None) -> None:
+    """Refuse (421 Misdirected Request) a request whose ``Host`` (``served_origin``) the relay
+    does not answer to.
+
+    A listed name without a port stands for every port; with one, ``Host`` without a port means
+    the scheme's default port.
+    """
+    if allowed is None:
+        return
+    if served is not None and ((served.host, None) in allowed
+                               or (served.host, served.port) in allowed):
+        return
+    named = "a Host that is not host[:port]" if served is None else (
+        f"Host {served.host}:{served.port}")
+    raise SubscriptionError(
+        "host_not_allowed", f"this relay does not answer to {named}; if clients reach it by "
+        "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])", status=421)
+
+
+def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> None:
+    """Refuse (403) a browser page from an origin that may not connect.
+
+    ALLOWED_ORIGINS unset: only the relay's own origin (``served_origin``) — the scheme it is
+    served over, and the host and port of ``Host`` — so an ``https`` page never passes for an
+    ``http`` relay.
+    """
+    if origin is None or "*" in allowed:
+        return  # not a browser: origin checks protect browsers' ambient credentials only
+    page = parse_origin(origin)
+    if page is not None and (page in allowed if allowed else page == served):
+        return
+    raise SubscriptionError(
+        "origin_not_allowed", f"origin {_shown(origin)} may not connect; add it to "
+        "ALLOWED_ORIGINS (default: the relay's own scheme, host and port only; behind a TLS "
+        "proxy, list it in TRUSTED_PROXIES so that its X-Forwarded-Proto counts)", status=403)
+
+
+def _list(header: str) -> list[str]:
+    return [item.strip() for item in header.split(",") if item.strip()]
+
+
+def _in_networks(address: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= _SHOWN else value[:_SHOWN] + "…")
