@@ -11,6 +11,7 @@ import signal
 import sys
 
 from . import config as cfg
+from . import logs
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -31,17 +32,19 @@ def run_server(argv: list[str], prog: str = "changerelay") -> int:
     try:
         config = cfg.load(argv, prog=prog)
     except cfg.ConfigError as exc:
-        print(f"changerelay: configuration error: {exc}", file=sys.stderr)
+        logs.startup_error(f"changerelay: configuration error: {exc}",
+                           os.environ.get("LOG_FORMAT", "").strip().lower())
         return 2
     from . import app
 
-    app.setup_logging(config)
+    logs.setup(config.log_level, config.log_format)
     app.raise_open_files_limit()
     try:
         sockets = app.bind(config)
     except OSError as exc:
-        print(f"changerelay: cannot listen on {config.host}:{config.port}: {exc.strerror}; "
-              "set PORT (or HOST) to a free address", file=sys.stderr)
+        logs.startup_error(f"changerelay: cannot listen on {config.host}:{config.port}: "
+                           f"{exc.strerror}; set PORT (or HOST) to a free address",
+                           config.log_format)
         return 2
     if config.reuse_port > 1:
         return _supervise(config, sockets)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import math
 import os
 import resource
@@ -19,11 +18,10 @@ import socket
 import time
 from pathlib import Path
 
-import logzero
 from logzero import logger
 from tornado import httpserver, netutil, web
 
-from . import admission, handlers
+from . import admission, handlers, logs
 from . import subscription as subs
 from .catchup import CatchUp
 from .config import Config, describe
@@ -175,35 +173,10 @@ def make_app(relay: Relay) -> web.Application:
         static_path=str(_bundled("static")),
         static_handler_class=handlers.StaticHandler,
         compress_response=False,
-        log_function=log_request,
+        log_function=logs.log_request,
     )
     app.relay = relay
     return app
-
-
-def log_request(handler) -> None:
-    """Tornado's access line without the query string: it can carry an access_token."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    access = logging.getLogger("tornado.access")
-    if access.isEnabledFor(level):
-        request = handler.request
-        access.log(level, "%d %s %s (%s) %.2fms", status, request.method,
-                   request.path, request.remote_ip, 1000.0 * request.request_time())
-
-
-def setup_logging(config: Config) -> None:
-    """One format for our lines and Tornado's; access lines only at DEBUG (one per request)."""
-    level = getattr(logging, config.log_level)
-    if config.log_format == "json":
-        logzero.json(enable=True)
-    logzero.loglevel(level)
-    for name in ("tornado.access", "tornado.application", "tornado.general"):
-        tornado_logger = logging.getLogger(name)
-        tornado_logger.handlers = list(logger.handlers)
-        tornado_logger.propagate = False
-        tornado_logger.setLevel(level if name != "tornado.access" or level <= logging.DEBUG
-                                else logging.WARNING)
 
 
 def raise_open_files_limit() -> None:

@@ -10,6 +10,8 @@ import asyncio
 import datetime
 import json
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -18,7 +20,7 @@ from bson import Binary, Decimal128, Int64, ObjectId
 from pymongo import MongoClient
 
 from changerelay.primary import TestPrimary
-from tests.support import SSE, WS, token_of
+from tests.support import ROOT, SSE, WS, token_of
 
 pytestmark = pytest.mark.e2e
 
@@ -321,7 +323,22 @@ def test_json_logs_are_one_object_per_line_and_mask_the_password(relay_factory):
     relay.wait_ready(source="unreachable")
     assert relay.get("/healthz").code == 200
     relay.wait_log("GET /healthz")
+    with socket.create_connection(("127.0.0.1", relay.port)) as raw:  # Tornado logs this
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        raw.recv(100)
+    relay.wait_log("Malformed HTTP")
     records = [json.loads(line) for line in relay.lines if line.strip()]
-    assert {"message", "levelname"} <= set(records[0])
+    assert {"message", "levelname", "name"} <= set(records[0])
+    names = {r["name"] for r in records}
+    assert {"asyncio", "tornado.general", "tornado.access"} <= names  # not only our own lines
     assert not any("s3cret-pw" in line for line in relay.lines)
     assert any("relay:***@" in r["message"] for r in records)
+
+
+def test_a_bad_setting_is_one_json_line_when_json_logs_are_asked_for(relay_factory, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--port", "http"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=30, env={"LOG_FORMAT": "json", "PATH": "/usr/bin"})
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "--port" in json.loads(line)["message"]
