@@ -20,8 +20,8 @@ from pathlib import Path
 
 import jwt
 
-from . import filters
-from .subscription import Subscription, SubscriptionError, namespaces_within
+from . import filters, namespaces
+from .subscription import Subscription, SubscriptionError
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
@@ -111,26 +111,28 @@ class Authenticator:
         raw = claims.get("ns")
         if raw is None:
             return None
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise SubscriptionError("invalid_token", "the token's ns claim must be a list of "
-                                    "db or db.collection names", status=401)
-        return frozenset(
-            (db, coll or None) for db, _, coll in (i.strip().partition(".") for i in items)
-        )
+        try:
+            if isinstance(raw, str):
+                return namespaces.parse_list(raw)
+            if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+                return frozenset(namespaces.parse(item) for item in raw)
+        except namespaces.NamespaceError as exc:
+            raise SubscriptionError("invalid_token", f"the token's ns claim is malformed: {exc}",
+                                    status=401) from None
+        raise SubscriptionError("invalid_token", "the token's ns claim must be a list of "
+                                "db or db.collection names", status=401)
 
     def restrict(self, subscription: Subscription, claims: dict) -> Subscription:
         allowed = claims["_ns"]
-        namespaces = subscription.namespaces
+        wanted = subscription.namespaces
         if allowed is not None:
-            if namespaces is None:
-                namespaces = allowed
-            elif not namespaces_within(namespaces, allowed):
+            if wanted is None:
+                wanted = allowed
+            elif not namespaces.within(wanted, allowed):
                 raise SubscriptionError(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
-                    "within " + ", ".join(sorted(f"{d}.{c}" if c else d for d, c in allowed)),
-                    status=403)
-        return Subscription(namespaces, subscription.ops, subscription.filter, claims["_rule"])
+                    "within " + ", ".join(sorted(map(str, allowed))), status=403)
+        return Subscription(wanted, subscription.ops, subscription.filter, claims["_rule"])
 
     def expire(self, clients) -> None:
         """Close connections whose token's ``exp`` has passed (checked once a second)."""

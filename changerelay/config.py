@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
+
+from . import namespaces
 
 FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -274,20 +275,18 @@ def _check_srv_syntax(source, raw):
             "e.g. mongodb+srv://user:pass@cluster0.example.net/")
 
 
-_NAME = re.compile(r"^[^/\\. \"$\x00]+$")
-
-
 def _db_name(source, raw):
-    if not _NAME.match(raw) or len(raw) > 63:
-        raise ConfigError(
-            source, f"{raw!r} is not a valid database name (no / \\ . space \" $, <= 63 bytes)")
-    return raw
+    try:
+        return namespaces.database(raw)
+    except namespaces.NamespaceError as exc:
+        raise ConfigError(source, str(exc)) from None
 
 
 def _collection_name(source, raw):
-    if raw.startswith("system.") or "$" in raw or "\x00" in raw:
-        raise ConfigError(source, f"{raw!r} is not a collection that can be watched")
-    return raw
+    try:
+        return namespaces.collection(raw)
+    except namespaces.NamespaceError as exc:
+        raise ConfigError(source, f"{exc}: not a collection that can be watched") from None
 
 
 def _pipeline(source, raw):
@@ -407,6 +406,11 @@ def _check_together(config: Config) -> None:
     if config.watch_collection and not config.watch_db:
         raise ConfigError(
             "WATCH_COLLECTION", "needs WATCH_DB too: set WATCH_DB to the collection's database")
+    if config.watch_collection:
+        try:
+            namespaces.make(config.watch_db, config.watch_collection)
+        except namespaces.NamespaceError as exc:
+            raise ConfigError("WATCH_COLLECTION", str(exc)) from None
     if config.auth_jwt_secret and config.auth_jwt_public_key:
         raise ConfigError(
             "AUTH_JWT_SECRET", "set AUTH_JWT_SECRET (HS256) or AUTH_JWT_PUBLIC_KEY, not both")

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 
 from . import events as ev
-from . import filters
+from . import filters, namespaces
 
 OPERATION_TYPES = frozenset({
     "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -130,35 +130,20 @@ def parse_resume(text: str) -> str:
 
 
 def _namespaces(raw: str, scope) -> frozenset:
+    try:
+        result = namespaces.parse_list(raw, limit=MAX_NAMESPACES)
+    except namespaces.NamespaceError as exc:
+        raise SubscriptionError("invalid_ns", f"{exc}; give db or db.collection, "
+                                "comma-separated") from None
     watch_db, watch_coll = scope
-    result = set()
-    items = [item.strip() for item in raw.split(",") if item.strip()]
-    if not items:
-        raise SubscriptionError("invalid_ns", "ns is empty; give db or db.collection, "
-                                "comma-separated")
-    if len(items) > MAX_NAMESPACES:
-        raise SubscriptionError("invalid_ns", f"ns lists more than {MAX_NAMESPACES} namespaces")
-    for item in items:
-        db, _, coll = item.partition(".")
-        if not db or (_ and not coll) or any(c in db for c in '/\\ "$\x00'):
-            raise SubscriptionError(
-                "invalid_ns", f"{item!r} is not a namespace; write db or db.collection")
-        coll = coll or None
-        inside = (watch_db is None or db == watch_db) and (
-            watch_coll is None or coll == watch_coll)
-        if not inside:
+    for item in result:
+        if (watch_db is not None and item.db != watch_db) or (
+                watch_coll is not None and item.coll != watch_coll):
             where = ".".join(p for p in scope if p) or "the deployment"
             raise SubscriptionError(
-                "ns_outside_scope", f"{item!r} is outside what this relay watches ({where}); "
+                "ns_outside_scope", f"{str(item)!r} is outside what this relay watches ({where}); "
                 "subscribe to namespaces inside it")
-        result.add((db, coll))
-    return frozenset(result)
-
-
-def namespaces_within(wanted: frozenset, allowed: frozenset) -> bool:
-    """Does every wanted namespace lie inside one of the allowed ones?"""
-    allowed_dbs = {db for db, coll in allowed if coll is None}
-    return all(db in allowed_dbs or (db, coll) in allowed for db, coll in wanted)
+    return result
 
 
 def _ops(raw: str) -> frozenset:

@@ -153,6 +153,26 @@ def test_bad_claims_are_refused(claims, code):
     assert info.value.code == code and info.value.status == 401
 
 
+@pytest.mark.parametrize("ns", [
+    "shop.", [""], ["shop."], "", ["shop", ".x"], ["sh op"], ["shop.a$b"], "shop,,x",
+    ["shop.system.users"], [5], [["shop"]],
+])
+def test_a_malformed_ns_claim_is_an_invalid_token_never_a_wider_grant(ns):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(make({"ns": ns}))
+    assert (info.value.code, info.value.status) == ("invalid_token", 401)
+    assert "ns" in info.value.message
+
+
+def test_the_ns_claim_and_the_query_parse_namespaces_alike():
+    auth = Authenticator(SECRET, ["HS256"])
+    for text in ("shop.orders.2024", "shop.my orders", "shop.*"):
+        claims = authenticate(make({"ns": [text]}))
+        query, _ = parse(args(ns=text), SCOPE)
+        assert auth.restrict(parse({}, SCOPE)[0], claims).namespaces == query.namespaces
+        assert auth.restrict(query, claims).namespaces == query.namespaces
+
+
 def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
