@@ -115,6 +115,9 @@ class Authenticator:
             if isinstance(raw, str):
                 return namespaces.parse_list(raw)
             if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+                if not raw:
+                    raise SubscriptionError("ns_forbidden", "the token's ns claim is an empty "
+                                            "list, which grants no namespace", status=403)
                 return frozenset(namespaces.parse(item) for item in raw)
         except namespaces.NamespaceError as exc:
             raise SubscriptionError("invalid_token", f"the token's ns claim is malformed: {exc}",

@@ -157,14 +157,14 @@ class CatchUp:
 
     def _deliver(self, job: Job, event) -> None:
         job.position = event.token
-        verdicts: dict[str, bool] = {}  # one match per distinct subscription, as in the hub
+        verdicts: dict = {}  # one match per distinct subscription, as in the hub
         for client, seen in tuple(job.clients.items()):
             if event.token > seen:
                 job.clients[client] = event.token
                 subscription = client.subscription
-                matched = verdicts.get(subscription.key)
+                matched = verdicts.get(subscription)
                 if matched is None:
-                    matched = verdicts[subscription.key] = subscription.matches(event)
+                    matched = verdicts[subscription] = subscription.matches(event)
                 if matched:
                     client.replay([event])
                 if client.closed:

@@ -37,7 +37,7 @@ class Subscriber(Protocol):
     """What the hub needs from a connected client; transports implement it."""
 
     kind: str                     # "ws", "ws-deflate", "sse"...: one kind shares one payload
-    subscription: object          # has .key (str) and .matches(Event) -> bool
+    subscription: object          # hashable, equal iff equivalent; has .matches(Event) -> bool
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
 
@@ -88,7 +88,7 @@ class Hub:
         self.position: str | None = None  # newest token every client has been sent up to
         self._pending: list[Event] = []
         self._flush_scheduled = False
-        self._groups: dict[str, Group] = {}
+        self._groups: dict[object, Group] = {}  # by subscription
         self._ahead: dict[object, str] = {}   # clients resuming past our newest event
         self._waiting: dict[object, str] = {}  # clients resuming before the stream first opened
         self.clients: set = set()
@@ -220,17 +220,16 @@ class Hub:
         self.clients.discard(client)
         self._ahead.pop(client, None)
         self._waiting.pop(client, None)
-        group = self._groups.get(client.subscription.key)
+        group = self._groups.get(client.subscription)
         if group is not None:
             group.clients.discard(client)
             if not group.clients:
-                del self._groups[client.subscription.key]
+                del self._groups[client.subscription]
 
     def _join(self, client) -> None:
-        key = client.subscription.key
-        group = self._groups.get(key)
+        group = self._groups.get(client.subscription)
         if group is None:
-            group = self._groups[key] = Group(client.subscription)
+            group = self._groups[client.subscription] = Group(client.subscription)
         client.subscription = group.subscription  # one compiled copy per distinct subscription
         group.clients.add(client)
 

@@ -2,8 +2,8 @@
 
 Everything is checked before the WebSocket upgrade or the SSE response starts, so a bad request
 gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a connection.
-Two clients with the same namespaces, operation types and filters share one :class:`Subscription`
-key, and so one match per event in the hub.
+Two clients with equal subscriptions (the same namespaces, operation types, filter and access
+rule) share one match per event in the hub.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 from collections.abc import Mapping
 
 from . import events as ev
-from . import filters, namespaces
+from . import filters
+from .namespaces import NamespaceError, normalise, parse_list
 
 OPERATION_TYPES = frozenset({
     "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -39,26 +40,32 @@ class SubscriptionError(ValueError):
 
 class Subscription:
     """Namespaces, operation types, a filter and an access rule, compiled into one
-    ``matches(event)``."""
+    ``matches(event)``.
 
-    __slots__ = ("access", "filter", "key", "match_all", "matches", "namespaces", "ops")
+    Subscriptions are equal when their normalised parts are: the hub groups clients by
+    subscription and hands every client of a group the group's compiled copy, so two
+    subscriptions that could decide one event differently must never be equal. ``None`` (no
+    restriction) and an empty set (nothing) stay apart.
+    """
+
+    __slots__ = ("_hash", "access", "filter", "key", "match_all", "matches", "namespaces", "ops")
 
     def __init__(self, namespaces=None, ops=None, filter=None, access=None):
-        self.namespaces = namespaces  # None, or a frozenset of (db, coll-or-None)
-        self.ops = ops                # None, or a frozenset of operation types
-        self.filter = filter          # None, or a filters.Filter
-        self.access = access          # None, or an auth.AccessRule (a JWT claim)
-        self.key = json.dumps([
-            # A database name has no ".", so "db" and "db.coll" cannot be confused (a
-            # collection may be named "*").
-            sorted(f"{db}.{coll}" if coll else db for db, coll in namespaces)
-            if namespaces else None,
-            sorted(ops) if ops else None,
-            filter.key if filter is not None else None,
-            access.key if access is not None else None,
-        ])
-        self.match_all = namespaces is None and ops is None and filter is None and access is None
+        self.namespaces = None if namespaces is None else normalise(namespaces)
+        self.ops = None if ops is None else frozenset(ops)
+        self.filter = filter  # None, or a filters.Filter
+        self.access = access  # None, or an auth.AccessRule (a JWT claim)
+        self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
+                    None if access is None else access.key)
+        self._hash = hash(self.key)
+        self.match_all = self.key == (None, None, None, None)
         self.matches = self._compile()
+
+    def __eq__(self, other):
+        return isinstance(other, Subscription) and other.key == self.key
+
+    def __hash__(self):
+        return self._hash
 
     def _compile(self):
         checks = []
@@ -90,7 +97,7 @@ class Subscription:
         return filters.all_of(checks)
 
     def __repr__(self):
-        return f"<Subscription {self.key}>"
+        return f"<Subscription {self.key!r}>"
 
 
 ALL = Subscription()
@@ -131,8 +138,8 @@ def parse_resume(text: str) -> str:
 
 def _namespaces(raw: str, scope) -> frozenset:
     try:
-        result = namespaces.parse_list(raw, limit=MAX_NAMESPACES)
-    except namespaces.NamespaceError as exc:
+        result = parse_list(raw, limit=MAX_NAMESPACES)
+    except NamespaceError as exc:
         raise SubscriptionError("invalid_ns", f"{exc}; give db or db.collection, "
                                 "comma-separated") from None
     watch_db, watch_coll = scope

@@ -72,6 +72,10 @@ BAD_HANDSHAKES = [
      "invalid_token"),
     ("token for another namespace", f"ns={SHOP}.secrets",
      {"Authorization": "Bearer " + token({"ns": [f"{SHOP}.orders"]})}, 403, "ns_forbidden"),
+    ("token granting no namespace", "", {"Authorization": "Bearer " + token({"ns": []})}, 403,
+     "ns_forbidden"),
+    ("token with a malformed ns", "", {"Authorization": "Bearer " + token({"ns": f"{SHOP}."})},
+     401, "invalid_token"),
     ("cross-origin handshake", "", {"Origin": "https://evil.example"}, 403,
      "origin_not_allowed"),
 ]
@@ -166,6 +170,22 @@ async def test_oversized_inbound_frame_closes_that_client_with_1009_only(mongo, 
     assert code == 1009
     mongo.client[SHOP].orders.insert_one({"_id": 1})
     [frame] = await bystander.changes(1)
+    assert frame["documentKey"] == {"_id": 1}
+
+
+async def test_a_token_granting_no_namespace_is_refused_not_taken_for_every_namespace(
+        mongo, secured):
+    everything = await WS.connect(secured.ws_url, headers={
+        "Authorization": f"Bearer {token()}"})  # no ns claim: the whole watched scope
+    with pytest.raises(httpclient.HTTPClientError) as refused:  # today: joins, gets everything
+        await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {token({'ns': []})}"})
+    assert refused.value.code == 403
+    assert json.loads(refused.value.response.body)["error"] == "ns_forbidden"
+    stream = await SSE.open(secured.port, extra={
+        "Authorization": f"Bearer {token({'ns': []})}"})
+    assert stream.status == 403
+    mongo.client[SHOP].orders.insert_one({"_id": 1})
+    [frame] = await everything.changes(1)
     assert frame["documentKey"] == {"_id": 1}
 
 

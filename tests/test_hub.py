@@ -7,6 +7,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from changerelay import events as ev
+from changerelay.auth import AccessRule
+from changerelay.filters import compile_filter
 from changerelay.hub import Hub
 from changerelay.subscription import ALL, Subscription
 from tests.support import event, token
@@ -245,3 +248,58 @@ def test_any_interleaving_delivers_each_event_once_in_order(script, capacity):
     hub.flush()
     for client, after in clients:
         assert client.received == [token(n) for n in range(after + 1, published + 1)]
+
+
+SAMPLE_EVENTS = [
+    ev.encode_change({"_id": {"_data": token(100 + i)}, "operationType": op,
+                      "ns": {"db": db, "coll": coll} if coll else {"db": db},
+                      "documentKey": {"_id": n}, "fullDocument": {"_id": n, "n": n}})
+    for i, (op, db, coll, n) in enumerate(
+        (op, db, coll, n) for op in ("insert", "update", "delete")
+        for db, coll in (("db", "c"), ("db", "*"), ("other", "x"), ("db", None))
+        for n in (1, 2))
+] + [ev.encode_change({"_id": {"_data": token(200)}, "operationType": "invalidate"})]
+
+namespace_sets = st.one_of(st.none(), st.frozensets(st.sampled_from(
+    [("db", None), ("db", "c"), ("db", "*"), ("other", None), ("other", "x")]), max_size=3))
+op_sets = st.one_of(st.none(), st.frozensets(st.sampled_from(["insert", "update", "delete"]),
+                                              max_size=2))
+specs = st.one_of(st.none(), st.sampled_from([
+    {"fullDocument.n": 1}, {"fullDocument.n": {"$eq": 1}}, {"fullDocument.n": {"$ne": 1}},
+    {"documentKey._id": 2}, {"$or": [{"fullDocument.n": 1}, {"documentKey._id": 2}]}]))
+subscriptions = st.builds(
+    lambda ns, ops, spec, rule: Subscription(
+        ns, ops, None if spec is None else compile_filter(spec),
+        None if rule is None else AccessRule(rule)),
+    namespace_sets, op_sets, specs, specs)
+
+
+def decides(subscription, event) -> bool:
+    return subscription.matches(event)
+
+
+@settings(max_examples=400, deadline=None)
+@given(subscriptions, subscriptions)
+def test_two_subscriptions_share_a_group_only_if_they_are_equal(one, two):
+    """The hub hands every client of a group the group's compiled subscription, so sharing a
+    group must mean deciding every event alike; and equal subscriptions should share one."""
+    hub = started_hub()
+    a, b = FakeClient(one), FakeClient(two)
+    hub.subscribe(a)
+    hub.subscribe(b)
+    if a.subscription is b.subscription:
+        assert one == two
+        for event in SAMPLE_EVENTS:
+            assert decides(one, event) == decides(two, event), event
+    twin = FakeClient(Subscription(one.namespaces, one.ops, one.filter, one.access))
+    hub.subscribe(twin)
+    assert twin.subscription is a.subscription
+
+
+def test_an_empty_namespace_set_is_not_every_namespace():
+    hub = started_hub()
+    everything, nothing = FakeClient(), FakeClient(Subscription(frozenset()))
+    hub.subscribe(everything)
+    hub.subscribe(nothing)
+    hub.publish(event(1))
+    assert everything.received == [token(1)] and nothing.received == []

@@ -164,6 +164,12 @@ def test_a_malformed_ns_claim_is_an_invalid_token_never_a_wider_grant(ns):
     assert "ns" in info.value.message
 
 
+def test_an_empty_ns_claim_grants_nothing():
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(make({"ns": []}))
+    assert (info.value.code, info.value.status) == ("ns_forbidden", 403)
+
+
 def test_the_ns_claim_and_the_query_parse_namespaces_alike():
     auth = Authenticator(SECRET, ["HS256"])
     for text in ("shop.orders.2024", "shop.my orders", "shop.*"):
