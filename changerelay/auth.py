@@ -15,10 +15,13 @@ invalidate) carry no document and no key; they are delivered, subject to ``ns``.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+from logzero import logger
 
 from . import filters, namespaces
 from .subscription import Subscription, SubscriptionError
@@ -61,6 +64,23 @@ def _paths(spec) -> set[str]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The claims of a valid token that the relay acts on, each of a checked type.
+
+    PyJWT validates ``exp``, ``nbf`` and ``iat`` but lets a numeric string or a boolean
+    through, and the relay reads ``exp`` again once a second for the life of the connection;
+    so every claim it reads is checked here, once, and a bad one refuses the token.
+    """
+
+    expires: float                 # exp: seconds since 1970
+    namespaces: frozenset | None   # ns: None grants the whole watched scope
+    rule: AccessRule | None        # filter
+
+
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
 class Authenticator:
     def __init__(self, key, algorithms: list[str]):
         self.key = key
@@ -72,15 +92,15 @@ class Authenticator:
             return cls(config.auth_jwt_secret, HMAC_ALGORITHMS)
         return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS)
 
-    def authenticate(self, request) -> dict:
+    def authenticate(self, request) -> Claims:
         token = _bearer(request)
         if not token:
             raise SubscriptionError(
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
                 "<jwt> or ?access_token=<jwt>", status=401)
         try:
-            claims = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
-                                options={"require": ["exp"]})
+            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
+                                 options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
             raise SubscriptionError("token_expired", "the token has expired; get a fresh one",
                                     status=401) from None
@@ -90,27 +110,27 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise SubscriptionError("invalid_token", f"the token is not valid ({exc})",
                                     status=401) from None
-        claims["_rule"] = self._rule(claims)
-        claims["_ns"] = self._namespaces(claims)
-        return claims
+        for name in TIME_CLAIMS:
+            if name in payload and not _seconds(payload[name]):
+                raise _bad_claim(name, "must be a number of seconds since 1970, not "
+                                 f"{type(payload[name]).__name__}")
+        return Claims(payload["exp"], self._namespaces(payload), self._rule(payload))
 
-    def _rule(self, claims) -> AccessRule | None:
-        spec = claims.get("filter")
-        if spec is None:
+    def _rule(self, payload) -> AccessRule | None:
+        if "filter" not in payload:
             return None
+        spec = payload["filter"]
         if not isinstance(spec, dict):
-            raise SubscriptionError("invalid_token", "the token's filter claim must be an "
-                                    "object in the filter language", status=401)
+            raise _bad_claim("filter", "must be an object in the filter language")
         try:
             return AccessRule(spec)
         except filters.FilterError as exc:
-            raise SubscriptionError("invalid_token", f"the token's filter claim is invalid: "
-                                    f"{exc.message}", status=401) from None
+            raise _bad_claim("filter", f"is invalid: {exc.message}") from None
 
-    def _namespaces(self, claims):
-        raw = claims.get("ns")
-        if raw is None:
+    def _namespaces(self, payload):
+        if "ns" not in payload:
             return None
+        raw = payload["ns"]
         try:
             if isinstance(raw, str):
                 return namespaces.parse_list(raw)
@@ -120,13 +140,11 @@ class Authenticator:
                                             "list, which grants no namespace", status=403)
                 return frozenset(namespaces.parse(item) for item in raw)
         except namespaces.NamespaceError as exc:
-            raise SubscriptionError("invalid_token", f"the token's ns claim is malformed: {exc}",
-                                    status=401) from None
-        raise SubscriptionError("invalid_token", "the token's ns claim must be a list of "
-                                "db or db.collection names", status=401)
+            raise _bad_claim("ns", f"is malformed: {exc}") from None
+        raise _bad_claim("ns", "must be a list of db or db.collection names")
 
-    def restrict(self, subscription: Subscription, claims: dict) -> Subscription:
-        allowed = claims["_ns"]
+    def restrict(self, subscription: Subscription, claims: Claims) -> Subscription:
+        allowed = claims.namespaces
         wanted = subscription.namespaces
         if allowed is not None:
             if wanted is None:
@@ -135,15 +153,36 @@ class Authenticator:
                 raise SubscriptionError(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
                     "within " + ", ".join(sorted(map(str, allowed))), status=403)
-        return Subscription(wanted, subscription.ops, subscription.filter, claims["_rule"])
+        return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
 
     def expire(self, clients) -> None:
-        """Close connections whose token's ``exp`` has passed (checked once a second)."""
+        """Close connections whose token's ``exp`` has passed (checked once a second).
+
+        One client's state must not stop the pass for the others: a client whose expiry cannot
+        be read is closed (fail closed), and one that fails to close is logged and skipped.
+        """
         now = time.time()
         for client in tuple(clients):
-            claims = getattr(client, "claims", None)
-            if claims and claims.get("exp", now + 1) + LEEWAY <= now:
-                client.expire()
+            try:
+                due = client.claims is not None and client.claims.expires + LEEWAY <= now
+            except Exception:
+                logger.exception("cannot read the token expiry of %s; closing it",
+                                 getattr(client, "peer", "a client"))
+                due = True
+            if due:
+                try:
+                    client.expire()
+                except Exception:
+                    logger.exception("closing %s on token expiry failed",
+                                     getattr(client, "peer", "a client"))
+
+
+def _seconds(value) -> bool:
+    return type(value) is int or (type(value) is float and math.isfinite(value))
+
+
+def _bad_claim(name: str, problem: str) -> SubscriptionError:
+    return SubscriptionError("invalid_token", f"the token's {name} claim {problem}", status=401)
 
 
 def _bearer(request) -> str | None:

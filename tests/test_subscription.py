@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -139,7 +140,7 @@ def test_token_claims_restrict_namespaces():
     with pytest.raises(SubscriptionError) as info:
         auth.restrict(outside, claims)
     assert info.value.status == 403
-    assert authenticate(query_token=make({}))["_ns"] is None
+    assert authenticate(query_token=make({})).namespaces is None
 
 
 @pytest.mark.parametrize("claims, code", [
@@ -179,6 +180,97 @@ def test_the_ns_claim_and_the_query_parse_namespaces_alike():
         assert auth.restrict(query, claims).namespaces == query.namespaces
 
 
+def signed(payload_text: str) -> str:
+    """An HS256 token over exactly this payload text (PyJWT's encoder would refuse some)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload_text.encode())
+    signature = b64(hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + signature).decode()
+
+
+SOON = int(time.time()) + 300
+
+
+@pytest.mark.parametrize("claims, named", [
+    ({"exp": str(SOON)}, "exp"),                # PyJWT takes numeric strings; the expiry pass can't
+    ({"exp": SOON, "nbf": "100"}, "nbf"),
+    ({"exp": SOON, "nbf": True}, "nbf"),
+    ({"exp": SOON, "iat": "100"}, "iat"),
+    ({"exp": SOON, "iat": False}, "iat"),
+    ({"exp": SOON, "ns": None}, "ns"),          # present but null: not a list, and not "absent"
+    ({"exp": SOON, "filter": None}, "filter"),
+    ({"exp": SOON, "filter": []}, "filter"),
+    ({"exp": SOON, "ns": {"shop": 1}}, "ns"),
+])
+def test_every_claim_the_relay_reads_is_type_checked_at_the_handshake(claims, named):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(signed(json.dumps(claims)))
+    assert (info.value.code, info.value.status) == ("invalid_token", 401)
+    assert f"{named} claim" in info.value.message
+
+
+@pytest.mark.parametrize("payload", ['{"exp": 1e999}', '{"exp": NaN}', '{"exp": true}'])
+def test_non_finite_or_boolean_exp_is_refused(payload):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(signed(payload))
+    assert info.value.status == 401
+
+
+def test_fractional_and_huge_exp_are_numbers_of_seconds():
+    claims = authenticate(signed(json.dumps({"exp": SOON + 0.5, "iat": SOON - 300.25})))
+    assert claims.expires == SOON + 0.5
+    assert authenticate(signed(json.dumps({"exp": 10**400}))).expires == 10**400
+
+
+class Ending:
+    def __init__(self, claims=None):
+        self._claims = claims
+        self.ended = False
+        self.peer = "203.0.113.9"
+
+    @property
+    def claims(self):
+        return self._claims
+
+    def expire(self):
+        self.ended = True
+
+
+class BrokenState(Ending):
+    @property
+    def claims(self):
+        raise TypeError("unsupported operand type(s) for +: 'str' and 'int'")
+
+
+class BrokenTransport(Ending):
+    def expire(self):
+        self.ended = True
+        raise OSError("the socket is gone")
+
+
+def test_one_clients_bad_state_never_stops_the_expiry_pass(monkeypatch):
+    from changerelay import auth
+
+    auth_ = Authenticator(SECRET, ["HS256"])
+    expired = [Ending(authenticate(make({}))) for _ in range(5)]  # exp: in 60 s
+    fresh = Ending(authenticate(make({"exp": int(time.time()) + 7200})))
+    broken, dying = BrokenState(), BrokenTransport(authenticate(make({})))
+    anonymous = Ending(None)
+    later = time.time() + 3600
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    auth_.expire([broken, dying, *expired[:2], fresh, anonymous, *expired[2:]])
+    assert all(client.ended for client in expired)
+    assert dying.ended
+    assert broken.ended  # a client whose expiry cannot be read is closed, not kept
+    assert not fresh.ended and not anonymous.ended
+
+
 def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -192,7 +284,7 @@ def test_public_key_tokens_rs256_and_es256_only(tmp_path):
                                                      auth_jwt_public_key=str(path)))
     good = make({"ns": ["shop"]}, key=private, algorithm="ES256")
     request = SimpleNamespace(headers={"Authorization": f"Bearer {good}"}, query_arguments={})
-    assert auth.authenticate(request)["ns"] == ["shop"]
+    assert auth.authenticate(request).namespaces == frozenset({("shop", None)})
     for token in (_hs256_with(pem), make({}, key=SECRET)):
         request = SimpleNamespace(headers={"Authorization": f"Bearer {token}"},
                                   query_arguments={})
