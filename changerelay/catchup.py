@@ -21,7 +21,7 @@ from logzero import logger
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import events as ev
-from .source import HISTORY_LOST
+from .source import HISTORY_LOST, IMAGES_MISSING, missing_image
 
 BACKOFF_CAP = 5.0
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
@@ -97,6 +97,11 @@ class CatchUp:
                             return
                         continue  # invalidated: reopen right after the invalidate
                     except PyMongoError as exc:
+                        if missing_image(exc, self.relay.config) is not None:
+                            logger.warning("catch-up reached an event without a required image; "
+                                           "its %d clients are told to resync", len(job.clients))
+                            self._resync(job, IMAGES_MISSING)
+                            return
                         if isinstance(exc, OperationFailure) and (
                                 exc.code == HISTORY_LOST or _bad_token(exc)):
                             self._resync(job, "history_lost" if exc.code == HISTORY_LOST
