@@ -1,16 +1,17 @@
-"""Token authentication and row-level access: the browser holds a JWT, the relay holds MongoDB.
+"""Token authentication: the browser holds a JWT, the relay holds MongoDB.
 
 A token is read from ``Authorization: Bearer`` or, because browsers cannot set headers on
 WebSocket and EventSource requests, from the ``access_token`` query parameter. Its claims narrow
 what the bearer may see:
 
 * ``ns`` — the namespaces the bearer may subscribe to (a list, or a comma-separated string);
-* ``filter`` — a mandatory filter in the safe filter language, ANDed with the client's own.
+* ``filter`` — a row rule in the safe filter language, ANDed with the client's own filter and
+  decided on each event as it was (``rows.py``).
 
-An access rule that reads ``fullDocument`` cannot be decided for an event without a document (a
-delete, or an update whose document was deleted before the lookup): such events are withheld
-rather than guessed at. Events about a whole collection or database (drop, rename, dropDatabase,
-invalidate) carry no document and no key; they are delivered, subject to ``ns``.
+A rule that reads ``fullDocument`` needs post-images: with ``FULL_DOCUMENT=updateLookup`` an
+update's document is looked up when the event is read, so such a token is refused at the
+handshake (403 ``row_rules_need_post_images``) rather than admitted to a stream whose updates
+could only ever be withheld.
 """
 
 from __future__ import annotations
@@ -24,44 +25,16 @@ import jwt
 from logzero import logger
 
 from . import filters, namespaces
+from .rows import POST_IMAGE_MODES, AccessRule
 from .subscription import Subscription, SubscriptionError
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
-POLICY_VIOLATION = 1008
 LEEWAY = 5
-DOCUMENT_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription")
-
-
-class AccessRule:
-    """A JWT ``filter`` claim, compiled, with the rule for events that lack what it reads."""
-
-    __slots__ = ("filter", "key", "reads_document")
-
-    def __init__(self, spec: dict):
-        self.filter = filters.compile_filter(spec)
-        self.key = "rule:" + self.filter.key
-        paths = _paths(spec)
-        self.reads_document = any(p.split(".")[0] in DOCUMENT_FIELDS for p in paths)
-
-    def __call__(self, change: dict) -> bool:
-        if self.reads_document and change.get("documentKey") is not None and not change.get(
-            "fullDocument"
-        ):
-            return False  # undecidable without the document: withhold
-        return self.filter.predicate(change)
-
-
-def _paths(spec) -> set[str]:
-    found = set()
-    if isinstance(spec, dict):
-        for key, value in spec.items():
-            if key in ("$and", "$or", "$nor") and isinstance(value, list):
-                for item in value:
-                    found |= _paths(item)
-            elif not key.startswith("$"):
-                found.add(key)
-    return found
+ENABLE_POST_IMAGES = (
+    "enable post-images: run db.runCommand({collMod: \"<collection>\", "
+    "changeStreamPreAndPostImages: {enabled: true}}) on each watched collection (MongoDB 6.0+) "
+    "and set FULL_DOCUMENT=whenAvailable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,15 +55,21 @@ TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 class Authenticator:
-    def __init__(self, key, algorithms: list[str]):
+    def __init__(self, key, algorithms: list[str], full_document: str = "updateLookup"):
         self.key = key
         self.algorithms = algorithms
+        self.full_document = full_document  # the FULL_DOCUMENT mode of every stream we read
 
     @classmethod
     def from_config(cls, config) -> Authenticator:
+        if config.full_document == "updateLookup":
+            logger.warning("auth is on and FULL_DOCUMENT=updateLookup: tokens whose filter "
+                           "claim reads fullDocument will be refused (403); to use row rules, "
+                           "%s", ENABLE_POST_IMAGES)
         if config.auth_jwt_secret:
-            return cls(config.auth_jwt_secret, HMAC_ALGORITHMS)
-        return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS)
+            return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document)
+        return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
+                   config.full_document)
 
     def authenticate(self, request) -> Claims:
         token = _bearer(request)
@@ -123,9 +102,16 @@ class Authenticator:
         if not isinstance(spec, dict):
             raise _bad_claim("filter", "must be an object in the filter language")
         try:
-            return AccessRule(spec)
+            rule = AccessRule(spec, post_images=self.full_document in POST_IMAGE_MODES)
         except filters.FilterError as exc:
             raise _bad_claim("filter", f"is invalid: {exc.message}") from None
+        if rule.reads_document and self.full_document == "updateLookup":
+            raise SubscriptionError(
+                "row_rules_need_post_images", "this token's filter claim reads fullDocument, "
+                "and with FULL_DOCUMENT=updateLookup an update's document is the one found when "
+                "the event is read, not the one at the event, so it cannot decide access; "
+                + ENABLE_POST_IMAGES, status=403)
+        return rule
 
     def _namespaces(self, payload):
         if "ns" not in payload:

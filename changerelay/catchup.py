@@ -169,9 +169,9 @@ class CatchUp:
                 subscription = client.subscription
                 matched = verdicts.get(subscription)
                 if matched is None:
-                    matched = verdicts[subscription] = subscription.matches(event)
+                    matched = verdicts[subscription] = subscription.select([event])
                 if matched:
-                    client.replay([event])
+                    client.replay(matched)
                 if client.closed:
                     job.clients.pop(client, None)
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from . import events as ev
 from . import filters
 from .namespaces import NamespaceError, normalise, parse_list
+from .rows import DELIVER, ENTERED, LEAVE
 
 OPERATION_TYPES = frozenset({
     "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -40,7 +41,9 @@ class SubscriptionError(ValueError):
 
 class Subscription:
     """Namespaces, operation types, a filter and an access rule, compiled into one
-    ``matches(event)``.
+    ``select(events)``: what a client of this subscription is sent for those events, in order
+    — each event, the event without its pre-image, or a ``leave`` in its place (see
+    ``rows.py``).
 
     Subscriptions are equal when their normalised parts are: the hub groups clients by
     subscription and hands every client of a group the group's compiled copy, so two
@@ -48,18 +51,17 @@ class Subscription:
     restriction) and an empty set (nothing) stay apart.
     """
 
-    __slots__ = ("_hash", "access", "filter", "key", "match_all", "matches", "namespaces", "ops")
+    __slots__ = ("_hash", "access", "filter", "key", "namespaces", "ops", "select")
 
     def __init__(self, namespaces=None, ops=None, filter=None, access=None):
         self.namespaces = None if namespaces is None else normalise(namespaces)
         self.ops = None if ops is None else frozenset(ops)
         self.filter = filter  # None, or a filters.Filter
-        self.access = access  # None, or an auth.AccessRule (a JWT claim)
+        self.access = access  # None, or a rows.AccessRule (a JWT claim)
         self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
                     None if access is None else access.key)
         self._hash = hash(self.key)
-        self.match_all = self.key == (None, None, None, None)
-        self.matches = self._compile()
+        self.select = self._compile()
 
     def __eq__(self, other):
         return isinstance(other, Subscription) and other.key == self.key
@@ -68,36 +70,67 @@ class Subscription:
         return self._hash
 
     def _compile(self):
+        # What anyone may know of an event (its namespace and type) is checked first; the
+        # client's filter runs last, on exactly what the client would be sent, so that it
+        # cannot probe what the access rule withheld.
         checks = []
-        if self.access is not None:
-            rule = self.access
-            checks.append(lambda event: rule(event.change))
         if self.ops is not None:
             ops = self.ops
             checks.append(lambda event: event.op in ops)
         if self.namespaces is not None:
-            databases = {db for db, coll in self.namespaces if coll is None}
-            collections = {(db, coll) for db, coll in self.namespaces if coll is not None}
-            named = {db for db, _ in collections}
+            checks.append(_in_namespaces(self.namespaces))
+        predicate = None if self.filter is None else self.filter.predicate
+        if self.access is None:
+            if predicate is not None:
+                checks.append(lambda event: predicate(event.change))
+            if not checks:
+                return lambda events: events
+            matches = filters.all_of(checks)
+            return lambda events: [event for event in events if matches(event)]
+        visible = filters.all_of(checks) if checks else None
+        decide, deliver, entered, leave = self.access.decide, DELIVER, ENTERED, LEAVE
 
-            def in_namespaces(event):
-                db, coll = event.ns
-                if db is None:          # invalidate: concerns every client of the stream
-                    return True
-                if db in databases:
-                    return True
-                if coll is None:        # dropDatabase: concerns every collection in it
-                    return db in named
-                return (db, coll) in collections
+        def select(events):
+            picked = []
+            for event in events:
+                if visible is not None and not visible(event):
+                    continue
+                verdict = decide(event.change)
+                if verdict is deliver:
+                    item = event
+                elif verdict is entered:
+                    item = event.entered
+                elif verdict is leave:
+                    picked.append(event.leave)  # about access alone: the filter has no say
+                    continue
+                else:
+                    continue
+                if predicate is None or predicate(item.change):
+                    picked.append(item)
+            return picked
 
-            checks.append(in_namespaces)
-        if self.filter is not None:
-            predicate = self.filter.predicate
-            checks.append(lambda event: predicate(event.change))
-        return filters.all_of(checks)
+        return select
 
     def __repr__(self):
         return f"<Subscription {self.key!r}>"
+
+
+def _in_namespaces(namespaces):
+    databases = {db for db, coll in namespaces if coll is None}
+    collections = {(db, coll) for db, coll in namespaces if coll is not None}
+    named = {db for db, _ in collections}
+
+    def in_namespaces(event):
+        db, coll = event.ns
+        if db is None:          # invalidate: concerns every client of the stream
+            return True
+        if db in databases:
+            return True
+        if coll is None:        # dropDatabase: concerns every collection in it
+            return db in named
+        return (db, coll) in collections
+
+    return in_namespaces
 
 
 ALL = Subscription()

@@ -216,8 +216,11 @@ async def test_access_token_query_parameter_and_exp_enforced_during_connection(m
 
 
 async def test_row_level_rules_alice_and_bob_each_see_exactly_their_own(mongo, relay_factory):
-    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=SECRET)
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=SECRET,
+                          FULL_DOCUMENT="whenAvailable")  # row rules need post-images
     relay.wait_ready()
+    mongo.client[mongo.db].create_collection(
+        "notes", changeStreamPreAndPostImages={"enabled": True})
 
     def for_user(name):
         return token({"ns": [mongo.db], "filter": {"fullDocument.owner": name}})
@@ -239,7 +242,7 @@ async def test_row_level_rules_alice_and_bob_each_see_exactly_their_own(mongo, r
             expected["bob_big"].append(("insert", n))
     notes.update_one({"_id": 1}, {"$set": {"n": 100}})
     expected["alice"].append(("update", 1))
-    notes.delete_one({"_id": 2})  # no document: the rule cannot be decided, so withheld
+    notes.delete_one({"_id": 2})  # no pre-images here: the rule cannot decide it, so withheld
     notes.insert_one({"_id": "end", "owner": "alice", "n": 0})
     expected["alice"].append(("insert", "end"))
     notes.insert_one({"_id": "end-b", "owner": "bob", "n": 50})

@@ -10,8 +10,9 @@ import jwt
 import pytest
 
 from changerelay import events as ev
-from changerelay.auth import AccessRule, Authenticator
-from changerelay.subscription import Subscription, SubscriptionError, parse
+from changerelay.auth import Authenticator
+from changerelay.rows import AccessRule
+from changerelay.subscription import ALL, Subscription, SubscriptionError, parse
 
 SCOPE = ("shop", None)
 
@@ -25,10 +26,16 @@ def event(op="insert", db="shop", coll="orders", **fields):
                              "ns": {"db": db, "coll": coll} if db else None, **fields})
 
 
+def sees(subscription, change) -> bool:
+    return subscription.select([change]) == [change]
+
+
 def test_empty_query_matches_everything_and_groups_together():
     a, resume = parse({}, SCOPE)
     b, _ = parse({}, SCOPE)
-    assert resume is None and a.match_all and a.key == b.key
+    assert resume is None and a == b == ALL
+    batch = [event(), event("drop")]
+    assert a.select(batch) is batch  # nothing to decide: the batch as it is
 
 
 def test_same_subscription_same_key_regardless_of_order():
@@ -42,7 +49,7 @@ def test_a_collection_named_star_is_not_the_whole_database():
     # so equal keys for ns=shop and ns=shop.* would hand one client the other's namespaces.
     database, _ = parse(args(ns="shop"), SCOPE)
     star, _ = parse(args(ns="shop.*"), SCOPE)
-    assert database.matches(event(coll="orders")) and not star.matches(event(coll="orders"))
+    assert sees(database, event(coll="orders")) and not sees(star, event(coll="orders"))
     assert database.key != star.key
 
 
@@ -69,48 +76,35 @@ def test_collection_scope_refuses_the_whole_database():
     with pytest.raises(SubscriptionError):
         parse(args(ns="shop"), ("shop", "orders"))
     sub, _ = parse(args(ns="shop.orders"), ("shop", "orders"))
-    assert sub.matches(event())
+    assert sees(sub, event())
 
 
 def test_namespace_matching_covers_database_level_events():
     sub, _ = parse(args(ns="shop.orders"), SCOPE)
-    assert sub.matches(event())
-    assert not sub.matches(event(coll="users"))
-    assert sub.matches(event("dropDatabase", coll=None))   # the collection is gone too
-    assert sub.matches(event("invalidate", db=None))       # the stream itself ended
+    assert sees(sub, event())
+    assert not sees(sub, event(coll="users"))
+    assert sees(sub, event("dropDatabase", coll=None))   # the collection is gone too
+    assert sees(sub, event("invalidate", db=None))       # the stream itself ended
     whole, _ = parse(args(ns="shop"), SCOPE)
-    assert whole.matches(event(coll="users"))
+    assert sees(whole, event(coll="users"))
 
 
 def test_ops_and_filter_combine():
     sub, resume = parse(args(ops="insert", filter='{"fullDocument.total": {"$gte": 10}}',
                              resume_after="8263a1b2c3000000012b04"), SCOPE)
     assert resume == "8263A1B2C3000000012B04"
-    assert sub.matches(event(fullDocument={"total": 12}))
-    assert not sub.matches(event(fullDocument={"total": 2}))
-    assert not sub.matches(event("update", fullDocument={"total": 12}))
-
-
-def test_access_rule_withholds_what_it_cannot_decide():
-    rule = AccessRule({"fullDocument.owner": "alice"})
-    assert rule({"operationType": "insert", "documentKey": {"_id": 1},
-                 "fullDocument": {"owner": "alice"}})
-    assert not rule({"operationType": "delete", "documentKey": {"_id": 1}})
-    assert not rule({"operationType": "update", "documentKey": {"_id": 1},
-                     "fullDocument": None})
-    negative = AccessRule({"fullDocument.owner": {"$ne": "bob"}})
-    assert not negative({"operationType": "delete", "documentKey": {"_id": 1}})  # no leak
-    by_key = AccessRule({"documentKey._id": {"$in": [1, 2]}})
-    assert by_key({"operationType": "delete", "documentKey": {"_id": 1}})
+    assert sees(sub, event(fullDocument={"total": 12}))
+    assert not sees(sub, event(fullDocument={"total": 2}))
+    assert not sees(sub, event("update", fullDocument={"total": 12}))
 
 
 def test_access_rule_and_client_filter_are_anded():
-    claims_rule = AccessRule({"fullDocument.owner": "alice"})
+    claims_rule = AccessRule({"fullDocument.owner": "alice"}, post_images=True)
     sub, _ = parse(args(filter='{"fullDocument.n": 1}'), SCOPE)
     restricted = Subscription(sub.namespaces, sub.ops, sub.filter, claims_rule)
-    assert restricted.matches(event(documentKey={"_id": 1}, fullDocument={"owner": "alice",
+    assert sees(restricted, event(documentKey={"_id": 1}, fullDocument={"owner": "alice",
                                                                             "n": 1}))
-    assert not restricted.matches(event(documentKey={"_id": 1}, fullDocument={"owner": "bob",
+    assert not sees(restricted, event(documentKey={"_id": 1}, fullDocument={"owner": "bob",
                                                                                 "n": 1}))
     assert restricted.key != sub.key
 
@@ -163,6 +157,27 @@ def test_a_malformed_ns_claim_is_an_invalid_token_never_a_wider_grant(ns):
         authenticate(make({"ns": ns}))
     assert (info.value.code, info.value.status) == ("invalid_token", 401)
     assert "ns" in info.value.message
+
+
+@pytest.mark.parametrize("mode, spec, refused", [
+    ("updateLookup", {"fullDocument.owner": "alice"}, True),
+    ("updateLookup", {"$or": [{"documentKey._id": 1}, {"fullDocument.public": True}]}, True),
+    ("updateLookup", {"documentKey._id": 1}, False),
+    ("default", {"fullDocument.owner": "alice"}, False),       # updates carry none: withheld
+    ("whenAvailable", {"fullDocument.owner": "alice"}, False),
+    ("required", {"fullDocument.owner": "alice"}, False),
+])
+def test_a_rule_on_the_document_needs_post_images(mode, spec, refused):
+    request = SimpleNamespace(headers={"Authorization": f"Bearer {make({'filter': spec})}"},
+                              query_arguments={})
+    auth = Authenticator(SECRET, ["HS256"], mode)
+    if refused:
+        with pytest.raises(SubscriptionError) as info:
+            auth.authenticate(request)
+        assert (info.value.code, info.value.status) == ("row_rules_need_post_images", 403)
+        assert "FULL_DOCUMENT=whenAvailable" in info.value.message
+    else:
+        assert auth.authenticate(request).rule is not None
 
 
 def test_an_empty_ns_claim_grants_nothing():
@@ -280,8 +295,8 @@ def test_public_key_tokens_rs256_and_es256_only(tmp_path):
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     path = tmp_path / "key.pem"
     path.write_bytes(pem)
-    auth = Authenticator.from_config(SimpleNamespace(auth_jwt_secret=None,
-                                                     auth_jwt_public_key=str(path)))
+    auth = Authenticator.from_config(SimpleNamespace(
+        auth_jwt_secret=None, auth_jwt_public_key=str(path), full_document="whenAvailable"))
     good = make({"ns": ["shop"]}, key=private, algorithm="ES256")
     request = SimpleNamespace(headers={"Authorization": f"Bearer {good}"}, query_arguments={})
     assert auth.authenticate(request).namespaces == frozenset({("shop", None)})
