@@ -197,11 +197,15 @@ async def test_a_string_exp_is_refused_and_every_expired_token_is_still_closed(m
         stray, refused = await WS.connect(f"{secured.ws_url}?access_token={stringy}"), None
     except httpclient.HTTPClientError as exc:
         stray, refused = None, exc
+    bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
     for client in short:
         assert await client.closed(timeout=20) == (1008, "token expired")
     assert stray is None and refused.code == 401
     body = json.loads(refused.response.body)
     assert body["error"] == "invalid_token" and "exp claim" in body["message"]
+    mongo.client[SHOP].orders.insert_one({"_id": "after"})
+    [frame] = await bystander.changes(1)
+    assert frame["documentKey"] == {"_id": "after"}
 
 
 async def test_access_token_query_parameter_and_exp_enforced_during_connection(mongo, secured):
