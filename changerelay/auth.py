@@ -1,86 +1,85 @@
-"""Token authentication and row-level access: the browser holds a JWT, the relay holds MongoDB.
+"""Token authentication: the browser holds a JWT, the relay holds MongoDB.
 
 A token is read from ``Authorization: Bearer`` or, because browsers cannot set headers on
 WebSocket and EventSource requests, from the ``access_token`` query parameter. Its claims narrow
 what the bearer may see:
 
 * ``ns`` — the namespaces the bearer may subscribe to (a list, or a comma-separated string);
-* ``filter`` — a mandatory filter in the safe filter language, ANDed with the client's own.
+* ``filter`` — a row rule in the safe filter language, ANDed with the client's own filter and
+  decided on each event as it was (``rows.py``).
 
-An access rule that reads ``fullDocument`` cannot be decided for an event without a document (a
-delete, or an update whose document was deleted before the lookup): such events are withheld
-rather than guessed at. Events about a whole collection or database (drop, rename, dropDatabase,
-invalidate) carry no document and no key; they are delivered, subject to ``ns``.
+A rule that reads ``fullDocument`` needs post-images: with ``FULL_DOCUMENT=updateLookup`` an
+update's document is looked up when the event is read, so such a token is refused at the
+handshake (403 ``row_rules_need_post_images``) rather than admitted to a stream whose updates
+could only ever be withheld.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+from logzero import logger
 
-from . import filters
-from .subscription import Subscription, SubscriptionError, namespaces_within
+from . import filters, namespaces
+from .rows import POST_IMAGE_MODES, AccessRule
+from .subscription import Subscription, SubscriptionError
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
-POLICY_VIOLATION = 1008
 LEEWAY = 5
-DOCUMENT_FIELDS = ("fullDocument", "fullDocumentBeforeChange", "updateDescription")
+ENABLE_POST_IMAGES = (
+    "enable post-images: run db.runCommand({collMod: \"<collection>\", "
+    "changeStreamPreAndPostImages: {enabled: true}}) on each watched collection (MongoDB 6.0+) "
+    "and set FULL_DOCUMENT=whenAvailable")
 
 
-class AccessRule:
-    """A JWT ``filter`` claim, compiled, with the rule for events that lack what it reads."""
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The claims of a valid token that the relay acts on, each of a checked type.
 
-    __slots__ = ("filter", "key", "reads_document")
+    PyJWT validates ``exp``, ``nbf`` and ``iat`` but lets a numeric string or a boolean
+    through, and the relay reads ``exp`` again once a second for the life of the connection;
+    so every claim it reads is checked here, once, and a bad one refuses the token.
+    """
 
-    def __init__(self, spec: dict):
-        self.filter = filters.compile_filter(spec)
-        self.key = "rule:" + self.filter.key
-        paths = _paths(spec)
-        self.reads_document = any(p.split(".")[0] in DOCUMENT_FIELDS for p in paths)
-
-    def __call__(self, change: dict) -> bool:
-        if self.reads_document and change.get("documentKey") is not None and not change.get(
-            "fullDocument"
-        ):
-            return False  # undecidable without the document: withhold
-        return self.filter.predicate(change)
+    expires: float                 # exp: seconds since 1970
+    namespaces: frozenset | None   # ns: None grants the whole watched scope
+    rule: AccessRule | None        # filter
 
 
-def _paths(spec) -> set[str]:
-    found = set()
-    if isinstance(spec, dict):
-        for key, value in spec.items():
-            if key in ("$and", "$or", "$nor") and isinstance(value, list):
-                for item in value:
-                    found |= _paths(item)
-            elif not key.startswith("$"):
-                found.add(key)
-    return found
+TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 class Authenticator:
-    def __init__(self, key, algorithms: list[str]):
+    def __init__(self, key, algorithms: list[str], full_document: str = "updateLookup"):
         self.key = key
         self.algorithms = algorithms
+        self.full_document = full_document  # the FULL_DOCUMENT mode of every stream we read
 
     @classmethod
     def from_config(cls, config) -> Authenticator:
+        if config.full_document == "updateLookup":
+            logger.warning("auth is on and FULL_DOCUMENT=updateLookup: tokens whose filter "
+                           "claim reads fullDocument will be refused (403); to use row rules, "
+                           "%s", ENABLE_POST_IMAGES)
         if config.auth_jwt_secret:
-            return cls(config.auth_jwt_secret, HMAC_ALGORITHMS)
-        return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS)
+            return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document)
+        return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
+                   config.full_document)
 
-    def authenticate(self, request) -> dict:
+    def authenticate(self, request) -> Claims:
         token = _bearer(request)
         if not token:
             raise SubscriptionError(
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
                 "<jwt> or ?access_token=<jwt>", status=401)
         try:
-            claims = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
-                                options={"require": ["exp"]})
+            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
+                                 options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
             raise SubscriptionError("token_expired", "the token has expired; get a fresh one",
                                     status=401) from None
@@ -90,55 +89,86 @@ class Authenticator:
         except jwt.InvalidTokenError as exc:
             raise SubscriptionError("invalid_token", f"the token is not valid ({exc})",
                                     status=401) from None
-        claims["_rule"] = self._rule(claims)
-        claims["_ns"] = self._namespaces(claims)
-        return claims
+        for name in TIME_CLAIMS:
+            if name in payload and not _seconds(payload[name]):
+                raise _bad_claim(name, "must be a number of seconds since 1970, not "
+                                 f"{type(payload[name]).__name__}")
+        return Claims(payload["exp"], self._namespaces(payload), self._rule(payload))
 
-    def _rule(self, claims) -> AccessRule | None:
-        spec = claims.get("filter")
-        if spec is None:
+    def _rule(self, payload) -> AccessRule | None:
+        if "filter" not in payload:
             return None
+        spec = payload["filter"]
         if not isinstance(spec, dict):
-            raise SubscriptionError("invalid_token", "the token's filter claim must be an "
-                                    "object in the filter language", status=401)
+            raise _bad_claim("filter", "must be an object in the filter language")
         try:
-            return AccessRule(spec)
+            rule = AccessRule(spec, post_images=self.full_document in POST_IMAGE_MODES)
         except filters.FilterError as exc:
-            raise SubscriptionError("invalid_token", f"the token's filter claim is invalid: "
-                                    f"{exc.message}", status=401) from None
+            raise _bad_claim("filter", f"is invalid: {exc.message}") from None
+        if rule.reads_document and self.full_document == "updateLookup":
+            raise SubscriptionError(
+                "row_rules_need_post_images", "this token's filter claim reads fullDocument, "
+                "and with FULL_DOCUMENT=updateLookup an update's document is the one found when "
+                "the event is read, not the one at the event, so it cannot decide access; "
+                + ENABLE_POST_IMAGES, status=403)
+        return rule
 
-    def _namespaces(self, claims):
-        raw = claims.get("ns")
-        if raw is None:
+    def _namespaces(self, payload):
+        if "ns" not in payload:
             return None
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise SubscriptionError("invalid_token", "the token's ns claim must be a list of "
-                                    "db or db.collection names", status=401)
-        return frozenset(
-            (db, coll or None) for db, _, coll in (i.strip().partition(".") for i in items)
-        )
+        raw = payload["ns"]
+        try:
+            if isinstance(raw, str):
+                return namespaces.parse_list(raw)
+            if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+                if not raw:
+                    raise SubscriptionError("ns_forbidden", "the token's ns claim is an empty "
+                                            "list, which grants no namespace", status=403)
+                return frozenset(namespaces.parse(item) for item in raw)
+        except namespaces.NamespaceError as exc:
+            raise _bad_claim("ns", f"is malformed: {exc}") from None
+        raise _bad_claim("ns", "must be a list of db or db.collection names")
 
-    def restrict(self, subscription: Subscription, claims: dict) -> Subscription:
-        allowed = claims["_ns"]
-        namespaces = subscription.namespaces
+    def restrict(self, subscription: Subscription, claims: Claims) -> Subscription:
+        allowed = claims.namespaces
+        wanted = subscription.namespaces
         if allowed is not None:
-            if namespaces is None:
-                namespaces = allowed
-            elif not namespaces_within(namespaces, allowed):
+            if wanted is None:
+                wanted = allowed
+            elif not namespaces.within(wanted, allowed):
                 raise SubscriptionError(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
-                    "within " + ", ".join(sorted(f"{d}.{c}" if c else d for d, c in allowed)),
-                    status=403)
-        return Subscription(namespaces, subscription.ops, subscription.filter, claims["_rule"])
+                    "within " + ", ".join(sorted(map(str, allowed))), status=403)
+        return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
 
     def expire(self, clients) -> None:
-        """Close connections whose token's ``exp`` has passed (checked once a second)."""
+        """Close connections whose token's ``exp`` has passed (checked once a second).
+
+        One client's state must not stop the pass for the others: a client whose expiry cannot
+        be read is closed (fail closed), and one that fails to close is logged and skipped.
+        """
         now = time.time()
         for client in tuple(clients):
-            claims = getattr(client, "claims", None)
-            if claims and claims.get("exp", now + 1) + LEEWAY <= now:
-                client.expire()
+            try:
+                due = client.claims is not None and client.claims.expires + LEEWAY <= now
+            except Exception:
+                logger.exception("cannot read the token expiry of %s; closing it",
+                                 getattr(client, "peer", "a client"))
+                due = True
+            if due:
+                try:
+                    client.expire()
+                except Exception:
+                    logger.exception("closing %s on token expiry failed",
+                                     getattr(client, "peer", "a client"))
+
+
+def _seconds(value) -> bool:
+    return type(value) is int or (type(value) is float and math.isfinite(value))
+
+
+def _bad_claim(name: str, problem: str) -> SubscriptionError:
+    return SubscriptionError("invalid_token", f"the token's {name} claim {problem}", status=401)
 
 
 def _bearer(request) -> str | None:

@@ -21,7 +21,7 @@ from logzero import logger
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import events as ev
-from .source import HISTORY_LOST
+from .source import HISTORY_LOST, IMAGES_MISSING, missing_image
 
 BACKOFF_CAP = 5.0
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
@@ -97,6 +97,11 @@ class CatchUp:
                             return
                         continue  # invalidated: reopen right after the invalidate
                     except PyMongoError as exc:
+                        if missing_image(exc, self.relay.config) is not None:
+                            logger.warning("catch-up reached an event without a required image; "
+                                           "its %d clients are told to resync", len(job.clients))
+                            self._resync(job, IMAGES_MISSING)
+                            return
                         if isinstance(exc, OperationFailure) and (
                                 exc.code == HISTORY_LOST or _bad_token(exc)):
                             self._resync(job, "history_lost" if exc.code == HISTORY_LOST
@@ -157,16 +162,16 @@ class CatchUp:
 
     def _deliver(self, job: Job, event) -> None:
         job.position = event.token
-        verdicts: dict[str, bool] = {}  # one match per distinct subscription, as in the hub
+        verdicts: dict = {}  # one match per distinct subscription, as in the hub
         for client, seen in tuple(job.clients.items()):
             if event.token > seen:
                 job.clients[client] = event.token
                 subscription = client.subscription
-                matched = verdicts.get(subscription.key)
+                matched = verdicts.get(subscription)
                 if matched is None:
-                    matched = verdicts[subscription.key] = subscription.matches(event)
+                    matched = verdicts[subscription] = subscription.select([event])
                 if matched:
-                    client.replay([event])
+                    client.replay(matched)
                 if client.closed:
                     job.clients.pop(client, None)
 

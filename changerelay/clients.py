@@ -48,7 +48,7 @@ class Client:
         self.closed = False
         self.writer = None  # buffered(), write(), write_within(), when_drained()
         self.on_cut = None   # called once when the client is cut off (the hub unsubscribes it)
-        self.claims: dict | None = None
+        self.claims = None  # auth.Claims of the token, when auth is on
         self.backlog: deque | None = None  # Events (and packed control messages) to replay
         self._queued = 0                   # live bytes queued behind the backlog
         self._history = 0                  # replayed events still in the backlog (they come first)

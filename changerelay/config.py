@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,9 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
-from . import admission
+from . import admission, namespaces
 
 FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
+BEFORE_CHANGE_MODES = ("off", "whenAvailable", "required")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
@@ -67,7 +67,11 @@ class Config:
     host: str = _spec("HOST", "127.0.0.1", "address to listen on")
     port: int = _spec("PORT", 8000, "port to listen on")
     full_document: str = _spec(
-        "FULL_DOCUMENT", "updateLookup", "fullDocument mode: " + ", ".join(FULL_DOCUMENT_MODES))
+        "FULL_DOCUMENT", "updateLookup", "fullDocument mode: " + ", ".join(FULL_DOCUMENT_MODES)
+        + "; row rules need post-images (whenAvailable)")
+    full_document_before_change: str = _spec(
+        "FULL_DOCUMENT_BEFORE_CHANGE", "off", "pre-images (fullDocumentBeforeChange): "
+        + ", ".join(BEFORE_CHANGE_MODES) + "; let row rules decide deletes and leaves")
     pipeline: tuple = _spec(
         "PIPELINE", (), "JSON array of stages appended after $changeStream")
     log_level: str = _spec("LOG_LEVEL", "INFO", "one of " + ", ".join(LOG_LEVELS))
@@ -280,20 +284,18 @@ def _check_srv_syntax(source, raw):
             "e.g. mongodb+srv://user:pass@cluster0.example.net/")
 
 
-_NAME = re.compile(r"^[^/\\. \"$\x00]+$")
-
-
 def _db_name(source, raw):
-    if not _NAME.match(raw) or len(raw) > 63:
-        raise ConfigError(
-            source, f"{raw!r} is not a valid database name (no / \\ . space \" $, <= 63 bytes)")
-    return raw
+    try:
+        return namespaces.database(raw)
+    except namespaces.NamespaceError as exc:
+        raise ConfigError(source, str(exc)) from None
 
 
 def _collection_name(source, raw):
-    if raw.startswith("system.") or "$" in raw or "\x00" in raw:
-        raise ConfigError(source, f"{raw!r} is not a collection that can be watched")
-    return raw
+    try:
+        return namespaces.collection(raw)
+    except namespaces.NamespaceError as exc:
+        raise ConfigError(source, f"{exc}: not a collection that can be watched") from None
 
 
 def _pipeline(source, raw):
@@ -396,6 +398,7 @@ _CONVERTERS = {
     "watch_collection": _collection_name,
     "port": _port,
     "full_document": _choice(FULL_DOCUMENT_MODES),
+    "full_document_before_change": _choice(BEFORE_CHANGE_MODES),
     "pipeline": _pipeline,
     "log_level": _choice(LOG_LEVELS, fold=True),
     "log_format": _choice(LOG_FORMATS),
@@ -416,6 +419,19 @@ def _check_together(config: Config) -> None:
     if config.watch_collection and not config.watch_db:
         raise ConfigError(
             "WATCH_COLLECTION", "needs WATCH_DB too: set WATCH_DB to the collection's database")
+    if config.watch_collection:
+        try:
+            namespaces.make(config.watch_db, config.watch_collection)
+        except namespaces.NamespaceError as exc:
+            raise ConfigError("WATCH_COLLECTION", str(exc)) from None
+    for setting, mode in (("FULL_DOCUMENT", config.full_document),
+                          ("FULL_DOCUMENT_BEFORE_CHANGE", config.full_document_before_change)):
+        if mode == "required" and not config.watch_collection:
+            raise ConfigError(
+                setting, "required needs WATCH_COLLECTION: on a database or deployment watch, "
+                "one change in a collection without changeStreamPreAndPostImages fails the "
+                "shared stream with error 47 (NoMatchingDocument) on every reopen, and every "
+                "client stalls; use whenAvailable, or watch one collection")
     if config.auth_jwt_secret and config.auth_jwt_public_key:
         raise ConfigError(
             "AUTH_JWT_SECRET", "set AUTH_JWT_SECRET (HS256) or AUTH_JWT_PUBLIC_KEY, not both")
@@ -425,5 +441,6 @@ def describe(config: Config) -> str:
     """One line for the start-up log, with the password masked."""
     scope = {"deployment": "the whole deployment", "database": f"database {config.watch_db}",
              "collection": f"{config.watch_db}.{config.watch_collection}"}[config.scope]
-    return (f"watching {scope} on {config.redacted_uri} "
-            f"(fullDocument={config.full_document}, {len(config.pipeline)} pipeline stages)")
+    return (f"watching {scope} on {config.redacted_uri} (fullDocument={config.full_document}, "
+            f"fullDocumentBeforeChange={config.full_document_before_change}, "
+            f"{len(config.pipeline)} pipeline stages)")

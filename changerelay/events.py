@@ -26,7 +26,8 @@ class Event:
     hub find a resume point with a binary search.
     """
 
-    __slots__ = ("_deflated", "_header", "_sse", "change", "frame", "ns", "op", "token")
+    __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "ns",
+                 "op", "token")
 
     def __init__(self, change: dict, data: bytes, token: str, deflate: bool = False):
         self.change = change
@@ -38,6 +39,8 @@ class Event:
         self._header = len(self.frame) - len(data)
         self._sse = None
         self._deflated = _deflated_frame(data) if deflate else None
+        self._entered: Event | None = None
+        self._leave: Leave | None = None
 
     @property
     def data(self) -> bytes:
@@ -59,13 +62,57 @@ class Event:
         return self._deflated
 
     @property
+    def entered(self) -> Event:
+        """This event without its pre-image, for readers whose row rule did not cover the
+        document before the change (see ``rows.py``); built on first use, once."""
+        if self._entered is None:
+            self._entered = encode_change(
+                {k: v for k, v in self.change.items() if k != "fullDocumentBeforeChange"})
+        return self._entered
+
+    @property
+    def leave(self) -> Leave:
+        """The ``leave`` message sent in this event's place; built on first use, once."""
+        if self._leave is None:
+            self._leave = Leave(self)
+        return self._leave
+
+    @property
     def size(self) -> int:
         """Bytes held for this event: the frame, about as much for the decoded document, and
-        the compressed frame if there is one."""
+        the compressed frame if there is one. Fixed once the event is in the log (the replay
+        buffer adds it and later subtracts it), so what is built on first use — the SSE
+        record, the variants for row rules — is not counted."""
         return 2 * len(self.frame) + (len(self._deflated) if self._deflated else 0)
 
     def __repr__(self):
         return f"<Event {self.op} {self.ns} {self.token[:24]}…>"
+
+
+class Leave:
+    """``{"type": "leave", "ns": "<db>.<coll>", "documentKey": {...}}``: the document left the
+    reader's rows with this event. It travels where the event would, in order, as the same
+    bytes for every reader; its SSE record carries the event's id, so that EventSource resumes
+    past it. Nothing of the document's new content is in it."""
+
+    __slots__ = ("data", "frame", "sse", "token")
+
+    def __init__(self, event: Event):
+        # .get: an operator's PIPELINE may have removed either, and a flush must not raise.
+        namespace = ".".join(part for part in event.ns if part)
+        message = {"type": "leave", "ns": namespace,
+                   "documentKey": event.change.get("documentKey")}
+        self.data = json_util.dumps(message, json_options=_RELAXED,
+                                    separators=(",", ":")).encode()
+        self.token = event.token
+        self.frame = ws_frame(self.data)
+        self.sse = b"id: " + self.token.encode() + b"\nevent: leave\ndata: " + self.data + b"\n\n"
+
+    @property
+    def deflated(self) -> bytes:
+        """Control messages go uncompressed to permessage-deflate clients too (RFC 7692 lets
+        each message choose)."""
+        return self.frame
 
 
 def encode_change(change: dict, deflate: bool = False) -> Event:

@@ -2,8 +2,10 @@
 
 The hub keeps one ordered log — the replay buffer — of the most recent events, and the connected
 clients grouped by subscription. ``publish`` appends to the log; once per event-loop iteration the
-new events are *flushed*: each subscription group picks the events it matches (one filter
-evaluation per group, not per client) and every client of the group gets the same bytes. Nothing
+new events are *flushed*: each subscription group picks what its clients are sent — the events
+it matches, or for a row rule a ``leave`` in an event's place — with one decision per group, not
+per client, and every client of the group gets the same bytes. Replay, catch-up and clients
+resuming ahead of us pick with the same ``select``, so every path sends the same. Nothing
 here awaits, so a slow or broken client can never stall the others or the change stream; transports
 enforce their own outbound limits.
 
@@ -37,7 +39,7 @@ class Subscriber(Protocol):
     """What the hub needs from a connected client; transports implement it."""
 
     kind: str                     # "ws", "ws-deflate", "sse"...: one kind shares one payload
-    subscription: object          # has .key (str) and .matches(Event) -> bool
+    subscription: object          # hashable, equal iff equivalent; has .select(events) -> list
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
 
@@ -58,11 +60,7 @@ class Group:
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
 
     def deliver(self, batch: list[Event], now: float) -> None:
-        if self.subscription.match_all:
-            matched = batch
-        else:
-            matches = self.subscription.matches
-            matched = [event for event in batch if matches(event)]
+        matched = self.subscription.select(batch)
         if not matched:
             return
         self.last_send = now
@@ -88,7 +86,7 @@ class Hub:
         self.position: str | None = None  # newest token every client has been sent up to
         self._pending: list[Event] = []
         self._flush_scheduled = False
-        self._groups: dict[str, Group] = {}
+        self._groups: dict[object, Group] = {}  # by subscription
         self._ahead: dict[object, str] = {}   # clients resuming past our newest event
         self._waiting: dict[object, str] = {}  # clients resuming before the stream first opened
         self.clients: set = set()
@@ -210,8 +208,7 @@ class Hub:
 
     def replay(self, client, after: str) -> None:
         index = bisect.bisect_right(self._tokens, after, lo=self._start)
-        matches = client.subscription.matches
-        matched = [event for event in self._log[index:] if matches(event)]
+        matched = client.subscription.select(self._log[index:])
         if matched:
             client.last_send = time.monotonic()
             client.replay(matched)
@@ -220,25 +217,23 @@ class Hub:
         self.clients.discard(client)
         self._ahead.pop(client, None)
         self._waiting.pop(client, None)
-        group = self._groups.get(client.subscription.key)
+        group = self._groups.get(client.subscription)
         if group is not None:
             group.clients.discard(client)
             if not group.clients:
-                del self._groups[client.subscription.key]
+                del self._groups[client.subscription]
 
     def _join(self, client) -> None:
-        key = client.subscription.key
-        group = self._groups.get(key)
+        group = self._groups.get(client.subscription)
         if group is None:
-            group = self._groups[key] = Group(client.subscription)
+            group = self._groups[client.subscription] = Group(client.subscription)
         client.subscription = group.subscription  # one compiled copy per distinct subscription
         group.clients.add(client)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].token
         for client, after in tuple(self._ahead.items()):
-            matches = client.subscription.matches
-            fresh = [e for e in batch if e.token > after and matches(e)]
+            fresh = client.subscription.select([e for e in batch if e.token > after])
             if fresh:
                 client.last_send = now
                 client.deliver(fresh, client.pack(fresh))

@@ -9,7 +9,9 @@ handles everything else, so the relay never stops watching while the process run
   invalidate token, which is the only way MongoDB lets a stream continue past one;
 * 286 ChangeStreamHistoryLost (our resume point has left the oplog) → start from now and tell every
   client to resync, since the events in between are gone for good;
-* a standalone server (40573) or failed authentication → the readiness probe names the fix.
+* a standalone server (40573) or failed authentication → the readiness probe names the fix;
+* 47 NoMatchingDocument under FULL_DOCUMENT(_BEFORE_CHANGE)=required → stop: the event has no
+  image and never will, so reopening would fail on it forever; /readyz says how to recover.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ NOT_REPLICA_SET = 40573
 AUTH_FAILED = 18
 UNAUTHORIZED = 13
 INVALID_RESUME_TOKEN = 260
+NO_MATCHING_DOCUMENT = 47
+IMAGES_MISSING = "images_missing"  # the source's state, and the reason catch-up riders resync
+IMAGE_SETTINGS = {"post-image": "FULL_DOCUMENT", "pre-image": "FULL_DOCUMENT_BEFORE_CHANGE"}
 
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 10.0
@@ -47,6 +52,35 @@ REPLICA_SET_HELP = (
     "`mongod --replSet rs0` and run `rs.initiate()` once in mongosh (a one-member replica set is "
     "fine), or use an Atlas cluster"
 )
+
+
+def missing_image(exc: Exception, config: Config) -> str | None:
+    """``"post-image"`` or ``"pre-image"`` when ``exc`` is a ``required`` stream failing on an
+    event without that image, else None.
+
+    MongoDB raises 47 NoMatchingDocument, saying which image, from its post- and pre-image
+    stages (src/mongo/db/pipeline/document_source_change_stream_add_post_image.cpp and
+    ..._add_pre_image.cpp: "Change stream was configured to require a post-image for all update
+    events, but the post-image was not found for event: ..."). Images are recorded when a
+    document is written, so that event will never have one.
+    """
+    if not isinstance(exc, OperationFailure) or exc.code != NO_MATCHING_DOCUMENT:
+        return None
+    required = [image for image, setting in IMAGE_SETTINGS.items()
+                if getattr(config, setting.lower()) == "required"]
+    named = [image for image in required if image in str(exc)]
+    found = named or required
+    return found[0] if found else None
+
+
+def images_help(image: str, config: Config) -> str:
+    """What /readyz says when the stream stopped on an event without a required image."""
+    return (f"MongoDB has no {image} for an event in {config.watch_db}.{config.watch_collection}"
+            f" and {IMAGE_SETTINGS[image]}=required, so the change stream stopped (it would "
+            "fail on that event at every reopen). Enable images: db.runCommand({collMod: "
+            f"\"{config.watch_collection}\", changeStreamPreAndPostImages: {{enabled: true}}}}) "
+            "(MongoDB 6.0+), then restart the relay: it starts from now, and clients resuming "
+            f"from before that event are told to resync ({IMAGES_MISSING})")
 
 
 def redaction_stages(paths) -> list[dict]:
@@ -157,8 +191,11 @@ class ChangeSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
                 self._classify(exc)
+                if self.state == IMAGES_MISSING:
+                    logger.error("change stream stopped (%s): %s", self.state, self.reason)
+                    return
+                failures += 1
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
                 delay *= random.uniform(0.5, 1.0)
                 logger.warning("change stream %s: %s — retrying in %.1fs (attempt %d)",
@@ -183,9 +220,10 @@ class ChangeSource:
 
     async def open_stream(self, start_after=None, resume_after=None,
                           max_await_ms: int = MAX_AWAIT_MS):
-        """``watch()`` on the configured scope, pipeline and fullDocument mode (catch-ups too)."""
-        mode = self.config.full_document
+        """``watch()`` on the configured scope, pipeline and image modes (catch-ups too)."""
+        mode, before = self.config.full_document, self.config.full_document_before_change
         options = dict(full_document=None if mode == "default" else mode,
+                       full_document_before_change=None if before == "off" else before,
                        max_await_time_ms=max_await_ms)
         if start_after is not None:
             options["start_after"] = start_after
@@ -235,7 +273,10 @@ class ChangeSource:
 
     def _classify(self, exc: Exception) -> None:
         code = getattr(exc, "code", None)
-        if isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
+        image = missing_image(exc, self.config)
+        if image is not None:
+            self.state, self.reason = IMAGES_MISSING, images_help(image, self.config)
+        elif isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
             self.state, self.reason = "not_replica_set", REPLICA_SET_HELP
         elif isinstance(exc, OperationFailure) and code == AUTH_FAILED:
             self.state = "auth_failed"

@@ -2,8 +2,8 @@
 
 Everything is checked before the WebSocket upgrade or the SSE response starts, so a bad request
 gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a connection.
-Two clients with the same namespaces, operation types and filters share one :class:`Subscription`
-key, and so one match per event in the hub.
+Two clients with equal subscriptions (the same namespaces, operation types, filter and access
+rule) share one match per event in the hub.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 from . import events as ev
 from . import filters
+from .namespaces import NamespaceError, normalise, parse_list
+from .rows import DELIVER, ENTERED, LEAVE
 
 OPERATION_TYPES = frozenset({
     "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -39,58 +41,96 @@ class SubscriptionError(ValueError):
 
 class Subscription:
     """Namespaces, operation types, a filter and an access rule, compiled into one
-    ``matches(event)``."""
+    ``select(events)``: what a client of this subscription is sent for those events, in order
+    — each event, the event without its pre-image, or a ``leave`` in its place (see
+    ``rows.py``).
 
-    __slots__ = ("access", "filter", "key", "match_all", "matches", "namespaces", "ops")
+    Subscriptions are equal when their normalised parts are: the hub groups clients by
+    subscription and hands every client of a group the group's compiled copy, so two
+    subscriptions that could decide one event differently must never be equal. ``None`` (no
+    restriction) and an empty set (nothing) stay apart.
+    """
+
+    __slots__ = ("_hash", "access", "filter", "key", "namespaces", "ops", "select")
 
     def __init__(self, namespaces=None, ops=None, filter=None, access=None):
-        self.namespaces = namespaces  # None, or a frozenset of (db, coll-or-None)
-        self.ops = ops                # None, or a frozenset of operation types
-        self.filter = filter          # None, or a filters.Filter
-        self.access = access          # None, or an auth.AccessRule (a JWT claim)
-        self.key = json.dumps([
-            # A database name has no ".", so "db" and "db.coll" cannot be confused (a
-            # collection may be named "*").
-            sorted(f"{db}.{coll}" if coll else db for db, coll in namespaces)
-            if namespaces else None,
-            sorted(ops) if ops else None,
-            filter.key if filter is not None else None,
-            access.key if access is not None else None,
-        ])
-        self.match_all = namespaces is None and ops is None and filter is None and access is None
-        self.matches = self._compile()
+        self.namespaces = None if namespaces is None else normalise(namespaces)
+        self.ops = None if ops is None else frozenset(ops)
+        self.filter = filter  # None, or a filters.Filter
+        self.access = access  # None, or a rows.AccessRule (a JWT claim)
+        self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
+                    None if access is None else access.key)
+        self._hash = hash(self.key)
+        self.select = self._compile()
+
+    def __eq__(self, other):
+        return isinstance(other, Subscription) and other.key == self.key
+
+    def __hash__(self):
+        return self._hash
 
     def _compile(self):
+        # What anyone may know of an event (its namespace and type) is checked first; the
+        # client's filter runs last, on exactly what the client would be sent, so that it
+        # cannot probe what the access rule withheld.
         checks = []
-        if self.access is not None:
-            rule = self.access
-            checks.append(lambda event: rule(event.change))
         if self.ops is not None:
             ops = self.ops
             checks.append(lambda event: event.op in ops)
         if self.namespaces is not None:
-            databases = {db for db, coll in self.namespaces if coll is None}
-            collections = {(db, coll) for db, coll in self.namespaces if coll is not None}
-            named = {db for db, _ in collections}
+            checks.append(_in_namespaces(self.namespaces))
+        predicate = None if self.filter is None else self.filter.predicate
+        if self.access is None:
+            if predicate is not None:
+                checks.append(lambda event: predicate(event.change))
+            if not checks:
+                return lambda events: events
+            matches = filters.all_of(checks)
+            return lambda events: [event for event in events if matches(event)]
+        visible = filters.all_of(checks) if checks else None
+        decide, deliver, entered, leave = self.access.decide, DELIVER, ENTERED, LEAVE
 
-            def in_namespaces(event):
-                db, coll = event.ns
-                if db is None:          # invalidate: concerns every client of the stream
-                    return True
-                if db in databases:
-                    return True
-                if coll is None:        # dropDatabase: concerns every collection in it
-                    return db in named
-                return (db, coll) in collections
+        def select(events):
+            picked = []
+            for event in events:
+                if visible is not None and not visible(event):
+                    continue
+                verdict = decide(event.change)
+                if verdict is deliver:
+                    item = event
+                elif verdict is entered:
+                    item = event.entered
+                elif verdict is leave:
+                    picked.append(event.leave)  # about access alone: the filter has no say
+                    continue
+                else:
+                    continue
+                if predicate is None or predicate(item.change):
+                    picked.append(item)
+            return picked
 
-            checks.append(in_namespaces)
-        if self.filter is not None:
-            predicate = self.filter.predicate
-            checks.append(lambda event: predicate(event.change))
-        return filters.all_of(checks)
+        return select
 
     def __repr__(self):
-        return f"<Subscription {self.key}>"
+        return f"<Subscription {self.key!r}>"
+
+
+def _in_namespaces(namespaces):
+    databases = {db for db, coll in namespaces if coll is None}
+    collections = {(db, coll) for db, coll in namespaces if coll is not None}
+    named = {db for db, _ in collections}
+
+    def in_namespaces(event):
+        db, coll = event.ns
+        if db is None:          # invalidate: concerns every client of the stream
+            return True
+        if db in databases:
+            return True
+        if coll is None:        # dropDatabase: concerns every collection in it
+            return db in named
+        return (db, coll) in collections
+
+    return in_namespaces
 
 
 ALL = Subscription()
@@ -130,35 +170,20 @@ def parse_resume(text: str) -> str:
 
 
 def _namespaces(raw: str, scope) -> frozenset:
+    try:
+        result = parse_list(raw, limit=MAX_NAMESPACES)
+    except NamespaceError as exc:
+        raise SubscriptionError("invalid_ns", f"{exc}; give db or db.collection, "
+                                "comma-separated") from None
     watch_db, watch_coll = scope
-    result = set()
-    items = [item.strip() for item in raw.split(",") if item.strip()]
-    if not items:
-        raise SubscriptionError("invalid_ns", "ns is empty; give db or db.collection, "
-                                "comma-separated")
-    if len(items) > MAX_NAMESPACES:
-        raise SubscriptionError("invalid_ns", f"ns lists more than {MAX_NAMESPACES} namespaces")
-    for item in items:
-        db, _, coll = item.partition(".")
-        if not db or (_ and not coll) or any(c in db for c in '/\\ "$\x00'):
-            raise SubscriptionError(
-                "invalid_ns", f"{item!r} is not a namespace; write db or db.collection")
-        coll = coll or None
-        inside = (watch_db is None or db == watch_db) and (
-            watch_coll is None or coll == watch_coll)
-        if not inside:
+    for item in result:
+        if (watch_db is not None and item.db != watch_db) or (
+                watch_coll is not None and item.coll != watch_coll):
             where = ".".join(p for p in scope if p) or "the deployment"
             raise SubscriptionError(
-                "ns_outside_scope", f"{item!r} is outside what this relay watches ({where}); "
+                "ns_outside_scope", f"{str(item)!r} is outside what this relay watches ({where}); "
                 "subscribe to namespaces inside it")
-        result.add((db, coll))
-    return frozenset(result)
-
-
-def namespaces_within(wanted: frozenset, allowed: frozenset) -> bool:
-    """Does every wanted namespace lie inside one of the allowed ones?"""
-    allowed_dbs = {db for db, coll in allowed if coll is None}
-    return all(db in allowed_dbs or (db, coll) in allowed for db, coll in wanted)
+    return result
 
 
 def _ops(raw: str) -> frozenset:

@@ -264,11 +264,11 @@ def test_an_expired_token_ends_a_client_that_is_still_catching_up():
     """``exp`` is enforced on every connection, not only on those already live in the hub."""
     import time
 
-    from changerelay.auth import Authenticator
+    from changerelay.auth import Authenticator, Claims
     from changerelay.hub import Hub
 
     class Rider:
-        claims = {"exp": time.time() - 60}
+        claims = Claims(time.time() - 60, None, None)
         expired = False
 
         def expire(self):

@@ -30,6 +30,16 @@ def test_defaults_match_the_documented_table():
     assert (c.replay_buffer, c.client_buffer_bytes) == (10000, 8 * 1024 * 1024)
 
 
+def test_images_settings():
+    c = load()
+    assert (c.full_document, c.full_document_before_change) == ("updateLookup", "off")
+    c = load(env={"WATCH_DB": "shop", "WATCH_COLLECTION": "notes", "FULL_DOCUMENT": "required",
+                  "FULL_DOCUMENT_BEFORE_CHANGE": "required"})
+    assert (c.full_document, c.full_document_before_change) == ("required", "required")
+    c = load(env={"FULL_DOCUMENT": "whenAvailable", "FULL_DOCUMENT_BEFORE_CHANGE": "whenAvailable"})
+    assert "fullDocumentBeforeChange=whenAvailable" in cfg.describe(c)
+
+
 def test_flag_beats_env_beats_dotenv(tmp_path):
     c = load(["--port", "9001"], {"PORT": "9002"}, "PORT=9003\nWATCH_DB=fromdotenv\n", tmp_path)
     assert c.port == 9001 and c.watch_db == "fromdotenv"
@@ -72,11 +82,20 @@ def test_pipeline_is_parsed_as_extended_json():
     ({"PIPELINE": '[{"$unset": "_id"}]'}, "PIPELINE", "resume token"),
     ({"PIPELINE": '[{"$set": {"_id._data": "x"}}]'}, "PIPELINE", "resume token"),
     ({"FULL_DOCUMENT": "always"}, "FULL_DOCUMENT", "updateLookup"),
+    ({"FULL_DOCUMENT_BEFORE_CHANGE": "on"}, "FULL_DOCUMENT_BEFORE_CHANGE", "whenAvailable"),
+    ({"FULL_DOCUMENT": "required"}, "FULL_DOCUMENT", "WATCH_COLLECTION"),
+    ({"FULL_DOCUMENT": "required", "WATCH_DB": "shop"}, "FULL_DOCUMENT", "47"),
+    ({"FULL_DOCUMENT_BEFORE_CHANGE": "required", "WATCH_DB": "shop"},
+     "FULL_DOCUMENT_BEFORE_CHANGE", "WATCH_COLLECTION"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "text, json"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "DEBUG"),
     ({"MONGO_SRV": "postgres://x"}, "MONGO_SRV", "mongodb://"),
     ({"MONGO_SRV": "mongodb+srv://a:1,b:2/"}, "MONGO_SRV", "exactly one host"),
     ({"WATCH_DB": "a.b"}, "WATCH_DB", "not a valid database name"),
+    ({"WATCH_DB": "é" * 32}, "WATCH_DB", "63 bytes"),
+    ({"WATCH_DB": "shop", "WATCH_COLLECTION": ".orders"}, "WATCH_COLLECTION", "'.'"),
+    ({"WATCH_DB": "shop", "WATCH_COLLECTION": "system.views"}, "WATCH_COLLECTION", "system."),
+    ({"WATCH_DB": "shop", "WATCH_COLLECTION": "c" * 251}, "WATCH_COLLECTION", "255 bytes"),
     ({"ALLOWED_ORIGINS": "example.com"}, "ALLOWED_ORIGINS", "scheme://host"),
     ({"TRUSTED_PROXIES": "proxy.local"}, "TRUSTED_PROXIES", "IP address"),
     ({"REDACT": "_id"}, "REDACT", "resume token"),
@@ -105,6 +124,7 @@ def test_password_never_in_errors_or_descriptions():
     ([], {"PIPELINE": "nope"}),
     (["--no-such-flag"], {}),
     ([], {"WATCH_COLLECTION": "c"}),
+    ([], {"WATCH_DB": "shop", "FULL_DOCUMENT": "required"}),
 ])
 def test_server_exits_2_with_one_line_and_no_traceback(argv, env):
     result = subprocess.run(

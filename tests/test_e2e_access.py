@@ -72,6 +72,10 @@ BAD_HANDSHAKES = [
      "invalid_token"),
     ("token for another namespace", f"ns={SHOP}.secrets",
      {"Authorization": "Bearer " + token({"ns": [f"{SHOP}.orders"]})}, 403, "ns_forbidden"),
+    ("token granting no namespace", "", {"Authorization": "Bearer " + token({"ns": []})}, 403,
+     "ns_forbidden"),
+    ("token with a malformed ns", "", {"Authorization": "Bearer " + token({"ns": f"{SHOP}."})},
+     401, "invalid_token"),
     ("cross-origin handshake", "", {"Origin": "https://evil.example"}, 403,
      "origin_not_allowed"),
 ]
@@ -169,6 +173,41 @@ async def test_oversized_inbound_frame_closes_that_client_with_1009_only(mongo, 
     assert frame["documentKey"] == {"_id": 1}
 
 
+async def test_a_token_granting_no_namespace_is_refused_not_taken_for_every_namespace(
+        mongo, secured):
+    everything = await WS.connect(secured.ws_url, headers={
+        "Authorization": f"Bearer {token()}"})  # no ns claim: the whole watched scope
+    with pytest.raises(httpclient.HTTPClientError) as refused:  # today: joins, gets everything
+        await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {token({'ns': []})}"})
+    assert refused.value.code == 403
+    assert json.loads(refused.value.response.body)["error"] == "ns_forbidden"
+    stream = await SSE.open(secured.port, extra={
+        "Authorization": f"Bearer {token({'ns': []})}"})
+    assert stream.status == 403
+    mongo.client[SHOP].orders.insert_one({"_id": 1})
+    [frame] = await everything.changes(1)
+    assert frame["documentKey"] == {"_id": 1}
+
+
+async def test_a_string_exp_is_refused_and_every_expired_token_is_still_closed(mongo, secured):
+    short = [await WS.connect(f"{secured.ws_url}?access_token={token({'ns': [SHOP]}, ttl=1)}")
+             for _ in range(5)]
+    stringy = jwt.encode({"exp": str(int(time.time()) + 300), "ns": [SHOP]}, SECRET)
+    try:  # today: admitted, and the expiry pass then raises TypeError on every tick
+        stray, refused = await WS.connect(f"{secured.ws_url}?access_token={stringy}"), None
+    except httpclient.HTTPClientError as exc:
+        stray, refused = None, exc
+    bystander = await WS.connect(secured.ws_url, headers={"Authorization": f"Bearer {GOOD}"})
+    for client in short:
+        assert await client.closed(timeout=20) == (1008, "token expired")
+    assert stray is None and refused.code == 401
+    body = json.loads(refused.response.body)
+    assert body["error"] == "invalid_token" and "exp claim" in body["message"]
+    mongo.client[SHOP].orders.insert_one({"_id": "after"})
+    [frame] = await bystander.changes(1)
+    assert frame["documentKey"] == {"_id": "after"}
+
+
 async def test_access_token_query_parameter_and_exp_enforced_during_connection(mongo, secured):
     short = token({"ns": [SHOP]}, ttl=1)
     client = await WS.connect(f"{secured.ws_url}?access_token={short}")
@@ -181,8 +220,11 @@ async def test_access_token_query_parameter_and_exp_enforced_during_connection(m
 
 
 async def test_row_level_rules_alice_and_bob_each_see_exactly_their_own(mongo, relay_factory):
-    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=SECRET)
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=SECRET,
+                          FULL_DOCUMENT="whenAvailable")  # row rules need post-images
     relay.wait_ready()
+    mongo.client[mongo.db].create_collection(
+        "notes", changeStreamPreAndPostImages={"enabled": True})
 
     def for_user(name):
         return token({"ns": [mongo.db], "filter": {"fullDocument.owner": name}})
@@ -204,7 +246,7 @@ async def test_row_level_rules_alice_and_bob_each_see_exactly_their_own(mongo, r
             expected["bob_big"].append(("insert", n))
     notes.update_one({"_id": 1}, {"$set": {"n": 100}})
     expected["alice"].append(("update", 1))
-    notes.delete_one({"_id": 2})  # no document: the rule cannot be decided, so withheld
+    notes.delete_one({"_id": 2})  # no pre-images here: the rule cannot decide it, so withheld
     notes.insert_one({"_id": "end", "owner": "alice", "n": 0})
     expected["alice"].append(("insert", "end"))
     notes.insert_one({"_id": "end-b", "owner": "bob", "n": 50})

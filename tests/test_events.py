@@ -95,3 +95,49 @@ def test_with_deflate_the_compressed_frame_is_built_at_once_and_counted():
     size = compressed.size
     assert size == 2 * len(compressed.frame) + len(compressed.deflated)
     assert compressed.size == size  # stable: the replay buffer adds and later subtracts it
+
+
+def update_moving_a_document(**extra):
+    oid = ObjectId("65a1b2c3d4e5f60718293a4b")
+    return ev.encode_change(change(
+        operationType="update", documentKey={"_id": oid},
+        updateDescription={"updatedFields": {"owner": "bob", "note": "new"}},
+        fullDocument={"_id": oid, "owner": "bob", "note": "new"},
+        fullDocumentBeforeChange={"_id": oid, "owner": "alice", "note": "old"}, **extra))
+
+
+def test_a_leave_carries_the_key_and_nothing_of_the_content():
+    event = update_moving_a_document()
+    leave = event.leave
+    assert leave is event.leave  # encoded once, whoever receives it
+    assert json.loads(leave.data) == {
+        "type": "leave", "ns": "shop.orders",
+        "documentKey": {"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}}}
+    assert list(json.loads(leave.data)) == ["type", "ns", "documentKey"]
+    assert leave.frame == ws_frame(leave.data)
+    assert leave.deflated == leave.frame  # control messages go uncompressed (RFC 7692 §6)
+    assert leave.sse == (b"id: " + event.token.encode() + b"\nevent: leave\ndata: "
+                         + leave.data + b"\n\n")  # EventSource resumes past the event
+    assert leave.token == event.token
+    for secret in (b"new", b"old", b"bob", b"alice"):
+        assert secret not in leave.data
+
+
+def test_without_its_pre_image_an_event_is_the_same_event_minus_that_field():
+    event = update_moving_a_document()
+    entered = event.entered
+    assert entered is event.entered  # encoded once, whoever receives it
+    sent = json.loads(entered.data)
+    assert "fullDocumentBeforeChange" not in sent and b"old" not in entered.frame
+    assert sent == {k: v for k, v in json.loads(event.data).items()
+                    if k != "fullDocumentBeforeChange"}
+    assert (entered.token, entered.op, entered.ns) == (event.token, event.op, event.ns)
+    fresh = ev.encode_change({k: v for k, v in event.change.items()
+                              if k != "fullDocumentBeforeChange"}, deflate=True)
+    assert entered.deflated == fresh.deflated and entered.sse == fresh.sse
+
+
+def test_a_leave_survives_a_pipeline_that_removed_ns():
+    event = ev.encode_change({"_id": {"_data": "82AA"}, "operationType": "update",
+                              "documentKey": {"_id": 1}})
+    assert json.loads(event.leave.data) == {"type": "leave", "ns": "", "documentKey": {"_id": 1}}

@@ -7,7 +7,10 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from changerelay import events as ev
+from changerelay.filters import compile_filter
 from changerelay.hub import Hub
+from changerelay.rows import AccessRule
 from changerelay.subscription import ALL, Subscription
 from tests.support import event, token
 
@@ -245,3 +248,171 @@ def test_any_interleaving_delivers_each_event_once_in_order(script, capacity):
     hub.flush()
     for client, after in clients:
         assert client.received == [token(n) for n in range(after + 1, published + 1)]
+
+
+SAMPLE_EVENTS = [
+    ev.encode_change({"_id": {"_data": token(100 + i)}, "operationType": op,
+                      "ns": {"db": db, "coll": coll} if coll else {"db": db},
+                      "documentKey": {"_id": n}, "fullDocument": {"_id": n, "n": n}})
+    for i, (op, db, coll, n) in enumerate(
+        (op, db, coll, n) for op in ("insert", "update", "delete")
+        for db, coll in (("db", "c"), ("db", "*"), ("other", "x"), ("db", None))
+        for n in (1, 2))
+] + [ev.encode_change({"_id": {"_data": token(200)}, "operationType": "invalidate"})]
+
+namespace_sets = st.one_of(st.none(), st.frozensets(st.sampled_from(
+    [("db", None), ("db", "c"), ("db", "*"), ("other", None), ("other", "x")]), max_size=3))
+op_sets = st.one_of(st.none(), st.frozensets(st.sampled_from(["insert", "update", "delete"]),
+                                              max_size=2))
+specs = st.one_of(st.none(), st.sampled_from([
+    {"fullDocument.n": 1}, {"fullDocument.n": {"$eq": 1}}, {"fullDocument.n": {"$ne": 1}},
+    {"documentKey._id": 2}, {"$or": [{"fullDocument.n": 1}, {"documentKey._id": 2}]}]))
+subscriptions = st.builds(
+    lambda ns, ops, spec, rule: Subscription(
+        ns, ops, None if spec is None else compile_filter(spec),
+        None if rule is None else AccessRule(rule, post_images=True)),
+    namespace_sets, op_sets, specs, specs)
+
+
+def decides(subscription, event) -> list:
+    return [(type(item).__name__, item.data) for item in subscription.select([event])]
+
+
+@settings(max_examples=400, deadline=None)
+@given(subscriptions, subscriptions)
+def test_two_subscriptions_share_a_group_only_if_they_are_equal(one, two):
+    """The hub hands every client of a group the group's compiled subscription, so sharing a
+    group must mean deciding every event alike; and equal subscriptions should share one."""
+    hub = started_hub()
+    a, b = FakeClient(one), FakeClient(two)
+    hub.subscribe(a)
+    hub.subscribe(b)
+    if a.subscription is b.subscription:
+        assert one == two
+        for event in SAMPLE_EVENTS:
+            assert decides(one, event) == decides(two, event), event
+    twin = FakeClient(Subscription(one.namespaces, one.ops, one.filter, one.access))
+    hub.subscribe(twin)
+    assert twin.subscription is a.subscription
+
+
+def test_an_empty_namespace_set_is_not_every_namespace():
+    hub = started_hub()
+    everything, nothing = FakeClient(), FakeClient(Subscription(frozenset()))
+    hub.subscribe(everything)
+    hub.subscribe(nothing)
+    hub.publish(event(1))
+    assert everything.received == [token(1)] and nothing.received == []
+
+
+# -- row rules: one decision per group per event, the same on every path ----------------------
+
+def image_event(n, op, post=None, pre=None, key=1):
+    doc = {"_id": {"_data": token(n)}, "operationType": op, "ns": {"db": "db", "coll": "c"},
+           "documentKey": {"_id": key}}
+    if post is not None:
+        doc["fullDocument"] = {"_id": key, **post}
+    if op != "insert":
+        doc["fullDocumentBeforeChange"] = None if pre is None else {"_id": key, **pre}
+    return ev.encode_change(doc)
+
+
+def moving_document():
+    """Bob's document gets a secret, moves to alice, changes, moves back; then one of alice's
+    comes and goes."""
+    return [
+        image_event(1, "insert", {"owner": "bob"}),
+        image_event(2, "update", {"owner": "bob", "note": "S"}, {"owner": "bob"}),
+        image_event(3, "update", {"owner": "alice", "note": ""}, {"owner": "bob", "note": "S"}),
+        image_event(4, "update", {"owner": "alice", "note": "A"}, {"owner": "alice", "note": ""}),
+        image_event(5, "update", {"owner": "bob", "note": "B"}, {"owner": "alice", "note": "A"}),
+        image_event(6, "delete", pre={"owner": "bob", "note": "B"}),
+        image_event(7, "insert", {"owner": "alice"}, key=2),
+        image_event(8, "delete", pre={"owner": "alice"}, key=2),
+    ]
+
+
+def reader(owner):
+    return Subscription(access=AccessRule({"fullDocument.owner": owner}, post_images=True))
+
+
+class Reader(FakeClient):
+    """Records what it is sent as the JSON its socket would carry: events and leaves alike."""
+
+    def pack(self, events):
+        return json.dumps([json.loads(e.data) for e in events]).encode()
+
+
+def seen(client):
+    return [(f.get("type") or f["operationType"], f["documentKey"]["_id"],
+             f.get("fullDocument", {}).get("note"), "fullDocumentBeforeChange" in f)
+            for f in client.received]
+
+
+ALICE_SEES = [("update", 1, "", False),   # brought to her: without bob's pre-image
+              ("update", 1, "A", True),
+              ("leave", 1, None, False),   # taken away: the key, nothing of the new content
+              ("insert", 2, None, False),
+              ("delete", 2, None, True)]
+BOB_SEES = [("insert", 1, None, False), ("update", 1, "S", True), ("leave", 1, None, False),
+            ("update", 1, "B", False), ("delete", 1, None, True)]
+
+
+def test_row_rules_live_with_bystanders():
+    hub = started_hub()
+    alice, bob, everyone = Reader(reader("alice")), Reader(reader("bob")), Reader()
+    for client in (alice, bob, everyone):
+        hub.subscribe(client)
+    for change in moving_document():
+        hub.publish(change)
+    assert seen(alice) == ALICE_SEES
+    assert seen(bob) == BOB_SEES
+    assert len(everyone.received) == 8 and "S" in json.dumps(everyone.received)
+    assert "S" not in json.dumps(alice.received) and "A" not in json.dumps(bob.received)
+
+
+def test_row_rules_on_replay_ahead_and_waiting_paths_match_live():
+    hub = started_hub()
+    live = Reader(reader("alice"))
+    hub.subscribe(live)
+    for change in moving_document():
+        hub.publish(change)
+    replayed = Reader(reader("alice"))
+    assert hub.resume(replayed, token(0))
+    assert replayed.received == live.received
+
+    hub = started_hub()
+    hub.publish(moving_document()[0])
+    ahead = Reader(reader("alice"))
+    assert hub.resume(ahead, token(4))   # from a relay further along: holds back up to 4
+    for change in moving_document()[1:]:
+        hub.publish(change)
+    assert ahead.received == live.received[2:]
+
+    hub = Hub()
+    waiting = Reader(reader("alice"))
+    assert hub.resume(waiting, token(0))
+    hub.start(token(0))
+    for change in moving_document():
+        hub.publish(change)
+    assert waiting.received == live.received
+
+
+def test_row_rules_on_the_catch_up_path_match_live():
+    from types import SimpleNamespace
+
+    from changerelay.catchup import CatchUp, Job
+
+    hub = started_hub()
+    live = Reader(reader("alice"))
+    hub.subscribe(live)
+    catchup = CatchUp(SimpleNamespace(config=SimpleNamespace(catchup_streams=1)))
+    job = Job(token(0))
+    riders = [Reader(reader("alice")), Reader(reader("alice")), Reader(reader("bob"))]
+    for rider in riders:
+        job.add(rider, token(0))
+    for change in moving_document():
+        hub.publish(change)
+        catchup._deliver(job, change)
+    assert riders[0].received == riders[1].received == live.received
+    assert seen(riders[2]) == BOB_SEES

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -9,8 +10,9 @@ import jwt
 import pytest
 
 from changerelay import events as ev
-from changerelay.auth import AccessRule, Authenticator
-from changerelay.subscription import Subscription, SubscriptionError, parse
+from changerelay.auth import Authenticator
+from changerelay.rows import AccessRule
+from changerelay.subscription import ALL, Subscription, SubscriptionError, parse
 
 SCOPE = ("shop", None)
 
@@ -24,10 +26,16 @@ def event(op="insert", db="shop", coll="orders", **fields):
                              "ns": {"db": db, "coll": coll} if db else None, **fields})
 
 
+def sees(subscription, change) -> bool:
+    return subscription.select([change]) == [change]
+
+
 def test_empty_query_matches_everything_and_groups_together():
     a, resume = parse({}, SCOPE)
     b, _ = parse({}, SCOPE)
-    assert resume is None and a.match_all and a.key == b.key
+    assert resume is None and a == b == ALL
+    batch = [event(), event("drop")]
+    assert a.select(batch) is batch  # nothing to decide: the batch as it is
 
 
 def test_same_subscription_same_key_regardless_of_order():
@@ -41,7 +49,7 @@ def test_a_collection_named_star_is_not_the_whole_database():
     # so equal keys for ns=shop and ns=shop.* would hand one client the other's namespaces.
     database, _ = parse(args(ns="shop"), SCOPE)
     star, _ = parse(args(ns="shop.*"), SCOPE)
-    assert database.matches(event(coll="orders")) and not star.matches(event(coll="orders"))
+    assert sees(database, event(coll="orders")) and not sees(star, event(coll="orders"))
     assert database.key != star.key
 
 
@@ -68,48 +76,35 @@ def test_collection_scope_refuses_the_whole_database():
     with pytest.raises(SubscriptionError):
         parse(args(ns="shop"), ("shop", "orders"))
     sub, _ = parse(args(ns="shop.orders"), ("shop", "orders"))
-    assert sub.matches(event())
+    assert sees(sub, event())
 
 
 def test_namespace_matching_covers_database_level_events():
     sub, _ = parse(args(ns="shop.orders"), SCOPE)
-    assert sub.matches(event())
-    assert not sub.matches(event(coll="users"))
-    assert sub.matches(event("dropDatabase", coll=None))   # the collection is gone too
-    assert sub.matches(event("invalidate", db=None))       # the stream itself ended
+    assert sees(sub, event())
+    assert not sees(sub, event(coll="users"))
+    assert sees(sub, event("dropDatabase", coll=None))   # the collection is gone too
+    assert sees(sub, event("invalidate", db=None))       # the stream itself ended
     whole, _ = parse(args(ns="shop"), SCOPE)
-    assert whole.matches(event(coll="users"))
+    assert sees(whole, event(coll="users"))
 
 
 def test_ops_and_filter_combine():
     sub, resume = parse(args(ops="insert", filter='{"fullDocument.total": {"$gte": 10}}',
                              resume_after="8263a1b2c3000000012b04"), SCOPE)
     assert resume == "8263A1B2C3000000012B04"
-    assert sub.matches(event(fullDocument={"total": 12}))
-    assert not sub.matches(event(fullDocument={"total": 2}))
-    assert not sub.matches(event("update", fullDocument={"total": 12}))
-
-
-def test_access_rule_withholds_what_it_cannot_decide():
-    rule = AccessRule({"fullDocument.owner": "alice"})
-    assert rule({"operationType": "insert", "documentKey": {"_id": 1},
-                 "fullDocument": {"owner": "alice"}})
-    assert not rule({"operationType": "delete", "documentKey": {"_id": 1}})
-    assert not rule({"operationType": "update", "documentKey": {"_id": 1},
-                     "fullDocument": None})
-    negative = AccessRule({"fullDocument.owner": {"$ne": "bob"}})
-    assert not negative({"operationType": "delete", "documentKey": {"_id": 1}})  # no leak
-    by_key = AccessRule({"documentKey._id": {"$in": [1, 2]}})
-    assert by_key({"operationType": "delete", "documentKey": {"_id": 1}})
+    assert sees(sub, event(fullDocument={"total": 12}))
+    assert not sees(sub, event(fullDocument={"total": 2}))
+    assert not sees(sub, event("update", fullDocument={"total": 12}))
 
 
 def test_access_rule_and_client_filter_are_anded():
-    claims_rule = AccessRule({"fullDocument.owner": "alice"})
+    claims_rule = AccessRule({"fullDocument.owner": "alice"}, post_images=True)
     sub, _ = parse(args(filter='{"fullDocument.n": 1}'), SCOPE)
     restricted = Subscription(sub.namespaces, sub.ops, sub.filter, claims_rule)
-    assert restricted.matches(event(documentKey={"_id": 1}, fullDocument={"owner": "alice",
+    assert sees(restricted, event(documentKey={"_id": 1}, fullDocument={"owner": "alice",
                                                                             "n": 1}))
-    assert not restricted.matches(event(documentKey={"_id": 1}, fullDocument={"owner": "bob",
+    assert not sees(restricted, event(documentKey={"_id": 1}, fullDocument={"owner": "bob",
                                                                                 "n": 1}))
     assert restricted.key != sub.key
 
@@ -139,7 +134,7 @@ def test_token_claims_restrict_namespaces():
     with pytest.raises(SubscriptionError) as info:
         auth.restrict(outside, claims)
     assert info.value.status == 403
-    assert authenticate(query_token=make({}))["_ns"] is None
+    assert authenticate(query_token=make({})).namespaces is None
 
 
 @pytest.mark.parametrize("claims, code", [
@@ -153,6 +148,144 @@ def test_bad_claims_are_refused(claims, code):
     assert info.value.code == code and info.value.status == 401
 
 
+@pytest.mark.parametrize("ns", [
+    "shop.", [""], ["shop."], "", ["shop", ".x"], ["sh op"], ["shop.a$b"], "shop,,x",
+    ["shop.system.users"], [5], [["shop"]],
+])
+def test_a_malformed_ns_claim_is_an_invalid_token_never_a_wider_grant(ns):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(make({"ns": ns}))
+    assert (info.value.code, info.value.status) == ("invalid_token", 401)
+    assert "ns" in info.value.message
+
+
+@pytest.mark.parametrize("mode, spec, refused", [
+    ("updateLookup", {"fullDocument.owner": "alice"}, True),
+    ("updateLookup", {"$or": [{"documentKey._id": 1}, {"fullDocument.public": True}]}, True),
+    ("updateLookup", {"documentKey._id": 1}, False),
+    ("default", {"fullDocument.owner": "alice"}, False),       # updates carry none: withheld
+    ("whenAvailable", {"fullDocument.owner": "alice"}, False),
+    ("required", {"fullDocument.owner": "alice"}, False),
+])
+def test_a_rule_on_the_document_needs_post_images(mode, spec, refused):
+    request = SimpleNamespace(headers={"Authorization": f"Bearer {make({'filter': spec})}"},
+                              query_arguments={})
+    auth = Authenticator(SECRET, ["HS256"], mode)
+    if refused:
+        with pytest.raises(SubscriptionError) as info:
+            auth.authenticate(request)
+        assert (info.value.code, info.value.status) == ("row_rules_need_post_images", 403)
+        assert "FULL_DOCUMENT=whenAvailable" in info.value.message
+    else:
+        assert auth.authenticate(request).rule is not None
+
+
+def test_an_empty_ns_claim_grants_nothing():
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(make({"ns": []}))
+    assert (info.value.code, info.value.status) == ("ns_forbidden", 403)
+
+
+def test_the_ns_claim_and_the_query_parse_namespaces_alike():
+    auth = Authenticator(SECRET, ["HS256"])
+    for text in ("shop.orders.2024", "shop.my orders", "shop.*"):
+        claims = authenticate(make({"ns": [text]}))
+        query, _ = parse(args(ns=text), SCOPE)
+        assert auth.restrict(parse({}, SCOPE)[0], claims).namespaces == query.namespaces
+        assert auth.restrict(query, claims).namespaces == query.namespaces
+
+
+def signed(payload_text: str) -> str:
+    """An HS256 token over exactly this payload text (PyJWT's encoder would refuse some)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload_text.encode())
+    signature = b64(hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + signature).decode()
+
+
+SOON = int(time.time()) + 300
+
+
+@pytest.mark.parametrize("claims, named", [
+    ({"exp": str(SOON)}, "exp"),                # PyJWT takes numeric strings; the expiry pass can't
+    ({"exp": SOON, "nbf": "100"}, "nbf"),
+    ({"exp": SOON, "nbf": True}, "nbf"),
+    ({"exp": SOON, "iat": "100"}, "iat"),
+    ({"exp": SOON, "iat": False}, "iat"),
+    ({"exp": SOON, "ns": None}, "ns"),          # present but null: not a list, and not "absent"
+    ({"exp": SOON, "filter": None}, "filter"),
+    ({"exp": SOON, "filter": []}, "filter"),
+    ({"exp": SOON, "ns": {"shop": 1}}, "ns"),
+])
+def test_every_claim_the_relay_reads_is_type_checked_at_the_handshake(claims, named):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(signed(json.dumps(claims)))
+    assert (info.value.code, info.value.status) == ("invalid_token", 401)
+    assert f"{named} claim" in info.value.message
+
+
+@pytest.mark.parametrize("payload", ['{"exp": 1e999}', '{"exp": NaN}', '{"exp": true}'])
+def test_non_finite_or_boolean_exp_is_refused(payload):
+    with pytest.raises(SubscriptionError) as info:
+        authenticate(signed(payload))
+    assert info.value.status == 401
+
+
+def test_fractional_and_huge_exp_are_numbers_of_seconds():
+    claims = authenticate(signed(json.dumps({"exp": SOON + 0.5, "iat": SOON - 300.25})))
+    assert claims.expires == SOON + 0.5
+    assert authenticate(signed(json.dumps({"exp": 10**400}))).expires == 10**400
+
+
+class Ending:
+    def __init__(self, claims=None):
+        self._claims = claims
+        self.ended = False
+        self.peer = "203.0.113.9"
+
+    @property
+    def claims(self):
+        return self._claims
+
+    def expire(self):
+        self.ended = True
+
+
+class BrokenState(Ending):
+    @property
+    def claims(self):
+        raise TypeError("unsupported operand type(s) for +: 'str' and 'int'")
+
+
+class BrokenTransport(Ending):
+    def expire(self):
+        self.ended = True
+        raise OSError("the socket is gone")
+
+
+def test_one_clients_bad_state_never_stops_the_expiry_pass(monkeypatch):
+    from changerelay import auth
+
+    auth_ = Authenticator(SECRET, ["HS256"])
+    expired = [Ending(authenticate(make({}))) for _ in range(5)]  # exp: in 60 s
+    fresh = Ending(authenticate(make({"exp": int(time.time()) + 7200})))
+    broken, dying = BrokenState(), BrokenTransport(authenticate(make({})))
+    anonymous = Ending(None)
+    later = time.time() + 3600
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    auth_.expire([broken, dying, *expired[:2], fresh, anonymous, *expired[2:]])
+    assert all(client.ended for client in expired)
+    assert dying.ended
+    assert broken.ended  # a client whose expiry cannot be read is closed, not kept
+    assert not fresh.ended and not anonymous.ended
+
+
 def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -162,11 +295,11 @@ def test_public_key_tokens_rs256_and_es256_only(tmp_path):
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     path = tmp_path / "key.pem"
     path.write_bytes(pem)
-    auth = Authenticator.from_config(SimpleNamespace(auth_jwt_secret=None,
-                                                     auth_jwt_public_key=str(path)))
+    auth = Authenticator.from_config(SimpleNamespace(
+        auth_jwt_secret=None, auth_jwt_public_key=str(path), full_document="whenAvailable"))
     good = make({"ns": ["shop"]}, key=private, algorithm="ES256")
     request = SimpleNamespace(headers={"Authorization": f"Bearer {good}"}, query_arguments={})
-    assert auth.authenticate(request)["ns"] == ["shop"]
+    assert auth.authenticate(request).namespaces == frozenset({("shop", None)})
     for token in (_hs256_with(pem), make({}, key=SECRET)):
         request = SimpleNamespace(headers={"Authorization": f"Bearer {token}"},
                                   query_arguments={})
