@@ -23,7 +23,7 @@ from collections.abc import Callable
 from tornado.iostream import StreamClosedError
 
 from . import frames
-from .protocol import CLOSED, FAILED, OPEN, WebSocketProtocol
+from .protocol import CLOSED, FAILED, OPEN, State, WebSocketProtocol
 
 CLOSE_TIMEOUT = 5.0  # seconds the peer gets to answer our close frame (Tornado's figure)
 # Many small queued payloads (live events behind a slow reader) go out joined, up to this many
@@ -243,6 +243,7 @@ class Connection(Writer):
             self.eof_received()
 
     def _received(self, data: bytes) -> None:
+        """Bytes the handshake's stream had read for us, unless the socket is gone since."""
         if not self.closed:
             self.data_received(data)
 
@@ -314,7 +315,8 @@ class WebSocketConnection(Connection):
         self._send(self.protocol.owed_pong(self._size))
 
     def close(self, code: int = frames.NORMAL, reason: str = "") -> None:
-        """Start the closing handshake; the socket closes when the peer answers, or in 5 s."""
+        """Start the closing handshake; the socket closes when the peer answers, or at the
+        CLOSE_TIMEOUT."""
         if not self.closed:
             before = self.protocol.state
             self._act(before, self.protocol.close(code, reason))
@@ -327,7 +329,7 @@ class WebSocketConnection(Connection):
         super().abort()
         self.on_pong = _nothing
 
-    def _act(self, before, reply: bytes) -> None:
+    def _act(self, before: State, reply: bytes) -> None:
         """Send ``reply`` and do what the protocol's move from state ``before`` asks."""
         state = self.protocol.state
         if state is before:
