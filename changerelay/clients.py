@@ -20,9 +20,12 @@ from tornado.iostream import StreamClosedError
 from . import events as ev
 from . import frames, wire
 
-PING = frames.ws_frame(b"", frames.PING)
+PING_FRAME = frames.ws_frame(b"", frames.PING)  # the same bytes for every client
 REPLAY_CHUNK = 256 * 1024  # bytes per write while replaying
 DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
+# A cut-off client is still told why in one last message, which may take its queue this far past
+# its limit: the message is a few hundred bytes, and the limit stays a bound.
+LAST_WORDS_ALLOWANCE = 4096
 
 
 class Client:
@@ -196,12 +199,12 @@ class WebSocketClient(Client):
         if self.pinged is None:
             self.pinged = now
             with contextlib.suppress(StreamClosedError):
-                self.writer.write(PING)
+                self.writer.write(PING_FRAME)
 
     def finish(self, message: bytes, code: int = frames.TRY_AGAIN_LATER,
                reason: str = "slow consumer") -> None:
         try:
-            if self.writer.buffered() + len(message) <= self.limit + 4096:
+            if self.writer.buffered() + len(message) <= self.limit + LAST_WORDS_ALLOWANCE:
                 self.writer.write(frames.ws_frame(message))
         except StreamClosedError:
             return

@@ -139,13 +139,17 @@ class FrameReader:
     """Turns the bytes a client sends into messages and control frames.
 
     ``feed`` returns ``(opcode, payload)`` pairs: whole, unmasked, inflated, UTF-8-checked text
-    or binary messages and control frames, in arrival order; it raises ``ProtocolError`` for
-    anything RFC 6455 says to fail the connection on. Messages are limited to ``max_size`` bytes
-    (after inflation): a relay's clients have little to say, and a limit keeps a hostile one
-    from making us buffer.
+    or binary messages and control frames, in arrival order. Messages are limited to
+    ``max_size`` bytes (after inflation): a relay's clients have little to say, and a limit
+    keeps a hostile one from making us buffer.
+
+    Anything RFC 6455 says to fail the connection on ends the stream: ``feed`` still returns the
+    frames that came before it (a ping among them is owed its pong, §5.5.2), keeps the
+    ``ProtocolError`` in ``error``, and reads nothing after it, since a broken stream has no
+    frame boundaries left to find.
     """
 
-    __slots__ = ("_buffer", "_deflate", "_message", "_size", "max_size")
+    __slots__ = ("_buffer", "_deflate", "_message", "_size", "error", "max_size")
 
     def __init__(self, max_size: int, deflate: bool = False):
         self.max_size = max_size
@@ -153,34 +157,45 @@ class FrameReader:
         self._buffer = b""
         self._message: tuple[int, bool, list[bytes]] | None = None  # a fragmented message
         self._size = 0
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        if self.error is not None:
+            return []
         buffer = self._buffer + data if self._buffer else data
-        out = []
+        out: list[tuple[int, bytes]] = []
         offset = 0
-        while True:
-            frame = self._frame(buffer, offset)
-            if frame is None:
-                break
-            offset, fin, rsv1, opcode, payload = frame
-            if opcode in _CONTROL:
-                out.append((opcode, _check_control(opcode, payload)))
-                continue
-            if opcode == CONTINUATION:
-                if self._message is None:
-                    raise ProtocolError(PROTOCOL_ERROR, "continuation frame outside a message")
-                if payload:  # empty fragments weigh nothing against max_size: keep none
-                    self._message[2].append(payload)
-            else:
-                if self._message is not None:
-                    raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
-                self._message = (opcode, rsv1, [payload])
-            if fin:
-                opcode, compressed, parts = self._message
-                self._message, self._size = None, 0
-                out.append((opcode, self._complete(opcode, compressed, b"".join(parts))))
+        try:
+            while (frame := self._frame(buffer, offset)) is not None:
+                offset = frame[0]
+                message = self._message_of(*frame[1:])
+                if message is not None:
+                    out.append(message)
+        except ProtocolError as exc:
+            self.error = exc
+            buffer, offset = b"", 0
         self._buffer = buffer[offset:]
         return out
+
+    def _message_of(self, fin: int, rsv1: bool, opcode: int,
+                    payload: bytes) -> tuple[int, bytes] | None:
+        """A frame's control message, or the message it completes; None if it completes none."""
+        if opcode in _CONTROL:
+            return opcode, _check_control(opcode, payload)
+        if opcode == CONTINUATION:
+            if self._message is None:
+                raise ProtocolError(PROTOCOL_ERROR, "continuation frame outside a message")
+            if payload:  # empty fragments weigh nothing against max_size: keep none
+                self._message[2].append(payload)
+        else:
+            if self._message is not None:
+                raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
+            self._message = (opcode, rsv1, [payload])
+        if not fin:
+            return None
+        opcode, compressed, parts = self._message
+        self._message, self._size = None, 0
+        return opcode, self._complete(opcode, compressed, b"".join(parts))
 
     def _frame(self, buffer: bytes, offset: int):
         """The next whole frame at ``offset``, or None if it has not all arrived."""

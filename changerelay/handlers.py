@@ -14,9 +14,10 @@ from tornado.iostream import StreamClosedError
 
 from . import admission, clients, frames, wire
 from .connection import WebSocketConnection
+from .protocol import WebSocketProtocol
 from .subscription import SubscriptionError, parse_resume
 
-MAX_INBOUND_FRAME = 4096  # bytes in one message from a client; larger closes it with 1009
+MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
 # Tornado drops a request whose headers exceed its limit without answering; we let it read up to
 # MAX_HEADER_BYTES (set on the server) so that an oversized query gets a JSON 414 instead.
 MAX_QUERY_BYTES = 512 * 1024
@@ -112,7 +113,7 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
             relay.connections.release(slot)
             return
         deflate = extensions is not None
-        connection = WebSocketConnection(sock, frames.FrameReader(MAX_INBOUND_FRAME, deflate))
+        connection = WebSocketConnection(sock, WebSocketProtocol(MAX_INBOUND_MESSAGE, deflate))
         client = clients.WebSocketClient(
             connection, subscription, relay.config.client_buffer_bytes, self.peer, deflate)
 

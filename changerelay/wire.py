@@ -2,12 +2,13 @@
 
 * ``StreamWriter``: Server-Sent Events responses are Tornado streams. Tornado's public write path
   makes a Future per write; for bytes shared by thousands of clients we write straight to the
-  socket when the stream has nothing queued and fall back to ``IOStream.write`` for what the
-  kernel does not take. Queued bytes are read off the stream's own buffer, so the slow-consumer
-  limit and Tornado agree on one number.
+  socket when the stream has nothing queued (``connection.Writer``, as WebSockets do) and fall
+  back to ``IOStream.write`` for what the kernel does not take. Queued bytes are read off the
+  stream's own buffer, so the slow-consumer limit and Tornado agree on one number.
 * ``take_socket``: a WebSocket leaves Tornado after its handshake (see ``connection.py``).
 
-``tests/test_wire.py`` pins the private attributes used here.
+The relay serves plain TCP (TLS ends at a proxy, see the README): a TLS stream's socket could not
+be written to directly. ``tests/test_wire.py`` pins the private attributes used here.
 """
 
 from __future__ import annotations
@@ -16,57 +17,38 @@ import socket
 
 from tornado.iostream import IOStream, StreamClosedError
 
+from .connection import Writer
 
-class StreamWriter:
+
+class StreamWriter(Writer):
     """Writes bytes to an ``IOStream`` without per-write Futures when it can."""
 
-    __slots__ = ("_buffer", "_direct", "stream")
+    __slots__ = ("_buffer", "stream")
+    _stage = 0  # never ended here: Tornado's stream refuses writes itself once closed
 
     def __init__(self, stream: IOStream):
         self.stream = stream
         self._buffer = stream._write_buffer
-        # TLS streams have their own state machine around the socket: always go through Tornado.
-        self._direct = type(stream) is IOStream
 
-    def buffered(self) -> int:
-        """Bytes accepted but not yet handed to the kernel."""
+    @property
+    def _size(self) -> int:
         return self._buffer._size
 
-    def write(self, data: bytes) -> None:
-        """Write ``data`` in order after everything written before; raise StreamClosedError."""
-        self.write_within(data, 1 << 62)
+    @property
+    def sock(self) -> socket.socket:
+        if self.stream.socket is None:
+            raise StreamClosedError()
+        return self.stream.socket
+
+    def _queue(self, data) -> None:
+        self.stream.write(data)
+
+    def _broken(self, exc: OSError) -> None:
+        self.stream.close(exc_info=exc)
 
     def when_drained(self, callback) -> None:
         """Call ``callback`` once everything queued is with the kernel."""
         self.stream.write(b"").add_done_callback(lambda _: callback())
-
-    def write_within(self, data: bytes, limit: int) -> bool:
-        """Write ``data`` unless that would queue more than ``limit`` bytes; False if not.
-
-        This is the per-client, per-flush call of the fan-out: one call, one syscall.
-        """
-        queued = self._buffer._size
-        stream = self.stream
-        if queued or not self._direct:
-            if queued + len(data) > limit:
-                return False
-            stream.write(data)
-            return True
-        sock = stream.socket
-        if sock is None:
-            raise StreamClosedError()
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            stream.close(exc_info=exc)
-            raise StreamClosedError(real_error=exc) from exc
-        if sent < len(data):
-            # Nothing was queued before, so this client is not slow: queue the rest whatever
-            # its size (one batch can exceed the limit; a backlog of them cannot).
-            stream.write(memoryview(data)[sent:])
-        return True
 
 
 def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:

@@ -11,8 +11,9 @@ import pytest
 from tornado.iostream import StreamClosedError
 
 from changerelay import connection as conn_module
-from changerelay import frames
+from changerelay import frames, protocol
 from changerelay.connection import WebSocketConnection
+from changerelay.protocol import WebSocketProtocol
 from tests.support import masked
 
 
@@ -65,7 +66,7 @@ def pair(max_size: int = 4096, deflate: bool = False, start: bool = True):
     """A connection (started, unless ``start=False``), its peer, and what it reported."""
     ours, theirs = tcp_pair()
     theirs.setblocking(False)
-    connection = WebSocketConnection(ours, frames.FrameReader(max_size, deflate))
+    connection = WebSocketConnection(ours, WebSocketProtocol(max_size, deflate))
     events = {"pongs": 0, "closed": 0, "gone": asyncio.Event(), "pong": asyncio.Event()}
 
     def closed():
@@ -250,7 +251,7 @@ async def test_a_ping_behind_a_long_queue_is_answered_once_the_queue_is_short():
     for _ in range(30):  # 3 MB queued: far more than the socket buffers hold
         connection.write(frame)
     queued = connection.buffered()
-    assert queued > conn_module._COALESCE
+    assert queued > protocol.PONG_BACKLOG
     # A pong behind the pings: once it is reported, the connection has read them all.
     peer.send(masked(b"one", frames.PING) * 1000 + masked(b"two", frames.PING)
               + masked(b"", frames.PONG))
@@ -297,3 +298,26 @@ async def test_a_peer_closing_behind_a_long_queue_gets_our_answer_without_the_qu
     assert received < 100
     assert await peer.eof()
     await asyncio.wait_for(events["gone"].wait(), 5)
+
+
+async def test_a_ping_read_with_a_bad_frame_gets_its_pong_before_the_close():
+    """RFC 6455 §5.5.2: the pong is owed for a ping that came before the protocol error."""
+    connection, peer, events = pair(start=False)
+    connection.start(pending_in=masked(b"first", frames.PING) + bytes([0x81, 0x01]) + b"x")
+    assert await peer.frame() == (frames.PONG, b"first")
+    opcode, payload = await peer.frame()
+    assert (opcode, frames.close_code(payload)) == (frames.CLOSE, frames.PROTOCOL_ERROR)
+    assert await peer.eof()
+    peer.sock.close()
+    await asyncio.wait_for(events["gone"].wait(), 5)
+
+
+async def test_a_close_read_with_junk_behind_it_completes_the_closing_handshake():
+    """RFC 6455 §5.5.1: the peer's Close is answered with its code; what follows it is not
+    read, so junk behind it cannot turn the answer into a 1002."""
+    connection, peer, events = pair(start=False)
+    connection.start(pending_in=masked(struct.pack("!H", 1001), frames.CLOSE) + b"\x00junk")
+    assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001))
+    assert await peer.eof()
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert events["closed"] == 1

@@ -12,6 +12,13 @@ from changerelay.frames import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Pr
 from tests.support import masked
 
 
+def failure(reader: frames.FrameReader, data: bytes) -> int:
+    """The close code ``data`` fails the connection with (no frame comes out of it)."""
+    assert reader.feed(data) == []
+    assert isinstance(reader.error, ProtocolError)
+    return reader.error.code
+
+
 def compress(data: bytes) -> bytes:
     c = zlib.compressobj(6, zlib.DEFLATED, -15)
     return (c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]
@@ -146,9 +153,18 @@ def test_close_frames_are_checked():
     (masked(struct.pack("!H", 1000) + b"\xff", CLOSE), 1007),             # reason not UTF-8
 ])
 def test_reader_fails_the_connection_with_the_right_code(data, code):
-    with pytest.raises(ProtocolError) as caught:
-        frames.FrameReader(4096).feed(data)
-    assert caught.value.code == code
+    assert failure(frames.FrameReader(4096), data) == code
+
+
+def test_frames_before_a_protocol_error_are_returned_and_the_error_is_kept():
+    """RFC 6455 §5.5.2: a ping read in the same batch as a bad frame still gets its pong, so
+    the reader hands over what it parsed before the error; after it, nothing more is read."""
+    reader = frames.FrameReader(4096)
+    unmasked = bytes([0x81, 0x01]) + b"x"
+    assert reader.feed(masked(b"hi", PING) + masked(b"ok") + unmasked + masked(b"", PING)) == [
+        (PING, b"hi"), (TEXT, b"ok")]
+    assert reader.error.code == 1002
+    assert reader.feed(masked(b"later", PING)) == []  # a broken stream cannot be resynchronised
 
 
 def test_valid_utf8_split_across_fragments_is_accepted():
@@ -162,16 +178,10 @@ def test_compressed_messages_only_when_negotiated_and_within_the_limit():
     data = "ünïcode ".encode() * 100
     frame = masked(compress(data), rsv1=True)
     assert frames.FrameReader(4096, deflate=True).feed(frame) == [(TEXT, data)]
-    with pytest.raises(ProtocolError) as caught:
-        frames.FrameReader(4096).feed(frame)
-    assert caught.value.code == 1002
+    assert failure(frames.FrameReader(4096), frame) == 1002
     bomb = masked(compress(b"a" * 100_000), rsv1=True)  # 100 KB from a few hundred bytes
-    with pytest.raises(ProtocolError) as caught:
-        frames.FrameReader(4096, deflate=True).feed(bomb)
-    assert caught.value.code == 1009
-    with pytest.raises(ProtocolError) as caught:
-        frames.FrameReader(4096, deflate=True).feed(masked(b"\xff\xff\xff", rsv1=True))
-    assert caught.value.code == 1007
-    with pytest.raises(ProtocolError) as caught:  # RSV1 on a control frame: never allowed
-        frames.FrameReader(4096, deflate=True).feed(masked(b"", PING, rsv1=True))
-    assert caught.value.code == 1002
+    assert failure(frames.FrameReader(4096, deflate=True), bomb) == 1009
+    not_deflate = masked(b"\xff\xff\xff", rsv1=True)
+    assert failure(frames.FrameReader(4096, deflate=True), not_deflate) == 1007
+    compressed_ping = masked(b"", PING, rsv1=True)  # RSV1 on a control frame: never allowed
+    assert failure(frames.FrameReader(4096, deflate=True), compressed_ping) == 1002

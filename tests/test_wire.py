@@ -175,7 +175,7 @@ def test_client_never_buffers_past_its_limit_and_is_cut_off_with_1013():
     frame = frames.ws_frame(b"y" * 300)
     for _ in range(10):
         client.send(frame)
-    assert connection.queued <= 1000 + 4096
+    assert connection.queued <= 1000 + clients.LAST_WORDS_ALLOWANCE
     assert connection.data.count(frame) == 3
     assert connection.closed_with == (1013, "slow consumer")
     assert cut == [True]
