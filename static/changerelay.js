@@ -193,9 +193,6 @@ export function connect(url, options = {}) {
     }
     if (message.type === "position" && typeof message.resume_after === "string") {
       lastId = message.resume_after;
-    } else if (message.type === "resync" && "resume_after" in message) {
-      // The server names the new resume point; null means "start from now".
-      lastId = typeof message.resume_after === "string" ? message.resume_after : null;
     }
     notify(onControl, message);
   }
