@@ -3,23 +3,13 @@
 // Everything shown comes from the database, so the DOM is built with textContent only; the
 // page's Content-Security-Policy forbids inline code, hence no handlers in the markup.
 
-import { connect } from "./changerelay.js";
+import { connect, DISCONNECTS } from "./changerelay.js";
 
 const MAX_ROWS = 200;
 const MAX_TEXT = 240;
 const OPERATIONS = new Set([
   "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
 ]);
-const CLOSE_CODES = {
-  1000: "closed normally",
-  1001: "server going away",
-  1006: "connection lost",
-  1008: "policy violation",
-  1009: "message too big",
-  1011: "server error",
-  1012: "server restarting",
-  1013: "slow consumer",
-};
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -94,7 +84,7 @@ function showStatus(status) {
     setStatus(again ? "reconnecting" : "connecting", again ? "Reconnecting…" : "Connecting…");
   } else {
     if (connection.open) {
-      const why = status.reason || CLOSE_CODES[status.code] || "no reason given";
+      const why = status.reason || causeOf(status.code) || "no reason given";
       connection.lastClose = `last close: ${status.code} ${why} · ${clock(new Date())}`;
     } else {
       connection.failed += 1;
@@ -104,6 +94,12 @@ function showStatus(status) {
     if (status.retryIn === null) setStatus("closed", "Closed");
     else setStatus("reconnecting", `Reconnecting in ${(status.retryIn / 1000).toFixed(1)} s`);
   }
+}
+
+/** A close code's cause in words, from the client's table (a reason, when sent, says more). */
+function causeOf(code) {
+  const [cause] = Object.entries(DISCONNECTS.closes).find(([, close]) => close.code === code) ?? [];
+  return cause?.replaceAll("_", " ");
 }
 
 function showDetail() {

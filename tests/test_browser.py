@@ -368,7 +368,9 @@ def test_a_relay_killed_mid_stream_and_restarted_leaves_no_gap(
     assert len(resumed) == 1 and resumed <= held, (resumed, retries)
     detail = page.evaluate("document.getElementById('status-detail').textContent")
     assert detail.startswith("last close: 1006 ")  # cut, not closed: it really was killed
-    refused = "failed: Error in connection establishment: net::ERR_CONNECTION_REFUSED"
+    # While nothing listens, each socket fails and the client's probe (asking why) fails too.
+    refused = ("failed: Error in connection establishment: net::ERR_CONNECTION_REFUSED",
+               "Failed to load resource: net::ERR_CONNECTION_REFUSED")
     assert [text for text in problems(page) if not text.endswith(refused)] == []
 
 
@@ -449,19 +451,42 @@ def test_page_query_parameters_are_passed_to_the_socket(
 # -- the client library on its own: a fake WebSocket and fake timers make backoff observable --
 
 CLIENT_HARNESS = """(async () => {
-    const { connect } = await import('/static/changerelay.js');
-    const sockets = [], delays = [], timers = [], statuses = [], controls = [];
+    const client = await import('/static/changerelay.js');
+    const sockets = [], delays = [], timers = [], statuses = [], controls = [], probes = [];
     class FakeSocket {
         constructor(url) { this.url = url; sockets.push(this); }
         close(code, reason) { this.onclose({code, reason, wasClean: true}); }
     }
+    const tick = ((later) => () => new Promise((resolve) => later(resolve, 1)))(setTimeout);
     globalThis.WebSocket = FakeSocket;
     globalThis.setTimeout = (fn, ms) => { delays.push(ms); timers.push(fn); return timers.length; };
     globalThis.clearTimeout = (id) => { timers[id - 1] = null; };
     Math.random = () => 0.999;
-    const fail = (code = 1006) => sockets.at(-1).onclose({code, reason: '', wasClean: false});
+    // The probe: fetch() of a failed socket's URL; by default the relay would admit it.
+    let answer = () => new Response(null, {status: 204});
+    globalThis.fetch = async (url) => { probes.push(String(url)); return answer(); };
+    const refuse = (status, body, type = 'application/json') => {
+        answer = () => new Response(typeof body === 'string' ? body : JSON.stringify(body),
+                                    {status, headers: {'Content-Type': type}});
+    };
+    const connect = (url, options = {}) => client.connect(url, {...options, onStatus(status) {
+        statuses.push(status);
+        options.onStatus?.(status);
+    }});
+    const until = async (predicate) => {  // at most ~1 s of page turns
+        for (let turn = 0; turn < 500 && !predicate(); turn++) await tick();
+        if (!predicate()) throw new Error(`never true: ${predicate}`);
+    };
+    const closings = () => statuses.filter((status) => status.state === 'closed');
+    // A socket ends (1006 before it opened: its handshake failed); wait for the client's verdict.
+    const fail = async (code = 1006, reason = '') => {
+        const seen = closings().length;
+        sockets.at(-1).onclose({code, reason, wasClean: false});
+        await until(() => closings().length > seen);
+    };
     const retry = () => timers.at(-1)();
     const send = (message) => sockets.at(-1).onmessage({data: JSON.stringify(message)});
+    const last = () => statuses.at(-1);
     %s
 })()"""
 
@@ -473,8 +498,8 @@ def run_client(browser: Browser, relay_stub: StubRelay, body: str) -> Any:
 
 def test_client_backs_off_exponentially_with_a_cap(browser: Browser, relay_stub: StubRelay) -> None:
     delays = run_client(browser, relay_stub, """
-        connect('/socket', {onStatus: (s) => statuses.push(s)});
-        for (let n = 0; n < 9; n++) { fail(); retry(); }
+        connect('/socket');
+        for (let n = 0; n < 9; n++) { await fail(); retry(); }
         return delays.map(Math.round);""")
     assert delays == [500, 999, 1998, 3996, 7992, 15984, 29970, 29970, 29970]
 
@@ -484,8 +509,8 @@ def test_client_resets_backoff_after_a_stable_connection(
 ) -> None:
     delays = run_client(browser, relay_stub, """
         connect('/socket', {stableAfter: 0});
-        fail(); retry(); fail(); retry();   // two failures: the backoff grew
-        sockets.at(-1).onopen(); fail();    // open long enough (0 ms here): start over
+        await fail(); retry(); await fail(); retry();   // two failures: the backoff grew
+        sockets.at(-1).onopen(); await fail();          // open long enough (0 ms): start over
         return delays.map(Math.round);""")
     assert delays == [500, 999, 500]
 
@@ -498,9 +523,9 @@ def test_client_resumes_after_the_newest_id_and_keeps_other_parameters(
         sockets[0].onopen();
         send({operationType: 'insert', _id: {_data: '82AA'}});
         send({type: 'position', resume_after: '82BB'});
-        fail(); retry();
+        await fail(); retry();
         send({type: 'resync', reason: 'history_lost'});          // keeps the id
-        fail(); retry();
+        await fail(); retry();
         return sockets.map((s) => s.url);""")
     host = urlsplit(relay_stub.base_url).netloc
     assert urls == [
@@ -512,7 +537,7 @@ def test_client_resumes_after_the_newest_id_and_keeps_other_parameters(
 
 def test_client_close_stops_reconnecting(browser: Browser, relay_stub: StubRelay) -> None:
     outcome = run_client(browser, relay_stub, """
-        const relay = connect('https://example.test/socket', {onStatus: (s) => statuses.push(s)});
+        const relay = connect('https://example.test/socket');
         sockets[0].onopen();
         relay.close();
         return {urls: sockets.map((s) => s.url), timers: timers.length,
@@ -522,6 +547,151 @@ def test_client_close_stops_reconnecting(browser: Browser, relay_stub: StubRelay
         "timers": 0,
         "states": [["connecting", None, None], ["open", None, None], ["closed", 1000, None]],
     }
+
+
+PERMANENT_REFUSALS = [
+    (400, {"error": "invalid_json", "message": "filter is not valid JSON"}),
+    (401, {"error": "token_expired", "message": "the token has expired; get a fresh one"}),
+    (403, {"error": "origin_not_allowed", "message": "origin 'x' may not connect"}),
+    (413, {"error": "too_large", "message": "too large"}),
+    (414, {"error": "query_too_large", "message": "the query string is over 512 KiB"}),
+    (421, {"error": "host_not_allowed", "message": "this relay does not answer to Host x"}),
+    (431, {"error": "headers_too_large", "message": "headers too large"}),
+    (418, {"error": "teapot", "message": "a 4xx the table does not list is permanent too"}),
+]
+
+
+@pytest.mark.parametrize(("status", "body"), PERMANENT_REFUSALS, ids=[str(s) for s, _ in
+                                                                     PERMANENT_REFUSALS])
+def test_client_asks_why_a_handshake_failed_and_stops_on_a_permanent_refusal(
+    browser: Browser, relay_stub: StubRelay, status: int, body: dict[str, str]
+) -> None:
+    outcome = run_client(browser, relay_stub, f"""
+        connect('/socket?ns=a.b&filter=%7B');
+        refuse({status}, {json.dumps(body)});
+        await fail();
+        return {{probes, sockets: sockets.length, timers: timers.length,
+                 last: [last().state, last().code, last().retryIn, last().refusal]}};""")
+    host = urlsplit(relay_stub.base_url).netloc
+    assert outcome == {
+        "probes": [f"http://{host}/socket?ns=a.b&filter=%7B"],  # the socket's URL, over HTTP
+        "sockets": 1,
+        "timers": 0,  # no retry is scheduled
+        "last": ["closed", 1006, None, {"status": status, **body}],
+    }
+
+
+def test_client_reports_a_refusal_that_is_not_json_by_its_status(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    last = run_client(browser, relay_stub, """
+        connect('/sockets');
+        refuse(404, '<html><title>404: Not Found</title></html>', 'text/html');
+        await fail();
+        return [last().retryIn, last().refusal];""")
+    assert last == [None, {"status": 404, "error": None, "message": "HTTP 404"}]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_client_backs_off_on_a_temporary_refusal(
+    browser: Browser, relay_stub: StubRelay, status: int
+) -> None:
+    outcome = run_client(browser, relay_stub, f"""
+        connect('/socket');
+        refuse({status}, {{error: 'too_many_connections', message: 'retry later'}});
+        await fail(); retry(); await fail(); retry();
+        return {{sockets: sockets.length, probes: probes.length, delays: delays.map(Math.round),
+                 refusal: closings().at(-1).refusal}};""")
+    assert outcome == {
+        "sockets": 3, "probes": 2, "delays": [500, 999],
+        "refusal": {"status": status, "error": "too_many_connections", "message": "retry later"},
+    }
+
+
+def test_client_retries_a_401_only_with_a_refreshable_url(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    outcome = run_client(browser, relay_stub, """
+        let token = 'stale';
+        connect(() => `/socket?access_token=${token}`, {refreshable: true});
+        refuse(401, {error: 'token_expired', message: 'the token has expired; get a fresh one'});
+        await fail();
+        const retryIn = last().retryIn;
+        token = 'fresh';
+        retry();
+        let refused;
+        try { client.connect('/socket?access_token=x', {refreshable: true}); }
+        catch (error) { refused = error.message; }
+        return {urls: sockets.map((s) => new URL(s.url).search), retryIn, refused};""")
+    assert outcome == {
+        "urls": ["?access_token=stale", "?access_token=fresh"],
+        "retryIn": 499.5,
+        "refused": "changerelay: refreshable needs a URL function that puts a fresh token in "
+                   "each URL",
+    }
+
+
+def test_client_backs_off_when_the_probe_cannot_tell(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    """Admitted now (204), unreachable, another origin's unreadable answer, or a relay too old
+    to probe (it calls a plain GET websocket_required): a connection problem, not a refusal."""
+    outcome = run_client(browser, relay_stub, """
+        connect('/socket');
+        await fail(); retry();
+        answer = () => { throw new TypeError('Failed to fetch'); };
+        await fail(); retry();
+        refuse(400, {error: 'websocket_required', message: '/socket speaks WebSocket'});
+        await fail(); retry();
+        return {sockets: sockets.length, probes: probes.length,
+                refusals: statuses.filter((s) => s.refusal).length};""")
+    assert outcome == {"sockets": 4, "probes": 3, "refusals": 0}
+
+
+CLOSES_AFTER_OPEN = [
+    # (code, reason, refreshable, retried)
+    (1001, "server shutting down", False, True),
+    (1013, "slow consumer", False, True),
+    (1002, "client frames must be masked", False, True),  # a reason that names the fault
+    (1006, "", False, True),  # cut after it opened: nothing to ask
+    (4321, "from a newer relay", False, True),  # unknown codes reconnect, as before
+    (1008, "token expired", False, False),
+    (1008, "token expired", True, True),
+]
+
+
+@pytest.mark.parametrize(("code", "reason", "refreshable", "retried"), CLOSES_AFTER_OPEN)
+def test_client_follows_the_table_after_a_close(
+    browser: Browser, relay_stub: StubRelay, code: int, reason: str, refreshable: bool,
+    retried: bool
+) -> None:
+    outcome = run_client(browser, relay_stub, f"""
+        connect(() => '/socket', {{refreshable: {json.dumps(refreshable)}}});
+        sockets[0].onopen();
+        await fail({code}, {json.dumps(reason)});
+        return {{probes: probes.length, timers: timers.length, retryIn: last().retryIn}};""")
+    assert outcome["probes"] == 0
+    assert outcome["timers"] == int(retried)
+    assert (outcome["retryIn"] is not None) == retried
+
+
+def test_client_closed_during_a_probe_stays_closed(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    outcome = run_client(browser, relay_stub, """
+        let reply, response;
+        answer = () => new Promise((resolve) => { reply = resolve; });
+        const relay = connect('/socket');
+        sockets[0].onclose({code: 1006, reason: '', wasClean: false});
+        await until(() => reply);
+        relay.close();
+        response = new Response(JSON.stringify({error: 'too_many_connections', message: 'x'}),
+                                {status: 503});
+        reply(response);
+        await until(() => response.bodyUsed);
+        await tick();
+        return {timers: timers.length, states: statuses.map((s) => [s.state, s.retryIn])};""")
+    assert outcome == {"timers": 0, "states": [["connecting", None], ["closed", None]]}
 
 
 def test_client_reports_frames_that_are_not_json_objects(
