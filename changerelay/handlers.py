@@ -235,7 +235,10 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
         self.set_header("X-Frame-Options", "DENY")
 
     def get(self):
-        self.render("index.html")
+        config = self.application.relay.config
+        # demo: the page says its changes are demo data; `--demo` (issue 13) will set it.
+        self.render("index.html", watch_db=config.watch_db,
+                    watch_collection=config.watch_collection, demo=False)
 
     def head(self):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
