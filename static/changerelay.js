@@ -88,6 +88,10 @@ export const DISCONNECTS = {
  *   off the oplog). Reload your state from the database; the stream continues from now.
  * - `{type: "position", resume_after}`: a newer resume point on a quiet stream.
  * - `{type: "error", code, message}`: the server reports a problem.
+ * - `{type: "source", state, message, since}`: MongoDB's state as the relay sees it — `open`,
+ *   `connecting`, `unreachable`, `not_replica_set`, `auth_failed`, or a newer one — sent when it
+ *   changes and on connecting while it is not open; `message` is written for people, `since` is
+ *   an ISO time. The socket stays open meanwhile: the relay keeps retrying MongoDB.
  *
  * The client itself emits `{type: "error", code: "invalid_message", message}` when a frame is
  * not a JSON object, so a misbehaving proxy does not go unnoticed.

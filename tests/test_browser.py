@@ -678,7 +678,7 @@ def test_the_page_shows_mongodb_down_and_back(
         page = live(browser, relay.url + "/")
         primary.stop()
         relay.wait_ready(source="unreachable", timeout=30)
-        page.wait_for("document.getElementById('status').dataset.source === 'unreachable'", 5)
+        page.wait_for("document.getElementById('status').dataset.source === 'unreachable'", 3)
         assert "MongoDB unreachable since" in text(page, "source")
         assert page.evaluate("document.getElementById('status').dataset.state") == "live"
     finally:
