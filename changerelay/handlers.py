@@ -57,8 +57,11 @@ class RelayHandlerMixin(HostCheckedMixin):
             raise SubscriptionError(
                 "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
                 "filters are limited to 4 KiB", status=414)
-        admission.check_origin(self.request.headers.get("Origin"), self.served,
-                               relay.config.allowed_origins)
+        origin = self.request.headers.get("Origin")
+        admission.check_origin(origin, self.served, relay.config.allowed_origins)
+        if origin:  # allowed: let fetch() and EventSource read the answer, refusals included
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
         claims = relay.authenticate(self.request)
         arguments = {
             name: [value.decode("utf-8", "strict") for value in values]
@@ -82,6 +85,11 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
 
     The handshake is answered here; then the socket leaves Tornado for a ``WebSocketConnection``
     (``connection.py``), which is all an open WebSocket costs us.
+
+    The same URL fetched without ``Upgrade`` is a probe: browsers hide why a WebSocket was
+    refused (the page sees 1006), so the JS client asks this way. It runs the handshake's
+    admission, connection caps included, and answers its refusal, or 204 when the handshake
+    would be admitted — without taking a connection.
     """
 
     def get(self):
@@ -94,6 +102,12 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
             slot = relay.connections.acquire(self.peer)
         except SubscriptionError as exc:
             self.refuse(exc)
+            return
+        if "Upgrade" not in self.request.headers:
+            relay.connections.release(slot)
+            self.set_status(204)
+            self.set_header("Cache-Control", "no-store")
+            self.finish()
             return
         try:
             accept, extensions = self.handshake(relay.config.ws_compression)
@@ -179,10 +193,6 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
             self.set_header("Cache-Control", "no-store")
             self.set_header("X-Accel-Buffering", "no")
             self.set_header("Connection", "close")  # one stream per connection, ended by us
-            origin = self.request.headers.get("Origin")
-            if origin:  # admitted above, so allowed: let EventSource read it cross-origin
-                self.set_header("Access-Control-Allow-Origin", origin)
-                self.set_header("Vary", "Origin")
             self.write(b"retry: 1000\n\n")
             await self.flush()
             self.client = clients.EventStreamClient(
@@ -226,7 +236,10 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
         self.set_header("X-Frame-Options", "DENY")
 
     def get(self):
-        self.render("index.html")
+        config = self.application.relay.config
+        # demo: the page says its changes are demo data; `--demo` (issue 13) will set it.
+        self.render("index.html", watch_db=config.watch_db,
+                    watch_collection=config.watch_collection, demo=False)
 
     def head(self):
         self.set_header("Content-Type", "text/html; charset=UTF-8")

@@ -346,12 +346,6 @@ async def test_redacted_paths_never_leave_mongodb(mongo, relay_factory):
         assert secret not in text and "password" not in text
 
 
-def test_plain_get_on_the_socket_endpoint_says_what_to_do(relay):
-    response = relay.get("/socket")
-    assert response.code == 400 and response.json()["error"] == "websocket_required"
-    assert relay.ready()["clients"] == 0
-
-
 def test_security_headers_on_the_page(relay):
     page = relay.get("/")
     csp = page.headers["Content-Security-Policy"]
