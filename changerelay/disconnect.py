@@ -97,8 +97,9 @@ REFUSALS: dict[int, Refusal] = {
     ), "the request is wrong; the message says what to change"),
     401: Refusal(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
-    403: Refusal(Retry.NO, ("origin_not_allowed", "ns_forbidden"),
-                 "not allowed: this page's origin, or namespaces outside the token's ns claim"),
+    403: Refusal(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images"),
+                 "not allowed: this page's origin, namespaces outside the token's ns claim, or a "
+                 "row rule this relay cannot decide (no post-images)"),
     404: Refusal(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
     413: Refusal(Retry.NO, (), "too large; not answered yet (the request-size limits will)"),
     414: Refusal(Retry.NO, ("query_too_large",), "the query string is over 512 KiB"),

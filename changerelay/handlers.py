@@ -7,6 +7,7 @@ JSON body ``{"error": code, "message": fix}``, so a bad client costs one respons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from tornado import web
@@ -38,6 +39,15 @@ class HostCheckedMixin:
         except SubscriptionError as exc:
             self.refuse(exc)  # finished: Tornado calls no get()
 
+    def allow_origin(self) -> None:
+        """Refuse (403) a page whose origin may not connect; let an allowed one read the
+        answer across origins."""
+        origin = self.request.headers.get("Origin")
+        admission.check_origin(origin, self.served, self.application.relay.config.allowed_origins)
+        if origin:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
+
     def refuse(self, exc: SubscriptionError) -> None:
         self.set_status(exc.status)
         self.set_header("Content-Type", "application/json")
@@ -57,11 +67,7 @@ class RelayHandlerMixin(HostCheckedMixin):
             raise SubscriptionError(
                 "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
                 "filters are limited to 4 KiB", status=414)
-        origin = self.request.headers.get("Origin")
-        admission.check_origin(origin, self.served, relay.config.allowed_origins)
-        if origin:  # allowed: let fetch() and EventSource read the answer, refusals included
-            self.set_header("Access-Control-Allow-Origin", origin)
-            self.set_header("Vary", "Origin")
+        self.allow_origin()  # then fetch() and EventSource may read the answer, refusals too
         claims = relay.authenticate(self.request)
         arguments = {
             name: [value.decode("utf-8", "strict") for value in values]
@@ -247,7 +253,14 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
 
 
 class StaticHandler(HostCheckedMixin, web.StaticFileHandler):
-    """``/static/…``: the page's scripts, under the same Host check as the page."""
+    """``/static/…``: the page's scripts, under the same Host check as the page. A page on an
+    allowed origin may import ``changerelay.js`` from here: ES modules load with CORS."""
+
+    def prepare(self):
+        super().prepare()
+        if not self._finished:
+            with contextlib.suppress(SubscriptionError):  # no header: the browser refuses it
+                self.allow_origin()
 
 
 class HealthHandler(web.RequestHandler):
