@@ -1066,8 +1066,20 @@ class TestPrimary:
     def __enter__(self) -> TestPrimary:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
+        if exc_type is None:
+            self.check()
+
+    def check(self) -> None:
+        """Fail loudly if a request failed inside the stand-in itself.
+
+        Such a request was answered with InternalError, which a driver or the relay may well
+        retry past; a bug here must fail the test instead of being absorbed.
+        """
+        if self.handler_errors:
+            raise AssertionError(f"the test primary failed {len(self.handler_errors)} request(s); "
+                                 f"the first:\n{self.handler_errors[0]}")
 
     @property
     def address(self) -> str:
