@@ -424,17 +424,103 @@ def matches(doc: dict, query: dict) -> bool:
 
 
 # --- updates -------------------------------------------------------------------------------------
+# Modifier updates follow MongoDB's update subsystem (src/mongo/db/update): paths are walked as
+# path_support.cpp's findLongestPrefix and createPathAt do, and every change is logged into a diff
+# shaped like the $v:2 oplog entry that v2_log_builder.cpp writes. A change event's
+# updateDescription is read from that diff as pipeline/change_stream_document_diff_parser.cpp
+# reads it, so updatedFields holds exactly the keys MongoDB reports: a created sub-document under
+# its first new component, array positions as numbers ("arr.4"), and, per level, the updated
+# fields before the created ones.
+
+MAX_ARRAY_PADDING = 1_500_000  # path_support.h kMaxPaddingAllowed
+
 
 @dataclass
 class UpdateResult:
     doc: dict
     is_replacement: bool
-    updated: dict = field(default_factory=dict)
-    removed: list = field(default_factory=list)
+    diff: _Diff | None = None  # what a modifier update changed; None for a replacement
 
     @property
     def changed(self) -> bool:
-        return self.is_replacement or bool(self.updated or self.removed)
+        return self.is_replacement or bool(self.diff.children)
+
+    def description(self) -> dict:
+        """The update event's ``updateDescription``."""
+        updated: dict = {}
+        removed: list = []
+        self.diff.read([], updated, removed)
+        return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": []}
+
+
+class _Diff:
+    """One level of a $v:2 update diff: a document changed in place, a new one, or an array.
+
+    Children are keyed by field name, or by position in an array; a leaf is ``("update", value)``,
+    ``("insert", value)`` or ``("delete", None)``, as v2_log_builder.cpp's node types.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "document", "new document" or "array"
+        self.children: dict = {}
+
+    def log(self, parts: list[str], in_array: list[bool], leaf: tuple,
+            first_new: int | None = None) -> None:
+        """Record a change at ``parts``; ``in_array[i]`` says part i is an array position."""
+        node = self
+        for i, part in enumerate(parts[:-1]):
+            key = int(part) if in_array[i] else part
+            if key not in node.children:
+                if in_array[i + 1]:
+                    kind = "array"
+                elif first_new is not None and i >= first_new:
+                    kind = "new document"
+                else:
+                    kind = "document"
+                node.children[key] = _Diff(kind)
+            node = node.children[key]
+        node.children[int(parts[-1]) if in_array[-1] else parts[-1]] = leaf
+
+    def value(self) -> dict:
+        """A new document, as the inserted value it stands for."""
+        return {name: child.value() if isinstance(child, _Diff) else child[1]
+                for name, child in self.children.items()}
+
+    def read(self, path: list[str], updated: dict, removed: list) -> None:
+        """Add this level's changes to updatedFields/removedFields, the change stream's way."""
+        def here(name):
+            return ".".join([*path, str(name)])
+
+        if self.kind == "array":
+            for index in sorted(self.children):
+                child = self.children[index]
+                if isinstance(child, _Diff) and child.kind != "new document":
+                    child.read([*path, str(index)], updated, removed)
+                else:
+                    updated[here(index)] = child.value() if isinstance(child, _Diff) else child[1]
+            return
+        items = self.children.items()
+        updated.update((here(name), child[1]) for name, child in items
+                       if isinstance(child, tuple) and child[0] == "update")
+        for name, child in items:
+            if isinstance(child, _Diff) and child.kind == "new document":
+                updated[here(name)] = child.value()
+            elif isinstance(child, tuple) and child[0] == "insert":
+                updated[here(name)] = child[1]
+        removed.extend(here(name) for name, child in items
+                       if isinstance(child, tuple) and child[0] == "delete")
+        for name, child in items:
+            if isinstance(child, _Diff) and child.kind != "new document":
+                child.read([*path, name], updated, removed)
+
+
+def _is_position(part: str) -> bool:
+    return part != "" and all("0" <= c <= "9" for c in part)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """MongoDB's no-op test for an update: binary equality (1 and 1.0 differ, so does order)."""
+    return bson.encode({"": a}) == bson.encode({"": b})
 
 
 def _type_name(value: Any) -> str:
@@ -443,13 +529,32 @@ def _type_name(value: Any) -> str:
             9: "date"}.get(_bson_rank(value), type(value).__name__)
 
 
-def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateResult:
-    """Apply an update document, describing the change the way an update event does.
+def _shown(value: Any) -> str:
+    """A value the way MongoDB's error messages print it (BSONElement::toString)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + " }" \
+            if value else "{}"
+    if isinstance(value, list):
+        return "[ " + ", ".join(map(_shown, value)) + " ]" if value else "[]"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, ObjectId):
+        return f"ObjectId('{value}')"
+    return str(value)
 
-    ``updatedFields``/``removedFields`` follow MongoDB's delta format: a new value per changed
-    path, whole new sub-documents where a parent was created, ``arr.N`` for appended elements,
-    and nothing at all for a field set to the value it already had.
-    """
+
+def _path_order(path: str) -> list:
+    """Sort key of update paths: per component, strings in lexicographic and numbers in numeric
+    order (https://www.mongodb.com/docs/manual/reference/operator/update/#behavior)."""
+    return [(len(part), part) if _is_position(part) else (0, part) for part in path.split(".")]
+
+
+def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateResult:
+    """Apply an update document the way MongoDB does, recording the diff its event reports."""
     if isinstance(update, list):
         raise _not_implemented("pipeline-style updates")
     if not isinstance(update, dict):
@@ -458,7 +563,7 @@ def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateRe
     if not operators:
         if "_id" in update and update["_id"] != old.get("_id", update["_id"]):
             raise CommandError(66, "After applying the update, the (immutable) field '_id' was "
-                                   f"found to have been altered to _id: {update['_id']!r}")
+                                   f"found to have been altered to _id: {_shown(update['_id'])}")
         doc = {"_id": old["_id"]} if "_id" in old else {}
         doc.update({k: copy.deepcopy(v) for k, v in update.items() if k != "_id"})
         if "_id" not in doc and "_id" in update:
@@ -468,75 +573,179 @@ def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateRe
         bad = next(k for k in update if not k.startswith("$"))
         raise CommandError(9, f"Unknown modifier: {bad}. Expected a valid update modifier or "
                               "pipeline-style update specified as an array")
-    doc = copy.deepcopy(old)
-    result = UpdateResult(doc, is_replacement=False)
+    changes = []
     for op, spec in update.items():
+        if op not in _UPDATE_OPERATORS:
+            raise _not_implemented(f"the update operator {op}")
         if not isinstance(spec, dict):
             raise CommandError(9, f"Modifiers operate on fields but we found type "
                                   f"{_type_name(spec)} instead.")
         for path, arg in spec.items():
-            touches_id = path == "_id" or path.startswith("_id.")
-            if touches_id and op != "$setOnInsert" and not (op == "$set" and arg == old.get("_id")):
-                raise CommandError(66, "Performing an update on the path '_id' would modify the "
-                                       "immutable field '_id'")
-            _apply_operator(result, op, path, arg, inserting)
-    return result
+            _check_update_path(path, [p for _, p, _ in changes])
+            changes.append((op, path, arg))
+    doc = copy.deepcopy(old)
+    diff = _Diff("document")
+    for op, path, arg in sorted(changes, key=lambda change: _path_order(change[1])):
+        if op == "$setOnInsert" and not inserting:
+            continue
+        touches_id = path == "_id" or path.startswith("_id.")
+        if touches_id and "_id" in old and not (path == "_id" and _same(arg, old["_id"])):
+            raise CommandError(66, "Performing an update on the path '_id' would modify the "
+                                   "immutable field '_id'")
+        _UPDATE_OPERATORS[op](doc, diff, path.split("."), arg)
+    return UpdateResult(doc, is_replacement=False, diff=diff)
 
 
-def _record_set(result: UpdateResult, path: str, value: Any) -> None:
-    doc = result.doc
+def _check_update_path(path: str, earlier: list[str]) -> None:
     parts = path.split(".")
-    for i in range(1, len(parts)):  # report the highest newly created parent, like MongoDB does
-        prefix = ".".join(parts[:i])
-        if get_path(doc, prefix) is _MISSING:
-            set_path(doc, path, value)
-            result.updated[prefix] = copy.deepcopy(get_path(doc, prefix))
-            return
-    if get_path(doc, path) == value and _bson_rank(get_path(doc, path)) == _bson_rank(value):
-        return
-    set_path(doc, path, value)
-    result.updated[path] = copy.deepcopy(value)
+    if "" in parts:
+        raise CommandError(56, f"An update path '{path}' contains an empty field name, which is "
+                               "not allowed.")
+    if any(part.startswith("$") for part in parts):
+        raise _not_implemented("positional update operators ($, $[], $[<identifier>])")
+    for other in earlier:
+        shorter, longer = sorted((path, other), key=len)
+        if shorter == longer or longer.startswith(shorter + "."):
+            raise CommandError(40, f"Updating the path '{path}' would create a conflict at "
+                                   f"'{shorter}'")
 
 
-def _apply_operator(result: UpdateResult, op: str, path: str, arg: Any, inserting: bool) -> None:
-    doc = result.doc
-    current = get_path(doc, path)
-    if op == "$set":
-        _record_set(result, path, copy.deepcopy(arg))
-    elif op == "$setOnInsert":
-        if inserting:
-            _record_set(result, path, copy.deepcopy(arg))
-    elif op == "$unset":
-        if unset_path(doc, path):
-            result.removed.append(path)
-    elif op == "$inc":
-        if not isinstance(arg, int | float | Int64) or isinstance(arg, bool):
-            raise CommandError(14, f"Cannot increment with non-numeric argument: {{{path}: "
-                                   f"{arg!r}}}")
-        if current is _MISSING:
-            _record_set(result, path, arg)
-        elif not isinstance(current, int | float | Int64) or isinstance(current, bool):
-            raise CommandError(14, f"Cannot apply $inc to a value of non-numeric type. "
-                                   f"{{_id: {doc.get('_id')!r}}} has the field '{path}' of "
-                                   f"non-numeric type {_type_name(current)}")
+def _walk(doc: dict, parts: list[str]) -> tuple[int, Any, list[bool]]:
+    """How far ``parts`` exists in ``doc`` (findLongestPrefix): the number of parts found, the
+    value the last of them names, and which of them are array positions."""
+    node, in_array = doc, []
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            in_array.append(False)
+        elif isinstance(node, list) and _is_position(part) and int(part) < len(node):
+            node = node[int(part)]
+            in_array.append(True)
         else:
-            _record_set(result, path, current + arg)
-    elif op == "$push":
-        items = arg["$each"] if isinstance(arg, dict) and "$each" in arg else [arg]
-        if isinstance(arg, dict) and set(arg) - {"$each"}:
-            raise _not_implemented("$push modifiers other than $each")
-        if current is _MISSING:
-            _record_set(result, path, copy.deepcopy(list(items)))
-        elif not isinstance(current, list):
-            raise CommandError(2, f"The field '{path}' must be an array but is of type "
-                                  f"{_type_name(current)} in document {{_id: "
-                                  f"{doc.get('_id')!r}}}")
-        else:
-            for item in items:
-                current.append(copy.deepcopy(item))
-                result.updated[f"{path}.{len(current) - 1}"] = copy.deepcopy(item)
+            return i, node, in_array
+    return len(parts), node, in_array
+
+
+def _parent(doc: dict, parts: list[str]) -> Any:
+    return _walk(doc, parts[:-1])[1] if len(parts) > 1 else doc
+
+
+def _key(container: Any, part: str) -> str | int:
+    return int(part) if isinstance(container, list) else part
+
+
+def _canonical(parts: list[str], in_array: list[bool]) -> list[str]:
+    """Array positions as MongoDB logs them: the number, without leading zeros."""
+    return [str(int(part)) if position else part for part, position in zip(parts, in_array,
+                                                                             strict=True)]
+
+
+def _create(doc: dict, diff: _Diff, parts: list[str], value: Any) -> None:
+    """Create the missing end of ``parts`` holding ``value`` (createPathAt), padding an array
+    with nulls up to a new position, and log it as created from the first new component."""
+    found, node, in_array = _walk(doc, parts)
+    part = parts[found]
+    name = parts[found - 1] if found else ""
+    if not isinstance(node, dict | list) or (isinstance(node, list) and not _is_position(part)):
+        raise CommandError(28, f"Cannot create field '{part}' in element "
+                               f"{{{name}: {_shown(node)}}}")
+    new = copy.deepcopy(value)
+    for inner in reversed(parts[found + 1:]):
+        new = {inner: new}
+    if isinstance(node, list):
+        padding = int(part) - len(node)
+        if padding > MAX_ARRAY_PADDING:
+            raise CommandError(10, f"can't backfill more than {MAX_ARRAY_PADDING} elements")
+        node.extend([None] * padding)
+        node.append(new)
     else:
-        raise _not_implemented(f"the update operator {op}")
+        node[part] = new
+    in_array += [isinstance(node, list)] + [False] * (len(parts) - found - 1)
+    diff.log(_canonical(parts, in_array), in_array, ("insert", copy.deepcopy(value)), found)
+
+
+def _replace(doc: dict, diff: _Diff, parts: list[str], value: Any) -> None:
+    _, current, in_array = _walk(doc, parts)
+    if _same(current, value):
+        return
+    parent = _parent(doc, parts)
+    parent[_key(parent, parts[-1])] = copy.deepcopy(value)
+    diff.log(_canonical(parts, in_array), in_array, ("update", copy.deepcopy(value)))
+
+
+def _set(doc: dict, diff: _Diff, parts: list[str], value: Any) -> None:
+    found, _, _ = _walk(doc, parts)
+    (_replace if found == len(parts) else _create)(doc, diff, parts, value)
+
+
+def _unset(doc: dict, diff: _Diff, parts: list[str], _arg: Any) -> None:
+    found, _, in_array = _walk(doc, parts)
+    if found < len(parts):
+        return  # nothing there, even through a scalar: $unset is a no-op (unset_node.cpp)
+    parent = _parent(doc, parts)
+    if isinstance(parent, list):  # an array element becomes null, the array keeps its length
+        parent[int(parts[-1])] = None
+        diff.log(_canonical(parts, in_array), in_array, ("update", None))
+    else:
+        del parent[parts[-1]]
+        diff.log(_canonical(parts, in_array), in_array, ("delete", None))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float | Int64) and not isinstance(value, bool)
+
+
+def _inc(doc: dict, diff: _Diff, parts: list[str], arg: Any) -> None:
+    path = ".".join(parts)
+    if not _number(arg):
+        raise CommandError(14, f"Cannot increment with non-numeric argument: {{{path}: "
+                               f"{_shown(arg)}}}")
+    found, current, _ = _walk(doc, parts)
+    if found < len(parts):
+        _create(doc, diff, parts, arg)
+    elif not _number(current):
+        raise CommandError(14, f"Cannot apply $inc to a value of non-numeric type. "
+                               f"{{_id: {_shown(doc.get('_id'))}}} has the field '{path}' of "
+                               f"non-numeric type {_type_name(current)}")
+    else:
+        _replace(doc, diff, parts, current + arg)
+
+
+def _push(doc: dict, diff: _Diff, parts: list[str], arg: Any) -> None:
+    """$push: a document with $each holds modifiers, any other value is the element to push;
+    an append logs each new element, a push onto an empty array the whole array (push_node.cpp)."""
+    if isinstance(arg, dict) and "$each" in arg:
+        if set(arg) != {"$each"}:
+            raise _not_implemented("$push modifiers other than $each")
+        if not isinstance(arg["$each"], list):
+            raise CommandError(2, "The argument to $each in $push must be an array but it was of "
+                                  f"type: {_type_name(arg['$each'])}")
+        items = arg["$each"]
+    else:
+        items = [arg]
+    found, current, in_array = _walk(doc, parts)
+    if found < len(parts):
+        _create(doc, diff, parts, items)
+        return
+    if not isinstance(current, list):
+        raise CommandError(2, f"The field '{'.'.join(parts)}' must be an array but is of type "
+                              f"{_type_name(current)} in document {{_id: "
+                              f"{_shown(doc.get('_id'))}}}")
+    if not items:
+        return
+    if not current:
+        _replace(doc, diff, parts, items)
+        return
+    path = _canonical(parts, in_array)
+    for item in items:
+        current.append(copy.deepcopy(item))
+        diff.log([*path, str(len(current) - 1)], [*in_array, True], ("insert", copy.deepcopy(item)),
+                 len(parts))
+
+
+_UPDATE_OPERATORS: dict[str, Callable[[dict, _Diff, list[str], Any], None]] = {
+    "$set": _set, "$setOnInsert": _set, "$unset": _unset, "$inc": _inc, "$push": _push,
+}
 
 
 # --- aggregation stages --------------------------------------------------------------------------
@@ -1605,10 +1814,9 @@ class TestPrimary:
             self._crud_event("replace", db, name, coll, old["_id"], {"fullDocument": result.doc},
                              pre=old, post=result.doc)
         else:
-            description = {"updatedFields": result.updated, "removedFields": result.removed,
-                           "truncatedArrays": []}
             self._crud_event("update", db, name, coll, old["_id"],
-                             {"updateDescription": description}, pre=old, post=result.doc)
+                             {"updateDescription": result.description()}, pre=old,
+                             post=result.doc)
         return result
 
     def _find_and_modify(self, db: str, cmd: dict) -> dict:
@@ -1659,7 +1867,7 @@ class TestPrimary:
                                                   any(op.startswith("$") for op in v))}
         base: dict = {}
         for path, value in seed.items():
-            set_path(base, path, value)
+            _set(base, _Diff("document"), path.split("."), value)
         result = apply_update(base, update, inserting=True)
         doc = result.doc
         if "_id" not in doc:

@@ -132,6 +132,93 @@ def test_find_and_modify_and_distinct(server, client):
         "update", "update", "delete", "insert"]
 
 
+# --- updates: MongoDB's semantics and the updateDescription its $v:2 oplog entry yields ----------
+# Paths are applied as update/path_support.cpp (findLongestPrefix, createPathAt) does; what an
+# update logs follows update/v2_log_builder.cpp and how a change stream reads that diff,
+# pipeline/change_stream_document_diff_parser.cpp: updated fields, then created ones, per level.
+
+def described(server, coll, before: dict, update: dict) -> tuple[dict, dict]:
+    """The stored document after ``update`` and the updateDescription of its change event."""
+    coll.insert_one(before)
+    coll.update_one({"_id": before["_id"]}, update)
+    event = server.events[-1]
+    assert event["operationType"] == "update", event
+    return coll.find_one({"_id": before["_id"]}), event["updateDescription"]
+
+
+@pytest.mark.parametrize(("before", "update", "after", "updated", "removed"), [
+    ({"a": {"x": 1}}, {"$set": {"a.b": 2}}, {"a": {"x": 1, "b": 2}}, {"a.b": 2}, []),
+    ({}, {"$set": {"a.b.c": 1}}, {"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 1}}}, []),
+    ({"a": {}}, {"$set": {"a.b.c": 1}}, {"a": {"b": {"c": 1}}}, {"a.b": {"c": 1}}, []),
+    ({"arr": [{"x": 1}, {"x": 2}]}, {"$set": {"arr.1.x": 3}},
+     {"arr": [{"x": 1}, {"x": 3}]}, {"arr.1.x": 3}, []),
+    ({"arr": [{"x": 1}]}, {"$set": {"arr.0.y": 2}}, {"arr": [{"x": 1, "y": 2}]},
+     {"arr.0.y": 2}, []),
+    # "{$set: {'a.0.c': 1}} when the input document is {a: []}" (v2_log_builder.cpp)
+    ({"arr": []}, {"$set": {"arr.0.c": 1}}, {"arr": [{"c": 1}]}, {"arr.0": {"c": 1}}, []),
+    # padding: the nulls are written, only the new element is logged
+    ({"arr": [1, 2]}, {"$set": {"arr.4": 5}}, {"arr": [1, 2, None, None, 5]}, {"arr.4": 5}, []),
+    ({"arr": [1, 2]}, {"$set": {"arr.1": {"cvv": "x"}}}, {"arr": [1, {"cvv": "x"}]},
+     {"arr.1": {"cvv": "x"}}, []),
+    ({"m": [[1, 2]]}, {"$set": {"m.0.1": 3}}, {"m": [[1, 3]]}, {"m.0.1": 3}, []),
+    # $push: a document without $each is the value pushed (push_node.cpp); appends log each
+    # new element, a push onto an empty array logs the whole array
+    ({"arr": [1]}, {"$push": {"arr": {"a": 1}}}, {"arr": [1, {"a": 1}]}, {"arr.1": {"a": 1}}, []),
+    ({"arr": [1]}, {"$push": {"arr": {"$each": [2, 3]}}}, {"arr": [1, 2, 3]},
+     {"arr.1": 2, "arr.2": 3}, []),
+    ({"arr": []}, {"$push": {"arr": {"a": 1}}}, {"arr": [{"a": 1}]}, {"arr": [{"a": 1}]}, []),
+    ({}, {"$push": {"arr": 1}}, {"arr": [1]}, {"arr": [1]}, []),
+    # $unset of an array element sets it to null (unset_node.cpp), a field is removed
+    ({"arr": [1, 2]}, {"$unset": {"arr.0": ""}}, {"arr": [None, 2]}, {"arr.0": None}, []),
+    ({"a": {"b": 1, "c": 2}}, {"$unset": {"a.b": ""}}, {"a": {"c": 2}}, {}, ["a.b"]),
+])
+def test_update_paths_and_their_description(server, client, before, update, after, updated,
+                                            removed):
+    doc, description = described(server, client.db.u, {"_id": 1, **before}, update)
+    assert doc == {"_id": 1, **after}
+    assert description == {"updatedFields": updated, "removedFields": removed,
+                           "truncatedArrays": []}
+
+
+def test_updated_fields_list_updates_before_creations(server, client):
+    doc, description = described(server, client.db.u, {"_id": 1, "old": 1},
+                                 {"$set": {"new": 2, "old": 3}})
+    assert list(doc) == ["_id", "old", "new"]
+    assert list(description["updatedFields"]) == ["old", "new"]
+
+
+def test_fields_are_created_in_lexicographic_then_numeric_order(server, client):
+    # "update operators process document fields with string-based names in lexicographic order.
+    # Fields with numeric names are processed in numeric order."
+    # https://www.mongodb.com/docs/manual/reference/operator/update/#behavior
+    doc, _ = described(server, client.db.u, {"_id": 1, "m": {}},
+                       {"$set": {"m.10": 1, "m.9": 2, "z": 1, "b": 1}})
+    assert list(doc) == ["_id", "m", "b", "z"] and list(doc["m"]) == ["9", "10"]
+
+
+@pytest.mark.parametrize(("before", "update", "code", "message"), [
+    ({"password": "x"}, {"$set": {"password.hash": "y"}}, 28,
+     "Cannot create field 'hash' in element {password: \"x\"}"),
+    ({"arr": [1, 2]}, {"$set": {"arr.x": 1}}, 28,
+     "Cannot create field 'x' in element {arr: [ 1, 2 ]}"),
+    ({"arr": [1]}, {"$set": {"arr.0.x": 1}}, 28, "Cannot create field 'x' in element {0: 1}"),
+    ({"a": {"b": 5}}, {"$inc": {"a.b.c": 1}}, 28, "Cannot create field 'c' in element {b: 5}"),
+    ({}, {"$set": {"a": 1, "a.b": 2}}, 40,
+     "Updating the path 'a.b' would create a conflict at 'a'"),
+    ({"n": 1}, {"$push": {"n": 2}}, 2,
+     "The field 'n' must be an array but is of type int in document {_id: 1}"),
+    ({"arr": []}, {"$set": {"arr.1500001": 1}}, 10, "can't backfill more than 1500000 elements"),
+])
+def test_update_errors_are_mongodbs(server, client, before, update, code, message):
+    coll = client.db.u
+    coll.insert_one({"_id": 1, **before})
+    with pytest.raises(OperationFailure) as caught:
+        coll.update_one({"_id": 1}, update)
+    assert caught.value.code == code and message in str(caught.value)
+    assert coll.find_one({"_id": 1}) == {"_id": 1, **before}  # nothing was applied
+    assert [e["operationType"] for e in server.events] == ["insert"]
+
+
 # --- change events -------------------------------------------------------------------------------
 
 def test_collection_stream_delivers_every_crud_event_exactly(server, client, writer):
@@ -254,7 +341,7 @@ def test_expression_operators_in_a_change_stream_pipeline(client, writer):
         {"$match": {"$expr": {"$in": ["$operationType", ["insert", "update"]]}}},
     ]
     with client.db.c.watch(pipeline, max_await_time_ms=AWAIT_MS) as stream:
-        writer.db.c.insert_one({"_id": 1, "secret": "x", "name": "a"})
+        writer.db.c.insert_one({"_id": 1, "secret": {"hash": "x"}, "name": "a"})
         writer.db.c.update_one({"_id": 1}, {"$set": {"secret.hash": "y", "name": "b"}})
         writer.db.c.delete_one({"_id": 1})
         writer.db.c.insert_one({"_id": 2})
