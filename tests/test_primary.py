@@ -327,29 +327,134 @@ def test_pipeline_stages_filter_and_reshape(client, writer):
         (["_id", "operationType", "documentKey"], 1), (["_id", "operationType", "documentKey"], 2)]
 
 
-def test_expression_operators_in_a_change_stream_pipeline(client, writer):
-    keep = {"$and": [{"$ne": ["$$this.k", "secret"]},
-                     {"$ne": [{"$indexOfBytes": ["$$this.k", "secret."]}, 0]}]}
-    pipeline = [
-        {"$unset": ["fullDocument.secret", "updateDescription.updatedFields.secret"]},
-        {"$set": {"updateDescription.updatedFields": {"$cond": [
-            {"$eq": [{"$type": "$updateDescription.updatedFields"}, "object"]},
-            {"$arrayToObject": {"$filter": {
-                "input": {"$objectToArray": "$updateDescription.updatedFields"},
-                "cond": keep}}},
-            "$$REMOVE"]}}},
-        {"$match": {"$expr": {"$in": ["$operationType", ["insert", "update"]]}}},
-    ]
+# --- change stream pipelines: stages and expressions as MongoDB evaluates them ------------------
+# Stages: exec/projection_node.cpp, exec/add_fields_projection_executor.cpp and
+# query/projection_parser.cpp (cited in changerelay/primary.py); operators: their manual pages.
+
+def piped(client, writer, pipeline: list, document: dict, update: dict | None = None) -> list:
+    """The events of an insert of ``document`` (and an ``update`` of it) through ``pipeline``."""
     with client.db.c.watch(pipeline, max_await_time_ms=AWAIT_MS) as stream:
-        writer.db.c.insert_one({"_id": 1, "secret": {"hash": "x"}, "name": "a"})
-        writer.db.c.update_one({"_id": 1}, {"$set": {"secret.hash": "y", "name": "b"}})
-        writer.db.c.delete_one({"_id": 1})
-        writer.db.c.insert_one({"_id": 2})
-        insert, update, again = drain(stream, 3)
-    assert insert["fullDocument"] == {"_id": 1, "name": "a"}
-    assert "updateDescription" not in insert  # $$REMOVE: the field is not created
-    assert update["updateDescription"]["updatedFields"] == {"name": "b"}
-    assert again["documentKey"] == {"_id": 2}  # the delete was filtered out by $expr
+        writer.db.c.insert_one(document)
+        if update is not None:
+            writer.db.c.update_one({"_id": document["_id"]}, update)
+        return drain(stream, 1 if update is None else 2)
+
+
+def test_a_dotted_set_creates_its_missing_parent_even_for_remove(client, writer):
+    insert, update = piped(client, writer, [{"$set": {"updateDescription.updatedFields": {
+        "$cond": [{"$eq": [{"$type": "$updateDescription.updatedFields"}, "object"]},
+                  {"$literal": {"redacted": True}}, "$$REMOVE"]}}}],
+        {"_id": 1, "a": 1}, {"$set": {"a": 2}})
+    assert insert["updateDescription"] == {}  # the parent is created, the field is not
+    assert update["updateDescription"] == {"updatedFields": {"redacted": True},
+                                           "removedFields": [], "truncatedArrays": []}
+
+
+def test_a_top_level_set_to_missing_adds_nothing(client, writer):
+    [insert] = piped(client, writer, [{"$set": {"updateDescription": "$updateDescription",
+                                                "gone": "$$REMOVE"}}], {"_id": 1})
+    assert "updateDescription" not in insert and "gone" not in insert
+
+
+def test_a_computed_field_goes_into_every_element_and_replaces_scalars(client, writer):
+    [insert] = piped(client, writer, [{"$set": {"fullDocument.a.b": 1, "fullDocument.arr.c": 1}}],
+                     {"_id": 1, "a": 5, "arr": [1, {"b": 2}, [3, {"d": 4}]]})
+    assert insert["fullDocument"] == {
+        "_id": 1, "a": {"b": 1}, "arr": [{"c": 1}, {"b": 2, "c": 1}, [{"c": 1}, {"d": 4, "c": 1}]]}
+
+
+def test_set_with_a_nested_object_names_sub_fields(client, writer):
+    [insert] = piped(client, writer, [{"$set": {"fullDocument": {"b": {"$literal": 2}, "e": {}}}}],
+                     {"_id": 1, "a": 1})
+    assert insert["fullDocument"] == {"_id": 1, "a": 1, "b": 2, "e": {}}
+
+
+def test_unset_walks_arrays_and_nested_arrays(client, writer):
+    [insert] = piped(client, writer, [{"$unset": "fullDocument.cards.cvv"}],
+                     {"_id": 1, "cards": [{"cvv": 1, "n": 1}, [{"cvv": 2, "n": 2}], 7, None]})
+    assert insert["fullDocument"] == {"_id": 1, "cards": [{"n": 1}, [{"n": 2}], 7, None]}
+
+
+def test_project_inclusion_keeps_named_paths_through_arrays(client, writer):
+    [insert] = piped(client, writer, [{"$project": {
+        "fullDocument.cards.n": 1, "operationType": 1, "kind": {"$literal": "x"}}}],
+        {"_id": 1, "x": 1, "cards": [{"cvv": 1, "n": 1}, [{"cvv": 2, "n": 2}], 7]})
+    assert list(insert) == ["_id", "operationType", "fullDocument", "kind"]
+    assert insert["fullDocument"] == {"cards": [{"n": 1}, [{"n": 2}]]}  # the scalar is dropped
+
+
+@pytest.mark.parametrize(("stage", "code", "message"), [
+    ({"$unset": ["fullDocument.a", "fullDocument.a.b"]}, 31249,
+     "Invalid $unset :: caused by :: Path collision at fullDocument.a.b remaining portion a.b"),
+    ({"$unset": ["fullDocument.a.b", "fullDocument.a"]}, 31250,
+     "Invalid $unset :: caused by :: Path collision at fullDocument.a"),
+    ({"$unset": ["x", "x"]}, 31250, "Invalid $unset :: caused by :: Path collision at x"),
+    ({"$project": {"a": 0, "a.b": 0}}, 31249, "Path collision at a.b remaining portion b"),
+    ({"$project": {"a": 1, "b": 0}}, 31254, "Cannot do exclusion on field b in inclusion"),
+    ({"$set": {"a": 1, "a.b": 2}}, 40176, "Invalid $set :: caused by :: specification contains "
+                                          "two conflicting paths. Cannot specify both 'a.b' and "
+                                          "'a'"),
+    ({"$unset": []}, 31119, "$unset specification must be a string or an array with at least"),
+    ({"$set": {"x": {"$function": {}}}}, 2, "does not implement the expression operator $function"),
+])
+def test_stages_a_server_refuses_fail_when_the_stream_opens(client, stage, code, message):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch([stage])
+    assert caught.value.code == code and message in str(caught.value)
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ({"$switch": {"branches": [{"case": False, "then": 1}, {"case": "$fullDocument.a", "then": 2}],
+                  "default": 3}}, 2),
+    ({"$switch": {"branches": [{"case": "$none", "then": 1}], "default": 3}}, 3),
+    ({"$regexMatch": {"input": "cards.1.cvv", "regex": r"^cards(\.[0-9]+)*\.cvv(\.|$)"}}, True),
+    ({"$regexMatch": {"input": "cardsx", "regex": r"^cards(\.|$)"}}, False),
+    ({"$regexMatch": {"input": "$none", "regex": "x"}}, False),
+    ({"$setField": {"field": "b", "input": {"a": 1, "b": 1}, "value": 2}}, {"a": 1, "b": 2}),
+    ({"$setField": {"field": "a", "input": {"a": 1, "b": 1}, "value": "$$REMOVE"}}, {"b": 1}),
+    ({"$setField": {"field": "a.b", "input": {}, "value": 1}}, {"a.b": 1}),
+    ({"$setField": {"field": "a", "input": "$none", "value": 1}}, None),
+    ({"$unsetField": {"field": "a", "input": {"$literal": {"a": 1, "b": 2}}}}, {"b": 2}),
+    ({"$getField": {"field": "v", "input": {"k": 1, "v": 2}}}, 2),
+    ({"$getField": "operationType"}, "insert"),
+    ({"$getField": {"field": "a", "input": None}}, None),
+    ({"$isArray": ["$fullDocument.arr"]}, True),
+    ({"$isArray": "$fullDocument.a"}, False),
+    ({"$arrayElemAt": ["$fullDocument.arr", -1]}, 3),
+    ({"$arrayElemAt": [{"$objectToArray": {"k": 1, "n": 2}}, 1]}, {"k": "n", "v": 2}),
+    ({"$let": {"vars": {"x": "$fullDocument.a"}, "in": {"$eq": ["$$x", 1]}}}, True),
+    ({"$arrayToObject": [[["a.b", 1], ["c", 2]]]}, {"a.b": 1, "c": 2}),
+    ({"$map": {"input": "$fullDocument.arr", "as": "n",
+               "in": {"$cond": [{"$eq": ["$$n", 2]}, "$$REMOVE", "$$n"]}}}, [1, None, 3]),
+    ({"$filter": {"input": "$fullDocument.arr", "cond": {"$ne": ["$$this", 2]}}}, [1, 3]),
+])
+def test_expression_operators(client, writer, expr, expected):
+    [insert] = piped(client, writer, [{"$replaceWith": {"_id": "$_id", "out": expr}}],
+                     {"_id": 1, "a": 1, "arr": [1, 2, 3]})
+    assert insert["out"] == expected
+
+
+@pytest.mark.parametrize("expr", [
+    {"$getField": {"field": "a", "input": {"b": 1}}},
+    {"$arrayElemAt": ["$fullDocument.arr", 3]},
+])
+def test_expressions_that_evaluate_to_missing(client, writer, expr):
+    [insert] = piped(client, writer, [{"$replaceWith": {"_id": "$_id", "out": expr}}],
+                     {"_id": 1, "arr": [1, 2, 3]})
+    assert "out" not in insert
+
+
+@pytest.mark.parametrize(("expr", "code"), [
+    ({"$switch": {"branches": [{"case": False, "then": 1}]}}, 40066),
+    ({"$setField": {"field": "a", "input": 5, "value": 1}}, 4161105),
+    ({"$regexMatch": {"input": 5, "regex": "x"}}, 51104),
+])
+def test_expression_errors_fail_the_stream(client, writer, expr, code):
+    with client.db.c.watch([{"$set": {"out": expr}}], max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_one({"_id": 1})
+        with pytest.raises(OperationFailure) as caught:
+            drain(stream, 1)
+    assert caught.value.code == code
 
 
 def test_pipeline_that_drops_the_resume_token_fails_the_stream(client, writer):
