@@ -93,7 +93,8 @@ class Config:
     auth_jwt_public_key: str | None = _spec(
         "AUTH_JWT_PUBLIC_KEY", None, "path to a PEM public key (RS256/ES256); turns auth on")
     redact: tuple = _spec(
-        "REDACT", (), "comma-separated dotted paths removed from every event")
+        "REDACT", (), "comma-separated document fields (fullDocument.x.y) removed inside MongoDB "
+        "from every event")
     allowed_origins: tuple = _spec(
         "ALLOWED_ORIGINS", (), "comma-separated origins allowed to connect; default same origin")
     max_connections: int = _spec("MAX_CONNECTIONS", 0, "total connection cap (0: off)")

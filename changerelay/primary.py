@@ -933,19 +933,6 @@ def _map(arg, doc, variables):
     return [None if item is _MISSING else item for item in mapped]
 
 
-def _index_of_bytes(arg, doc, variables):
-    values = _values(arg, doc, variables)
-    text, sub = values[0], values[1]
-    if text is _MISSING or text is None:
-        return None
-    if not isinstance(text, str) or not isinstance(sub, str):
-        raise CommandError(40091, "$indexOfBytes requires a string as the first argument, "
-                                  f"found: {_agg_type(text)}")
-    start = values[2] if len(values) > 2 else 0
-    end = values[3] if len(values) > 3 else None
-    return text.encode().find(sub.encode(), start, end)
-
-
 def _concat(arg, doc, variables):
     values = _values(arg, doc, variables)
     if any(v is _MISSING or v is None for v in values):
@@ -1125,7 +1112,7 @@ _OPERATORS: dict[str, Callable[[Any, dict, dict], Any]] = {
     "$cond": _cond, "$ifNull": _if_null, "$in": _in,
     "$type": lambda arg, doc, variables: _agg_type(_values(arg, doc, variables)[0]),
     "$objectToArray": _object_to_array, "$arrayToObject": _array_to_object,
-    "$filter": _filter, "$map": _map, "$indexOfBytes": _index_of_bytes,
+    "$filter": _filter, "$map": _map,
     "$concat": _concat, "$size": _size,
     "$switch": _switch, "$regexMatch": _regex_match, "$let": _let,
     "$setField": _set_field,
