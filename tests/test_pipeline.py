@@ -9,8 +9,6 @@ What the result must be is stated independently below, in :func:`scrub` and
 
 from __future__ import annotations
 
-import time
-
 import bson
 import pytest
 from hypothesis import given, settings
@@ -20,6 +18,7 @@ from pymongo.errors import OperationFailure
 from changerelay import config as cfg
 from changerelay.pipeline import PipelineError, parse_redact, redaction_stages
 from changerelay.primary import compile_stage
+from tests.support import drain
 
 AWAIT_MS = 200
 
@@ -201,16 +200,6 @@ def test_the_generated_pipeline_grows_linearly():
 
 
 # --- through a real driver, against the test primary (or MONGODB_TEST_URI's deployment) ---------
-
-def drain(stream, count: int) -> list[dict]:
-    got, deadline = [], time.monotonic() + 10
-    while len(got) < count:
-        assert time.monotonic() < deadline, f"only {len(got)} of {count} events"
-        change = stream.try_next()
-        if change is not None:
-            got.append(change)
-    return got
-
 
 def secrets(value) -> list[str]:
     """The secret values (strings starting with S) anywhere in ``value``."""

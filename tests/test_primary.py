@@ -17,6 +17,7 @@ from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from changerelay.primary import TestPrimary
+from tests.support import drain
 
 AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
 
@@ -43,17 +44,6 @@ def writer(server):
     """A second client, so writes never share a connection with the stream under test."""
     with connect(server) as c:
         yield c
-
-
-def drain(stream, count: int, timeout: float = 5) -> list[dict]:
-    """The next ``count`` events, failing (not hanging) if they don't arrive in time."""
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < count:
-        assert time.monotonic() < deadline, f"only {len(got)} of {count} events: {got}"
-        event = stream.try_next()
-        if event is not None:
-            got.append(event)
-    return got
 
 
 def assert_quiet(stream) -> None:
