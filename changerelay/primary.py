@@ -528,10 +528,23 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def _path_order(path: str) -> list:
-    """Sort key of update paths: per component, strings in lexicographic and numbers in numeric
-    order (https://www.mongodb.com/docs/manual/reference/operator/update/#behavior)."""
-    return [(len(part), part) if _is_position(part) else (0, part) for part in path.split(".")]
+def _name_order(a: str, b: str) -> int:
+    """The order update paths are applied in, per name: numbers numerically, else as strings
+    (https://www.mongodb.com/docs/manual/reference/operator/update/#behavior; the comparator is
+    update/path_support.h's cmpPathsAndArrayIndexes, zero-padded numbers compared as strings)."""
+    def numeric(name: str) -> bool:
+        return bool(name) and "0" <= name[0] <= "9" and not (name[0] == "0" and len(name) > 1)
+
+    if numeric(a) and numeric(b) and len(a) != len(b):
+        return len(a) - len(b)
+    return (a > b) - (a < b)
+
+
+def _path_order(a: str, b: str) -> int:
+    for name_a, name_b in zip(a.split("."), b.split("."), strict=False):
+        if order := _name_order(name_a, name_b):
+            return order
+    return 0  # overlapping paths are refused before anything is applied
 
 
 def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateResult:
@@ -566,7 +579,8 @@ def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateRe
             changes.append((op, path, arg))
     doc = copy.deepcopy(old)
     diff = _Diff("document")
-    for op, path, arg in sorted(changes, key=lambda change: _path_order(change[1])):
+    by_path = functools.cmp_to_key(lambda x, y: _path_order(x[1], y[1]))
+    for op, path, arg in sorted(changes, key=by_path):
         if op == "$setOnInsert" and not inserting:
             continue
         touches_id = path == "_id" or path.startswith("_id.")

@@ -181,9 +181,10 @@ def test_fields_are_created_in_lexicographic_then_numeric_order(server, client):
     # "update operators process document fields with string-based names in lexicographic order.
     # Fields with numeric names are processed in numeric order."
     # https://www.mongodb.com/docs/manual/reference/operator/update/#behavior
+    # (update/path_support.h cmpPathsAndArrayIndexes: a number and a string compare as strings)
     doc, _ = described(server, client.db.u, {"_id": 1, "m": {}},
-                       {"$set": {"m.10": 1, "m.9": 2, "z": 1, "b": 1}})
-    assert list(doc) == ["_id", "m", "b", "z"] and list(doc["m"]) == ["9", "10"]
+                       {"$set": {"m.10": 1, "m.b": 1, "m.9": 2, "m.A": 1, "z": 1, "b": 1}})
+    assert list(doc) == ["_id", "m", "b", "z"] and list(doc["m"]) == ["9", "10", "A", "b"]
 
 
 @pytest.mark.parametrize(("before", "update", "code", "message"), [
