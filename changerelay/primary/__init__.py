@@ -14,9 +14,10 @@ mockupdb handles each connection on its own thread, but runs every handler under
 A ``getMore`` that blocked there would stall the very insert that should wake it, so each request
 is handled with that lock released and :class:`TestPrimary` guards its own state instead.
 
-Not implemented (each answers with an error saying so, never silently): transactions,
+Not implemented (each answers with an error saying so, never silently): what no relay test uses
+(findAndModify, distinct, count, aggregations other than ``$changeStream``), transactions,
 ``showExpandedEvents``, pipeline-style updates, arrayFilters and positional updates, update
-operators other than $set/$setOnInsert/$unset/$inc/$push ($each only), $project sub-objects,
+operators other than $set/$setOnInsert/$unset/$push ($each only), $project sub-objects,
 stages other than $match/$project/$unset/$set/$addFields/$replaceRoot/$replaceWith in a change
 stream, most query operators beyond equality/comparison/$in/$exists/$and/$or/$nor/$expr, and
 expression operators other than the ones in ``OPERATORS``.

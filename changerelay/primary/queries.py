@@ -117,3 +117,10 @@ def matches(doc: dict, query: dict) -> bool:
         elif not _match_value(candidates(doc, key.split(".")), condition):
             return False
     return True
+
+
+def sorted_by(docs: list[dict], spec: dict) -> list[dict]:
+    for path, direction in reversed(list(spec.items())):
+        docs = sorted(docs, key=lambda d, p=path: sort_key(get_path(d, p)),
+                      reverse=direction == -1)
+    return docs

@@ -34,16 +34,8 @@ from changerelay.primary.errors import (
     CommandError,
     not_implemented,
 )
-from changerelay.primary.expressions import agg_compare
-from changerelay.primary.queries import candidates, matches
-from changerelay.primary.stages import (
-    CHANGE_STREAM_STAGES,
-    Stage,
-    check_stage,
-    compile_stage,
-    run_pipeline,
-    sorted_by,
-)
+from changerelay.primary.queries import matches, sorted_by
+from changerelay.primary.stages import CHANGE_STREAM_STAGES, Stage, check_stage, compile_stage
 from changerelay.primary.tokens import EVENT_TOKEN, make_token, parse_token
 from changerelay.primary.updates import Diff, UpdateResult, apply_update, set_value
 from changerelay.primary.values import MISSING, doc_key
@@ -413,7 +405,7 @@ class TestPrimary:
 
     def _retry_key(self, name: str, cmd: dict) -> tuple[bytes, int] | None:
         """Retryable writes: a retry of a (session, txnNumber) gets the first reply, not a redo."""
-        if name not in ("insert", "update", "delete", "findAndModify") or "txnNumber" not in cmd:
+        if name not in ("insert", "update", "delete") or "txnNumber" not in cmd:
             return None
         if not self.replica_set:
             raise CommandError(20, "Transaction numbers are only allowed on a replica set member "
@@ -432,9 +424,7 @@ class TestPrimary:
             "saslStart": self._sasl_start, "saslContinue": self._sasl_continue,
             "authenticate": self._authenticate,
             "insert": self._insert, "update": self._update, "delete": self._delete,
-            "find": self._find, "count": self._count, "aggregate": self._aggregate,
-            "findAndModify": self._find_and_modify, "findandmodify": self._find_and_modify,
-            "distinct": self._distinct,
+            "find": self._find, "aggregate": self._aggregate,
             "getMore": self._get_more, "killCursors": self._kill_cursors,
             "create": self._create, "collMod": self._coll_mod, "drop": self._drop,
             "dropDatabase": self._drop_database, "renameCollection": self._rename,
@@ -788,48 +778,6 @@ class TestPrimary:
                              post=result.doc)
         return result
 
-    def _find_and_modify(self, db: str, cmd: dict) -> dict:
-        name = cmd["findAndModify"]
-        query, update = cmd.get("query") or {}, cmd.get("update")
-        remove, upsert, new = cmd.get("remove", False), cmd.get("upsert", False), cmd.get("new")
-        if remove == (update is not None):
-            raise CommandError(9, "Either an update or remove=true must be specified")
-        if remove and (upsert or new):
-            raise CommandError(9, "Cannot specify both an update and remove=true" if upsert else
-                                  "Cannot specify both new=true and remove=true; 'remove' always "
-                                  "returns the deleted document")
-        coll = self._coll(db, name)
-        targets = sorted_by(self._matching(coll, query), cmd["sort"]) if cmd.get("sort") else \
-            self._matching(coll, query)
-        old = targets[0] if targets else None
-        if remove:
-            if old is not None:
-                del coll.docs[doc_key(old["_id"])]
-                self._crud_event("delete", db, name, coll, old["_id"], {}, pre=old)
-            value, outcome = old, {"n": int(old is not None)}
-        elif old is not None:
-            result = self._apply(db, name, coll, old, update)
-            value, outcome = (result.doc if new else old), {"n": 1, "updatedExisting": True}
-        elif upsert:
-            new_id = self._upsert(db, name, query, update)
-            inserted = self._colls[(db, name)].docs[doc_key(new_id)]
-            value = inserted if new else None
-            outcome = {"n": 1, "updatedExisting": False, "upserted": new_id}
-        else:
-            value, outcome = None, {"n": 0, "updatedExisting": False}
-        if value is not None and cmd.get("fields"):
-            value = compile_stage("$project", cmd["fields"])(value)
-        return {"lastErrorObject": outcome, "value": value, "ok": 1.0}
-
-    def _distinct(self, db: str, cmd: dict) -> dict:
-        values: list = []
-        for doc in self._matching(self._coll(db, cmd["distinct"]), cmd.get("query") or {}):
-            for value in candidates(doc, cmd["key"].split(".")):
-                for item in value if isinstance(value, list) else [value]:
-                    if not any(agg_compare(item, seen) == 0 for seen in values):
-                        values.append(item)
-        return {"values": values, "ok": 1.0}
-
     def _upsert(self, db: str, name: str, query: dict, update: Any) -> Any:
         seed = {k: copy.deepcopy(v) for k, v in query.items()
                 if not k.startswith("$") and not (isinstance(v, dict) and
@@ -878,10 +826,6 @@ class TestPrimary:
             docs = [project(doc) for doc in docs]
         return _cursor_reply(f"{db}.{name}", docs)
 
-    def _count(self, db: str, cmd: dict) -> dict:
-        return {"n": len(self._matching(self._coll(db, cmd["count"]), cmd.get("query") or {})),
-                "ok": 1.0}
-
     # -- aggregate and change streams --
 
     def _aggregate(self, db: str, cmd: dict) -> dict:
@@ -895,11 +839,7 @@ class TestPrimary:
                                       "pipeline.")
         if names and names[0] == "$changeStream":
             return self._open_change_stream(db, cmd, stages)
-        target = cmd.get("aggregate")
-        if not isinstance(target, str):
-            raise not_implemented("collection-less aggregations other than $changeStream")
-        docs = self._matching(self._coll(db, target), {})
-        return _cursor_reply(f"{db}.{target}", run_pipeline(docs, stages))
+        raise not_implemented("aggregations other than $changeStream")
 
     def _open_change_stream(self, db: str, cmd: dict, stages: list) -> dict:
         if not self.replica_set:

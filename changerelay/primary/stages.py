@@ -11,9 +11,9 @@ from bson.int64 import Int64
 
 from changerelay.primary.errors import CommandError, not_implemented
 from changerelay.primary.expressions import OPERATORS, agg_type, evaluate
-from changerelay.primary.queries import get_path, matches, sort_key
+from changerelay.primary.queries import matches
 from changerelay.primary.updates import overlap
-from changerelay.primary.values import MISSING, doc_key, shown
+from changerelay.primary.values import MISSING, shown
 
 # Stages MongoDB allows after $changeStream ("Modify Change Stream Output" in the manual).
 CHANGE_STREAM_STAGES = ("$addFields", "$match", "$project", "$replaceRoot", "$replaceWith",
@@ -331,47 +331,3 @@ def check_stage(stage: Any) -> tuple[str, Any]:
     if name not in KNOWN_STAGES:
         raise CommandError(40324, f"Unrecognized pipeline stage name: '{name}'")
     return name, spec
-
-
-def run_pipeline(docs: list[dict], stages: list[tuple[str, Any]]) -> list[dict]:
-    """A plain (non-change-stream) aggregation over ``docs``."""
-    for name, spec in stages:
-        if name == "$limit":
-            docs = docs[:spec]
-        elif name == "$skip":
-            docs = docs[spec:]
-        elif name == "$sort":
-            docs = sorted_by(docs, spec)
-        elif name == "$count":
-            docs = [{spec: len(docs)}] if docs else []
-        elif name == "$group":
-            docs = _group(docs, spec)
-        else:
-            stage = compile_stage(name, spec)
-            docs = [out for doc in docs if (out := stage(doc)) is not None]
-    return docs
-
-
-def sorted_by(docs: list[dict], spec: dict) -> list[dict]:
-    for path, direction in reversed(list(spec.items())):
-        docs = sorted(docs, key=lambda d, p=path: sort_key(get_path(d, p)),
-                      reverse=direction == -1)
-    return docs
-
-
-def _group(docs: list[dict], spec: dict) -> list[dict]:
-    key_expr = spec.get("_id")
-    groups: dict[bytes, dict] = {}
-    for doc in docs:
-        key = evaluate(key_expr, doc)
-        key = None if key is MISSING else key
-        group = groups.setdefault(doc_key(key), {"_id": key})
-        for name, acc in spec.items():
-            if name == "_id":
-                continue
-            if not isinstance(acc, dict) or list(acc) != ["$sum"]:
-                raise not_implemented(f"the $group accumulator {acc}")
-            value = evaluate(acc["$sum"], doc)
-            number = value if isinstance(value, int | float) and not isinstance(value, bool) else 0
-            group[name] = group.get(name, 0) + number
-    return list(groups.values())

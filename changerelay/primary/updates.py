@@ -11,7 +11,7 @@ from typing import Any
 import bson
 
 from changerelay.primary.errors import CommandError, not_implemented
-from changerelay.primary.values import is_number, shown, type_name
+from changerelay.primary.values import shown, type_name
 
 # Modifier updates follow MongoDB's update subsystem (src/mongo/db/update): paths are walked as
 # path_support.cpp's findLongestPrefix and createPathAt do, and every change is logged into a diff
@@ -275,22 +275,6 @@ def _unset(doc: dict, diff: Diff, parts: list[str], _arg: Any) -> None:
         diff.log(_canonical(parts, in_array), in_array, ("delete", None))
 
 
-def _inc(doc: dict, diff: Diff, parts: list[str], arg: Any) -> None:
-    path = ".".join(parts)
-    if not is_number(arg):
-        raise CommandError(14, f"Cannot increment with non-numeric argument: {{{path}: "
-                               f"{shown(arg)}}}")
-    found, current, _ = _walk(doc, parts)
-    if found < len(parts):
-        _create(doc, diff, parts, arg)
-    elif not is_number(current):
-        raise CommandError(14, f"Cannot apply $inc to a value of non-numeric type. "
-                               f"{{_id: {shown(doc.get('_id'))}}} has the field '{path}' of "
-                               f"non-numeric type {type_name(current)}")
-    else:
-        _replace(doc, diff, parts, current + arg)
-
-
 def _push(doc: dict, diff: Diff, parts: list[str], arg: Any) -> None:
     """$push: a document with $each holds modifiers, any other value is the element to push;
     an append logs each new element, a push onto an empty array the whole array (push_node.cpp)."""
@@ -324,5 +308,5 @@ def _push(doc: dict, diff: Diff, parts: list[str], arg: Any) -> None:
 
 
 _UPDATE_OPERATORS: dict[str, Callable[[dict, Diff, list[str], Any], None]] = {
-    "$set": set_value, "$setOnInsert": set_value, "$unset": _unset, "$inc": _inc, "$push": _push,
+    "$set": set_value, "$setOnInsert": set_value, "$unset": _unset, "$push": _push,
 }
