@@ -6,6 +6,7 @@ import base64
 import bisect
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import hashlib
@@ -36,14 +37,29 @@ from changerelay.primary.errors import (
 )
 from changerelay.primary.queries import matches, sorted_by
 from changerelay.primary.stages import CHANGE_STREAM_STAGES, Stage, check_stage, compile_stage
-from changerelay.primary.tokens import EVENT_TOKEN, make_token, parse_token
+from changerelay.primary.tokens import (
+    EVENT_TOKEN,
+    TokenData,
+    high_water_mark,
+    parse_token,
+)
 from changerelay.primary.updates import Diff, UpdateResult, apply_update, set_value
-from changerelay.primary.values import MISSING, doc_key
+from changerelay.primary.values import MISSING, doc_key, shown
 
 MAX_WIRE_VERSION = 21  # MongoDB 7.0
 SERVER_VERSION = "7.0.0"
 DEFAULT_FIRST_BATCH = 101
 MAX_BATCH_BYTES = 16 * 1024 * 1024  # mongod caps a batch near the 16 MiB document limit
+# bson/bsonobj.h: BSONObjMaxInternalSize, the largest document mongod builds (16 MB + 16 KB); a
+# change event beyond it fails with BSONObjectTooLarge (10334) when the stream serialises it.
+MAX_INTERNAL_BSON = 16 * 1024 * 1024 + 16 * 1024
+# pipeline/document_source_change_stream_split_large_event.h kBSONObjMaxChangeEventSize
+MAX_CHANGE_EVENT_BYTES = MAX_INTERNAL_BSON - 8 * 1024
+SPLIT_STAGE = "$changeStreamSplitLargeEvent"
+# exec/batched_delete_stage.idl batchedDeletesTargetBatchDocs (the jstests' docsPerBatchDefault)
+BATCHED_DELETE_DOCS = 100
+# https://www.mongodb.com/docs/manual/reference/parameters/#mongodb-parameter-param.periodicNoopIntervalSecs
+NOOP_INTERVAL_SECONDS = 10.0
 DEFAULT_AWAIT_MS = 1000  # what mongod waits on an awaitData getMore that sends no maxTimeMS
 INTERNAL_DBS = ("admin", "config", "local")
 OP_MSG_MORE_TO_COME = 2
@@ -70,7 +86,8 @@ class Collection:
 class Entry:
     """One oplog-ish entry: a change event plus what the server knows beside it."""
 
-    token: str
+    token: str  # the event's _data: entries are kept in this order
+    data: TokenData
     event: dict
     db: str
     coll: str | None
@@ -90,7 +107,11 @@ class ChangeStreamCursor:
     full_document: str
     before_change: str
     position: str  # resume-token order: entries strictly after this are still to come
-    verify: str | None = None  # an event token the stream must find first (resumeAfter/startAfter)
+    pbrt: dict  # the postBatchResumeToken to report
+    pbrt_time: Timestamp  # its cluster time
+    resume: TokenData | None = None  # the event token to find first (resumeAfter/startAfter)
+    split: bool = False  # the pipeline ends with $changeStreamSplitLargeEvent
+    fragments: deque = field(default_factory=deque)  # (event, time) rendered, not yet returned
     killed: bool = False
 
     def in_scope(self, entry: Entry) -> bool:
@@ -108,6 +129,46 @@ class ChangeStreamCursor:
         if self.coll is None or entry.coll is None:
             return True
         return entry.coll == self.coll
+
+
+@dataclass
+class Change:
+    """A write's change, waiting for the oplog entry it will share with others, if any."""
+
+    op: str
+    db: str
+    coll: str | None
+    extra: dict
+    coll_uuid: Binary | None
+    event_id: dict
+    invalidates: tuple | None
+    pre: dict | None
+    post: dict | None
+
+
+@dataclass
+class Transaction:
+    number: int
+    lsid: dict
+    snapshot: tuple  # (collections, databases) as they were: what an abort restores
+    changes: list[Change] = field(default_factory=list)
+
+
+@dataclass
+class OpenGate:
+    """See :meth:`TestPrimary.hold_next_open`."""
+
+    primary: TestPrimary
+    reached: bool = False  # the open picked its start time and waits
+    released: bool = False
+
+    def wait_reached(self, timeout: float = 10) -> None:
+        self.primary.wait_for(lambda: self.reached, timeout)
+
+    def release(self) -> None:
+        with self.primary._cond:
+            self.released = True
+            self.primary._cond.notify_all()
 
 
 def _utcnow() -> datetime.datetime:
@@ -166,12 +227,14 @@ class TestPrimary:
 
     def __init__(self, port: int | None = None, *, set_name: str = "rs0",
                  replica_set: bool = True, history_limit: int | None = None,
-                 users: dict[str, str] | None = None):
+                 users: dict[str, str] | None = None,
+                 noop_interval: float | None = NOOP_INTERVAL_SECONDS):
         self.port = port or 0
         self.set_name = set_name
         self.replica_set = replica_set
         self.history_limit = history_limit
         self.users = dict(users or {})
+        self.noop_interval = noop_interval  # seconds an idle oplog waits for a no-op; None: never
         self.auth_fails = False
         self.change_streams_opened = 0
         self.getmores_waiting = 0  # getMore commands parked right now, awaiting events
@@ -193,9 +256,14 @@ class TestPrimary:
         self._faults: list[list] = []
         self._retry_replies: OrderedDict[tuple[bytes, int], dict] = OrderedDict()
         self._sasl: dict[int, dict] = {}
+        self._transactions: dict[bytes, Transaction] = {}  # by session
+        self._committed: OrderedDict[tuple[bytes, int], bool] = OrderedDict()
+        self._group: list[Change] | None = None  # changes that will share one oplog entry
+        self._open_gates: list[OpenGate] = []
+        self._noop_writer: threading.Thread | None = None
         start = _CLOCK.tick()
         self._last_ts = start  # the newest oplog entry (at first, the startup no-op)
-        self._hwm_floor = start  # the newest time a high-water mark has promised nothing before
+        self._last_write = time.monotonic()
         self._oldest_ts = start  # the oldest time still in the oplog
         self._lost_upto = ""  # the newest forgotten entry's token
 
@@ -216,7 +284,24 @@ class TestPrimary:
             self.port = server.run()
             self._server = server
             self._stopped = False
+            if self.noop_interval is not None:
+                self._noop_writer = threading.Thread(target=self._write_noops, daemon=True,
+                                                     name=f"noop-writer-{self.port}")
+                self._noop_writer.start()
         return self
+
+    def _write_noops(self) -> None:
+        """repl/noop_writer.cpp: while no other write moves the oplog, a primary writes a no-op
+        every periodicNoopIntervalSecs, so that idle streams' high-water marks advance."""
+        with self._cond:
+            while not self._stopped:
+                idle = time.monotonic() - self._last_write
+                if idle >= self.noop_interval:
+                    self._last_ts = _CLOCK.tick()
+                    self._last_write = time.monotonic()
+                    self._cond.notify_all()
+                    idle = 0
+                self._cond.wait(self.noop_interval - idle)
 
     def stop(self) -> None:
         """Close the listener and every connection, as if mongod went away."""
@@ -225,6 +310,9 @@ class TestPrimary:
             self._stopped = True
             self._cursors.clear()
             self._cond.notify_all()
+            writer, self._noop_writer = self._noop_writer, None
+        if writer is not None:
+            writer.join()
         if server is not None:
             # mockupdb's accept loop polls select() once a second; a connection wakes it now.
             server._stopped = True
@@ -317,7 +405,7 @@ class TestPrimary:
             if self._entries:
                 self._oldest_ts = self._entries[0].event["clusterTime"]
             else:
-                self._oldest_ts = self._peek_ts()
+                self._oldest_ts = self._next_ts()
             self._cond.notify_all()
 
     # -- request plumbing --
@@ -376,15 +464,13 @@ class TestPrimary:
 
     def _cluster_time_fields(self) -> dict:
         with self._cond:
-            last, cluster = self._last_ts, _ts_max(self._last_ts, self._hwm_floor)
+            last = self._last_ts
         signature = {"hash": Binary(b"\x00" * 20, 0), "keyId": Int64(0)}
-        return {"$clusterTime": {"clusterTime": cluster, "signature": signature},
+        return {"$clusterTime": {"clusterTime": last, "signature": signature},
                 "operationTime": last}
 
     def _dispatch(self, name: str, cmd: dict, request) -> dict:
         db = cmd.get("$db") or request.namespace or "admin"
-        if "startTransaction" in cmd or "autocommit" in cmd:
-            raise not_implemented("multi-document transactions")
         if name in ("hello", "isMaster", "ismaster"):
             return self._hello(cmd, request)
         handler = self._handlers.get(name)
@@ -393,6 +479,8 @@ class TestPrimary:
         if name == "getMore":
             return handler(db, cmd)  # takes the lock itself, to wait without holding it
         with self._cond:
+            if "autocommit" in cmd and name not in ("commitTransaction", "abortTransaction"):
+                return self._in_transaction(cmd, lambda: handler(db, cmd))
             retry_key = self._retry_key(name, cmd)
             if retry_key in self._retry_replies:
                 return copy.deepcopy(self._retry_replies[retry_key])
@@ -405,7 +493,8 @@ class TestPrimary:
 
     def _retry_key(self, name: str, cmd: dict) -> tuple[bytes, int] | None:
         """Retryable writes: a retry of a (session, txnNumber) gets the first reply, not a redo."""
-        if name not in ("insert", "update", "delete") or "txnNumber" not in cmd:
+        if name not in ("insert", "update", "delete") or "txnNumber" not in cmd \
+                or "autocommit" in cmd:
             return None
         if not self.replica_set:
             raise CommandError(20, "Transaction numbers are only allowed on a replica set member "
@@ -419,8 +508,8 @@ class TestPrimary:
             "buildInfo": self._build_info, "buildinfo": self._build_info,
             "endSessions": lambda db, cmd: {"ok": 1.0},
             "killSessions": lambda db, cmd: {"ok": 1.0},
-            "abortTransaction": self._no_transaction,
-            "commitTransaction": self._no_transaction,
+            "abortTransaction": self._abort_transaction,
+            "commitTransaction": self._commit_transaction,
             "saslStart": self._sasl_start, "saslContinue": self._sasl_continue,
             "authenticate": self._authenticate,
             "insert": self._insert, "update": self._update, "delete": self._delete,
@@ -472,9 +561,58 @@ class TestPrimary:
                 "versionArray": [int(p) for p in SERVER_VERSION.split(".")] + [0],
                 "bits": 64, "maxBsonObjectSize": 16 * 1024 * 1024, "ok": 1.0}
 
-    def _no_transaction(self, db: str, cmd: dict) -> dict:
-        raise CommandError(251, f"Given transaction number {cmd.get('txnNumber')} does not match "
-                                "any in-progress transactions.")
+    # -- transactions, as PyMongo runs them: the first statement has startTransaction, every one
+    # autocommit: false with the session's lsid and txnNumber; then commitTransaction or
+    # abortTransaction (https://www.mongodb.com/docs/manual/core/transactions/). Writes apply at
+    # once and their changes wait for the commit, which logs them as one applyOps; an abort puts
+    # the collections back. Not modelled: isolation from other sessions, write conflicts.
+
+    def _check_transactions_allowed(self) -> None:
+        if not self.replica_set:
+            raise CommandError(20, "Transaction numbers are only allowed on a replica set member "
+                                   "or mongos")
+
+    def _in_transaction(self, cmd: dict, run: Callable[[], dict]) -> dict:
+        self._check_transactions_allowed()
+        session, number = doc_key(cmd.get("lsid")), int(cmd["txnNumber"])
+        if cmd.get("startTransaction"):
+            snapshot = ({key: dataclasses.replace(coll, docs=dict(coll.docs))
+                         for key, coll in self._colls.items()}, set(self._dbs))
+            self._transactions[session] = Transaction(number, cmd.get("lsid"), snapshot)
+        transaction = self._transactions.get(session)
+        if transaction is None or transaction.number != number:
+            raise _no_such_transaction(number)
+        self._group = transaction.changes
+        try:
+            return run()
+        finally:
+            self._group = None
+
+    def _commit_transaction(self, db: str, cmd: dict) -> dict:
+        self._check_transactions_allowed()
+        session, number = doc_key(cmd.get("lsid")), int(cmd.get("txnNumber", -1))
+        transaction = self._transactions.get(session)
+        if transaction is None or transaction.number != number:
+            if (session, number) in self._committed:
+                return {"ok": 1.0}  # a retried commit
+            raise _no_such_transaction(number)
+        del self._transactions[session]
+        if transaction.changes:
+            self._log_changes(transaction.changes, transaction)
+        self._committed[(session, number)] = True
+        if len(self._committed) > 10_000:
+            self._committed.popitem(last=False)
+        return {"ok": 1.0}
+
+    def _abort_transaction(self, db: str, cmd: dict) -> dict:
+        self._check_transactions_allowed()
+        session, number = doc_key(cmd.get("lsid")), int(cmd.get("txnNumber", -1))
+        transaction = self._transactions.get(session)
+        if transaction is None or transaction.number != number:
+            raise _no_such_transaction(number)
+        del self._transactions[session]
+        self._colls, self._dbs = transaction.snapshot
+        return {"ok": 1.0}
 
     # -- authentication (SCRAM-SHA-1 and SCRAM-SHA-256 against ``users``) --
 
@@ -532,41 +670,57 @@ class TestPrimary:
 
     # -- the oplog --
 
-    def _peek_ts(self) -> Timestamp:
-        """The cluster time the next write would get."""
-        return _ts_max(_CLOCK.peek(), self._hwm_floor)
-
-    def _high_water_mark(self) -> str:
-        """A token after every event so far and before every later one."""
-        ts = self._peek_ts()
-        self._hwm_floor = ts
-        return make_token(ts)
+    def _next_ts(self) -> Timestamp:
+        """One tick past the newest oplog entry: where a stream opened now starts, and the time of
+        the high-water mark it reports until the oplog moves."""
+        return Timestamp(self._last_ts.time, self._last_ts.inc + 1)
 
     def _append(self, op: str, db: str, coll: str | None, *, extra: dict | None = None,
                 coll_uuid: Binary | None = None, event_id: dict | None = None,
                 invalidates: tuple | None = None, pre: dict | None = None,
-                post: dict | None = None) -> Entry:
-        ts = _CLOCK.tick(self._hwm_floor)
-        self._last_ts = ts
+                post: dict | None = None) -> None:
+        change = Change(op, db, coll, extra or {}, coll_uuid, event_id or {"operationType": op},
+                        invalidates, pre, post)
+        if self._group is not None:
+            self._group.append(change)
+        else:
+            self._log_changes([change])
+
+    def _log_changes(self, changes: list[Change], transaction: Transaction | None = None) -> None:
+        """Write one oplog entry: a single change, or an applyOps (a transaction's commit, one
+        batch of a multi-delete) whose changes share its cluster time and differ by txnOpIndex.
+
+        Events of a transaction carry its txnNumber and lsid, before ``_id``; a batched delete's
+        carry neither (pipeline/change_stream_event_transform.cpp, "The lsid and txnNumber may be
+        missing if this is a batched write").
+        """
+        ts = _CLOCK.tick()
+        self._last_ts, self._last_write = ts, time.monotonic()
         wall = _utcnow()
-        event_id = event_id or {"operationType": op}
-        token = make_token(ts, coll_uuid=coll_uuid, event_id=event_id)
-        event: dict[str, Any] = {"_id": {"_data": token}, "operationType": op,
-                                 "clusterTime": ts, "wallTime": wall}
-        extra = extra or {}
-        if "fullDocument" in extra:
-            event["fullDocument"] = extra.pop("fullDocument")
-        event["ns"] = {"db": db, "coll": coll} if coll is not None else {"db": db}
-        event.update(extra)
-        entry = Entry(token, event, db, coll, pre=pre, post=post)
-        self._log(entry)
-        if invalidates is not None:
-            inv_token = make_token(ts, coll_uuid=coll_uuid, event_id=event_id,
-                                   from_invalidate=True)
-            inv = {"_id": {"_data": inv_token}, "operationType": "invalidate",
-                   "clusterTime": ts, "wallTime": wall}
-            self._log(Entry(inv_token, inv, db, coll, invalidates=invalidates))
-        return entry
+        for index, change in enumerate(changes):
+            data = TokenData(ts, txn_op_index=index, uuid=change.coll_uuid,
+                             event_id=change.event_id)
+            event: dict[str, Any] = {}
+            if transaction is not None:
+                event.update(txnNumber=Int64(transaction.number), lsid=transaction.lsid)
+            token = data.encode()
+            event.update({"_id": token, "operationType": change.op, "clusterTime": ts,
+                          "wallTime": wall})
+            extra = dict(change.extra)
+            if "fullDocument" in extra:
+                event["fullDocument"] = extra.pop("fullDocument")
+            coll = change.coll
+            event["ns"] = {"db": change.db, "coll": coll} if coll is not None else {"db": change.db}
+            event.update(extra)
+            self._log(Entry(token["_data"], data, event, change.db, coll, pre=change.pre,
+                            post=change.post))
+            if change.invalidates is not None:
+                invalidate = dataclasses.replace(data, from_invalidate=True)
+                inv_token = invalidate.encode()
+                inv = {"_id": inv_token, "operationType": "invalidate", "clusterTime": ts,
+                       "wallTime": wall}
+                self._log(Entry(inv_token["_data"], invalidate, inv, change.db, coll,
+                                invalidates=change.invalidates))
 
     def _log(self, entry: Entry) -> None:
         self._entries.append(entry)
@@ -805,12 +959,28 @@ class TestPrimary:
             coll = self._coll(db, name)
             targets = self._matching(coll, statement.get("q", {}))
             if statement.get("limit", 0) == 1:
-                targets = targets[:1]
-            for doc in targets:
-                del coll.docs[doc_key(doc["_id"])]
-                self._crud_event("delete", db, name, coll, doc["_id"], {}, pre=doc)
-                n += 1
+                n += self._delete_documents(db, name, coll, targets[:1])
+            elif not self.replica_set or self._group is not None:  # in a transaction already
+                n += self._delete_documents(db, name, coll, targets)
+            else:
+                # MongoDB 6.1+ deletes a multi-delete's documents in batches, each written as one
+                # applyOps (exec/batched_delete_stage.cpp; jstests/noPassthrough/
+                # batched_multi_deletes.js: "The deletion replicates as one applyOps per batch").
+                for start in range(0, len(targets), BATCHED_DELETE_DOCS):
+                    self._group = []
+                    try:
+                        n += self._delete_documents(db, name, coll,
+                                                    targets[start:start + BATCHED_DELETE_DOCS])
+                    finally:
+                        changes, self._group = self._group, None
+                    self._log_changes(changes)
         return _write_reply({"n": n}, [])
+
+    def _delete_documents(self, db: str, name: str, coll: Collection, docs: list[dict]) -> int:
+        for doc in docs:
+            del coll.docs[doc_key(doc["_id"])]
+            self._crud_event("delete", db, name, coll, doc["_id"], {}, pre=doc)
+        return len(docs)
 
     def _find(self, db: str, cmd: dict) -> dict:
         name = cmd["find"]
@@ -876,10 +1046,18 @@ class TestPrimary:
                               ("default", "updateLookup", "whenAvailable", "required"))
         before_change = _enum(spec, "fullDocumentBeforeChange", "off",
                               ("off", "whenAvailable", "required"))
-        for name, _ in stages[1:]:
+        for index, (name, stage_spec) in enumerate(stages[1:], start=2):
             if name not in CHANGE_STREAM_STAGES:
                 raise CommandError(20, f"{name} is not permitted in a $changeStream pipeline")
-        compiled = [compile_stage(name, spec) for name, spec in stages[1:]]
+            # pipeline/document_source_change_stream_split_large_event.cpp
+            if name == SPLIT_STAGE and stage_spec != {}:
+                raise CommandError(7182800, "$changeStreamSplitLargeEvent spec should be an empty "
+                                            "object")
+            if name == SPLIT_STAGE and index != len(stages):
+                raise CommandError(7182802, "$changeStreamSplitLargeEvent must be the last stage "
+                                            "in the pipeline")
+        split = len(stages) > 1 and stages[-1][0] == SPLIT_STAGE
+        compiled = [compile_stage(name, spec) for name, spec in stages[1:] if name != SPLIT_STAGE]
         if "resumeAfter" in spec and "startAfter" in spec:
             raise CommandError(50865, "Do not specify both 'resumeAfter' and 'startAfter' in a "
                                       "$changeStream stage")
@@ -897,13 +1075,13 @@ class TestPrimary:
                                    "type, expected type 'timestamp'")
         batch_size = cmd.get("cursor", {}).get("batchSize", DEFAULT_FIRST_BATCH)
         with self._cond:
-            if token is not None:
-                start_ts, position = token.cluster_time, token.data
-            elif start_at is not None:
-                start_ts, position = start_at, make_token(start_at)
-            else:
-                position = self._high_water_mark()
-                start_ts = self._hwm_floor
+            # Without a resume point a stream starts one tick past the newest oplog entry, and
+            # its first postBatchResumeToken is a high-water mark there; with a token, the scan
+            # starts at the token's cluster time and its first token is the one it resumes from.
+            start_ts = token.cluster_time if token else start_at or self._next_ts()
+            pbrt = token.encode() if token else high_water_mark(start_ts)
+            resume = token if token and token.token_type == EVENT_TOKEN else None
+            position = high_water_mark(start_ts)["_data"] if resume else pbrt["_data"]
             if _ts_lt(start_ts, self._oldest_ts):
                 raise CommandError(286, HISTORY_LOST_MSG, NON_RESUMABLE)
             cursor = ChangeStreamCursor(
@@ -911,59 +1089,91 @@ class TestPrimary:
                 ns=f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate",
                 db=db, coll=target if isinstance(target, str) else None, cluster=cluster,
                 stages=compiled, full_document=full_document, before_change=before_change,
-                position=position,
-                verify=token.data if token and token.token_type == EVENT_TOKEN else None)
-            docs, pbrt, alive = self._next_batch(cursor, batch_size)
+                position=position, pbrt=pbrt, pbrt_time=start_ts, resume=resume, split=split)
+            if token is None and start_at is None and self._open_gates:
+                self._hold(self._open_gates.pop(0))
+            docs, alive = self._next_batch(cursor, batch_size)
             if alive:
                 self._cursors[cursor.id] = cursor
             self.change_streams_opened += 1
-        return {"cursor": {"firstBatch": docs, "postBatchResumeToken": {"_data": pbrt},
+        return {"cursor": {"firstBatch": docs, "postBatchResumeToken": cursor.pbrt,
                            "id": Int64(cursor.id if alive else 0), "ns": cursor.ns},
                 "ok": 1.0}
 
-    def _next_batch(self, cursor: ChangeStreamCursor, limit: int) -> tuple[list, str, bool]:
-        """Up to ``limit`` events after the cursor's position: (docs, pbrt, cursor still open).
+    def hold_next_open(self) -> OpenGate:
+        """Stop the next stream opened without a resume point between picking its start time and
+        scanning the oplog, until the gate is released: writes committed meanwhile come back in
+        its firstBatch, as on MongoDB when they commit while the stream opens."""
+        gate = OpenGate(self)
+        with self._cond:
+            self._open_gates.append(gate)
+        return gate
 
-        The postBatchResumeToken is the last event returned when the batch filled up, and once
-        the scan reached the end of the oplog a high-water mark after everything so far, so it
-        advances even when every new entry belongs to some other stream.
+    def _hold(self, gate: OpenGate) -> None:
+        gate.reached = True
+        self._cond.notify_all()
+        while not gate.released and not self._stopped:
+            self._cond.wait(0.05)
+
+    def _next_batch(self, cursor: ChangeStreamCursor, limit: int) -> tuple[list, bool]:
+        """Up to ``limit`` events after the cursor's position, and whether the cursor stays open.
+
+        Sets ``cursor.pbrt``: the last event returned, or - once the scan reached the end of the
+        oplog - a high-water mark at the newest oplog time when that is past the last event
+        returned, so it advances when the oplog moves (another stream's event, a no-op), and
+        only then (jstests/change_streams/report_post_batch_resume_token.js).
         """
         if cursor.position < self._lost_upto:
             raise CommandError(286, HISTORY_LOST_MSG, NON_RESUMABLE)
         docs: list[dict] = []
         if limit <= 0:
-            return docs, cursor.position, True
+            return docs, True
         batch_bytes = 0
-        find = bisect.bisect_left if cursor.verify else bisect.bisect_right
-        for entry in self._entries[find(self._tokens, cursor.position):]:
-            if not cursor.in_scope(entry):
-                continue
-            if cursor.verify is not None:  # the resume point itself must come first
-                if entry.token != cursor.verify:
-                    raise CommandError(280, "cannot resume stream; the resume token was not "
-                                            f"found. {{_data: \"{cursor.verify}\"}}",
-                                       NON_RESUMABLE)
-                cursor.verify = None
+        entries = self._entries[bisect.bisect_right(self._tokens, cursor.position):]
+        for entry in itertools.chain([None], entries):
+            if entry is not None:
+                if not cursor.in_scope(entry):
+                    continue
+                skip = 0
+                if cursor.resume is not None:  # the resume point itself must come first
+                    status = _resume_status(entry.data, cursor.resume)
+                    if status == "check next":
+                        cursor.position = entry.token
+                        continue
+                    if status == "surpassed":
+                        raise CommandError(280, "cannot resume stream; the resume token was not "
+                                                f"found. {shown(entry.event['_id'])}",
+                                           NON_RESUMABLE)
+                    fragment, cursor.resume = cursor.resume.fragment, None
+                    if fragment is None:
+                        cursor.position = entry.token
+                        continue
+                    skip = fragment + 1  # the fragments the client already has
+                rendered = self._render(cursor, entry, skip)
+                if rendered and docs and batch_bytes + _size(rendered[0]) > MAX_BATCH_BYTES:
+                    return docs, True  # this one starts the next batch
                 cursor.position = entry.token
-                continue
-            out = self._render(cursor, entry)
-            if out is not None:
-                size = len(bson.encode(out))
-                if docs and batch_bytes + size > MAX_BATCH_BYTES:
-                    return docs, cursor.position, True  # this one starts the next batch
-                batch_bytes += size
+                cursor.fragments.extend((out, entry.data.cluster_time) for out in rendered)
+            while cursor.fragments:
+                size = _size(cursor.fragments[0][0])
+                if len(docs) >= limit or (docs and batch_bytes + size > MAX_BATCH_BYTES):
+                    return docs, True
+                out, cursor.pbrt_time = cursor.fragments.popleft()
                 docs.append(out)
-            cursor.position = entry.token
-            if entry.invalidates is not None:
-                return docs, entry.token, False
+                batch_bytes += size
+                cursor.pbrt = out["_id"]
+            if entry is not None and entry.invalidates is not None:
+                cursor.pbrt = entry.event["_id"]
+                return docs, False
             if len(docs) >= limit:
-                return docs, entry.token, True
-        at_last_entry = bool(self._entries) and cursor.position == self._entries[-1].token
-        if cursor.verify is None and not at_last_entry:
-            cursor.position = max(cursor.position, self._high_water_mark())
-        return docs, cursor.position, True
+                return docs, True
+        if cursor.resume is None and _ts_lt(cursor.pbrt_time, self._last_ts):
+            cursor.pbrt, cursor.pbrt_time = high_water_mark(self._last_ts), self._last_ts
+        return docs, True
 
-    def _render(self, cursor: ChangeStreamCursor, entry: Entry) -> dict | None:
+    def _render(self, cursor: ChangeStreamCursor, entry: Entry, skip: int = 0) -> list[dict]:
+        """The event as this stream returns it: none when its pipeline filters it out, else one
+        document or, past the size limit with $changeStreamSplitLargeEvent, its fragments."""
         doc = dict(entry.event)  # logged events are never mutated; stages copy what they change
         op = doc["operationType"]
         if op == "update" and cursor.full_document != "default":
@@ -989,14 +1199,22 @@ class TestPrimary:
         for stage in cursor.stages:
             doc = stage(doc)
             if doc is None:
-                return None
+                return []
         if doc.get("_id") != original_id:
             raise CommandError(280, "Encountered an event whose _id field, which contains the "
                                     "resume token, was modified by the pipeline. Modifying the "
                                     "_id field of an event makes it impossible to resume the "
                                     "stream from that point. Only transformations that retain "
                                     "the unmodified _id field are allowed.", NON_RESUMABLE)
-        return doc
+        size = _size(doc)
+        if cursor.split and size > MAX_CHANGE_EVENT_BYTES:
+            return _split_event(doc, entry.data, skip)
+        if size > MAX_INTERNAL_BSON:
+            # bson/bsonobj.cpp BSONObj::_assertInvalid
+            raise CommandError(10334, f"BSONObj size: {size} (0x{size:X}) is invalid. Size must "
+                                      f"be between 0 and {MAX_INTERNAL_BSON}(16MB) First element: "
+                                      f"_id: {shown(doc['_id'])}")
+        return [doc]
 
     def _get_more(self, db: str, cmd: dict) -> dict:
         cursor_id = int(cmd["getMore"])
@@ -1013,7 +1231,7 @@ class TestPrimary:
                                        f"belongs to a different namespace {cursor.ns}")
             while True:
                 try:
-                    docs, pbrt, alive = self._next_batch(cursor, batch_size)
+                    docs, alive = self._next_batch(cursor, batch_size)
                 except CommandError:
                     self._cursors.pop(cursor_id, None)
                     raise
@@ -1030,7 +1248,7 @@ class TestPrimary:
                 raise CommandError(237, f"cursor id {cursor_id} was killed")
             if not alive:
                 self._cursors.pop(cursor_id, None)
-        return {"cursor": {"nextBatch": docs, "postBatchResumeToken": {"_data": pbrt},
+        return {"cursor": {"nextBatch": docs, "postBatchResumeToken": cursor.pbrt,
                            "id": Int64(cursor_id if alive else 0), "ns": cursor.ns},
                 "ok": 1.0}
 
@@ -1100,3 +1318,71 @@ def _write_reply(reply: dict, errors: list[dict]) -> dict:
         reply["writeErrors"] = errors
     reply["ok"] = 1.0
     return reply
+
+
+
+def _no_such_transaction(number: int) -> CommandError:
+    return CommandError(251, f"Given transaction number {number} does not match any in-progress "
+                             "transactions. The active transaction number is -1",
+                        ("TransientTransactionError",))
+
+
+def _size(doc: dict) -> int:
+    return len(bson.encode(doc))
+
+
+def _resume_status(event: TokenData, client: TokenData) -> str:
+    """Where an event stands against the token a replica-set stream resumes from: "found",
+    "check next" or "surpassed" (pipeline/document_source_change_stream_check_resumability.cpp
+    compareAgainstClientResumeToken; the event identifiers compare as values, so the client's
+    decoded with the type bits it sent)."""
+    if event.cluster_time != client.cluster_time:
+        return "surpassed"
+    if event.token_type != client.token_type:
+        return "surpassed" if event.token_type > client.token_type else "check next"
+    if event.txn_op_index < client.txn_op_index:
+        return "check next"
+    if event.txn_op_index > client.txn_op_index:
+        raise CommandError(50792, "Invalid resumeToken: txnOpIndex was skipped")
+    if event.from_invalidate != client.from_invalidate:
+        return "surpassed" if event.from_invalidate else "check next"
+    if event.uuid != client.uuid:
+        return "surpassed"
+    mine, theirs = event.event_key(), client.event_key()
+    if mine == theirs:
+        return "found"
+    return "surpassed" if mine > theirs else "check next"
+
+
+def _split_event(event: dict, data: TokenData, skip: int) -> list[dict]:
+    """$changeStreamSplitLargeEvent (pipeline/change_stream_split_event_helpers.cpp
+    splitChangeEvent): the fields but ``_id`` by (size, name), packed greedily into fragments
+    of at most the limit less the token's size; each fragment has its own token (the event's
+    with fragmentNum) and ``splitEvent: {fragment, of}``. The first ``skip`` are left out."""
+    limit = MAX_CHANGE_EVENT_BYTES - _size(event["_id"])
+    fields = sorted((_size({name: value}) - 5, name) for name, value in event.items()
+                    if name != "_id")
+    fragments: list[dict] = []
+    index = 0
+    while index < len(fields):
+        token = dataclasses.replace(data, fragment=len(fragments)).encode()
+        fragment = {"_id": token, "splitEvent": {"fragment": len(fragments) + 1, "of": 0}}
+        size = _size(fragment)
+        while True:
+            field_size, name = fields[index]
+            fragment[name] = event[name]
+            size += field_size
+            index += 1
+            if index == len(fields) or size + fields[index][0] > limit:
+                break
+        if size > limit:
+            raise CommandError(7182500, f"Splitting change event failed: fragment size {size} is "
+                                        f"greater than maximum allowed fragment size {limit}")
+        fragments.append(fragment)
+    for fragment in fragments:
+        fragment["splitEvent"]["of"] = len(fragments)
+    if skip and skip >= len(fragments):
+        raise CommandError(280, "Attempted to resume from a split event, but the resumed stream "
+                                "produced a different split. Ensure that the pipeline used to "
+                                "resume is the same as the original", NON_RESUMABLE)
+    return fragments[skip:]
