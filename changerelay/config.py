@@ -112,6 +112,9 @@ class Config:
         "ALLOWED_HOSTS", (), "comma-separated host[:port] names clients reach the relay by; any "
         "other Host gets 421, except on /healthz and /readyz (* = any). Unset: the loopback "
         "names on the listening port if HOST is loopback, else no check")
+    demo: bool = _spec(
+        "DEMO", False, "run with a built-in MongoDB stand-in on 127.0.0.1 and a writer of demo "
+        "data (no MongoDB needed; MONGO_SRV is ignored): `changerelay --demo`")
 
     @property
     def scope(self) -> str:
@@ -161,8 +164,9 @@ def build_parser(prog: str = "changerelay") -> argparse.ArgumentParser:
     for name, spec in _specs():
         envs = (spec.env, *spec.aliases)
         default = "unset" if spec.default in (None, ()) else spec.default
+        switch = {"nargs": "?", "const": "true"} if isinstance(spec.default, bool) else {}
         parser.add_argument(
-            *map(_flag, envs), dest=name, metavar=spec.env, default=None,
+            *map(_flag, envs), dest=name, metavar=spec.env, default=None, **switch,
             help=f"{spec.help} (env {' / '.join(envs)}; default: {default})",
         )
     return parser
@@ -370,6 +374,9 @@ _CONVERTERS = {
 
 
 def _check_together(config: Config) -> None:
+    if config.demo and config.reuse_port > 1:
+        raise ConfigError("DEMO", "runs one process with its own MongoDB stand-in; unset "
+                          "REUSE_PORT (each worker would watch a stand-in of its own)")
     if config.watch_collection and not config.watch_db:
         raise ConfigError(
             "WATCH_COLLECTION", "needs WATCH_DB too: set WATCH_DB to the collection's database")

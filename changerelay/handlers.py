@@ -243,9 +243,8 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
 
     def get(self):
         config = self.application.relay.config
-        # demo: the page says its changes are demo data; `--demo` (issue 13) will set it.
         self.render("index.html", watch_db=config.watch_db,
-                    watch_collection=config.watch_collection, demo=False)
+                    watch_collection=config.watch_collection, demo=config.demo)
 
     def head(self):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
