@@ -5,17 +5,21 @@ over TCP, at this: a `mockupdb`_ server whose every request is answered the way 
 replica-set primary documents it. Writes append change events to an oplog-like log; change streams
 are cursors over that log; ``getMore`` blocks up to ``maxTimeMS`` like an ``awaitData`` cursor.
 
-Faithful where the relay can observe it: event shapes, resume tokens whose string order is event
-order, invalidate rules, ``resumeAfter``/``startAfter``/``startAtOperationTime``, the error codes
-and messages MongoDB returns. Deliberately simple elsewhere: one node, no real indexes, a small
-query language. Anything unimplemented answers with an error that says so rather than pretending.
+Faithful where the relay can observe it: event shapes, resume tokens (KeyString and type bits, so
+their ``_data`` order is event order), high-water marks that move only with the oplog and the
+periodic no-op that moves an idle one, first batches holding writes that raced the open,
+transactions and batched deletes (several events in one oplog entry), events over 16 MB and
+``$changeStreamSplitLargeEvent``, invalidate rules, ``resumeAfter``/``startAfter``/
+``startAtOperationTime``, the error codes and messages MongoDB returns. Deliberately simple
+elsewhere: one node, no real indexes, a small query language. Anything unimplemented answers with an
+error that says so rather than pretending.
 
 mockupdb handles each connection on its own thread, but runs every handler under one global lock.
 A ``getMore`` that blocked there would stall the very insert that should wake it, so each request
 is handled with that lock released and :class:`TestPrimary` guards its own state instead.
 
 Not implemented (each answers with an error saying so, never silently): what no relay test uses
-(findAndModify, distinct, count, aggregations other than ``$changeStream``), transactions,
+(findAndModify, distinct, count, aggregations other than ``$changeStream``),
 ``showExpandedEvents``, pipeline-style updates, arrayFilters and positional updates, update
 operators other than $set/$setOnInsert/$unset/$push ($each only), $project sub-objects,
 stages other than $match/$project/$unset/$set/$addFields/$replaceRoot/$replaceWith in a change
@@ -23,8 +27,9 @@ stream, most query operators beyond equality/comparison/$in/$exists/$and/$or/$no
 expression operators other than the ones in ``OPERATORS``.
 Not modelled: secondaries and elections, the streaming (awaitable) hello — heartbeats poll, so a
 runtime switch of ``replica_set`` reaches a ``replicaSet=`` client only at its next heartbeat —,
-index enforcement beyond ``_id``, the drop of a ``dropTarget`` rename's target. Authentication
-needs the user in ``users`` (SCRAM verifies the password both ways).
+index enforcement beyond ``_id``, the drop of a ``dropTarget`` rename's target, a transaction's
+isolation from other sessions (its writes apply at once; its events wait for the commit).
+Authentication needs the user in ``users`` (SCRAM verifies the password both ways).
 
 Use::
 
