@@ -4,8 +4,7 @@ The stand-in is the test primary (``changerelay/primary/``): a MongoDB replica-s
 mockupdb that the real driver talks to over the wire protocol, listening on 127.0.0.1 only. A writer
 thread plays a small shop: orders and customers inserted, updated (``$set``/``$unset``, nested
 fields, arrays), replaced and deleted at a few changes per second, with dates and ObjectIds, so that
-every
-part of the page has something to show. The page says plainly that the data is the demo's.
+every part of the page has something to show. The page says plainly that the data is the demo's.
 """
 
 from __future__ import annotations
