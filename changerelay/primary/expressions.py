@@ -187,15 +187,23 @@ def _array_to_object(arg, doc, variables):
     return out
 
 
-def _filter(arg, doc, variables):
-    arg = _named_arguments("$filter", arg, ("input", "cond"), ("as", "limit"))
-    if "limit" in arg:
-        raise not_implemented("$filter's limit")
+def _input_array(name: str, code: int, arg: dict, doc: dict, variables: dict) -> list | None:
+    """The array $filter and $map iterate: null for null or missing, an error for a non-array."""
     items = evaluate(arg["input"], doc, variables)
     if _nullish(items):
         return None
     if not isinstance(items, list):
-        raise CommandError(28651, f"input to $filter must be an array not {agg_type(items)}")
+        raise CommandError(code, f"input to {name} must be an array not {agg_type(items)}")
+    return items
+
+
+def _filter(arg, doc, variables):
+    arg = _named_arguments("$filter", arg, ("input", "cond"), ("as", "limit"))
+    if "limit" in arg:
+        raise not_implemented("$filter's limit")
+    items = _input_array("$filter", 28651, arg, doc, variables)
+    if items is None:
+        return None
     name = arg.get("as", "this")
     return [item for item in items
             if truthy(evaluate(arg["cond"], doc, {**variables, name: item}))]
@@ -203,11 +211,9 @@ def _filter(arg, doc, variables):
 
 def _map(arg, doc, variables):
     arg = _named_arguments("$map", arg, ("input", "in"), ("as",))
-    items = evaluate(arg["input"], doc, variables)
-    if _nullish(items):
+    items = _input_array("$map", 16883, arg, doc, variables)
+    if items is None:
         return None
-    if not isinstance(items, list):
-        raise CommandError(16883, f"input to $map must be an array not {agg_type(items)}")
     name = arg.get("as", "this")
     mapped = [evaluate(arg["in"], doc, {**variables, name: item}) for item in items]
     return [None if item is MISSING else item for item in mapped]
