@@ -111,7 +111,7 @@ class ChangeStreamCursor:
     pbrt_time: Timestamp  # its cluster time
     resume: TokenData | None = None  # the event token to find first (resumeAfter/startAfter)
     split: bool = False  # the pipeline ends with $changeStreamSplitLargeEvent
-    fragments: deque = field(default_factory=deque)  # (event, time) rendered, not yet returned
+    fragments: deque = field(default_factory=deque)  # (event, size, time) not yet returned
     killed: bool = False
 
     def in_scope(self, entry: Entry) -> bool:
@@ -1150,15 +1150,16 @@ class TestPrimary:
                         continue
                     skip = fragment + 1  # the fragments the client already has
                 rendered = self._render(cursor, entry, skip)
-                if rendered and docs and batch_bytes + _size(rendered[0]) > MAX_BATCH_BYTES:
+                if rendered and docs and batch_bytes + rendered[0][1] > MAX_BATCH_BYTES:
                     return docs, True  # this one starts the next batch
                 cursor.position = entry.token
-                cursor.fragments.extend((out, entry.data.cluster_time) for out in rendered)
+                cursor.fragments.extend((out, size, entry.data.cluster_time)
+                                        for out, size in rendered)
             while cursor.fragments:
-                size = _size(cursor.fragments[0][0])
+                size = cursor.fragments[0][1]
                 if len(docs) >= limit or (docs and batch_bytes + size > MAX_BATCH_BYTES):
                     return docs, True
-                out, cursor.pbrt_time = cursor.fragments.popleft()
+                out, size, cursor.pbrt_time = cursor.fragments.popleft()
                 docs.append(out)
                 batch_bytes += size
                 cursor.pbrt = out["_id"]
@@ -1171,9 +1172,11 @@ class TestPrimary:
             cursor.pbrt, cursor.pbrt_time = high_water_mark(self._last_ts), self._last_ts
         return docs, True
 
-    def _render(self, cursor: ChangeStreamCursor, entry: Entry, skip: int = 0) -> list[dict]:
-        """The event as this stream returns it: none when its pipeline filters it out, else one
-        document or, past the size limit with $changeStreamSplitLargeEvent, its fragments."""
+    def _render(self, cursor: ChangeStreamCursor, entry: Entry,
+                skip: int = 0) -> list[tuple[dict, int]]:
+        """The event as this stream returns it, with its BSON size: none when its pipeline
+        filters it out, else one document or, past the size limit with
+        $changeStreamSplitLargeEvent, its fragments."""
         doc = dict(entry.event)  # logged events are never mutated; stages copy what they change
         op = doc["operationType"]
         if op == "update" and cursor.full_document != "default":
@@ -1208,13 +1211,13 @@ class TestPrimary:
                                     "the unmodified _id field are allowed.", NON_RESUMABLE)
         size = _size(doc)
         if cursor.split and size > MAX_CHANGE_EVENT_BYTES:
-            return _split_event(doc, entry.data, skip)
+            return [(fragment, _size(fragment)) for fragment in _split_event(doc, entry.data, skip)]
         if size > MAX_INTERNAL_BSON:
             # bson/bsonobj.cpp BSONObj::_assertInvalid
             raise CommandError(10334, f"BSONObj size: {size} (0x{size:X}) is invalid. Size must "
                                       f"be between 0 and {MAX_INTERNAL_BSON}(16MB) First element: "
                                       f"_id: {shown(doc['_id'])}")
-        return [doc]
+        return [(doc, size)]
 
     def _get_more(self, db: str, cmd: dict) -> dict:
         cursor_id = int(cmd["getMore"])
