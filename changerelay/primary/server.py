@@ -261,6 +261,7 @@ class TestPrimary:
         self._group: list[Change] | None = None  # changes that will share one oplog entry
         self._open_gates: list[OpenGate] = []
         self._noop_writer: threading.Thread | None = None
+        self._noops_stop = threading.Event()
         start = _CLOCK.tick()
         self._last_ts = start  # the newest oplog entry (at first, the startup no-op)
         self._last_write = time.monotonic()
@@ -285,6 +286,7 @@ class TestPrimary:
             self._server = server
             self._stopped = False
             if self.noop_interval is not None:
+                self._noops_stop = threading.Event()
                 self._noop_writer = threading.Thread(target=self._write_noops, daemon=True,
                                                      name=f"noop-writer-{self.port}")
                 self._noop_writer.start()
@@ -293,15 +295,17 @@ class TestPrimary:
     def _write_noops(self) -> None:
         """repl/noop_writer.cpp: while no other write moves the oplog, a primary writes a no-op
         every periodicNoopIntervalSecs, so that idle streams' high-water marks advance."""
-        with self._cond:
-            while not self._stopped:
+        # It waits on an event of its own: on the condition, every write would wake it.
+        delay = self.noop_interval
+        while not self._noops_stop.wait(delay):
+            with self._cond:
                 idle = time.monotonic() - self._last_write
                 if idle >= self.noop_interval:
                     self._last_ts = _CLOCK.tick()
                     self._last_write = time.monotonic()
                     self._cond.notify_all()
                     idle = 0
-                self._cond.wait(self.noop_interval - idle)
+                delay = self.noop_interval - idle
 
     def stop(self) -> None:
         """Close the listener and every connection, as if mongod went away."""
@@ -312,6 +316,7 @@ class TestPrimary:
             self._cond.notify_all()
             writer, self._noop_writer = self._noop_writer, None
         if writer is not None:
+            self._noops_stop.set()
             writer.join()
         if server is not None:
             # mockupdb's accept loop polls select() once a second; a connection wakes it now.

@@ -60,52 +60,67 @@ class _Encoder:
         self.bits += [kind >> 1, kind & 1]
 
     def value(self, value: Any) -> None:
-        if value is None:
-            self.out.append(NULL)
-        elif isinstance(value, bool):
-            self.out.append(TRUE if value else FALSE)
-        elif isinstance(value, Int64):
-            self.number_type(LONG)
-            self.integer(int(value))
-        elif isinstance(value, int):
-            self.number_type(INT if value in INT32 else LONG)
-            self.integer(value)
-        elif isinstance(value, float):
-            if value == 0 and math.copysign(1, value) < 0:
-                raise not_implemented("-0.0 in a resume token's key")
-            self.number_type(DOUBLE)
-            self.double(value)
-        elif isinstance(value, Decimal128):
-            self.decimal(value)
-        elif isinstance(value, str):
-            self.bits.append(0)  # a string, not a symbol
-            self.out.append(STRING)
-            self.cstring(value)
-        elif isinstance(value, dict):
-            self.out.append(OBJECT)
-            for name, item in value.items():
-                self.out.append(_generic_type(item))
-                self.cstring(name)
-                self.value(item)
-            self.out.append(0)
-        elif isinstance(value, list):
-            self.out.append(ARRAY)
-            for item in value:
-                self.value(item)
-            self.out.append(0)
-        elif isinstance(value, ObjectId):
-            self.out += bytes([OID]) + value.binary
-        elif isinstance(value, Timestamp):
-            self.out += bytes([TIMESTAMP]) + struct.pack(">II", value.time, value.inc)
-        elif isinstance(value, datetime.datetime):
-            millis = int(DatetimeMS(value))
-            self.out += bytes([DATE]) + struct.pack(">Q", (millis ^ (1 << 63)) & (2 ** 64 - 1))
-        elif isinstance(value, Binary):
-            if len(value) >= 0xFF:
-                raise not_implemented("binData of 255 bytes or more in a resume token's key")
-            self.out += bytes([BINDATA, len(value), value.subtype]) + bytes(value)
-        else:
-            raise not_implemented(f"{type(value).__name__} values in a resume token's key")
+        encode = _ENCODERS.get(type(value))
+        if encode is None:  # a subclass (SON, RawBSONDocument...): by the first base known
+            base = next((kind for kind in _ENCODERS if isinstance(value, kind)), None)
+            if base is None:
+                raise not_implemented(f"{type(value).__name__} values in a resume token's key")
+            encode = _ENCODERS[base]
+        encode(self, value)
+
+    def null(self, _value: None) -> None:
+        self.out.append(NULL)
+
+    def boolean(self, value: bool) -> None:
+        self.out.append(TRUE if value else FALSE)
+
+    def int64(self, value: Int64) -> None:
+        self.number_type(LONG)
+        self.integer(int(value))
+
+    def int_or_long(self, value: int) -> None:
+        self.number_type(INT if value in INT32 else LONG)
+        self.integer(value)
+
+    def float(self, value: float) -> None:
+        if value == 0 and math.copysign(1, value) < 0:
+            raise not_implemented("-0.0 in a resume token's key")
+        self.number_type(DOUBLE)
+        self.double(value)
+
+    def string(self, value: str) -> None:
+        self.bits.append(0)  # a string, not a symbol
+        self.out.append(STRING)
+        self.cstring(value)
+
+    def object(self, value: dict) -> None:
+        self.out.append(OBJECT)
+        for name, item in value.items():
+            self.out.append(_generic_type(item))
+            self.cstring(name)
+            self.value(item)
+        self.out.append(0)
+
+    def array(self, value: list) -> None:
+        self.out.append(ARRAY)
+        for item in value:
+            self.value(item)
+        self.out.append(0)
+
+    def object_id(self, value: ObjectId) -> None:
+        self.out += bytes([OID]) + value.binary
+
+    def timestamp(self, value: Timestamp) -> None:
+        self.out += bytes([TIMESTAMP]) + struct.pack(">II", value.time, value.inc)
+
+    def date(self, value: datetime.datetime) -> None:
+        millis = int(DatetimeMS(value))
+        self.out += bytes([DATE]) + struct.pack(">Q", (millis ^ (1 << 63)) & (2 ** 64 - 1))
+
+    def binary(self, value: Binary) -> None:
+        if len(value) >= 0xFF:
+            raise not_implemented("binData of 255 bytes or more in a resume token's key")
+        self.out += bytes([BINDATA, len(value), value.subtype]) + bytes(value)
 
     def cstring(self, text: str) -> None:
         self.out += text.encode().replace(b"\x00", b"\x00\xff") + b"\x00"
@@ -179,21 +194,32 @@ class _Encoder:
         return bytes([0x80 | len(data)]) + bytes(data)
 
 
+# By exact type first (bool before int, Int64 before int when searching by base).
+_ENCODERS: dict[type, Any] = {
+    type(None): _Encoder.null, bool: _Encoder.boolean, Int64: _Encoder.int64,
+    int: _Encoder.int_or_long, float: _Encoder.float, Decimal128: _Encoder.decimal,
+    str: _Encoder.string, dict: _Encoder.object, list: _Encoder.array,
+    ObjectId: _Encoder.object_id, Timestamp: _Encoder.timestamp,
+    datetime.datetime: _Encoder.date, Binary: _Encoder.binary,
+}
+
+
 def _inverted(data: bytes) -> bytes:
     return bytes(b ^ 0xFF for b in data)
 
 
+_GENERIC_TYPES = {type(None): NULL, bool: BOOL, Int64: NUMERIC, int: NUMERIC, float: NUMERIC,
+                  Decimal128: NUMERIC, str: STRING, dict: OBJECT, list: ARRAY, Binary: BINDATA,
+                  ObjectId: OID, datetime.datetime: DATE, Timestamp: TIMESTAMP}
+
+
 def _generic_type(value: Any) -> int:
     """bsonTypeToGenericKeyStringType: what precedes a field's name inside an object."""
-    if value is None:
-        return NULL
-    if isinstance(value, bool):
-        return BOOL
-    if isinstance(value, int | float | Decimal128):
-        return NUMERIC
-    kinds = ((str, STRING), (dict, OBJECT), (list, ARRAY), (Binary, BINDATA), (ObjectId, OID),
-             (datetime.datetime, DATE), (Timestamp, TIMESTAMP))
-    return next((ctype for kind, ctype in kinds if isinstance(value, kind)), STRING)
+    generic = _GENERIC_TYPES.get(type(value))
+    if generic is None:
+        generic = next((code for kind, code in _GENERIC_TYPES.items() if isinstance(value, kind)),
+                       STRING)
+    return generic
 
 
 def encode_key(values: list[Any]) -> tuple[bytes, bytes]:
