@@ -48,7 +48,6 @@ except ImportError:  # pragma: no cover - Python < 3.11
     import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 __all__ = [
-    "MATCH_ALL",
     "MAX_DEPTH",
     "MAX_FILTER_BYTES",
     "MAX_REGEX_LENGTH",
@@ -905,16 +904,6 @@ class Filter:
     def __call__(self, event: dict) -> bool:
         return self.predicate(event)
 
-    def __and__(self, other: Filter) -> Filter:
-        if not isinstance(other, Filter):
-            return NotImplemented
-        if not self.spec:
-            return other
-        if not other.spec or other.key == self.key:
-            return self
-        left, right = self.predicate, other.predicate
-        return Filter(lambda event: left(event) and right(event), {"$and": [self.spec, other.spec]})
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Filter) and other.key == self.key
 
@@ -1031,5 +1020,3 @@ def _too_large(size: int) -> FilterError:
         "filter_too_large", f"filter is {size} bytes; the limit is {MAX_FILTER_BYTES}"
     )
 
-
-MATCH_ALL = compile_filter({})

@@ -31,11 +31,9 @@ from hypothesis import strategies as st
 from mongomock.filtering import filter_applies
 
 from changerelay.filters import (
-    MATCH_ALL,
     MAX_DEPTH,
     MAX_FILTER_BYTES,
     MAX_REGEX_LENGTH,
-    Filter,
     FilterError,
     compile_filter,
     parse_filter,
@@ -466,23 +464,6 @@ def test_spec_is_normalised_and_compiles_to_the_same_key():
         "fullDocument.s": {"$options": "i", "$regex": "^a"},
     }
     assert compile_filter(f.spec).key == f.key
-
-
-def test_and_is_conjunction():
-    rule = parse_filter('{"fullDocument.tenant": "t1"}')
-    mine = parse_filter('{"fullDocument.status": "open"}')
-    both = rule & mine
-    assert both(doc(tenant="t1", status="open"))
-    assert not both(doc(tenant="t2", status="open"))
-    assert not both(doc(tenant="t1", status="done"))
-    assert (MATCH_ALL & mine) == mine and (mine & MATCH_ALL) == mine
-    assert compile_filter(both.spec).key == both.key
-    assert both.key != (mine & parse_filter('{"fullDocument.tenant": "t2"}')).key
-
-
-def test_match_all():
-    assert MATCH_ALL({}) and MATCH_ALL(doc(a=1))
-    assert MATCH_ALL.spec == {} and isinstance(MATCH_ALL, Filter)
 
 
 def test_compiled_filter_does_not_read_the_spec_again():
