@@ -21,7 +21,6 @@ import math
 import operator as _operator
 import re
 import uuid
-import warnings
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -40,12 +39,9 @@ from bson.objectid import ObjectId
 from bson.regex import Regex
 from bson.timestamp import Timestamp
 
-try:  # The only way to inspect a pattern's structure without re-implementing a parser.
-    from re import _constants as _sre  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as _sre  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+from .regex import MAX_LENGTH as MAX_REGEX_LENGTH
+from .regex import Regex as RE2Pattern
+from .regex import RegexError, compile_regex
 
 __all__ = [
     "MAX_DEPTH",
@@ -60,7 +56,6 @@ __all__ = [
 
 MAX_FILTER_BYTES = 4096
 MAX_DEPTH = 16
-MAX_REGEX_LENGTH = 256
 
 #: First path segments a filter may look at: the parts of a change event that carry data.
 TOP_LEVEL_FIELDS = frozenset(
@@ -79,7 +74,6 @@ FIELD_OPERATORS = (
     "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$not", "$regex",
     "$options",
 )  # fmt: skip
-REGEX_FLAGS = "imsx"
 
 _JSON_OPTIONS = json_util.JSONOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _KEY_OPTIONS = json_util.JSONOptions(
@@ -363,145 +357,19 @@ def _check_path(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Regular expressions
-#
-# MongoDB uses PCRE2; the relay uses Python's ``re``.  Patterns are accepted only when the
-# two agree on what they mean; constructs that differ are refused with a hint.  ``re`` has
-# no match timeout, so the 256-character cap and the refusal of nested quantifiers and
-# backreferences are the only defence against catastrophic backtracking.
+# Regular expressions: MongoDB's PCRE2 dialect, run by RE2 in linear time (regex.py)
 # ---------------------------------------------------------------------------------------
 
-_REFUSED_ESCAPES = {
-    "Z": r"\Z means 'end or before a final newline' in MongoDB but 'end' here; use $",
-    "z": r"\z is not supported; use $ (no m flag)",
-    "N": r"\N differs between PCRE and Python; use [^\n]",
-    "v": r"\v is vertical whitespace in PCRE but a vertical tab here; use [\n\v\f\r]",
-    "u": r"\u escapes differ between PCRE and Python; write the character itself",
-    "U": r"\U escapes differ between PCRE and Python; write the character itself",
-}
-_CATEGORIES = {
-    _sre.CATEGORY_DIGIT, _sre.CATEGORY_NOT_DIGIT, _sre.CATEGORY_WORD,
-    _sre.CATEGORY_NOT_WORD, _sre.CATEGORY_SPACE, _sre.CATEGORY_NOT_SPACE,
-}  # fmt: skip
-_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)}
 
-
-def _bad_regex(pattern: str, why: str) -> FilterError:
-    return FilterError("invalid_regex", f"regex {pattern!r} refused: {why}")
-
-
-def _scan_regex_text(pattern: str) -> None:
-    """Refuse spellings whose meaning differs between PCRE and ``re``."""
-    in_class = False
-    i, end = 0, len(pattern)
-    while i < end:
-        char = pattern[i]
-        if char == "\\" and i + 1 < end:
-            escaped = pattern[i + 1]
-            if escaped in _REFUSED_ESCAPES:
-                raise _bad_regex(pattern, _REFUSED_ESCAPES[escaped])
-            i += 2
-            continue
-        i += 1
-        if in_class:
-            if char == "[" and pattern.startswith(":", i):
-                raise _bad_regex(pattern, "POSIX classes like [[:alpha:]] are not supported")
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            i += pattern.startswith("^", i)
-            i += pattern.startswith("]", i)  # a leading ] is a literal in both dialects
-        elif char == "{" and pattern.startswith(",", i):
-            raise _bad_regex(pattern, "PCRE reads '{,n}' literally; write {0,n}")
-        elif char == "(" and pattern.startswith("?", i):
-            flags = re.match(r"[a-zA-Z-]*", pattern[i + 1 :]).group()
-            if set(flags) & set("aLu"):
-                raise _bad_regex(pattern, "inline flags a, L and u do not exist in MongoDB")
-
-
-def _walk_regex(items: Any, depth_of_repeat: int, found: dict) -> None:
-    for op, argument in items:
-        if op in _REPEATS:
-            _low, high, sub = argument
-            starry = high > 1
-            if starry and depth_of_repeat:
-                found["nested"] = True
-            _walk_regex(sub, depth_of_repeat + starry, found)
-        elif op is _sre.SUBPATTERN:
-            _group, add_flags, _del_flags, sub = argument
-            if add_flags & re.IGNORECASE:
-                found["ignorecase"] = True
-            _walk_regex(sub, depth_of_repeat, found)
-        elif op is _sre.BRANCH:
-            for sub in argument[1]:
-                _walk_regex(sub, depth_of_repeat, found)
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            _walk_regex(argument[1], depth_of_repeat, found)
-        elif op is getattr(_sre, "ATOMIC_GROUP", None):
-            _walk_regex(argument, depth_of_repeat, found)
-        elif op in (_sre.GROUPREF, getattr(_sre, "GROUPREF_EXISTS", None)):
-            found["backref"] = True
-        elif op is _sre.IN:
-            if any(kind is _sre.CATEGORY and arg in _CATEGORIES for kind, arg in argument):
-                found["category"] = True
-        elif op is _sre.AT and argument in (_sre.AT_BOUNDARY, _sre.AT_NON_BOUNDARY):
-            found["category"] = True
-
-
-def _compile_regex(pattern: Any, options: Any) -> re.Pattern:
+def _compile_regex(pattern: Any, options: Any) -> RE2Pattern:
     if not isinstance(pattern, str):
         raise FilterError("invalid_filter", "$regex needs a string pattern")
     if not isinstance(options, str):
         raise FilterError("invalid_filter", '$options needs a string of flags, e.g. "i"')
-    if len(pattern) > MAX_REGEX_LENGTH:
-        raise FilterError(
-            "regex_too_long",
-            f"regex is {len(pattern)} characters; the limit is {MAX_REGEX_LENGTH} because "
-            "Python's re cannot time out a match",
-        )
-    unknown = set(options) - set(REGEX_FLAGS)
-    if unknown:
-        raise FilterError(
-            "invalid_regex",
-            f"regex flags {''.join(sorted(unknown))!r} are not supported; use {REGEX_FLAGS!r}",
-        )
-    if "\0" in pattern:
-        raise _bad_regex(pattern, "it contains a NUL character")
-    _scan_regex_text(pattern)
-    flags = 0
-    for letter in options:
-        flags |= {"i": re.I, "m": re.M, "s": re.S, "x": re.X}[letter]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # "possible nested set" means PCRE reads it otherwise
-            tree = _sre_parse.parse(pattern, flags)
-            found: dict = {}
-            _walk_regex(tree, 0, found)
-            if tree.state.flags & re.IGNORECASE:
-                found["ignorecase"] = True
-            if found.get("backref"):
-                raise _bad_regex(pattern, "backreferences can make matching exponential")
-            if found.get("nested"):
-                raise _bad_regex(
-                    pattern, "a repeated group containing a repetition, like (a+)+, can "
-                    "backtrack catastrophically; rewrite it without nesting",
-                )  # fmt: skip
-            if found.get("ignorecase") and found.get("category"):
-                raise _bad_regex(
-                    pattern, r"with the i flag, \d \w \s \b would be Unicode-aware here but "
-                    r"are ASCII in MongoDB; spell them out, e.g. [0-9] or [A-Za-z0-9_]",
-                )  # fmt: skip
-            if not found.get("ignorecase"):
-                # PCRE (without UCP) gives \d \w \s \b their ASCII meaning; so does re.ASCII,
-                # which otherwise only changes case folding, unused without i.
-                flags |= re.ASCII
-            return re.compile(pattern, flags)
-    except FilterError:
-        raise
-    except Warning as exc:
-        raise _bad_regex(pattern, f"PCRE and Python may read it differently ({exc})") from None
-    except (re.error, RecursionError, OverflowError, ValueError) as exc:
-        raise _bad_regex(pattern, f"it does not compile ({exc})") from None
+        return compile_regex(pattern, options)
+    except RegexError as exc:
+        raise FilterError(exc.code, f"regex {pattern[:300]!r} refused: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -670,11 +538,12 @@ def _comparison(operator: str, operand: Any) -> Test:
 
 def _regex_test(literal: Regex) -> Test:
     parts = _regex_parts(literal)
-    compiled = _compile_regex(*parts)
+    search = _compile_regex(*parts).search
 
     def test(value: Any) -> bool:
         if type(value) is str or (isinstance(value, str) and not isinstance(value, Code)):
-            return compiled.search(value) is not None
+            # Decoded BSON is valid UTF-8; anything else still reaches RE2 as bytes it can read.
+            return search(value.encode("utf-8", "surrogatepass"))
         if isinstance(value, Regex | re.Pattern):  # a stored regex matches only itself
             return _regex_parts(value) == parts
         return False
