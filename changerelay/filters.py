@@ -135,7 +135,9 @@ class _Budget:
     element a path reaches (times what testing it costs), and each byte a regex reads (times its
     positions). Everything else a filter does per event is bounded by its own size. Past the
     budget the whole filter is False, never its negation: like MongoDB's own PCRE2 match limit,
-    a filter that cannot finish does not match, and a token's row rule then withholds."""
+    a filter that cannot finish does not match, and a token's row rule then withholds.
+
+    One evaluation at a time per filter, as the relay's single event loop does them."""
 
     __slots__ = ("allowance", "event", "regexes", "spent")
 
@@ -369,7 +371,6 @@ def _collect(
     * a non-leaf array recurses into its document elements, and a numeric segment also
       indexes the array; scalar elements contribute nothing.
     """
-    budget.charge(3)  # a call, and the documents it walks through
     last = len(parts) - 1
     index = start
     while True:
@@ -395,9 +396,10 @@ def _collect(
 def _collect_array(
     array: list, parts: tuple[str, ...], start: int, out: list, budget: _Budget
 ) -> None:
-    # A numeric segment reads a document element twice (as a field and by position), so nested
-    # ones could otherwise multiply: every element entered, and every _collect, is charged.
-    budget.charge(len(array) + 1)
+    # Every element is a step, and a document element (which _collect walks into) three more;
+    # a numeric segment reads one element twice (as a field and by position), so nested ones
+    # would otherwise multiply.
+    budget.charge(4 * len(array) + 4)
     segment = parts[start]
     numeric = segment.isascii() and segment.isdigit()
     ends_here = start == len(parts) - 1
@@ -547,7 +549,7 @@ def _any(parts: tuple[str, ...], test: Test, weight: int, budget: _Budget) -> Pr
 
     def read(event: dict) -> list:
         out: list = []
-        _collect(event, parts, 0, out, budget)
+        _collect(event, parts, 0, out, budget)  # the arrays on the way charge for themselves
         charge(len(out) * weight)
         return out
 
