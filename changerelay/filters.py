@@ -847,6 +847,8 @@ def _check_shape(spec: Any, max_nodes: int | None) -> None:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise _too_deep()
+        if not isinstance(node, dict | list):
+            continue
         children = node.values() if isinstance(node, dict) else node
         nodes += len(children)
         if max_nodes is not None and nodes > max_nodes:
