@@ -151,6 +151,13 @@ REFUSED = [
 ]
 
 
+def test_the_one_known_difference_left():
+    """docs/filters.md, Known differences: with m, PCRE2's ^ does not match after a newline that
+    ends the subject (pcre2pattern, "Circumflex and dollar"); RE2's does."""
+    assert not mongodb_matches("^$", "m", "a\n") and relay_matches("^$", "m", "a\n")
+    assert mongodb_matches("^$", "m", "a\n\nb") and relay_matches("^$", "m", "a\n\nb")
+
+
 @pytest.mark.parametrize(("pattern", "named"), REFUSED)
 def test_refusals_name_the_construct(pattern, named):
     with pytest.raises(RegexError) as caught:
