@@ -5,7 +5,9 @@ deep nesting of "0" fields and arrays, strings of a and b: the worst-case event 
 tests/test_filter_cost.py, as large as an event gets before a filter's budget grows with it)
 arrive at the same rate. The bystander's latency is measured first with no one else subscribed,
 then with a client holding one of the worst filters that fit in 4 KiB (a path of numeric segments
-into the nested document, the costliest per step): p99 must stay near the baseline.
+into the nested document, the costliest per step): p99 must stay near the baseline. On a shared
+machine one stray pause makes a p99 of 80 samples, so the two phases alternate three times and
+their median p99s are compared.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from tests.test_filter_cost import WORST_FILTERS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
-SECONDS = 6
-RATE = 20  # bystander events per second, and as many worst-case documents
+SECONDS = 4
+RATE = 20
+ROUNDS = 3  # bystander events per second, and as many worst-case documents
 
 WRITER = f"""
 import random, sys, time
@@ -83,13 +86,15 @@ async def test_worst_filters_do_not_slow_a_bystander(mongo, relay_factory):
     relay.wait_ready()
     ticks = urllib.parse.quote(json.dumps({"fullDocument.kind": "tick"}))
     bystander = await WS.connect(f"{relay.ws_url}?filter={ticks}")
-    baseline = await phase(mongo, bystander, "alone")
-
     worst = urllib.parse.quote(WORST_FILTERS["numeric segments"])
-    hostile = await WS.connect(f"{relay.ws_url}?filter={worst}")
-    with_hostile = await phase(mongo, bystander, "hostile")
+    alone, with_hostile = [], []
+    for round_ in range(ROUNDS):
+        alone.append(p99(await phase(mongo, bystander, f"alone{round_}")))
+        hostile = await WS.connect(f"{relay.ws_url}?filter={worst}")
+        with_hostile.append(p99(await phase(mongo, bystander, f"hostile{round_}")))
+        assert hostile.close_code is None  # served all along, within its budget
+        hostile.close()
 
-    assert hostile.close_code is None  # served all along, within its budget
-    print(f"bystander p99 alone {p99(baseline) * 1000:.1f} ms, with the worst filter "
-          f"{p99(with_hostile) * 1000:.1f} ms")
-    assert p99(with_hostile) <= 2 * p99(baseline) + 0.010
+    print("bystander p99 alone " + ", ".join(f"{p * 1000:.1f}" for p in alone) + " ms; with "
+          "the worst filter " + ", ".join(f"{p * 1000:.1f}" for p in with_hostile) + " ms")
+    assert statistics.median(with_hostile) <= 2 * statistics.median(alone) + 0.010
