@@ -91,9 +91,9 @@ REFUSALS: dict[int, Refusal] = {
     400: Refusal(Retry.NO, (
         "unknown_parameter", "repeated_parameter", "invalid_ns", "ns_outside_scope",
         "invalid_ops", "unknown_operation_type", "invalid_json", "invalid_filter",
-        "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long",
-        "filter_too_large", "filter_too_deep", "invalid_resume_after", "invalid_encoding",
-        "websocket_required", "bad_handshake",
+        "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long", "regex_too_complex",
+        "filter_too_large", "filter_too_deep", "filter_too_complex", "invalid_resume_after",
+        "invalid_encoding", "websocket_required", "bad_handshake",
     ), "the request is wrong; the message says what to change"),
     401: Refusal(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),

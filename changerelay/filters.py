@@ -21,7 +21,6 @@ import math
 import operator as _operator
 import re
 import uuid
-import warnings
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -40,17 +39,17 @@ from bson.objectid import ObjectId
 from bson.regex import Regex
 from bson.timestamp import Timestamp
 
-try:  # The only way to inspect a pattern's structure without re-implementing a parser.
-    from re import _constants as _sre  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants as _sre  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+from .regex import MAX_LENGTH as MAX_REGEX_LENGTH
+from .regex import Regex as RE2Pattern
+from .regex import RegexError, compile_regex
 
 __all__ = [
-    "MATCH_ALL",
+    "BUDGET_PASSES",
+    "BUDGET_STEPS",
     "MAX_DEPTH",
     "MAX_FILTER_BYTES",
+    "MAX_NODES",
+    "MAX_REGEXES",
     "MAX_REGEX_LENGTH",
     "Filter",
     "FilterError",
@@ -61,7 +60,23 @@ __all__ = [
 
 MAX_FILTER_BYTES = 4096
 MAX_DEPTH = 16
-MAX_REGEX_LENGTH = 256
+#: Keys and values in a client's filter document (which bounds ``$in``/``$nin`` too): 4 KiB
+#: could hold about 2,000; a filter that needs more belongs in a token's claim.
+MAX_NODES = 1024
+#: Regexes one filter may search with: each holds up to ``regex.MEMORY`` of RE2 state.
+MAX_REGEXES = 8
+#: Steps one evaluation may take: a step is at most about 0.25 µs here, so about a millisecond
+#: (BENCHMARKS.md, *Filters*) ...
+BUDGET_STEPS = 4_000
+#: ... or this many times the event's own size if that is more (``_size``): a large event can
+#: still be matched in full by a filter of a few conditions, and costs at most a few walks.
+BUDGET_PASSES = 4
+# A regex search reads 16 bytes per step for each of its positions (RE2's worst case, when its
+# DFA gives up, is about 12 ns per position per byte); a string counts a step per 2 bytes of an
+# event's size, so that one pass lets a 32-position regex read it.
+_REGEX_BYTES_PER_STEP = 16
+_SEQUENCE_STEPS = 20  # comparing with an array or a document operand, before its elements
+_STRING_BYTES_PER_STEP = 2
 
 #: First path segments a filter may look at: the parts of a change event that carry data.
 TOP_LEVEL_FIELDS = frozenset(
@@ -80,7 +95,6 @@ FIELD_OPERATORS = (
     "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists", "$not", "$regex",
     "$options",
 )  # fmt: skip
-REGEX_FLAGS = "imsx"
 
 _JSON_OPTIONS = json_util.JSONOptions(datetime_conversion=DatetimeConversion.DATETIME_AUTO)
 _KEY_OPTIONS = json_util.JSONOptions(
@@ -108,6 +122,59 @@ class FilterError(ValueError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class _OverBudget(Exception):
+    """An evaluation ran out of steps: the filter does not match this event."""
+
+
+class _Budget:
+    """The work one evaluation of one filter may still do; a filter has one, reset per call.
+
+    Steps are charged where work grows with the event rather than with the filter: each array
+    element a path reaches (times what testing it costs), and each byte a regex reads (times its
+    positions). Everything else a filter does per event is bounded by its own size. Past the
+    budget the whole filter is False, never its negation: like MongoDB's own PCRE2 match limit,
+    a filter that cannot finish does not match, and a token's row rule then withholds.
+
+    One evaluation at a time per filter, as the relay's single event loop does them."""
+
+    __slots__ = ("allowance", "event", "regexes", "spent")
+
+    def __init__(self) -> None:
+        self.spent = 0
+        self.allowance = BUDGET_STEPS
+        self.event: Any = None
+        self.regexes = 0  # counted while compiling
+
+    def charge(self, steps: int) -> None:
+        self.spent += steps
+        if self.spent > self.allowance:
+            self._extend()
+
+    def _extend(self) -> None:
+        if self.allowance == BUDGET_STEPS:  # once per evaluation: a walk of the whole event
+            self.allowance = max(BUDGET_STEPS, BUDGET_PASSES * _size(self.event))
+            if self.spent <= self.allowance:
+                return
+        raise _OverBudget
+
+
+def _size(event: Any) -> int:
+    """An event's size in steps: one per value, and one per ``_STRING_BYTES_PER_STEP`` bytes of
+    its strings (characters, which are bytes for ASCII)."""
+    size, stack = 0, [event]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            size += len(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            size += len(node)
+            stack.extend(node)
+        elif isinstance(node, str):
+            size += len(node) // _STRING_BYTES_PER_STEP
+    return size
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,7 +359,9 @@ def _compare_sequences(a: Iterable, b: Iterable, *, named: bool) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _collect(document: dict, parts: tuple[str, ...], start: int, out: list) -> None:
+def _collect(
+    document: dict, parts: tuple[str, ...], start: int, out: list, budget: _Budget
+) -> None:
     """Append the values ``parts[start:]`` reaches in ``document``, as MongoDB would.
 
     A transcription of BSONElementIterator (path.cpp), classic/legacy semantics:
@@ -321,27 +390,33 @@ def _collect(document: dict, parts: tuple[str, ...], start: int, out: list) -> N
         out.extend(value)
         out.append(value)
         return
-    _collect_array(value, parts, index + 1, out)
+    _collect_array(value, parts, index + 1, out, budget)
 
 
-def _collect_array(array: list, parts: tuple[str, ...], start: int, out: list) -> None:
+def _collect_array(
+    array: list, parts: tuple[str, ...], start: int, out: list, budget: _Budget
+) -> None:
+    # Every element is a step, and a document element (which _collect walks into) three more;
+    # a numeric segment reads one element twice (as a field and by position), so nested ones
+    # would otherwise multiply.
+    budget.charge(4 * len(array) + 4)
     segment = parts[start]
     numeric = segment.isascii() and segment.isdigit()
     ends_here = start == len(parts) - 1
     for position, element in enumerate(array):
         offset_match = numeric and str(position) == segment
         if isinstance(element, dict):
-            _collect(element, parts, start, out)
+            _collect(element, parts, start, out, budget)
             if offset_match:
                 if ends_here:
                     out.append(element)
                 else:
-                    _collect(element, parts, start + 1, out)
+                    _collect(element, parts, start + 1, out, budget)
         elif offset_match:
             if ends_here:
                 out.append(element)  # an offset names the element: no implicit expansion
             elif isinstance(element, list):
-                _collect_array(element, parts, start + 1, out)
+                _collect_array(element, parts, start + 1, out, budget)
 
 
 def _check_path(path: str) -> str:
@@ -364,145 +439,19 @@ def _check_path(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Regular expressions
-#
-# MongoDB uses PCRE2; the relay uses Python's ``re``.  Patterns are accepted only when the
-# two agree on what they mean; constructs that differ are refused with a hint.  ``re`` has
-# no match timeout, so the 256-character cap and the refusal of nested quantifiers and
-# backreferences are the only defence against catastrophic backtracking.
+# Regular expressions: MongoDB's PCRE2 dialect, run by RE2 in linear time (regex.py)
 # ---------------------------------------------------------------------------------------
 
-_REFUSED_ESCAPES = {
-    "Z": r"\Z means 'end or before a final newline' in MongoDB but 'end' here; use $",
-    "z": r"\z is not supported; use $ (no m flag)",
-    "N": r"\N differs between PCRE and Python; use [^\n]",
-    "v": r"\v is vertical whitespace in PCRE but a vertical tab here; use [\n\v\f\r]",
-    "u": r"\u escapes differ between PCRE and Python; write the character itself",
-    "U": r"\U escapes differ between PCRE and Python; write the character itself",
-}
-_CATEGORIES = {
-    _sre.CATEGORY_DIGIT, _sre.CATEGORY_NOT_DIGIT, _sre.CATEGORY_WORD,
-    _sre.CATEGORY_NOT_WORD, _sre.CATEGORY_SPACE, _sre.CATEGORY_NOT_SPACE,
-}  # fmt: skip
-_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)}
 
-
-def _bad_regex(pattern: str, why: str) -> FilterError:
-    return FilterError("invalid_regex", f"regex {pattern!r} refused: {why}")
-
-
-def _scan_regex_text(pattern: str) -> None:
-    """Refuse spellings whose meaning differs between PCRE and ``re``."""
-    in_class = False
-    i, end = 0, len(pattern)
-    while i < end:
-        char = pattern[i]
-        if char == "\\" and i + 1 < end:
-            escaped = pattern[i + 1]
-            if escaped in _REFUSED_ESCAPES:
-                raise _bad_regex(pattern, _REFUSED_ESCAPES[escaped])
-            i += 2
-            continue
-        i += 1
-        if in_class:
-            if char == "[" and pattern.startswith(":", i):
-                raise _bad_regex(pattern, "POSIX classes like [[:alpha:]] are not supported")
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            i += pattern.startswith("^", i)
-            i += pattern.startswith("]", i)  # a leading ] is a literal in both dialects
-        elif char == "{" and pattern.startswith(",", i):
-            raise _bad_regex(pattern, "PCRE reads '{,n}' literally; write {0,n}")
-        elif char == "(" and pattern.startswith("?", i):
-            flags = re.match(r"[a-zA-Z-]*", pattern[i + 1 :]).group()
-            if set(flags) & set("aLu"):
-                raise _bad_regex(pattern, "inline flags a, L and u do not exist in MongoDB")
-
-
-def _walk_regex(items: Any, depth_of_repeat: int, found: dict) -> None:
-    for op, argument in items:
-        if op in _REPEATS:
-            _low, high, sub = argument
-            starry = high > 1
-            if starry and depth_of_repeat:
-                found["nested"] = True
-            _walk_regex(sub, depth_of_repeat + starry, found)
-        elif op is _sre.SUBPATTERN:
-            _group, add_flags, _del_flags, sub = argument
-            if add_flags & re.IGNORECASE:
-                found["ignorecase"] = True
-            _walk_regex(sub, depth_of_repeat, found)
-        elif op is _sre.BRANCH:
-            for sub in argument[1]:
-                _walk_regex(sub, depth_of_repeat, found)
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            _walk_regex(argument[1], depth_of_repeat, found)
-        elif op is getattr(_sre, "ATOMIC_GROUP", None):
-            _walk_regex(argument, depth_of_repeat, found)
-        elif op in (_sre.GROUPREF, getattr(_sre, "GROUPREF_EXISTS", None)):
-            found["backref"] = True
-        elif op is _sre.IN:
-            if any(kind is _sre.CATEGORY and arg in _CATEGORIES for kind, arg in argument):
-                found["category"] = True
-        elif op is _sre.AT and argument in (_sre.AT_BOUNDARY, _sre.AT_NON_BOUNDARY):
-            found["category"] = True
-
-
-def _compile_regex(pattern: Any, options: Any) -> re.Pattern:
+def _compile_regex(pattern: Any, options: Any) -> RE2Pattern:
     if not isinstance(pattern, str):
         raise FilterError("invalid_filter", "$regex needs a string pattern")
     if not isinstance(options, str):
         raise FilterError("invalid_filter", '$options needs a string of flags, e.g. "i"')
-    if len(pattern) > MAX_REGEX_LENGTH:
-        raise FilterError(
-            "regex_too_long",
-            f"regex is {len(pattern)} characters; the limit is {MAX_REGEX_LENGTH} because "
-            "Python's re cannot time out a match",
-        )
-    unknown = set(options) - set(REGEX_FLAGS)
-    if unknown:
-        raise FilterError(
-            "invalid_regex",
-            f"regex flags {''.join(sorted(unknown))!r} are not supported; use {REGEX_FLAGS!r}",
-        )
-    if "\0" in pattern:
-        raise _bad_regex(pattern, "it contains a NUL character")
-    _scan_regex_text(pattern)
-    flags = 0
-    for letter in options:
-        flags |= {"i": re.I, "m": re.M, "s": re.S, "x": re.X}[letter]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # "possible nested set" means PCRE reads it otherwise
-            tree = _sre_parse.parse(pattern, flags)
-            found: dict = {}
-            _walk_regex(tree, 0, found)
-            if tree.state.flags & re.IGNORECASE:
-                found["ignorecase"] = True
-            if found.get("backref"):
-                raise _bad_regex(pattern, "backreferences can make matching exponential")
-            if found.get("nested"):
-                raise _bad_regex(
-                    pattern, "a repeated group containing a repetition, like (a+)+, can "
-                    "backtrack catastrophically; rewrite it without nesting",
-                )  # fmt: skip
-            if found.get("ignorecase") and found.get("category"):
-                raise _bad_regex(
-                    pattern, r"with the i flag, \d \w \s \b would be Unicode-aware here but "
-                    r"are ASCII in MongoDB; spell them out, e.g. [0-9] or [A-Za-z0-9_]",
-                )  # fmt: skip
-            if not found.get("ignorecase"):
-                # PCRE (without UCP) gives \d \w \s \b their ASCII meaning; so does re.ASCII,
-                # which otherwise only changes case folding, unused without i.
-                flags |= re.ASCII
-            return re.compile(pattern, flags)
-    except FilterError:
-        raise
-    except Warning as exc:
-        raise _bad_regex(pattern, f"PCRE and Python may read it differently ({exc})") from None
-    except (re.error, RecursionError, OverflowError, ValueError) as exc:
-        raise _bad_regex(pattern, f"it does not compile ({exc})") from None
+        return compile_regex(pattern, options)
+    except RegexError as exc:
+        raise FilterError(exc.code, f"regex {pattern[:300]!r} refused: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -588,17 +537,20 @@ Predicate = Callable[[dict], bool]
 Test = Callable[[Any], bool]
 
 
-def _any(parts: tuple[str, ...], test: Test) -> Predicate:
+def _any(parts: tuple[str, ...], test: Test, weight: int, budget: _Budget) -> Predicate:
     """True when ``test`` holds for any value the path reaches.
 
     The common shapes (documents all the way down, maybe a leaf array) are walked inline;
-    anything with an array before the last segment goes through :func:`_collect`.
+    anything with an array before the last segment goes through :func:`_collect`. Testing
+    the elements of an array costs ``weight`` steps each.
     """
     *head, last = parts
+    charge = budget.charge
 
     def read(event: dict) -> list:
         out: list = []
-        _collect(event, parts, 0, out)
+        _collect(event, parts, 0, out, budget)  # the arrays on the way charge for themselves
+        charge(len(out) * weight)
         return out
 
     def predicate(event: dict) -> bool:
@@ -613,6 +565,7 @@ def _any(parts: tuple[str, ...], test: Test) -> Predicate:
                 return test(MISSING)
         value = document.get(last, MISSING)
         if isinstance(value, list):
+            charge(len(value) * weight)
             return test(value) or any(map(test, value))
         return test(value)
 
@@ -669,13 +622,23 @@ def _comparison(operator: str, operand: Any) -> Test:
     return fast_test
 
 
-def _regex_test(literal: Regex) -> Test:
+def _regex_test(literal: Regex, budget: _Budget) -> Test:
     parts = _regex_parts(literal)
+    budget.regexes += 1
+    if budget.regexes > MAX_REGEXES:
+        raise FilterError(
+            "filter_too_complex",
+            f"a filter may search with at most {MAX_REGEXES} regexes; combine them with |",
+        )
     compiled = _compile_regex(*parts)
+    search, positions, charge = compiled.search, compiled.positions, budget.charge
 
     def test(value: Any) -> bool:
         if type(value) is str or (isinstance(value, str) and not isinstance(value, Code)):
-            return compiled.search(value) is not None
+            # Decoded BSON is valid UTF-8; anything else still reaches RE2 as bytes it can read.
+            data = value.encode("utf-8", "surrogatepass")
+            charge(positions * (1 + len(data) // _REGEX_BYTES_PER_STEP))
+            return search(data)
         if isinstance(value, Regex | re.Pattern):  # a stored regex matches only itself
             return _regex_parts(value) == parts
         return False
@@ -687,15 +650,17 @@ def _plain_scalar(item: Any) -> bool:
     return type(item) in (str, int, float) and item == item
 
 
-def _in_test(operands: list) -> Test:
+def _in_test(operands: list, budget: _Budget) -> tuple[Test, int]:
+    """The test, and its weight: one step, and the operands a value may be compared with."""
     # Exact str/int/float operands go in a set: hashing agrees with BSON equality there
     # (1 == 1.0), and bool values never reach it.  NaN would not find itself, so it
     # stays with the general tests, as does everything else.
     hashable = {item for item in operands if _plain_scalar(item)}
     every = [
-        _regex_test(item) if isinstance(item, Regex) else _comparison("$eq", item)
+        _regex_test(item, budget) if isinstance(item, Regex) else _comparison("$eq", item)
         for item in operands
     ]
+    weight = 1 + sum(_weight(item) for item in operands if not _plain_scalar(item))
     rest = [check for item, check in zip(operands, every, strict=True) if not _plain_scalar(item)]
 
     def test(value: Any) -> bool:
@@ -706,7 +671,13 @@ def _in_test(operands: list) -> Test:
             return bool(rest) and any(check(value) for check in rest)  # usually none left
         return any(check(value) for check in every)
 
-    return test
+    return test, weight
+
+
+def _weight(operand: Any) -> int:
+    """What comparing a value with ``operand`` may cost, in steps: for an array or a document,
+    a few microseconds and its size (a comparison stops at the shorter of the two)."""
+    return _SEQUENCE_STEPS + _size(operand) if isinstance(operand, dict | list) else 1
 
 
 def _not(predicate: Predicate) -> Predicate:
@@ -725,7 +696,9 @@ def all_of(predicates: list[Predicate]) -> Predicate:
     return lambda event: all(predicate(event) for predicate in predicates)
 
 
-def _operator_document(path: str, parts: tuple, spec: dict) -> tuple[Predicate, dict]:
+def _operator_document(
+    path: str, parts: tuple, spec: dict, budget: _Budget
+) -> tuple[Predicate, dict]:
     """Compile ``{"$gt": 1, "$lt": 5}`` for one path; each operator traverses on its own."""
     predicates: list[Predicate] = []
     normal: dict = {}
@@ -752,7 +725,7 @@ def _operator_document(path: str, parts: tuple, spec: dict) -> tuple[Predicate, 
                     "to exclude matches",
                 )
             test = _comparison("$eq" if operator == "$ne" else operator, value)
-            predicate = _any(parts, test)
+            predicate = _any(parts, test, _weight(value), budget)
             predicates.append(_not(predicate) if operator == "$ne" else predicate)
             normal[operator] = value
         elif operator in ("$in", "$nin"):
@@ -764,18 +737,18 @@ def _operator_document(path: str, parts: tuple, spec: dict) -> tuple[Predicate, 
                     raise FilterError(
                         "invalid_filter", f"{operator} on {path!r} cannot contain operators"
                     )
-            predicate = _any(parts, _in_test(values))
+            predicate = _any(parts, *_in_test(values, budget), budget)
             predicates.append(_not(predicate) if operator == "$nin" else predicate)
             normal[operator] = values
         elif operator == "$exists":
             if not isinstance(operand, bool | int | float):
                 raise FilterError("invalid_filter", f"$exists on {path!r} takes true or false")
-            exists = _any(parts, lambda value: value is not MISSING)
+            exists = _any(parts, lambda value: value is not MISSING, 1, budget)
             predicates.append(exists if operand else _not(exists))
             normal[operator] = bool(operand)
         elif operator == "$regex":
             literal = _regex_literal({"$regex": operand, "$options": spec.get("$options", "")})
-            predicates.append(_any(parts, _regex_test(literal)))
+            predicates.append(_any(parts, _regex_test(literal, budget), 1, budget))
             normal["$regex"], normal["$options"] = _regex_parts(literal)
         else:  # $not
             if isinstance(operand, Regex | re.Pattern) or (
@@ -792,7 +765,7 @@ def _operator_document(path: str, parts: tuple, spec: dict) -> tuple[Predicate, 
                 raise FilterError(
                     "invalid_filter", f'$not on {path!r} takes operators, e.g. {{"$gt": 5}}'
                 )
-            inner, inner_normal = _operator_document(path, parts, operand)
+            inner, inner_normal = _operator_document(path, parts, operand, budget)
             predicates.append(_not(inner))
             normal[operator] = inner_normal
     return all_of(predicates), dict(sorted(normal.items()))
@@ -810,7 +783,7 @@ def _unknown(operator: str, allowed: Iterable[str], where: str = "on a field") -
     )
 
 
-def _field(path: str, condition: Any) -> tuple[Predicate, dict]:
+def _field(path: str, condition: Any, budget: _Budget) -> tuple[Predicate, dict]:
     parts = tuple(_check_path(path).split("."))
     if isinstance(condition, dict) and condition:
         keys = list(condition)
@@ -818,7 +791,7 @@ def _field(path: str, condition: Any) -> tuple[Predicate, dict]:
             if set(keys) & _EJSON_KEYS or "$regularExpression" in keys:
                 condition = _value(condition)  # {"$oid": ...}: an Extended JSON value
             else:
-                return _operator_document(path, parts, condition)
+                return _operator_document(path, parts, condition, budget)
         elif any(isinstance(key, str) and key.startswith("$") for key in keys):
             raise FilterError(
                 "invalid_filter",
@@ -826,11 +799,11 @@ def _field(path: str, condition: Any) -> tuple[Predicate, dict]:
             )
     value = _value(condition)
     if isinstance(value, Regex):  # {field: /re/} means "matches", not "equals"
-        return _operator_document(path, parts, {"$regex": value})
-    return _any(parts, _comparison("$eq", value)), {"$eq": value}
+        return _operator_document(path, parts, {"$regex": value}, budget)
+    return _any(parts, _comparison("$eq", value), _weight(value), budget), {"$eq": value}
 
 
-def _filter(spec: Any) -> tuple[Predicate, dict]:
+def _filter(spec: Any, budget: _Budget) -> tuple[Predicate, dict]:
     if not isinstance(spec, dict):
         raise FilterError(
             "invalid_filter", f"a filter must be a JSON object, not {type(spec).__name__}"
@@ -843,7 +816,7 @@ def _filter(spec: Any) -> tuple[Predicate, dict]:
         if key in LOGICAL_OPERATORS:
             if not isinstance(condition, list) or not condition:
                 raise FilterError("invalid_filter", f"{key} needs a non-empty array of filters")
-            compiled = [_filter(branch) for branch in condition]
+            compiled = [_filter(branch, budget) for branch in condition]
             branches = [predicate for predicate, _ in compiled]
             normal[key] = [branch_normal for _, branch_normal in compiled]
             if key == "$and":
@@ -854,7 +827,7 @@ def _filter(spec: Any) -> tuple[Predicate, dict]:
         elif key.startswith("$"):
             raise _unknown(key, LOGICAL_OPERATORS, where="at the top level")
         else:
-            predicate, normal[key] = _field(key, condition)
+            predicate, normal[key] = _field(key, condition, budget)
             predicates.append(predicate)
     return all_of(predicates), dict(sorted(normal.items()))
 
@@ -865,21 +838,26 @@ def _either(predicates: list[Predicate]) -> Predicate:
     return lambda event: any(predicate(event) for predicate in predicates)
 
 
-def _check_depth(spec: Any) -> None:
-    """Iterative, so a hostile or cyclic object cannot exhaust the stack before we refuse."""
-    stack = [(spec, 1)]
+def _check_shape(spec: Any, max_nodes: int | None) -> None:
+    """Depth, and for a client's filter the number of keys and values.
+
+    Iterative, so a hostile or cyclic object cannot exhaust the stack before we refuse."""
+    stack, nodes = [(spec, 1)], 0
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise _too_deep()
-        if isinstance(node, dict):
-            stack.extend((child, depth + 1) for child in node.values() if _nests(child))
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node if _nests(child))
-
-
-def _nests(value: Any) -> bool:
-    return isinstance(value, dict | list)
+        if not isinstance(node, dict | list):
+            continue
+        children = node.values() if isinstance(node, dict) else node
+        nodes += len(children)
+        if max_nodes is not None and nodes > max_nodes:
+            raise FilterError(
+                "filter_too_complex",
+                f"filter has more than {max_nodes} keys and values; narrow it, or put long "
+                "lists in the token's filter claim",
+            )
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 # ---------------------------------------------------------------------------------------
@@ -905,16 +883,6 @@ class Filter:
     def __call__(self, event: dict) -> bool:
         return self.predicate(event)
 
-    def __and__(self, other: Filter) -> Filter:
-        if not isinstance(other, Filter):
-            return NotImplemented
-        if not self.spec:
-            return other
-        if not other.spec or other.key == self.key:
-            return self
-        left, right = self.predicate, other.predicate
-        return Filter(lambda event: left(event) and right(event), {"$and": [self.spec, other.spec]})
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Filter) and other.key == self.key
 
@@ -931,12 +899,32 @@ def compile_filter(spec: dict) -> Filter:
     Extended JSON wrappers (``{"$oid": ...}``) are decoded here too, so a rule written as
     JSON in a token means the same as the same text given to :func:`parse_filter`.
     """
-    _check_depth(spec)
+    _check_shape(spec, max_nodes=None)
+    return _compile(spec)
+
+
+def _compile(spec: Any) -> Filter:
+    budget = _Budget()
     try:
-        predicate, normal = _filter(spec)
+        predicate, normal = _filter(spec, budget)
     except RecursionError:  # pragma: no cover - depth is capped above
         raise FilterError("filter_too_deep", "filter nests too deeply") from None
-    return Filter(predicate, normal)
+    return Filter(_within(budget, predicate) if normal else predicate, normal)
+
+
+def _within(budget: _Budget, predicate: Predicate) -> Predicate:
+    """``predicate`` with its budget renewed for each event, and False once that runs out."""
+
+    def evaluate(event: dict) -> bool:
+        budget.spent = 0
+        budget.allowance = BUDGET_STEPS
+        budget.event = event
+        try:
+            return predicate(event)
+        except _OverBudget:
+            return False
+
+    return evaluate
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -1017,7 +1005,8 @@ def parse_filter(text: str | bytes) -> Filter:
         raise
     except (ValueError, RecursionError) as exc:
         raise FilterError("invalid_json", f"filter is not valid JSON: {exc}") from None
-    return compile_filter(spec)
+    _check_shape(spec, MAX_NODES)
+    return _compile(spec)
 
 
 def _too_deep() -> FilterError:
@@ -1031,5 +1020,3 @@ def _too_large(size: int) -> FilterError:
         "filter_too_large", f"filter is {size} bytes; the limit is {MAX_FILTER_BYTES}"
     )
 
-
-MATCH_ALL = compile_filter({})

@@ -52,6 +52,10 @@ def refusals_in_code() -> set[tuple[int, str]]:
             if not (isinstance(node, ast.Call) and node.args):
                 continue
             called = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if called == "RegexError" and name == "regex.py":  # (message, code="invalid_regex")
+                given = node.args[1:] or [k.value for k in node.keywords if k.arg == "code"]
+                found.add((400, literal(given[0]) if given else "invalid_regex"))
+                continue
             code = literal(node.args[0])
             if not isinstance(code, str):
                 continue  # re-raised with a code chosen elsewhere (collected there)
