@@ -1,20 +1,25 @@
-"""Who is asking, and by which name: the client's address and scheme behind proxies, and the
-``Host`` and ``Origin`` checks that keep other sites' pages out.
+"""Admission: every check a request passes before it costs the relay a connection, as plain
+functions of the request and the settings, and the one refusal type they raise.
+
+Both transports (and the page, for ``Host``) call the same rules, in the same order, once per
+handshake: ``Host`` (421), the query's size (414), ``Origin`` (403), the token (``auth``), the
+query's parameters (400), the subscription (``subscription``), then the connection caps (429,
+503). A refused request gets an HTTP status and ``{"error": code, "message": fix}``.
 
 Why ``Host`` matters: a page on ``evil.example`` can rebind its own name to 127.0.0.1 (DNS
 rebinding); the browser then sends ``Host: evil.example`` and a matching ``Origin``, so comparing
 the two proves nothing. Only a list of the names the relay is really reached by tells that page
-from ours. Plain functions of the request and the settings, so both transports and the page call
-the same rules.
+from ours.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from collections import Counter
+from collections.abc import Mapping
 from typing import NamedTuple
-
-from .subscription import SubscriptionError
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a proxy may report in X-Forwarded-Proto, as the scheme of the page that connects.
@@ -28,6 +33,28 @@ _HOST = re.compile(r"(?:(?P<name>[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*)\.?"
                    r"|\[(?P<ipv6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
 _LONGEST_HOST = 253 + 1 + 1 + 5  # a name, its trailing dot, ":" and a port
 _SHOWN = 100  # characters of a refused header echoed back in the message
+
+# The query parameters of /socket and /events; anything else is refused, so that a typo is not
+# silently a subscription to everything.
+PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
+# Tornado drops a request whose headers exceed its limit without answering; the server lets it
+# read more (handlers.MAX_HEADER_BYTES) so that an oversized query gets a JSON 414 from here.
+MAX_QUERY_BYTES = 512 * 1024
+
+
+class Refusal(Exception):
+    """A request the relay turns away before it costs a connection: the HTTP ``status``, a
+    stable ``code`` that clients branch on (the body's ``error``), and a ``message`` that says
+    how to fix the request."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def body(self) -> str:
+        return json.dumps({"error": self.code, "message": self.message})
 
 
 class Origin(NamedTuple):
@@ -138,7 +165,7 @@ def check_host(served: Origin | None, allowed: frozenset | None) -> None:
         return
     named = "a Host that is not host[:port]" if served is None else (
         f"Host {served.host}:{served.port}")
-    raise SubscriptionError(
+    raise Refusal(
         "host_not_allowed", f"this relay does not answer to {named}; if clients reach it by "
         "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])", status=421)
 
@@ -155,10 +182,91 @@ def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> N
     page = parse_origin(origin)
     if page is not None and (page in allowed if allowed else page == served):
         return
-    raise SubscriptionError(
+    raise Refusal(
         "origin_not_allowed", f"origin {_shown(origin)} may not connect; add it to "
         "ALLOWED_ORIGINS (default: the relay's own scheme, host and port only; behind a TLS "
         "proxy, list it in TRUSTED_PROXIES so that its X-Forwarded-Proto counts)", status=403)
+
+
+def check_query_size(query: str) -> None:
+    """Refuse (414) a query string too long to be a subscription, before anything reads it."""
+    if len(query) > MAX_QUERY_BYTES:
+        raise Refusal(
+            "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
+            "filters are limited to 4 KiB", status=414)
+
+
+def query_values(arguments: Mapping[str, list[bytes]]) -> dict[str, str]:
+    """The query's parameters, one text value each: refuse (400) bytes that are not UTF-8, a
+    name that is not one of ``PARAMETERS`` and a name given twice."""
+    try:
+        decoded = {name: [value.decode("utf-8", "strict") for value in values]
+                   for name, values in arguments.items()}
+    except UnicodeDecodeError:
+        raise Refusal("invalid_encoding",
+                      "the query string is not valid UTF-8 after percent-decoding") from None
+    unknown = sorted(set(decoded) - set(PARAMETERS))
+    if unknown:
+        raise Refusal(
+            "unknown_parameter", f"unknown query parameter {unknown[0]!r}; "
+            f"the accepted ones are {', '.join(PARAMETERS)}")
+    values = {}
+    for name, items in decoded.items():
+        if len(items) != 1:
+            raise Refusal(
+                "repeated_parameter", f"{name} is given {len(items)} times; give it once "
+                "(use commas inside one value for several namespaces or operation types)")
+        values[name] = items[0]
+    return values
+
+
+class Connections:
+    """Open connections in total and per client address, against MAX_CONNECTIONS and
+    MAX_CONNECTIONS_PER_IP (0: no cap)."""
+
+    def __init__(self, total: int = 0, per_address: int = 0):
+        self.total_cap = total
+        self.per_address_cap = per_address
+        self.total = 0
+        self.by_address: Counter[str] = Counter()
+
+    def acquire(self, address: str) -> Slot:
+        """Count one more connection from ``address``, or refuse it (503, 429)."""
+        if self.total_cap and self.total >= self.total_cap:
+            raise Refusal(
+                "too_many_connections", f"this relay holds its maximum of {self.total_cap} "
+                "connections (MAX_CONNECTIONS); retry later or connect to another relay",
+                status=503)
+        if self.per_address_cap and self.by_address[address] >= self.per_address_cap:
+            raise Refusal(
+                "too_many_connections_from_address", f"{address} already has "
+                f"{self.per_address_cap} connections (MAX_CONNECTIONS_PER_IP); close one first",
+                status=429)
+        self.total += 1
+        self.by_address[address] += 1
+        return Slot(self, address)
+
+    def _release(self, address: str) -> None:
+        self.total -= 1
+        self.by_address[address] -= 1
+        if self.by_address[address] <= 0:
+            del self.by_address[address]
+
+
+class Slot:
+    """One counted connection. ``release`` gives it back once, however often it is called: a
+    connection can end on several paths (a failed handshake, the socket closing, shutdown)."""
+
+    __slots__ = ("_connections", "address")
+
+    def __init__(self, connections: Connections, address: str):
+        self._connections: Connections | None = connections
+        self.address = address
+
+    def release(self) -> None:
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            connections._release(self.address)
 
 
 def _list(header: str) -> list[str]:

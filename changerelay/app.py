@@ -26,7 +26,6 @@ from . import subscription as subs
 from .catchup import CatchUp
 from .config import Config, describe
 from .hub import Hub
-from .limits import Connections
 from .source import ChangeSource
 
 
@@ -50,7 +49,8 @@ class Relay:
         self.source = ChangeSource(config, self.hub, mongo_client)
         self.catchup = CatchUp(self)
         self.hub.behind = self.catchup.add
-        self.connections = Connections(config.max_connections, config.max_connections_per_ip)
+        self.connections = admission.Connections(config.max_connections,
+                                                 config.max_connections_per_ip)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
         self.auth = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:
@@ -130,9 +130,9 @@ class Relay:
     def authenticate(self, request):
         return None if self.auth is None else self.auth.authenticate(request)
 
-    def subscription_for(self, arguments, claims):
+    def subscription_for(self, values, claims):
         subscription, resume_after = subs.parse(
-            arguments, (self.config.watch_db, self.config.watch_collection))
+            values, (self.config.watch_db, self.config.watch_collection))
         if claims is not None:
             subscription = self.auth.restrict(subscription, claims)
         return subscription, resume_after

@@ -25,8 +25,9 @@ import jwt
 from logzero import logger
 
 from . import filters, namespaces
+from .admission import Refusal
 from .rows import POST_IMAGE_MODES, AccessRule
-from .subscription import Subscription, SubscriptionError
+from .subscription import Subscription
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
@@ -74,20 +75,20 @@ class Authenticator:
     def authenticate(self, request) -> Claims:
         token = _bearer(request)
         if not token:
-            raise SubscriptionError(
+            raise Refusal(
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
                 "<jwt> or ?access_token=<jwt>", status=401)
         try:
             payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
                                  options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
-            raise SubscriptionError("token_expired", "the token has expired; get a fresh one",
+            raise Refusal("token_expired", "the token has expired; get a fresh one",
                                     status=401) from None
         except jwt.MissingRequiredClaimError:
-            raise SubscriptionError("invalid_token", "the token has no exp claim; tokens must "
+            raise Refusal("invalid_token", "the token has no exp claim; tokens must "
                                     "expire (keep them short-lived)", status=401) from None
         except jwt.InvalidTokenError as exc:
-            raise SubscriptionError("invalid_token", f"the token is not valid ({exc})",
+            raise Refusal("invalid_token", f"the token is not valid ({exc})",
                                     status=401) from None
         for name in TIME_CLAIMS:
             if name in payload and not _seconds(payload[name]):
@@ -106,7 +107,7 @@ class Authenticator:
         except filters.FilterError as exc:
             raise _bad_claim("filter", f"is invalid: {exc.message}") from None
         if rule.reads_document and self.full_document == "updateLookup":
-            raise SubscriptionError(
+            raise Refusal(
                 "row_rules_need_post_images", "this token's filter claim reads fullDocument, "
                 "and with FULL_DOCUMENT=updateLookup an update's document is the one found when "
                 "the event is read, not the one at the event, so it cannot decide access; "
@@ -122,7 +123,7 @@ class Authenticator:
                 return namespaces.parse_list(raw)
             if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
                 if not raw:
-                    raise SubscriptionError("ns_forbidden", "the token's ns claim is an empty "
+                    raise Refusal("ns_forbidden", "the token's ns claim is an empty "
                                             "list, which grants no namespace", status=403)
                 return frozenset(namespaces.parse(item) for item in raw)
         except namespaces.NamespaceError as exc:
@@ -136,7 +137,7 @@ class Authenticator:
             if wanted is None:
                 wanted = allowed
             elif not namespaces.within(wanted, allowed):
-                raise SubscriptionError(
+                raise Refusal(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
                     "within " + ", ".join(sorted(map(str, allowed))), status=403)
         return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
@@ -167,8 +168,8 @@ def _seconds(value) -> bool:
     return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
-def _bad_claim(name: str, problem: str) -> SubscriptionError:
-    return SubscriptionError("invalid_token", f"the token's {name} claim {problem}", status=401)
+def _bad_claim(name: str, problem: str) -> Refusal:
+    return Refusal("invalid_token", f"the token's {name} claim {problem}", status=401)
 
 
 def _bearer(request) -> str | None:

@@ -1,4 +1,5 @@
-"""HTTP and WebSocket handlers. They stay thin: parse, admit, hand the client to the relay.
+"""HTTP and WebSocket handlers. They stay thin: admit (``admission``), hand the client to the
+relay.
 
 Every refusal happens before the WebSocket upgrade or the first SSE byte, with an HTTP status and a
 JSON body ``{"error": code, "message": fix}``, so a bad client costs one response and nothing else.
@@ -8,20 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import NamedTuple
 
 from tornado import web
 from tornado.iostream import StreamClosedError
 
 from . import admission, clients, frames, wire
+from .admission import Refusal
 from .connection import WebSocketConnection
 from .protocol import WebSocketProtocol
-from .subscription import SubscriptionError, parse_resume
+from .subscription import Subscription, parse_resume
 
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
-# Tornado drops a request whose headers exceed its limit without answering; we let it read up to
-# MAX_HEADER_BYTES (set on the server) so that an oversized query gets a JSON 414 instead.
-MAX_QUERY_BYTES = 512 * 1024
+# Tornado drops a request whose headers exceed its limit without answering; the server reads up
+# to this much so that an oversized query gets admission's JSON 414 (MAX_QUERY_BYTES) instead.
 MAX_HEADER_BYTES = 2 * 1024 * 1024
+
+
+class Admitted(NamedTuple):
+    subscription: Subscription
+    resume_after: str | None
+    claims: object  # auth.Claims, or None without auth
+    slot: admission.Slot
 
 
 class HostCheckedMixin:
@@ -35,10 +44,10 @@ class HostCheckedMixin:
         self.served = admission.served_origin(self.request.headers.get("Host"), scheme)
         try:
             admission.check_host(self.served, relay.hosts)
-        except SubscriptionError as exc:
+        except Refusal as exc:
             self.refuse(exc)  # finished: Tornado calls no get()
 
-    def refuse(self, exc: SubscriptionError) -> None:
+    def refuse(self, exc: Refusal) -> None:
         self.set_status(exc.status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
@@ -48,33 +57,30 @@ class HostCheckedMixin:
 
 
 class RelayHandlerMixin(HostCheckedMixin):
-    """Admission shared by both transports: Host, origin, auth, limits, subscription."""
+    """Admission for both transports, once per handshake, in ``admission``'s order."""
 
-    def admit(self):
-        """Return ``(subscription, resume_after, claims)`` or raise SubscriptionError."""
+    # /events: EventSource sends the id of the last event it saw when it reconnects.
+    resumes_from_last_event_id = False
+
+    def admitted(self) -> Admitted | None:
+        """The client's subscription, start, claims and connection slot; None once refused."""
         relay = self.application.relay
-        if len(self.request.query) > MAX_QUERY_BYTES:
-            raise SubscriptionError(
-                "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
-                "filters are limited to 4 KiB", status=414)
-        admission.check_origin(self.request.headers.get("Origin"), self.served,
-                               relay.config.allowed_origins)
-        claims = relay.authenticate(self.request)
-        arguments = {
-            name: [value.decode("utf-8", "strict") for value in values]
-            for name, values in self.request.query_arguments.items()
-        }
-        return (*relay.subscription_for(arguments, claims), claims)
-
-    def admitted(self):
+        request = self.request
         try:
-            return self.admit()
-        except SubscriptionError as exc:
+            admission.check_query_size(request.query)
+            admission.check_origin(request.headers.get("Origin"), self.served,
+                                   relay.config.allowed_origins)
+            claims = relay.authenticate(request)
+            values = admission.query_values(request.query_arguments)
+            subscription, resume_after = relay.subscription_for(values, claims)
+            last_event_id = request.headers.get("Last-Event-ID")
+            if self.resumes_from_last_event_id and last_event_id and resume_after is None:
+                resume_after = parse_resume(last_event_id)
+            slot = relay.connections.acquire(self.peer)
+        except Refusal as exc:
             self.refuse(exc)
-        except UnicodeDecodeError:
-            self.refuse(SubscriptionError(
-                "invalid_encoding", "the query string is not valid UTF-8 after percent-decoding"))
-        return None
+            return None
+        return Admitted(subscription, resume_after, claims, slot)
 
 
 class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
@@ -88,13 +94,8 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
         admitted = self.admitted()  # first, so that curl shows what is wrong with a query
         if admitted is None:
             return
-        subscription, resume_after, claims = admitted
+        subscription, resume_after, claims, slot = admitted
         relay = self.application.relay
-        try:
-            slot = relay.connections.acquire(self.peer)
-        except SubscriptionError as exc:
-            self.refuse(exc)
-            return
         try:
             accept, extensions = self.handshake(relay.config.ws_compression)
             self.set_status(101)
@@ -105,12 +106,12 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
                 self.set_header("Sec-WebSocket-Extensions", extensions)
             self.finish()
             sock, unread, unwritten = wire.take_socket(self.detach())
-        except SubscriptionError as exc:
-            relay.connections.release(slot)
+        except Refusal as exc:
+            slot.release()
             self.refuse(exc)
             return
         except StreamClosedError:
-            relay.connections.release(slot)
+            slot.release()
             return
         deflate = extensions is not None
         connection = WebSocketConnection(sock, WebSocketProtocol(MAX_INBOUND_MESSAGE, deflate))
@@ -119,33 +120,33 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
 
         def lost():
             relay.detach(client)
-            relay.connections.release(slot)
+            slot.release()
 
         connection.on_close = lost
         connection.start(unwritten, unread)
         relay.attach(client, resume_after, claims)
 
     def handshake(self, compression: bool) -> tuple[str, str | None]:
-        """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; SubscriptionError if the
+        """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; a Refusal if the
         request is not a WebSocket handshake we can answer (RFC 6455 §4.2.1)."""
         headers = self.request.headers
         if headers.get("Upgrade", "").lower() != "websocket":
-            raise SubscriptionError(
+            raise Refusal(
                 "websocket_required", "/socket speaks WebSocket: connect with a WebSocket "
                 "client (ws:// or wss://), or use /events for Server-Sent Events", status=400)
         connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
         if "upgrade" not in connection or self.request.version != "HTTP/1.1":
-            raise SubscriptionError(
+            raise Refusal(
                 "bad_handshake", "a WebSocket handshake is an HTTP/1.1 GET with "
                 "'Connection: Upgrade' and 'Upgrade: websocket'", status=400)
         if headers.get("Sec-WebSocket-Version") != "13":
             self.set_header("Sec-WebSocket-Version", "13")
-            raise SubscriptionError(
+            raise Refusal(
                 "unsupported_websocket_version", "this relay speaks WebSocket version 13 "
                 "(RFC 6455); send 'Sec-WebSocket-Version: 13'", status=426)
         accept = frames.accept_key(headers.get("Sec-WebSocket-Key", ""))
         if accept is None:
-            raise SubscriptionError(
+            raise Refusal(
                 "bad_handshake", "Sec-WebSocket-Key must be the base64 of 16 random bytes",
                 status=400)
         offers = ", ".join(headers.get_list("Sec-WebSocket-Extensions"))
@@ -155,24 +156,14 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
 class EventsHandler(RelayHandlerMixin, web.RequestHandler):
     """``/events``: the same stream as Server-Sent Events."""
 
+    resumes_from_last_event_id = True
+
     async def get(self):
         admitted = self.admitted()
         if admitted is None:
             return
-        subscription, resume_after, claims = admitted
-        last_event_id = self.request.headers.get("Last-Event-ID")
+        subscription, resume_after, claims, slot = admitted
         relay = self.application.relay
-        if last_event_id and resume_after is None:
-            try:
-                resume_after = parse_resume(last_event_id)
-            except SubscriptionError as exc:
-                self.refuse(exc)
-                return
-        try:
-            slot = relay.connections.acquire(self.peer)
-        except SubscriptionError as exc:
-            self.refuse(exc)
-            return
         self._done = asyncio.get_running_loop().create_future()
         try:
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -195,7 +186,7 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
             if client is not None:
                 client.closed = True
                 relay.detach(client)
-            relay.connections.release(slot)
+            slot.release()
         if not self._finished:
             self.finish()
 

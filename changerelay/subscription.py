@@ -1,18 +1,20 @@
-"""What one client asked for: the query string of ``/socket`` and ``/events``, validated.
+"""What one client asked for: the ``ns``, ``ops``, ``filter`` and ``resume_after`` parameters of
+``/socket`` and ``/events``, validated.
 
-Everything is checked before the WebSocket upgrade or the SSE response starts, so a bad request
-gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a connection.
+Everything is checked at admission, before the WebSocket upgrade or the SSE response starts, so a
+bad request gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a
+connection.
 Two clients with equal subscriptions (the same namespaces, operation types, filter and access
 rule) share one match per event in the hub.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 from . import events as ev
 from . import filters
+from .admission import Refusal
 from .namespaces import NamespaceError, normalise, parse_list
 from .rows import DELIVER, ENTERED, LEAVE
 
@@ -22,21 +24,7 @@ OPERATION_TYPES = frozenset({
     "create", "createIndexes", "dropIndexes", "modify", "shardCollection", "reshardCollection",
     "refineCollectionShardKey",
 })
-PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
 MAX_NAMESPACES = 100
-
-
-class SubscriptionError(ValueError):
-    """A request the relay refuses; ``status`` and ``code`` go into the HTTP response."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-
-    def body(self) -> str:
-        return json.dumps({"error": self.code, "message": self.message})
 
 
 class Subscription:
@@ -136,24 +124,12 @@ def _in_namespaces(namespaces):
 ALL = Subscription()
 
 
-def parse(arguments: Mapping[str, list], scope: tuple[str | None, str | None]) -> tuple:
-    """Turn query arguments into ``(Subscription, resume_after_hex_or_None)``.
+def parse(values: Mapping[str, str], scope: tuple[str | None, str | None]) -> tuple:
+    """Turn the query's values (``admission.query_values``) into ``(Subscription,
+    resume_after_hex_or_None)``.
 
-    ``arguments`` maps names to lists of str values (decoded). ``scope`` is the watched
-    ``(db, collection)``; namespaces outside it are refused.
+    ``scope`` is the watched ``(db, collection)``; namespaces outside it are refused.
     """
-    unknown = sorted(set(arguments) - set(PARAMETERS))
-    if unknown:
-        raise SubscriptionError(
-            "unknown_parameter", f"unknown query parameter {unknown[0]!r}; "
-            f"the accepted ones are {', '.join(PARAMETERS)}")
-    values = {}
-    for name, items in arguments.items():
-        if len(items) != 1:
-            raise SubscriptionError(
-                "repeated_parameter", f"{name} is given {len(items)} times; give it once "
-                "(use commas inside one value for several namespaces or operation types)")
-        values[name] = items[0]
     namespaces = _namespaces(values["ns"], scope) if "ns" in values else None
     ops = _ops(values["ops"]) if "ops" in values else None
     predicate = _filter(values["filter"]) if "filter" in values else None
@@ -162,25 +138,25 @@ def parse(arguments: Mapping[str, list], scope: tuple[str | None, str | None]) -
 
 
 def parse_resume(text: str) -> str:
-    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; SubscriptionError."""
+    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; or a Refusal."""
     try:
         return ev.parse_token(text)
     except ValueError as exc:
-        raise SubscriptionError("invalid_resume_after", str(exc)) from None
+        raise Refusal("invalid_resume_after", str(exc)) from None
 
 
 def _namespaces(raw: str, scope) -> frozenset:
     try:
         result = parse_list(raw, limit=MAX_NAMESPACES)
     except NamespaceError as exc:
-        raise SubscriptionError("invalid_ns", f"{exc}; give db or db.collection, "
+        raise Refusal("invalid_ns", f"{exc}; give db or db.collection, "
                                 "comma-separated") from None
     watch_db, watch_coll = scope
     for item in result:
         if (watch_db is not None and item.db != watch_db) or (
                 watch_coll is not None and item.coll != watch_coll):
             where = ".".join(p for p in scope if p) or "the deployment"
-            raise SubscriptionError(
+            raise Refusal(
                 "ns_outside_scope", f"{str(item)!r} is outside what this relay watches ({where}); "
                 "subscribe to namespaces inside it")
     return result
@@ -189,11 +165,11 @@ def _namespaces(raw: str, scope) -> frozenset:
 def _ops(raw: str) -> frozenset:
     items = {item.strip() for item in raw.split(",") if item.strip()}
     if not items:
-        raise SubscriptionError("invalid_ops", "ops is empty; give operation types, "
+        raise Refusal("invalid_ops", "ops is empty; give operation types, "
                                 "comma-separated, e.g. insert,update")
     unknown = sorted(items - OPERATION_TYPES)
     if unknown:
-        raise SubscriptionError(
+        raise Refusal(
             "unknown_operation_type", f"unknown operation type {unknown[0]!r}; use any of "
             + ", ".join(sorted(OPERATION_TYPES)))
     return frozenset(items)
@@ -203,4 +179,4 @@ def _filter(raw: str):
     try:
         return filters.parse_filter(raw)
     except filters.FilterError as exc:
-        raise SubscriptionError(exc.code, exc.message) from None
+        raise Refusal(exc.code, exc.message) from None
