@@ -24,6 +24,7 @@ from tornado import httpserver, netutil, web
 from . import admission, handlers, logs
 from . import subscription as subs
 from .catchup import CatchUp
+from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
 from .hub import Hub
 from .source import ChangeSource
@@ -37,18 +38,27 @@ def _bundled(name: str) -> Path:
     return installed if installed.is_dir() else package.parent / name
 
 
+# WebSockets are pinged a slice at a time (see Relay.ping): with WS_PING_INTERVAL=20 one slice
+# each second, so of 10,000 connections about 500 pongs come back together, not 10,000.
 PING_SLICES = 20
-POSITION_SLACK = 100  # positions per tick on top of the even share
+# A pinged connection is closed when its slice comes round again unanswered: this share of
+# WS_PING_INTERVAL, so that the next visit (one interval on) is past the deadline.
+PONG_DEADLINE = 0.99
+POSITION_SLACK = 100  # positions per pass on top of the even share
+# A token's exp is in whole seconds (RFC 7519's NumericDate): once a second is as often as it
+# can pass.
+EXPIRY_CHECK_SECONDS = 1.0
 
 
 class Relay:
     def __init__(self, config: Config, mongo_client=None):
         self.config = config
         loop = asyncio.get_running_loop()
-        self.hub = Hub(config.replay_buffer, config.replay_buffer_bytes, loop.call_soon)
+        self.hub: Hub[Client] = Hub(loop.call_soon, self._from_history, config.replay_buffer,
+                                    config.replay_buffer_bytes)
         self.source = ChangeSource(config, self.hub, mongo_client)
-        self.catchup = CatchUp(self)
-        self.hub.behind = self.catchup.add
+        self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
+                                                config.catchup_streams, self.source.missing_image)
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
@@ -68,27 +78,38 @@ class Relay:
         self.source.start()
         from tornado.ioloop import PeriodicCallback
 
-        for callback, seconds in ((self._tick, self._tick_seconds),
-                                  (self._heartbeat, self.config.sse_heartbeat),
-                                  (self._ping, self.config.ws_ping_interval / PING_SLICES)):
+        timers = [(self.send_positions, self._position_pass_seconds),
+                  (self.heartbeat, self.config.sse_heartbeat),
+                  (self.ping, self.config.ws_ping_interval / PING_SLICES)]
+        if self.auth is not None:
+            timers.append((self.expire_tokens, EXPIRY_CHECK_SECONDS))
+        for callback, seconds in timers:
             timer = PeriodicCallback(callback, seconds * 1000)
             timer.start()
             self._timers.append(timer)
 
     @property
-    def _tick_seconds(self) -> float:
+    def _position_pass_seconds(self) -> float:
+        """At least two passes per POSITION_INTERVAL, so that a quiet client is told at most
+        half an interval late; at least one a second, so that each pass's share stays small."""
         return min(1.0, self.config.position_interval / 2)
 
-    def _tick(self) -> None:
-        # Position messages are spread over the interval like pings: a share of the clients
-        # per tick (10,000 quiet clients in one pass hold the loop for ~100 ms).
-        ticks = self.config.position_interval / self._tick_seconds
-        budget = math.ceil(len(self.hub.clients) / ticks) + POSITION_SLACK
+    def send_positions(self) -> None:
+        """Tell quiet clients where they could resume from, a share of them per pass.
+
+        Position messages are spread over the interval like pings: 10,000 quiet clients in one
+        pass hold the loop for ~100 ms.
+        """
+        passes = self.config.position_interval / self._position_pass_seconds
+        budget = math.ceil(len(self.hub.clients) / passes) + POSITION_SLACK
         self.hub.send_positions(self.config.position_interval, budget)
+
+    def expire_tokens(self) -> None:
+        """Close every connection whose token has expired, live or still catching up."""
         if self.auth is not None:
             self.auth.expire([*self.hub.clients, *self.catchup.clients()])
 
-    def _ping(self) -> None:
+    def ping(self) -> None:
         """Ping one slice of the WebSockets; close those that left the last ping unanswered.
 
         Every connection is pinged once per WS_PING_INTERVAL, but a slice at a time: pinging
@@ -97,14 +118,16 @@ class Relay:
         """
         self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
-        timeout = self.config.ws_ping_interval * 0.99  # the next visit of this slice
+        timeout = self.config.ws_ping_interval * PONG_DEADLINE
         for client in tuple(self.hub.clients):
-            if client.kind.startswith("ws") and hash(client) % PING_SLICES == self._ping_slice:
+            if isinstance(client, WebSocketClient) and (
+                    hash(client) % PING_SLICES == self._ping_slice):
                 client.ping(now, timeout)
 
-    def _heartbeat(self) -> None:
+    def heartbeat(self) -> None:
+        """A comment line on every event stream, so that proxies keep it open."""
         for client in tuple(self.hub.clients):
-            if client.kind.startswith("sse"):
+            if isinstance(client, EventStreamClient):
                 client.heartbeat()
 
     async def shutdown(self) -> None:
@@ -114,7 +137,7 @@ class Relay:
         self._gone = asyncio.Event()
         clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
         for client in clients:
-            client.transport.shutdown()
+            client.shutdown()
         await self.catchup.stop()
         self._check_gone()
         with contextlib.suppress(TimeoutError):
@@ -139,16 +162,17 @@ class Relay:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def attach(self, client, resume_after: str | None, claims) -> None:
+    def attach(self, client: Client, resume_after: str | None) -> None:
         """Start a client live, from the log, or from MongoDB's history."""
-        client.claims = claims
-        client.on_cut = lambda: self.detach(client)
         if resume_after is None:
             self.hub.subscribe(client)
         elif not self.hub.resume(client, resume_after):
-            self.catchup.add(client, resume_after)
+            self._from_history(client, resume_after)
 
-    def detach(self, client) -> None:
+    def _from_history(self, client: Client, after: str) -> None:
+        self.catchup.add(client, after)
+
+    def detach(self, client: Client) -> None:
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
         self._check_gone()

@@ -16,12 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Protocol, TypeVar
 
 from logzero import logger
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import events as ev
-from .source import HISTORY_LOST, IMAGES_MISSING, missing_image
+from .hub import Hub, Subscriber
+from .source import HISTORY_LOST, IMAGES_MISSING
 
 BACKOFF_CAP = 5.0
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
@@ -29,49 +34,71 @@ PACE_EVENTS = 1000     # events queued for one client before the catch-up waits 
 STALL_TIMEOUT = 10.0   # seconds a catch-up waits for one client before cutting it off
 
 
-class Job:
+class Rider(Subscriber, Protocol):
+    """A client riding a catch-up: the hub's interface, and what pacing it needs."""
+
+    closed: bool
+    backlog: deque[Any] | None  # what it has yet to write; None: nothing
+
+    async def drained(self) -> None: ...
+    def cut_off(self) -> None: ...
+
+
+R = TypeVar("R", bound=Rider)
+# Opens a change stream on the relay's scope and pipeline, as ``ChangeSource.open_stream``.
+OpenStream = Callable[..., Awaitable[AsyncChangeStream[Any]]]
+
+
+class Job(Generic[R]):
     """One catch-up change stream and the clients riding on it."""
 
     def __init__(self, after: str):
         self.start = after
         self.position = after      # the newest token this job has read past
-        self.clients: dict = {}    # client -> the newest token that client has seen
+        self.clients: dict[R, str] = {}  # client -> the newest token that client has seen
         self.running = False
         self.after_invalidate = False  # position is an invalidate: continue with startAfter
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
     def accepts(self, after: str) -> bool:
         return not self.running or after >= self.position
 
-    def add(self, client, after: str) -> None:
+    def add(self, client: R, after: str) -> None:
         self.clients[client] = after
         if not self.running and after < self.start:
             self.start = self.position = after
 
 
-class CatchUp:
-    def __init__(self, relay):
-        self.relay = relay
-        self.jobs: list[Job] = []
-        self._slots = asyncio.Semaphore(relay.config.catchup_streams)
+class CatchUp(Generic[R]):
+    """Catch-ups for ``hub``'s clients, on streams from ``open_stream``, at most ``streams`` at
+    once; ``missing_image(exc)`` says whether a failure is an event without a required image
+    (``ChangeSource.missing_image``)."""
+
+    def __init__(self, hub: Hub[R], open_stream: OpenStream, streams: int,
+                 missing_image: Callable[[BaseException], str | None]):
+        self.hub = hub
+        self.open_stream = open_stream
+        self.missing_image = missing_image
+        self.jobs: list[Job[R]] = []
+        self._slots = asyncio.Semaphore(streams)
         self.streams_opened = 0
 
-    def add(self, client, after: str) -> None:
+    def add(self, client: R, after: str) -> None:
         for job in self.jobs:
             if job.accepts(after):
                 job.add(client, after)
                 return
-        job = Job(after)
+        job: Job[R] = Job(after)
         job.add(client, after)
         self.jobs.append(job)
         job.task = asyncio.get_running_loop().create_task(self._run(job), name="catch-up")
 
-    def discard(self, client) -> None:
+    def discard(self, client: R) -> None:
         for job in self.jobs:
             if job.clients.pop(client, None) is not None and not job.clients and job.task:
                 job.task.cancel()
 
-    def clients(self):
+    def clients(self) -> list[R]:
         return [client for job in self.jobs for client in job.clients]
 
     def count(self) -> int:
@@ -86,7 +113,7 @@ class CatchUp:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await job.task
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job[R]) -> None:
         try:
             async with self._slots:
                 job.running = True
@@ -97,7 +124,7 @@ class CatchUp:
                             return
                         continue  # invalidated: reopen right after the invalidate
                     except PyMongoError as exc:
-                        if missing_image(exc, self.relay.config) is not None:
+                        if self.missing_image(exc) is not None:
                             logger.warning("catch-up reached an event without a required image; "
                                            "its %d clients are told to resync", len(job.clients))
                             self._resync(job, IMAGES_MISSING)
@@ -115,11 +142,10 @@ class CatchUp:
             if job in self.jobs:
                 self.jobs.remove(job)
 
-    async def _stream(self, job: Job) -> bool:
+    async def _stream(self, job: Job[R]) -> bool:
         """Replay from ``job.position``; True once handed over, False to reopen after an
         invalidate (which ends a change stream, as it ends the relay's own)."""
-        open_stream = self.relay.source.open_stream
-        hub = self.relay.hub
+        open_stream, hub = self.open_stream, self.hub
         token = {"_data": job.position}
         try:
             if job.after_invalidate:
@@ -160,7 +186,7 @@ class CatchUp:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
 
-    def _deliver(self, job: Job, event) -> None:
+    def _deliver(self, job: Job[R], event: ev.Event) -> None:
         job.position = event.token
         verdicts: dict = {}  # one match per distinct subscription, as in the hub
         for client, seen in tuple(job.clients.items()):
@@ -175,7 +201,7 @@ class CatchUp:
                 if client.closed:
                     job.clients.pop(client, None)
 
-    async def _pace(self, job: Job) -> None:
+    async def _pace(self, job: Job[R]) -> None:
         """Read from MongoDB no faster than the slowest rider drains; cut off a stalled one."""
         for client in tuple(job.clients):
             if client.backlog is not None and len(client.backlog) > PACE_EVENTS:
@@ -185,16 +211,16 @@ class CatchUp:
                     client.cut_off()
                     job.clients.pop(client, None)
 
-    def _hand_over(self, job: Job, floor: str) -> None:
+    def _hand_over(self, job: Job[R], floor: str) -> None:
         """Everything up to ``floor`` was delivered; the hub's log has the rest."""
-        hub = self.relay.hub
+        hub = self.hub
         clients, job.clients = job.clients, {}
         for client, seen in clients.items():
             if not client.closed:
                 hub.resume(client, max(seen, floor))
 
-    def _resync(self, job: Job, reason: str) -> None:
-        hub = self.relay.hub
+    def _resync(self, job: Job[R], reason: str) -> None:
+        hub = self.hub
         clients, job.clients = job.clients, {}
         message = ev.control("resync", reason=reason)
         for client, _ in clients.items():

@@ -39,7 +39,8 @@ class Writer:
     """The fan-out's write, once for every kind of writer.
 
     A subclass has ``sock``, ``_size`` (bytes accepted but not yet with the kernel),
-    ``_stage`` (true once nothing more may be written), ``_queue(data)`` and ``_broken(exc)``.
+    ``_stage`` (true once nothing more may be written), ``_queue(data)``, ``_broken(exc)``,
+    ``when_drained(callback)`` and ``close_within(seconds)``.
     """
 
     __slots__ = ()
@@ -85,6 +86,14 @@ class Writer:
 
     def _broken(self, exc: OSError) -> None:
         """The socket failed as we wrote to it."""
+        raise NotImplementedError
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything queued is with the kernel."""
+        raise NotImplementedError
+
+    def close_within(self, seconds: float) -> None:
+        """Close in ``seconds`` at the latest, whatever the peer does."""
         raise NotImplementedError
 
 

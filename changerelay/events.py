@@ -115,6 +115,10 @@ class Leave:
         return self.frame
 
 
+# What a client is sent in an event's place: the event itself, or a ``leave`` (see ``rows.py``).
+Delivery = Event | Leave
+
+
 def encode_change(change: dict, deflate: bool = False) -> Event:
     """Encode a change event document as MongoDB delivered it (after the pipeline).
 

@@ -116,7 +116,8 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
         deflate = extensions is not None
         connection = WebSocketConnection(sock, WebSocketProtocol(MAX_INBOUND_MESSAGE, deflate))
         client = clients.WebSocketClient(
-            connection, subscription, relay.config.client_buffer_bytes, self.peer, deflate)
+            connection, subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
+            on_end=relay.detach, deflate=deflate)
 
         def lost():
             relay.detach(client)
@@ -124,7 +125,7 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
 
         connection.on_close = lost
         connection.start(unwritten, unread)
-        relay.attach(client, resume_after, claims)
+        relay.attach(client, resume_after)
 
     def handshake(self, compression: bool) -> tuple[str, str | None]:
         """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; a Refusal if the
@@ -165,6 +166,7 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
         subscription, resume_after, claims, slot = admitted
         relay = self.application.relay
         self._done = asyncio.get_running_loop().create_future()
+        client = None
         try:
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
             self.set_header("Cache-Control", "no-store")
@@ -176,13 +178,13 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
                 self.set_header("Vary", "Origin")
             self.write(b"retry: 1000\n\n")
             await self.flush()
-            self.client = clients.EventStreamClient(
-                self, subscription, relay.config.client_buffer_bytes, self.peer)
-            self.client.attach()
-            relay.attach(self.client, resume_after, claims)
+            client = clients.EventStreamClient(
+                self, wire.StreamWriter(wire.http_stream(self)), wire.http_chunked(self),
+                subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
+                on_end=relay.detach)
+            relay.attach(client, resume_after)
             await self._done
         finally:
-            client = getattr(self, "client", None)
             if client is not None:
                 client.closed = True
                 relay.detach(client)
@@ -197,9 +199,6 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
         done = getattr(self, "_done", None)
         if done is not None and not done.done():
             done.set_result(None)
-
-    def shutdown(self) -> None:
-        self.end_stream()
 
 
 class WebpageHandler(HostCheckedMixin, web.RequestHandler):

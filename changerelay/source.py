@@ -54,7 +54,7 @@ REPLICA_SET_HELP = (
 )
 
 
-def missing_image(exc: Exception, config: Config) -> str | None:
+def missing_image(exc: BaseException, config: Config) -> str | None:
     """``"post-image"`` or ``"pre-image"`` when ``exc`` is a ``required`` stream failing on an
     event without that image, else None.
 
@@ -151,6 +151,10 @@ class ChangeSource:
                 await self._task
         if self.client is not None:
             await self.client.close()
+
+    def missing_image(self, exc: BaseException) -> str | None:
+        """``missing_image`` under this relay's image settings (catch-ups ask it too)."""
+        return missing_image(exc, self.config)
 
     @property
     def ready(self) -> bool:

@@ -50,6 +50,10 @@ class StreamWriter(Writer):
         """Call ``callback`` once everything queued is with the kernel."""
         self.stream.write(b"").add_done_callback(lambda _: callback())
 
+    def close_within(self, seconds: float) -> None:
+        stream = self.stream
+        stream.io_loop.call_later(seconds, lambda: stream.closed() or stream.close())
+
 
 def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
     """Take the socket out of a detached stream: ``(socket, unread bytes, unwritten bytes)``.

@@ -12,7 +12,6 @@ import pytest
 from changerelay import admission
 from changerelay import config as cfg
 from changerelay.admission import Connections, Refusal
-from changerelay.app import Relay
 
 
 def request(remote_ip, forwarded=None, proto=None):
@@ -311,27 +310,3 @@ def test_a_query_over_the_bound_is_refused_before_it_is_read():
     with pytest.raises(Refusal) as info:
         admission.check_query_size("a" * (admission.MAX_QUERY_BYTES + 1))
     assert info.value.status == 414 and info.value.code == "query_too_large"
-
-
-def test_an_expired_token_ends_a_client_that_is_still_catching_up():
-    """``exp`` is enforced on every connection, not only on those already live in the hub."""
-    import time
-
-    from changerelay.auth import Authenticator, Claims
-    from changerelay.hub import Hub
-
-    class Rider:
-        claims = Claims(time.time() - 60, None, None)
-        expired = False
-
-        def expire(self):
-            self.expired = True
-
-    rider = Rider()
-    fake = Relay.__new__(Relay)
-    fake.config = SimpleNamespace(position_interval=5.0)
-    fake.hub = Hub()
-    fake.auth = Authenticator.__new__(Authenticator)
-    fake.catchup = SimpleNamespace(clients=lambda: [rider])
-    fake._tick()
-    assert rider.expired

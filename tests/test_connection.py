@@ -213,7 +213,8 @@ async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.sock.close()
         assert select.select([connection.sock], [], [], 5)[0]  # the RST is in: readable
-        client = WebSocketClient(connection, ALL, 1 << 20, "test")
+        client = WebSocketClient(connection, ALL, 1 << 20, "test", claims=None,
+                                 on_end=hub.unsubscribe)
         gone = asyncio.Event()
         left.append(gone)
 
@@ -224,7 +225,7 @@ async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         connection.on_close = on_close
         return client
 
-    hub = Hub(call_soon=lambda flush: None)
+    hub = Hub(call_soon=lambda flush: None, behind=lambda client, after: None)
     hub.start(token(0))
     for n in range(1, 4):
         hub.publish(event(n))
