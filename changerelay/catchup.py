@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -25,10 +24,12 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import events as ev
+from .backoff import Backoff
 from .hub import Hub, Subscriber
-from .source import HISTORY_LOST, IMAGES_MISSING
+from .source import HISTORY_LOST, IMAGES_MISSING, bad_resume_token
 
-BACKOFF_CAP = 5.0
+BACKOFF_BASE = 0.4  # seconds before a failed catch-up stream is reopened the first time
+BACKOFF_CAP = 5.0   # at most: its riders are waiting
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
 PACE_EVENTS = 1000     # events queued for one client before the catch-up waits for it
 STALL_TIMEOUT = 10.0   # seconds a catch-up waits for one client before cutting it off
@@ -117,7 +118,7 @@ class CatchUp(Generic[R]):
         try:
             async with self._slots:
                 job.running = True
-                failures = 0
+                backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
                 while job.clients:
                     try:
                         if await self._stream(job):
@@ -129,15 +130,14 @@ class CatchUp(Generic[R]):
                                            "its %d clients are told to resync", len(job.clients))
                             self._resync(job, IMAGES_MISSING)
                             return
-                        if isinstance(exc, OperationFailure) and (
-                                exc.code == HISTORY_LOST or _bad_token(exc)):
-                            self._resync(job, "history_lost" if exc.code == HISTORY_LOST
-                                         else "invalid_token")
+                        if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
+                            self._resync(job, "history_lost")
                             return
-                        failures += 1
+                        if bad_resume_token(exc):
+                            self._resync(job, "invalid_token")
+                            return
                         logger.warning("catch-up stream failed: %s", exc)
-                    await asyncio.sleep(min(BACKOFF_CAP, 0.2 * 2 ** failures)
-                                        * random.uniform(0.5, 1))
+                    await asyncio.sleep(backoff.delay())
         finally:
             if job in self.jobs:
                 self.jobs.remove(job)
@@ -153,7 +153,7 @@ class CatchUp(Generic[R]):
             else:
                 stream = await open_stream(resume_after=token, max_await_ms=CATCHUP_AWAIT_MS)
         except OperationFailure as exc:
-            if not _bad_token(exc) or job.position != job.start or job.after_invalidate:
+            if not bad_resume_token(exc) or job.position != job.start or job.after_invalidate:
                 raise
             # The client's own id may be an invalidate: only startAfter continues from one.
             job.after_invalidate = True
@@ -228,7 +228,3 @@ class CatchUp(Generic[R]):
                 client.send_control(message)
                 hub.subscribe(client)
 
-
-def _bad_token(exc: OperationFailure) -> bool:
-    """MongoDB refused the token itself (not ours to retry): 260 InvalidResumeToken and kin."""
-    return exc.code in (260, 50811, 40647, 9, 22) or "resume token" in str(exc).lower()

@@ -9,6 +9,8 @@ handles everything else, so the relay never stops watching while the process run
   invalidate token, which is the only way MongoDB lets a stream continue past one;
 * 286 ChangeStreamHistoryLost (our resume point has left the oplog) → start from now and tell every
   client to resync, since the events in between are gone for good;
+* a resume token MongoDB refuses (``bad_resume_token``) → start from now too: reopening with it
+  would fail the same way every time;
 * a standalone server (40573) or failed authentication → the readiness probe names the fix;
 * 47 NoMatchingDocument under FULL_DOCUMENT(_BEFORE_CHANGE)=required → stop: the event has no
   image and never will, so reopening would fail on it forever; /readyz says how to recover.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 
 from bson import json_util
@@ -32,19 +33,38 @@ from pymongo.errors import (
 )
 
 from . import events as ev
+from .backoff import Backoff
 from .config import Config
 
-HISTORY_LOST = 286
-NOT_REPLICA_SET = 40573
-AUTH_FAILED = 18
+# MongoDB's error codes: by name in src/mongo/base/error_codes.yml, or (five digits) the location
+# code of the uassert that raises them, in the file named.
+FAILED_TO_PARSE = 9
 UNAUTHORIZED = 13
-INVALID_RESUME_TOKEN = 260
+AUTH_FAILED = 18                # AuthenticationFailed
+INVALID_BSON = 22
 NO_MATCHING_DOCUMENT = 47
+INVALID_RESUME_TOKEN = 260
+HISTORY_LOST = 286              # ChangeStreamHistoryLost
+NOT_REPLICA_SET = 40573         # document_source_change_stream.cpp: "only ... on replica sets"
+BAD_TOKEN_DATA = 40647          # resume_token.cpp: "Bad resume token: _data of missing or ..."
+KEYSTRING_UNKNOWN_TYPE = 50811  # key_string.cpp: "KeyString format error: Unknown type"
+# Refusals of a resume token itself: nothing but another token gets past them. 9 FailedToParse is
+# resume_token.cpp's "resume token string was not a valid hex string"; 22 InvalidBSON is BSON that
+# does not decode, which for a token a client handed us means the token.
+BAD_TOKEN_CODES = frozenset({FAILED_TO_PARSE, INVALID_BSON, INVALID_RESUME_TOKEN, BAD_TOKEN_DATA,
+                             KEYSTRING_UNKNOWN_TYPE})
+# resume_token.cpp words its other refusals (40646, 40649, 50793-50796, 50870-50872, 51055-51057
+# ...) with "resume token" or "Token type", and key_string.cpp prefixes every decoding failure of
+# the KeyString a token is with "KeyString format error".
+BAD_TOKEN_WORDS = ("resume token", "token type", "keystring format error")
+
 IMAGES_MISSING = "images_missing"  # the source's state, and the reason catch-up riders resync
 IMAGE_SETTINGS = {"post-image": "FULL_DOCUMENT", "pre-image": "FULL_DOCUMENT_BEFORE_CHANGE"}
 
-BACKOFF_BASE = 0.25
-BACKOFF_CAP = 10.0
+BACKOFF_BASE = 0.25  # seconds before the first retry
+BACKOFF_CAP = 10.0   # seconds between retries at most, however long MongoDB stays away
+# How long one getMore waits on the server for new events: an empty batch then still carries a
+# fresh resume token (the hub's position), and a stop is noticed within a second.
 MAX_AWAIT_MS = 1000
 
 REPLICA_SET_HELP = (
@@ -52,6 +72,16 @@ REPLICA_SET_HELP = (
     "`mongod --replSet rs0` and run `rs.initiate()` once in mongosh (a one-member replica set is "
     "fine), or use an Atlas cluster"
 )
+
+
+def bad_resume_token(exc: BaseException) -> bool:
+    """MongoDB refused a resume token itself: retrying with that token cannot help."""
+    if not isinstance(exc, OperationFailure):
+        return False
+    if exc.code in BAD_TOKEN_CODES:
+        return True
+    message = str(exc).lower()
+    return any(words in message for words in BAD_TOKEN_WORDS)
 
 
 def missing_image(exc: BaseException, config: Config) -> str | None:
@@ -184,14 +214,14 @@ class ChangeSource:
         return [*self.config.pipeline, *redaction_stages(self.config.redact)]
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
         while not self._stopping:
             try:
                 if self.client is None:
                     self.client = AsyncMongoClient(self.config.mongo_uri, **client_options(
                         self.config.mongo_uri))
                 await self._watch()
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -199,11 +229,9 @@ class ChangeSource:
                 if self.state == IMAGES_MISSING:
                     logger.error("change stream stopped (%s): %s", self.state, self.reason)
                     return
-                failures += 1
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
-                delay *= random.uniform(0.5, 1.0)
+                delay = backoff.delay()
                 logger.warning("change stream %s: %s — retrying in %.1fs (attempt %d)",
-                               self.state, self.reason, delay, failures)
+                               self.state, self.reason, delay, backoff.failures)
                 await asyncio.sleep(delay)
 
     async def _watch(self) -> None:
@@ -291,7 +319,7 @@ class ChangeSource:
             self.reason = ("the MongoDB user may not open change streams here: grant it the "
                            "changeStream and find actions (e.g. the read role) on the watched "
                            f"scope ({_short(exc)})")
-        elif isinstance(exc, OperationFailure) and code == INVALID_RESUME_TOKEN:
+        elif bad_resume_token(exc):
             self.state, self.reason = "error", f"resume token rejected ({_short(exc)})"
             self._token = self._start_after = None
         elif isinstance(exc, ConnectionFailure | ConfigurationError):
