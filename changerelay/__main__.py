@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -48,13 +49,20 @@ def run_server(argv: list[str], prog: str = "changerelay") -> int:
         return 2
     if config.reuse_port > 1:
         return _supervise(config, sockets)
-    return asyncio.run(app.serve(config, sockets))
+    if not config.demo:
+        return asyncio.run(app.serve(config, sockets))
+    from .demo import Demo
+
+    demo = Demo()
+    try:
+        config = dataclasses.replace(config, mongo_uri=demo.start())
+        return asyncio.run(app.serve(config, sockets))
+    finally:
+        demo.stop()
 
 
 def _supervise(config, sockets) -> int:
     """Fork REUSE_PORT workers, each with its own SO_REUSEPORT socket and change stream."""
-    import dataclasses
-
     from . import app
 
     # Keep the port the parent got (PORT=0 picks one), and leave the accepting to the workers.

@@ -19,18 +19,12 @@ from urllib.parse import urlsplit, urlunsplit
 from dotenv import dotenv_values
 
 from . import admission, namespaces
+from .pipeline import PipelineError, parse_pipeline, parse_redact
 
 FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
 BEFORE_CHANGE_MODES = ("off", "whenAvailable", "required")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
-
-# Stages MongoDB accepts after $changeStream; anything else fails there with an obscure error, so we
-# refuse it up front. https://www.mongodb.com/docs/manual/changeStreams/#modify-change-stream-output
-PIPELINE_STAGES = frozenset(
-    {"$addFields", "$match", "$project", "$replaceRoot", "$replaceWith", "$redact", "$set",
-     "$unset"}
-)
 
 
 class ConfigError(Exception):
@@ -104,7 +98,8 @@ class Config:
     auth_jwt_public_key: str | None = _spec(
         "AUTH_JWT_PUBLIC_KEY", None, "path to a PEM public key (RS256/ES256); turns auth on")
     redact: tuple = _spec(
-        "REDACT", (), "comma-separated dotted paths removed from every event")
+        "REDACT", (), "comma-separated document fields (fullDocument.x.y) removed inside MongoDB "
+        "from every event")
     allowed_origins: tuple = _spec(
         "ALLOWED_ORIGINS", (), "comma-separated origins allowed to connect; default same origin")
     max_connections: int = _spec("MAX_CONNECTIONS", 0, "total connection cap (0: off)")
@@ -117,6 +112,9 @@ class Config:
         "ALLOWED_HOSTS", (), "comma-separated host[:port] names clients reach the relay by; any "
         "other Host gets 421, except on /healthz and /readyz (* = any). Unset: the loopback "
         "names on the listening port if HOST is loopback, else no check")
+    demo: bool = _spec(
+        "DEMO", False, "run with a built-in MongoDB stand-in on 127.0.0.1 and a writer of demo "
+        "data (no MongoDB needed; MONGO_SRV is ignored): `changerelay --demo`")
 
     @property
     def scope(self) -> str:
@@ -166,8 +164,9 @@ def build_parser(prog: str = "changerelay") -> argparse.ArgumentParser:
     for name, spec in _specs():
         envs = (spec.env, *spec.aliases)
         default = "unset" if spec.default in (None, ()) else spec.default
+        switch = {"nargs": "?", "const": "true"} if isinstance(spec.default, bool) else {}
         parser.add_argument(
-            *map(_flag, envs), dest=name, metavar=spec.env, default=None,
+            *map(_flag, envs), dest=name, metavar=spec.env, default=None, **switch,
             help=f"{spec.help} (env {' / '.join(envs)}; default: {default})",
         )
     return parser
@@ -298,45 +297,14 @@ def _collection_name(source, raw):
         raise ConfigError(source, f"{exc}: not a collection that can be watched") from None
 
 
-def _pipeline(source, raw):
-    try:
-        from bson import json_util
-
-        stages = json_util.loads(raw)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(source, f"is not valid JSON ({exc}); give a JSON array of stages, "
-                          'e.g. [{"$match": {"operationType": "insert"}}]') from None
-    if not isinstance(stages, list):
-        raise ConfigError(source, 'must be a JSON array of stages, e.g. [{"$match": {...}}]')
-    for index, stage in enumerate(stages):
-        if not isinstance(stage, dict) or len(stage) != 1:
-            raise ConfigError(source, f"stage {index} must be an object with exactly one key")
-        (name,) = stage
-        if name not in PIPELINE_STAGES:
-            raise ConfigError(
-                source, f"stage {index} is {name}, which change streams do not allow; use one of "
-                + ", ".join(sorted(PIPELINE_STAGES)))
-        if _touches_id(name, stage[name]):
-            raise ConfigError(
-                source, f"stage {index} ({name}) changes _id, the resume token: MongoDB then "
-                "ends the change stream (error 280); leave _id as it is")
-    return tuple(stages)
-
-
-def _touches_id(name: str, spec) -> bool:
-    if name in ("$replaceRoot", "$replaceWith", "$redact"):
-        return False  # can't tell statically; MongoDB checks at run time
-    if name == "$unset":
-        fields = [spec] if isinstance(spec, str) else spec
-        return any(isinstance(f, str) and (f == "_id" or f.startswith("_id.")) for f in fields)
-    if isinstance(spec, dict):
-        keys = [k for k in spec if k == "_id" or k.startswith("_id.")]
-        if name == "$project":
-            inclusive = any(v not in (0, False) for k, v in spec.items() if k != "_id")
-            return any(spec[k] in (0, False) for k in keys) or (
-                inclusive and any(not isinstance(spec[k], int | bool) for k in keys))
-        return bool(keys)
-    return False
+def _parsed(parse):
+    """A converter from one of pipeline.py's parsers: its refusal names this setting."""
+    def convert(source, raw):
+        try:
+            return parse(raw)
+        except PipelineError as exc:
+            raise ConfigError(source, str(exc)) from None
+    return convert
 
 
 def _names(parse, what: str, example: str):
@@ -364,16 +332,6 @@ def _networks(source, raw):
     return tuple(networks)
 
 
-def _redact_paths(source, raw):
-    paths = _csv(raw)
-    for path in paths:
-        if path.startswith(("_id", "$")) or ".." in path or path.endswith("."):
-            raise ConfigError(
-                source, f"{path!r} cannot be redacted; give dotted paths such as "
-                "fullDocument.password (the _id resume token must stay)")
-    return paths
-
-
 def _pem_path(source, raw):
     if not Path(raw).is_file():
         raise ConfigError(source, f"{raw!r} is not a readable file; give the path to a PEM key")
@@ -399,7 +357,7 @@ _CONVERTERS = {
     "port": _port,
     "full_document": _choice(FULL_DOCUMENT_MODES),
     "full_document_before_change": _choice(BEFORE_CHANGE_MODES),
-    "pipeline": _pipeline,
+    "pipeline": _parsed(parse_pipeline),
     "log_level": _choice(LOG_LEVELS, fold=True),
     "log_format": _choice(LOG_FORMATS),
     "replay_buffer": _replay,
@@ -408,7 +366,7 @@ _CONVERTERS = {
     "allowed_origins": _names(admission.parse_origin, "an origin",
                               "scheme://host[:port], e.g. https://app.example.com"),
     "trusted_proxies": _networks,
-    "redact": _redact_paths,
+    "redact": _parsed(lambda raw: parse_redact(_csv(raw))),
     "auth_jwt_public_key": _pem_path,
     "allowed_hosts": _names(admission.parse_host, "a host[:port]", "the names clients use, "
                             "e.g. relay.example.com,relay.example.com:8443,[::1]:8000"),
@@ -416,6 +374,9 @@ _CONVERTERS = {
 
 
 def _check_together(config: Config) -> None:
+    if config.demo and config.reuse_port > 1:
+        raise ConfigError("DEMO", "runs one process with its own MongoDB stand-in; unset "
+                          "REUSE_PORT (each worker would watch a stand-in of its own)")
     if config.watch_collection and not config.watch_db:
         raise ConfigError(
             "WATCH_COLLECTION", "needs WATCH_DB too: set WATCH_DB to the collection's database")

@@ -8,6 +8,7 @@ JSON body ``{"error": code, "message": fix}``, so a bad client costs one respons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import NamedTuple
 
@@ -47,6 +48,15 @@ class HostCheckedMixin:
         except Refusal as exc:
             self.refuse(exc)  # finished: Tornado calls no get()
 
+    def allow_origin(self) -> None:
+        """Refuse (403) a page whose origin may not connect; let an allowed one read the
+        answer across origins."""
+        origin = self.request.headers.get("Origin")
+        admission.check_origin(origin, self.served, self.application.relay.config.allowed_origins)
+        if origin:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
+
     def refuse(self, exc: Refusal) -> None:
         self.set_status(exc.status)
         self.set_header("Content-Type", "application/json")
@@ -68,8 +78,7 @@ class RelayHandlerMixin(HostCheckedMixin):
         request = self.request
         try:
             admission.check_query_size(request.query)
-            admission.check_origin(request.headers.get("Origin"), self.served,
-                                   relay.config.allowed_origins)
+            self.allow_origin()  # then fetch() and EventSource may read the answer, refusals too
             claims = relay.authenticate(request)
             values = admission.query_values(request.query_arguments)
             subscription, resume_after = relay.subscription_for(values, claims)
@@ -88,6 +97,11 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
 
     The handshake is answered here; then the socket leaves Tornado for a ``WebSocketConnection``
     (``connection.py``), which is all an open WebSocket costs us.
+
+    The same URL fetched without ``Upgrade`` is a probe: browsers hide why a WebSocket was
+    refused (the page sees 1006), so the JS client asks this way. It runs the handshake's
+    admission, connection caps included, and answers its refusal, or 204 when the handshake
+    would be admitted — without taking a connection.
     """
 
     def get(self):
@@ -96,6 +110,12 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
             return
         subscription, resume_after, claims, slot = admitted
         relay = self.application.relay
+        if "Upgrade" not in self.request.headers:
+            slot.release()
+            self.set_status(204)
+            self.set_header("Cache-Control", "no-store")
+            self.finish()
+            return
         try:
             accept, extensions = self.handshake(relay.config.ws_compression)
             self.set_status(101)
@@ -172,10 +192,6 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
             self.set_header("Cache-Control", "no-store")
             self.set_header("X-Accel-Buffering", "no")
             self.set_header("Connection", "close")  # one stream per connection, ended by us
-            origin = self.request.headers.get("Origin")
-            if origin:  # admitted above, so allowed: let EventSource read it cross-origin
-                self.set_header("Access-Control-Allow-Origin", origin)
-                self.set_header("Vary", "Origin")
             self.write(b"retry: 1000\n\n")
             await self.flush()
             client = clients.EventStreamClient(
@@ -216,7 +232,9 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
         self.set_header("X-Frame-Options", "DENY")
 
     def get(self):
-        self.render("index.html")
+        config = self.application.relay.config
+        self.render("index.html", watch_db=config.watch_db,
+                    watch_collection=config.watch_collection, demo=config.demo)
 
     def head(self):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
@@ -224,7 +242,14 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
 
 
 class StaticHandler(HostCheckedMixin, web.StaticFileHandler):
-    """``/static/…``: the page's scripts, under the same Host check as the page."""
+    """``/static/…``: the page's scripts, under the same Host check as the page. A page on an
+    allowed origin may import ``changerelay.js`` from here: ES modules load with CORS."""
+
+    def prepare(self):
+        super().prepare()
+        if not self._finished:
+            with contextlib.suppress(Refusal):  # no header: the browser refuses it
+                self.allow_origin()
 
 
 class HealthHandler(web.RequestHandler):

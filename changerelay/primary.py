@@ -15,8 +15,11 @@ A ``getMore`` that blocked there would stall the very insert that should wake it
 is handled with that lock released and :class:`TestPrimary` guards its own state instead.
 
 Not implemented (each answers with an error saying so, never silently): transactions,
-``showExpandedEvents``, pipeline-style updates, arrayFilters, most query and expression operators
-beyond equality/comparison/$in/$exists/$and/$or/$nor/$expr and the ones in ``_OPERATORS``.
+``showExpandedEvents``, pipeline-style updates, arrayFilters and positional updates, update
+operators other than $set/$setOnInsert/$unset/$inc/$push ($each only), $project sub-objects,
+stages other than $match/$project/$unset/$set/$addFields/$replaceRoot/$replaceWith in a change
+stream, most query operators beyond equality/comparison/$in/$exists/$and/$or/$nor/$expr, and
+expression operators other than the ones in ``_OPERATORS``.
 Not modelled: secondaries and elections, the streaming (awaitable) hello — heartbeats poll, so a
 runtime switch of ``replica_set`` reaches a ``replicaSet=`` client only at its next heartbeat —,
 index enforcement beyond ``_id``, the drop of a ``dropTarget`` rename's target. Authentication
@@ -43,6 +46,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import re
 import socket
 import threading
 import time
@@ -278,29 +282,6 @@ def get_path(doc: Any, path: str) -> Any:
     return doc
 
 
-def set_path(doc: dict, path: str, value: Any) -> None:
-    parts = path.split(".")
-    for part in parts[:-1]:
-        child = doc.get(part) if isinstance(doc, dict) else None
-        if not isinstance(child, dict | list):
-            child = {}
-            doc[part] = child
-        doc = child if isinstance(child, dict) else child[int(part)]
-    if isinstance(doc, list):
-        doc[int(parts[-1])] = value
-    else:
-        doc[parts[-1]] = value
-
-
-def unset_path(doc: dict, path: str) -> bool:
-    parent_path, _, last = path.rpartition(".")
-    parent = get_path(doc, parent_path) if parent_path else doc
-    if isinstance(parent, dict) and last in parent:
-        del parent[last]
-        return True
-    return False
-
-
 def _candidates(doc: Any, parts: list[str]) -> list[Any]:
     """Values a query path can refer to, traversing arrays the way MongoDB queries do."""
     if not parts:
@@ -424,17 +405,103 @@ def matches(doc: dict, query: dict) -> bool:
 
 
 # --- updates -------------------------------------------------------------------------------------
+# Modifier updates follow MongoDB's update subsystem (src/mongo/db/update): paths are walked as
+# path_support.cpp's findLongestPrefix and createPathAt do, and every change is logged into a diff
+# shaped like the $v:2 oplog entry that v2_log_builder.cpp writes. A change event's
+# updateDescription is read from that diff as pipeline/change_stream_document_diff_parser.cpp
+# reads it, so updatedFields holds exactly the keys MongoDB reports: a created sub-document under
+# its first new component, array positions as numbers ("arr.4"), and, per level, the updated
+# fields before the created ones.
+
+MAX_ARRAY_PADDING = 1_500_000  # path_support.h kMaxPaddingAllowed
+
 
 @dataclass
 class UpdateResult:
     doc: dict
     is_replacement: bool
-    updated: dict = field(default_factory=dict)
-    removed: list = field(default_factory=list)
+    diff: _Diff | None = None  # what a modifier update changed; None for a replacement
 
     @property
     def changed(self) -> bool:
-        return self.is_replacement or bool(self.updated or self.removed)
+        return self.is_replacement or bool(self.diff.children)
+
+    def description(self) -> dict:
+        """The update event's ``updateDescription``."""
+        updated: dict = {}
+        removed: list = []
+        self.diff.read([], updated, removed)
+        return {"updatedFields": updated, "removedFields": removed, "truncatedArrays": []}
+
+
+class _Diff:
+    """One level of a $v:2 update diff: a document changed in place, a new one, or an array.
+
+    Children are keyed by field name, or by position in an array; a leaf is ``("update", value)``,
+    ``("insert", value)`` or ``("delete", None)``, as v2_log_builder.cpp's node types.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "document", "new document" or "array"
+        self.children: dict = {}
+
+    def log(self, parts: list[str], in_array: list[bool], leaf: tuple,
+            first_new: int | None = None) -> None:
+        """Record a change at ``parts``; ``in_array[i]`` says part i is an array position."""
+        node = self
+        for i, part in enumerate(parts[:-1]):
+            key = int(part) if in_array[i] else part
+            if key not in node.children:
+                if in_array[i + 1]:
+                    kind = "array"
+                elif first_new is not None and i >= first_new:
+                    kind = "new document"
+                else:
+                    kind = "document"
+                node.children[key] = _Diff(kind)
+            node = node.children[key]
+        node.children[int(parts[-1]) if in_array[-1] else parts[-1]] = leaf
+
+    def value(self) -> dict:
+        """A new document, as the inserted value it stands for."""
+        return {name: child.value() if isinstance(child, _Diff) else child[1]
+                for name, child in self.children.items()}
+
+    def read(self, path: list[str], updated: dict, removed: list) -> None:
+        """Add this level's changes to updatedFields/removedFields, the change stream's way."""
+        def here(name):
+            return ".".join([*path, str(name)])
+
+        if self.kind == "array":
+            for index in sorted(self.children):
+                child = self.children[index]
+                if isinstance(child, _Diff) and child.kind != "new document":
+                    child.read([*path, str(index)], updated, removed)
+                else:
+                    updated[here(index)] = child.value() if isinstance(child, _Diff) else child[1]
+            return
+        items = self.children.items()
+        updated.update((here(name), child[1]) for name, child in items
+                       if isinstance(child, tuple) and child[0] == "update")
+        for name, child in items:
+            if isinstance(child, _Diff) and child.kind == "new document":
+                updated[here(name)] = child.value()
+            elif isinstance(child, tuple) and child[0] == "insert":
+                updated[here(name)] = child[1]
+        removed.extend(here(name) for name, child in items
+                       if isinstance(child, tuple) and child[0] == "delete")
+        for name, child in items:
+            if isinstance(child, _Diff) and child.kind != "new document":
+                child.read([*path, name], updated, removed)
+
+
+def _is_position(part: str) -> bool:
+    return part != "" and all("0" <= c <= "9" for c in part)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """MongoDB's no-op test for an update: binary equality (1 and 1.0 differ, so does order)."""
+    return bson.encode({"": a}) == bson.encode({"": b})
 
 
 def _type_name(value: Any) -> str:
@@ -443,13 +510,45 @@ def _type_name(value: Any) -> str:
             9: "date"}.get(_bson_rank(value), type(value).__name__)
 
 
-def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateResult:
-    """Apply an update document, describing the change the way an update event does.
+def _shown(value: Any) -> str:
+    """A value the way MongoDB's error messages print it (BSONElement::toString)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k}: {_shown(v)}" for k, v in value.items()) + " }" \
+            if value else "{}"
+    if isinstance(value, list):
+        return "[ " + ", ".join(map(_shown, value)) + " ]" if value else "[]"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, ObjectId):
+        return f"ObjectId('{value}')"
+    return str(value)
 
-    ``updatedFields``/``removedFields`` follow MongoDB's delta format: a new value per changed
-    path, whole new sub-documents where a parent was created, ``arr.N`` for appended elements,
-    and nothing at all for a field set to the value it already had.
-    """
+
+def _name_order(a: str, b: str) -> int:
+    """The order update paths are applied in, per name: numbers numerically, else as strings
+    (https://www.mongodb.com/docs/manual/reference/operator/update/#behavior; the comparator is
+    update/path_support.h's cmpPathsAndArrayIndexes, zero-padded numbers compared as strings)."""
+    def numeric(name: str) -> bool:
+        return bool(name) and "0" <= name[0] <= "9" and not (name[0] == "0" and len(name) > 1)
+
+    if numeric(a) and numeric(b) and len(a) != len(b):
+        return len(a) - len(b)
+    return (a > b) - (a < b)
+
+
+def _path_order(a: str, b: str) -> int:
+    for name_a, name_b in zip(a.split("."), b.split("."), strict=False):
+        if order := _name_order(name_a, name_b):
+            return order
+    return 0  # overlapping paths are refused before anything is applied
+
+
+def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateResult:
+    """Apply an update document the way MongoDB does, recording the diff its event reports."""
     if isinstance(update, list):
         raise _not_implemented("pipeline-style updates")
     if not isinstance(update, dict):
@@ -458,7 +557,7 @@ def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateRe
     if not operators:
         if "_id" in update and update["_id"] != old.get("_id", update["_id"]):
             raise CommandError(66, "After applying the update, the (immutable) field '_id' was "
-                                   f"found to have been altered to _id: {update['_id']!r}")
+                                   f"found to have been altered to _id: {_shown(update['_id'])}")
         doc = {"_id": old["_id"]} if "_id" in old else {}
         doc.update({k: copy.deepcopy(v) for k, v in update.items() if k != "_id"})
         if "_id" not in doc and "_id" in update:
@@ -468,78 +567,188 @@ def apply_update(old: dict, update: Any, *, inserting: bool = False) -> UpdateRe
         bad = next(k for k in update if not k.startswith("$"))
         raise CommandError(9, f"Unknown modifier: {bad}. Expected a valid update modifier or "
                               "pipeline-style update specified as an array")
-    doc = copy.deepcopy(old)
-    result = UpdateResult(doc, is_replacement=False)
+    changes = []
     for op, spec in update.items():
+        if op not in _UPDATE_OPERATORS:
+            raise _not_implemented(f"the update operator {op}")
         if not isinstance(spec, dict):
             raise CommandError(9, f"Modifiers operate on fields but we found type "
                                   f"{_type_name(spec)} instead.")
         for path, arg in spec.items():
-            touches_id = path == "_id" or path.startswith("_id.")
-            if touches_id and op != "$setOnInsert" and not (op == "$set" and arg == old.get("_id")):
-                raise CommandError(66, "Performing an update on the path '_id' would modify the "
-                                       "immutable field '_id'")
-            _apply_operator(result, op, path, arg, inserting)
-    return result
+            _check_update_path(path, [p for _, p, _ in changes])
+            changes.append((op, path, arg))
+    doc = copy.deepcopy(old)
+    diff = _Diff("document")
+    by_path = functools.cmp_to_key(lambda x, y: _path_order(x[1], y[1]))
+    for op, path, arg in sorted(changes, key=by_path):
+        if op == "$setOnInsert" and not inserting:
+            continue
+        touches_id = path == "_id" or path.startswith("_id.")
+        if touches_id and "_id" in old and not (path == "_id" and _same(arg, old["_id"])):
+            raise CommandError(66, "Performing an update on the path '_id' would modify the "
+                                   "immutable field '_id'")
+        _UPDATE_OPERATORS[op](doc, diff, path.split("."), arg)
+    return UpdateResult(doc, is_replacement=False, diff=diff)
 
 
-def _record_set(result: UpdateResult, path: str, value: Any) -> None:
-    doc = result.doc
+def _overlap(path: str, other: str) -> str | None:
+    """The shorter of two dotted paths when one is the other or a prefix of it, else None."""
+    shorter, longer = sorted((path, other), key=len)
+    return shorter if shorter == longer or longer.startswith(shorter + ".") else None
+
+
+def _check_update_path(path: str, earlier: list[str]) -> None:
     parts = path.split(".")
-    for i in range(1, len(parts)):  # report the highest newly created parent, like MongoDB does
-        prefix = ".".join(parts[:i])
-        if get_path(doc, prefix) is _MISSING:
-            set_path(doc, path, value)
-            result.updated[prefix] = copy.deepcopy(get_path(doc, prefix))
-            return
-    if get_path(doc, path) == value and _bson_rank(get_path(doc, path)) == _bson_rank(value):
-        return
-    set_path(doc, path, value)
-    result.updated[path] = copy.deepcopy(value)
+    if "" in parts:
+        raise CommandError(56, f"An update path '{path}' contains an empty field name, which is "
+                               "not allowed.")
+    if any(part.startswith("$") for part in parts):
+        raise _not_implemented("positional update operators ($, $[], $[<identifier>])")
+    for other in earlier:
+        if (conflict := _overlap(path, other)) is not None:
+            raise CommandError(40, f"Updating the path '{path}' would create a conflict at "
+                                   f"'{conflict}'")
 
 
-def _apply_operator(result: UpdateResult, op: str, path: str, arg: Any, inserting: bool) -> None:
-    doc = result.doc
-    current = get_path(doc, path)
-    if op == "$set":
-        _record_set(result, path, copy.deepcopy(arg))
-    elif op == "$setOnInsert":
-        if inserting:
-            _record_set(result, path, copy.deepcopy(arg))
-    elif op == "$unset":
-        if unset_path(doc, path):
-            result.removed.append(path)
-    elif op == "$inc":
-        if not isinstance(arg, int | float | Int64) or isinstance(arg, bool):
-            raise CommandError(14, f"Cannot increment with non-numeric argument: {{{path}: "
-                                   f"{arg!r}}}")
-        if current is _MISSING:
-            _record_set(result, path, arg)
-        elif not isinstance(current, int | float | Int64) or isinstance(current, bool):
-            raise CommandError(14, f"Cannot apply $inc to a value of non-numeric type. "
-                                   f"{{_id: {doc.get('_id')!r}}} has the field '{path}' of "
-                                   f"non-numeric type {_type_name(current)}")
+def _walk(doc: dict, parts: list[str]) -> tuple[int, Any, list[bool]]:
+    """How far ``parts`` exists in ``doc`` (findLongestPrefix): the number of parts found, the
+    value the last of them names, and which of them are array positions."""
+    node, in_array = doc, []
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            in_array.append(False)
+        elif isinstance(node, list) and _is_position(part) and int(part) < len(node):
+            node = node[int(part)]
+            in_array.append(True)
         else:
-            _record_set(result, path, current + arg)
-    elif op == "$push":
-        items = arg["$each"] if isinstance(arg, dict) and "$each" in arg else [arg]
-        if isinstance(arg, dict) and set(arg) - {"$each"}:
-            raise _not_implemented("$push modifiers other than $each")
-        if current is _MISSING:
-            _record_set(result, path, copy.deepcopy(list(items)))
-        elif not isinstance(current, list):
-            raise CommandError(2, f"The field '{path}' must be an array but is of type "
-                                  f"{_type_name(current)} in document {{_id: "
-                                  f"{doc.get('_id')!r}}}")
-        else:
-            for item in items:
-                current.append(copy.deepcopy(item))
-                result.updated[f"{path}.{len(current) - 1}"] = copy.deepcopy(item)
+            return i, node, in_array
+    return len(parts), node, in_array
+
+
+def _parent(doc: dict, parts: list[str]) -> Any:
+    return _walk(doc, parts[:-1])[1] if len(parts) > 1 else doc
+
+
+def _key(container: Any, part: str) -> str | int:
+    return int(part) if isinstance(container, list) else part
+
+
+def _canonical(parts: list[str], in_array: list[bool]) -> list[str]:
+    """Array positions as MongoDB logs them: the number, without leading zeros."""
+    return [str(int(part)) if position else part for part, position in zip(parts, in_array,
+                                                                             strict=True)]
+
+
+def _create(doc: dict, diff: _Diff, parts: list[str], value: Any) -> None:
+    """Create the missing end of ``parts`` holding ``value`` (createPathAt), padding an array
+    with nulls up to a new position, and log it as created from the first new component."""
+    found, node, in_array = _walk(doc, parts)
+    part = parts[found]
+    name = parts[found - 1] if found else ""
+    if not isinstance(node, dict | list) or (isinstance(node, list) and not _is_position(part)):
+        raise CommandError(28, f"Cannot create field '{part}' in element "
+                               f"{{{name}: {_shown(node)}}}")
+    new = copy.deepcopy(value)
+    for inner in reversed(parts[found + 1:]):
+        new = {inner: new}
+    if isinstance(node, list):
+        padding = int(part) - len(node)
+        if padding > MAX_ARRAY_PADDING:
+            raise CommandError(10, f"can't backfill more than {MAX_ARRAY_PADDING} elements")
+        node.extend([None] * padding)
+        node.append(new)
     else:
-        raise _not_implemented(f"the update operator {op}")
+        node[part] = new
+    in_array += [isinstance(node, list)] + [False] * (len(parts) - found - 1)
+    diff.log(_canonical(parts, in_array), in_array, ("insert", copy.deepcopy(value)), found)
 
 
-# --- aggregation stages --------------------------------------------------------------------------
+def _replace(doc: dict, diff: _Diff, parts: list[str], value: Any) -> None:
+    _, current, in_array = _walk(doc, parts)
+    if _same(current, value):
+        return
+    parent = _parent(doc, parts)
+    parent[_key(parent, parts[-1])] = copy.deepcopy(value)
+    diff.log(_canonical(parts, in_array), in_array, ("update", copy.deepcopy(value)))
+
+
+def _set(doc: dict, diff: _Diff, parts: list[str], value: Any) -> None:
+    found, _, _ = _walk(doc, parts)
+    (_replace if found == len(parts) else _create)(doc, diff, parts, value)
+
+
+def _unset(doc: dict, diff: _Diff, parts: list[str], _arg: Any) -> None:
+    found, _, in_array = _walk(doc, parts)
+    if found < len(parts):
+        return  # nothing there, even through a scalar: $unset is a no-op (unset_node.cpp)
+    parent = _parent(doc, parts)
+    if isinstance(parent, list):  # an array element becomes null, the array keeps its length
+        parent[int(parts[-1])] = None
+        diff.log(_canonical(parts, in_array), in_array, ("update", None))
+    else:
+        del parent[parts[-1]]
+        diff.log(_canonical(parts, in_array), in_array, ("delete", None))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float | Int64) and not isinstance(value, bool)
+
+
+def _inc(doc: dict, diff: _Diff, parts: list[str], arg: Any) -> None:
+    path = ".".join(parts)
+    if not _number(arg):
+        raise CommandError(14, f"Cannot increment with non-numeric argument: {{{path}: "
+                               f"{_shown(arg)}}}")
+    found, current, _ = _walk(doc, parts)
+    if found < len(parts):
+        _create(doc, diff, parts, arg)
+    elif not _number(current):
+        raise CommandError(14, f"Cannot apply $inc to a value of non-numeric type. "
+                               f"{{_id: {_shown(doc.get('_id'))}}} has the field '{path}' of "
+                               f"non-numeric type {_type_name(current)}")
+    else:
+        _replace(doc, diff, parts, current + arg)
+
+
+def _push(doc: dict, diff: _Diff, parts: list[str], arg: Any) -> None:
+    """$push: a document with $each holds modifiers, any other value is the element to push;
+    an append logs each new element, a push onto an empty array the whole array (push_node.cpp)."""
+    if isinstance(arg, dict) and "$each" in arg:
+        if set(arg) != {"$each"}:
+            raise _not_implemented("$push modifiers other than $each")
+        if not isinstance(arg["$each"], list):
+            raise CommandError(2, "The argument to $each in $push must be an array but it was of "
+                                  f"type: {_type_name(arg['$each'])}")
+        items = arg["$each"]
+    else:
+        items = [arg]
+    found, current, in_array = _walk(doc, parts)
+    if found < len(parts):
+        _create(doc, diff, parts, items)
+        return
+    if not isinstance(current, list):
+        raise CommandError(2, f"The field '{'.'.join(parts)}' must be an array but is of type "
+                              f"{_type_name(current)} in document {{_id: "
+                              f"{_shown(doc.get('_id'))}}}")
+    if not items:
+        return
+    if not current:
+        _replace(doc, diff, parts, items)
+        return
+    path = _canonical(parts, in_array)
+    for item in items:
+        current.append(copy.deepcopy(item))
+        diff.log([*path, str(len(current) - 1)], [*in_array, True], ("insert", copy.deepcopy(item)),
+                 len(parts))
+
+
+_UPDATE_OPERATORS: dict[str, Callable[[dict, _Diff, list[str], Any], None]] = {
+    "$set": _set, "$setOnInsert": _set, "$unset": _unset, "$inc": _inc, "$push": _push,
+}
+
+
+# --- aggregation expressions ---------------------------------------------------------------------
 
 def evaluate(expr: Any, doc: dict, variables: dict | None = None) -> Any:
     """Aggregation expressions: field paths, variables, and the operators in ``_OPERATORS``.
@@ -675,57 +884,67 @@ def _object_to_array(arg, doc, variables):
 
 
 def _array_to_object(arg, doc, variables):
+    """[k, v] pairs or {k, v} documents, in the format of the first element; a repeated name
+    keeps its last value (expression.cpp ExpressionArrayToObject, and its manual page)."""
     (value,) = _values(arg, doc, variables)
-    if value is _MISSING or value is None:
+    if _nullish(value):
         return None
     if not isinstance(value, list):
         raise CommandError(40386, f"$arrayToObject requires an array input, found: "
                                   f"{_agg_type(value)}")
+    if value and not isinstance(value[0], list | dict):
+        raise CommandError(40398, "Unrecognised input type format for $arrayToObject: "
+                                  f"{_agg_type(value[0])}")
     out = {}
     for item in value:
-        if isinstance(item, dict) and set(item) == {"k", "v"}:
-            out[item["k"]] = item["v"]
-        elif isinstance(item, list) and len(item) == 2:
-            out[item[0]] = item[1]
+        if isinstance(value[0], list):
+            if not isinstance(item, list):
+                raise CommandError(40396, "$arrayToObject requires a consistent input format. "
+                                          "Elements mustall be arrays or all be objects. Array "
+                                          f"was detected, now found: {_agg_type(item)}")
+            if len(item) != 2:
+                raise CommandError(40397, "$arrayToObject requires an array of size 2 arrays,"
+                                          f"found array of size: {len(item)}")
+            key, item_value = item
         else:
-            raise CommandError(40398, "Unrecognised input type format for $arrayToObject: "
-                                      f"{item!r}")
+            if not isinstance(item, dict) or set(item) != {"k", "v"}:
+                raise CommandError(40392, "$arrayToObject requires an object keys of 'k' and "
+                                          f"'v'. Found: {_shown(item)}")
+            key, item_value = item["k"], item["v"]
+        if not isinstance(key, str):
+            raise CommandError(40394, "$arrayToObject requires an object with keys 'k' and 'v', "
+                                      "where the value of 'k' must be of type string. Found "
+                                      f"type: {_agg_type(key)}")
+        if "\x00" in key:
+            raise CommandError(4940401, "Key field cannot contain an embedded null byte")
+        out[key] = item_value
     return out
 
 
 def _filter(arg, doc, variables):
-    items = evaluate(arg.get("input"), doc, variables)
-    if items is _MISSING or items is None:
+    arg = _named_arguments("$filter", arg, ("input", "cond"), ("as", "limit"))
+    if "limit" in arg:
+        raise _not_implemented("$filter's limit")
+    items = evaluate(arg["input"], doc, variables)
+    if _nullish(items):
         return None
     if not isinstance(items, list):
         raise CommandError(28651, f"input to $filter must be an array not {_agg_type(items)}")
     name = arg.get("as", "this")
     return [item for item in items
-            if _truthy(evaluate(arg.get("cond"), doc, {**variables, name: item}))]
+            if _truthy(evaluate(arg["cond"], doc, {**variables, name: item}))]
 
 
 def _map(arg, doc, variables):
-    items = evaluate(arg.get("input"), doc, variables)
-    if items is _MISSING or items is None:
+    arg = _named_arguments("$map", arg, ("input", "in"), ("as",))
+    items = evaluate(arg["input"], doc, variables)
+    if _nullish(items):
         return None
     if not isinstance(items, list):
         raise CommandError(16883, f"input to $map must be an array not {_agg_type(items)}")
     name = arg.get("as", "this")
-    mapped = [evaluate(arg.get("in"), doc, {**variables, name: item}) for item in items]
+    mapped = [evaluate(arg["in"], doc, {**variables, name: item}) for item in items]
     return [None if item is _MISSING else item for item in mapped]
-
-
-def _index_of_bytes(arg, doc, variables):
-    values = _values(arg, doc, variables)
-    text, sub = values[0], values[1]
-    if text is _MISSING or text is None:
-        return None
-    if not isinstance(text, str) or not isinstance(sub, str):
-        raise CommandError(40091, "$indexOfBytes requires a string as the first argument, "
-                                  f"found: {_agg_type(text)}")
-    start = values[2] if len(values) > 2 else 0
-    end = values[3] if len(values) > 3 else None
-    return text.encode().find(sub.encode(), start, end)
 
 
 def _concat(arg, doc, variables):
@@ -743,6 +962,156 @@ def _size(arg, doc, variables):
     return len(value)
 
 
+def _nullish(value: Any) -> bool:
+    return value is _MISSING or value is None
+
+
+def _arity(name: str, arg: Any, doc: dict, variables: dict, count: int) -> list:
+    values = _values(arg, doc, variables)
+    if len(values) != count:
+        raise CommandError(16020, f"Expression {name} takes exactly {count} arguments. "
+                                  f"{len(values)} were passed in.")
+    return values
+
+
+def _named_arguments(name: str, arg: Any, required: tuple[str, ...],
+                     optional: tuple[str, ...] = ()) -> dict:
+    """The object of named arguments an operator such as $filter takes, checked."""
+    if not isinstance(arg, dict):
+        raise CommandError(2, f"{name} expects an object of named arguments but found: "
+                              f"{_agg_type(arg)}")
+    for key in arg:
+        if key not in required + optional:
+            raise CommandError(2, f"{name} found an unknown argument: {key}")
+    for key in required:
+        if key not in arg:
+            raise CommandError(2, f"{name} requires '{key}' parameter")
+    return arg
+
+
+def _switch(arg, doc, variables):
+    # https://www.mongodb.com/docs/manual/reference/operator/aggregation/switch/
+    arg = _named_arguments("$switch", arg, ("branches",), ("default",))
+    if not isinstance(arg["branches"], list):
+        raise CommandError(40061, "$switch expected an array for 'branches'")
+    for branch in arg["branches"]:
+        branch = _named_arguments("$switch branch", branch, ("case", "then"))
+        if _truthy(evaluate(branch["case"], doc, variables)):
+            return evaluate(branch["then"], doc, variables)
+    if "default" not in arg:
+        raise CommandError(40066, "$switch could not find a matching branch for an input, and no "
+                                  "default was specified.")
+    return evaluate(arg["default"], doc, variables)
+
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_regex(pattern: str, options: str) -> re.Pattern:
+    flags = 0
+    for option in options:
+        if option not in _REGEX_FLAGS:
+            raise CommandError(51108, f"$regexMatch invalid flag in regex options: {option}")
+        flags |= _REGEX_FLAGS[option]
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        raise CommandError(51111, f"Invalid Regex in $regexMatch: {exc}") from None
+
+
+def _regex_match(arg, doc, variables):
+    """$regexMatch (https://www.mongodb.com/docs/manual/reference/operator/aggregation/regexMatch/):
+    false when input or regex is null or missing. MongoDB uses PCRE; Python's re agrees with it on
+    the anchors, groups, classes, quantifiers and backslash-escaped punctuation the relay writes."""
+    arg = _named_arguments("$regexMatch", arg, ("input", "regex"), ("options",))
+    text = evaluate(arg["input"], doc, variables)
+    pattern = evaluate(arg["regex"], doc, variables)
+    options = evaluate(arg.get("options", ""), doc, variables)
+    if _nullish(text) or _nullish(pattern):
+        return False
+    if not isinstance(text, str):
+        raise CommandError(51104, "$regexMatch needs 'input' to be of type string")
+    if not isinstance(pattern, str):
+        raise _not_implemented("$regexMatch with a regex that is not a string")
+    if not isinstance(options, str):
+        raise CommandError(51106, "$regexMatch needs 'options' to be of type string")
+    return _compiled_regex(pattern, options).search(text) is not None
+
+
+def _constant_field(name: str, arg: Any) -> str:
+    """$setField/$unsetField's 'field': "a valid expression that resolves to a string constant"."""
+    field = arg["$literal"] if isinstance(arg, dict) and list(arg) == ["$literal"] else arg
+    if isinstance(field, dict | list) or (isinstance(field, str) and field.startswith("$")):
+        raise CommandError(4161106, f"{name} requires 'field' to evaluate to a constant, but got a "
+                                    "non-constant argument")
+    if not isinstance(field, str):
+        raise CommandError(4161107, f"{name} requires 'field' to evaluate to type String, but got "
+                                    f"{_agg_type(field)}")
+    return field
+
+
+def _set_field(arg, doc, variables, name="$setField"):
+    """$setField (https://www.mongodb.com/docs/manual/reference/operator/aggregation/setField/):
+    null for a null or missing input, an error for any other non-object, and a value of $$REMOVE
+    removes the field. The field keeps its place when it exists, else it is appended."""
+    required = ("field", "input") if name == "$unsetField" else ("field", "input", "value")
+    arg = _named_arguments(name, arg, required)
+    field = _constant_field(name, arg["field"])
+    target = evaluate(arg["input"], doc, variables)
+    if _nullish(target):
+        return None
+    if not isinstance(target, dict):
+        raise CommandError(4161105, f"{name} requires 'input' to evaluate to type Object")
+    value = _MISSING if name == "$unsetField" else evaluate(arg["value"], doc, variables)
+    out = dict(target)
+    if value is _MISSING:
+        out.pop(field, None)
+    else:
+        out[field] = value
+    return out
+
+
+def _get_field(arg, doc, variables):
+    """$getField (https://www.mongodb.com/docs/manual/reference/operator/aggregation/getField/):
+    missing when the field is absent, null for a null or missing input."""
+    if not (isinstance(arg, dict) and "field" in arg):
+        arg = {"field": arg}
+    arg = _named_arguments("$getField", arg, ("field",), ("input",))
+    field = evaluate(arg["field"], doc, variables)
+    if not isinstance(field, str):
+        raise CommandError(3041704, "$getField requires 'field' to evaluate to type String, but "
+                                    f"got {_agg_type(field)}")
+    target = evaluate(arg.get("input", "$$CURRENT"), doc, variables)
+    if _nullish(target):
+        return None
+    if not isinstance(target, dict):
+        raise CommandError(3041705, "$getField requires 'input' to evaluate to type Object, but "
+                                    f"got {_agg_type(target)}")
+    return target.get(field, _MISSING)
+
+
+def _array_elem_at(arg, doc, variables):
+    """$arrayElemAt: a negative index counts from the end; out of bounds is missing (docs)."""
+    array, index = _arity("$arrayElemAt", arg, doc, variables, 2)
+    if _nullish(array) or _nullish(index):
+        return None
+    if not isinstance(array, list):
+        raise CommandError(28689, "$arrayElemAt's first argument must be an array, but is "
+                                  f"{_agg_type(array)}")
+    if not _number(index) or int(index) != index:
+        raise CommandError(28690, "$arrayElemAt's second argument must be a numeric value, but "
+                                  f"is {_agg_type(index)}")
+    position = int(index) + (len(array) if index < 0 else 0)
+    return array[position] if 0 <= position < len(array) else _MISSING
+
+
+def _let(arg, doc, variables):
+    arg = _named_arguments("$let", arg, ("vars", "in"))
+    bound = {name: evaluate(value, doc, variables) for name, value in arg["vars"].items()}
+    return evaluate(arg["in"], doc, {**variables, **bound})
+
+
 _OPERATORS: dict[str, Callable[[Any, dict, dict], Any]] = {
     "$literal": lambda arg, doc, variables: arg,
     "$eq": _comparison(lambda c: c == 0), "$ne": _comparison(lambda c: c != 0),
@@ -757,71 +1126,313 @@ _OPERATORS: dict[str, Callable[[Any, dict, dict], Any]] = {
     "$cond": _cond, "$ifNull": _if_null, "$in": _in,
     "$type": lambda arg, doc, variables: _agg_type(_values(arg, doc, variables)[0]),
     "$objectToArray": _object_to_array, "$arrayToObject": _array_to_object,
-    "$filter": _filter, "$map": _map, "$indexOfBytes": _index_of_bytes,
+    "$filter": _filter, "$map": _map,
     "$concat": _concat, "$size": _size,
+    "$switch": _switch, "$regexMatch": _regex_match, "$let": _let,
+    "$setField": _set_field,
+    "$unsetField": lambda arg, doc, variables: _set_field(arg, doc, variables, "$unsetField"),
+    "$getField": _get_field, "$arrayElemAt": _array_elem_at,
+    "$isArray": lambda arg, doc, variables: isinstance(
+        _arity("$isArray", arg, doc, variables, 1)[0], list),
 }
 
 
-def _project(doc: dict, spec: dict) -> dict:
-    if not isinstance(spec, dict) or not spec:
-        raise CommandError(51272, "$project specification must be an object and have at least "
-                                  "one field")
-    flags = {k: v for k, v in spec.items() if isinstance(v, bool | int | float)}
-    exclusions = [k for k, v in flags.items() if not v and k != "_id"]
-    computed = {k: v for k, v in spec.items() if k not in flags}
-    inclusions = [k for k, v in flags.items() if v and k != "_id"]
-    if exclusions and (inclusions or computed):
-        raise CommandError(31254, f"Invalid $project :: caused by :: Cannot do exclusion on field "
-                                  f"{exclusions[0]} in inclusion projection")
-    if exclusions or (not inclusions and not computed):
-        out = copy.deepcopy(doc)
-        for path in exclusions + (["_id"] if spec.get("_id", 1) in (0, False) else []):
-            unset_path(out, path)
+# --- aggregation stages --------------------------------------------------------------------------
+# $project, $unset and $set/$addFields are projections, parsed into a tree of paths and applied to
+# each document the way MongoDB's projection executor does:
+#   - parsing: query/projection_parser.cpp (addNodeAtPath: "Path collision at ..." 31249/31250)
+#     for $project and $unset, which MongoDB builds as an exclusion projection
+#     (pipeline/document_source_project.cpp); exec/add_fields_projection_executor.cpp for $set
+#     ("specification contains two conflicting paths" 40176, dotted names in a sub-object 40183);
+#     errors carry the stage as context: "Invalid $unset :: caused by :: ...";
+#   - applying: exec/projection_node.cpp. Exclusion walks into documents and through arrays,
+#     nested arrays included (aggregation's kRecurseNestedArrays, query/projection_policies.h),
+#     and leaves scalars be; inclusion drops what it does not name, scalars in arrays too.
+#     Computed fields are evaluated against the stage's input document; through an array they
+#     are set in every element, and a scalar or missing parent is replaced by a new document of
+#     the computed fields - so {$set: {"a.b": "$$REMOVE"}} still creates {a: {}}.
+
+Stage = Callable[[dict], "dict | None"]
+
+
+@dataclass(frozen=True)
+class _Computed:
+    expr: Any
+
+
+class _Paths(dict):
+    """One level of a parsed projection: name -> sub-level, or a leaf: True (include),
+    False (exclude) or a :class:`_Computed` field."""
+
+    computed = False  # whether a computed field lies below
+
+
+def _field_path(path: str) -> list[str]:
+    # pipeline/field_path.cpp
+    if not path:
+        raise CommandError(40352, "FieldPath cannot be constructed with empty string")
+    parts = path.split(".")
+    if "" in parts:
+        raise CommandError(15998, "FieldPath field names may not be empty strings.")
+    if any(part.startswith("$") for part in parts):
+        raise CommandError(16410, "FieldPath field names may not start with '$'. Consider using "
+                                  "$getField or $setField.")
+    return parts
+
+
+def _add_path(root: _Paths, path: str, leaf: Any) -> None:
+    """projection_parser.cpp's addNodeAtPath, with its two path-collision errors."""
+    parts = _field_path(path)
+    node = root
+    for i, part in enumerate(parts):
+        if isinstance(leaf, _Computed):
+            node.computed = True
+        child = node.get(part)
+        if i == len(parts) - 1:
+            if child is not None:
+                raise CommandError(31250, f"Path collision at {path}")
+            node[part] = leaf
+            return
+        if child is None:
+            child = node[part] = _Paths()
+        elif not isinstance(child, _Paths):
+            raise CommandError(31249, f"Path collision at {path} remaining portion "
+                                      f"{'.'.join(parts[1:])}")
+        node = child
+
+
+def _is_flag(value: Any) -> bool:
+    """A projection value meaning include/exclude: bool or number (isInclusionOrExclusionType)."""
+    return isinstance(value, bool | int | float | Int64 | bson.Decimal128)
+
+
+def _truthy_flag(value: Any) -> bool:
+    return value.to_decimal() != 0 if isinstance(value, bson.Decimal128) else bool(value)
+
+
+def _is_expression_object(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)).startswith("$")
+
+
+def _parse_projection(items: list[tuple[str, Any]]) -> tuple[_Paths, bool]:
+    """A $project/$unset specification as (paths, is an inclusion), by projection_parser.cpp."""
+    if not items:
+        raise CommandError(51272, "projection specification must have at least one field")
+    root, kind = _Paths(), None
+    id_included = id_excluded = id_named = False
+    for path, value in items:
+        top_id = path == "_id"
+        id_named = id_named or top_id or path.startswith("_id.")
+        if _is_flag(value):
+            include = _truthy_flag(value)
+            leaf: Any = include
+            if top_id:
+                id_included, id_excluded = include, not include
+            elif include and kind == "exclusion":
+                raise CommandError(31253, f"Cannot do inclusion on field {path} in exclusion "
+                                          "projection")
+            elif not include and kind == "inclusion":
+                raise CommandError(31254, f"Cannot do exclusion on field {path} in inclusion "
+                                          "projection")
+            else:
+                kind = "inclusion" if include else "exclusion"
+        elif isinstance(value, dict) and not _is_expression_object(value):
+            raise _not_implemented("sub-object projections; write dotted paths instead")
+        else:
+            if kind == "exclusion" and isinstance(value, dict):
+                raise CommandError(31252, "Cannot use expression other than $meta in exclusion "
+                                          "projection")
+            if kind == "exclusion":
+                raise CommandError(31310, f"Cannot use an expression {path}: {_shown(value)} in "
+                                          "an exclusion projection")
+            kind, leaf = "inclusion", _Computed(value)
+            _check_expression(value)
+        _add_path(root, path, leaf)
+    inclusion = kind == "inclusion" or (kind is None and id_included and not id_excluded)
+    if inclusion and not id_named:
+        _add_path(root, "_id", True)
+    if not inclusion and id_included:
+        del root["_id"]
+    return root, inclusion
+
+
+def _exclude(value: Any, paths: _Paths) -> Any:
+    """ProjectionNode::applyProjectionsToValue for an exclusion."""
+    if isinstance(value, dict):
+        out = {}
+        for name, item in value.items():
+            leaf = paths.get(name, True)
+            if isinstance(leaf, _Paths):
+                out[name] = _exclude(item, leaf)
+            elif leaf is not False:
+                out[name] = item
         return out
-    out: dict = {}
-    if spec.get("_id", 1) not in (0, False) and "_id" in doc:
-        out["_id"] = copy.deepcopy(doc["_id"])
-    for path in inclusions:
-        value = get_path(doc, path)
-        if value is not _MISSING:
-            set_path(out, path, copy.deepcopy(value))
-    for path, expr in computed.items():
-        value = evaluate(expr, doc)
-        if value is not _MISSING:
-            set_path(out, path, copy.deepcopy(value))
+    if isinstance(value, list):
+        return [_exclude(item, paths) for item in value]
+    return value
+
+
+def _include(value: Any, paths: _Paths) -> Any:
+    """ProjectionNode::applyProjectionsToValue for an inclusion: a scalar is dropped."""
+    if isinstance(value, dict):
+        out = {}
+        for name, item in value.items():
+            leaf = paths.get(name)
+            if leaf is True:
+                out[name] = item
+            elif isinstance(leaf, _Paths) and (kept := _include(item, leaf)) is not _MISSING:
+                out[name] = kept
+        return out
+    if isinstance(value, list):
+        return [kept for item in value if (kept := _include(item, paths)) is not _MISSING]
+    return _MISSING
+
+
+def _compute(root: dict, out: dict, paths: _Paths) -> None:
+    """ProjectionNode::applyExpressions: set ``out``'s computed fields, in the order named."""
+    for name, leaf in paths.items():
+        if isinstance(leaf, _Paths) and leaf.computed:
+            value = _compute_into(root, out.get(name, _MISSING), leaf)
+        elif isinstance(leaf, _Computed):
+            value = evaluate(leaf.expr, root)
+        else:
+            continue
+        if value is _MISSING:
+            out.pop(name, None)
+        else:
+            out[name] = value
+
+
+def _compute_into(root: dict, value: Any, paths: _Paths) -> Any:
+    """ProjectionNode::applyExpressionsToValue: into a document, through every element of an
+    array, and in place of anything else - a scalar, or nothing - a new document."""
+    if isinstance(value, list):
+        return [_compute_into(root, item, paths) for item in value]
+    out = dict(value) if isinstance(value, dict) else {}
+    _compute(root, out, paths)
     return out
 
 
-def apply_stage(doc: dict, name: str, spec: Any) -> dict | None:
-    """Run one document through one stage; None means the stage filtered it out."""
-    if name == "$match":
-        return doc if matches(doc, spec) else None
-    if name == "$project":
-        return _project(doc, spec)
-    if name in ("$set", "$addFields"):
-        out = copy.deepcopy(doc)
-        for path, expr in spec.items():
-            value = evaluate(expr, doc)
-            if value is _MISSING:
-                unset_path(out, path)
-            else:
-                set_path(out, path, copy.deepcopy(value))
+def _projection(items: list[tuple[str, Any]]) -> Stage:
+    paths, inclusion = _parse_projection(items)
+    if not inclusion:
+        return lambda doc: _exclude(doc, paths)
+
+    def project(doc: dict) -> dict:
+        out = _include(doc, paths)
+        if paths.computed:
+            _compute(doc, out, paths)
         return out
-    if name == "$unset":
-        paths = [spec] if isinstance(spec, str) else spec
-        out = copy.deepcopy(doc)
-        for path in paths:
-            unset_path(out, path)
+    return project
+
+
+def _project_stage(spec: Any) -> Stage:
+    if not isinstance(spec, dict):
+        raise CommandError(15969, "$project specification must be an object")
+    return _projection(list(spec.items()))
+
+
+def _unset_stage(spec: Any) -> Stage:
+    # document_source_project.cpp: $unset is an exclusion projection of the named paths
+    if not isinstance(spec, str | list):
+        raise CommandError(31002, "$unset specification must be a string or an array")
+    names = [spec] if isinstance(spec, str) else spec
+    if not names:
+        raise CommandError(31119, "$unset specification must be a string or an array with at "
+                                  "least one field")
+    if not all(isinstance(name, str) for name in names):
+        raise CommandError(31120, "$unset specification must be a string or an array containing "
+                                  "only string values")
+    return _projection([(name, 0) for name in names])
+
+
+def _add_fields_stage(spec: Any) -> Stage:
+    """$set/$addFields: a nested object that is not an expression names sub-fields
+    ({a: {b: 1}} sets a.b), an empty one is the value {}."""
+    if not isinstance(spec, dict):
+        raise CommandError(40272, f"specification must be an object, got {_agg_type(spec)}")
+    paths, seen = _Paths(), []
+
+    def add(path: str, value: Any) -> None:
+        for other in seen:
+            if _overlap(path, other) is not None:
+                raise CommandError(40176, "specification contains two conflicting paths. Cannot "
+                                          f"specify both '{path}' and '{other}': {_shown(spec)}")
+        seen.append(path)
+        _check_expression(value)
+        _add_path(paths, path, _Computed(value))
+
+    def parse(path: str, value: Any) -> None:
+        if not isinstance(value, dict) or not value or _is_expression_object(value):
+            add(path, value)
+            return
+        for name, item in value.items():
+            if name.startswith("$"):
+                raise CommandError(40181, "an expression specification must contain exactly one "
+                                          f"field, the name of the expression. Found {len(value)} "
+                                          f"fields in {_shown(value)}, while parsing object "
+                                          f"{_shown(spec)}")
+            if "." in name:
+                raise CommandError(40183, f"cannot use dotted field name '{name}' in a sub "
+                                          f"object: {_shown(spec)}")
+            parse(f"{path}.{name}", item)
+
+    for path, value in spec.items():
+        parse(path, value)
+
+    def add_fields(doc: dict) -> dict:
+        out = dict(doc)
+        _compute(doc, out, paths)
         return out
-    if name in ("$replaceRoot", "$replaceWith"):
-        expr = spec.get("newRoot") if name == "$replaceRoot" else spec
+    return add_fields
+
+
+def _replace_root_stage(name: str, spec: Any) -> Stage:
+    expr = spec.get("newRoot") if name == "$replaceRoot" and isinstance(spec, dict) else spec
+    _check_expression(expr)
+
+    def replace_root(doc: dict) -> dict:
         root = evaluate(expr, doc)
         if not isinstance(root, dict):
-            shown = "MISSING" if root is _MISSING else repr(root)
+            shown = "MISSING" if root is _MISSING else _shown(root)
             raise CommandError(40228, "'newRoot' expression must evaluate to an object, but "
                                       f"resulting value was: {shown}")
-        return copy.deepcopy(root)
-    raise _not_implemented(f"the {name} stage")
+        return root
+    return replace_root
+
+
+def compile_stage(name: str, spec: Any) -> Stage:
+    """One stage as a function of a document (None: filtered out). Its specification is checked
+    here, when the pipeline is parsed, as MongoDB checks it when the aggregate command arrives."""
+    if name == "$match":
+        return lambda doc: doc if matches(doc, spec) else None
+    if name in ("$replaceRoot", "$replaceWith"):
+        return _replace_root_stage(name, spec)
+    projection = {"$project": _project_stage, "$unset": _unset_stage,
+                  "$set": _add_fields_stage, "$addFields": _add_fields_stage}.get(name)
+    if projection is None:
+        raise _not_implemented(f"the {name} stage")
+    try:
+        return projection(spec)
+    except CommandError as exc:
+        raise CommandError(exc.code, f"Invalid {name} :: caused by :: {exc.errmsg}") from None
+
+
+def _check_expression(expr: Any) -> None:
+    """Refuse, when the stage is parsed, an expression operator this primary cannot evaluate."""
+    if isinstance(expr, list):
+        for item in expr:
+            _check_expression(item)
+    elif isinstance(expr, dict):
+        if _is_expression_object(expr):
+            ((operator, arg),) = expr.items()
+            if operator == "$literal":
+                return
+            if operator not in _OPERATORS:
+                raise _not_implemented(f"the expression operator {operator}")
+            expr = {"": arg}
+        for item in expr.values():
+            _check_expression(item)
 
 
 def _check_stage(stage: Any) -> tuple[str, Any]:
@@ -848,7 +1459,8 @@ def run_pipeline(docs: list[dict], stages: list[tuple[str, Any]]) -> list[dict]:
         elif name == "$group":
             docs = _group(docs, spec)
         else:
-            docs = [out for doc in docs if (out := apply_stage(doc, name, spec)) is not None]
+            stage = compile_stage(name, spec)
+            docs = [out for doc in docs if (out := stage(doc)) is not None]
     return docs
 
 
@@ -915,7 +1527,7 @@ class ChangeStreamCursor:
     db: str
     coll: str | None  # None for database- and cluster-wide streams
     cluster: bool
-    stages: list[tuple[str, Any]]
+    stages: list[Stage]
     full_document: str
     before_change: str
     position: str  # resume-token order: entries strictly after this are still to come
@@ -1066,8 +1678,20 @@ class TestPrimary:
     def __enter__(self) -> TestPrimary:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
+        if exc_type is None:
+            self.check()
+
+    def check(self) -> None:
+        """Fail loudly if a request failed inside the stand-in itself.
+
+        Such a request was answered with InternalError, which a driver or the relay may well
+        retry past; a bug here must fail the test instead of being absorbed.
+        """
+        if self.handler_errors:
+            raise AssertionError(f"the test primary failed {len(self.handler_errors)} request(s); "
+                                 f"the first:\n{self.handler_errors[0]}")
 
     @property
     def address(self) -> str:
@@ -1593,10 +2217,9 @@ class TestPrimary:
             self._crud_event("replace", db, name, coll, old["_id"], {"fullDocument": result.doc},
                              pre=old, post=result.doc)
         else:
-            description = {"updatedFields": result.updated, "removedFields": result.removed,
-                           "truncatedArrays": []}
             self._crud_event("update", db, name, coll, old["_id"],
-                             {"updateDescription": description}, pre=old, post=result.doc)
+                             {"updateDescription": result.description()}, pre=old,
+                             post=result.doc)
         return result
 
     def _find_and_modify(self, db: str, cmd: dict) -> dict:
@@ -1629,7 +2252,7 @@ class TestPrimary:
         else:
             value, outcome = None, {"n": 0, "updatedExisting": False}
         if value is not None and cmd.get("fields"):
-            value = _project(value, cmd["fields"])
+            value = compile_stage("$project", cmd["fields"])(value)
         return {"lastErrorObject": outcome, "value": value, "ok": 1.0}
 
     def _distinct(self, db: str, cmd: dict) -> dict:
@@ -1647,7 +2270,7 @@ class TestPrimary:
                                                   any(op.startswith("$") for op in v))}
         base: dict = {}
         for path, value in seed.items():
-            set_path(base, path, value)
+            _set(base, _Diff("document"), path.split("."), value)
         result = apply_update(base, update, inserting=True)
         doc = result.doc
         if "_id" not in doc:
@@ -1685,7 +2308,8 @@ class TestPrimary:
         if limit:
             docs = docs[:limit]
         if cmd.get("projection"):
-            docs = [_project(doc, cmd["projection"]) for doc in docs]
+            project = compile_stage("$project", cmd["projection"])
+            docs = [project(doc) for doc in docs]
         return _cursor_reply(f"{db}.{name}", docs)
 
     def _count(self, db: str, cmd: dict) -> dict:
@@ -1749,6 +2373,7 @@ class TestPrimary:
         for name, _ in stages[1:]:
             if name not in CHANGE_STREAM_STAGES:
                 raise CommandError(20, f"{name} is not permitted in a $changeStream pipeline")
+        compiled = [compile_stage(name, spec) for name, spec in stages[1:]]
         if "resumeAfter" in spec and "startAfter" in spec:
             raise CommandError(50865, "Do not specify both 'resumeAfter' and 'startAfter' in a "
                                       "$changeStream stage")
@@ -1779,7 +2404,7 @@ class TestPrimary:
                 id=next(self._cursor_ids),
                 ns=f"{db}.{target}" if isinstance(target, str) else f"{db}.$cmd.aggregate",
                 db=db, coll=target if isinstance(target, str) else None, cluster=cluster,
-                stages=stages[1:], full_document=full_document, before_change=before_change,
+                stages=compiled, full_document=full_document, before_change=before_change,
                 position=position,
                 verify=token.data if token and token.token_type == EVENT_TOKEN else None)
             docs, pbrt, alive = self._next_batch(cursor, batch_size)
@@ -1855,8 +2480,8 @@ class TestPrimary:
                                        f"was not found for event: {_event_summary(doc)}")
             doc["fullDocumentBeforeChange"] = image
         original_id = doc["_id"]
-        for name, spec in cursor.stages:
-            doc = apply_stage(doc, name, spec)
+        for stage in cursor.stages:
+            doc = stage(doc)
             if doc is None:
                 return None
         if doc.get("_id") != original_id:

@@ -35,6 +35,7 @@ from pymongo.errors import (
 from . import events as ev
 from .backoff import Backoff
 from .config import Config
+from .pipeline import redaction_stages
 
 # MongoDB's error codes: by name in src/mongo/base/error_codes.yml, or (five digits) the location
 # code of the uassert that raises them, in the file named.
@@ -111,44 +112,6 @@ def images_help(image: str, config: Config) -> str:
             f"\"{config.watch_collection}\", changeStreamPreAndPostImages: {{enabled: true}}}}) "
             "(MongoDB 6.0+), then restart the relay: it starts from now, and clients resuming "
             f"from before that event are told to resync ({IMAGES_MISSING})")
-
-
-def redaction_stages(paths) -> list[dict]:
-    """Stages that drop redacted fields inside MongoDB, before they ever reach the relay.
-
-    A document field appears in three places of a change event: the post-image
-    (``fullDocument``), the pre-image (``fullDocumentBeforeChange``) and, for updates, as a key
-    of ``updateDescription.updatedFields`` — so ``fullDocument.password`` is removed from all
-    three. An update that sets a sub-field (``{"password.hash": ...}``) has a dotted key there,
-    which no field path can address; the ``$set`` stage filters those keys by prefix.
-    """
-    if not paths:
-        return []
-    unset, prefixes = [], []
-    for path in paths:
-        head, _, rest = path.partition(".")
-        if head in ("fullDocument", "fullDocumentBeforeChange") and rest:
-            unset += [f"fullDocument.{rest}", f"fullDocumentBeforeChange.{rest}",
-                      f"updateDescription.updatedFields.{rest}"]
-            prefixes.append(rest)
-        else:
-            unset.append(path)
-    stages = [{"$unset": sorted(set(unset))}]
-    if prefixes:
-        keep = {"$and": [
-            cond for rest in prefixes for cond in (
-                {"$ne": ["$$this.k", rest]},
-                {"$ne": [{"$indexOfBytes": ["$$this.k", rest + "."]}, 0]},
-            )
-        ]}
-        stages.append({"$set": {"updateDescription.updatedFields": {"$cond": [
-            {"$eq": [{"$type": "$updateDescription.updatedFields"}, "object"]},
-            {"$arrayToObject": {"$filter": {
-                "input": {"$objectToArray": "$updateDescription.updatedFields"},
-                "cond": keep}}},
-            "$$REMOVE",
-        ]}}})
-    return stages
 
 
 class ChangeSource:

@@ -1,24 +1,21 @@
-// The changerelay page: a live table of change events from /socket.
+// The changerelay page: the change events of one subscription as a live table, the
+// subscription (namespaces, operations, filter) editable in place, every event one click away.
 //
-// Everything shown comes from the database, so the DOM is built with textContent only; the
-// page's Content-Security-Policy forbids inline code, hence no handlers in the markup.
+// The page's Content-Security-Policy forbids inline code, hence no handlers in the markup; what
+// comes from the database is shown with textContent only (render.js).
 
-import { connect } from "./changerelay.js";
+import { connect, DISCONNECTS } from "./changerelay.js";
+import { changeRow, clock, element, gapRow, namespace, OPERATIONS } from "./render.js";
 
 const MAX_ROWS = 200;
-const MAX_TEXT = 240;
-const OPERATIONS = new Set([
-  "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
-]);
-const CLOSE_CODES = {
-  1000: "closed normally",
-  1001: "server going away",
-  1006: "connection lost",
-  1008: "policy violation",
-  1009: "message too big",
-  1011: "server error",
-  1012: "server restarting",
-  1013: "slow consumer",
+const RATE_WINDOW = 5; // seconds the events/s figure averages over
+// How each state of MongoDB reads after "MongoDB "; a state this page predates reads as itself.
+const SOURCE_STATES = {
+  open: "open",
+  connecting: "connecting",
+  unreachable: "unreachable",
+  not_replica_set: "is not a replica set",
+  auth_failed: "refused the relay's credentials",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -26,273 +23,376 @@ const ui = {
   status: $("status"),
   statusText: $("status-text"),
   statusDetail: $("status-detail"),
+  source: $("source"),
+  sourcePart: $("source-part"),
   count: $("count"),
   countLabel: $("count-label"),
+  rate: $("rate"),
+  opCounts: $("op-counts"),
   rows: $("rows"),
   empty: $("empty"),
+  pause: $("pause"),
+  held: $("held"),
   resync: $("resync"),
   resyncText: $("resync-text"),
   error: $("error"),
   errorText: $("error-text"),
+  form: $("subscription"),
+  ns: $("sub-ns"),
+  ops: $("sub-ops"),
+  filter: $("sub-filter"),
+  refusal: $("refusal"),
+  subscribed: $("subscribed"),
+  detail: $("detail"),
+  detailTitle: $("detail-title"),
+  detailId: $("detail-id"),
+  detailJson: $("detail-json"),
+  copied: $("copied"),
 };
 
-let received = 0;
+// What the table shows, and what it holds back while paused (counted, newest MAX_ROWS kept).
+const view = { paused: false, held: [], heldCount: 0, received: 0, perOperation: new Map() };
+const events = new WeakMap(); // row → the change event it shows
+const rate = { started: Date.now(), seconds: new Map() }; // epoch second → events received
 
-// What the status line explains: why the last live connection ended, and how many attempts
-// have failed since (a restart shows "1001 server going away", not the 1006s that follow it).
-const connection = { open: false, everOpen: false, lastClose: null, failed: 0 };
+// The status line: the socket's state, and why the last live connection ended and how many
+// attempts failed since (a restart shows "1001 server shutting down", not the 1006s after it).
+const connection = {
+  state: "connecting", everOpen: false, lastClose: null, failed: 0, retryIn: null, refusal: null,
+};
+let source = null; // MongoDB's state as the relay last told it: {state, message, since}
 
-// The page's own query (ns, ops, filter, access_token) selects what the socket streams.
-const params = new URLSearchParams(location.search);
-if (params.getAll("ns").length) {
-  $("scope").textContent = params.getAll("ns").join(", ");
-  $("scope").className = "namespaces";
-}
+let relay = null;
+let generation = 0; // callbacks of a replaced connection are ignored
+
 $("cap").textContent = String(MAX_ROWS);
+const pageQuery = new URLSearchParams(location.search);
+fillForm(pageQuery);
+showSubscription(pageQuery);
+subscribe(location.search); // the page's own query, byte for byte, selects the first stream
 
-$("resync-dismiss").addEventListener("click", () => { ui.resync.hidden = true; });
-$("resync-clear").addEventListener("click", () => {
-  ui.rows.replaceChildren();
-  ui.empty.hidden = false;
-  ui.resync.hidden = true;
-});
-$("error-dismiss").addEventListener("click", () => { ui.error.hidden = true; });
+// -- the connection ------------------------------------------------------------------------
 
-connect(`/socket${location.search}`, {
-  onChange(change) {
-    console.log(change);
-    received += 1;
-    ui.count.textContent = received.toLocaleString("en");
-    ui.countLabel.textContent = received === 1 ? "event" : "events";
-    addRow(changeRow(change));
-  },
-  onControl(message) {
-    console.log(message);
-    if (message.type === "resync") {
-      const reason = message.reason ?? "unknown reason";
-      ui.resyncText.textContent =
-        `The server could not replay every change (${reason}); rows older than the marker may be ` +
-        "incomplete. Reload the data from the database if you need a complete picture.";
-      ui.resync.hidden = false;
-      addRow(gapRow(reason));
-    } else if (message.type === "error") {
-      ui.errorText.textContent = [message.code, message.message].filter(Boolean).join(": ");
-      ui.error.hidden = false;
-    }
-  },
-  onStatus: showStatus,
-});
+function subscribe(search) {
+  const mine = ++generation;
+  const current = (callback) => (value) => {
+    if (mine === generation) callback(value);
+  };
+  relay?.close();
+  Object.assign(connection, { state: "connecting", everOpen: false, lastClose: null, failed: 0,
+    refusal: null });
+  source = null;
+  relay = connect(`/socket${search}`, {
+    onChange: current(receive),
+    onControl: current(control),
+    onStatus: current(showStatus),
+  });
+}
+
+function receive(change) {
+  console.log(change);
+  count(change);
+  if (view.paused) {
+    hold({ change });
+  } else {
+    addRow(changeRow(change), change);
+  }
+}
+
+function control(message) {
+  console.log(message);
+  if (message.type === "resync") {
+    const reason = message.reason ?? "unknown reason";
+    ui.resyncText.textContent =
+      `The server could not replay every change (${reason}); rows older than the marker may be ` +
+      "incomplete. Reload the data from the database if you need a complete picture.";
+    ui.resync.hidden = false;
+    if (view.paused) hold({ gap: reason });
+    else addRow(gapRow(reason));
+  } else if (message.type === "error") {
+    ui.errorText.textContent = [message.code, message.message].filter(Boolean).join(": ");
+    ui.error.hidden = false;
+  } else if (message.type === "source") {
+    const since = new Date(message.since);
+    source = {
+      state: String(message.state),
+      message: typeof message.message === "string" ? message.message : "",
+      since: Number.isNaN(since.getTime()) ? null : since,
+    };
+    renderStatus();
+  }
+}
 
 function showStatus(status) {
   if (status.state === "open") {
-    Object.assign(connection, { open: true, everOpen: true, failed: 0 });
+    Object.assign(connection, { state: "open", everOpen: true, failed: 0, refusal: null });
+    source = { state: "open", message: "", since: null }; // the relay says when it is not
     ui.error.hidden = true; // in-band errors announce a close; a new connection supersedes them
-    showDetail();
-    setStatus("live", "Live");
+    ui.refusal.hidden = true;
   } else if (status.state === "connecting") {
-    const again = connection.everOpen || status.attempt > 0;
-    setStatus(again ? "reconnecting" : "connecting", again ? "Reconnecting…" : "Connecting…");
+    connection.state = connection.everOpen || status.attempt > 0 ? "reconnecting" : "connecting";
+    connection.retryIn = null;
   } else {
-    if (connection.open) {
-      const why = status.reason || CLOSE_CODES[status.code] || "no reason given";
+    if (connection.state === "open") {
+      const why = status.reason || causeOf(status.code) || "no reason given";
       connection.lastClose = `last close: ${status.code} ${why} · ${clock(new Date())}`;
     } else {
       connection.failed += 1;
     }
-    connection.open = false;
-    showDetail();
-    if (status.retryIn === null) setStatus("closed", "Closed");
-    else setStatus("reconnecting", `Reconnecting in ${(status.retryIn / 1000).toFixed(1)} s`);
+    source = null; // unknown until the relay says again
+    connection.refusal = status.refusal ?? null;
+    connection.retryIn = status.retryIn;
+    connection.state = status.retryIn === null ? "stopped" : "waiting";
+    if (status.retryIn === null && status.refusal) showRefusal(status.refusal);
+  }
+  renderStatus();
+}
+
+/** A close code's cause in words, from the client's table (a reason, when sent, says more). */
+function causeOf(code) {
+  const causes = Object.entries(DISCONNECTS.closes);
+  const [cause] = causes.find(([, close]) => close.code === code) ?? [];
+  return cause?.replaceAll("_", " ");
+}
+
+function renderStatus() {
+  const { state, lastClose, failed, retryIn, refusal } = connection;
+  const healthy = source === null || source.state === "open";
+  const text = {
+    open: healthy ? "Live" : "Connected to the relay",
+    connecting: "Connecting…",
+    reconnecting: "Reconnecting…",
+    waiting: `Reconnecting in ${((retryIn ?? 0) / 1000).toFixed(1)} s`,
+    stopped: refusal ? "Refused by the relay" : "Stopped",
+  }[state];
+  ui.status.dataset.state = state === "open" ? "live" : state;
+  ui.status.dataset.source = source?.state ?? "unknown";
+  ui.statusText.textContent = text;
+
+  ui.sourcePart.hidden = source === null;
+  if (source !== null) {
+    const since = source.since ? ` since ${source.since.toLocaleTimeString("en-GB")}` : "";
+    const label = SOURCE_STATES[source.state] ?? source.state.replaceAll("_", " ");
+    ui.source.textContent = `MongoDB ${label}${healthy ? "" : `${since} — retrying`}`;
+    ui.source.title = source.message;
+  }
+  const attempts = failed === 1 ? "1 failed attempt" : `${failed} failed attempts`;
+  const refused = refusal && state !== "stopped" ? refusalText(refusal) : null;
+  ui.statusDetail.textContent = [lastClose, failed ? attempts : null, refused]
+    .filter(Boolean).join(" · ");
+}
+
+function refusalText({ status, error, message }) {
+  return `refused (${[status, error].filter(Boolean).join(" ")}): ${message}`;
+}
+
+/** A refusal retrying cannot cure, next to the subscription that is likely to be its cause. */
+function showRefusal(refusal) {
+  ui.refusal.replaceChildren(
+    element("strong", { text: "The relay refused this subscription: " }),
+    refusal.message,
+    " ",
+    element("code", { text: `(${[refusal.status, refusal.error].filter(Boolean).join(" ")})` }),
+  );
+  ui.refusal.hidden = false;
+}
+
+// -- the subscription form -------------------------------------------------------------------
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const query = formQuery();
+  const search = query ? `?${query}` : "";
+  history.replaceState(null, "", `${location.pathname}${search}`); // a reload keeps it
+  showSubscription(new URLSearchParams(query));
+  ui.refusal.hidden = true;
+  subscribe(search);
+});
+
+$("sub-reset").addEventListener("click", () => {
+  fillForm(new URLSearchParams());
+  ui.form.requestSubmit();
+});
+
+function fillForm(query) {
+  ui.ns.value = query.get("ns") ?? "";
+  ui.filter.value = query.get("filter") ?? "";
+  const ticked = new Set((query.get("ops") ?? "").split(",").map((op) => op.trim()));
+  const choices = [...new Set([...OPERATIONS, ...ticked])].filter(Boolean);
+  ui.ops.querySelectorAll("label").forEach((label) => label.remove());
+  for (const op of choices) {
+    const box = element("input");
+    box.type = "checkbox";
+    box.name = "ops";
+    box.value = op;
+    box.checked = ticked.has(op);
+    const label = element("label", { className: "op-choice" });
+    label.append(box, ` ${op}`);
+    ui.ops.append(label);
   }
 }
 
-function showDetail() {
-  const { lastClose, failed } = connection;
-  const attempts = failed === 1 ? "1 failed attempt" : `${failed} failed attempts`;
-  ui.statusDetail.textContent = [lastClose, failed ? attempts : null].filter(Boolean).join(" · ");
+/** The query the form describes; a token given to the page goes along. */
+function formQuery() {
+  const query = new URLSearchParams();
+  const ns = ui.ns.value.trim();
+  const ops = [...ui.ops.querySelectorAll("input:checked")].map((box) => box.value);
+  const filter = ui.filter.value.trim();
+  if (ns) query.set("ns", ns);
+  if (ops.length) query.set("ops", ops.join(","));
+  if (filter) query.set("filter", filter);
+  if (pageQuery.has("access_token")) query.set("access_token", pageQuery.get("access_token"));
+  return query.toString();
 }
 
-function setStatus(state, text) {
-  ui.status.dataset.state = state;
-  ui.statusText.textContent = text;
+function showSubscription(query) {
+  const parts = [["ns", "namespaces"], ["ops", "operations"], ["filter", "filter"]]
+    .filter(([name]) => query.has(name))
+    .map(([name, words]) => [`${words} `, element("code", { text: query.get(name) })]);
+  ui.subscribed.replaceChildren(
+    ...(parts.length ? parts.flatMap((part, i) => (i ? [" · ", ...part] : part))
+      : ["everything watched"]),
+  );
 }
 
-function addRow(row) {
+// -- the table: rows, pause, clear, counts ---------------------------------------------------
+
+function addRow(row, change) {
+  if (change) events.set(row, change);
   ui.rows.prepend(row);
   while (ui.rows.rows.length > MAX_ROWS) ui.rows.lastElementChild.remove();
   ui.empty.hidden = true;
 }
 
-function changeRow(change) {
-  const op = String(change.operationType);
-  const row = element("tr", { className: "change" });
-  row.dataset.op = op;
-  if (typeof change._id?._data === "string") row.dataset.id = change._id._data;
-  row.append(
-    timeCell(change.wallTime),
-    cell(element("span", { className: `op op-${OPERATIONS.has(op) ? op : "other"}`, text: op })),
-    cell(element("code", { text: namespace(change.ns) })),
-    cell(clipped("code", change.documentKey === undefined ? "—" : keyText(change.documentKey))),
-    cell(...details(change)),
-  );
-  return row;
+function hold(item) {
+  view.held.push(item);
+  if (view.held.length > MAX_ROWS) view.held.shift(); // it would scroll out of the table anyway
+  if (item.change) view.heldCount += 1;
+  showHeld();
 }
 
-function gapRow(reason) {
-  const row = element("tr", { className: "gap" });
-  const td = cell(`Changes may be missing before this point (${reason})`);
-  td.colSpan = 5;
-  row.append(td);
-  return row;
+function showHeld() {
+  ui.held.hidden = !view.paused;
+  const n = view.heldCount;
+  ui.held.textContent = `Paused · ${n.toLocaleString("en")} ${n === 1 ? "event" : "events"} ` +
+    "held back";
 }
 
-function timeCell(wallTime) {
-  const date = wallDate(wallTime);
-  const when = date ?? new Date();
-  const time = element("time", { text: clock(when) });
-  time.dateTime = when.toISOString();
-  time.title = date ? when.toString() : `received ${when.toString()} (the event has no wallTime)`;
-  if (!date) time.className = "received";
-  return cell(time);
-}
-
-function details(change) {
-  switch (change.operationType) {
-    case "insert":
-    case "replace":
-      return change.fullDocument
-        ? [clipped("code", compact(withoutId(change.fullDocument)))]
-        : [muted("no fullDocument")];
-    case "update":
-      return updateParts(change.updateDescription ?? {});
-    case "delete":
-      return change.fullDocumentBeforeChange
-        ? [muted("before "), clipped("code", compact(withoutId(change.fullDocumentBeforeChange)))]
-        : [muted("document removed")];
-    case "rename":
-      return [muted("renamed to "), element("code", { text: namespace(change.to) })];
-    case "drop":
-      return [muted("collection dropped")];
-    case "dropDatabase":
-      return [muted("database dropped")];
-    case "invalidate":
-      return [muted("change stream invalidated")];
-    default:
-      return change.operationDescription
-        ? [clipped("code", compact(change.operationDescription))]
-        : [];
-  }
-}
-
-function updateParts({ updatedFields = {}, removedFields = [], truncatedArrays = [] }) {
-  const parts = [];
-  for (const [path, value] of Object.entries(updatedFields)) {
-    const part = element("span", { className: "field field-set" });
-    part.append(element("code", { text: path }), " = ", clipped("code", compact(value)));
-    parts.push(part);
-  }
-  for (const path of removedFields) {
-    const part = element("span", { className: "field field-unset" });
-    part.append("unset ", element("code", { text: path }));
-    parts.push(part);
-  }
-  for (const { field, newSize } of truncatedArrays) {
-    const part = element("span", { className: "field field-truncated" });
-    part.append(element("code", { text: field }), ` truncated to ${newSize}`);
-    parts.push(part);
-  }
-  return parts.length ? parts : [muted("no field changes")];
-}
-
-// -- Extended JSON, compactly: the shell's notation, which people read faster than raw $-keys.
-
-function compact(value) {
-  if (value === null || typeof value !== "object") return JSON.stringify(value) ?? String(value);
-  if (Array.isArray(value)) return `[${value.map(compact).join(", ")}]`;
-  const wrapped = extendedJson(value);
-  if (wrapped !== undefined) return wrapped;
-  const fields = Object.entries(value).map(([key, item]) => `${fieldName(key)}: ${compact(item)}`);
-  return `{${fields.join(", ")}}`;
-}
-
-function extendedJson(value) {
-  const keys = Object.keys(value);
-  if (keys.length !== 1 || !keys[0].startsWith("$")) return undefined;
-  const inner = value[keys[0]];
-  switch (keys[0]) {
-    case "$oid": return `ObjectId("${inner}")`;
-    case "$date": {
-      const date = wallDate(value);
-      return date ? `ISODate("${date.toISOString()}")` : undefined;
+ui.pause.addEventListener("click", () => {
+  view.paused = !view.paused;
+  ui.pause.setAttribute("aria-pressed", String(view.paused));
+  ui.pause.textContent = view.paused ? "Resume" : "Pause";
+  if (!view.paused) {
+    for (const item of view.held.splice(0)) {
+      if (item.change) addRow(changeRow(item.change), item.change);
+      else addRow(gapRow(item.gap));
     }
-    case "$numberLong":
-    case "$numberInt":
-    case "$numberDouble": return String(inner);
-    case "$numberDecimal": return `Decimal128("${inner}")`;
-    case "$timestamp": return `Timestamp({t: ${inner.t}, i: ${inner.i}})`;
-    case "$binary": return `Binary("${inner.base64}", ${Number.parseInt(inner.subType, 16)})`;
-    case "$regularExpression": return `/${inner.pattern}/${inner.options}`;
-    case "$minKey": return "MinKey()";
-    case "$maxKey": return "MaxKey()";
-    default: return undefined;
+    view.heldCount = 0;
   }
+  showHeld();
+});
+
+function clear() {
+  ui.rows.replaceChildren();
+  view.held.length = 0;
+  view.heldCount = 0;
+  view.received = 0;
+  view.perOperation.clear();
+  ui.opCounts.replaceChildren();
+  ui.count.textContent = "0";
+  ui.countLabel.textContent = "events";
+  ui.empty.hidden = false;
+  ui.resync.hidden = true;
+  showHeld();
 }
 
-function keyText(documentKey) {
-  const keys = Object.keys(documentKey ?? {});
-  return keys.length === 1 && keys[0] === "_id" ? compact(documentKey._id) : compact(documentKey);
+$("clear").addEventListener("click", clear);
+$("resync-clear").addEventListener("click", clear);
+$("resync-dismiss").addEventListener("click", () => { ui.resync.hidden = true; });
+$("error-dismiss").addEventListener("click", () => { ui.error.hidden = true; });
+
+function count(change) {
+  view.received += 1;
+  ui.count.textContent = view.received.toLocaleString("en");
+  ui.countLabel.textContent = view.received === 1 ? "event" : "events";
+
+  const op = String(change.operationType);
+  const seen = (view.perOperation.get(op) ?? 0) + 1;
+  view.perOperation.set(op, seen);
+  let item = ui.opCounts.querySelector(`li[data-op="${CSS.escape(op)}"]`);
+  if (!item) {
+    item = element("li");
+    item.dataset.op = op;
+    const known = OPERATIONS.includes(op) ? op : "other";
+    item.append(element("span", { className: `op op-${known}`, text: op }), " ",
+      element("span", { className: "figure" }));
+    ui.opCounts.append(item);
+  }
+  item.lastElementChild.textContent = seen.toLocaleString("en");
+
+  const second = Math.floor(Date.now() / 1000);
+  rate.seconds.set(second, (rate.seconds.get(second) ?? 0) + 1);
 }
 
-function withoutId(document) {
-  if (typeof document !== "object" || Array.isArray(document)) return document;
-  const { _id, ...rest } = document;
-  return rest;
+// Events per second over the last whole seconds (fewer while the page is younger than that).
+setInterval(() => {
+  const now = Math.floor(Date.now() / 1000);
+  let total = 0;
+  for (const [second, n] of rate.seconds) {
+    if (second < now - RATE_WINDOW) rate.seconds.delete(second);
+    else if (second < now) total += n;
+  }
+  const span = Math.min(RATE_WINDOW, Math.max(1, now - Math.floor(rate.started / 1000)));
+  const perSecond = total / span;
+  ui.rate.textContent = perSecond < 10 ? perSecond.toFixed(1) : Math.round(perSecond)
+    .toLocaleString("en");
+}, 1000);
+
+// -- the whole event -------------------------------------------------------------------------
+
+let opener = null; // the row to return focus to when the detail view closes
+
+ui.rows.addEventListener("click", (event) => {
+  const row = event.target.closest("tr.change");
+  if (row && !getSelection()?.toString()) showEvent(row); // selecting text is not a click
+});
+
+ui.rows.addEventListener("keydown", (event) => {
+  if ((event.key === "Enter" || event.key === " ") && event.target.matches("tr.change")) {
+    event.preventDefault(); // Space would scroll
+    showEvent(event.target);
+  }
+});
+
+function showEvent(row) {
+  const change = events.get(row);
+  if (!change) return;
+  opener = row;
+  ui.detailTitle.textContent = `${change.operationType} · ${namespace(change.ns)}`;
+  ui.detailId.textContent = change._id?._data ?? "—";
+  ui.detailJson.textContent = JSON.stringify(change, null, 2);
+  ui.copied.textContent = "";
+  ui.detail.showModal();
 }
 
-function fieldName(key) {
-  return /^[A-Za-z_$][\w$]*$/.test(key) ? key : JSON.stringify(key);
-}
+ui.detail.addEventListener("close", () => {
+  if (opener?.isConnected) opener.focus();
+  opener = null;
+});
+$("detail-close").addEventListener("click", () => ui.detail.close());
+ui.detail.addEventListener("click", (event) => {
+  if (event.target === ui.detail) ui.detail.close(); // the backdrop
+});
+$("copy-event").addEventListener("click", () => copy(ui.detailJson, "the event"));
+$("copy-id").addEventListener("click", () => copy(ui.detailId, "the id"));
 
-function namespace(ns) {
-  if (!ns) return "—";
-  return ns.coll === undefined ? String(ns.db) : `${ns.db}.${ns.coll}`;
-}
-
-function wallDate(wallTime) {
-  const raw = wallTime?.$date;
-  const millis = typeof raw === "object" && raw !== null ? Number(raw.$numberLong) : raw;
-  if (millis === undefined) return null;
-  const date = new Date(millis);
-  return Number.isNaN(date.getTime()) ? null : date;
-}
-
-function clock(date) {
-  const hms = date.toLocaleTimeString("en-GB", { hour12: false });
-  return `${hms}.${String(date.getMilliseconds()).padStart(3, "0")}`;
-}
-
-// -- DOM helpers
-
-function element(tag, { className, text } = {}) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-function cell(...children) {
-  const td = document.createElement("td");
-  td.append(...children);
-  return td;
-}
-
-function muted(text) {
-  return element("span", { className: "muted", text });
-}
-
-/** Long values are cut for the table; the full text stays available as a tooltip. */
-function clipped(tag, text) {
-  const node = element(tag, { text: text.length > MAX_TEXT ? `${text.slice(0, MAX_TEXT)}…` : text });
-  if (text.length > MAX_TEXT) node.title = text.slice(0, 10_000);
-  return node;
+/** Copy an element's text; where the clipboard is unavailable (plain http), select it. */
+async function copy(node, what) {
+  try {
+    await navigator.clipboard.writeText(node.textContent);
+    ui.copied.textContent = `Copied ${what}`;
+  } catch {
+    getSelection().selectAllChildren(node);
+    ui.copied.textContent = `Selected ${what}: press Ctrl+C (⌘C) to copy`;
+  }
 }

@@ -5,6 +5,7 @@
  * `operationType`) or a control message (it has `type`). Connections drop – deploys, slow
  * consumers, flaky networks – so this client reconnects by itself and asks the server to
  * resume after the newest event it has seen, which makes a drop invisible except for latency.
+ * When the relay refuses the connection it learns why and stops if retrying cannot help.
  *
  * ```js
  * import { connect } from "/static/changerelay.js";
@@ -28,6 +29,40 @@ const BASE_DELAY = 500;
 const MAX_DELAY = 30_000;
 /** A connection that stayed open this long counts as healthy: the backoff starts over. */
 const STABLE_AFTER = 10_000;
+/** How long to wait for the relay to say why a handshake failed before retrying anyway. */
+const PROBE_TIMEOUT = 10_000;
+
+/**
+ * Every close code and handshake refusal the relay uses, and what this client does after it:
+ * the same table as the relay's `changerelay/disconnect.py` and its README (the relay's tests
+ * check that the three agree; it is written as JSON so that they can read it).
+ *
+ * `closes`: cause → the close code, the reason the relay sends with it (`null`: the reason
+ * names the fault each time) and the retry policy. `refusals`: the HTTP status of a refused
+ * handshake → the retry policy. The policies:
+ *
+ * - `no`: the same request fails again; stop, and report why.
+ * - `backoff`: temporary; try the same request again after an exponential backoff.
+ * - `resume`: reconnect after the backoff, resuming after the last id; nothing is lost.
+ * - `fresh_token`: only with a new token — a URL function and `refreshable: true`; else stop.
+ */
+export const DISCONNECTS = {
+  "closes": {
+    "ping_timeout": {"code": 1000, "reason": "ping timed out", "retry": "resume"},
+    "shutdown": {"code": 1001, "reason": "server shutting down", "retry": "resume"},
+    "protocol_error": {"code": 1002, "reason": null, "retry": "resume"},
+    "connection_lost": {"code": 1006, "reason": null, "retry": "resume"},
+    "invalid_data": {"code": 1007, "reason": null, "retry": "resume"},
+    "token_expired": {"code": 1008, "reason": "token expired", "retry": "fresh_token"},
+    "message_too_big": {"code": 1009, "reason": null, "retry": "resume"},
+    "server_error": {"code": 1011, "reason": null, "retry": "resume"},
+    "slow_consumer": {"code": 1013, "reason": "slow consumer", "retry": "resume"}
+  },
+  "refusals": {
+    "400": "no", "401": "fresh_token", "403": "no", "404": "no", "413": "no", "414": "no",
+    "421": "no", "426": "no", "429": "backoff", "431": "no", "503": "backoff"
+  }
+};
 
 /**
  * A MongoDB change event in relaxed Extended JSON, exactly as the server produced it.
@@ -53,6 +88,10 @@ const STABLE_AFTER = 10_000;
  *   off the oplog). Reload your state from the database; the stream continues from now.
  * - `{type: "position", resume_after}`: a newer resume point on a quiet stream.
  * - `{type: "error", code, message}`: the server reports a problem.
+ * - `{type: "source", state, message, since}`: MongoDB's state as the relay sees it — `open`,
+ *   `connecting`, `unreachable`, `not_replica_set`, `auth_failed`, or a newer one — sent when it
+ *   changes and on connecting while it is not open; `message` is written for people, `since` is
+ *   an ISO time. The socket stays open meanwhile: the relay keeps retrying MongoDB.
  *
  * The client itself emits `{type: "error", code: "invalid_message", message}` when a frame is
  * not a JSON object, so a misbehaving proxy does not go unnoticed.
@@ -66,16 +105,28 @@ const STABLE_AFTER = 10_000;
  *
  * - `{state: "connecting", url, attempt}`: a socket is being opened (`attempt` 0 is the first).
  * - `{state: "open", url}`: connected; events flow.
- * - `{state: "closed", code, reason, wasClean, retryIn}`: the socket closed. `retryIn` is the
- *   delay in ms before the next attempt, or `null` after {@link Relay#close}.
+ * - `{state: "closed", code, reason, wasClean, retryIn, refusal}`: the socket closed.
+ *   `retryIn` is the delay in ms before the next attempt, or `null` when none follows: after
+ *   {@link Relay#close}, or when retrying cannot help ({@link DISCONNECTS}). `refusal` is set
+ *   when the relay refused the handshake.
  *
- * Close codes the server uses: 1001 going away, 1008 policy (e.g. token expired), 1009 message
- * too large, 1011 server error, 1013 slow consumer. 1006 means the connection failed or was cut
- * without a close frame – including every handshake refusal (HTTP 400/401/403/429/503), whose
- * details a browser does not expose.
+ * A browser reports every failed handshake as 1006 with no details, so after a 1006 from a
+ * socket that never opened the client fetches the same URL over HTTP: the relay runs the same
+ * admission and answers its refusal as JSON (or 204, admitted: the failure was the network's).
  *
  * @typedef {object} Status
  * @property {"connecting"|"open"|"closed"} state
+ * @property {Refusal} [refusal]
+ */
+
+/**
+ * Why the relay refused a handshake.
+ *
+ * @typedef {object} Refusal
+ * @property {number} status The HTTP status: 400 bad request, 401 token, 403 forbidden, 429 and
+ *   503 connection caps, … (see {@link DISCONNECTS}).
+ * @property {string|null} error The relay's error code, e.g. `invalid_filter`.
+ * @property {string} message What is wrong and how to fix it, written for people.
  */
 
 /**
@@ -85,6 +136,8 @@ const STABLE_AFTER = 10_000;
  * @property {(status: Status) => void} [onStatus] Called on every connection state change.
  * @property {string|null} [resumeAfter] Resume after this event id (`_id._data`) instead of
  *   starting from now, e.g. an id saved from a previous page load.
+ * @property {boolean} [refreshable=false] The URL function puts a freshly issued token in every
+ *   URL it returns, so a 401 or an expired token is worth another attempt.
  * @property {number} [baseDelay=500] Backoff base in ms.
  * @property {number} [maxDelay=30000] Backoff cap in ms.
  * @property {number} [stableAfter=10000] Open this long (ms) and the backoff resets.
@@ -102,14 +155,16 @@ const STABLE_AFTER = 10_000;
 /**
  * Open a relay connection that keeps itself open.
  *
- * On every close other than {@link Relay#close} it reconnects after an exponential backoff
- * with full jitter (a random delay in [0, min(maxDelay, baseDelay · 2^failures)) ms), adding
- * `resume_after=<lastId>` to the URL so the server replays exactly the events missed. All other
- * query parameters (`ns`, `ops`, `filter`, `access_token`, …) are passed through untouched.
+ * After a close or a refused handshake it does what {@link DISCONNECTS} says: usually it
+ * reconnects after an exponential backoff with full jitter (a random delay in
+ * [0, min(maxDelay, baseDelay · 2^failures)) ms), adding `resume_after=<lastId>` to the URL so
+ * the server replays exactly the events missed; after a permanent refusal (a bad filter, a
+ * forbidden origin, …) it stops and reports the relay's reason. All other query parameters
+ * (`ns`, `ops`, `filter`, `access_token`, …) are passed through untouched.
  *
  * @param {string|(() => string)} url The socket URL. Relative URLs resolve against the page,
  *   and `http(s):` becomes `ws(s):`. Pass a function to compute it per attempt, e.g. to put a
- *   freshly issued `access_token` in it after a 1008 close.
+ *   freshly issued `access_token` in it (and say so with `refreshable: true`).
  * @param {ConnectOptions} [options]
  * @returns {Relay}
  */
@@ -119,10 +174,15 @@ export function connect(url, options = {}) {
     onControl = () => {},
     onStatus = () => {},
     resumeAfter = null,
+    refreshable = false,
     baseDelay = BASE_DELAY,
     maxDelay = MAX_DELAY,
     stableAfter = STABLE_AFTER,
   } = options;
+  if (refreshable && typeof url !== "function") {
+    throw new TypeError(
+      "changerelay: refreshable needs a URL function that puts a fresh token in each URL");
+  }
   const address = typeof url === "function" ? url : () => url;
   socketUrl(address(), null); // fail fast, before any timer, on a URL that can never work
 
@@ -131,7 +191,7 @@ export function connect(url, options = {}) {
   let timer = null;
   let failures = 0;
   let openedAt = null;
-  let closed = false;
+  let closed = false; // no attempt follows: close() was called, or retrying cannot help
 
   function open() {
     timer = null;
@@ -142,7 +202,7 @@ export function connect(url, options = {}) {
       ws = new WebSocket(target);
     } catch (error) {
       // Some browsers throw (e.g. a SecurityError) instead of failing the connection.
-      lost({ code: 1006, reason: String(error?.message ?? error), wasClean: false });
+      after({ code: 1006, reason: String(error?.message ?? error), wasClean: false }, "resume");
       return;
     }
     socket = ws;
@@ -153,21 +213,36 @@ export function connect(url, options = {}) {
     ws.onmessage = (event) => receive(event.data);
     ws.onclose = (event) => {
       socket = null;
-      if (openedAt !== null && Date.now() - openedAt >= stableAfter) failures = 0;
+      const opened = openedAt !== null;
+      if (opened && Date.now() - openedAt >= stableAfter) failures = 0;
       openedAt = null;
-      lost(event);
+      if (closed) {
+        after(event);
+      } else if (!opened && event.code === 1006) {
+        whyRefused(target).then((refusal) => {
+          if (!closed) after(event, refusal ? retryAfterRefusal(refusal.status) : "resume",
+            refusal);
+        });
+      } else {
+        after(event, retryAfterClose(event.code, event.reason));
+      }
     };
   }
 
-  function lost({ code, reason, wasClean }) {
-    if (closed) {
-      notify(onStatus, { state: "closed", code, reason, wasClean, retryIn: null });
+  /** Report the close, then retry (after the backoff) or stop, as `retry` says. */
+  function after({ code, reason, wasClean }, retry = "no", refusal = undefined) {
+    const again = !closed && (retry === "fresh_token" ? refreshable : retry !== "no");
+    const status = { state: "closed", code, reason, wasClean, retryIn: null };
+    if (refusal) status.refusal = refusal;
+    if (!again) {
+      closed = true;
+      notify(onStatus, status);
       return;
     }
-    const retryIn = Math.random() * Math.min(maxDelay, baseDelay * 2 ** Math.min(failures, 30));
+    status.retryIn = Math.random() * Math.min(maxDelay, baseDelay * 2 ** Math.min(failures, 30));
     failures += 1;
-    notify(onStatus, { state: "closed", code, reason, wasClean, retryIn });
-    timer = setTimeout(open, retryIn);
+    notify(onStatus, status);
+    timer = setTimeout(open, status.retryIn);
   }
 
   function receive(data) {
@@ -193,9 +268,6 @@ export function connect(url, options = {}) {
     }
     if (message.type === "position" && typeof message.resume_after === "string") {
       lastId = message.resume_after;
-    } else if (message.type === "resync" && "resume_after" in message) {
-      // The server names the new resume point; null means "start from now".
-      lastId = typeof message.resume_after === "string" ? message.resume_after : null;
     }
     notify(onControl, message);
   }
@@ -222,6 +294,48 @@ export function connect(url, options = {}) {
       return lastId;
     },
   };
+}
+
+/**
+ * Why the relay refused the handshake to `target`, or null if it would admit it now (or cannot
+ * be asked): the same URL over HTTP runs the same admission and answers the same refusal.
+ *
+ * @param {string} target
+ * @returns {Promise<Refusal|null>}
+ */
+async function whyRefused(target) {
+  const probe = new URL(target);
+  probe.protocol = probe.protocol === "wss:" ? "https:" : "http:";
+  let response;
+  try {
+    response = await fetch(probe.href, {
+      cache: "no-store",
+      signal: AbortSignal.timeout(PROBE_TIMEOUT),
+    });
+  } catch {
+    return null; // unreachable, or another origin's answer this page may not read
+  }
+  if (response.ok) return null;
+  const body = await response.json().catch(() => ({}));
+  // A relay too old to be asked answers every plain GET so; it says nothing about the handshake.
+  if (body.error === "websocket_required") return null;
+  return {
+    status: response.status,
+    error: typeof body.error === "string" ? body.error : null,
+    message: typeof body.message === "string" ? body.message : `HTTP ${response.status}`,
+  };
+}
+
+/** The retry policy after a close: by code and reason, else the code's cause, else resume. */
+function retryAfterClose(code, reason) {
+  const causes = Object.values(DISCONNECTS.closes).filter((cause) => cause.code === code);
+  const cause = causes.find((c) => c.reason === reason) ?? causes.find((c) => c.reason === null);
+  return cause?.retry ?? "resume";
+}
+
+/** The retry policy after a refusal; a status the table does not list goes by its class. */
+function retryAfterRefusal(status) {
+  return DISCONNECTS.refusals[status] ?? (status >= 500 ? "backoff" : "no");
 }
 
 /**

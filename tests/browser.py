@@ -53,6 +53,10 @@ FLAGS = (
 )
 
 
+# key → (virtual key code, text it types)
+_KEYS = {"Enter": (13, "\r"), "Escape": (27, ""), "Tab": (9, ""), " ": (32, " ")}
+
+
 class BrowserError(RuntimeError):
     """Chromium could not be started, or the DevTools protocol reported an error."""
 
@@ -345,6 +349,27 @@ class Browser:
                     f"not {count}: {self._websocket_urls}"
                 )
             return list(self._websocket_urls)
+
+    def press(self, key: str) -> None:
+        """Press and release a key (``Enter``, ``Escape``, ``Tab``, ``" "``) as a user would:
+        trusted events, to whatever has the focus."""
+        code, text = _KEYS[key]
+        for kind in ("keyDown", "keyUp"):
+            params = {"type": kind, "key": key, "code": "Space" if key == " " else key,
+                      "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code}
+            if kind == "keyDown" and text:
+                params["text"] = text
+            self._run(self._send("Input.dispatchKeyEvent", params), 10)
+
+    def set_viewport(self, width: int, height: int, *, mobile: bool = False) -> None:
+        """Resize the page's viewport (``mobile``: a phone's meta-viewport handling too)."""
+        self._run(self._send("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}), 10)
+
+    def prefer_color_scheme(self, scheme: str | None) -> None:
+        """Emulate ``prefers-color-scheme: light`` or ``dark``; None: the browser's own."""
+        features = [{"name": "prefers-color-scheme", "value": scheme}] if scheme else []
+        self._run(self._send("Emulation.setEmulatedMedia", {"features": features}), 10)
 
     def screenshot(self, path: str | os.PathLike[str]) -> Path:
         """Write a PNG of the viewport to ``path`` and return it."""

@@ -9,6 +9,7 @@ skip there. What the tests share besides fixtures is in ``tests/support.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 
 import pytest
@@ -40,7 +41,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def primary():
-    """A running test primary (fault-injecting tests use this directly)."""
+    """A running test primary (fault-injecting tests use this directly).
+
+    Leaving it fails the test if the primary logged a handler error (``TestPrimary.check``).
+    """
     if REAL_URI:
         pytest.skip("needs the test primary for fault injection")
     with TestPrimary() as server:
@@ -56,12 +60,11 @@ def writer(primary):
 
 @pytest.fixture
 def mongo():
-    server = None if REAL_URI else TestPrimary().start()
-    m = Mongo(REAL_URI or server.uri, server)
-    yield m
-    m.close()
-    if server is not None:
-        server.stop()
+    """The MongoDB a test writes to; a test primary fails the test if it logged a handler error."""
+    with contextlib.nullcontext() if REAL_URI else TestPrimary() as server:
+        m = Mongo(REAL_URI or server.uri, server)
+        yield m
+        m.close()
 
 
 @pytest.fixture

@@ -320,6 +320,18 @@ class SSE:
         self.writer.close()
 
 
+def drain(stream, count: int, timeout: float = 5) -> list[dict]:
+    """The next ``count`` events of a (synchronous) change stream, failing, not hanging, if they
+    don't arrive in time."""
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} events: {got}"
+        event = stream.try_next()
+        if event is not None:
+            got.append(event)
+    return got
+
+
 def token(n: int) -> str:
     """A resume token's _data for the n-th event (the hub's tests need only their order)."""
     return f"82{n:016X}"

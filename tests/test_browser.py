@@ -26,12 +26,14 @@ import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import jwt
 import pytest
 import tornado.web
 import tornado.websocket
@@ -40,6 +42,8 @@ from bson import ObjectId, Timestamp, json_util
 from pymongo import MongoClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
+
+from changerelay.primary import TestPrimary
 
 pytestmark = pytest.mark.browser
 
@@ -104,6 +108,25 @@ def page(browser: Browser, relay_page_url: str) -> Browser:
 def stub_page(browser: Browser, relay_stub: StubRelay) -> Browser:
     """The page on the stub, for tests that inject control messages or close codes."""
     return live(browser, relay_stub.page_url)
+
+
+@pytest.fixture
+def phone(browser: Browser) -> Iterator[Browser]:
+    """The browser at a phone's width (390 px, as an iPhone 12-15), for one test."""
+    browser.set_viewport(390, 844, mobile=True)
+    try:
+        yield browser
+    finally:
+        browser.set_viewport(1280, 800)
+
+
+@pytest.fixture
+def dark(browser: Browser) -> Iterator[Browser]:
+    browser.prefer_color_scheme("dark")
+    try:
+        yield browser
+    finally:
+        browser.prefer_color_scheme(None)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -274,6 +297,398 @@ def test_the_table_keeps_the_newest_200_rows_and_counts_all(
     assert table[-1]["cells"][3] == json.dumps(f"{key}-005")
 
 
+def text(browser: Browser, element_id: str) -> str:
+    return browser.evaluate(f"document.getElementById({json.dumps(element_id)}).textContent")
+
+
+def shown(browser: Browser, element_id: str) -> bool:
+    return browser.evaluate(f"!document.getElementById({json.dumps(element_id)}).hidden")
+
+
+def test_pause_holds_rows_back_and_counts_them(stub_page: Browser, relay_stub: StubRelay) -> None:
+    page, key = stub_page, unique("pause")
+    relay_stub.collection.insert_one({"_id": f"{key}-0"})
+    wait_for_rows(page, key, 1)
+    page.evaluate("document.getElementById('pause').click()")
+    assert page.evaluate("document.getElementById('pause').getAttribute('aria-pressed')") == "true"
+    for n in range(1, 4):
+        relay_stub.collection.insert_one({"_id": f"{key}-{n}"})
+    relay_stub.broadcast({"type": "resync", "reason": "history_lost"})
+    page.wait_for_console(lambda m: m.args == [{"type": "resync", "reason": "history_lost"}])
+
+    assert len(rows(page, key)) == 1  # held back…
+    assert text(page, "held") == "Paused · 3 events held back"  # …and counted
+    assert page.evaluate(COUNT_JS) == 4
+    assert page.evaluate("document.querySelectorAll('#rows tr.gap').length") == 0
+
+    page.evaluate("document.getElementById('pause').click()")
+    assert [r["cells"][3] for r in rows(page, key)] == [
+        json.dumps(f"{key}-{n}") for n in (3, 2, 1, 0)]
+    assert page.evaluate("document.querySelector('#rows tr').className") == "gap"  # in order
+    assert not shown(page, "held")
+    assert text(page, "pause") == "Pause"
+
+
+def test_clear_empties_the_table_and_the_counts(stub_page: Browser, relay_stub: StubRelay) -> None:
+    page, key = stub_page, unique("clear")
+    relay_stub.collection.insert_one({"_id": key})
+    relay_stub.collection.delete_one({"_id": key})
+    wait_for_rows(page, key, 2)
+    page.evaluate("document.getElementById('clear').click()")
+    assert page.evaluate("document.querySelectorAll('#rows tr').length") == 0
+    assert page.evaluate(COUNT_JS) == 0
+    assert text(page, "op-counts") == ""
+    assert shown(page, "empty")
+    relay_stub.collection.insert_one({"_id": key + "-after"})
+    wait_for_rows(page, key + "-after", 1)
+    assert page.evaluate(COUNT_JS) == 1
+
+
+def test_counts_per_operation_and_events_per_second(
+    stub_page: Browser, relay_stub: StubRelay
+) -> None:
+    page, key = stub_page, unique("rate")
+    for n in range(6):
+        relay_stub.collection.insert_one({"_id": f"{key}-{n}"})
+    for n in range(2):
+        relay_stub.collection.update_one({"_id": f"{key}-{n}"}, {"$set": {"n": n}})
+    relay_stub.collection.delete_one({"_id": f"{key}-0"})
+    relay_stub.publish(relay_stub.event("createIndexes", ("shop", "orders")))
+    wait_for_rows(page, key, 9)
+    counts = page.evaluate("""Object.fromEntries(Array.from(
+        document.querySelectorAll('#op-counts li'),
+        (li) => [li.dataset.op, li.querySelector('.figure').textContent]))""")
+    assert counts == {"insert": "6", "update": "2", "delete": "1", "createIndexes": "1"}
+    # The figure covers whole seconds gone by: these ten events show within the next one.
+    page.wait_for("Number(document.getElementById('rate').textContent) > 0", 3)
+    assert 0 < float(text(page, "rate")) <= 10
+
+
+def test_the_detail_view_shows_the_whole_event(page: Browser, relay_collection: Any) -> None:
+    """Click or Enter opens the event as JSON, with copy buttons; Escape returns to the row."""
+    key = unique("detail")
+    document = {"_id": key, "nested": {"list": [1, {"deep": True}]}, "text": "x" * 300}
+    relay_collection.insert_one(document)
+    wait_for_rows(page, key, 1)
+    event = page.wait_for_console(lambda m: is_change(m, {"_id": key})).args[0]
+    row = f"document.querySelector('#rows tr[data-id={json.dumps(event['_id']['_data'])}]')"
+
+    page.evaluate(f"{row}.click()")
+    assert page.evaluate("document.getElementById('detail').open") is True
+    assert json.loads(text(page, "detail-json")) == event  # everything, not the clipped cells
+    assert text(page, "detail-json").startswith('{\n  "_id": {')  # formatted
+    assert text(page, "detail-id") == event["_id"]["_data"]
+    assert text(page, "detail-title") == f"insert · {relay_collection.full_name}"
+    assert page.evaluate("document.getElementById('detail').contains(document.activeElement)")
+
+    page.evaluate("""window.copied = [];
+        navigator.clipboard.writeText = async (text) => { copied.push(text); };""")
+    page.evaluate("document.getElementById('copy-id').click()")
+    page.evaluate("document.getElementById('copy-event').click()")
+    copied = page.wait_for("copied.length === 2 && copied")
+    assert copied[0] == event["_id"]["_data"] and json.loads(copied[1]) == event
+    assert text(page, "copied") == "Copied the event"
+    page.evaluate("""navigator.clipboard.writeText = async () => {
+        throw new DOMException('plain http', 'NotAllowedError'); };""")  # no clipboard here
+    page.evaluate("document.getElementById('copy-id').click()")
+    page.wait_for("document.getElementById('copied').textContent.startsWith('Selected')")
+    assert page.evaluate("getSelection().toString()") == event["_id"]["_data"]
+
+    page.press("Escape")
+    page.wait_for(f"!document.getElementById('detail').open && document.activeElement === {row}")
+    page.press("Enter")
+    page.wait_for("document.getElementById('detail').open")
+    page.evaluate("document.getElementById('detail-close').click()")
+    page.evaluate(f"{row}.focus()")
+    page.press(" ")
+    page.wait_for("document.getElementById('detail').open")
+    page.press("Escape")
+    assert problems(page) == []
+
+
+def test_controls_have_names_and_status_is_announced(stub_page: Browser) -> None:
+    unnamed = stub_page.evaluate("""Array.from(
+        document.querySelectorAll('input, button, [tabindex="0"]:not(tr)'),
+        (control) => control.labels?.length || control.getAttribute('aria-label')
+            || control.textContent.trim() ? null : control.outerHTML).filter(Boolean)""")
+    assert unnamed == []
+    roles = stub_page.evaluate("""['status', 'refusal', 'error', 'resync', 'copied'].map(
+        (id) => document.getElementById(id).getAttribute('role'))""")
+    assert roles == ["status", "alert", "alert", "alert", "status"]
+    assert stub_page.evaluate("document.getElementById('status').getAttribute('aria-live')") == (
+        "polite")
+
+
+def test_at_390_px_events_are_cards_and_nothing_scrolls_sideways(
+    phone: Browser, relay_stub: StubRelay
+) -> None:
+    page = live(phone, relay_stub.page_url + "?ns=shop.orders&filter=" + "%7B%7D")
+    key = unique("narrow")
+    relay_stub.collection.insert_one({"_id": key, "unbroken": "y" * 400,
+                                      "nested": {"a": {"b": {"c": list(range(40))}}}})
+    relay_stub.collection.update_one({"_id": key}, {"$set": {"some.long.path": "z" * 200}})
+    relay_stub.broadcast({"type": "resync", "reason": "history_lost"})
+    wait_for_rows(page, key, 2)
+    page.wait_for("!document.getElementById('resync').hidden")
+    layout = page.evaluate("""({
+        width: innerWidth, scroll: document.documentElement.scrollWidth,
+        row: getComputedStyle(document.querySelector('#rows tr.change')).display,
+        head: document.querySelector('.changes thead').getBoundingClientRect().height,
+        widest: Math.max(...Array.from(document.querySelectorAll('body *'),
+                                       (el) => el.getBoundingClientRect().right)),
+    })""")
+    assert layout["width"] == 390 and layout["scroll"] <= 390, layout
+    assert layout["widest"] <= 390, layout
+    assert layout["row"] == "grid" and layout["head"] <= 1  # cards, column heads hidden
+    # A card leaves out what an event does not have (a drop has no document key).
+    relay_stub.collection.drop()
+    page.wait_for("document.querySelector('#rows tr.change').dataset.op === 'drop'")
+    assert page.evaluate("""getComputedStyle(
+        document.querySelector('#rows tr.change .cell-key')).display""") == "none"
+
+
+def test_light_and_dark(browser: Browser, relay_stub: StubRelay, dark: Browser) -> None:
+    def background() -> list[float]:
+        colour = browser.evaluate("getComputedStyle(document.body).backgroundColor")
+        return [float(part) for part in colour[colour.index("(") + 1:-1].split(",")[:3]]
+
+    live(browser, relay_stub.page_url)
+    assert sum(background()) / 3 < 64
+    browser.prefer_color_scheme("light")
+    assert sum(background()) / 3 > 192
+
+
+def test_the_scope_the_relay_watches_is_shown(stub_page: Browser) -> None:
+    assert text(stub_page, "scope") == "the whole deployment"  # the stub watches everything
+    assert not stub_page.evaluate("document.getElementById('demo')")
+
+
+@pytest.mark.e2e
+def test_a_scoped_relay_says_what_it_watches(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, WATCH_COLLECTION="orders")
+    relay.wait_ready()
+    live(browser, relay.url + "/")
+    assert text(browser, "scope") == f"{mongo.db}.orders"
+    assert text(browser, "subscribed") == "everything watched"
+
+
+def test_demo_data_is_labelled(browser: Browser, relay_stub: StubRelay) -> None:
+    live(browser, relay_stub.base_url + "/demo")
+    assert shown(browser, "demo")
+    assert text(browser, "demo").startswith("Demo data, not your MongoDB.")
+
+
+# -- the subscription form against the real relay -------------------------------------------
+
+
+def fill(browser: Browser, *, ns: str = "", ops: tuple[str, ...] = (), filter: str = "") -> None:
+    """Fill the subscription form and apply it, as a user would."""
+    browser.evaluate(f"""(() => {{
+        document.getElementById('sub-ns').value = {json.dumps(ns)};
+        document.getElementById('sub-filter').value = {json.dumps(filter)};
+        for (const box of document.querySelectorAll('#sub-ops input'))
+            box.checked = {json.dumps(list(ops))}.includes(box.value);
+        document.querySelector('#subscription button[type=submit]').click();
+    }})()""")
+
+
+@pytest.mark.e2e
+def test_the_filter_bar_narrows_what_arrives(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    relay = RealRelay(mongo, relay_factory)
+    page = live(browser, relay.page_url)
+    before = len(page.websocket_urls)
+    fill(page, ns=f"{mongo.db}.orders", ops=("insert",),
+         filter='{"fullDocument.total": {"$gte": 10}}')
+    [url] = page.wait_for_websockets(before + 1)[before:]
+    page.wait_for("document.getElementById('status').dataset.state === 'live'")
+    query = parse_qs(urlsplit(url).query)
+    assert query == {"ns": [f"{mongo.db}.orders"], "ops": ["insert"],
+                     "filter": ['{"fullDocument.total": {"$gte": 10}}']}
+    assert parse_qs(urlsplit(page.evaluate("location.href")).query) == query  # a reload keeps it
+    assert text(page, "subscribed") == (
+        f'namespaces {mongo.db}.orders · operations insert · filter '
+        '{"fullDocument.total": {"$gte": 10}}')
+
+    key = unique("narrow")
+    orders, carts = relay.collection, mongo.client[mongo.db]["carts"]
+    carts.insert_one({"_id": f"{key}-cart", "total": 50})          # another collection
+    orders.insert_one({"_id": f"{key}-small", "total": 5})          # below the filter
+    orders.insert_one({"_id": f"{key}-big", "total": 20})           # the one that matches
+    orders.update_one({"_id": f"{key}-big"}, {"$set": {"total": 30}})  # not an insert
+    orders.insert_one({"_id": f"{key}-last", "total": 99})           # matches: ends the wait
+    page.wait_for_console(lambda m: is_change(m, {"_id": f"{key}-last"}))
+    assert [r["cells"][3] for r in rows(page, key)] == [
+        json.dumps(f"{key}-last"), json.dumps(f"{key}-big")]
+    assert problems(page) == []
+
+
+# -- refusals, as a browser sees them ---------------------------------------------------------
+
+
+def refused_requests(relay: Any, at_least: int, timeout: float = 10) -> int:
+    """How many requests to /socket the relay answered 400, once there are ``at_least``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sum(" 400 GET /socket " in line for line in list(relay.lines))
+        if found >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)  # the log has no change notification; poll it against a deadline
+
+
+@pytest.mark.e2e
+def test_a_refused_filter_shows_its_message_and_is_not_retried(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
+    relay.wait_ready()
+    page = live(browser, relay.url + "/")
+    opened = len(page.websocket_urls)
+    fill(page, filter='{"fullDocument.total": {"$where": "sleep(100)"}}')
+
+    page.wait_for("!document.getElementById('refusal').hidden")
+    assert "$where" in text(page, "refusal") and "(400 unknown_operator)" in text(page, "refusal")
+    assert page.evaluate("document.getElementById('status').dataset.state") == "stopped"
+    assert text(page, "status-text") == "Refused by the relay"
+    # One handshake and the one request that asked why; the client scheduled nothing after.
+    assert refused_requests(relay, at_least=2) == 2
+    assert len(page.websocket_urls) == opened + 1
+    assert page.evaluate("document.getElementById('status').dataset.state") == "stopped"
+
+    fill(page)  # a subscription the relay admits clears the message
+    page.wait_for("document.getElementById('status').dataset.state === 'live'")
+    assert not shown(page, "refusal")
+
+
+def hold_a_connection(port: int) -> socket.socket:
+    """A WebSocket opened by hand (its handshake read), to fill a per-address cap."""
+    held = socket.create_connection(("127.0.0.1", port), timeout=10)
+    held.sendall((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += held.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return held
+
+
+@pytest.mark.e2e
+def test_a_temporary_refusal_backs_off_until_admitted(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, MAX_CONNECTIONS_PER_IP=1)
+    relay.wait_ready()
+    held = hold_a_connection(relay.port)
+    try:
+        browser.open(relay.url + "/")
+        browser.wait_for("document.getElementById('status-detail').textContent"
+                         ".includes('too_many_connections_from_address')", 10)
+        browser.wait_for_websockets(2, 10)  # it tried again…
+        assert text(browser, "status-text").startswith("Reconnecting")  # …and goes on trying
+        assert not shown(browser, "refusal")
+    finally:
+        held.close()
+    browser.wait_for("document.getElementById('status').dataset.state === 'live'", 20)
+
+
+@pytest.mark.e2e
+def test_a_401_with_a_url_function_retries_with_a_fresh_token(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    secret = "browser-secret-" + "x" * 32
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=secret)
+    relay.wait_ready()
+    expired = jwt.encode({"sub": "b", "exp": int(time.time()) - 60}, secret, algorithm="HS256")
+    fresh = jwt.encode({"sub": "b", "exp": int(time.time()) + 300}, secret, algorithm="HS256")
+    browser.open(relay.url + "/healthz")  # any page of the relay's origin will do
+    browser.evaluate(f"""(async () => {{
+        const {{ connect }} = await import('/static/changerelay.js');
+        let token = {json.dumps(expired)};
+        window.statuses = []; window.changes = [];
+        connect(() => `/socket?access_token=${{token}}`, {{
+            refreshable: true,
+            onChange: (change) => changes.push(change),
+            onStatus: (status) => {{
+                statuses.push(status);
+                if (status.refusal?.status === 401) token = {json.dumps(fresh)};  // "sign in"
+            }},
+        }});
+    }})()""")
+    browser.wait_for("statuses.some((s) => s.state === 'open')", 10)
+    key = unique("fresh")
+    mongo.client[mongo.db]["orders"].insert_one({"_id": key})
+    browser.wait_for(f"changes.some((c) => c.documentKey._id === {json.dumps(key)})")
+    refused = browser.evaluate("statuses.filter((s) => s.refusal).map((s) => s.refusal)")
+    assert [r["error"] for r in refused] == ["token_expired"]
+    # (a socket of the previous test's page may show up here as it closes)
+    queries = [parse_qs(urlsplit(url).query) for url in browser.websocket_urls]
+    assert [query["access_token"][0] for query in queries if "access_token" in query] == [
+        expired, fresh]
+
+
+# -- MongoDB's state, apart from the socket's --------------------------------------------------
+
+
+def test_mongodb_state_is_shown_apart_from_the_socket(
+    stub_page: Browser, relay_stub: StubRelay
+) -> None:
+    page = stub_page
+    assert text(page, "source") == "MongoDB open"
+    since = "2026-11-27T12:03:04.000Z"
+    message = {"type": "source", "state": "unreachable", "since": since,
+               "message": "MongoDB cannot be reached; the relay keeps retrying"}
+    relay_stub.broadcast(message)
+    page.wait_for("document.getElementById('status').dataset.source === 'unreachable'")
+    clock = page.evaluate(f"new Date({json.dumps(since)}).toLocaleTimeString('en-GB')")
+    assert " ".join(text(page, "status").split()) == (
+        f"Connected to the relay · MongoDB unreachable since {clock} — retrying")
+    assert page.evaluate("document.getElementById('source').title") == message["message"]
+    page.wait_for_console(lambda m: m.args == [message])  # onControl passes it on…
+    assert page.evaluate(COUNT_JS) == 0 and rows(page, "") == []  # …it is not an event
+
+    relay_stub.broadcast({"type": "source", "state": "open", "message": "", "since": since})
+    page.wait_for("document.getElementById('status-text').textContent === 'Live'")
+    assert text(page, "source") == "MongoDB open"
+
+    relay_stub.broadcast({"type": "source", "state": "not_replica_set", "since": since,
+                          "message": "MongoDB is not a replica set"})
+    page.wait_for("document.getElementById('source').textContent.includes('replica set')")
+    assert text(page, "source") == f"MongoDB is not a replica set since {clock} — retrying"
+    relay_stub.drop_sockets()  # a new connection starts from what the relay says then
+    page.wait_for("document.getElementById('status-text').textContent === 'Live'", 10)
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+@pytest.mark.xfail(strict=True, reason="server sends no source messages yet")
+def test_the_page_shows_mongodb_down_and_back(
+    browser: Browser, relay_factory: Callable[..., Any]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    primary = TestPrimary(port=port).start()
+    try:
+        relay = relay_factory(MONGO_SRV=primary.uri + "&serverSelectionTimeoutMS=500")
+        relay.wait_ready()
+        page = live(browser, relay.url + "/")
+        primary.stop()
+        relay.wait_ready(source="unreachable", timeout=30)
+        page.wait_for("document.getElementById('status').dataset.source === 'unreachable'", 3)
+        assert "MongoDB unreachable since" in text(page, "source")
+        assert page.evaluate("document.getElementById('status').dataset.state") == "live"
+    finally:
+        primary.stop()
+    with TestPrimary(port=port):
+        relay.wait_ready(timeout=30)
+        page.wait_for("document.getElementById('status-text').textContent === 'Live'", 10)
+        assert text(page, "source") == "MongoDB open"
+
+
 # -- reconnecting ------------------------------------------------------------------------------
 
 
@@ -368,7 +783,9 @@ def test_a_relay_killed_mid_stream_and_restarted_leaves_no_gap(
     assert len(resumed) == 1 and resumed <= held, (resumed, retries)
     detail = page.evaluate("document.getElementById('status-detail').textContent")
     assert detail.startswith("last close: 1006 ")  # cut, not closed: it really was killed
-    refused = "failed: Error in connection establishment: net::ERR_CONNECTION_REFUSED"
+    # While nothing listens, each socket fails and the client's probe (asking why) fails too.
+    refused = ("failed: Error in connection establishment: net::ERR_CONNECTION_REFUSED",
+               "Failed to load resource: net::ERR_CONNECTION_REFUSED")
     assert [text for text in problems(page) if not text.endswith(refused)] == []
 
 
@@ -443,25 +860,57 @@ def test_page_query_parameters_are_passed_to_the_socket(
     browser.open(f"{relay_stub.page_url}?{query}")
     browser.wait_for("document.getElementById('status').dataset.state === 'live'", 10)
     assert urlsplit(browser.websocket_urls[0]).query == query
-    assert browser.evaluate("document.getElementById('scope').textContent") == "shop.orders"
+    # What the relay watches (the stub: everything) is not what this page subscribed to.
+    assert browser.evaluate("document.getElementById('scope').textContent") == (
+        "the whole deployment")
+    assert browser.evaluate("document.getElementById('subscribed').textContent") == (
+        'namespaces shop.orders · operations insert,update · filter {"total":{"$gt":5}}')
+    form = browser.evaluate("""({ns: document.getElementById('sub-ns').value,
+        filter: document.getElementById('sub-filter').value,
+        ops: Array.from(document.querySelectorAll('#sub-ops input:checked'), (b) => b.value)})""")
+    assert form == {"ns": "shop.orders", "filter": '{"total":{"$gt":5}}',
+                    "ops": ["insert", "update"]}
 
 
 # -- the client library on its own: a fake WebSocket and fake timers make backoff observable --
 
 CLIENT_HARNESS = """(async () => {
-    const { connect } = await import('/static/changerelay.js');
-    const sockets = [], delays = [], timers = [], statuses = [], controls = [];
+    const client = await import('/static/changerelay.js');
+    const sockets = [], delays = [], timers = [], statuses = [], controls = [], probes = [];
     class FakeSocket {
         constructor(url) { this.url = url; sockets.push(this); }
         close(code, reason) { this.onclose({code, reason, wasClean: true}); }
     }
+    const tick = ((later) => () => new Promise((resolve) => later(resolve, 1)))(setTimeout);
     globalThis.WebSocket = FakeSocket;
     globalThis.setTimeout = (fn, ms) => { delays.push(ms); timers.push(fn); return timers.length; };
     globalThis.clearTimeout = (id) => { timers[id - 1] = null; };
     Math.random = () => 0.999;
-    const fail = (code = 1006) => sockets.at(-1).onclose({code, reason: '', wasClean: false});
+    // The probe: fetch() of a failed socket's URL; by default the relay would admit it.
+    let answer = () => new Response(null, {status: 204});
+    globalThis.fetch = async (url) => { probes.push(String(url)); return answer(); };
+    const refuse = (status, body, type = 'application/json') => {
+        answer = () => new Response(typeof body === 'string' ? body : JSON.stringify(body),
+                                    {status, headers: {'Content-Type': type}});
+    };
+    const connect = (url, options = {}) => client.connect(url, {...options, onStatus(status) {
+        statuses.push(status);
+        options.onStatus?.(status);
+    }});
+    const until = async (predicate) => {  // at most ~1 s of page turns
+        for (let turn = 0; turn < 500 && !predicate(); turn++) await tick();
+        if (!predicate()) throw new Error(`never true: ${predicate}`);
+    };
+    const closings = () => statuses.filter((status) => status.state === 'closed');
+    // A socket ends (1006 before it opened: its handshake failed); wait for the client's verdict.
+    const fail = async (code = 1006, reason = '') => {
+        const seen = closings().length;
+        sockets.at(-1).onclose({code, reason, wasClean: false});
+        await until(() => closings().length > seen);
+    };
     const retry = () => timers.at(-1)();
     const send = (message) => sockets.at(-1).onmessage({data: JSON.stringify(message)});
+    const last = () => statuses.at(-1);
     %s
 })()"""
 
@@ -473,8 +922,8 @@ def run_client(browser: Browser, relay_stub: StubRelay, body: str) -> Any:
 
 def test_client_backs_off_exponentially_with_a_cap(browser: Browser, relay_stub: StubRelay) -> None:
     delays = run_client(browser, relay_stub, """
-        connect('/socket', {onStatus: (s) => statuses.push(s)});
-        for (let n = 0; n < 9; n++) { fail(); retry(); }
+        connect('/socket');
+        for (let n = 0; n < 9; n++) { await fail(); retry(); }
         return delays.map(Math.round);""")
     assert delays == [500, 999, 1998, 3996, 7992, 15984, 29970, 29970, 29970]
 
@@ -484,8 +933,8 @@ def test_client_resets_backoff_after_a_stable_connection(
 ) -> None:
     delays = run_client(browser, relay_stub, """
         connect('/socket', {stableAfter: 0});
-        fail(); retry(); fail(); retry();   // two failures: the backoff grew
-        sockets.at(-1).onopen(); fail();    // open long enough (0 ms here): start over
+        await fail(); retry(); await fail(); retry();   // two failures: the backoff grew
+        sockets.at(-1).onopen(); await fail();          // open long enough (0 ms): start over
         return delays.map(Math.round);""")
     assert delays == [500, 999, 500]
 
@@ -498,24 +947,21 @@ def test_client_resumes_after_the_newest_id_and_keeps_other_parameters(
         sockets[0].onopen();
         send({operationType: 'insert', _id: {_data: '82AA'}});
         send({type: 'position', resume_after: '82BB'});
-        fail(); retry();
+        await fail(); retry();
         send({type: 'resync', reason: 'history_lost'});          // keeps the id
-        fail(); retry();
-        send({type: 'resync', reason: 'history_lost', resume_after: null});  // server: drop it
-        fail(); retry();
+        await fail(); retry();
         return sockets.map((s) => s.url);""")
     host = urlsplit(relay_stub.base_url).netloc
     assert urls == [
         f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=OLD",
         f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=82BB",
         f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=82BB",
-        f"ws://{host}/socket?ns=a.b&filter=%7B%7D&resume_after=OLD",
     ]
 
 
 def test_client_close_stops_reconnecting(browser: Browser, relay_stub: StubRelay) -> None:
     outcome = run_client(browser, relay_stub, """
-        const relay = connect('https://example.test/socket', {onStatus: (s) => statuses.push(s)});
+        const relay = connect('https://example.test/socket');
         sockets[0].onopen();
         relay.close();
         return {urls: sockets.map((s) => s.url), timers: timers.length,
@@ -525,6 +971,151 @@ def test_client_close_stops_reconnecting(browser: Browser, relay_stub: StubRelay
         "timers": 0,
         "states": [["connecting", None, None], ["open", None, None], ["closed", 1000, None]],
     }
+
+
+PERMANENT_REFUSALS = [
+    (400, {"error": "invalid_json", "message": "filter is not valid JSON"}),
+    (401, {"error": "token_expired", "message": "the token has expired; get a fresh one"}),
+    (403, {"error": "origin_not_allowed", "message": "origin 'x' may not connect"}),
+    (413, {"error": "too_large", "message": "too large"}),
+    (414, {"error": "query_too_large", "message": "the query string is over 512 KiB"}),
+    (421, {"error": "host_not_allowed", "message": "this relay does not answer to Host x"}),
+    (431, {"error": "headers_too_large", "message": "headers too large"}),
+    (418, {"error": "teapot", "message": "a 4xx the table does not list is permanent too"}),
+]
+
+
+@pytest.mark.parametrize(("status", "body"), PERMANENT_REFUSALS, ids=[str(s) for s, _ in
+                                                                     PERMANENT_REFUSALS])
+def test_client_asks_why_a_handshake_failed_and_stops_on_a_permanent_refusal(
+    browser: Browser, relay_stub: StubRelay, status: int, body: dict[str, str]
+) -> None:
+    outcome = run_client(browser, relay_stub, f"""
+        connect('/socket?ns=a.b&filter=%7B');
+        refuse({status}, {json.dumps(body)});
+        await fail();
+        return {{probes, sockets: sockets.length, timers: timers.length,
+                 last: [last().state, last().code, last().retryIn, last().refusal]}};""")
+    host = urlsplit(relay_stub.base_url).netloc
+    assert outcome == {
+        "probes": [f"http://{host}/socket?ns=a.b&filter=%7B"],  # the socket's URL, over HTTP
+        "sockets": 1,
+        "timers": 0,  # no retry is scheduled
+        "last": ["closed", 1006, None, {"status": status, **body}],
+    }
+
+
+def test_client_reports_a_refusal_that_is_not_json_by_its_status(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    last = run_client(browser, relay_stub, """
+        connect('/sockets');
+        refuse(404, '<html><title>404: Not Found</title></html>', 'text/html');
+        await fail();
+        return [last().retryIn, last().refusal];""")
+    assert last == [None, {"status": 404, "error": None, "message": "HTTP 404"}]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_client_backs_off_on_a_temporary_refusal(
+    browser: Browser, relay_stub: StubRelay, status: int
+) -> None:
+    outcome = run_client(browser, relay_stub, f"""
+        connect('/socket');
+        refuse({status}, {{error: 'too_many_connections', message: 'retry later'}});
+        await fail(); retry(); await fail(); retry();
+        return {{sockets: sockets.length, probes: probes.length, delays: delays.map(Math.round),
+                 refusal: closings().at(-1).refusal}};""")
+    assert outcome == {
+        "sockets": 3, "probes": 2, "delays": [500, 999],
+        "refusal": {"status": status, "error": "too_many_connections", "message": "retry later"},
+    }
+
+
+def test_client_retries_a_401_only_with_a_refreshable_url(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    outcome = run_client(browser, relay_stub, """
+        let token = 'stale';
+        connect(() => `/socket?access_token=${token}`, {refreshable: true});
+        refuse(401, {error: 'token_expired', message: 'the token has expired; get a fresh one'});
+        await fail();
+        const retryIn = last().retryIn;
+        token = 'fresh';
+        retry();
+        let refused;
+        try { client.connect('/socket?access_token=x', {refreshable: true}); }
+        catch (error) { refused = error.message; }
+        return {urls: sockets.map((s) => new URL(s.url).search), retryIn, refused};""")
+    assert outcome == {
+        "urls": ["?access_token=stale", "?access_token=fresh"],
+        "retryIn": 499.5,
+        "refused": "changerelay: refreshable needs a URL function that puts a fresh token in "
+                   "each URL",
+    }
+
+
+def test_client_backs_off_when_the_probe_cannot_tell(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    """Admitted now (204), unreachable, another origin's unreadable answer, or a relay too old
+    to probe (it calls a plain GET websocket_required): a connection problem, not a refusal."""
+    outcome = run_client(browser, relay_stub, """
+        connect('/socket');
+        await fail(); retry();
+        answer = () => { throw new TypeError('Failed to fetch'); };
+        await fail(); retry();
+        refuse(400, {error: 'websocket_required', message: '/socket speaks WebSocket'});
+        await fail(); retry();
+        return {sockets: sockets.length, probes: probes.length,
+                refusals: statuses.filter((s) => s.refusal).length};""")
+    assert outcome == {"sockets": 4, "probes": 3, "refusals": 0}
+
+
+CLOSES_AFTER_OPEN = [
+    # (code, reason, refreshable, retried)
+    (1001, "server shutting down", False, True),
+    (1013, "slow consumer", False, True),
+    (1002, "client frames must be masked", False, True),  # a reason that names the fault
+    (1006, "", False, True),  # cut after it opened: nothing to ask
+    (4321, "from a newer relay", False, True),  # unknown codes reconnect, as before
+    (1008, "token expired", False, False),
+    (1008, "token expired", True, True),
+]
+
+
+@pytest.mark.parametrize(("code", "reason", "refreshable", "retried"), CLOSES_AFTER_OPEN)
+def test_client_follows_the_table_after_a_close(
+    browser: Browser, relay_stub: StubRelay, code: int, reason: str, refreshable: bool,
+    retried: bool
+) -> None:
+    outcome = run_client(browser, relay_stub, f"""
+        connect(() => '/socket', {{refreshable: {json.dumps(refreshable)}}});
+        sockets[0].onopen();
+        await fail({code}, {json.dumps(reason)});
+        return {{probes: probes.length, timers: timers.length, retryIn: last().retryIn}};""")
+    assert outcome["probes"] == 0
+    assert outcome["timers"] == int(retried)
+    assert (outcome["retryIn"] is not None) == retried
+
+
+def test_client_closed_during_a_probe_stays_closed(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    outcome = run_client(browser, relay_stub, """
+        let reply, response;
+        answer = () => new Promise((resolve) => { reply = resolve; });
+        const relay = connect('/socket');
+        sockets[0].onclose({code: 1006, reason: '', wasClean: false});
+        await until(() => reply);
+        relay.close();
+        response = new Response(JSON.stringify({error: 'too_many_connections', message: 'x'}),
+                                {status: 503});
+        reply(response);
+        await until(() => response.bodyUsed);
+        await tick();
+        return {timers: timers.length, states: statuses.map((s) => [s.state, s.retryIn])};""")
+    assert outcome == {"timers": 0, "states": [["connecting", None], ["closed", None]]}
 
 
 def test_client_reports_frames_that_are_not_json_objects(
@@ -566,12 +1157,13 @@ def test_browser_close_leaves_no_process_behind() -> None:
     assert not psutil.pid_exists(browser.pid)
 
 
-def test_screenshot_of_a_realistic_page(
-    stub_page: Browser, relay_stub: StubRelay, tmp_path: Path
+def test_screenshots_of_a_realistic_page(
+    browser: Browser, relay_stub: StubRelay, tmp_path: Path
 ) -> None:
-    """Also the source of docs/screenshot.png: set CHANGERELAY_SCREENSHOT to write it there."""
-    page, relay_collection = stub_page, relay_stub.collection
-    orders, carts = relay_collection, relay_collection.database["carts"]
+    """Also the source of the README's docs/screenshot.png (desktop) and
+    docs/screenshot-phone.png (390 px): set CHANGERELAY_SCREENSHOTS=docs to write them there."""
+    page = live(browser, relay_stub.page_url + "?ns=shop")
+    orders, carts = relay_stub.collection, relay_stub.collection.database["carts"]
     ada, grace, cart = ObjectId(), ObjectId(), ObjectId()
     when = datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.UTC)
     orders.insert_one({"_id": ada, "customer": "Ada", "total": 42.5, "status": "new"})
@@ -584,14 +1176,23 @@ def test_screenshot_of_a_realistic_page(
     carts.rename("carts_archived")
     orders.database["carts_archived"].drop()
     page.wait_for("document.querySelector('#rows tr.change')?.dataset.op === 'drop'")
+    page.wait_for("Number(document.getElementById('rate').textContent) > 0", 3)
     assert len(rows(page, str(ada))) == 3
 
-    shot = page.screenshot(tmp_path / "page.png")
-    header = shot.read_bytes()[:24]
-    assert header[:8] == b"\x89PNG\r\n\x1a\n"
-    assert int.from_bytes(header[16:20], "big") == 1280
-    if target := os.environ.get("CHANGERELAY_SCREENSHOT"):
-        shutil.copyfile(shot, target)
+    shots = {"screenshot.png": page.screenshot(tmp_path / "desktop.png")}
+    page.set_viewport(390, 844, mobile=True)
+    try:
+        page.wait_for("innerWidth === 390")
+        shots["screenshot-phone.png"] = page.screenshot(tmp_path / "phone.png")
+    finally:
+        page.set_viewport(1280, 800)
+    for shot, width in zip(shots.values(), (1280, 390), strict=True):
+        header = shot.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(header[16:20], "big") == width
+    if target := os.environ.get("CHANGERELAY_SCREENSHOTS"):
+        for name, shot in shots.items():
+            shutil.copyfile(shot, Path(target) / name)
 
 
 # -- the relays ---------------------------------------------------------------------------------
@@ -711,6 +1312,7 @@ class StubRelay:
         app = tornado.web.Application(
             [
                 (r"/", PageHandler),
+                (r"/demo", PageHandler, {"demo": True}),
                 (r"/blank", BlankHandler),
                 (r"/socket", StubSocket, {"relay": self}),
             ],
@@ -842,9 +1444,14 @@ CSP = (
 
 
 class PageHandler(tornado.web.RequestHandler):
+    """The real template, with the relay's variables: what it watches, and whether it is a demo."""
+
+    def initialize(self, demo: bool = False) -> None:
+        self.demo = demo
+
     def get(self) -> None:
         self.set_header("Content-Security-Policy", CSP.format(host=self.request.host))
-        self.render("index.html")
+        self.render("index.html", watch_db=None, watch_collection=None, demo=self.demo)
 
 
 class BlankHandler(tornado.web.RequestHandler):
@@ -861,6 +1468,10 @@ class StubSocket(tornado.websocket.WebSocketHandler):
         if not self.relay.accepting:
             self.set_status(503)
             self.finish({"error": "unavailable", "message": "restarting; retry with backoff"})
+            return
+        if "Upgrade" not in self.request.headers:  # the client asking why a handshake failed
+            self.set_status(204)
+            self.finish()
             return
         await super().get(*args, **kwargs)
 

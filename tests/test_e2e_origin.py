@@ -216,3 +216,19 @@ async def test_no_warning_when_hosts_are_set_or_loopback(mongo, relay_factory):
         relay.wait_log("GET /readyz")  # logged after the warning would have been
         assert "ALLOWED_HOSTS" not in relay.log()
 
+
+
+def test_static_files_load_cross_origin_only_for_allowed_origins(mongo, relay_factory):
+    """A page on another allowed origin imports changerelay.js as an ES module: that load is a
+    CORS request, so the script must come with Access-Control-Allow-Origin — for allowed
+    origins only."""
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
+                          ALLOWED_ORIGINS="https://app.example")
+    relay.wait_ready()
+    host = f"127.0.0.1:{relay.port}"
+    allowed = relay.get("/static/changerelay.js", {"Origin": "https://app.example", "Host": host})
+    assert allowed.code == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Origin" in allowed.headers["Vary"]
+    other = relay.get("/static/changerelay.js", {"Origin": "https://evil.example", "Host": host})
+    assert other.code == 200 and "Access-Control-Allow-Origin" not in other.headers

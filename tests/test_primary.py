@@ -17,15 +17,15 @@ from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from changerelay.primary import TestPrimary
+from tests.support import drain
 
 AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
 
 
 @pytest.fixture
 def server():
-    with TestPrimary() as primary:
+    with TestPrimary() as primary:  # fails the test if the primary logged a handler error
         yield primary
-    assert not primary.handler_errors, primary.handler_errors[0]
 
 
 def connect(primary: TestPrimary, **kwargs) -> MongoClient:
@@ -44,17 +44,6 @@ def writer(server):
     """A second client, so writes never share a connection with the stream under test."""
     with connect(server) as c:
         yield c
-
-
-def drain(stream, count: int, timeout: float = 5) -> list[dict]:
-    """The next ``count`` events, failing (not hanging) if they don't arrive in time."""
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < count:
-        assert time.monotonic() < deadline, f"only {len(got)} of {count} events: {got}"
-        event = stream.try_next()
-        if event is not None:
-            got.append(event)
-    return got
 
 
 def assert_quiet(stream) -> None:
@@ -131,6 +120,94 @@ def test_find_and_modify_and_distinct(server, client):
     assert coll.distinct("k") == ["a"]
     assert [e["operationType"] for e in server.events[3:]] == [
         "update", "update", "delete", "insert"]
+
+
+# --- updates: MongoDB's semantics and the updateDescription its $v:2 oplog entry yields ----------
+# Paths are applied as update/path_support.cpp (findLongestPrefix, createPathAt) does; what an
+# update logs follows update/v2_log_builder.cpp and how a change stream reads that diff,
+# pipeline/change_stream_document_diff_parser.cpp: updated fields, then created ones, per level.
+
+def described(server, coll, before: dict, update: dict) -> tuple[dict, dict]:
+    """The stored document after ``update`` and the updateDescription of its change event."""
+    coll.insert_one(before)
+    coll.update_one({"_id": before["_id"]}, update)
+    event = server.events[-1]
+    assert event["operationType"] == "update", event
+    return coll.find_one({"_id": before["_id"]}), event["updateDescription"]
+
+
+@pytest.mark.parametrize(("before", "update", "after", "updated", "removed"), [
+    ({"a": {"x": 1}}, {"$set": {"a.b": 2}}, {"a": {"x": 1, "b": 2}}, {"a.b": 2}, []),
+    ({}, {"$set": {"a.b.c": 1}}, {"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 1}}}, []),
+    ({"a": {}}, {"$set": {"a.b.c": 1}}, {"a": {"b": {"c": 1}}}, {"a.b": {"c": 1}}, []),
+    ({"arr": [{"x": 1}, {"x": 2}]}, {"$set": {"arr.1.x": 3}},
+     {"arr": [{"x": 1}, {"x": 3}]}, {"arr.1.x": 3}, []),
+    ({"arr": [{"x": 1}]}, {"$set": {"arr.0.y": 2}}, {"arr": [{"x": 1, "y": 2}]},
+     {"arr.0.y": 2}, []),
+    # "{$set: {'a.0.c': 1}} when the input document is {a: []}" (v2_log_builder.cpp)
+    ({"arr": []}, {"$set": {"arr.0.c": 1}}, {"arr": [{"c": 1}]}, {"arr.0": {"c": 1}}, []),
+    # padding: the nulls are written, only the new element is logged
+    ({"arr": [1, 2]}, {"$set": {"arr.4": 5}}, {"arr": [1, 2, None, None, 5]}, {"arr.4": 5}, []),
+    ({"arr": [1, 2]}, {"$set": {"arr.1": {"cvv": "x"}}}, {"arr": [1, {"cvv": "x"}]},
+     {"arr.1": {"cvv": "x"}}, []),
+    ({"m": [[1, 2]]}, {"$set": {"m.0.1": 3}}, {"m": [[1, 3]]}, {"m.0.1": 3}, []),
+    # $push: a document without $each is the value pushed (push_node.cpp); appends log each
+    # new element, a push onto an empty array logs the whole array
+    ({"arr": [1]}, {"$push": {"arr": {"a": 1}}}, {"arr": [1, {"a": 1}]}, {"arr.1": {"a": 1}}, []),
+    ({"arr": [1]}, {"$push": {"arr": {"$each": [2, 3]}}}, {"arr": [1, 2, 3]},
+     {"arr.1": 2, "arr.2": 3}, []),
+    ({"arr": []}, {"$push": {"arr": {"a": 1}}}, {"arr": [{"a": 1}]}, {"arr": [{"a": 1}]}, []),
+    ({}, {"$push": {"arr": 1}}, {"arr": [1]}, {"arr": [1]}, []),
+    # $unset of an array element sets it to null (unset_node.cpp), a field is removed
+    ({"arr": [1, 2]}, {"$unset": {"arr.0": ""}}, {"arr": [None, 2]}, {"arr.0": None}, []),
+    ({"a": {"b": 1, "c": 2}}, {"$unset": {"a.b": ""}}, {"a": {"c": 2}}, {}, ["a.b"]),
+])
+def test_update_paths_and_their_description(server, client, before, update, after, updated,
+                                            removed):
+    doc, description = described(server, client.db.u, {"_id": 1, **before}, update)
+    assert doc == {"_id": 1, **after}
+    assert description == {"updatedFields": updated, "removedFields": removed,
+                           "truncatedArrays": []}
+
+
+def test_updated_fields_list_updates_before_creations(server, client):
+    doc, description = described(server, client.db.u, {"_id": 1, "old": 1},
+                                 {"$set": {"new": 2, "old": 3}})
+    assert list(doc) == ["_id", "old", "new"]
+    assert list(description["updatedFields"]) == ["old", "new"]
+
+
+def test_fields_are_created_in_lexicographic_then_numeric_order(server, client):
+    # "update operators process document fields with string-based names in lexicographic order.
+    # Fields with numeric names are processed in numeric order."
+    # https://www.mongodb.com/docs/manual/reference/operator/update/#behavior
+    # (update/path_support.h cmpPathsAndArrayIndexes: a number and a string compare as strings)
+    doc, _ = described(server, client.db.u, {"_id": 1, "m": {}},
+                       {"$set": {"m.10": 1, "m.b": 1, "m.9": 2, "m.A": 1, "z": 1, "b": 1}})
+    assert list(doc) == ["_id", "m", "b", "z"] and list(doc["m"]) == ["9", "10", "A", "b"]
+
+
+@pytest.mark.parametrize(("before", "update", "code", "message"), [
+    ({"password": "x"}, {"$set": {"password.hash": "y"}}, 28,
+     "Cannot create field 'hash' in element {password: \"x\"}"),
+    ({"arr": [1, 2]}, {"$set": {"arr.x": 1}}, 28,
+     "Cannot create field 'x' in element {arr: [ 1, 2 ]}"),
+    ({"arr": [1]}, {"$set": {"arr.0.x": 1}}, 28, "Cannot create field 'x' in element {0: 1}"),
+    ({"a": {"b": 5}}, {"$inc": {"a.b.c": 1}}, 28, "Cannot create field 'c' in element {b: 5}"),
+    ({}, {"$set": {"a": 1, "a.b": 2}}, 40,
+     "Updating the path 'a.b' would create a conflict at 'a'"),
+    ({"n": 1}, {"$push": {"n": 2}}, 2,
+     "The field 'n' must be an array but is of type int in document {_id: 1}"),
+    ({"arr": []}, {"$set": {"arr.1500001": 1}}, 10, "can't backfill more than 1500000 elements"),
+])
+def test_update_errors_are_mongodbs(server, client, before, update, code, message):
+    coll = client.db.u
+    coll.insert_one({"_id": 1, **before})
+    with pytest.raises(OperationFailure) as caught:
+        coll.update_one({"_id": 1}, update)
+    assert caught.value.code == code and message in str(caught.value)
+    assert coll.find_one({"_id": 1}) == {"_id": 1, **before}  # nothing was applied
+    assert [e["operationType"] for e in server.events] == ["insert"]
 
 
 # --- change events -------------------------------------------------------------------------------
@@ -241,29 +318,134 @@ def test_pipeline_stages_filter_and_reshape(client, writer):
         (["_id", "operationType", "documentKey"], 1), (["_id", "operationType", "documentKey"], 2)]
 
 
-def test_expression_operators_in_a_change_stream_pipeline(client, writer):
-    keep = {"$and": [{"$ne": ["$$this.k", "secret"]},
-                     {"$ne": [{"$indexOfBytes": ["$$this.k", "secret."]}, 0]}]}
-    pipeline = [
-        {"$unset": ["fullDocument.secret", "updateDescription.updatedFields.secret"]},
-        {"$set": {"updateDescription.updatedFields": {"$cond": [
-            {"$eq": [{"$type": "$updateDescription.updatedFields"}, "object"]},
-            {"$arrayToObject": {"$filter": {
-                "input": {"$objectToArray": "$updateDescription.updatedFields"},
-                "cond": keep}}},
-            "$$REMOVE"]}}},
-        {"$match": {"$expr": {"$in": ["$operationType", ["insert", "update"]]}}},
-    ]
+# --- change stream pipelines: stages and expressions as MongoDB evaluates them ------------------
+# Stages: exec/projection_node.cpp, exec/add_fields_projection_executor.cpp and
+# query/projection_parser.cpp (cited in changerelay/primary.py); operators: their manual pages.
+
+def piped(client, writer, pipeline: list, document: dict, update: dict | None = None) -> list:
+    """The events of an insert of ``document`` (and an ``update`` of it) through ``pipeline``."""
     with client.db.c.watch(pipeline, max_await_time_ms=AWAIT_MS) as stream:
-        writer.db.c.insert_one({"_id": 1, "secret": "x", "name": "a"})
-        writer.db.c.update_one({"_id": 1}, {"$set": {"secret.hash": "y", "name": "b"}})
-        writer.db.c.delete_one({"_id": 1})
-        writer.db.c.insert_one({"_id": 2})
-        insert, update, again = drain(stream, 3)
-    assert insert["fullDocument"] == {"_id": 1, "name": "a"}
-    assert "updateDescription" not in insert  # $$REMOVE: the field is not created
-    assert update["updateDescription"]["updatedFields"] == {"name": "b"}
-    assert again["documentKey"] == {"_id": 2}  # the delete was filtered out by $expr
+        writer.db.c.insert_one(document)
+        if update is not None:
+            writer.db.c.update_one({"_id": document["_id"]}, update)
+        return drain(stream, 1 if update is None else 2)
+
+
+def test_a_dotted_set_creates_its_missing_parent_even_for_remove(client, writer):
+    insert, update = piped(client, writer, [{"$set": {"updateDescription.updatedFields": {
+        "$cond": [{"$eq": [{"$type": "$updateDescription.updatedFields"}, "object"]},
+                  {"$literal": {"redacted": True}}, "$$REMOVE"]}}}],
+        {"_id": 1, "a": 1}, {"$set": {"a": 2}})
+    assert insert["updateDescription"] == {}  # the parent is created, the field is not
+    assert update["updateDescription"] == {"updatedFields": {"redacted": True},
+                                           "removedFields": [], "truncatedArrays": []}
+
+
+def test_a_top_level_set_to_missing_adds_nothing(client, writer):
+    [insert] = piped(client, writer, [{"$set": {"updateDescription": "$updateDescription",
+                                                "gone": "$$REMOVE"}}], {"_id": 1})
+    assert "updateDescription" not in insert and "gone" not in insert
+
+
+def test_a_computed_field_goes_into_every_element_and_replaces_scalars(client, writer):
+    [insert] = piped(client, writer, [{"$set": {"fullDocument.a.b": 1, "fullDocument.arr.c": 1}}],
+                     {"_id": 1, "a": 5, "arr": [1, {"b": 2}, [3, {"d": 4}]]})
+    assert insert["fullDocument"] == {
+        "_id": 1, "a": {"b": 1}, "arr": [{"c": 1}, {"b": 2, "c": 1}, [{"c": 1}, {"d": 4, "c": 1}]]}
+
+
+def test_set_with_a_nested_object_names_sub_fields(client, writer):
+    [insert] = piped(client, writer, [{"$set": {"fullDocument": {"b": {"$literal": 2}, "e": {}}}}],
+                     {"_id": 1, "a": 1})
+    assert insert["fullDocument"] == {"_id": 1, "a": 1, "b": 2, "e": {}}
+
+
+def test_unset_walks_arrays_and_nested_arrays(client, writer):
+    [insert] = piped(client, writer, [{"$unset": "fullDocument.cards.cvv"}],
+                     {"_id": 1, "cards": [{"cvv": 1, "n": 1}, [{"cvv": 2, "n": 2}], 7, None]})
+    assert insert["fullDocument"] == {"_id": 1, "cards": [{"n": 1}, [{"n": 2}], 7, None]}
+
+
+def test_project_inclusion_keeps_named_paths_through_arrays(client, writer):
+    [insert] = piped(client, writer, [{"$project": {
+        "fullDocument.cards.n": 1, "operationType": 1, "kind": {"$literal": "x"}}}],
+        {"_id": 1, "x": 1, "cards": [{"cvv": 1, "n": 1}, [{"cvv": 2, "n": 2}], 7]})
+    assert list(insert) == ["_id", "operationType", "fullDocument", "kind"]
+    assert insert["fullDocument"] == {"cards": [{"n": 1}, [{"n": 2}]]}  # the scalar is dropped
+
+
+@pytest.mark.parametrize(("stage", "code", "message"), [
+    ({"$unset": ["fullDocument.a", "fullDocument.a.b"]}, 31249,
+     "Invalid $unset :: caused by :: Path collision at fullDocument.a.b remaining portion a.b"),
+    ({"$unset": ["fullDocument.a.b", "fullDocument.a"]}, 31250,
+     "Invalid $unset :: caused by :: Path collision at fullDocument.a"),
+    ({"$unset": ["x", "x"]}, 31250, "Invalid $unset :: caused by :: Path collision at x"),
+    ({"$project": {"a": 0, "a.b": 0}}, 31249, "Path collision at a.b remaining portion b"),
+    ({"$project": {"a": 1, "b": 0}}, 31254, "Cannot do exclusion on field b in inclusion"),
+    ({"$set": {"a": 1, "a.b": 2}}, 40176, "Invalid $set :: caused by :: specification contains "
+                                          "two conflicting paths. Cannot specify both 'a.b' and "
+                                          "'a'"),
+    ({"$unset": []}, 31119, "$unset specification must be a string or an array with at least"),
+    ({"$set": {"x": {"$function": {}}}}, 2, "does not implement the expression operator $function"),
+])
+def test_stages_a_server_refuses_fail_when_the_stream_opens(client, stage, code, message):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch([stage])
+    assert caught.value.code == code and message in str(caught.value)
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ({"$switch": {"branches": [{"case": False, "then": 1}, {"case": "$fullDocument.a", "then": 2}],
+                  "default": 3}}, 2),
+    ({"$switch": {"branches": [{"case": "$none", "then": 1}], "default": 3}}, 3),
+    ({"$regexMatch": {"input": "cards.1.cvv", "regex": r"^cards(\.[0-9]+)*\.cvv(\.|$)"}}, True),
+    ({"$regexMatch": {"input": "cardsx", "regex": r"^cards(\.|$)"}}, False),
+    ({"$regexMatch": {"input": "$none", "regex": "x"}}, False),
+    ({"$setField": {"field": "b", "input": {"a": 1, "b": 1}, "value": 2}}, {"a": 1, "b": 2}),
+    ({"$setField": {"field": "a", "input": {"a": 1, "b": 1}, "value": "$$REMOVE"}}, {"b": 1}),
+    ({"$setField": {"field": "a.b", "input": {}, "value": 1}}, {"a.b": 1}),
+    ({"$setField": {"field": "a", "input": "$none", "value": 1}}, None),
+    ({"$unsetField": {"field": "a", "input": {"$literal": {"a": 1, "b": 2}}}}, {"b": 2}),
+    ({"$getField": {"field": "v", "input": {"k": 1, "v": 2}}}, 2),
+    ({"$getField": "operationType"}, "insert"),
+    ({"$getField": {"field": "a", "input": None}}, None),
+    ({"$isArray": ["$fullDocument.arr"]}, True),
+    ({"$isArray": "$fullDocument.a"}, False),
+    ({"$arrayElemAt": ["$fullDocument.arr", -1]}, 3),
+    ({"$arrayElemAt": [{"$objectToArray": {"k": 1, "n": 2}}, 1]}, {"k": "n", "v": 2}),
+    ({"$let": {"vars": {"x": "$fullDocument.a"}, "in": {"$eq": ["$$x", 1]}}}, True),
+    ({"$arrayToObject": [[["a.b", 1], ["c", 2]]]}, {"a.b": 1, "c": 2}),
+    ({"$map": {"input": "$fullDocument.arr", "as": "n",
+               "in": {"$cond": [{"$eq": ["$$n", 2]}, "$$REMOVE", "$$n"]}}}, [1, None, 3]),
+    ({"$filter": {"input": "$fullDocument.arr", "cond": {"$ne": ["$$this", 2]}}}, [1, 3]),
+])
+def test_expression_operators(client, writer, expr, expected):
+    [insert] = piped(client, writer, [{"$replaceWith": {"_id": "$_id", "out": expr}}],
+                     {"_id": 1, "a": 1, "arr": [1, 2, 3]})
+    assert insert["out"] == expected
+
+
+@pytest.mark.parametrize("expr", [
+    {"$getField": {"field": "a", "input": {"b": 1}}},
+    {"$arrayElemAt": ["$fullDocument.arr", 3]},
+])
+def test_expressions_that_evaluate_to_missing(client, writer, expr):
+    [insert] = piped(client, writer, [{"$replaceWith": {"_id": "$_id", "out": expr}}],
+                     {"_id": 1, "arr": [1, 2, 3]})
+    assert "out" not in insert
+
+
+@pytest.mark.parametrize(("expr", "code"), [
+    ({"$switch": {"branches": [{"case": False, "then": 1}]}}, 40066),
+    ({"$setField": {"field": "a", "input": 5, "value": 1}}, 4161105),
+    ({"$regexMatch": {"input": 5, "regex": "x"}}, 51104),
+])
+def test_expression_errors_fail_the_stream(client, writer, expr, code):
+    with client.db.c.watch([{"$set": {"out": expr}}], max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_one({"_id": 1})
+        with pytest.raises(OperationFailure) as caught:
+            drain(stream, 1)
+    assert caught.value.code == code
 
 
 def test_pipeline_that_drops_the_resume_token_fails_the_stream(client, writer):
@@ -581,6 +763,14 @@ def test_switching_to_standalone_at_runtime(server):
             direct.db.c.watch()
         assert caught.value.code == 40573
     assert server.uri == f"mongodb://{server.address}/"
+
+
+def test_a_request_that_fails_inside_the_primary_fails_the_test():
+    with pytest.raises(AssertionError, match="ZeroDivisionError"), TestPrimary() as broken:
+        broken._handlers["ping"] = lambda db, cmd: 1 / 0
+        with connect(broken) as c, pytest.raises(OperationFailure) as caught:
+            c.admin.command("ping")
+        assert caught.value.code == 1  # the driver saw an InternalError, easy to retry past
 
 
 def test_wait_for_gives_up_at_its_deadline(server):

@@ -1,0 +1,114 @@
+"""Every way the relay ends or refuses a connection, and what a client should do next.
+
+Why one table: a client decides from the close code (or, for a refused handshake, the HTTP
+status) whether reconnecting can help, so each code's meaning is a contract with every client
+ever shipped — a page that keeps retrying a refused filter loads the relay for nothing, and one
+that gives up on a restart loses its user. Modelled on centrifuge's disconnect table
+(``disconnect.go``: a code, a reason and whether to reconnect, per cause).
+
+Three places carry it and ``tests/test_disconnect.py`` fails when they differ: this module (and
+the code that closes and refuses: every ``admission.Refusal`` code and every close the package
+sends must be listed here), ``DISCONNECTS`` in ``static/changerelay.js`` (the page's ``app.js``
+imports it from there), and the "Close codes and refusals" tables in ``README.md``.
+
+To add a cause: add it to ``CLOSES`` (a WebSocket close) or to a status's ``errors`` in
+``REFUSALS`` (a handshake refusal), then the same entry to ``DISCONNECTS`` in
+``static/changerelay.js`` and a row to the README's table. A cause that shares a close code with
+another needs a reason of its own — a frame flood closed with 1008 is not "token expired", and
+clients tell the two apart by the reason alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Retry(enum.StrEnum):
+    """What a client does after a close or a refusal."""
+
+    NO = "no"                     # permanent: the same request fails again; show the message
+    BACKOFF = "backoff"           # temporary: the same request later, with exponential backoff
+    RESUME = "resume"             # reconnect (with backoff) and resume after the last id
+    FRESH_TOKEN = "fresh_token"   # only with a new token; a client that cannot mint one stops
+
+
+@dataclass(frozen=True)
+class Close:
+    """A WebSocket close after the handshake."""
+
+    code: int
+    reason: str | None  # the close frame's reason, exactly; None: it names the fault each time
+    retry: Retry
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A handshake refused with an HTTP status and a JSON body ``{"error": …, "message": …}``.
+
+    Browsers do not show a refused WebSocket's status: a client learns it by fetching the same
+    URL without ``Upgrade``, which runs the same admission and answers the same refusal (or 204).
+    """
+
+    retry: Retry
+    errors: tuple[str, ...]  # the body's ``error`` codes; empty: not answered in JSON (yet)
+    meaning: str
+
+
+CLOSES: dict[str, Close] = {
+    "ping_timeout": Close(
+        1000, "ping timed out", Retry.RESUME,
+        "a ping went unanswered for WS_PING_INTERVAL: the client or its network stalled"),
+    "shutdown": Close(
+        1001, "server shutting down", Retry.RESUME,
+        "the relay is stopping (deploy, SIGTERM); another relay or its successor resumes"),
+    "protocol_error": Close(
+        1002, None, Retry.RESUME,
+        "the client broke RFC 6455 (e.g. an unmasked frame); the reason names the fault"),
+    "connection_lost": Close(
+        1006, None, Retry.RESUME,
+        "never sent: what a client sees when the connection ends without a close frame — cut, "
+        "or refused at the handshake (then fetch the URL without Upgrade to learn why)"),
+    "invalid_data": Close(
+        1007, None, Retry.RESUME,
+        "a text message or close reason that is not UTF-8, or a message that does not inflate"),
+    "token_expired": Close(
+        1008, "token expired", Retry.FRESH_TOKEN,
+        "the token's exp passed during the connection; after an error frame token_expired"),
+    "message_too_big": Close(
+        1009, None, Retry.RESUME,
+        "a client message over 4 KiB (clients have nothing to say to the relay)"),
+    "server_error": Close(
+        1011, None, Retry.RESUME,
+        "an unexpected condition in the relay (RFC 6455 §7.4.1); the reason names it"),
+    "slow_consumer": Close(
+        1013, "slow consumer", Retry.RESUME,
+        "the client fell CLIENT_BUFFER_BYTES behind; after an error frame slow_consumer"),
+}
+
+REFUSALS: dict[int, Refusal] = {
+    400: Refusal(Retry.NO, (
+        "unknown_parameter", "repeated_parameter", "invalid_ns", "ns_outside_scope",
+        "invalid_ops", "unknown_operation_type", "invalid_json", "invalid_filter",
+        "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long",
+        "filter_too_large", "filter_too_deep", "invalid_resume_after", "invalid_encoding",
+        "websocket_required", "bad_handshake",
+    ), "the request is wrong; the message says what to change"),
+    401: Refusal(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
+                 "no valid token: retry only with a new one"),
+    403: Refusal(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images"),
+                 "not allowed: this page's origin, namespaces outside the token's ns claim, or a "
+                 "row rule this relay cannot decide (no post-images)"),
+    404: Refusal(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
+    413: Refusal(Retry.NO, (), "too large; not answered yet (the request-size limits will)"),
+    414: Refusal(Retry.NO, ("query_too_large",), "the query string is over 512 KiB"),
+    421: Refusal(Retry.NO, ("host_not_allowed",), "a Host the relay does not answer to"),
+    426: Refusal(Retry.NO, ("unsupported_websocket_version",),
+                 "a WebSocket version other than 13"),
+    429: Refusal(Retry.BACKOFF, ("too_many_connections_from_address",),
+                 "MAX_CONNECTIONS_PER_IP reached: retry once a connection of this address ends"),
+    431: Refusal(Retry.NO, (), "headers too large; not answered yet (the header limits will)"),
+    503: Refusal(Retry.BACKOFF, ("too_many_connections",),
+                 "MAX_CONNECTIONS reached: retry later, or on another relay"),
+}
