@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from .disconnect import STATUS_OF
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a proxy may report in X-Forwarded-Proto, as the scheme of the page that connects.
 FORWARDED_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
@@ -43,15 +45,16 @@ MAX_QUERY_BYTES = 512 * 1024
 
 
 class Refusal(Exception):
-    """A request the relay turns away before it costs a connection: the HTTP ``status``, a
-    stable ``code`` that clients branch on (the body's ``error``), and a ``message`` that says
-    how to fix the request."""
+    """A request the relay turns away before it costs a connection: a stable ``code`` that
+    clients branch on (the body's ``error``), a ``message`` that says how to fix the request,
+    and the HTTP ``status`` that ``disconnect.REFUSALS`` lists the code under (a code it does
+    not list is a KeyError: every refusal is in the table clients follow)."""
 
-    def __init__(self, code: str, message: str, status: int = 400):
+    def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = status
+        self.status = STATUS_OF[code]
 
     def body(self) -> str:
         return json.dumps({"error": self.code, "message": self.message})
@@ -167,7 +170,7 @@ def check_host(served: Origin | None, allowed: frozenset | None) -> None:
         f"Host {served.host}:{served.port}")
     raise Refusal(
         "host_not_allowed", f"this relay does not answer to {named}; if clients reach it by "
-        "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])", status=421)
+        "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])")
 
 
 def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> None:
@@ -185,7 +188,7 @@ def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> N
     raise Refusal(
         "origin_not_allowed", f"origin {_shown(origin)} may not connect; add it to "
         "ALLOWED_ORIGINS (default: the relay's own scheme, host and port only; behind a TLS "
-        "proxy, list it in TRUSTED_PROXIES so that its X-Forwarded-Proto counts)", status=403)
+        "proxy, list it in TRUSTED_PROXIES so that its X-Forwarded-Proto counts)")
 
 
 def check_query_size(query: str) -> None:
@@ -193,7 +196,7 @@ def check_query_size(query: str) -> None:
     if len(query) > MAX_QUERY_BYTES:
         raise Refusal(
             "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
-            "filters are limited to 4 KiB", status=414)
+            "filters are limited to 4 KiB")
 
 
 def query_values(arguments: Mapping[str, list[bytes]]) -> dict[str, str]:
@@ -235,13 +238,11 @@ class Connections:
         if self.total_cap and self.total >= self.total_cap:
             raise Refusal(
                 "too_many_connections", f"this relay holds its maximum of {self.total_cap} "
-                "connections (MAX_CONNECTIONS); retry later or connect to another relay",
-                status=503)
+                "connections (MAX_CONNECTIONS); retry later or connect to another relay")
         if self.per_address_cap and self.by_address[address] >= self.per_address_cap:
             raise Refusal(
                 "too_many_connections_from_address", f"{address} already has "
-                f"{self.per_address_cap} connections (MAX_CONNECTIONS_PER_IP); close one first",
-                status=429)
+                f"{self.per_address_cap} connections (MAX_CONNECTIONS_PER_IP); close one first")
         self.total += 1
         self.by_address[address] += 1
         return Slot(self, address)

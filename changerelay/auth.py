@@ -77,19 +77,17 @@ class Authenticator:
         if not token:
             raise Refusal(
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
-                "<jwt> or ?access_token=<jwt>", status=401)
+                "<jwt> or ?access_token=<jwt>")
         try:
             payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
                                  options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
-            raise Refusal("token_expired", "the token has expired; get a fresh one",
-                                    status=401) from None
+            raise Refusal("token_expired", "the token has expired; get a fresh one") from None
         except jwt.MissingRequiredClaimError:
             raise Refusal("invalid_token", "the token has no exp claim; tokens must "
-                                    "expire (keep them short-lived)", status=401) from None
+                                    "expire (keep them short-lived)") from None
         except jwt.InvalidTokenError as exc:
-            raise Refusal("invalid_token", f"the token is not valid ({exc})",
-                                    status=401) from None
+            raise Refusal("invalid_token", f"the token is not valid ({exc})") from None
         for name in TIME_CLAIMS:
             if name in payload and not _seconds(payload[name]):
                 raise _bad_claim(name, "must be a number of seconds since 1970, not "
@@ -111,7 +109,7 @@ class Authenticator:
                 "row_rules_need_post_images", "this token's filter claim reads fullDocument, "
                 "and with FULL_DOCUMENT=updateLookup an update's document is the one found when "
                 "the event is read, not the one at the event, so it cannot decide access; "
-                + ENABLE_POST_IMAGES, status=403)
+                + ENABLE_POST_IMAGES)
         return rule
 
     def _namespaces(self, payload):
@@ -124,7 +122,7 @@ class Authenticator:
             if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
                 if not raw:
                     raise Refusal("ns_forbidden", "the token's ns claim is an empty "
-                                            "list, which grants no namespace", status=403)
+                                            "list, which grants no namespace")
                 return frozenset(namespaces.parse(item) for item in raw)
         except namespaces.NamespaceError as exc:
             raise _bad_claim("ns", f"is malformed: {exc}") from None
@@ -139,7 +137,7 @@ class Authenticator:
             elif not namespaces.within(wanted, allowed):
                 raise Refusal(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
-                    "within " + ", ".join(sorted(map(str, allowed))), status=403)
+                    "within " + ", ".join(sorted(map(str, allowed))))
         return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
 
     def expire(self, clients) -> None:
@@ -169,7 +167,7 @@ def _seconds(value) -> bool:
 
 
 def _bad_claim(name: str, problem: str) -> Refusal:
-    return Refusal("invalid_token", f"the token's {name} claim {problem}", status=401)
+    return Refusal("invalid_token", f"the token's {name} claim {problem}")
 
 
 def _bearer(request) -> str | None:

@@ -23,6 +23,7 @@ from tornado.iostream import StreamClosedError
 from . import events as ev
 from . import frames, wire
 from .connection import WebSocketConnection, Writer
+from .disconnect import CLOSES, Close
 
 if TYPE_CHECKING:
     from .auth import Claims
@@ -153,22 +154,21 @@ class Client:
                            self.writer.buffered())
         self._end(ev.control("error", code="slow_consumer", message=(
             "you fell more than CLIENT_BUFFER_BYTES behind; reconnect with resume_after "
-            "to continue without loss")), frames.TRY_AGAIN_LATER, "slow consumer")
+            "to continue without loss")), CLOSES["slow_consumer"])
 
     def expire(self) -> None:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
         self._end(ev.control("error", code="token_expired",
                              message="your token has expired; reconnect with a fresh one"),
-                  frames.POLICY_VIOLATION, "token expired")
+                  CLOSES["token_expired"])
 
-    def _end(self, message: bytes, code: int, reason: str) -> None:
-        """Leave the hub, say why in a last message, and close (``code`` and ``reason``: a
-        WebSocket's close frame)."""
+    def _end(self, message: bytes, close: Close) -> None:
+        """Leave the hub, say why in a last message, and close (a WebSocket with ``close``)."""
         if self.closed:
             return
         self.closed = True
         self.on_end(self)
-        self.finish(message, code, reason)
+        self.finish(message, close)
 
     def weight(self, event: ev.Delivery) -> int:
         """Bytes ``event`` adds to this client's stream."""
@@ -182,7 +182,7 @@ class Client:
         """The bytes of a control message (``token``: the position it tells)."""
         raise NotImplementedError
 
-    def finish(self, message: bytes, code: int, reason: str) -> None:
+    def finish(self, message: bytes, close: Close) -> None:
         """Send the last ``message`` and close."""
         raise NotImplementedError
 
@@ -226,20 +226,20 @@ class WebSocketClient(Client):
             return
         if self.pinged is not None and now - self.pinged > timeout:
             self.closed = True
-            self.connection.close(frames.NORMAL, "ping timed out")
+            self.connection.close(*CLOSES["ping_timeout"].frame)
             return
         if self.pinged is None:
             self.pinged = now
             with contextlib.suppress(StreamClosedError):
                 self.writer.write(PING_FRAME)
 
-    def finish(self, message: bytes, code: int, reason: str) -> None:
+    def finish(self, message: bytes, close: Close) -> None:
         try:
             if self.writer.buffered() + len(message) <= self.limit + LAST_WORDS_ALLOWANCE:
                 self.writer.write(frames.ws_frame(message))
         except StreamClosedError:
             return
-        self.connection.close(code, reason)
+        self.connection.close(*close.frame)
 
     def shutdown(self) -> None:
         self.connection.shutdown()
@@ -284,7 +284,7 @@ class EventStreamClient(Client):
     def heartbeat(self) -> None:
         self.send(self._frame(b": keep-alive\n\n"))
 
-    def finish(self, message: bytes, code: int, reason: str) -> None:
+    def finish(self, message: bytes, close: Close) -> None:
         with contextlib.suppress(StreamClosedError):
             self.writer.write(self.pack_control(message))
         self.response.end_stream()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from tornado.iostream import StreamClosedError
 
 from . import frames
+from .disconnect import CLOSES
 from .protocol import CLOSED, FAILED, OPEN, State, WebSocketProtocol
 
 CLOSE_TIMEOUT = 5.0  # seconds the peer gets to answer our close frame (Tornado's figure)
@@ -332,7 +333,7 @@ class WebSocketConnection(Connection):
 
     def shutdown(self) -> None:
         """The relay is stopping: going away (1001)."""
-        self.close(frames.GOING_AWAY, "server shutting down")
+        self.close(*CLOSES["shutdown"].frame)
 
     def abort(self) -> None:
         super().abort()

@@ -154,22 +154,21 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
         if headers.get("Upgrade", "").lower() != "websocket":
             raise Refusal(
                 "websocket_required", "/socket speaks WebSocket: connect with a WebSocket "
-                "client (ws:// or wss://), or use /events for Server-Sent Events", status=400)
+                "client (ws:// or wss://), or use /events for Server-Sent Events")
         connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
         if "upgrade" not in connection or self.request.version != "HTTP/1.1":
             raise Refusal(
                 "bad_handshake", "a WebSocket handshake is an HTTP/1.1 GET with "
-                "'Connection: Upgrade' and 'Upgrade: websocket'", status=400)
+                "'Connection: Upgrade' and 'Upgrade: websocket'")
         if headers.get("Sec-WebSocket-Version") != "13":
             self.set_header("Sec-WebSocket-Version", "13")
             raise Refusal(
                 "unsupported_websocket_version", "this relay speaks WebSocket version 13 "
-                "(RFC 6455); send 'Sec-WebSocket-Version: 13'", status=426)
+                "(RFC 6455); send 'Sec-WebSocket-Version: 13'")
         accept = frames.accept_key(headers.get("Sec-WebSocket-Key", ""))
         if accept is None:
             raise Refusal(
-                "bad_handshake", "Sec-WebSocket-Key must be the base64 of 16 random bytes",
-                status=400)
+                "bad_handshake", "Sec-WebSocket-Key must be the base64 of 16 random bytes")
         offers = ", ".join(headers.get_list("Sec-WebSocket-Extensions"))
         return accept, frames.negotiate_deflate(offers) if compression else None
 
