@@ -19,9 +19,12 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .disconnect import STATUS_OF
+
+if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a proxy may report in X-Forwarded-Proto, as the scheme of the page that connects.
@@ -68,7 +71,11 @@ class Origin(NamedTuple):
     port: int
 
 
-def parse_host(text: str) -> tuple[str, int | None] | None:
+HostName = tuple[str, int | None]  # (host, port or None: any port), as ALLOWED_HOSTS lists them
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def parse_host(text: str) -> HostName | None:
     """``(host, port or None)`` of a ``host[:port]``, normalised — lower case, no trailing dot,
     IPv6 in brackets and compressed — or None if it is not one."""
     if not text or len(text) > _LONGEST_HOST:
@@ -108,14 +115,14 @@ def served_origin(host: str | None, scheme: str) -> Origin | None:
     return Origin(scheme, name, port or DEFAULT_PORTS[scheme])
 
 
-def forwarded(request, proxies) -> tuple[str, str]:
+def forwarded(request: HTTPServerRequest, proxies: Networks) -> tuple[str, str]:
     """The client's address and the scheme its page was served over.
 
     X-Forwarded-For and X-Forwarded-Proto are believed only from TRUSTED_PROXIES: each trusted
     proxy appends the address and scheme it received, so both lists are walked back from the
     nearest hop for as long as the hop is one of our proxies.
     """
-    address, scheme = request.remote_ip, request.protocol
+    address, scheme = request.remote_ip or "", request.protocol
     if not proxies:
         return address, scheme
     hops = _list(request.headers.get("X-Forwarded-For", ""))
@@ -129,7 +136,8 @@ def forwarded(request, proxies) -> tuple[str, str]:
     return address, scheme
 
 
-def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | None:
+def allowed_hosts(setting: tuple[HostName | str, ...], listen_host: str,
+                  port: int) -> frozenset[HostName] | None:
     """The ``(host, port or None)`` pairs the relay answers to; None: any ``Host``.
 
     ALLOWED_HOSTS unset: a relay on a loopback address answers to the loopback names on the
@@ -139,7 +147,8 @@ def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | No
     if "*" in setting:
         return None
     if setting:
-        return frozenset(setting)
+        return frozenset(name for name in setting if not isinstance(name, str))
+    names: tuple[str, ...]
     try:
         address = ipaddress.ip_address(listen_host)
     except ValueError:
@@ -154,7 +163,7 @@ def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | No
     return frozenset((name, port) for name in names)
 
 
-def check_host(served: Origin | None, allowed: frozenset | None) -> None:
+def check_host(served: Origin | None, allowed: frozenset[HostName] | None) -> None:
     """Refuse (421 Misdirected Request) a request whose ``Host`` (``served_origin``) the relay
     does not answer to.
 
@@ -173,7 +182,8 @@ def check_host(served: Origin | None, allowed: frozenset | None) -> None:
         "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])")
 
 
-def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> None:
+def check_origin(origin: str | None, served: Origin | None,
+                 allowed: tuple[Origin | str, ...]) -> None:
     """Refuse (403) a browser page from an origin that may not connect.
 
     ALLOWED_ORIGINS unset: only the relay's own origin (``served_origin``) — the scheme it is
@@ -274,7 +284,7 @@ def _list(header: str) -> list[str]:
     return [item.strip() for item in header.split(",") if item.strip()]
 
 
-def _in_networks(address: str, networks) -> bool:
+def _in_networks(address: str, networks: Networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

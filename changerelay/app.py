@@ -16,10 +16,14 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from logzero import logger
+from pymongo import AsyncMongoClient
 from tornado import httpserver, netutil, web
+from tornado.ioloop import PeriodicCallback
 
 from . import admission, handlers, logs
 from . import subscription as subs
@@ -28,6 +32,11 @@ from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
 from .hub import Hub
 from .source import ChangeSource
+
+if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
+
+    from .auth import Authenticator, Claims
 
 
 def _bundled(name: str) -> Path:
@@ -51,7 +60,7 @@ EXPIRY_CHECK_SECONDS = 1.0
 
 
 class Relay:
-    def __init__(self, config: Config, mongo_client=None):
+    def __init__(self, config: Config, mongo_client: AsyncMongoClient[Any] | None = None):
         self.config = config
         loop = asyncio.get_running_loop()
         self.hub: Hub[Client] = Hub(loop.call_soon, self._from_history, config.replay_buffer,
@@ -62,13 +71,13 @@ class Relay:
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
-        self.auth = None
+        self.auth: Authenticator | None = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:
             from .auth import Authenticator
 
             self.auth = Authenticator.from_config(config)
         self.started = time.monotonic()
-        self._timers: list = []
+        self._timers: list[PeriodicCallback] = []
         self._gone: asyncio.Event | None = None  # set during shutdown once every client left
         self._ping_slice = 0
 
@@ -76,8 +85,6 @@ class Relay:
 
     def start(self) -> None:
         self.source.start()
-        from tornado.ioloop import PeriodicCallback
-
         timers = [(self.send_positions, self._position_pass_seconds),
                   (self.heartbeat, self.config.sse_heartbeat),
                   (self.ping, self.config.ws_ping_interval / PING_SLICES)]
@@ -150,13 +157,14 @@ class Relay:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def authenticate(self, request):
+    def authenticate(self, request: HTTPServerRequest) -> Claims | None:
         return None if self.auth is None else self.auth.authenticate(request)
 
-    def subscription_for(self, values, claims):
+    def subscription_for(self, values: Mapping[str, str],
+                         claims: Claims | None) -> tuple[subs.Subscription, str | None]:
         subscription, resume_after = subs.parse(
             values, (self.config.watch_db, self.config.watch_collection))
-        if claims is not None:
+        if self.auth is not None and claims is not None:
             subscription = self.auth.restrict(subscription, claims)
         return subscription, resume_after
 
@@ -177,7 +185,7 @@ class Relay:
         self.catchup.discard(client)
         self._check_gone()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
                 "catching_up": self.catchup.count(),
                 "catchup_streams_opened": self.catchup.streams_opened,
@@ -185,22 +193,24 @@ class Relay:
 
 
 def make_app(relay: Relay) -> web.Application:
-    app = web.Application(
+    """The routes; each handler is handed the relay (Tornado passes a route's arguments to its
+    ``initialize``)."""
+    given = {"relay": relay}
+    return web.Application(
         [
-            (r"/", handlers.WebpageHandler),
-            (r"/socket", handlers.ChangesHandler),
-            (r"/events", handlers.EventsHandler),
+            (r"/", handlers.WebpageHandler, given),
+            (r"/socket", handlers.ChangesHandler, given),
+            (r"/events", handlers.EventsHandler, given),
             (r"/healthz", handlers.HealthHandler),
-            (r"/readyz", handlers.ReadyHandler),
+            (r"/readyz", handlers.ReadyHandler, given),
         ],
         template_path=str(_bundled("templates")),
         static_path=str(_bundled("static")),
         static_handler_class=handlers.StaticHandler,
+        static_handler_args=dict(given),  # Tornado adds the path to these
         compress_response=False,
         log_function=logs.log_request,
     )
-    app.relay = relay
-    return app
 
 
 def raise_open_files_limit() -> None:

@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from logzero import logger
 
 from . import filters, namespaces
 from .admission import Refusal
+from .namespaces import Namespace
 from .rows import POST_IMAGE_MODES, AccessRule
 from .subscription import Subscription
+
+if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
+
+    from .config import Config
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
@@ -47,32 +55,43 @@ class Claims:
     so every claim it reads is checked here, once, and a bad one refuses the token.
     """
 
-    expires: float                 # exp: seconds since 1970
-    namespaces: frozenset | None   # ns: None grants the whole watched scope
+    expires: float                            # exp: seconds since 1970
+    namespaces: frozenset[Namespace] | None   # ns: None grants the whole watched scope
     rule: AccessRule | None        # filter
 
 
 TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
+class Expiring(Protocol):
+    """A connection that holds a token: what ``Authenticator.expire`` reads and calls."""
+
+    claims: Claims | None
+    peer: str
+
+    def expire(self) -> None: ...
+
+
 class Authenticator:
-    def __init__(self, key, algorithms: list[str], full_document: str = "updateLookup"):
+    def __init__(self, key: str, algorithms: list[str], full_document: str = "updateLookup"):
         self.key = key
         self.algorithms = algorithms
         self.full_document = full_document  # the FULL_DOCUMENT mode of every stream we read
 
     @classmethod
-    def from_config(cls, config) -> Authenticator:
+    def from_config(cls, config: Config) -> Authenticator:
         if config.full_document == "updateLookup":
             logger.warning("auth is on and FULL_DOCUMENT=updateLookup: tokens whose filter "
                            "claim reads fullDocument will be refused (403); to use row rules, "
                            "%s", ENABLE_POST_IMAGES)
         if config.auth_jwt_secret:
             return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document)
-        return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
-                   config.full_document)
+        if config.auth_jwt_public_key:
+            return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
+                       config.full_document)
+        raise ValueError("auth is off: neither AUTH_JWT_SECRET nor AUTH_JWT_PUBLIC_KEY is set")
 
-    def authenticate(self, request) -> Claims:
+    def authenticate(self, request: HTTPServerRequest) -> Claims:
         token = _bearer(request)
         if not token:
             raise Refusal(
@@ -85,7 +104,7 @@ class Authenticator:
             raise Refusal("token_expired", "the token has expired; get a fresh one") from None
         except jwt.MissingRequiredClaimError:
             raise Refusal("invalid_token", "the token has no exp claim; tokens must "
-                                    "expire (keep them short-lived)") from None
+                          "expire (keep them short-lived)") from None
         except jwt.InvalidTokenError as exc:
             raise Refusal("invalid_token", f"the token is not valid ({exc})") from None
         for name in TIME_CLAIMS:
@@ -94,7 +113,7 @@ class Authenticator:
                                  f"{type(payload[name]).__name__}")
         return Claims(payload["exp"], self._namespaces(payload), self._rule(payload))
 
-    def _rule(self, payload) -> AccessRule | None:
+    def _rule(self, payload: dict[str, Any]) -> AccessRule | None:
         if "filter" not in payload:
             return None
         spec = payload["filter"]
@@ -112,7 +131,7 @@ class Authenticator:
                 + ENABLE_POST_IMAGES)
         return rule
 
-    def _namespaces(self, payload):
+    def _namespaces(self, payload: dict[str, Any]) -> frozenset[Namespace] | None:
         if "ns" not in payload:
             return None
         raw = payload["ns"]
@@ -122,7 +141,7 @@ class Authenticator:
             if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
                 if not raw:
                     raise Refusal("ns_forbidden", "the token's ns claim is an empty "
-                                            "list, which grants no namespace")
+                                  "list, which grants no namespace")
                 return frozenset(namespaces.parse(item) for item in raw)
         except namespaces.NamespaceError as exc:
             raise _bad_claim("ns", f"is malformed: {exc}") from None
@@ -140,7 +159,7 @@ class Authenticator:
                     "within " + ", ".join(sorted(map(str, allowed))))
         return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
 
-    def expire(self, clients) -> None:
+    def expire(self, clients: Iterable[Expiring]) -> None:
         """Close connections whose token's ``exp`` has passed (checked once a second).
 
         One client's state must not stop the pass for the others: a client whose expiry cannot
@@ -162,7 +181,7 @@ class Authenticator:
                                      getattr(client, "peer", "a client"))
 
 
-def _seconds(value) -> bool:
+def _seconds(value: object) -> bool:
     return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
@@ -170,7 +189,7 @@ def _bad_claim(name: str, problem: str) -> Refusal:
     return Refusal("invalid_token", f"the token's {name} claim {problem}")
 
 
-def _bearer(request) -> str | None:
+def _bearer(request: HTTPServerRequest) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():

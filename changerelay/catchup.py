@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from logzero import logger
 from pymongo.asynchronous.change_stream import AsyncChangeStream
@@ -27,6 +27,9 @@ from . import events as ev
 from .backoff import Backoff
 from .hub import Hub, Subscriber
 from .source import HISTORY_LOST, IMAGES_MISSING, bad_resume_token
+
+if TYPE_CHECKING:
+    from .subscription import Subscription
 
 BACKOFF_BASE = 0.4  # seconds before a failed catch-up stream is reopened the first time
 BACKOFF_CAP = 5.0   # at most: its riders are waiting
@@ -89,10 +92,10 @@ class CatchUp(Generic[R]):
             if job.accepts(after):
                 job.add(client, after)
                 return
-        job: Job[R] = Job(after)
-        job.add(client, after)
-        self.jobs.append(job)
-        job.task = asyncio.get_running_loop().create_task(self._run(job), name="catch-up")
+        fresh: Job[R] = Job(after)
+        fresh.add(client, after)
+        self.jobs.append(fresh)
+        fresh.task = asyncio.get_running_loop().create_task(self._run(fresh), name="catch-up")
 
     def discard(self, client: R) -> None:
         for job in self.jobs:
@@ -188,7 +191,7 @@ class CatchUp(Generic[R]):
 
     def _deliver(self, job: Job[R], event: ev.Event) -> None:
         job.position = event.token
-        verdicts: dict = {}  # one match per distinct subscription, as in the hub
+        verdicts: dict[Subscription, Sequence[ev.Delivery]] = {}  # one match per subscription
         for client, seen in tuple(job.clients.items()):
             if event.token > seen:
                 job.clients[client] = event.token

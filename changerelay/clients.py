@@ -70,7 +70,7 @@ class Client:
         self._history = 0                  # replayed events still in the backlog (they come first)
         self._drained: asyncio.Future[None] | None = None
 
-    def deliver(self, events: list[ev.Delivery], payload: bytes) -> None:
+    def deliver(self, events: Sequence[ev.Delivery], payload: bytes) -> None:
         """Live events, with the payload shared by every client of the group."""
         if self.backlog is None:
             self.send(payload)
@@ -80,7 +80,7 @@ class Client:
         if self._queued > self.limit:
             self.cut_off()
 
-    def replay(self, events: list[ev.Delivery]) -> None:
+    def replay(self, events: Sequence[ev.Delivery]) -> None:
         """History: written as fast as the client reads it, never faster."""
         if self.backlog is None:
             self.backlog = deque()

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
@@ -303,7 +303,7 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
-def _specs():
+def _specs() -> list[tuple[str, Setting]]:
     return [(f.name, f.metadata["spec"]) for f in fields(Config)]
 
 
@@ -312,7 +312,7 @@ def _flag(env: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise ConfigError("command line", f"{message}; see --help")
 
 
@@ -326,7 +326,8 @@ def build_parser(prog: str = "changerelay") -> argparse.ArgumentParser:
     for name, spec in _specs():
         envs = (spec.env, *spec.aliases)
         default = "unset" if spec.default in (None, ()) else spec.default
-        switch = {"nargs": "?", "const": "true"} if isinstance(spec.default, bool) else {}
+        switch: dict[str, Any] = (
+            {"nargs": "?", "const": "true"} if isinstance(spec.default, bool) else {})
         parser.add_argument(
             *map(_flag, envs), dest=name, metavar=spec.env, default=None, **switch,
             help=f"{spec.help} (env {' / '.join(envs)}; default: {default})",
@@ -335,7 +336,8 @@ def build_parser(prog: str = "changerelay") -> argparse.ArgumentParser:
 
 
 def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
-         dotenv_path: str | os.PathLike | None = ".env", prog: str = "changerelay") -> Config:
+         dotenv_path: str | os.PathLike[str] | None = ".env",
+         prog: str = "changerelay") -> Config:
     """Read and validate every setting; raise :class:`ConfigError` on the first bad one."""
     environ = os.environ if environ is None else environ
     args = build_parser(prog).parse_args(argv)
@@ -363,10 +365,10 @@ def _check_together(config: Config) -> None:
     if config.demo and config.reuse_port > 1:
         raise ConfigError("DEMO", "runs one process with its own MongoDB stand-in; unset "
                           "REUSE_PORT (each worker would watch a stand-in of its own)")
-    if config.watch_collection and not config.watch_db:
-        raise ConfigError(
-            "WATCH_COLLECTION", "needs WATCH_DB too: set WATCH_DB to the collection's database")
     if config.watch_collection:
+        if not config.watch_db:
+            raise ConfigError("WATCH_COLLECTION",
+                              "needs WATCH_DB too: set WATCH_DB to the collection's database")
         try:
             namespaces.make(config.watch_db, config.watch_collection)
         except namespaces.NamespaceError as exc:

@@ -19,6 +19,7 @@ import enum
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tornado.iostream import StreamClosedError
 
@@ -45,6 +46,14 @@ class Writer:
     """
 
     __slots__ = ()
+
+    if TYPE_CHECKING:  # what each subclass supplies, as attributes or properties
+        @property
+        def sock(self) -> socket.socket: ...
+        @property
+        def _size(self) -> int: ...
+        @property
+        def _stage(self) -> int: ...
 
     def buffered(self) -> int:
         """Bytes accepted but not yet handed to the kernel."""
@@ -81,7 +90,7 @@ class Writer:
             self._queue(memoryview(data)[sent:])
         return True
 
-    def _queue(self, data) -> None:
+    def _queue(self, data: bytes | memoryview) -> None:
         """Keep ``data`` to send after what is queued, when the socket can take it."""
         raise NotImplementedError
 
@@ -114,11 +123,15 @@ class Connection(Writer):
     """
 
     __slots__ = ("_drain", "_out", "_size", "_stage", "_timer", "loop", "on_close", "sock")
+    sock: socket.socket
+    _size: int
+    _stage: _Stage
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None):
         self.sock = sock
         self.loop = loop or asyncio.get_running_loop()
-        self._out: deque | None = None  # only while something waits: an empty deque is 760 B
+        # only while something waits: an empty deque is 760 B
+        self._out: deque[bytes | memoryview] | None = None
         self._size = 0
         self._drain: list[Callable[[], None]] | None = None
         self._stage = _Stage.OPEN
@@ -190,11 +203,12 @@ class Connection(Writer):
             except OSError:
                 self.abort()
 
-    def _queue(self, data) -> None:
-        if not self._size:
+    def _queue(self, data: bytes | memoryview) -> None:
+        out = self._out
+        if out is None:
             self.loop.add_writer(self.sock.fileno(), self._writable)
-            self._out = deque()
-        self._out.append(data)
+            out = self._out = deque()
+        out.append(data)
         self._size += len(data)
 
     def _broken(self, exc: OSError) -> None:

@@ -197,7 +197,8 @@ class FrameReader:
         self._message, self._size = None, 0
         return opcode, self._complete(opcode, compressed, b"".join(parts))
 
-    def _frame(self, buffer: bytes, offset: int):
+    def _frame(self, buffer: bytes,
+               offset: int) -> tuple[int, int, bool, int, bytes] | None:
         """The next whole frame at ``offset``, or None if it has not all arrived."""
         available = len(buffer) - offset
         if available < 2:
@@ -262,7 +263,7 @@ def _check_control(opcode: int, payload: bytes) -> bytes:
     if len(payload) == 1:
         raise ProtocolError(PROTOCOL_ERROR, "close frame with a one-byte payload")
     code = close_code(payload)
-    if code not in _SENDABLE and not 3000 <= code <= 4999:
+    if code is None or (code not in _SENDABLE and not 3000 <= code <= 4999):
         raise ProtocolError(PROTOCOL_ERROR, f"invalid close code {code}")
     try:
         payload[2:].decode("utf-8")

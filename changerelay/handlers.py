@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from tornado import web
 from tornado.iostream import StreamClosedError
@@ -21,6 +21,10 @@ from .connection import WebSocketConnection
 from .protocol import WebSocketProtocol
 from .subscription import Subscription, parse_resume
 
+if TYPE_CHECKING:
+    from .app import Relay
+    from .auth import Claims
+
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
 # Tornado drops a request whose headers exceed its limit without answering; the server reads up
 # to this much so that an oversized query gets admission's JSON 414 (MAX_QUERY_BYTES) instead.
@@ -30,17 +34,27 @@ MAX_HEADER_BYTES = 2 * 1024 * 1024
 class Admitted(NamedTuple):
     subscription: Subscription
     resume_after: str | None
-    claims: object  # auth.Claims, or None without auth
+    claims: Claims | None  # None without auth
     slot: admission.Slot
 
 
-class HostCheckedMixin:
+class RelayHandler(web.RequestHandler):
+    """A handler of the relay, which its route hands in (``app.make_app``)."""
+
+    def initialize(self, relay: Relay) -> None:
+        self.relay = relay
+
+
+class HostChecked(RelayHandler):
     """Every route a browser can be sent to — the page, static files, both transports — answers
     only to the names the relay is reached by (``admission.check_host``), before anything else.
     The probes do not: they are sent to the pod's IP."""
 
-    def prepare(self):
-        relay = self.application.relay
+    peer: str                             # the client's address, behind trusted proxies
+    served: admission.Origin | None       # the origin of this relay's pages, as asked for
+
+    def prepare(self) -> None:
+        relay = self.relay
         self.peer, scheme = admission.forwarded(self.request, relay.config.trusted_proxies)
         self.served = admission.served_origin(self.request.headers.get("Host"), scheme)
         try:
@@ -52,7 +66,7 @@ class HostCheckedMixin:
         """Refuse (403) a page whose origin may not connect; let an allowed one read the
         answer across origins."""
         origin = self.request.headers.get("Origin")
-        admission.check_origin(origin, self.served, self.application.relay.config.allowed_origins)
+        admission.check_origin(origin, self.served, self.relay.config.allowed_origins)
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Vary", "Origin")
@@ -66,7 +80,7 @@ class HostCheckedMixin:
         self.finish(exc.body())
 
 
-class RelayHandlerMixin(HostCheckedMixin):
+class Transport(HostChecked):
     """Admission for both transports, once per handshake, in ``admission``'s order."""
 
     # /events: EventSource sends the id of the last event it saw when it reconnects.
@@ -74,7 +88,7 @@ class RelayHandlerMixin(HostCheckedMixin):
 
     def admitted(self) -> Admitted | None:
         """The client's subscription, start, claims and connection slot; None once refused."""
-        relay = self.application.relay
+        relay = self.relay
         request = self.request
         try:
             admission.check_query_size(request.query)
@@ -92,7 +106,7 @@ class RelayHandlerMixin(HostCheckedMixin):
         return Admitted(subscription, resume_after, claims, slot)
 
 
-class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
+class ChangesHandler(Transport):
     """``/socket``: one WebSocket per client; every change event is one text frame.
 
     The handshake is answered here; then the socket leaves Tornado for a ``WebSocketConnection``
@@ -104,12 +118,12 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
     would be admitted — without taking a connection.
     """
 
-    def get(self):
+    def get(self) -> None:
         admitted = self.admitted()  # first, so that curl shows what is wrong with a query
         if admitted is None:
             return
         subscription, resume_after, claims, slot = admitted
-        relay = self.application.relay
+        relay = self.relay
         if "Upgrade" not in self.request.headers:
             slot.release()
             self.set_status(204)
@@ -139,7 +153,7 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
             connection, subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
             on_end=relay.detach, deflate=deflate)
 
-        def lost():
+        def lost() -> None:
             relay.detach(client)
             slot.release()
 
@@ -173,18 +187,19 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
         return accept, frames.negotiate_deflate(offers) if compression else None
 
 
-class EventsHandler(RelayHandlerMixin, web.RequestHandler):
+class EventsHandler(Transport):
     """``/events``: the same stream as Server-Sent Events."""
 
     resumes_from_last_event_id = True
+    _done: asyncio.Future[None] | None = None  # resolved when the stream is to end
 
-    async def get(self):
+    async def get(self) -> None:
         admitted = self.admitted()
         if admitted is None:
             return
         subscription, resume_after, claims, slot = admitted
-        relay = self.application.relay
-        self._done = asyncio.get_running_loop().create_future()
+        relay = self.relay
+        done = self._done = asyncio.get_running_loop().create_future()
         client = None
         try:
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -198,7 +213,7 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
                 subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
                 on_end=relay.detach)
             relay.attach(client, resume_after)
-            await self._done
+            await done
         finally:
             if client is not None:
                 client.closed = True
@@ -207,19 +222,19 @@ class EventsHandler(RelayHandlerMixin, web.RequestHandler):
         if not self._finished:
             self.finish()
 
-    def on_connection_close(self):
+    def on_connection_close(self) -> None:
         self.end_stream()
 
     def end_stream(self) -> None:
-        done = getattr(self, "_done", None)
+        done = self._done
         if done is not None and not done.done():
             done.set_result(None)
 
 
-class WebpageHandler(HostCheckedMixin, web.RequestHandler):
+class WebpageHandler(HostChecked):
     """``/``: the live page. Scripts come only from /static, so the CSP can forbid the rest."""
 
-    def set_default_headers(self):
+    def set_default_headers(self) -> None:
         host = self.request.host
         self.set_header(
             "Content-Security-Policy",
@@ -230,21 +245,26 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("X-Frame-Options", "DENY")
 
-    def get(self):
-        config = self.application.relay.config
+    def get(self) -> None:
+        config = self.relay.config
         self.render("index.html", watch_db=config.watch_db,
                     watch_collection=config.watch_collection, demo=config.demo)
 
-    def head(self):
+    def head(self) -> None:
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.finish()
 
 
-class StaticHandler(HostCheckedMixin, web.StaticFileHandler):
+class StaticHandler(HostChecked, web.StaticFileHandler):
     """``/static/…``: the page's scripts, under the same Host check as the page. A page on an
     allowed origin may import ``changerelay.js`` from here: ES modules load with CORS."""
 
-    def prepare(self):
+    def initialize(self, relay: Relay, path: str,  # type: ignore[override]
+                   default_filename: str | None = None) -> None:
+        self.relay = relay
+        web.StaticFileHandler.initialize(self, path, default_filename)
+
+    def prepare(self) -> None:
         super().prepare()
         if not self._finished:
             with contextlib.suppress(Refusal):  # no header: the browser refuses it
@@ -254,17 +274,17 @@ class StaticHandler(HostCheckedMixin, web.StaticFileHandler):
 class HealthHandler(web.RequestHandler):
     """``/healthz``: the process serves. Liveness only; MongoDB's state is /readyz's business."""
 
-    def get(self):
+    def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"status": "ok"}))
 
 
-class ReadyHandler(web.RequestHandler):
+class ReadyHandler(RelayHandler):
     """``/readyz``: 200 while the change stream is open, 503 naming the reason otherwise."""
 
-    def get(self):
-        relay = self.application.relay
+    def get(self) -> None:
+        relay = self.relay
         body = relay.status()
         self.set_status(200 if relay.source.ready else 503)
         self.set_header("Content-Type", "application/json")

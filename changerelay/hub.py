@@ -47,8 +47,8 @@ class Subscriber(Protocol):
     told: str | None              # the last position sent, so a quiet client is told it once
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
-    def deliver(self, events: list[Delivery], payload: bytes) -> None: ...
-    def replay(self, events: list[Delivery]) -> None: ...
+    def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
+    def replay(self, events: Sequence[Delivery]) -> None: ...
     def send_control(self, message: bytes, token: str | None = None) -> None: ...
 
 
@@ -189,15 +189,16 @@ class Hub(Generic[S]):
         Returns False, having done nothing, when the log does not reach back to ``after``: the
         caller must then catch the client up from MongoDB first.
         """
-        if self.floor is None:
+        floor = self.floor
+        if floor is None:
             self.clients.add(client)
             self._waiting[client] = after
             return True
-        if after < self.floor:
+        if after < floor:
             return False
         self.flush()
         self.clients.add(client)
-        head = self.head
+        head = self._newest(floor)
         if after > head:
             if ev.token_seconds(after) - ev.token_seconds(head) > AHEAD_WINDOW:
                 # Not from a relay a moment ahead of us, and MongoDB would wait for that time
@@ -279,9 +280,12 @@ class Hub(Generic[S]):
     @property
     def head(self) -> str | None:
         """The newest event in the log, or ``floor`` when there is none."""
-        return self._tokens[-1] if len(self._tokens) > self._start else self.floor
+        return None if self.floor is None else self._newest(self.floor)
 
-    def stats(self) -> dict:
+    def _newest(self, floor: str) -> str:
+        return self._tokens[-1] if len(self._tokens) > self._start else floor
+
+    def stats(self) -> dict[str, int]:
         return {
             "clients": len(self.clients),
             "subscriptions": len(self._groups),

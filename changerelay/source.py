@@ -21,10 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from bson import json_util
 from logzero import logger
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.change_stream import AsyncChangeStream
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     ConfigurationError,
     ConnectionFailure,
@@ -35,7 +40,10 @@ from pymongo.errors import (
 from . import events as ev
 from .backoff import Backoff
 from .config import Config
-from .pipeline import redaction_stages
+from .hub import Hub
+from .pipeline import Stage, redaction_stages
+
+ResumeToken = Mapping[str, Any]  # a change event's _id: {"_data": hex, ...}
 
 # MongoDB's error codes: by name in src/mongo/base/error_codes.yml, or (five digits) the location
 # code of the uassert that raises them, in the file named.
@@ -117,7 +125,8 @@ def images_help(image: str, config: Config) -> str:
 class ChangeSource:
     """Runs ``watch()`` forever and publishes every change to the hub."""
 
-    def __init__(self, config: Config, hub, client: AsyncMongoClient | None = None):
+    def __init__(self, config: Config, hub: Hub[Any],
+                 client: AsyncMongoClient[Any] | None = None):
         self.config = config
         self.hub = hub
         self.client = client
@@ -125,14 +134,14 @@ class ChangeSource:
         self.reason = "connecting to MongoDB"
         self.last_event_at: float | None = None
         self.attempts = 0
-        self._token: dict | None = None       # where to reopen from: resume_after
-        self._start_after: dict | None = None  # ...or start_after, after an invalidate
-        self._task: asyncio.Task | None = None
+        self._token: ResumeToken | None = None        # where to reopen from: resume_after
+        self._start_after: ResumeToken | None = None  # ...or start_after, after an invalidate
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> asyncio.Task:
+    def start(self) -> asyncio.Task[None]:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="change-source")
         return self._task
 
@@ -153,7 +162,7 @@ class ChangeSource:
     def ready(self) -> bool:
         return self.state == "open"
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {
             "source": self.state,
             "reason": self.reason,
@@ -165,24 +174,28 @@ class ChangeSource:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def target(self):
-        config = self.config
-        if config.watch_collection:
-            return self.client[config.watch_db][config.watch_collection]
-        if config.watch_db:
-            return self.client[config.watch_db]
+    def mongo(self) -> AsyncMongoClient[Any]:
+        """The driver's client, created on first use (it connects in the background)."""
+        if self.client is None:
+            self.client = AsyncMongoClient(self.config.mongo_uri,
+                                           **client_options(self.config.mongo_uri))
         return self.client
 
-    def pipeline(self) -> list[dict]:
+    def target(self) -> AsyncMongoClient[Any] | AsyncDatabase[Any] | AsyncCollection[Any]:
+        """What one ``watch()`` covers: the deployment, WATCH_DB, or WATCH_COLLECTION in it."""
+        client, db, coll = self.mongo(), self.config.watch_db, self.config.watch_collection
+        if db is None:
+            return client
+        return client[db] if coll is None else client[db][coll]
+
+    def pipeline(self) -> list[Stage]:
         return [*self.config.pipeline, *redaction_stages(self.config.redact)]
 
     async def run(self) -> None:
         backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
         while not self._stopping:
             try:
-                if self.client is None:
-                    self.client = AsyncMongoClient(self.config.mongo_uri, **client_options(
-                        self.config.mongo_uri))
+                self.mongo()
                 await self._watch()
                 backoff.reset()
             except asyncio.CancelledError:
@@ -213,20 +226,22 @@ class ChangeSource:
         self._opened(stream, fresh)
         await self._pump(stream)
 
-    async def open_stream(self, start_after=None, resume_after=None,
-                          max_await_ms: int = MAX_AWAIT_MS):
+    async def open_stream(self, start_after: ResumeToken | None = None,
+                          resume_after: ResumeToken | None = None,
+                          max_await_ms: int = MAX_AWAIT_MS) -> AsyncChangeStream[Any]:
         """``watch()`` on the configured scope, pipeline and image modes (catch-ups too)."""
         mode, before = self.config.full_document, self.config.full_document_before_change
-        options = dict(full_document=None if mode == "default" else mode,
-                       full_document_before_change=None if before == "off" else before,
-                       max_await_time_ms=max_await_ms)
+        options: dict[str, Any] = dict(
+            full_document=None if mode == "default" else mode,
+            full_document_before_change=None if before == "off" else before,
+            max_await_time_ms=max_await_ms)
         if start_after is not None:
             options["start_after"] = start_after
         elif resume_after is not None:
             options["resume_after"] = resume_after
         return await self.target().watch(self.pipeline(), **options)
 
-    def _opened(self, stream, fresh: bool) -> None:
+    def _opened(self, stream: AsyncChangeStream[Any], fresh: bool) -> None:
         """Tell the hub where the stream stands; a fresh start after the first is a gap."""
         token = stream.resume_token
         self.state, self.reason = "open", "change stream open"
@@ -240,7 +255,7 @@ class ChangeSource:
         else:
             self.hub.advance(ev.token_hex(token))
 
-    async def _pump(self, stream) -> None:
+    async def _pump(self, stream: AsyncChangeStream[Any]) -> None:
         hub = self.hub
         try:
             while True:
@@ -302,10 +317,10 @@ def _short(exc: Exception) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def client_options(uri: str) -> dict:
+def client_options(uri: str) -> dict[str, Any]:
     """Driver options we set unless the connection string already does."""
     lowered = uri.lower()
-    options = {"appname": "changerelay"}
+    options: dict[str, Any] = {"appname": "changerelay"}
     if "serverselectiontimeoutms" not in lowered:
         options["serverSelectionTimeoutMS"] = 5000
     if "connecttimeoutms" not in lowered:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 import time
+from typing import TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tornado import httpclient, websocket
@@ -34,7 +35,7 @@ def with_resume(url: str, token: str | None) -> str:
 
 class Tail:
     def __init__(self, url: str, resume_after: str | None = None, token: str | None = None,
-                 out=None, err=None):
+                 out: TextIO | None = None, err: TextIO | None = None):
         if url.startswith("http"):
             url = "ws" + url[4:]
         self.url = url
@@ -74,7 +75,8 @@ class Tail:
                     backoff.reset()
             await asyncio.sleep(backoff.delay())
 
-    async def _read(self, conn, max_events) -> bool:
+    async def _read(self, conn: websocket.WebSocketClientConnection,
+                    max_events: int | None) -> bool:
         while True:
             message = await conn.read_message()
             if message is None:
