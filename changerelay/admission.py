@@ -38,6 +38,7 @@ _HOST = re.compile(r"(?:(?P<name>[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*)\.?"
                    r"|\[(?P<ipv6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
 _LONGEST_HOST = 253 + 1 + 1 + 5  # a name, its trailing dot, ":" and a port
 _SHOWN = 100  # characters of a refused header echoed back in the message
+MAX_PORT = 65535
 
 # The query parameters of /socket and /events; anything else is refused, so that a typo is not
 # silently a subscription to everything.
@@ -92,7 +93,7 @@ def parse_host(text: str) -> HostName | None:
     if port is None:
         return host, None
     number = int(port)
-    return (host, number) if 0 < number < 65536 else None
+    return (host, number) if 0 < number <= MAX_PORT else None
 
 
 def parse_origin(text: str) -> Origin | None:

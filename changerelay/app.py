@@ -57,6 +57,13 @@ POSITION_SLACK = 100  # positions per pass on top of the even share
 # A token's exp is in whole seconds (RFC 7519's NumericDate): once a second is as often as it
 # can pass.
 EXPIRY_CHECK_SECONDS = 1.0
+# Connections the kernel queues before they are accepted: room for a crowd of clients that
+# reconnect at once after a restart (Tornado's default is 128).
+LISTEN_BACKLOG = 1024
+# Seconds an HTTP connection between requests stays open (Tornado closes it after).
+IDLE_HTTP_SECONDS = 60
+# The open-files limit asked for when the hard limit is unlimited.
+OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
 
 class Relay:
@@ -217,7 +224,7 @@ def raise_open_files_limit() -> None:
     """10,000 connections need more than the usual 1,024 descriptors; take the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        target = hard if hard != resource.RLIM_INFINITY else OPEN_FILES_WHEN_UNLIMITED
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             logger.info("open-files limit raised from %d to %d", soft, target)
@@ -227,7 +234,7 @@ def raise_open_files_limit() -> None:
 
 def bind(config: Config) -> list[socket.socket]:
     return netutil.bind_sockets(config.port, config.host, reuse_port=config.reuse_port > 0,
-                                backlog=1024)
+                                backlog=LISTEN_BACKLOG)
 
 
 async def serve(config: Config, sockets: list[socket.socket]) -> int:
@@ -235,7 +242,8 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     # PORT=0 picks a port: the Host check's default names the one actually listened on.
     config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
     relay = Relay(config)
-    server = httpserver.HTTPServer(make_app(relay), xheaders=False, idle_connection_timeout=60,
+    server = httpserver.HTTPServer(make_app(relay), xheaders=False,
+                                   idle_connection_timeout=IDLE_HTTP_SECONDS,
                                    max_header_size=handlers.MAX_HEADER_BYTES)
     server.add_sockets(sockets)
     relay.start()

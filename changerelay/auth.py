@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
-LEEWAY = 5
+# Seconds of clock difference allowed between the token's issuer and the relay, both ways: exp
+# and nbf are checked against our clock, and a token minted a moment ago elsewhere must pass.
+LEEWAY_SECONDS = 5
 ENABLE_POST_IMAGES = (
     "enable post-images: run db.runCommand({collMod: \"<collection>\", "
     "changeStreamPreAndPostImages: {enabled: true}}) on each watched collection (MongoDB 6.0+) "
@@ -98,7 +100,7 @@ class Authenticator:
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
                 "<jwt> or ?access_token=<jwt>")
         try:
-            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
+            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY_SECONDS,
                                  options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
             raise Refusal("token_expired", "the token has expired; get a fresh one") from None
@@ -168,7 +170,7 @@ class Authenticator:
         now = time.time()
         for client in tuple(clients):
             try:
-                due = client.claims is not None and client.claims.expires + LEEWAY <= now
+                due = client.claims is not None and client.claims.expires + LEEWAY_SECONDS <= now
             except Exception:
                 logger.exception("cannot read the token expiry of %s; closing it",
                                  getattr(client, "peer", "a client"))

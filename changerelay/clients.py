@@ -21,7 +21,7 @@ from logzero import logger
 from tornado.iostream import StreamClosedError
 
 from . import events as ev
-from . import frames, wire
+from . import frames, tornado_internals
 from .connection import WebSocketConnection, Writer
 from .disconnect import CLOSES, Close
 
@@ -257,7 +257,7 @@ class EventStreamClient(Client):
 
     __slots__ = ("chunked", "response")
 
-    def __init__(self, response: Response, writer: wire.StreamWriter, chunked: bool,
+    def __init__(self, response: Response, writer: tornado_internals.StreamWriter, chunked: bool,
                  subscription: Subscription, limit: int, peer: str, *, claims: Claims | None,
                  on_end: Callable[[Client], None]):
         super().__init__(writer, "sse-chunked" if chunked else "sse", subscription, limit, peer,
@@ -269,7 +269,7 @@ class EventStreamClient(Client):
         return len(event.sse)
 
     def _frame(self, data: bytes) -> bytes:
-        return wire.chunk(data) if self.chunked else data
+        return tornado_internals.chunk(data) if self.chunked else data
 
     def pack(self, events: Sequence[ev.Delivery]) -> bytes:
         return self._frame(b"".join([event.sse for event in events]))

@@ -29,7 +29,6 @@ FULL_DOCUMENT_MODES = ("default", "updateLookup", "whenAvailable", "required")
 BEFORE_CHANGE_MODES = ("off", "whenAvailable", "required")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
-MAX_PORT = 65535
 MAX_REPLAY_BUFFER = 10_000_000  # events: at about a kilobyte each, already gigabytes of memory
 
 
@@ -204,7 +203,7 @@ class Config:
         "WATCH_COLLECTION", None, "collection to watch inside WATCH_DB; unset: the whole database",
         _collection_name)
     host: str = _setting("HOST", "127.0.0.1", "address to listen on", _text)
-    port: int = _setting("PORT", 8000, "port to listen on", _whole(0, MAX_PORT))
+    port: int = _setting("PORT", 8000, "port to listen on", _whole(0, admission.MAX_PORT))
     full_document: str = _setting(
         "FULL_DOCUMENT", "updateLookup", "fullDocument mode: " + ", ".join(FULL_DOCUMENT_MODES)
         + "; row rules need post-images (whenAvailable)", _choice(FULL_DOCUMENT_MODES))

@@ -153,6 +153,11 @@ def control(type_: str, **fields: object) -> bytes:
 
 
 MAX_TOKEN_LENGTH = 4096
+# MongoDB's v1 resume tokens are KeyStrings that begin with the event's cluster time: the type
+# byte 0x82 (Timestamp), then eight big-endian bytes, seconds first — 18 hex digits.
+TIMESTAMP_TYPE = "82"
+SECONDS = slice(2, 10)
+CLUSTER_TIME_DIGITS = 18
 
 
 def parse_token(text: str) -> str:
@@ -168,7 +173,7 @@ def parse_token(text: str) -> str:
         raise ValueError(
             "resume_after must be the hex string from an event's _id._data (or a position "
             "message's resume_after), e.g. 8263A1B2C3000000012B0229296E04")
-    if len(text) < 18 or text[:2] != "82":
+    if len(text) < CLUSTER_TIME_DIGITS or text[:2] != TIMESTAMP_TYPE:
         raise ValueError(
             "resume_after is not a MongoDB resume token (those start with 82 and a cluster "
             "time); give the _id._data of an event this relay sent")
@@ -176,9 +181,5 @@ def parse_token(text: str) -> str:
 
 
 def token_seconds(token: str) -> int:
-    """The cluster time, in seconds, at the start of a resume token.
-
-    MongoDB's v1 tokens are KeyStrings that begin with the event's cluster time: the type byte
-    0x82 (Timestamp) and eight big-endian bytes, seconds first.
-    """
-    return int(token[2:10], 16)
+    """The cluster time, in seconds, at the start of a resume token."""
+    return int(token[SECONDS], 16)

@@ -15,17 +15,20 @@ from typing import TYPE_CHECKING, NamedTuple
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from . import admission, clients, frames, wire
+from . import admission, clients, frames
 from .admission import Refusal
 from .connection import WebSocketConnection
 from .protocol import WebSocketProtocol
 from .subscription import Subscription, parse_resume
+from .tornado_internals import StreamWriter, http_chunked, http_stream, take_socket
 
 if TYPE_CHECKING:
     from .app import Relay
     from .auth import Claims
 
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
+# Milliseconds EventSource waits before it reconnects (its own default is the browser's choice).
+SSE_RETRY_MS = 1000
 # Tornado drops a request whose headers exceed its limit without answering; the server reads up
 # to this much so that an oversized query gets admission's JSON 414 (MAX_QUERY_BYTES) instead.
 MAX_HEADER_BYTES = 2 * 1024 * 1024
@@ -139,7 +142,7 @@ class ChangesHandler(Transport):
             if extensions:
                 self.set_header("Sec-WebSocket-Extensions", extensions)
             self.finish()
-            sock, unread, unwritten = wire.take_socket(self.detach())
+            sock, unread, unwritten = take_socket(self.detach())
         except Refusal as exc:
             slot.release()
             self.refuse(exc)
@@ -206,10 +209,10 @@ class EventsHandler(Transport):
             self.set_header("Cache-Control", "no-store")
             self.set_header("X-Accel-Buffering", "no")
             self.set_header("Connection", "close")  # one stream per connection, ended by us
-            self.write(b"retry: 1000\n\n")
+            self.write(b"retry: %d\n\n" % SSE_RETRY_MS)
             await self.flush()
             client = clients.EventStreamClient(
-                self, wire.StreamWriter(wire.http_stream(self)), wire.http_chunked(self),
+                self, StreamWriter(http_stream(self)), http_chunked(self),
                 subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
                 on_end=relay.detach)
             relay.attach(client, resume_after)

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 # How far (seconds of cluster time) a resume point may be ahead of our newest event and still
 # be taken as coming from a relay that is just a little ahead of this one; further is refused.
 AHEAD_WINDOW = 60
+# Evicted events stay at the front of the log's lists until this many have gone (and they are
+# more than half the list): deleting a list's head moves all the rest, so it is done rarely.
+COMPACT_AFTER = 4096
 
 
 class Subscriber(Protocol):
@@ -84,8 +87,7 @@ class Hub(Generic[S]):
     to resume from before it: only MongoDB's history has what that client missed."""
 
     def __init__(self, call_soon: Callable[[Callable[[], None]], object],
-                 behind: Callable[[S, str], None], max_events: int = 10000,
-                 max_bytes: int = 64 * 1024 * 1024):
+                 behind: Callable[[S, str], None], max_events: int, max_bytes: int):
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._call_soon = call_soon
@@ -170,7 +172,7 @@ class Hub(Generic[S]):
             self._bytes -= event.size
             self.floor = event.token
             self._start += 1
-        if self._start > 4096 and self._start * 2 > len(self._log):
+        if self._start > COMPACT_AFTER and self._start * 2 > len(self._log):
             del self._log[: self._start]
             del self._tokens[: self._start]
             self._start = 0

@@ -72,6 +72,10 @@ IMAGE_SETTINGS = {"post-image": "FULL_DOCUMENT", "pre-image": "FULL_DOCUMENT_BEF
 
 BACKOFF_BASE = 0.25  # seconds before the first retry
 BACKOFF_CAP = 10.0   # seconds between retries at most, however long MongoDB stays away
+# Seconds the driver looks for a server and waits to connect before it says why it cannot: the
+# driver's own 30 s would leave /readyz at "connecting" for that long.
+DRIVER_TIMEOUT_MS = 5000
+MAX_REASON = 300  # characters of a driver's message kept for /readyz and the log
 # How long one getMore waits on the server for new events: an empty batch then still carries a
 # fresh resume token (the hub's position), and a stop is noticed within a second.
 MAX_AWAIT_MS = 1000
@@ -314,7 +318,7 @@ def _short(exc: Exception) -> str:
     text = str(exc)
     for cut in (", full error:", " (configured timeouts", ", Timeout:"):
         text = text.split(cut)[0]
-    return text if len(text) < 300 else text[:297] + "..."
+    return text if len(text) < MAX_REASON else text[:MAX_REASON - 3] + "..."
 
 
 def client_options(uri: str) -> dict[str, Any]:
@@ -322,7 +326,7 @@ def client_options(uri: str) -> dict[str, Any]:
     lowered = uri.lower()
     options: dict[str, Any] = {"appname": "changerelay"}
     if "serverselectiontimeoutms" not in lowered:
-        options["serverSelectionTimeoutMS"] = 5000
+        options["serverSelectionTimeoutMS"] = DRIVER_TIMEOUT_MS
     if "connecttimeoutms" not in lowered:
-        options["connectTimeoutMS"] = 5000
+        options["connectTimeoutMS"] = DRIVER_TIMEOUT_MS
     return options

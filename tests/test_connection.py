@@ -225,7 +225,8 @@ async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         connection.on_close = on_close
         return client
 
-    hub = Hub(call_soon=lambda flush: None, behind=lambda client, after: None)
+    hub = Hub(call_soon=lambda flush: None, behind=lambda client, after: None, max_events=100,
+              max_bytes=1 << 20)
     hub.start(token(0))
     for n in range(1, 4):
         hub.publish(event(n))

@@ -47,8 +47,9 @@ def flush_now(flush):
     flush()
 
 
-def new_hub(call_soon=flush_now, behind=lambda client, after: None, **kwargs) -> Hub:
-    return Hub(call_soon, behind, **kwargs)
+def new_hub(call_soon=flush_now, behind=lambda client, after: None, max_events=10000,
+            max_bytes=64 * 1024 * 1024) -> Hub:
+    return Hub(call_soon, behind, max_events, max_bytes)
 
 
 def started_hub(**kwargs) -> Hub:

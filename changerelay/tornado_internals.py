@@ -8,7 +8,7 @@
 * ``take_socket``: a WebSocket leaves Tornado after its handshake (see ``connection.py``).
 
 The relay serves plain TCP (TLS ends at a proxy, see the README): a TLS stream's socket could not
-be written to directly. ``tests/test_wire.py`` pins the private attributes used here.
+be written to directly. ``tests/test_tornado_internals.py`` pins the private attributes used here.
 """
 
 from __future__ import annotations

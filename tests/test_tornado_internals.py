@@ -1,7 +1,7 @@
 """The write paths against Tornado itself: same bytes on the wire, same buffer accounting.
 
-These tests are the tripwire for a Tornado upgrade: ``changerelay/wire.py`` uses private
-attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
+These tests are the tripwire for a Tornado upgrade: ``changerelay/tornado_internals.py`` uses
+private attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
 ``HTTP1Connection._chunking_output``) and must fail here, loudly, if they change.
 """
 
@@ -16,9 +16,10 @@ import pytest
 from tornado import httpserver, iostream, netutil, web, websocket
 from tornado.http1connection import HTTP1Connection
 
-from changerelay import clients, frames, wire
+from changerelay import clients, frames
 from changerelay import events as ev
 from changerelay.subscription import ALL
+from changerelay.tornado_internals import StreamWriter, take_socket
 from tests.support import masked
 
 MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, "e" * 200_000,
@@ -97,7 +98,7 @@ async def test_take_socket_hands_over_unread_bytes_and_a_working_socket():
             self.set_header("Upgrade", "websocket")
             self.set_header("Connection", "Upgrade")
             self.finish()
-            taken.set_result(wire.take_socket(self.detach()))
+            taken.set_result(take_socket(self.detach()))
 
     server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
     [sock] = netutil.bind_sockets(0, "127.0.0.1")
@@ -127,7 +128,7 @@ async def test_direct_writes_keep_order_when_the_kernel_pushes_back():
     a.setblocking(False)
     b.setblocking(False)
     stream = iostream.IOStream(a)
-    writer = wire.StreamWriter(stream)
+    writer = StreamWriter(stream)
     chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
     for chunk in chunks:
         writer.write(chunk)
