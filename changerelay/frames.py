@@ -18,8 +18,9 @@ CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA = (TEXT, BINARY)
 _CONTROL = (CLOSE, PING, PONG)
 
-NORMAL, GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA = 1000, 1001, 1002, 1007
-POLICY_VIOLATION, MESSAGE_TOO_BIG, TRY_AGAIN_LATER = 1008, 1009, 1013
+# Close codes this module sends for a broken protocol; why else a connection is closed, and with
+# which code, is disconnect.CLOSES.
+NORMAL, PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG = 1000, 1002, 1007, 1009
 # Close codes an endpoint may send (RFC 6455 §7.4, IANA registry); 1005/1006/1015 never travel.
 _SENDABLE = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 

@@ -279,12 +279,8 @@ class Hub(Generic[S]):
                     sent += 1
         return sent
 
-    @property
-    def head(self) -> str | None:
-        """The newest event in the log, or ``floor`` when there is none."""
-        return None if self.floor is None else self._newest(self.floor)
-
     def _newest(self, floor: str) -> str:
+        """The newest event in the log, or ``floor`` when there is none."""
         return self._tokens[-1] if len(self._tokens) > self._start else floor
 
     def stats(self) -> dict[str, int]:

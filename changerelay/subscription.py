@@ -129,8 +129,6 @@ def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
     return in_namespaces
 
 
-ALL = Subscription()
-
 
 def parse(values: Mapping[str, str],
           scope: tuple[str | None, str | None]) -> tuple[Subscription, str | None]:

@@ -41,7 +41,8 @@ def literal(node: ast.AST | None) -> object:
 
 
 def close_code(node: ast.AST | None) -> int | None:
-    """``frames.GOING_AWAY`` (or a bare ``GOING_AWAY`` inside frames.py) as its number."""
+    """``frames.PROTOCOL_ERROR`` (or a bare ``PROTOCOL_ERROR`` inside frames.py) as its
+    number."""
     name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
     return CLOSE_CONSTANTS.get(name)
 

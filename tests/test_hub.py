@@ -11,14 +11,16 @@ from changerelay import events as ev
 from changerelay.filters import compile_filter
 from changerelay.hub import Hub
 from changerelay.rows import AccessRule
-from changerelay.subscription import ALL, Subscription
+from changerelay.subscription import Subscription
 from tests.support import event, token
+
+EVERYTHING = Subscription()  # no namespace, operation or filter: every event
 
 
 class FakeClient:
     encoding = "ws"
 
-    def __init__(self, subscription=ALL):
+    def __init__(self, subscription=EVERYTHING):
         self.subscription = subscription
         self.received: list[str] = []
         self.controls: list[dict] = []

@@ -18,10 +18,11 @@ from tornado.http1connection import HTTP1Connection
 
 from changerelay import clients, frames
 from changerelay import events as ev
-from changerelay.subscription import ALL
+from changerelay.subscription import Subscription
 from changerelay.tornado_internals import StreamWriter, take_socket
 from tests.support import masked
 
+EVERYTHING = Subscription()  # no namespace, operation or filter: every event
 MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, "e" * 200_000,
             '{"operationType":"insert","fullDocument":{"t":"' + "abc" * 500 + '"}}']
 
@@ -175,7 +176,7 @@ def ended(client):
 def test_client_never_buffers_past_its_limit_and_is_cut_off_with_1013():
     connection = FakeConnection()
     cut = []
-    client = clients.WebSocketClient(connection, ALL, limit=1000, peer="test", claims=None,
+    client = clients.WebSocketClient(connection, EVERYTHING, limit=1000, peer="test", claims=None,
                                      on_end=cut.append)
     frame = frames.ws_frame(b"y" * 300)
     for _ in range(10):
@@ -190,9 +191,9 @@ def test_client_never_buffers_past_its_limit_and_is_cut_off_with_1013():
 def test_deflate_clients_get_the_compressed_frames_and_plain_control_messages():
     event = ev.encode_change({"_id": {"_data": "82AB"}, "operationType": "insert",
                               "fullDocument": {"t": "x" * 1000}})
-    plain = clients.WebSocketClient(FakeConnection(), ALL, limit=1 << 20, peer="a", claims=None,
-                                    on_end=ended)
-    deflate = clients.WebSocketClient(FakeConnection(), ALL, limit=1 << 20, peer="b",
+    plain = clients.WebSocketClient(FakeConnection(), EVERYTHING, limit=1 << 20, peer="a",
+                                    claims=None, on_end=ended)
+    deflate = clients.WebSocketClient(FakeConnection(), EVERYTHING, limit=1 << 20, peer="b",
                                       claims=None, on_end=ended, deflate=True)
     assert (plain.encoding, deflate.encoding) == ("ws", "ws-deflate")
     assert plain.pack([event, event]) == event.frame * 2
@@ -203,7 +204,7 @@ def test_deflate_clients_get_the_compressed_frames_and_plain_control_messages():
 
 @pytest.mark.parametrize("chunked", [True, False])
 def test_sse_records_are_framed_like_tornado_chunks(chunked):
-    client = clients.EventStreamClient(None, None, chunked, ALL, limit=1 << 20, peer="test",
+    client = clients.EventStreamClient(None, None, chunked, EVERYTHING, limit=1 << 20, peer="test",
                                        claims=None, on_end=ended)
     assert client.encoding == ("sse-chunked" if chunked else "sse")
     event = ev.encode_change({"_id": {"_data": "82AB"}, "operationType": "delete"})
@@ -243,8 +244,8 @@ def test_a_client_reading_faster_than_live_traffic_is_not_cut_off_behind_a_repla
     a client that reads 110 KB for every 100 KB of live events catches up, however long."""
     connection = DrainableConnection()
     cut = []
-    client = clients.WebSocketClient(connection, ALL, limit=4_000_000, peer="test", claims=None,
-                                     on_end=cut.append)
+    client = clients.WebSocketClient(connection, EVERYTHING, limit=4_000_000, peer="test",
+                                     claims=None, on_end=cut.append)
     history = _events(0, 3000)  # 3 MB: written a chunk at a time as the client reads
     client.replay(history)
     sent, n = list(history), len(history)
@@ -264,8 +265,8 @@ def test_a_client_reading_faster_than_live_traffic_is_not_cut_off_behind_a_repla
 def test_a_client_reading_slower_than_live_traffic_behind_a_replay_is_cut_off():
     connection = DrainableConnection()
     cut = []
-    client = clients.WebSocketClient(connection, ALL, limit=4_000_000, peer="test", claims=None,
-                                     on_end=cut.append)
+    client = clients.WebSocketClient(connection, EVERYTHING, limit=4_000_000, peer="test",
+                                     claims=None, on_end=cut.append)
     client.replay(_events(0, 3000))
     n = 3000
     for _ in range(70):
