@@ -35,6 +35,9 @@ DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
 # A cut-off client is still told why in one last message, which may take its queue this far past
 # its limit: the message is a few hundred bytes, and the limit stays a bound.
 LAST_WORDS_ALLOWANCE = 4096
+# An event's frame, as each WebSocket encoding packs it: shared by every client.
+_FRAME: Callable[[ev.Delivery], bytes] = attrgetter("frame")
+_DEFLATED_FRAME: Callable[[ev.Delivery], bytes] = attrgetter("deflated")
 
 
 class Client:
@@ -203,8 +206,7 @@ class WebSocketClient(Client):
         super().__init__(connection, "ws-deflate" if deflate else "ws", subscription, limit,
                          peer, claims, on_end)
         self.connection = connection
-        self._frame: Callable[[ev.Delivery], bytes] = attrgetter(
-            "deflated" if deflate else "frame")
+        self._frame = _DEFLATED_FRAME if deflate else _FRAME
         self.pinged: float | None = None  # when an unanswered ping was sent
         connection.on_pong = self.pong
 
