@@ -1,6 +1,6 @@
 """The change source: the wire-protocol test primary, alone in its own process.
 
-``changerelay/primary.py`` is pure Python and holds one lock per request, so it is the slowest
+``changerelay/primary/`` is pure Python and holds one lock per request, so it is the slowest
 part of the pipeline; in the harness's process it would also compete with the inserter for the
 GIL. Here it runs by itself, prints its connection string on one line and stops when stdin closes.
 

@@ -1,10 +1,10 @@
 """``changerelay --demo``: the relay with no MongoDB to install — a built-in stand-in and a writer.
 
-The stand-in is the test primary (``primary.py``): a MongoDB replica-set primary on mockupdb that
-the real driver talks to over the wire protocol, listening on 127.0.0.1 only. A writer thread
-plays a small shop: orders and customers inserted, updated (``$set``/``$unset``, nested fields,
-arrays), replaced and deleted at a few changes per second, with dates and ObjectIds, so that every
-part of the page has something to show. The page says plainly that the data is the demo's.
+The stand-in is the test primary (``changerelay/primary/``): a MongoDB replica-set primary on
+mockupdb that the real driver talks to over the wire protocol, listening on 127.0.0.1 only. A writer
+thread plays a small shop: orders and customers inserted, updated (``$set``/``$unset``, nested
+fields, arrays), replaced and deleted at a few changes per second, with dates and ObjectIds, so that
+every part of the page has something to show. The page says plainly that the data is the demo's.
 """
 
 from __future__ import annotations

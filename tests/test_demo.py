@@ -20,8 +20,8 @@ def test_the_shop_writes_every_operation_type_and_stays_small():
             shop.step()
         ops = collections.Counter(event["operationType"] for event in primary.events)
         assert {"insert", "update", "replace", "delete"} <= set(ops)
-        assert client.shop.orders.count_documents({}) <= KEEP
-        assert client.shop.customers.count_documents({}) <= KEEP
+        assert len(primary.documents("shop", "orders")) <= KEEP
+        assert len(primary.documents("shop", "customers")) <= KEEP
         kinds = {type(value).__name__ for doc in primary.documents("shop", "orders")
                  for value in doc.values()}
         assert {"ObjectId", "datetime", "list", "float"} <= kinds

@@ -13,10 +13,12 @@ import time
 
 import pytest
 from bson import Timestamp
-from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
+from bson.int64 import Int64
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from changerelay.primary import TestPrimary
+from changerelay.primary.tokens import HWM_TOKEN, TokenData, parse_token
 from tests.support import drain
 
 AWAIT_MS = 200  # short awaitData waits keep idle try_next() calls fast
@@ -94,32 +96,25 @@ def test_crud_round_trip(client):
     coll = client.db.people
     coll.insert_many([{"_id": 1, "name": "ada", "n": 1}, {"_id": 2, "name": "bob", "n": 1}])
     assert coll.find_one({"name": "bob"}) == {"_id": 2, "name": "bob", "n": 1}
-    assert coll.update_many({"n": 1}, {"$inc": {"n": 1}}).modified_count == 2
+    assert coll.update_many({"n": 1}, {"$set": {"n": 2}}).modified_count == 2
     result = coll.update_one({"name": "cy"}, {"$set": {"n": 7}}, upsert=True)
     assert result.upserted_id is not None
     assert coll.find_one({"name": "cy"})["n"] == 7
     assert coll.delete_many({"n": 2}).deleted_count == 2
     assert [d["name"] for d in coll.find()] == ["cy"]
-    assert coll.count_documents({}) == 1
     with pytest.raises(OperationFailure) as caught:
         coll.insert_one({"_id": result.upserted_id})
     assert caught.value.code == 11000
 
 
-def test_find_and_modify_and_distinct(server, client):
-    coll = client.db.c
-    coll.insert_many([{"_id": 1, "k": "a", "n": 1}, {"_id": 2, "k": "b"}, {"_id": 3, "k": "a"}])
-    assert coll.find_one_and_update({"_id": 1}, {"$inc": {"n": 1}}) == {"_id": 1, "k": "a",
-                                                                       "n": 1}
-    after = coll.find_one_and_update({"k": "a"}, {"$inc": {"n": 1}}, sort=[("_id", -1)],
-                                     return_document=ReturnDocument.AFTER)
-    assert after == {"_id": 3, "k": "a", "n": 1}
-    assert coll.find_one_and_delete({"_id": 2}) == {"_id": 2, "k": "b"}
-    assert coll.find_one_and_replace({"_id": 9}, {"x": 1}, upsert=True,
-                                     return_document=ReturnDocument.AFTER) == {"_id": 9, "x": 1}
-    assert coll.distinct("k") == ["a"]
-    assert [e["operationType"] for e in server.events[3:]] == [
-        "update", "update", "delete", "insert"]
+@pytest.mark.parametrize("command", [
+    {"findAndModify": "c", "query": {}, "remove": True}, {"distinct": "c", "key": "k"},
+    {"count": "c"}, {"aggregate": "c", "pipeline": [{"$group": {"_id": None}}], "cursor": {}},
+])
+def test_commands_no_relay_test_needs_are_refused_loudly(client, command):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.command(command)
+    assert caught.value.code in (2, 59)  # not_implemented, or "no such command"
 
 
 # --- updates: MongoDB's semantics and the updateDescription its $v:2 oplog entry yields ----------
@@ -193,7 +188,7 @@ def test_fields_are_created_in_lexicographic_then_numeric_order(server, client):
     ({"arr": [1, 2]}, {"$set": {"arr.x": 1}}, 28,
      "Cannot create field 'x' in element {arr: [ 1, 2 ]}"),
     ({"arr": [1]}, {"$set": {"arr.0.x": 1}}, 28, "Cannot create field 'x' in element {0: 1}"),
-    ({"a": {"b": 5}}, {"$inc": {"a.b.c": 1}}, 28, "Cannot create field 'c' in element {b: 5}"),
+    ({"a": {"b": 5}}, {"$set": {"a.b.c": 1}}, 28, "Cannot create field 'c' in element {b: 5}"),
     ({}, {"$set": {"a": 1, "a.b": 2}}, 40,
      "Updating the path 'a.b' would create a conflict at 'a'"),
     ({"n": 1}, {"$push": {"n": 2}}, 2,
@@ -218,7 +213,7 @@ def test_collection_stream_delivers_every_crud_event_exactly(server, client, wri
         coll.insert_one({"_id": 1, "a": 1, "tags": ["x"], "gone": True})
         coll.update_one({"_id": 1}, {"$set": {"a": 2, "sub.b": 3}, "$unset": {"gone": ""},
                                      "$push": {"tags": "y"}})
-        coll.update_one({"_id": 1}, {"$inc": {"a": 5}})
+        coll.update_one({"_id": 1}, {"$set": {"a": 7}})
         coll.replace_one({"_id": 1}, {"z": 1})
         coll.delete_one({"_id": 1})
         events = drain(stream, 5)
@@ -618,6 +613,170 @@ def test_token_from_another_stream_is_not_found(server, client, writer):
     assert caught.value.code == 280
 
 
+@pytest.mark.parametrize(("key", "code"), [
+    (Int64(2 ** 40 + 7), 280),  # decodes as the int32 7: the real event sorts after it
+    (1.5, 50810),  # a fraction read as an int32: "KeyString format error: Expected type Decimal."
+    (Int64(5), None),  # decodes as the int32 5, which compares equal to NumberLong(5)
+])
+def test_resuming_needs_the_type_bits_mongodb_wrote(client, writer, key, code):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.insert_many([{"_id": key}, {"_id": "next"}])
+        token = drain(stream, 2)[0]["_id"]
+    assert set(token) == {"_data", "_typeBits"}
+    with client.db.c.watch(resume_after=token, max_await_time_ms=AWAIT_MS) as whole:
+        assert drain(whole, 1)[0]["documentKey"] == {"_id": "next"}
+    alone = {"_data": token["_data"]}
+    if code is None:
+        with client.db.c.watch(resume_after=alone, max_await_time_ms=AWAIT_MS) as stream:
+            assert drain(stream, 1)[0]["documentKey"] == {"_id": "next"}
+        return
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch(resume_after=alone)
+    assert caught.value.code == code
+
+
+def test_writes_committed_while_a_stream_opens_come_in_its_first_batch(server, client, writer):
+    gate = server.hold_next_open()
+    opened: list = []
+    opening = threading.Thread(
+        target=lambda: opened.append(client.db.c.watch(max_await_time_ms=AWAIT_MS)))
+    opening.start()
+    gate.wait_reached()  # the start time is picked; the scan waits
+    writer.db.c.insert_many([{"_id": 1}, {"_id": 2}])
+    gate.release()
+    opening.join(timeout=10)
+    with opened[0] as stream:
+        assert stream.resume_token is None  # PyMongo: none until the first batch is iterated
+        assert [e["documentKey"]["_id"] for e in drain(stream, 2)] == [1, 2]
+        assert stream.resume_token == server.events[-1]["_id"]
+
+
+# --- transactions and batched deletes: several events, one oplog entry ---------------------------
+
+def test_a_transaction_commits_as_one_entry_with_its_session(server, client, writer):
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        with writer.start_session() as session:
+            lsid = session.session_id
+            with session.start_transaction():
+                writer.db.c.insert_one({"_id": 1}, session=session)
+                writer.db.c.update_one({"_id": 1}, {"$set": {"a": 1}}, session=session)
+                writer.db.other.insert_one({"_id": 9}, session=session)
+                writer.db.c.delete_one({"_id": 1}, session=session)
+                assert server.events == []  # nothing is logged before the commit
+        events = drain(stream, 3)
+    assert [e["operationType"] for e in events] == ["insert", "update", "delete"]
+    assert len({e["clusterTime"] for e in events}) == 1
+    assert [parse_token(e["_id"]).txn_op_index for e in events] == [0, 1, 3]  # 2: other coll
+    assert all(list(e)[:3] == ["txnNumber", "lsid", "_id"] for e in events)
+    assert all(e["lsid"] == lsid and isinstance(e["txnNumber"], int) for e in events)
+
+
+def test_an_aborted_transaction_leaves_no_trace(server, writer):
+    writer.db.c.insert_one({"_id": 0})
+    with writer.start_session() as session:
+        session.start_transaction()
+        writer.db.c.insert_one({"_id": 1}, session=session)
+        writer.db.c.delete_one({"_id": 0}, session=session)
+        session.abort_transaction()
+    assert [d["_id"] for d in writer.db.c.find()] == [0]
+    assert [e["operationType"] for e in server.events] == ["insert"]
+
+
+def test_a_multi_delete_is_logged_in_batches_without_a_session(client, writer):
+    writer.db.c.insert_many([{"_id": i} for i in range(150)])
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        writer.db.c.delete_many({})
+        events = drain(stream, 150)
+    times = [e["clusterTime"] for e in events]
+    assert len(set(times[:100])) == 1 and len(set(times[100:])) == 1 and times[0] < times[100]
+    assert [parse_token(e["_id"]).txn_op_index for e in events] == [*range(100), *range(50)]
+    assert all("lsid" not in e and "txnNumber" not in e for e in events)
+
+
+def test_insert_many_gives_each_document_its_own_time(server, writer):
+    writer.db.c.insert_many([{"_id": i} for i in range(3)])
+    assert len({e["clusterTime"] for e in server.events}) == 3
+
+
+@pytest.mark.parametrize("group", ["transaction", "delete_many"])
+def test_resuming_inside_a_group_loses_and_repeats_nothing(client, writer, group):
+    if group == "delete_many":
+        writer.db.c.insert_many([{"_id": i} for i in range(5)])
+    with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        if group == "delete_many":
+            writer.db.c.delete_many({})
+        else:
+            with writer.start_session() as session, session.start_transaction():
+                for i in range(5):
+                    writer.db.c.insert_one({"_id": i}, session=session)
+        events = drain(stream, 5)
+    for middle in range(5):
+        with client.db.c.watch(resume_after=events[middle]["_id"],
+                               max_await_time_ms=AWAIT_MS) as again:
+            assert drain(again, 4 - middle) == events[middle + 1:]
+            assert again.try_next() is None
+
+
+# --- events over 16 MB ---------------------------------------------------------------------------
+
+BIG = "x" * (9 * 1024 * 1024)  # a pre- and a post-image of this size make a 18 MB event
+
+
+@pytest.fixture
+def big_replace(writer):
+    """A replace whose event, with its pre-image, is over 16 MB; an insert after it."""
+    writer.db.create_collection("c", changeStreamPreAndPostImages={"enabled": True})
+    writer.db.c.insert_one({"_id": 1, "s": BIG})
+
+    def write():
+        writer.db.c.replace_one({"_id": 1}, {"s": BIG + "y"})
+        writer.db.c.insert_one({"_id": 2})
+    return write
+
+
+def test_an_event_over_16mb_fails_the_stream_at_every_reopen(client, big_replace):
+    options = {"full_document_before_change": "required", "max_await_time_ms": AWAIT_MS}
+    with client.db.c.watch(**options) as stream:
+        big_replace()
+        with pytest.raises(OperationFailure) as caught:
+            drain(stream, 1)
+        token = stream.resume_token
+    assert caught.value.code == 10334 and "BSONObj size: " in str(caught.value)
+    for _ in range(2):
+        with pytest.raises(OperationFailure) as again:
+            client.db.c.watch(resume_after=token, **options)
+        assert again.value.code == 10334
+
+
+def test_split_large_event_returns_fragments_and_resumes_between_them(server, client,
+                                                                      big_replace):
+    options = {"full_document_before_change": "required", "max_await_time_ms": AWAIT_MS}
+    split = [{"$changeStreamSplitLargeEvent": {}}]
+    with client.db.c.watch(split, **options) as stream:
+        big_replace()
+        fragments = drain(stream, 2, timeout=20)
+        after = drain(stream, 1)[0]
+    assert [f["splitEvent"] for f in fragments] == [{"fragment": 1, "of": 2},
+                                                    {"fragment": 2, "of": 2}]
+    assert [parse_token(f["_id"]).fragment for f in fragments] == [0, 1]
+    # fields go by (size, name): the small ones and fullDocument (its name is 12 bytes shorter,
+    # its value one longer) fill the first fragment, fullDocumentBeforeChange the second
+    assert "fullDocument" in fragments[0] and "fullDocumentBeforeChange" in fragments[1]
+    whole = {k: v for f in fragments for k, v in f.items() if k not in ("_id", "splitEvent")}
+    replace = server.events[-2]
+    assert whole == {**{k: v for k, v in replace.items() if k != "_id"},
+                     "fullDocumentBeforeChange": {"_id": 1, "s": BIG}}
+    assert after["documentKey"] == {"_id": 2}
+    with client.db.c.watch(split, resume_after=fragments[0]["_id"], **options) as again:
+        assert drain(again, 2, timeout=20) == [fragments[1], after]
+
+
+def test_split_large_event_must_be_the_last_stage(client):
+    with pytest.raises(OperationFailure) as caught:
+        client.db.c.watch([{"$changeStreamSplitLargeEvent": {}}, {"$match": {}}])
+    assert caught.value.code == 7182802
+
+
 # --- getMore: awaitData, postBatchResumeToken, cursors -------------------------------------------
 
 def test_blocked_get_more_wakes_on_insert_from_another_client(server, client, writer):
@@ -647,18 +806,42 @@ def test_get_more_waits_max_time_ms_when_idle(client):
         assert 0.25 <= time.monotonic() - began < 2
 
 
-def test_post_batch_resume_token_advances_on_empty_batches(server, client, writer):
+def test_post_batch_resume_token_advances_only_when_the_oplog_moves(server, client, writer):
+    """plan_executor_pipeline.cpp: the postBatchResumeToken becomes a high-water mark at the
+    newest oplog time when that is past the last event returned - and not otherwise."""
+    writer.db.c.insert_one({"_id": 0})
     with client.db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+        first = stream.resume_token
+        start = server.events[-1]["clusterTime"]
+        assert parse_token(first) == TokenData(Timestamp(start.time, start.inc + 1),
+                                               token_type=HWM_TOKEN)  # one tick past the oplog
         assert stream.try_next() is None
-        before = stream.resume_token["_data"]
-        writer.db.elsewhere.insert_one({"_id": 1})  # another collection's event
+        assert stream.resume_token == first  # idle: the oplog did not move
+        writer.db.elsewhere.insert_many([{"_id": 1}, {"_id": 2}])  # another collection's events
         assert stream.try_next() is None
-        after = stream.resume_token["_data"]
-    assert after > before
-    assert after > server.tokens()[-1]  # past the event the stream did not show
-    with client.db.c.watch(resume_after={"_data": after}, max_await_time_ms=AWAIT_MS) as again:
-        writer.db.c.insert_one({"_id": 2})
-        assert drain(again, 1)[0]["documentKey"] == {"_id": 2}
+        after = stream.resume_token
+    assert parse_token(after) == TokenData(server.events[-1]["clusterTime"], token_type=HWM_TOKEN)
+    assert after["_data"] > first["_data"]
+    with client.db.c.watch(resume_after=after, max_await_time_ms=AWAIT_MS) as again:
+        writer.db.c.insert_one({"_id": 3})
+        assert drain(again, 1)[0]["documentKey"] == {"_id": 3}
+
+
+@pytest.mark.parametrize("interval", [0.3, None])
+def test_an_idle_primary_writes_a_noop_every_interval(interval):
+    """repl/noop_writer.cpp and periodicNoopIntervalSecs: an idle stream's high-water mark moves
+    only with the oplog, which on an idle primary moves by its periodic no-op."""
+    with TestPrimary(noop_interval=interval) as primary, connect(primary) as c:
+        with c.db.c.watch(max_await_time_ms=1000) as stream:
+            first = stream.resume_token
+            assert stream.try_next() is None  # one full 1 s wait: 3 intervals of 0.3 s
+            later = stream.resume_token
+        assert primary.events == []
+    if interval is None:
+        assert later == first
+    else:
+        assert later["_data"] > first["_data"]
+        assert parse_token(later).token_type == HWM_TOKEN
 
 
 def test_batches_respect_batch_size_and_report_their_last_token(server, client, writer):
