@@ -19,7 +19,7 @@ import enum
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tornado.iostream import StreamClosedError
 
@@ -35,6 +35,8 @@ SEND_BATCH = 64 * 1024
 # bound keeps what one read costs us bounded.
 RECV_BYTES = 64 * 1024
 _UNLIMITED = 1 << 62
+_A = TypeVar("_A")
+_T = TypeVar("_T")
 
 
 class Writer:
@@ -226,12 +228,8 @@ class Connection(Writer):
                     size += len(part)
                 chunk = b"".join(parts)
                 out.appendleft(chunk)
-            try:
-                sent = self.sock.send(chunk)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.abort()
+            sent = self._attempt(self.sock.send, chunk)
+            if sent is None:
                 return
             self._size -= sent
             if sent < len(chunk):
@@ -251,15 +249,22 @@ class Connection(Writer):
         for callback in callbacks or ():
             callback()
 
+    def _attempt(self, call: Callable[[_A], _T], argument: _A) -> _T | None:
+        """``call(argument)`` on the non-blocking socket; None when the kernel would block, and
+        when the socket failed (it is then aborted)."""
+        try:
+            return call(argument)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            self.abort()
+            return None
+
     # -- reading -------------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.abort()
+        data = self._attempt(self.sock.recv, RECV_BYTES)
+        if data is None:
             return
         if data:
             self.data_received(data)
