@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
+from types import FrameType
 
 from . import config as cfg
 from . import logs
@@ -61,7 +63,7 @@ def run_server(argv: list[str], prog: str = "changerelay") -> int:
         demo.stop()
 
 
-def _supervise(config, sockets) -> int:
+def _supervise(config: cfg.Config, sockets: list[socket.socket]) -> int:
     """Fork REUSE_PORT workers, each with its own SO_REUSEPORT socket and change stream."""
     from . import app
 
@@ -77,7 +79,7 @@ def _supervise(config, sockets) -> int:
             os._exit(code)
         children.append(pid)
 
-    def forward(signum, _frame):
+    def forward(signum: int, _frame: FrameType | None) -> None:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)

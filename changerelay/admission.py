@@ -1,20 +1,30 @@
-"""Who is asking, and by which name: the client's address and scheme behind proxies, and the
-``Host`` and ``Origin`` checks that keep other sites' pages out.
+"""Admission: every check a request passes before it costs the relay a connection, as plain
+functions of the request and the settings, and the one refusal type they raise.
+
+Both transports (and the page, for ``Host``) call the same rules, in the same order, once per
+handshake: ``Host`` (421), the query's size (414), ``Origin`` (403), the token (``auth``), the
+query's parameters (400), the subscription (``subscription``), then the connection caps (429,
+503). A refused request gets an HTTP status and ``{"error": code, "message": fix}``.
 
 Why ``Host`` matters: a page on ``evil.example`` can rebind its own name to 127.0.0.1 (DNS
 rebinding); the browser then sends ``Host: evil.example`` and a matching ``Origin``, so comparing
 the two proves nothing. Only a list of the names the relay is really reached by tells that page
-from ours. Plain functions of the request and the settings, so both transports and the page call
-the same rules.
+from ours.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
-from typing import NamedTuple
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
-from .subscription import SubscriptionError
+from .disconnect import STATUS_OF
+
+if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a proxy may report in X-Forwarded-Proto, as the scheme of the page that connects.
@@ -28,6 +38,30 @@ _HOST = re.compile(r"(?:(?P<name>[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*)\.?"
                    r"|\[(?P<ipv6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?")
 _LONGEST_HOST = 253 + 1 + 1 + 5  # a name, its trailing dot, ":" and a port
 _SHOWN = 100  # characters of a refused header echoed back in the message
+MAX_PORT = 65535
+
+# The query parameters of /socket and /events; anything else is refused, so that a typo is not
+# silently a subscription to everything.
+PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
+# Tornado drops a request whose headers exceed its limit without answering; the server lets it
+# read more (handlers.MAX_HEADER_BYTES) so that an oversized query gets a JSON 414 from here.
+MAX_QUERY_BYTES = 512 * 1024
+
+
+class Refusal(Exception):
+    """A request the relay turns away before it costs a connection: a stable ``code`` that
+    clients branch on (the body's ``error``), a ``message`` that says how to fix the request,
+    and the HTTP ``status`` that ``disconnect.REFUSALS`` lists the code under (a code it does
+    not list is a KeyError: every refusal is in the table clients follow)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = STATUS_OF[code]
+
+    def body(self) -> str:
+        return json.dumps({"error": self.code, "message": self.message})
 
 
 class Origin(NamedTuple):
@@ -38,7 +72,11 @@ class Origin(NamedTuple):
     port: int
 
 
-def parse_host(text: str) -> tuple[str, int | None] | None:
+HostName = tuple[str, int | None]  # (host, port or None: any port), as ALLOWED_HOSTS lists them
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def parse_host(text: str) -> HostName | None:
     """``(host, port or None)`` of a ``host[:port]``, normalised — lower case, no trailing dot,
     IPv6 in brackets and compressed — or None if it is not one."""
     if not text or len(text) > _LONGEST_HOST:
@@ -55,7 +93,7 @@ def parse_host(text: str) -> tuple[str, int | None] | None:
     if port is None:
         return host, None
     number = int(port)
-    return (host, number) if 0 < number < 65536 else None
+    return (host, number) if 0 < number <= MAX_PORT else None
 
 
 def parse_origin(text: str) -> Origin | None:
@@ -78,14 +116,14 @@ def served_origin(host: str | None, scheme: str) -> Origin | None:
     return Origin(scheme, name, port or DEFAULT_PORTS[scheme])
 
 
-def forwarded(request, proxies) -> tuple[str, str]:
+def forwarded(request: HTTPServerRequest, proxies: Networks) -> tuple[str, str]:
     """The client's address and the scheme its page was served over.
 
     X-Forwarded-For and X-Forwarded-Proto are believed only from TRUSTED_PROXIES: each trusted
     proxy appends the address and scheme it received, so both lists are walked back from the
     nearest hop for as long as the hop is one of our proxies.
     """
-    address, scheme = request.remote_ip, request.protocol
+    address, scheme = request.remote_ip or "", request.protocol
     if not proxies:
         return address, scheme
     hops = _list(request.headers.get("X-Forwarded-For", ""))
@@ -99,7 +137,8 @@ def forwarded(request, proxies) -> tuple[str, str]:
     return address, scheme
 
 
-def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | None:
+def allowed_hosts(setting: tuple[HostName | str, ...], listen_host: str,
+                  port: int) -> frozenset[HostName] | None:
     """The ``(host, port or None)`` pairs the relay answers to; None: any ``Host``.
 
     ALLOWED_HOSTS unset: a relay on a loopback address answers to the loopback names on the
@@ -109,7 +148,8 @@ def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | No
     if "*" in setting:
         return None
     if setting:
-        return frozenset(setting)
+        return frozenset(name for name in setting if not isinstance(name, str))
+    names: tuple[str, ...]
     try:
         address = ipaddress.ip_address(listen_host)
     except ValueError:
@@ -124,7 +164,7 @@ def allowed_hosts(setting: tuple, listen_host: str, port: int) -> frozenset | No
     return frozenset((name, port) for name in names)
 
 
-def check_host(served: Origin | None, allowed: frozenset | None) -> None:
+def check_host(served: Origin | None, allowed: frozenset[HostName] | None) -> None:
     """Refuse (421 Misdirected Request) a request whose ``Host`` (``served_origin``) the relay
     does not answer to.
 
@@ -138,12 +178,13 @@ def check_host(served: Origin | None, allowed: frozenset | None) -> None:
         return
     named = "a Host that is not host[:port]" if served is None else (
         f"Host {served.host}:{served.port}")
-    raise SubscriptionError(
+    raise Refusal(
         "host_not_allowed", f"this relay does not answer to {named}; if clients reach it by "
-        "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])", status=421)
+        "that name, add it to ALLOWED_HOSTS (comma-separated host[:port])")
 
 
-def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> None:
+def check_origin(origin: str | None, served: Origin | None,
+                 allowed: tuple[Origin | str, ...]) -> None:
     """Refuse (403) a browser page from an origin that may not connect.
 
     ALLOWED_ORIGINS unset: only the relay's own origin (``served_origin``) — the scheme it is
@@ -155,17 +196,96 @@ def check_origin(origin: str | None, served: Origin | None, allowed: tuple) -> N
     page = parse_origin(origin)
     if page is not None and (page in allowed if allowed else page == served):
         return
-    raise SubscriptionError(
+    raise Refusal(
         "origin_not_allowed", f"origin {_shown(origin)} may not connect; add it to "
         "ALLOWED_ORIGINS (default: the relay's own scheme, host and port only; behind a TLS "
-        "proxy, list it in TRUSTED_PROXIES so that its X-Forwarded-Proto counts)", status=403)
+        "proxy, list it in TRUSTED_PROXIES so that its X-Forwarded-Proto counts)")
+
+
+def check_query_size(query: str) -> None:
+    """Refuse (414) a query string too long to be a subscription, before anything reads it."""
+    if len(query) > MAX_QUERY_BYTES:
+        raise Refusal(
+            "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
+            "filters are limited to 4 KiB")
+
+
+def query_values(arguments: Mapping[str, list[bytes]]) -> dict[str, str]:
+    """The query's parameters, one text value each: refuse (400) bytes that are not UTF-8, a
+    name that is not one of ``PARAMETERS`` and a name given twice."""
+    try:
+        decoded = {name: [value.decode("utf-8", "strict") for value in values]
+                   for name, values in arguments.items()}
+    except UnicodeDecodeError:
+        raise Refusal("invalid_encoding",
+                      "the query string is not valid UTF-8 after percent-decoding") from None
+    unknown = sorted(set(decoded) - set(PARAMETERS))
+    if unknown:
+        raise Refusal(
+            "unknown_parameter", f"unknown query parameter {unknown[0]!r}; "
+            f"the accepted ones are {', '.join(PARAMETERS)}")
+    values = {}
+    for name, items in decoded.items():
+        if len(items) != 1:
+            raise Refusal(
+                "repeated_parameter", f"{name} is given {len(items)} times; give it once "
+                "(use commas inside one value for several namespaces or operation types)")
+        values[name] = items[0]
+    return values
+
+
+class Connections:
+    """Open connections in total and per client address, against MAX_CONNECTIONS and
+    MAX_CONNECTIONS_PER_IP (0: no cap)."""
+
+    def __init__(self, total: int = 0, per_address: int = 0):
+        self.total_cap = total
+        self.per_address_cap = per_address
+        self.total = 0
+        self.by_address: Counter[str] = Counter()
+
+    def acquire(self, address: str) -> Slot:
+        """Count one more connection from ``address``, or refuse it (503, 429)."""
+        if self.total_cap and self.total >= self.total_cap:
+            raise Refusal(
+                "too_many_connections", f"this relay holds its maximum of {self.total_cap} "
+                "connections (MAX_CONNECTIONS); retry later or connect to another relay")
+        if self.per_address_cap and self.by_address[address] >= self.per_address_cap:
+            raise Refusal(
+                "too_many_connections_from_address", f"{address} already has "
+                f"{self.per_address_cap} connections (MAX_CONNECTIONS_PER_IP); close one first")
+        self.total += 1
+        self.by_address[address] += 1
+        return Slot(self, address)
+
+    def _release(self, address: str) -> None:
+        self.total -= 1
+        self.by_address[address] -= 1
+        if self.by_address[address] <= 0:
+            del self.by_address[address]
+
+
+class Slot:
+    """One counted connection. ``release`` gives it back once, however often it is called: a
+    connection can end on several paths (a failed handshake, the socket closing, shutdown)."""
+
+    __slots__ = ("_connections", "address")
+
+    def __init__(self, connections: Connections, address: str):
+        self._connections: Connections | None = connections
+        self.address = address
+
+    def release(self) -> None:
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            connections._release(self.address)
 
 
 def _list(header: str) -> list[str]:
     return [item.strip() for item in header.split(",") if item.strip()]
 
 
-def _in_networks(address: str, networks) -> bool:
+def _in_networks(address: str, networks: Networks) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

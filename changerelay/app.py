@@ -16,18 +16,27 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from logzero import logger
+from pymongo import AsyncMongoClient
 from tornado import httpserver, netutil, web
+from tornado.ioloop import PeriodicCallback
 
 from . import admission, handlers, logs
 from . import subscription as subs
 from .catchup import CatchUp
+from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
 from .hub import Hub
-from .limits import Connections
 from .source import ChangeSource
+
+if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
+
+    from .auth import Authenticator, Claims
 
 
 def _bundled(name: str) -> Path:
@@ -38,27 +47,44 @@ def _bundled(name: str) -> Path:
     return installed if installed.is_dir() else package.parent / name
 
 
+# WebSockets are pinged a slice at a time (see Relay.ping): with WS_PING_INTERVAL=20 one slice
+# each second, so of 10,000 connections about 500 pongs come back together, not 10,000.
 PING_SLICES = 20
-POSITION_SLACK = 100  # positions per tick on top of the even share
+# A pinged connection is closed when its slice comes round again unanswered: this share of
+# WS_PING_INTERVAL, so that the next visit (one interval on) is past the deadline.
+PONG_DEADLINE = 0.99
+POSITION_SLACK = 100  # positions per pass on top of the even share
+# Tokens' exp is checked this often: a connection outlives its token (and LEEWAY_SECONDS) by at
+# most this long, and a pass over 10,000 clients costs a few milliseconds.
+EXPIRY_CHECK_SECONDS = 1.0
+# Connections the kernel queues before they are accepted: room for a crowd of clients that
+# reconnect at once after a restart (Tornado's default is 128).
+LISTEN_BACKLOG = 1024
+# Seconds an HTTP connection between requests stays open (Tornado closes it after).
+IDLE_HTTP_SECONDS = 60
+# The open-files limit asked for when the hard limit is unlimited.
+OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
 
 class Relay:
-    def __init__(self, config: Config, mongo_client=None):
+    def __init__(self, config: Config, mongo_client: AsyncMongoClient[Any] | None = None):
         self.config = config
         loop = asyncio.get_running_loop()
-        self.hub = Hub(config.replay_buffer, config.replay_buffer_bytes, loop.call_soon)
+        self.hub: Hub[Client] = Hub(loop.call_soon, self._from_history, config.replay_buffer,
+                                    config.replay_buffer_bytes)
         self.source = ChangeSource(config, self.hub, mongo_client)
-        self.catchup = CatchUp(self)
-        self.hub.behind = self.catchup.add
-        self.connections = Connections(config.max_connections, config.max_connections_per_ip)
+        self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
+                                                config.catchup_streams, self.source.missing_image)
+        self.connections = admission.Connections(config.max_connections,
+                                                 config.max_connections_per_ip)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
-        self.auth = None
+        self.auth: Authenticator | None = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:
             from .auth import Authenticator
 
             self.auth = Authenticator.from_config(config)
         self.started = time.monotonic()
-        self._timers: list = []
+        self._timers: list[PeriodicCallback] = []
         self._gone: asyncio.Event | None = None  # set during shutdown once every client left
         self._ping_slice = 0
 
@@ -66,29 +92,38 @@ class Relay:
 
     def start(self) -> None:
         self.source.start()
-        from tornado.ioloop import PeriodicCallback
-
-        for callback, seconds in ((self._tick, self._tick_seconds),
-                                  (self._heartbeat, self.config.sse_heartbeat),
-                                  (self._ping, self.config.ws_ping_interval / PING_SLICES)):
+        timers = [(self.send_positions, self._position_pass_seconds),
+                  (self.heartbeat, self.config.sse_heartbeat),
+                  (self.ping, self.config.ws_ping_interval / PING_SLICES)]
+        if self.auth is not None:
+            timers.append((self.expire_tokens, EXPIRY_CHECK_SECONDS))
+        for callback, seconds in timers:
             timer = PeriodicCallback(callback, seconds * 1000)
             timer.start()
             self._timers.append(timer)
 
     @property
-    def _tick_seconds(self) -> float:
+    def _position_pass_seconds(self) -> float:
+        """At least two passes per POSITION_INTERVAL, so that a quiet client is told at most
+        half an interval late; at least one a second, so that each pass's share stays small."""
         return min(1.0, self.config.position_interval / 2)
 
-    def _tick(self) -> None:
-        # Position messages are spread over the interval like pings: a share of the clients
-        # per tick (10,000 quiet clients in one pass hold the loop for ~100 ms).
-        ticks = self.config.position_interval / self._tick_seconds
-        budget = math.ceil(len(self.hub.clients) / ticks) + POSITION_SLACK
+    def send_positions(self) -> None:
+        """Tell quiet clients where they could resume from, a share of them per pass.
+
+        Position messages are spread over the interval like pings: 10,000 quiet clients in one
+        pass hold the loop for ~100 ms.
+        """
+        passes = self.config.position_interval / self._position_pass_seconds
+        budget = math.ceil(len(self.hub.clients) / passes) + POSITION_SLACK
         self.hub.send_positions(self.config.position_interval, budget)
+
+    def expire_tokens(self) -> None:
+        """Close every connection whose token has expired, live or still catching up."""
         if self.auth is not None:
             self.auth.expire([*self.hub.clients, *self.catchup.clients()])
 
-    def _ping(self) -> None:
+    def ping(self) -> None:
         """Ping one slice of the WebSockets; close those that left the last ping unanswered.
 
         Every connection is pinged once per WS_PING_INTERVAL, but a slice at a time: pinging
@@ -97,14 +132,16 @@ class Relay:
         """
         self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
-        timeout = self.config.ws_ping_interval * 0.99  # the next visit of this slice
+        timeout = self.config.ws_ping_interval * PONG_DEADLINE
         for client in tuple(self.hub.clients):
-            if client.kind.startswith("ws") and hash(client) % PING_SLICES == self._ping_slice:
+            if isinstance(client, WebSocketClient) and (
+                    hash(client) % PING_SLICES == self._ping_slice):
                 client.ping(now, timeout)
 
-    def _heartbeat(self) -> None:
+    def heartbeat(self) -> None:
+        """A comment line on every event stream, so that proxies keep it open."""
         for client in tuple(self.hub.clients):
-            if client.kind.startswith("sse"):
+            if isinstance(client, EventStreamClient):
                 client.heartbeat()
 
     async def shutdown(self) -> None:
@@ -114,7 +151,7 @@ class Relay:
         self._gone = asyncio.Event()
         clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
         for client in clients:
-            client.transport.shutdown()
+            client.shutdown()
         await self.catchup.stop()
         self._check_gone()
         with contextlib.suppress(TimeoutError):
@@ -127,33 +164,35 @@ class Relay:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def authenticate(self, request):
+    def authenticate(self, request: HTTPServerRequest) -> Claims | None:
         return None if self.auth is None else self.auth.authenticate(request)
 
-    def subscription_for(self, arguments, claims):
+    def subscription_for(self, values: Mapping[str, str],
+                         claims: Claims | None) -> tuple[subs.Subscription, str | None]:
         subscription, resume_after = subs.parse(
-            arguments, (self.config.watch_db, self.config.watch_collection))
-        if claims is not None:
+            values, (self.config.watch_db, self.config.watch_collection))
+        if self.auth is not None and claims is not None:
             subscription = self.auth.restrict(subscription, claims)
         return subscription, resume_after
 
     # -- clients -------------------------------------------------------------------------------
 
-    def attach(self, client, resume_after: str | None, claims) -> None:
+    def attach(self, client: Client, resume_after: str | None) -> None:
         """Start a client live, from the log, or from MongoDB's history."""
-        client.claims = claims
-        client.on_cut = lambda: self.detach(client)
         if resume_after is None:
             self.hub.subscribe(client)
         elif not self.hub.resume(client, resume_after):
-            self.catchup.add(client, resume_after)
+            self._from_history(client, resume_after)
 
-    def detach(self, client) -> None:
+    def _from_history(self, client: Client, after: str) -> None:
+        self.catchup.add(client, after)
+
+    def detach(self, client: Client) -> None:
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
         self._check_gone()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
                 "catching_up": self.catchup.count(),
                 "catchup_streams_opened": self.catchup.streams_opened,
@@ -161,29 +200,31 @@ class Relay:
 
 
 def make_app(relay: Relay) -> web.Application:
-    app = web.Application(
+    """The routes; each handler is handed the relay (Tornado passes a route's arguments to its
+    ``initialize``)."""
+    given = {"relay": relay}
+    return web.Application(
         [
-            (r"/", handlers.WebpageHandler),
-            (r"/socket", handlers.ChangesHandler),
-            (r"/events", handlers.EventsHandler),
+            (r"/", handlers.WebpageHandler, given),
+            (r"/socket", handlers.ChangesHandler, given),
+            (r"/events", handlers.EventsHandler, given),
             (r"/healthz", handlers.HealthHandler),
-            (r"/readyz", handlers.ReadyHandler),
+            (r"/readyz", handlers.ReadyHandler, given),
         ],
         template_path=str(_bundled("templates")),
         static_path=str(_bundled("static")),
         static_handler_class=handlers.StaticHandler,
+        static_handler_args=dict(given),  # Tornado adds the path to these
         compress_response=False,
         log_function=logs.log_request,
     )
-    app.relay = relay
-    return app
 
 
 def raise_open_files_limit() -> None:
     """10,000 connections need more than the usual 1,024 descriptors; take the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        target = hard if hard != resource.RLIM_INFINITY else OPEN_FILES_WHEN_UNLIMITED
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             logger.info("open-files limit raised from %d to %d", soft, target)
@@ -193,7 +234,7 @@ def raise_open_files_limit() -> None:
 
 def bind(config: Config) -> list[socket.socket]:
     return netutil.bind_sockets(config.port, config.host, reuse_port=config.reuse_port > 0,
-                                backlog=1024)
+                                backlog=LISTEN_BACKLOG)
 
 
 async def serve(config: Config, sockets: list[socket.socket]) -> int:
@@ -201,7 +242,8 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     # PORT=0 picks a port: the Host check's default names the one actually listened on.
     config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
     relay = Relay(config)
-    server = httpserver.HTTPServer(make_app(relay), xheaders=False, idle_connection_timeout=60,
+    server = httpserver.HTTPServer(make_app(relay), xheaders=False,
+                                   idle_connection_timeout=IDLE_HTTP_SECONDS,
                                    max_header_size=handlers.MAX_HEADER_BYTES)
     server.add_sockets(sockets)
     relay.start()

@@ -18,19 +18,30 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 from logzero import logger
 
 from . import filters, namespaces
+from .admission import Refusal
+from .namespaces import Namespace
 from .rows import POST_IMAGE_MODES, AccessRule
-from .subscription import Subscription, SubscriptionError
+from .subscription import Subscription
+
+if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
+
+    from .config import Config
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
-LEEWAY = 5
+# Seconds of clock difference allowed between the token's issuer and the relay, both ways: exp
+# and nbf are checked against our clock, and a token minted a moment ago elsewhere must pass.
+LEEWAY_SECONDS = 5
 ENABLE_POST_IMAGES = (
     "enable post-images: run db.runCommand({collMod: \"<collection>\", "
     "changeStreamPreAndPostImages: {enabled: true}}) on each watched collection (MongoDB 6.0+) "
@@ -46,56 +57,65 @@ class Claims:
     so every claim it reads is checked here, once, and a bad one refuses the token.
     """
 
-    expires: float                 # exp: seconds since 1970
-    namespaces: frozenset | None   # ns: None grants the whole watched scope
+    expires: float                            # exp: seconds since 1970
+    namespaces: frozenset[Namespace] | None   # ns: None grants the whole watched scope
     rule: AccessRule | None        # filter
 
 
 TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
+class Expiring(Protocol):
+    """A connection that holds a token: what ``Authenticator.expire`` reads and calls."""
+
+    claims: Claims | None
+    peer: str
+
+    def expire(self) -> None: ...
+
+
 class Authenticator:
-    def __init__(self, key, algorithms: list[str], full_document: str = "updateLookup"):
+    def __init__(self, key: str, algorithms: list[str], full_document: str = "updateLookup"):
         self.key = key
         self.algorithms = algorithms
         self.full_document = full_document  # the FULL_DOCUMENT mode of every stream we read
 
     @classmethod
-    def from_config(cls, config) -> Authenticator:
+    def from_config(cls, config: Config) -> Authenticator:
         if config.full_document == "updateLookup":
             logger.warning("auth is on and FULL_DOCUMENT=updateLookup: tokens whose filter "
                            "claim reads fullDocument will be refused (403); to use row rules, "
                            "%s", ENABLE_POST_IMAGES)
         if config.auth_jwt_secret:
             return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document)
-        return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
-                   config.full_document)
+        if config.auth_jwt_public_key:
+            return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
+                       config.full_document)
+        raise ValueError("auth is off: neither AUTH_JWT_SECRET nor AUTH_JWT_PUBLIC_KEY is set")
 
-    def authenticate(self, request) -> Claims:
+    def authenticate(self, request: HTTPServerRequest) -> Claims:
         token = _bearer(request)
         if not token:
-            raise SubscriptionError(
+            raise Refusal(
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
-                "<jwt> or ?access_token=<jwt>", status=401)
+                "<jwt> or ?access_token=<jwt>")
         try:
-            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY,
+            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY_SECONDS,
                                  options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
-            raise SubscriptionError("token_expired", "the token has expired; get a fresh one",
-                                    status=401) from None
+            raise Refusal("token_expired", "the token has expired; get a fresh one") from None
         except jwt.MissingRequiredClaimError:
-            raise SubscriptionError("invalid_token", "the token has no exp claim; tokens must "
-                                    "expire (keep them short-lived)", status=401) from None
+            raise Refusal("invalid_token", "the token has no exp claim; tokens must "
+                          "expire (keep them short-lived)") from None
         except jwt.InvalidTokenError as exc:
-            raise SubscriptionError("invalid_token", f"the token is not valid ({exc})",
-                                    status=401) from None
+            raise Refusal("invalid_token", f"the token is not valid ({exc})") from None
         for name in TIME_CLAIMS:
             if name in payload and not _seconds(payload[name]):
                 raise _bad_claim(name, "must be a number of seconds since 1970, not "
                                  f"{type(payload[name]).__name__}")
         return Claims(payload["exp"], self._namespaces(payload), self._rule(payload))
 
-    def _rule(self, payload) -> AccessRule | None:
+    def _rule(self, payload: dict[str, Any]) -> AccessRule | None:
         if "filter" not in payload:
             return None
         spec = payload["filter"]
@@ -106,14 +126,14 @@ class Authenticator:
         except filters.FilterError as exc:
             raise _bad_claim("filter", f"is invalid: {exc.message}") from None
         if rule.reads_document and self.full_document == "updateLookup":
-            raise SubscriptionError(
+            raise Refusal(
                 "row_rules_need_post_images", "this token's filter claim reads fullDocument, "
                 "and with FULL_DOCUMENT=updateLookup an update's document is the one found when "
                 "the event is read, not the one at the event, so it cannot decide access; "
-                + ENABLE_POST_IMAGES, status=403)
+                + ENABLE_POST_IMAGES)
         return rule
 
-    def _namespaces(self, payload):
+    def _namespaces(self, payload: dict[str, Any]) -> frozenset[Namespace] | None:
         if "ns" not in payload:
             return None
         raw = payload["ns"]
@@ -122,8 +142,8 @@ class Authenticator:
                 return namespaces.parse_list(raw)
             if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
                 if not raw:
-                    raise SubscriptionError("ns_forbidden", "the token's ns claim is an empty "
-                                            "list, which grants no namespace", status=403)
+                    raise Refusal("ns_forbidden", "the token's ns claim is an empty "
+                                  "list, which grants no namespace")
                 return frozenset(namespaces.parse(item) for item in raw)
         except namespaces.NamespaceError as exc:
             raise _bad_claim("ns", f"is malformed: {exc}") from None
@@ -136,12 +156,12 @@ class Authenticator:
             if wanted is None:
                 wanted = allowed
             elif not namespaces.within(wanted, allowed):
-                raise SubscriptionError(
+                raise Refusal(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
-                    "within " + ", ".join(sorted(map(str, allowed))), status=403)
+                    "within " + ", ".join(sorted(map(str, allowed))))
         return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
 
-    def expire(self, clients) -> None:
+    def expire(self, clients: Iterable[Expiring]) -> None:
         """Close connections whose token's ``exp`` has passed (checked once a second).
 
         One client's state must not stop the pass for the others: a client whose expiry cannot
@@ -150,7 +170,7 @@ class Authenticator:
         now = time.time()
         for client in tuple(clients):
             try:
-                due = client.claims is not None and client.claims.expires + LEEWAY <= now
+                due = client.claims is not None and client.claims.expires + LEEWAY_SECONDS <= now
             except Exception:
                 logger.exception("cannot read the token expiry of %s; closing it",
                                  getattr(client, "peer", "a client"))
@@ -163,15 +183,15 @@ class Authenticator:
                                      getattr(client, "peer", "a client"))
 
 
-def _seconds(value) -> bool:
+def _seconds(value: object) -> bool:
     return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
-def _bad_claim(name: str, problem: str) -> SubscriptionError:
-    return SubscriptionError("invalid_token", f"the token's {name} claim {problem}", status=401)
+def _bad_claim(name: str, problem: str) -> Refusal:
+    return Refusal("invalid_token", f"the token's {name} claim {problem}")
 
 
-def _bearer(request) -> str | None:
+def _bearer(request: HTTPServerRequest) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():

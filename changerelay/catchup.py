@@ -15,63 +15,94 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from logzero import logger
+from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import OperationFailure, PyMongoError
 
 from . import events as ev
-from .source import HISTORY_LOST, IMAGES_MISSING, missing_image
+from .backoff import Backoff
+from .hub import Hub, Subscriber
+from .source import HISTORY_LOST, IMAGES_MISSING, bad_resume_token
 
-BACKOFF_CAP = 5.0
+if TYPE_CHECKING:
+    from .subscription import Subscription
+
+BACKOFF_BASE = 0.4  # seconds before a failed catch-up stream is reopened the first time
+BACKOFF_CAP = 5.0   # at most: its riders are waiting
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
 PACE_EVENTS = 1000     # events queued for one client before the catch-up waits for it
 STALL_TIMEOUT = 10.0   # seconds a catch-up waits for one client before cutting it off
 
 
-class Job:
+class Rider(Subscriber, Protocol):
+    """A client riding a catch-up: the hub's interface, and what pacing it needs."""
+
+    closed: bool
+    backlog: deque[Any] | None  # what it has yet to write; None: nothing
+
+    async def drained(self) -> None: ...
+    def cut_off(self) -> None: ...
+
+
+R = TypeVar("R", bound=Rider)
+# Opens a change stream on the relay's scope and pipeline, as ``ChangeSource.open_stream``.
+OpenStream = Callable[..., Awaitable[AsyncChangeStream[Any]]]
+
+
+class Job(Generic[R]):
     """One catch-up change stream and the clients riding on it."""
 
     def __init__(self, after: str):
         self.start = after
         self.position = after      # the newest token this job has read past
-        self.clients: dict = {}    # client -> the newest token that client has seen
+        self.clients: dict[R, str] = {}  # client -> the newest token that client has seen
         self.running = False
         self.after_invalidate = False  # position is an invalidate: continue with startAfter
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
     def accepts(self, after: str) -> bool:
         return not self.running or after >= self.position
 
-    def add(self, client, after: str) -> None:
+    def add(self, client: R, after: str) -> None:
         self.clients[client] = after
         if not self.running and after < self.start:
             self.start = self.position = after
 
 
-class CatchUp:
-    def __init__(self, relay):
-        self.relay = relay
-        self.jobs: list[Job] = []
-        self._slots = asyncio.Semaphore(relay.config.catchup_streams)
+class CatchUp(Generic[R]):
+    """Catch-ups for ``hub``'s clients, on streams from ``open_stream``, at most ``streams`` at
+    once; ``missing_image(exc)`` says whether a failure is an event without a required image
+    (``ChangeSource.missing_image``)."""
+
+    def __init__(self, hub: Hub[R], open_stream: OpenStream, streams: int,
+                 missing_image: Callable[[BaseException], str | None]):
+        self.hub = hub
+        self.open_stream = open_stream
+        self.missing_image = missing_image
+        self.jobs: list[Job[R]] = []
+        self._slots = asyncio.Semaphore(streams)
         self.streams_opened = 0
 
-    def add(self, client, after: str) -> None:
+    def add(self, client: R, after: str) -> None:
         for job in self.jobs:
             if job.accepts(after):
                 job.add(client, after)
                 return
-        job = Job(after)
-        job.add(client, after)
-        self.jobs.append(job)
-        job.task = asyncio.get_running_loop().create_task(self._run(job), name="catch-up")
+        fresh: Job[R] = Job(after)
+        fresh.add(client, after)
+        self.jobs.append(fresh)
+        fresh.task = asyncio.get_running_loop().create_task(self._run(fresh), name="catch-up")
 
-    def discard(self, client) -> None:
+    def discard(self, client: R) -> None:
         for job in self.jobs:
             if job.clients.pop(client, None) is not None and not job.clients and job.task:
                 job.task.cancel()
 
-    def clients(self):
+    def clients(self) -> list[R]:
         return [client for job in self.jobs for client in job.clients]
 
     def count(self) -> int:
@@ -86,40 +117,38 @@ class CatchUp:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await job.task
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job[R]) -> None:
         try:
             async with self._slots:
                 job.running = True
-                failures = 0
+                backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
                 while job.clients:
                     try:
                         if await self._stream(job):
                             return
                         continue  # invalidated: reopen right after the invalidate
                     except PyMongoError as exc:
-                        if missing_image(exc, self.relay.config) is not None:
+                        if self.missing_image(exc) is not None:
                             logger.warning("catch-up reached an event without a required image; "
                                            "its %d clients are told to resync", len(job.clients))
                             self._resync(job, IMAGES_MISSING)
                             return
-                        if isinstance(exc, OperationFailure) and (
-                                exc.code == HISTORY_LOST or _bad_token(exc)):
-                            self._resync(job, "history_lost" if exc.code == HISTORY_LOST
-                                         else "invalid_token")
+                        if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
+                            self._resync(job, "history_lost")
                             return
-                        failures += 1
+                        if bad_resume_token(exc):
+                            self._resync(job, "invalid_token")
+                            return
                         logger.warning("catch-up stream failed: %s", exc)
-                    await asyncio.sleep(min(BACKOFF_CAP, 0.2 * 2 ** failures)
-                                        * random.uniform(0.5, 1))
+                    await asyncio.sleep(backoff.delay())
         finally:
             if job in self.jobs:
                 self.jobs.remove(job)
 
-    async def _stream(self, job: Job) -> bool:
+    async def _stream(self, job: Job[R]) -> bool:
         """Replay from ``job.position``; True once handed over, False to reopen after an
         invalidate (which ends a change stream, as it ends the relay's own)."""
-        open_stream = self.relay.source.open_stream
-        hub = self.relay.hub
+        open_stream, hub = self.open_stream, self.hub
         token = {"_data": job.position}
         try:
             if job.after_invalidate:
@@ -127,7 +156,7 @@ class CatchUp:
             else:
                 stream = await open_stream(resume_after=token, max_await_ms=CATCHUP_AWAIT_MS)
         except OperationFailure as exc:
-            if not _bad_token(exc) or job.position != job.start or job.after_invalidate:
+            if not bad_resume_token(exc) or job.position != job.start or job.after_invalidate:
                 raise
             # The client's own id may be an invalidate: only startAfter continues from one.
             job.after_invalidate = True
@@ -160,9 +189,9 @@ class CatchUp:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
 
-    def _deliver(self, job: Job, event) -> None:
+    def _deliver(self, job: Job[R], event: ev.Event) -> None:
         job.position = event.token
-        verdicts: dict = {}  # one match per distinct subscription, as in the hub
+        verdicts: dict[Subscription, Sequence[ev.Delivery]] = {}  # one match per subscription
         for client, seen in tuple(job.clients.items()):
             if event.token > seen:
                 job.clients[client] = event.token
@@ -175,7 +204,7 @@ class CatchUp:
                 if client.closed:
                     job.clients.pop(client, None)
 
-    async def _pace(self, job: Job) -> None:
+    async def _pace(self, job: Job[R]) -> None:
         """Read from MongoDB no faster than the slowest rider drains; cut off a stalled one."""
         for client in tuple(job.clients):
             if client.backlog is not None and len(client.backlog) > PACE_EVENTS:
@@ -185,16 +214,16 @@ class CatchUp:
                     client.cut_off()
                     job.clients.pop(client, None)
 
-    def _hand_over(self, job: Job, floor: str) -> None:
+    def _hand_over(self, job: Job[R], floor: str) -> None:
         """Everything up to ``floor`` was delivered; the hub's log has the rest."""
-        hub = self.relay.hub
+        hub = self.hub
         clients, job.clients = job.clients, {}
         for client, seen in clients.items():
             if not client.closed:
                 hub.resume(client, max(seen, floor))
 
-    def _resync(self, job: Job, reason: str) -> None:
-        hub = self.relay.hub
+    def _resync(self, job: Job[R], reason: str) -> None:
+        hub = self.hub
         clients, job.clients = job.clients, {}
         message = ev.control("resync", reason=reason)
         for client, _ in clients.items():
@@ -202,7 +231,3 @@ class CatchUp:
                 client.send_control(message)
                 hub.subscribe(client)
 
-
-def _bad_token(exc: OperationFailure) -> bool:
-    """MongoDB refused the token itself (not ours to retry): 260 InvalidResumeToken and kin."""
-    return exc.code in (260, 50811, 40647, 9, 22) or "resume token" in str(exc).lower()

@@ -13,12 +13,21 @@ import contextlib
 import json
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+from typing import TYPE_CHECKING, Protocol
 
 from logzero import logger
 from tornado.iostream import StreamClosedError
 
 from . import events as ev
-from . import frames, wire
+from . import frames, tornado_internals
+from .connection import WebSocketConnection, Writer
+from .disconnect import CLOSES, Close
+
+if TYPE_CHECKING:
+    from .auth import Claims
+    from .subscription import Subscription
 
 PING_FRAME = frames.ws_frame(b"", frames.PING)  # the same bytes for every client
 REPLAY_CHUNK = 256 * 1024  # bytes per write while replaying
@@ -26,6 +35,9 @@ DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
 # A cut-off client is still told why in one last message, which may take its queue this far past
 # its limit: the message is a few hundred bytes, and the limit stays a bound.
 LAST_WORDS_ALLOWANCE = 4096
+# An event's frame, as each WebSocket encoding packs it: shared by every client.
+_FRAME: Callable[[ev.Delivery], bytes] = attrgetter("frame")
+_DEFLATED_FRAME: Callable[[ev.Delivery], bytes] = attrgetter("deflated")
 
 
 class Client:
@@ -34,30 +46,34 @@ class Client:
     A replay can be far larger than ``CLIENT_BUFFER_BYTES`` (the whole replay buffer, or a long
     catch-up), so it is written a chunk at a time as the socket drains. While a backlog exists,
     live events queue behind it in order, and only they count against the limit.
+
+    ``on_end`` is called once, with the client, when the relay ends it — cut off as a slow
+    consumer or closed on token expiry — so that it leaves the hub before its last message goes
+    out. ``encoding`` names the bytes its events become (``pack``): clients with one encoding
+    share one payload per flush.
     """
 
-    __slots__ = ("_drained", "_history", "_queued", "backlog", "claims", "closed", "kind",
-                 "last_send", "limit", "on_cut", "peer", "subscription", "told", "transport",
-                 "writer")
+    __slots__ = ("_drained", "_history", "_queued", "backlog", "claims", "closed", "encoding",
+                 "last_send", "limit", "on_end", "peer", "subscription", "told", "writer")
 
-    def __init__(self, transport, subscription, limit: int, peer: str):
-        self.kind = "?"
-        self.transport = transport  # what carries the bytes; has shutdown()
+    def __init__(self, writer: Writer, encoding: str, subscription: Subscription, limit: int,
+                 peer: str, claims: Claims | None, on_end: Callable[[Client], None]):
+        self.writer = writer
+        self.encoding = encoding
         self.subscription = subscription
         self.limit = limit
         self.peer = peer
+        self.claims = claims  # of the token, when auth is on
+        self.on_end = on_end
         self.last_send = time.monotonic()
         self.told: str | None = None
         self.closed = False
-        self.writer = None  # buffered(), write(), write_within(), when_drained()
-        self.on_cut = None   # called once when the client is cut off (the hub unsubscribes it)
-        self.claims = None  # auth.Claims of the token, when auth is on
-        self.backlog: deque | None = None  # Events (and packed control messages) to replay
+        self.backlog: deque[ev.Delivery | bytes] | None = None  # to replay; bytes: control
         self._queued = 0                   # live bytes queued behind the backlog
         self._history = 0                  # replayed events still in the backlog (they come first)
-        self._drained: asyncio.Future | None = None
+        self._drained: asyncio.Future[None] | None = None
 
-    def deliver(self, events: list, payload: bytes) -> None:
+    def deliver(self, events: Sequence[ev.Delivery], payload: bytes) -> None:
         """Live events, with the payload shared by every client of the group."""
         if self.backlog is None:
             self.send(payload)
@@ -67,7 +83,7 @@ class Client:
         if self._queued > self.limit:
             self.cut_off()
 
-    def replay(self, events) -> None:
+    def replay(self, events: Sequence[ev.Delivery]) -> None:
         """History: written as fast as the client reads it, never faster."""
         if self.backlog is None:
             self.backlog = deque()
@@ -82,12 +98,18 @@ class Client:
             return
         try:
             while backlog and writer.buffered() < self.limit // 2 and not self.closed:
-                if isinstance(backlog[0], bytes):
-                    writer.write(backlog.popleft())
+                head = backlog[0]
+                if isinstance(head, bytes):
+                    backlog.popleft()
+                    writer.write(head)
                     continue
-                chunk, size = [], 0
-                while backlog and size < REPLAY_CHUNK and not isinstance(backlog[0], bytes):
-                    event = backlog.popleft()
+                chunk: list[ev.Delivery] = []
+                size = 0
+                while backlog and size < REPLAY_CHUNK:
+                    event = backlog[0]
+                    if isinstance(event, bytes):
+                        break
+                    backlog.popleft()
                     chunk.append(event)
                     weight = self.weight(event)
                     size += weight
@@ -135,52 +157,64 @@ class Client:
                            self.writer.buffered())
         self._end(ev.control("error", code="slow_consumer", message=(
             "you fell more than CLIENT_BUFFER_BYTES behind; reconnect with resume_after "
-            "to continue without loss")))
+            "to continue without loss")), CLOSES["slow_consumer"])
 
     def expire(self) -> None:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
         self._end(ev.control("error", code="token_expired",
                              message="your token has expired; reconnect with a fresh one"),
-                  code=frames.POLICY_VIOLATION, reason="token expired")
+                  CLOSES["token_expired"])
 
-    def _end(self, message: bytes, **close) -> None:
-        """Leave the hub, say why in a last message, and close."""
+    def _end(self, message: bytes, close: Close) -> None:
+        """Leave the hub, say why in a last message, and close (a WebSocket with ``close``)."""
         if self.closed:
             return
         self.closed = True
-        if self.on_cut is not None:
-            self.on_cut()
-        self.finish(message, **close)
+        self.on_end(self)
+        self.finish(message, close)
 
-    def weight(self, event) -> int:
+    def weight(self, event: ev.Delivery) -> int:
         """Bytes ``event`` adds to this client's stream."""
         raise NotImplementedError
 
-    def finish(self, message: bytes, **close) -> None:
+    def pack(self, events: Sequence[ev.Delivery]) -> bytes:
+        """The bytes of ``events`` in this client's encoding."""
+        raise NotImplementedError
+
+    def pack_control(self, message: bytes, token: str | None = None) -> bytes:
+        """The bytes of a control message (``token``: the position it tells)."""
+        raise NotImplementedError
+
+    def finish(self, message: bytes, close: Close) -> None:
+        """Send the last ``message`` and close."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """The relay is stopping: close, saying so."""
         raise NotImplementedError
 
 
 class WebSocketClient(Client):
     """A WebSocket (``connection.WebSocketConnection``). Frames are built once per event, shared."""
 
-    __slots__ = ("pinged",)
+    __slots__ = ("_frame", "connection", "pinged")
 
-    def __init__(self, connection, subscription, limit: int, peer: str, deflate: bool = False):
-        super().__init__(connection, subscription, limit, peer)
-        # permessage-deflate clients share the compressed frames, so they are a kind of their own
-        self.kind = "ws-deflate" if deflate else "ws"
-        self.writer = connection
+    def __init__(self, connection: WebSocketConnection, subscription: Subscription, limit: int,
+                 peer: str, *, claims: Claims | None, on_end: Callable[[Client], None],
+                 deflate: bool = False):
+        # permessage-deflate clients share the compressed frames: an encoding of their own
+        super().__init__(connection, "ws-deflate" if deflate else "ws", subscription, limit,
+                         peer, claims, on_end)
+        self.connection = connection
+        self._frame = _DEFLATED_FRAME if deflate else _FRAME
         self.pinged: float | None = None  # when an unanswered ping was sent
         connection.on_pong = self.pong
 
-    def frame(self, event) -> bytes:
-        return event.frame if self.kind == "ws" else event.deflated
+    def weight(self, event: ev.Delivery) -> int:
+        return len(self._frame(event))
 
-    def weight(self, event) -> int:
-        return len(self.frame(event))
-
-    def pack(self, events) -> bytes:
-        return b"".join(map(self.frame, events))
+    def pack(self, events: Sequence[ev.Delivery]) -> bytes:
+        return b"".join(map(self._frame, events))
 
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
         return frames.ws_frame(message)  # uncompressed: RFC 7692 lets each message choose
@@ -194,46 +228,52 @@ class WebSocketClient(Client):
             return
         if self.pinged is not None and now - self.pinged > timeout:
             self.closed = True
-            self.transport.close(frames.NORMAL, "ping timed out")
+            self.connection.close(*CLOSES["ping_timeout"].frame)
             return
         if self.pinged is None:
             self.pinged = now
             with contextlib.suppress(StreamClosedError):
                 self.writer.write(PING_FRAME)
 
-    def finish(self, message: bytes, code: int = frames.TRY_AGAIN_LATER,
-               reason: str = "slow consumer") -> None:
+    def finish(self, message: bytes, close: Close) -> None:
         try:
             if self.writer.buffered() + len(message) <= self.limit + LAST_WORDS_ALLOWANCE:
                 self.writer.write(frames.ws_frame(message))
         except StreamClosedError:
             return
-        self.transport.close(code, reason)
+        self.connection.close(*close.frame)
+
+    def shutdown(self) -> None:
+        self.connection.shutdown()
+
+
+class Response(Protocol):
+    """The HTTP response an event stream is the body of (``handlers.EventsHandler``)."""
+
+    def end_stream(self) -> None: ...
 
 
 class EventStreamClient(Client):
-    """A Server-Sent Events response (``GET /events``)."""
+    """A Server-Sent Events response (``GET /events``), created once its headers are flushed:
+    whether the body goes out in HTTP/1.1 chunks is known by then, and fixed."""
 
-    __slots__ = ("chunked",)
+    __slots__ = ("chunked", "response")
 
-    def __init__(self, handler, subscription, limit: int, peer: str):
-        super().__init__(handler, subscription, limit, peer)  # handler: the EventsHandler
-        self.kind = "sse"
-        self.chunked = False
+    def __init__(self, response: Response, writer: tornado_internals.StreamWriter, chunked: bool,
+                 subscription: Subscription, limit: int, peer: str, *, claims: Claims | None,
+                 on_end: Callable[[Client], None]):
+        super().__init__(writer, "sse-chunked" if chunked else "sse", subscription, limit, peer,
+                         claims, on_end)
+        self.response = response
+        self.chunked = chunked
 
-    def attach(self) -> None:
-        """Call once the response headers are flushed."""
-        self.chunked = wire.http_chunked(self.transport)
-        self.kind = "sse-chunked" if self.chunked else "sse"
-        self.writer = wire.StreamWriter(wire.http_stream(self.transport))
-
-    def weight(self, event) -> int:
+    def weight(self, event: ev.Delivery) -> int:
         return len(event.sse)
 
     def _frame(self, data: bytes) -> bytes:
-        return wire.chunk(data) if self.chunked else data
+        return tornado_internals.chunk(data) if self.chunked else data
 
-    def pack(self, events) -> bytes:
+    def pack(self, events: Sequence[ev.Delivery]) -> bytes:
         return self._frame(b"".join([event.sse for event in events]))
 
     def pack_control(self, message: bytes, token: str | None = None) -> bytes:
@@ -246,11 +286,12 @@ class EventStreamClient(Client):
     def heartbeat(self) -> None:
         self.send(self._frame(b": keep-alive\n\n"))
 
-    def finish(self, message: bytes, **_close) -> None:
+    def finish(self, message: bytes, close: Close) -> None:
         with contextlib.suppress(StreamClosedError):
             self.writer.write(self.pack_control(message))
-        self.transport.end_stream()
+        self.response.end_stream()
         # Like a WebSocket closing handshake: the client may drain what is queued, for a while.
-        stream = self.writer.stream
-        asyncio.get_running_loop().call_later(
-            DRAIN_TIMEOUT, lambda: stream.closed() or stream.close())
+        self.writer.close_within(DRAIN_TIMEOUT)
+
+    def shutdown(self) -> None:
+        self.response.end_stream()

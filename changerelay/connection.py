@@ -19,10 +19,12 @@ import enum
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from tornado.iostream import StreamClosedError
 
 from . import frames
+from .disconnect import CLOSES
 from .protocol import CLOSED, FAILED, OPEN, State, WebSocketProtocol
 
 CLOSE_TIMEOUT = 5.0  # seconds the peer gets to answer our close frame (Tornado's figure)
@@ -33,16 +35,27 @@ SEND_BATCH = 64 * 1024
 # bound keeps what one read costs us bounded.
 RECV_BYTES = 64 * 1024
 _UNLIMITED = 1 << 62
+_A = TypeVar("_A")
+_T = TypeVar("_T")
 
 
 class Writer:
     """The fan-out's write, once for every kind of writer.
 
     A subclass has ``sock``, ``_size`` (bytes accepted but not yet with the kernel),
-    ``_stage`` (true once nothing more may be written), ``_queue(data)`` and ``_broken(exc)``.
+    ``_stage`` (true once nothing more may be written), ``_queue(data)``, ``_broken(exc)``,
+    ``when_drained(callback)`` and ``close_within(seconds)``.
     """
 
     __slots__ = ()
+
+    if TYPE_CHECKING:  # what each subclass supplies, as attributes or properties
+        @property
+        def sock(self) -> socket.socket: ...
+        @property
+        def _size(self) -> int: ...
+        @property
+        def _stage(self) -> int: ...
 
     def buffered(self) -> int:
         """Bytes accepted but not yet handed to the kernel."""
@@ -79,12 +92,20 @@ class Writer:
             self._queue(memoryview(data)[sent:])
         return True
 
-    def _queue(self, data) -> None:
+    def _queue(self, data: bytes | memoryview) -> None:
         """Keep ``data`` to send after what is queued, when the socket can take it."""
         raise NotImplementedError
 
     def _broken(self, exc: OSError) -> None:
         """The socket failed as we wrote to it."""
+        raise NotImplementedError
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything queued is with the kernel."""
+        raise NotImplementedError
+
+    def close_within(self, seconds: float) -> None:
+        """Close in ``seconds`` at the latest, whatever the peer does."""
         raise NotImplementedError
 
 
@@ -104,11 +125,15 @@ class Connection(Writer):
     """
 
     __slots__ = ("_drain", "_out", "_size", "_stage", "_timer", "loop", "on_close", "sock")
+    sock: socket.socket
+    _size: int
+    _stage: _Stage
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None):
         self.sock = sock
         self.loop = loop or asyncio.get_running_loop()
-        self._out: deque | None = None  # only while something waits: an empty deque is 760 B
+        # only while something waits: an empty deque is 760 B
+        self._out: deque[bytes | memoryview] | None = None
         self._size = 0
         self._drain: list[Callable[[], None]] | None = None
         self._stage = _Stage.OPEN
@@ -180,11 +205,12 @@ class Connection(Writer):
             except OSError:
                 self.abort()
 
-    def _queue(self, data) -> None:
-        if not self._size:
+    def _queue(self, data: bytes | memoryview) -> None:
+        out = self._out
+        if out is None:
             self.loop.add_writer(self.sock.fileno(), self._writable)
-            self._out = deque()
-        self._out.append(data)
+            out = self._out = deque()
+        out.append(data)
         self._size += len(data)
 
     def _broken(self, exc: OSError) -> None:
@@ -202,12 +228,8 @@ class Connection(Writer):
                     size += len(part)
                 chunk = b"".join(parts)
                 out.appendleft(chunk)
-            try:
-                sent = self.sock.send(chunk)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.abort()
+            sent = self._attempt(self.sock.send, chunk)
+            if sent is None:
                 return
             self._size -= sent
             if sent < len(chunk):
@@ -227,15 +249,22 @@ class Connection(Writer):
         for callback in callbacks or ():
             callback()
 
+    def _attempt(self, call: Callable[[_A], _T], argument: _A) -> _T | None:
+        """``call(argument)`` on the non-blocking socket; None when the kernel would block, and
+        when the socket failed (it is then aborted)."""
+        try:
+            return call(argument)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            self.abort()
+            return None
+
     # -- reading -------------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.abort()
+        data = self._attempt(self.sock.recv, RECV_BYTES)
+        if data is None:
             return
         if data:
             self.data_received(data)
@@ -323,7 +352,7 @@ class WebSocketConnection(Connection):
 
     def shutdown(self) -> None:
         """The relay is stopping: going away (1001)."""
-        self.close(frames.GOING_AWAY, "server shutting down")
+        self.close(*CLOSES["shutdown"].frame)
 
     def abort(self) -> None:
         super().abort()

@@ -12,10 +12,15 @@ from __future__ import annotations
 import datetime
 import random
 import threading
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 from logzero import logger
 from pymongo import MongoClient
+from pymongo.database import Database
+
+if TYPE_CHECKING:
+    from .primary import TestPrimary
 
 DATABASE = "shop"
 HISTORY = 20_000       # change events the stand-in keeps (its "oplog"): bounded memory
@@ -34,19 +39,21 @@ class Demo:
         self.rate = rate
         self.random = random.Random(seed)
         self._stop = threading.Event()
-        self._primary = None
+        self._primary: TestPrimary | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> str:
         from .primary import TestPrimary  # mockupdb: only the demo needs it at run time
 
-        self._primary = TestPrimary(history_limit=HISTORY).start()
-        self._thread = threading.Thread(target=self._write, name="demo-writer", daemon=True)
+        primary = self._primary = TestPrimary(history_limit=HISTORY).start()
+        uri: str = primary.uri
+        self._thread = threading.Thread(target=self._write, args=(uri,), name="demo-writer",
+                                        daemon=True)
         self._thread.start()
         logger.info("demo: a built-in MongoDB stand-in on %s, written to %.0f times a second "
-                    "(database %r); this is not your MongoDB", self._primary.address, self.rate,
+                    "(database %r); this is not your MongoDB", primary.address, self.rate,
                     DATABASE)
-        return self._primary.uri
+        return uri
 
     def stop(self) -> None:
         self._stop.set()
@@ -55,8 +62,9 @@ class Demo:
         if self._primary is not None:
             self._primary.stop()
 
-    def _write(self) -> None:
-        with MongoClient(self._primary.uri, serverSelectionTimeoutMS=5000) as client:
+    def _write(self, uri: str) -> None:
+        client: MongoClient[dict[str, Any]]
+        with MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
             shop = Shop(client[DATABASE], self.random)
             while not self._stop.wait(self.random.expovariate(self.rate)):
                 try:
@@ -69,7 +77,7 @@ class Shop:
     """One change per ``step()``, chosen so that the collections stay small and every operation
     type keeps appearing."""
 
-    def __init__(self, db, rng: random.Random):
+    def __init__(self, db: Database[dict[str, Any]], rng: random.Random):
         self.orders = db.orders
         self.customers = db.customers
         self.random = rng
@@ -91,7 +99,7 @@ class Shop:
 
     def new_customer(self) -> None:
         name = self.random.choice(NAMES)
-        customer = {
+        customer: dict[str, Any] = {
             "_id": ObjectId(), "name": name, "email": f"{name.lower()}@example.com",
             "address": {"city": self.random.choice(CITIES),
                         "zip": f"{self.random.randrange(10**4, 10**5)}"},
@@ -102,12 +110,14 @@ class Shop:
         self.customer_ids.append(customer["_id"])
 
     def new_order(self) -> None:
-        items = [{"product": product, "price": price, "qty": self.random.randint(1, 3)}
-                 for product, price in self.random.sample(PRODUCTS, self.random.randint(1, 3))]
-        order = {
+        picked = [(product, price, self.random.randint(1, 3))
+                  for product, price in self.random.sample(PRODUCTS, self.random.randint(1, 3))]
+        order: dict[str, Any] = {
             "_id": ObjectId(), "customer": self.random.choice(self.customer_ids),
-            "status": "new", "items": items,
-            "total": round(sum(i["price"] * i["qty"] for i in items), 2), "placed": _now(),
+            "status": "new",
+            "items": [{"product": product, "price": price, "qty": qty}
+                      for product, price, qty in picked],
+            "total": round(sum(price * qty for _, price, qty in picked), 2), "placed": _now(),
         }
         self.orders.insert_one(order)
         self.order_ids.append(order["_id"])
@@ -117,7 +127,7 @@ class Shop:
         order = self.orders.find_one({"_id": order_id}) or {}
         status = order.get("status", "new")
         following = STATUSES[min(STATUSES.index(status) + 1, len(STATUSES) - 1)]
-        update: dict = {"$set": {"status": following, f"history.{following}": _now()}}
+        update: dict[str, Any] = {"$set": {"status": following, f"history.{following}": _now()}}
         if following == "shipped":
             update["$set"]["tracking"] = {"carrier": "DHL",
                                           "code": f"JD{self.random.randrange(10**9)}"}

@@ -6,10 +6,12 @@ ever shipped — a page that keeps retrying a refused filter loads the relay for
 that gives up on a restart loses its user. Modelled on centrifuge's disconnect table
 (``disconnect.go``: a code, a reason and whether to reconnect, per cause).
 
-Three places carry it and ``tests/test_disconnect.py`` fails when they differ: this module (and
-the code that closes and refuses: every ``SubscriptionError`` code and every close the package
-sends must be listed here), ``DISCONNECTS`` in ``static/changerelay.js`` (the page's ``app.js``
-imports it from there), and the "Close codes and refusals" tables in ``README.md``.
+The code takes its closes and refusals from here: a client is closed for a cause
+(``CLOSES["slow_consumer"]``), and an ``admission.Refusal`` is answered with the status its
+``error`` is listed under. ``tests/test_disconnect.py`` fails when the places that carry the table
+differ: this module and the code (every refusal raised is listed, every close is a cause here),
+``DISCONNECTS`` in ``static/changerelay.js`` (the page's ``app.js`` imports it from there), and
+the "Close codes and refusals" tables in ``README.md``.
 
 To add a cause: add it to ``CLOSES`` (a WebSocket close) or to a status's ``errors`` in
 ``REFUSALS`` (a handshake refusal), then the same entry to ``DISCONNECTS`` in
@@ -42,9 +44,14 @@ class Close:
     retry: Retry
     meaning: str
 
+    @property
+    def frame(self) -> tuple[int, str]:
+        """``(code, reason)`` of the close frame that ends a connection for this cause."""
+        return self.code, self.reason or ""
+
 
 @dataclass(frozen=True)
-class Refusal:
+class Refused:
     """A handshake refused with an HTTP status and a JSON body ``{"error": …, "message": …}``.
 
     Browsers do not show a refused WebSocket's status: a client learns it by fetching the same
@@ -87,28 +94,32 @@ CLOSES: dict[str, Close] = {
         "the client fell CLIENT_BUFFER_BYTES behind; after an error frame slow_consumer"),
 }
 
-REFUSALS: dict[int, Refusal] = {
-    400: Refusal(Retry.NO, (
+REFUSALS: dict[int, Refused] = {
+    400: Refused(Retry.NO, (
         "unknown_parameter", "repeated_parameter", "invalid_ns", "ns_outside_scope",
         "invalid_ops", "unknown_operation_type", "invalid_json", "invalid_filter",
         "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long", "regex_too_complex",
         "filter_too_large", "filter_too_deep", "filter_too_complex", "invalid_resume_after",
         "invalid_encoding", "websocket_required", "bad_handshake",
     ), "the request is wrong; the message says what to change"),
-    401: Refusal(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
+    401: Refused(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
-    403: Refusal(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images"),
+    403: Refused(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images"),
                  "not allowed: this page's origin, namespaces outside the token's ns claim, or a "
                  "row rule this relay cannot decide (no post-images)"),
-    404: Refusal(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
-    413: Refusal(Retry.NO, (), "too large; not answered yet (the request-size limits will)"),
-    414: Refusal(Retry.NO, ("query_too_large",), "the query string is over 512 KiB"),
-    421: Refusal(Retry.NO, ("host_not_allowed",), "a Host the relay does not answer to"),
-    426: Refusal(Retry.NO, ("unsupported_websocket_version",),
+    404: Refused(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
+    413: Refused(Retry.NO, (), "too large; not answered yet (the request-size limits will)"),
+    414: Refused(Retry.NO, ("query_too_large",), "the query string is over 512 KiB"),
+    421: Refused(Retry.NO, ("host_not_allowed",), "a Host the relay does not answer to"),
+    426: Refused(Retry.NO, ("unsupported_websocket_version",),
                  "a WebSocket version other than 13"),
-    429: Refusal(Retry.BACKOFF, ("too_many_connections_from_address",),
+    429: Refused(Retry.BACKOFF, ("too_many_connections_from_address",),
                  "MAX_CONNECTIONS_PER_IP reached: retry once a connection of this address ends"),
-    431: Refusal(Retry.NO, (), "headers too large; not answered yet (the header limits will)"),
-    503: Refusal(Retry.BACKOFF, ("too_many_connections",),
+    431: Refused(Retry.NO, (), "headers too large; not answered yet (the header limits will)"),
+    503: Refused(Retry.BACKOFF, ("too_many_connections",),
                  "MAX_CONNECTIONS reached: retry later, or on another relay"),
 }
+
+# The status each refusal is answered with: ``admission.Refusal`` takes it from here.
+STATUS_OF: dict[str, int] = {error: status for status, refusal in REFUSALS.items()
+                             for error in refusal.errors}

@@ -9,6 +9,7 @@ then only moves bytes.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from bson import json_util
 
@@ -16,6 +17,7 @@ from .frames import deflate as _deflate
 from .frames import ws_frame
 
 _RELAXED = json_util.RELAXED_JSON_OPTIONS
+Change = dict[str, Any]  # a change event document, as MongoDB delivered it
 
 
 class Event:
@@ -29,15 +31,15 @@ class Event:
     __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "ns",
                  "op", "token")
 
-    def __init__(self, change: dict, data: bytes, token: str, deflate: bool = False):
+    def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
         self.change = change
         self.token = token
         self.op = change.get("operationType", "")
         ns = change.get("ns") or {}
-        self.ns = (ns.get("db"), ns.get("coll"))
+        self.ns: tuple[str | None, str | None] = (ns.get("db"), ns.get("coll"))
         self.frame = ws_frame(data)
         self._header = len(self.frame) - len(data)
-        self._sse = None
+        self._sse: bytes | None = None
         self._deflated = _deflated_frame(data) if deflate else None
         self._entered: Event | None = None
         self._leave: Leave | None = None
@@ -85,7 +87,7 @@ class Event:
         record, the variants for row rules — is not counted."""
         return 2 * len(self.frame) + (len(self._deflated) if self._deflated else 0)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Event {self.op} {self.ns} {self.token[:24]}…>"
 
 
@@ -115,7 +117,11 @@ class Leave:
         return self.frame
 
 
-def encode_change(change: dict, deflate: bool = False) -> Event:
+# What a client is sent in an event's place: the event itself, or a ``leave`` (see ``rows.py``).
+Delivery = Event | Leave
+
+
+def encode_change(change: Change, deflate: bool = False) -> Event:
     """Encode a change event document as MongoDB delivered it (after the pipeline).
 
     With ``deflate`` (WS_COMPRESSION) the compressed frame is built now, so that the event's
@@ -130,7 +136,7 @@ def _deflated_frame(data: bytes) -> bytes:
     return ws_frame(_deflate(data), compressed=True)
 
 
-def token_hex(resume_token) -> str:
+def token_hex(resume_token: Any) -> str:
     """The ``_data`` string of a resume token document, or ValueError if it has none."""
     try:
         data = resume_token["_data"]
@@ -141,12 +147,17 @@ def token_hex(resume_token) -> str:
     return data
 
 
-def control(type_: str, **fields) -> bytes:
+def control(type_: str, **fields: object) -> bytes:
     """A control message: a JSON object with ``type`` and no ``operationType``."""
     return json.dumps({"type": type_, **fields}, separators=(",", ":")).encode()
 
 
 MAX_TOKEN_LENGTH = 4096
+# MongoDB's v1 resume tokens are KeyStrings that begin with the event's cluster time: the type
+# byte 0x82 (Timestamp), then eight big-endian bytes, seconds first — 18 hex digits.
+TIMESTAMP_TYPE = "82"
+SECONDS = slice(2, 10)
+CLUSTER_TIME_DIGITS = 18
 
 
 def parse_token(text: str) -> str:
@@ -162,7 +173,7 @@ def parse_token(text: str) -> str:
         raise ValueError(
             "resume_after must be the hex string from an event's _id._data (or a position "
             "message's resume_after), e.g. 8263A1B2C3000000012B0229296E04")
-    if len(text) < 18 or text[:2] != "82":
+    if len(text) < CLUSTER_TIME_DIGITS or text[:2] != TIMESTAMP_TYPE:
         raise ValueError(
             "resume_after is not a MongoDB resume token (those start with 82 and a cluster "
             "time); give the _id._data of an event this relay sent")
@@ -170,9 +181,5 @@ def parse_token(text: str) -> str:
 
 
 def token_seconds(token: str) -> int:
-    """The cluster time, in seconds, at the start of a resume token.
-
-    MongoDB's v1 tokens are KeyStrings that begin with the event's cluster time: the type byte
-    0x82 (Timestamp) and eight big-endian bytes, seconds first.
-    """
-    return int(token[2:10], 16)
+    """The cluster time, in seconds, at the start of a resume token."""
+    return int(token[SECONDS], 16)

@@ -16,6 +16,7 @@ See ``docs/filters.md`` for the language reference.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import operator as _operator
@@ -29,7 +30,8 @@ from typing import Any
 from bson import json_util
 from bson.binary import Binary
 from bson.code import Code
-from bson.datetime_ms import DatetimeConversion, DatetimeMS
+from bson.codec_options import DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 from bson.dbref import DBRef
 from bson.decimal128 import Decimal128
 from bson.int64 import Int64
@@ -246,7 +248,7 @@ _MILLISECOND = timedelta(milliseconds=1)
 
 
 def _sign(a: Any, b: Any) -> int:
-    return (a > b) - (a < b)
+    return int(a > b) - int(a < b)
 
 
 def _number(value: Any) -> int | float | Decimal:
@@ -284,7 +286,7 @@ def _binary_key(value: Any) -> tuple[int, int, bytes]:
     return (len(value), subtype, bytes(value))
 
 
-def _regex_parts(value: Regex | re.Pattern) -> tuple[str, str]:
+def _regex_parts(value: Regex[Any] | re.Pattern[str]) -> tuple[str, str]:
     pattern = value.pattern
     if isinstance(pattern, bytes):
         pattern = pattern.decode("utf-8", "replace")
@@ -335,7 +337,7 @@ def _compare(a: Any, b: Any) -> int:
     return 0  # MinKey, MaxKey, null, missing: one value each
 
 
-def _compare_sequences(a: Iterable, b: Iterable, *, named: bool) -> int:
+def _compare_sequences(a: Iterable[Any], b: Iterable[Any], *, named: bool) -> int:
     # BSONObj::woCompare: element by element, canonical type first, then field name,
     # then value; a prefix sorts first.  Field order therefore matters for documents.
     a, b = list(a), list(b)
@@ -360,7 +362,7 @@ def _compare_sequences(a: Iterable, b: Iterable, *, named: bool) -> int:
 
 
 def _collect(
-    document: dict, parts: tuple[str, ...], start: int, out: list, budget: _Budget
+    document: dict[str, Any], parts: tuple[str, ...], start: int, out: list[Any], budget: _Budget
 ) -> None:
     """Append the values ``parts[start:]`` reaches in ``document``, as MongoDB would.
 
@@ -394,7 +396,7 @@ def _collect(
 
 
 def _collect_array(
-    array: list, parts: tuple[str, ...], start: int, out: list, budget: _Budget
+    array: list[Any], parts: tuple[str, ...], start: int, out: list[Any], budget: _Budget
 ) -> None:
     # Every element is a step, and a document element (which _collect walks into) three more;
     # a numeric segment reads one element twice (as a field and by position), so nested ones
@@ -503,7 +505,7 @@ def _value(value: Any) -> Any:
     return value
 
 
-def _regex_literal(value: dict) -> Regex:
+def _regex_literal(value: dict[str, Any]) -> Regex[Any]:
     """Legacy ``{"$regex", "$options"}`` or canonical ``$regularExpression`` as a value."""
     if "$regularExpression" in value:
         inner = value["$regularExpression"]
@@ -533,7 +535,7 @@ def _regex_literal(value: dict) -> Regex:
 # Compilation
 # ---------------------------------------------------------------------------------------
 
-Predicate = Callable[[dict], bool]
+Predicate = Callable[[dict[str, Any]], bool]
 Test = Callable[[Any], bool]
 
 
@@ -547,13 +549,13 @@ def _any(parts: tuple[str, ...], test: Test, weight: int, budget: _Budget) -> Pr
     *head, last = parts
     charge = budget.charge
 
-    def read(event: dict) -> list:
-        out: list = []
+    def read(event: dict[str, Any]) -> list[Any]:
+        out: list[Any] = []
         _collect(event, parts, 0, out, budget)  # the arrays on the way charge for themselves
         charge(len(out) * weight)
         return out
 
-    def predicate(event: dict) -> bool:
+    def predicate(event: dict[str, Any]) -> bool:
         document = event
         for part in head:
             value = document.get(part, MISSING)
@@ -616,13 +618,13 @@ def _comparison(operator: str, operand: Any) -> Test:
     def fast_test(value: Any) -> bool:
         # Exact str/int/float only: bool, Int64, Code and friends take the general path.
         if type(value) in fast_types:
-            return compare(value, operand)
+            return bool(compare(value, operand))
         return test(value)
 
     return fast_test
 
 
-def _regex_test(literal: Regex, budget: _Budget) -> Test:
+def _regex_test(literal: Regex[Any], budget: _Budget) -> Test:
     parts = _regex_parts(literal)
     budget.regexes += 1
     if budget.regexes > MAX_REGEXES:
@@ -650,7 +652,7 @@ def _plain_scalar(item: Any) -> bool:
     return type(item) in (str, int, float) and item == item
 
 
-def _in_test(operands: list, budget: _Budget) -> tuple[Test, int]:
+def _in_test(operands: list[Any], budget: _Budget) -> tuple[Test, int]:
     """The test, and its weight: one step, and the operands a value may be compared with."""
     # Exact str/int/float operands go in a set: hashing agrees with BSON equality there
     # (1 == 1.0), and bool values never reach it.  NaN would not find itself, so it
@@ -697,11 +699,11 @@ def all_of(predicates: list[Predicate]) -> Predicate:
 
 
 def _operator_document(
-    path: str, parts: tuple, spec: dict, budget: _Budget
-) -> tuple[Predicate, dict]:
+    path: str, parts: tuple[str, ...], spec: dict[str, Any], budget: _Budget
+) -> tuple[Predicate, dict[str, Any]]:
     """Compile ``{"$gt": 1, "$lt": 5}`` for one path; each operator traverses on its own."""
     predicates: list[Predicate] = []
-    normal: dict = {}
+    normal: dict[str, Any] = {}
     if "$options" in spec and "$regex" not in spec:
         raise FilterError("invalid_filter", f"$options on {path!r} needs a $regex next to it")
     for operator, operand in spec.items():
@@ -783,7 +785,7 @@ def _unknown(operator: str, allowed: Iterable[str], where: str = "on a field") -
     )
 
 
-def _field(path: str, condition: Any, budget: _Budget) -> tuple[Predicate, dict]:
+def _field(path: str, condition: Any, budget: _Budget) -> tuple[Predicate, dict[str, Any]]:
     parts = tuple(_check_path(path).split("."))
     if isinstance(condition, dict) and condition:
         keys = list(condition)
@@ -803,13 +805,13 @@ def _field(path: str, condition: Any, budget: _Budget) -> tuple[Predicate, dict]
     return _any(parts, _comparison("$eq", value), _weight(value), budget), {"$eq": value}
 
 
-def _filter(spec: Any, budget: _Budget) -> tuple[Predicate, dict]:
+def _filter(spec: Any, budget: _Budget) -> tuple[Predicate, dict[str, Any]]:
     if not isinstance(spec, dict):
         raise FilterError(
             "invalid_filter", f"a filter must be a JSON object, not {type(spec).__name__}"
         )
     predicates: list[Predicate] = []
-    normal: dict = {}
+    normal: dict[str, Any] = {}
     for key, condition in spec.items():
         if not isinstance(key, str):
             raise FilterError("invalid_filter", f"filter keys must be strings, not {key!r}")
@@ -873,14 +875,14 @@ class Filter:
 
     __slots__ = ("key", "predicate", "spec")
 
-    def __init__(self, predicate: Predicate, spec: dict) -> None:
+    def __init__(self, predicate: Predicate, spec: dict[str, Any]) -> None:
         self.predicate = predicate
         self.spec = spec
         self.key = json_util.dumps(
             spec, json_options=_KEY_OPTIONS, separators=(",", ":"), ensure_ascii=False
         )
 
-    def __call__(self, event: dict) -> bool:
+    def __call__(self, event: dict[str, Any]) -> bool:
         return self.predicate(event)
 
     def __eq__(self, other: object) -> bool:
@@ -893,7 +895,7 @@ class Filter:
         return f"Filter({self.key})"
 
 
-def compile_filter(spec: dict) -> Filter:
+def compile_filter(spec: dict[str, Any]) -> Filter:
     """Compile an already-decoded filter document, such as a JWT claim.
 
     Extended JSON wrappers (``{"$oid": ...}``) are decoded here too, so a rule written as
@@ -915,7 +917,7 @@ def _compile(spec: Any) -> Filter:
 def _within(budget: _Budget, predicate: Predicate) -> Predicate:
     """``predicate`` with its budget renewed for each event, and False once that runs out."""
 
-    def evaluate(event: dict) -> bool:
+    def evaluate(event: dict[str, Any]) -> bool:
         budget.spent = 0
         budget.allowance = BUDGET_STEPS
         budget.event = event
@@ -953,11 +955,11 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     document = dict(pairs)
     if len(document) != len(pairs):
-        seen: set = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        counts = collections.Counter(key for key, _ in pairs)
+        duplicate = next(key for key, _ in pairs if counts[key] > 1)
         raise FilterError(
             "invalid_filter", f"key {duplicate!r} appears twice; combine the conditions"
         )

@@ -18,11 +18,13 @@ CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA = (TEXT, BINARY)
 _CONTROL = (CLOSE, PING, PONG)
 
-NORMAL, GOING_AWAY, PROTOCOL_ERROR, INVALID_DATA = 1000, 1001, 1002, 1007
-POLICY_VIOLATION, MESSAGE_TOO_BIG, TRY_AGAIN_LATER = 1008, 1009, 1013
+# Close codes this module sends for a broken protocol; why else a connection is closed, and with
+# which code, is disconnect.CLOSES.
+NORMAL, PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG = 1000, 1002, 1007, 1009
 # Close codes an endpoint may send (RFC 6455 §7.4, IANA registry); 1005/1006/1015 never travel.
 _SENDABLE = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 
+MAX_CONTROL_PAYLOAD = 125  # bytes a control frame may carry (RFC 6455 §5.5)
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 DEFLATE_RESPONSE = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
@@ -117,7 +119,8 @@ def deflate(data: bytes) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame; the reason is cut to fit the 125 bytes a control frame may carry."""
-    cut = reason.encode()[:123].decode("utf-8", "ignore")  # whole characters: it must be UTF-8
+    # After the two bytes of the code; whole characters, since it must be UTF-8.
+    cut = reason.encode()[:MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
     payload = struct.pack("!H", code) + cut.encode()
     return ws_frame(payload, CLOSE)
 
@@ -197,7 +200,8 @@ class FrameReader:
         self._message, self._size = None, 0
         return opcode, self._complete(opcode, compressed, b"".join(parts))
 
-    def _frame(self, buffer: bytes, offset: int):
+    def _frame(self, buffer: bytes,
+               offset: int) -> tuple[int, int, bool, int, bytes] | None:
         """The next whole frame at ``offset``, or None if it has not all arrived."""
         available = len(buffer) - offset
         if available < 2:
@@ -215,7 +219,7 @@ class FrameReader:
         if opcode in _CONTROL:
             if not fin:
                 raise ProtocolError(PROTOCOL_ERROR, "fragmented control frame")
-            if length > 125:
+            if length > MAX_CONTROL_PAYLOAD:
                 raise ProtocolError(PROTOCOL_ERROR, "control frame longer than 125 bytes")
         elif length == 126:
             if available < 4:
@@ -262,7 +266,7 @@ def _check_control(opcode: int, payload: bytes) -> bytes:
     if len(payload) == 1:
         raise ProtocolError(PROTOCOL_ERROR, "close frame with a one-byte payload")
     code = close_code(payload)
-    if code not in _SENDABLE and not 3000 <= code <= 4999:
+    if code is None or (code not in _SENDABLE and not 3000 <= code <= 4999):
         raise ProtocolError(PROTOCOL_ERROR, f"invalid close code {code}")
     try:
         payload[2:].decode("utf-8")

@@ -1,4 +1,5 @@
-"""HTTP and WebSocket handlers. They stay thin: parse, admit, hand the client to the relay.
+"""HTTP and WebSocket handlers. They stay thin: admit (``admission``), hand the client to the
+relay.
 
 Every refusal happens before the WebSocket upgrade or the first SSE byte, with an HTTP status and a
 JSON body ``{"error": code, "message": fix}``, so a bad client costs one response and nothing else.
@@ -9,46 +10,71 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from typing import TYPE_CHECKING, NamedTuple
 
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from . import admission, clients, frames, wire
+from . import admission, clients, frames
+from .admission import Refusal
 from .connection import WebSocketConnection
 from .protocol import WebSocketProtocol
-from .subscription import SubscriptionError, parse_resume
+from .subscription import Subscription, parse_resume
+from .tornado_internals import StreamWriter, http_chunked, http_stream, take_socket
+
+if TYPE_CHECKING:
+    from .app import Relay
+    from .auth import Claims
 
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
-# Tornado drops a request whose headers exceed its limit without answering; we let it read up to
-# MAX_HEADER_BYTES (set on the server) so that an oversized query gets a JSON 414 instead.
-MAX_QUERY_BYTES = 512 * 1024
+# Milliseconds EventSource waits before it reconnects (its own default is the browser's choice).
+SSE_RETRY_MS = 1000
+# Tornado drops a request whose headers exceed its limit without answering; the server reads up
+# to this much so that an oversized query gets admission's JSON 414 (MAX_QUERY_BYTES) instead.
 MAX_HEADER_BYTES = 2 * 1024 * 1024
 
 
-class HostCheckedMixin:
+class Admitted(NamedTuple):
+    subscription: Subscription
+    resume_after: str | None
+    claims: Claims | None  # None without auth
+    slot: admission.Slot
+
+
+class RelayHandler(web.RequestHandler):
+    """A handler of the relay, which its route hands in (``app.make_app``)."""
+
+    def initialize(self, relay: Relay) -> None:
+        self.relay = relay
+
+
+class HostChecked(RelayHandler):
     """Every route a browser can be sent to — the page, static files, both transports — answers
     only to the names the relay is reached by (``admission.check_host``), before anything else.
     The probes do not: they are sent to the pod's IP."""
 
-    def prepare(self):
-        relay = self.application.relay
+    peer: str                             # the client's address, behind trusted proxies
+    served: admission.Origin | None       # the origin of this relay's pages, as asked for
+
+    def prepare(self) -> None:
+        relay = self.relay
         self.peer, scheme = admission.forwarded(self.request, relay.config.trusted_proxies)
         self.served = admission.served_origin(self.request.headers.get("Host"), scheme)
         try:
             admission.check_host(self.served, relay.hosts)
-        except SubscriptionError as exc:
+        except Refusal as exc:
             self.refuse(exc)  # finished: Tornado calls no get()
 
     def allow_origin(self) -> None:
         """Refuse (403) a page whose origin may not connect; let an allowed one read the
         answer across origins."""
         origin = self.request.headers.get("Origin")
-        admission.check_origin(origin, self.served, self.application.relay.config.allowed_origins)
+        admission.check_origin(origin, self.served, self.relay.config.allowed_origins)
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Vary", "Origin")
 
-    def refuse(self, exc: SubscriptionError) -> None:
+    def refuse(self, exc: Refusal) -> None:
         self.set_status(exc.status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
@@ -57,36 +83,33 @@ class HostCheckedMixin:
         self.finish(exc.body())
 
 
-class RelayHandlerMixin(HostCheckedMixin):
-    """Admission shared by both transports: Host, origin, auth, limits, subscription."""
+class Transport(HostChecked):
+    """Admission for both transports, once per handshake, in ``admission``'s order."""
 
-    def admit(self):
-        """Return ``(subscription, resume_after, claims)`` or raise SubscriptionError."""
-        relay = self.application.relay
-        if len(self.request.query) > MAX_QUERY_BYTES:
-            raise SubscriptionError(
-                "query_too_large", f"the query string is over {MAX_QUERY_BYTES // 1024} KiB; "
-                "filters are limited to 4 KiB", status=414)
-        self.allow_origin()  # then fetch() and EventSource may read the answer, refusals too
-        claims = relay.authenticate(self.request)
-        arguments = {
-            name: [value.decode("utf-8", "strict") for value in values]
-            for name, values in self.request.query_arguments.items()
-        }
-        return (*relay.subscription_for(arguments, claims), claims)
+    # /events: EventSource sends the id of the last event it saw when it reconnects.
+    resumes_from_last_event_id = False
 
-    def admitted(self):
+    def admitted(self) -> Admitted | None:
+        """The client's subscription, start, claims and connection slot; None once refused."""
+        relay = self.relay
+        request = self.request
         try:
-            return self.admit()
-        except SubscriptionError as exc:
+            admission.check_query_size(request.query)
+            self.allow_origin()  # then fetch() and EventSource may read the answer, refusals too
+            claims = relay.authenticate(request)
+            values = admission.query_values(request.query_arguments)
+            subscription, resume_after = relay.subscription_for(values, claims)
+            last_event_id = request.headers.get("Last-Event-ID")
+            if self.resumes_from_last_event_id and last_event_id and resume_after is None:
+                resume_after = parse_resume(last_event_id)
+            slot = relay.connections.acquire(self.peer)
+        except Refusal as exc:
             self.refuse(exc)
-        except UnicodeDecodeError:
-            self.refuse(SubscriptionError(
-                "invalid_encoding", "the query string is not valid UTF-8 after percent-decoding"))
-        return None
+            return None
+        return Admitted(subscription, resume_after, claims, slot)
 
 
-class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
+class ChangesHandler(Transport):
     """``/socket``: one WebSocket per client; every change event is one text frame.
 
     The handshake is answered here; then the socket leaves Tornado for a ``WebSocketConnection``
@@ -98,19 +121,14 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
     would be admitted — without taking a connection.
     """
 
-    def get(self):
+    def get(self) -> None:
         admitted = self.admitted()  # first, so that curl shows what is wrong with a query
         if admitted is None:
             return
-        subscription, resume_after, claims = admitted
-        relay = self.application.relay
-        try:
-            slot = relay.connections.acquire(self.peer)
-        except SubscriptionError as exc:
-            self.refuse(exc)
-            return
+        subscription, resume_after, claims, slot = admitted
+        relay = self.relay
         if "Upgrade" not in self.request.headers:
-            relay.connections.release(slot)
+            slot.release()
             self.set_status(204)
             self.set_header("Cache-Control", "no-store")
             self.finish()
@@ -124,113 +142,102 @@ class ChangesHandler(RelayHandlerMixin, web.RequestHandler):
             if extensions:
                 self.set_header("Sec-WebSocket-Extensions", extensions)
             self.finish()
-            sock, unread, unwritten = wire.take_socket(self.detach())
-        except SubscriptionError as exc:
-            relay.connections.release(slot)
+            sock, unread, unwritten = take_socket(self.detach())
+        except Refusal as exc:
+            slot.release()
             self.refuse(exc)
             return
         except StreamClosedError:
-            relay.connections.release(slot)
+            slot.release()
             return
         deflate = extensions is not None
         connection = WebSocketConnection(sock, WebSocketProtocol(MAX_INBOUND_MESSAGE, deflate))
         client = clients.WebSocketClient(
-            connection, subscription, relay.config.client_buffer_bytes, self.peer, deflate)
+            connection, subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
+            on_end=relay.detach, deflate=deflate)
 
-        def lost():
+        def lost() -> None:
             relay.detach(client)
-            relay.connections.release(slot)
+            slot.release()
 
         connection.on_close = lost
         connection.start(unwritten, unread)
-        relay.attach(client, resume_after, claims)
+        relay.attach(client, resume_after)
 
     def handshake(self, compression: bool) -> tuple[str, str | None]:
-        """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; SubscriptionError if the
+        """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; a Refusal if the
         request is not a WebSocket handshake we can answer (RFC 6455 §4.2.1)."""
         headers = self.request.headers
         if headers.get("Upgrade", "").lower() != "websocket":
-            raise SubscriptionError(
+            raise Refusal(
                 "websocket_required", "/socket speaks WebSocket: connect with a WebSocket "
-                "client (ws:// or wss://), or use /events for Server-Sent Events", status=400)
+                "client (ws:// or wss://), or use /events for Server-Sent Events")
         connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
         if "upgrade" not in connection or self.request.version != "HTTP/1.1":
-            raise SubscriptionError(
+            raise Refusal(
                 "bad_handshake", "a WebSocket handshake is an HTTP/1.1 GET with "
-                "'Connection: Upgrade' and 'Upgrade: websocket'", status=400)
+                "'Connection: Upgrade' and 'Upgrade: websocket'")
         if headers.get("Sec-WebSocket-Version") != "13":
             self.set_header("Sec-WebSocket-Version", "13")
-            raise SubscriptionError(
+            raise Refusal(
                 "unsupported_websocket_version", "this relay speaks WebSocket version 13 "
-                "(RFC 6455); send 'Sec-WebSocket-Version: 13'", status=426)
+                "(RFC 6455); send 'Sec-WebSocket-Version: 13'")
         accept = frames.accept_key(headers.get("Sec-WebSocket-Key", ""))
         if accept is None:
-            raise SubscriptionError(
-                "bad_handshake", "Sec-WebSocket-Key must be the base64 of 16 random bytes",
-                status=400)
+            raise Refusal(
+                "bad_handshake", "Sec-WebSocket-Key must be the base64 of 16 random bytes")
         offers = ", ".join(headers.get_list("Sec-WebSocket-Extensions"))
         return accept, frames.negotiate_deflate(offers) if compression else None
 
 
-class EventsHandler(RelayHandlerMixin, web.RequestHandler):
+class EventsHandler(Transport):
     """``/events``: the same stream as Server-Sent Events."""
 
-    async def get(self):
+    resumes_from_last_event_id = True
+    _done: asyncio.Future[None] | None = None  # resolved when the stream is to end
+
+    async def get(self) -> None:
         admitted = self.admitted()
         if admitted is None:
             return
-        subscription, resume_after, claims = admitted
-        last_event_id = self.request.headers.get("Last-Event-ID")
-        relay = self.application.relay
-        if last_event_id and resume_after is None:
-            try:
-                resume_after = parse_resume(last_event_id)
-            except SubscriptionError as exc:
-                self.refuse(exc)
-                return
-        try:
-            slot = relay.connections.acquire(self.peer)
-        except SubscriptionError as exc:
-            self.refuse(exc)
-            return
-        self._done = asyncio.get_running_loop().create_future()
+        subscription, resume_after, claims, slot = admitted
+        relay = self.relay
+        done = self._done = asyncio.get_running_loop().create_future()
+        client = None
         try:
             self.set_header("Content-Type", "text/event-stream; charset=utf-8")
             self.set_header("Cache-Control", "no-store")
             self.set_header("X-Accel-Buffering", "no")
             self.set_header("Connection", "close")  # one stream per connection, ended by us
-            self.write(b"retry: 1000\n\n")
+            self.write(b"retry: %d\n\n" % SSE_RETRY_MS)
             await self.flush()
-            self.client = clients.EventStreamClient(
-                self, subscription, relay.config.client_buffer_bytes, self.peer)
-            self.client.attach()
-            relay.attach(self.client, resume_after, claims)
-            await self._done
+            client = clients.EventStreamClient(
+                self, StreamWriter(http_stream(self)), http_chunked(self),
+                subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
+                on_end=relay.detach)
+            relay.attach(client, resume_after)
+            await done
         finally:
-            client = getattr(self, "client", None)
             if client is not None:
                 client.closed = True
                 relay.detach(client)
-            relay.connections.release(slot)
+            slot.release()
         if not self._finished:
             self.finish()
 
-    def on_connection_close(self):
+    def on_connection_close(self) -> None:
         self.end_stream()
 
     def end_stream(self) -> None:
-        done = getattr(self, "_done", None)
+        done = self._done
         if done is not None and not done.done():
             done.set_result(None)
 
-    def shutdown(self) -> None:
-        self.end_stream()
 
-
-class WebpageHandler(HostCheckedMixin, web.RequestHandler):
+class WebpageHandler(HostChecked):
     """``/``: the live page. Scripts come only from /static, so the CSP can forbid the rest."""
 
-    def set_default_headers(self):
+    def set_default_headers(self) -> None:
         host = self.request.host
         self.set_header(
             "Content-Security-Policy",
@@ -241,41 +248,46 @@ class WebpageHandler(HostCheckedMixin, web.RequestHandler):
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("X-Frame-Options", "DENY")
 
-    def get(self):
-        config = self.application.relay.config
+    def get(self) -> None:
+        config = self.relay.config
         self.render("index.html", watch_db=config.watch_db,
                     watch_collection=config.watch_collection, demo=config.demo)
 
-    def head(self):
+    def head(self) -> None:
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         self.finish()
 
 
-class StaticHandler(HostCheckedMixin, web.StaticFileHandler):
+class StaticHandler(HostChecked, web.StaticFileHandler):
     """``/static/…``: the page's scripts, under the same Host check as the page. A page on an
     allowed origin may import ``changerelay.js`` from here: ES modules load with CORS."""
 
-    def prepare(self):
+    def initialize(self, relay: Relay, path: str,  # type: ignore[override]
+                   default_filename: str | None = None) -> None:
+        self.relay = relay
+        web.StaticFileHandler.initialize(self, path, default_filename)
+
+    def prepare(self) -> None:
         super().prepare()
         if not self._finished:
-            with contextlib.suppress(SubscriptionError):  # no header: the browser refuses it
+            with contextlib.suppress(Refusal):  # no header: the browser refuses it
                 self.allow_origin()
 
 
 class HealthHandler(web.RequestHandler):
     """``/healthz``: the process serves. Liveness only; MongoDB's state is /readyz's business."""
 
-    def get(self):
+    def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"status": "ok"}))
 
 
-class ReadyHandler(web.RequestHandler):
+class ReadyHandler(RelayHandler):
     """``/readyz``: 200 while the change stream is open, 503 naming the reason otherwise."""
 
-    def get(self):
-        relay = self.application.relay
+    def get(self) -> None:
+        relay = self.relay
         body = relay.status()
         self.set_status(200 if relay.source.ready else 503)
         self.set_header("Content-Type", "application/json")

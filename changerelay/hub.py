@@ -24,39 +24,48 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import events as ev
-from .events import Event
+from .events import Delivery, Event
+
+if TYPE_CHECKING:
+    from .subscription import Subscription
 
 # How far (seconds of cluster time) a resume point may be ahead of our newest event and still
 # be taken as coming from a relay that is just a little ahead of this one; further is refused.
 AHEAD_WINDOW = 60
+# Evicted events stay at the front of the log's lists until this many have gone (and they are
+# more than half the list): deleting a list's head moves all the rest, so it is done rarely.
+COMPACT_AFTER = 4096
 
 
 class Subscriber(Protocol):
-    """What the hub needs from a connected client; transports implement it."""
+    """What the hub needs from a connected client: every client (``clients.Client``) is one."""
 
-    kind: str                     # "ws", "ws-deflate", "sse"...: one kind shares one payload
-    subscription: object          # hashable, equal iff equivalent; has .select(events) -> list
+    encoding: str                 # what its events become as bytes: one encoding, one payload
+    subscription: Subscription    # the hub swaps in its group's compiled copy
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
 
-    def pack(self, events: list[Event]) -> bytes: ...
-    def deliver(self, events: list[Event], payload: bytes) -> None: ...
-    def replay(self, events: list[Event]) -> None: ...
+    def pack(self, events: Sequence[Delivery]) -> bytes: ...
+    def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
+    def replay(self, events: Sequence[Delivery]) -> None: ...
     def send_control(self, message: bytes, token: str | None = None) -> None: ...
 
 
-class Group:
-    """Clients with the same subscription: one match per event, one payload per kind."""
+S = TypeVar("S", bound=Subscriber)
+
+
+class Group(Generic[S]):
+    """Clients with the same subscription: one match per event, one payload per encoding."""
 
     __slots__ = ("clients", "last_send", "subscription")
 
-    def __init__(self, subscription):
+    def __init__(self, subscription: Subscription):
         self.subscription = subscription
-        self.clients: set = set()
+        self.clients: set[S] = set()
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
 
     def deliver(self, batch: list[Event], now: float) -> None:
@@ -66,18 +75,23 @@ class Group:
         self.last_send = now
         payloads: dict[str, bytes] = {}
         for client in tuple(self.clients):
-            payload = payloads.get(client.kind)
+            payload = payloads.get(client.encoding)
             if payload is None:
-                payload = payloads[client.kind] = client.pack(matched)
+                payload = payloads[client.encoding] = client.pack(matched)
             client.deliver(matched, payload)
 
 
-class Hub:
-    def __init__(self, max_events: int = 10000, max_bytes: int = 64 * 1024 * 1024,
-                 call_soon: Callable[[Callable[[], None]], object] | None = None):
+class Hub(Generic[S]):
+    """``call_soon`` schedules the flush that follows a publish (the event loop's);
+    ``behind(client, after)`` takes a client that waited for the stream to open and turned out
+    to resume from before it: only MongoDB's history has what that client missed."""
+
+    def __init__(self, call_soon: Callable[[Callable[[], None]], object],
+                 behind: Callable[[S, str], None], max_events: int, max_bytes: int):
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._call_soon = call_soon
+        self._behind = behind
         self._log: list[Event] = []
         self._tokens: list[str] = []
         self._start = 0                   # log[:_start] is evicted; compacted now and then
@@ -86,14 +100,11 @@ class Hub:
         self.position: str | None = None  # newest token every client has been sent up to
         self._pending: list[Event] = []
         self._flush_scheduled = False
-        self._groups: dict[object, Group] = {}  # by subscription
-        self._ahead: dict[object, str] = {}   # clients resuming past our newest event
-        self._waiting: dict[object, str] = {}  # clients resuming before the stream first opened
-        self.clients: set = set()
+        self._groups: dict[Subscription, Group[S]] = {}  # by subscription
+        self._ahead: dict[S, str] = {}    # clients resuming past our newest event
+        self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
+        self.clients: set[S] = set()
         self.published = 0
-        # Called with (client, after) for a waiting client whose resume point turns out to be
-        # older than the log; the relay points it at the catch-up.
-        self.behind: Callable[[object, str], None] = lambda client, after: None
 
     # -- source side -------------------------------------------------------------------------
 
@@ -122,7 +133,7 @@ class Hub:
                 # Older than where the stream starts (a client back from a relay that
                 # restarted): only MongoDB's history has what it missed.
                 self.clients.discard(client)
-                self.behind(client, after)
+                self._behind(client, after)
 
     def publish(self, event: Event) -> None:
         self._log.append(event)
@@ -133,10 +144,7 @@ class Hub:
         self._evict()
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            if self._call_soon is None:
-                self.flush()
-            else:
-                self._call_soon(self.flush)
+            self._call_soon(self.flush)
 
     def advance(self, token: str) -> None:
         """The stream is known to have nothing before ``token`` that we have not published."""
@@ -164,34 +172,35 @@ class Hub:
             self._bytes -= event.size
             self.floor = event.token
             self._start += 1
-        if self._start > 4096 and self._start * 2 > len(self._log):
+        if self._start > COMPACT_AFTER and self._start * 2 > len(self._log):
             del self._log[: self._start]
             del self._tokens[: self._start]
             self._start = 0
 
     # -- client side -------------------------------------------------------------------------
 
-    def subscribe(self, client) -> None:
+    def subscribe(self, client: S) -> None:
         """Join live, from the next event on."""
         self.flush()
         self.clients.add(client)
         self._join(client)
 
-    def resume(self, client, after: str) -> bool:
+    def resume(self, client: S, after: str) -> bool:
         """Replay everything after ``after`` from the log, then join live.
 
         Returns False, having done nothing, when the log does not reach back to ``after``: the
         caller must then catch the client up from MongoDB first.
         """
-        if self.floor is None:
+        floor = self.floor
+        if floor is None:
             self.clients.add(client)
             self._waiting[client] = after
             return True
-        if after < self.floor:
+        if after < floor:
             return False
         self.flush()
         self.clients.add(client)
-        head = self.head
+        head = self._newest(floor)
         if after > head:
             if ev.token_seconds(after) - ev.token_seconds(head) > AHEAD_WINDOW:
                 # Not from a relay a moment ahead of us, and MongoDB would wait for that time
@@ -206,14 +215,14 @@ class Hub:
         self._join(client)
         return True
 
-    def replay(self, client, after: str) -> None:
+    def replay(self, client: S, after: str) -> None:
         index = bisect.bisect_right(self._tokens, after, lo=self._start)
         matched = client.subscription.select(self._log[index:])
         if matched:
             client.last_send = time.monotonic()
             client.replay(matched)
 
-    def unsubscribe(self, client) -> None:
+    def unsubscribe(self, client: S) -> None:
         self.clients.discard(client)
         self._ahead.pop(client, None)
         self._waiting.pop(client, None)
@@ -223,7 +232,7 @@ class Hub:
             if not group.clients:
                 del self._groups[client.subscription]
 
-    def _join(self, client) -> None:
+    def _join(self, client: S) -> None:
         group = self._groups.get(client.subscription)
         if group is None:
             group = self._groups[client.subscription] = Group(client.subscription)
@@ -270,12 +279,11 @@ class Hub:
                     sent += 1
         return sent
 
-    @property
-    def head(self) -> str | None:
+    def _newest(self, floor: str) -> str:
         """The newest event in the log, or ``floor`` when there is none."""
-        return self._tokens[-1] if len(self._tokens) > self._start else self.floor
+        return self._tokens[-1] if len(self._tokens) > self._start else floor
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         return {
             "clients": len(self.clients),
             "subscriptions": len(self._groups),

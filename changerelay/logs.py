@@ -14,9 +14,11 @@ import logging
 import re
 import sys
 import threading
+from types import TracebackType
 
 import logzero
 from logzero import logger
+from tornado import web
 
 # user:password@ in any URI (mongodb://, mongodb+srv://, http://...): the password is masked.
 _URI_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+):[^@\s/]*@", re.IGNORECASE)
@@ -67,9 +69,10 @@ def setup(level_name: str, log_format: str) -> None:
                                                   args.exc_traceback)
 
 
-def _uncaught(kind, value, traceback) -> None:
+def _uncaught(kind: type[BaseException], value: BaseException | None,
+              traceback: TracebackType | None) -> None:
     if issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, traceback)
+        sys.__excepthook__(kind, value or kind(), traceback)
         return
     logger.critical("uncaught %s", kind.__name__, exc_info=(kind, value, traceback))
 
@@ -83,7 +86,7 @@ def startup_error(message: str, log_format: str | None) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def log_request(handler) -> None:
+def log_request(handler: web.RequestHandler) -> None:
     """Tornado's access line without the query string: it can carry an access_token."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 
@@ -44,11 +45,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def claims_from(args: argparse.Namespace, now: float) -> dict:
+def claims_from(args: argparse.Namespace, now: float) -> dict[str, Any]:
     """The claims for ``args``; ValueError with a message for the command line."""
     if args.ttl <= 0:
         raise ValueError("--ttl must be a positive number of seconds")
-    claims: dict = {"iat": int(now), "exp": int(now) + args.ttl}
+    claims: dict[str, Any] = {"iat": int(now), "exp": int(now) + args.ttl}
     if args.sub:
         claims["sub"] = args.sub
     if args.ns is not None:

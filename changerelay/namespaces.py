@@ -106,7 +106,7 @@ def parse_list(text: str, limit: int | None = None) -> frozenset[Namespace]:
     return frozenset(parse(item.lstrip(" ")) for item in items)
 
 
-def normalise(namespaces: Iterable) -> frozenset[Namespace]:
+def normalise(namespaces: Iterable[tuple[str, str | None]]) -> frozenset[Namespace]:
     """The same set of namespaces written one way: a collection whose database is listed too
     adds nothing."""
     found = {Namespace(*namespace) for namespace in namespaces}

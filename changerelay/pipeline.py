@@ -11,6 +11,7 @@ never reaches the relay, its memory, its logs or a client.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from bson import json_util
 
@@ -25,11 +26,14 @@ PIPELINE_STAGES = frozenset(
 )
 
 
+Stage = dict[str, Any]  # one aggregation stage, {"$name": spec}
+
+
 class PipelineError(ValueError):
     """A PIPELINE or REDACT value the relay refuses; the message says how to fix it."""
 
 
-def parse_pipeline(raw: str) -> tuple[dict, ...]:
+def parse_pipeline(raw: str) -> tuple[Stage, ...]:
     """PIPELINE: a JSON array of stages a change stream allows, none of them touching ``_id``."""
     try:
         stages = json_util.loads(raw)
@@ -53,7 +57,7 @@ def parse_pipeline(raw: str) -> tuple[dict, ...]:
     return tuple(stages)
 
 
-def _touches_id(name: str, spec) -> bool:
+def _touches_id(name: str, spec: Any) -> bool:
     if name in ("$replaceRoot", "$replaceWith", "$redact"):
         return False  # can't tell statically; MongoDB checks at run time
     if name == "$unset":
@@ -137,7 +141,7 @@ UPDATED_FIELDS = "updateDescription.updatedFields"
 _POSITIONS = r"(?:\.[0-9]+)*"  # the array positions MongoDB may write after a field name
 
 
-def redaction_stages(paths: Iterable[str]) -> list[dict]:
+def redaction_stages(paths: Iterable[str]) -> list[Stage]:
     """The stages that remove REDACT's fields from every event inside MongoDB; [] for none.
 
     Three stages, whatever the paths: the $unset lists each field twice (both images) plus the
@@ -154,15 +158,16 @@ def redaction_stages(paths: Iterable[str]) -> list[dict]:
     return [_split_updated_fields(fields, slots), {"$unset": unset}, _join_updated_fields()]
 
 
-def _split_updated_fields(fields: list[tuple[str, ...]], slots: dict) -> dict:
+def _split_updated_fields(fields: list[tuple[str, ...]],
+                          slots: dict[tuple[str, ...], str]) -> Stage:
     """updatedFields as [{k: key, <slot>: value}], without the keys at or below a field."""
     tops = "|".join(sorted({_literal(field[0]) for field in fields}))
     within = "|".join(_key_pattern(field) for field in fields)
 
-    def entry(slot: str) -> dict:
+    def entry(slot: str) -> dict[str, str]:
         return {"k": "$$field.k", slot: "$$field.v"}
 
-    def matches(pattern: str) -> dict:
+    def matches(pattern: str) -> dict[str, Any]:
         return {"$regexMatch": {"input": "$$field.k", "regex": pattern}}
 
     branches = [
@@ -177,7 +182,7 @@ def _split_updated_fields(fields: list[tuple[str, ...]], slots: dict) -> dict:
                                {"$filter": {"input": entries, "cond": {"$ne": ["$$this", None]}}})
 
 
-def _join_updated_fields() -> dict:
+def _join_updated_fields() -> Stage:
     """The entries back into updatedFields, each value from its slot (an entry's second field)."""
     value = {"$getField": {"field": "v",
                            "input": {"$arrayElemAt": [{"$objectToArray": "$$entry"}, 1]}}}
@@ -185,7 +190,7 @@ def _join_updated_fields() -> dict:
     return _set_updated_fields({"$isArray": [f"${UPDATED_FIELDS}"]}, {"$arrayToObject": [pairs]})
 
 
-def _set_updated_fields(when: dict, value: dict) -> dict:
+def _set_updated_fields(when: dict[str, Any], value: dict[str, Any]) -> Stage:
     """Set updatedFields to ``value`` where ``when`` holds; elsewhere updateDescription is set to
     itself, which leaves it as it was - absent where it was absent."""
     return {"$set": {"updateDescription": {"$cond": {

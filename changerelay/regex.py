@@ -23,6 +23,9 @@ greediness and capture groups, which change *how*, are dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import re2
 
 __all__ = ["FLAGS", "MAX_LENGTH", "MAX_POSITIONS", "Regex", "RegexError", "compile_regex"]
@@ -106,7 +109,8 @@ class Regex:
         #: An upper bound on the NFA threads a search can run at once: RE2 costs up to about
         #: ten nanoseconds per position per byte when its DFA cannot help.
         self.positions = max(positions, 1)
-        self.search = lambda data: match(_UNANCHORED, data, 0, len(data))[0][0] >= 0
+        self.search: Callable[[bytes], bool] = (
+            lambda data: match(_UNANCHORED, data, 0, len(data))[0][0] >= 0)
 
 
 def compile_regex(pattern: str, flags: str) -> Regex:
@@ -137,7 +141,7 @@ def compile_regex(pattern: str, flags: str) -> Regex:
 #   ("text", str, folded)  ("class", re2 text)  ("dot", dotall)  ("assert", kind)
 # ---------------------------------------------------------------------------------------------
 
-Node = tuple
+Node = tuple[Any, ...]
 
 
 class _Parser:
@@ -629,7 +633,7 @@ def _emit(node: Node, tail: bool) -> str:
         escaped = _char(ord(char)) if not char.isalnum() else char
         return f"(?i:{escaped})" if folded and char.lower() != char.upper() else escaped
     if kind == "class":
-        return node[1]
+        return str(node[1])
     if kind == "dot":
         return "(?s:.)" if node[1] else "[^\\n]"
     if node[1] == "dollar":
@@ -663,5 +667,5 @@ def _positions(node: Node) -> int:
         return sum(_positions(child) for child in node[1])
     if kind == "repeat":
         _, child, low, high = node
-        return _positions(child) * max(1, high if high is not None else low)
+        return _positions(child) * max(1, int(high if high is not None else low))
     return 0 if kind == "assert" else 1

@@ -25,7 +25,11 @@ out of an update when no document was asked for; both mean "not there".
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from . import filters
+from .events import Change
 
 DELIVER, ENTERED, LEAVE, WITHHOLD = "deliver", "entered", "leave", "withhold"
 
@@ -41,7 +45,7 @@ class AccessRule:
 
     __slots__ = ("decide", "key", "reads_document")
 
-    def __init__(self, spec: dict, post_images: bool):
+    def __init__(self, spec: dict[str, Any], post_images: bool):
         compiled = filters.compile_filter(spec)
         self.key = compiled.key
         parts = {path.split(".", 1)[0] for path in _paths(compiled.spec)}
@@ -51,12 +55,13 @@ class AccessRule:
                                  self.reads_document, post_images)
 
 
-def _verdict(matches, needs, reads_document, post_images):
+def _verdict(matches: filters.Predicate, needs: tuple[str, ...], reads_document: bool,
+             post_images: bool) -> Callable[[Change], str]:
     """``needs``: the parts besides ``fullDocument`` the rule reads, which the event must have."""
     deliver, entered, leave, withhold = DELIVER, ENTERED, LEAVE, WITHHOLD
     as_of_event = OWN_DOCUMENT | {"update"} if post_images else OWN_DOCUMENT
 
-    def decide(change: dict) -> str:
+    def decide(change: Change) -> str:
         for part in needs:
             if change.get(part) is None:
                 return withhold
@@ -79,9 +84,9 @@ def _verdict(matches, needs, reads_document, post_images):
     return decide
 
 
-def _paths(spec: dict) -> set[str]:
+def _paths(spec: dict[str, Any]) -> set[str]:
     """The field paths a normalised filter reads (its keys, and those of its $and/$or/$nor)."""
-    found = set()
+    found: set[str] = set()
     for key, value in spec.items():
         if key in filters.LOGICAL_OPERATORS:
             for branch in value:

@@ -9,6 +9,8 @@ handles everything else, so the relay never stops watching while the process run
   invalidate token, which is the only way MongoDB lets a stream continue past one;
 * 286 ChangeStreamHistoryLost (our resume point has left the oplog) → start from now and tell every
   client to resync, since the events in between are gone for good;
+* a resume token MongoDB refuses (``bad_resume_token``) → start from now too: reopening with it
+  would fail the same way every time;
 * a standalone server (40573) or failed authentication → the readiness probe names the fix;
 * 47 NoMatchingDocument under FULL_DOCUMENT(_BEFORE_CHANGE)=required → stop: the event has no
   image and never will, so reopening would fail on it forever; /readyz says how to recover.
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from bson import json_util
 from logzero import logger
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.change_stream import AsyncChangeStream
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
     ConfigurationError,
     ConnectionFailure,
@@ -32,20 +38,46 @@ from pymongo.errors import (
 )
 
 from . import events as ev
+from .backoff import Backoff
 from .config import Config
-from .pipeline import redaction_stages
+from .hub import Hub
+from .pipeline import Stage, redaction_stages
 
-HISTORY_LOST = 286
-NOT_REPLICA_SET = 40573
-AUTH_FAILED = 18
+ResumeToken = Mapping[str, Any]  # a change event's _id: {"_data": hex, ...}
+
+# MongoDB's error codes: by name in src/mongo/base/error_codes.yml, or (five digits) the location
+# code of the uassert that raises them, in the file named.
+FAILED_TO_PARSE = 9
 UNAUTHORIZED = 13
-INVALID_RESUME_TOKEN = 260
+AUTH_FAILED = 18                # AuthenticationFailed
+INVALID_BSON = 22
 NO_MATCHING_DOCUMENT = 47
+INVALID_RESUME_TOKEN = 260
+HISTORY_LOST = 286              # ChangeStreamHistoryLost
+NOT_REPLICA_SET = 40573         # document_source_change_stream.cpp: "only ... on replica sets"
+BAD_TOKEN_DATA = 40647          # resume_token.cpp: "Bad resume token: _data of missing or ..."
+KEYSTRING_UNKNOWN_TYPE = 50811  # key_string.cpp: "KeyString format error: Unknown type"
+# Refusals of a resume token itself: nothing but another token gets past them. 9 FailedToParse is
+# resume_token.cpp's "resume token string was not a valid hex string"; 22 InvalidBSON is BSON that
+# does not decode, which for a token a client handed us means the token.
+BAD_TOKEN_CODES = frozenset({FAILED_TO_PARSE, INVALID_BSON, INVALID_RESUME_TOKEN, BAD_TOKEN_DATA,
+                             KEYSTRING_UNKNOWN_TYPE})
+# resume_token.cpp words its other refusals (40646, 40649, 50793-50796, 50870-50872, 51055-51057
+# ...) with "resume token" or "Token type", and key_string.cpp prefixes every decoding failure of
+# the KeyString a token is with "KeyString format error".
+BAD_TOKEN_WORDS = ("resume token", "token type", "keystring format error")
+
 IMAGES_MISSING = "images_missing"  # the source's state, and the reason catch-up riders resync
 IMAGE_SETTINGS = {"post-image": "FULL_DOCUMENT", "pre-image": "FULL_DOCUMENT_BEFORE_CHANGE"}
 
-BACKOFF_BASE = 0.25
-BACKOFF_CAP = 10.0
+BACKOFF_BASE = 0.25  # seconds before the first retry
+BACKOFF_CAP = 10.0   # seconds between retries at most, however long MongoDB stays away
+# Seconds the driver looks for a server and waits to connect before it says why it cannot: the
+# driver's own 30 s would leave /readyz at "connecting" for that long.
+DRIVER_TIMEOUT_MS = 5000
+MAX_REASON = 300  # characters of a driver's message kept for /readyz and the log
+# How long one getMore waits on the server for new events: an empty batch then still carries a
+# fresh resume token (the hub's position), and a stop is noticed within a second.
 MAX_AWAIT_MS = 1000
 
 REPLICA_SET_HELP = (
@@ -55,7 +87,17 @@ REPLICA_SET_HELP = (
 )
 
 
-def missing_image(exc: Exception, config: Config) -> str | None:
+def bad_resume_token(exc: BaseException) -> bool:
+    """MongoDB refused a resume token itself: retrying with that token cannot help."""
+    if not isinstance(exc, OperationFailure):
+        return False
+    if exc.code in BAD_TOKEN_CODES:
+        return True
+    message = str(exc).lower()
+    return any(words in message for words in BAD_TOKEN_WORDS)
+
+
+def missing_image(exc: BaseException, config: Config) -> str | None:
     """``"post-image"`` or ``"pre-image"`` when ``exc`` is a ``required`` stream failing on an
     event without that image, else None.
 
@@ -87,7 +129,8 @@ def images_help(image: str, config: Config) -> str:
 class ChangeSource:
     """Runs ``watch()`` forever and publishes every change to the hub."""
 
-    def __init__(self, config: Config, hub, client: AsyncMongoClient | None = None):
+    def __init__(self, config: Config, hub: Hub[Any],
+                 client: AsyncMongoClient[Any] | None = None):
         self.config = config
         self.hub = hub
         self.client = client
@@ -95,14 +138,14 @@ class ChangeSource:
         self.reason = "connecting to MongoDB"
         self.last_event_at: float | None = None
         self.attempts = 0
-        self._token: dict | None = None       # where to reopen from: resume_after
-        self._start_after: dict | None = None  # ...or start_after, after an invalidate
-        self._task: asyncio.Task | None = None
+        self._token: ResumeToken | None = None        # where to reopen from: resume_after
+        self._start_after: ResumeToken | None = None  # ...or start_after, after an invalidate
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> asyncio.Task:
+    def start(self) -> asyncio.Task[None]:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="change-source")
         return self._task
 
@@ -115,11 +158,15 @@ class ChangeSource:
         if self.client is not None:
             await self.client.close()
 
+    def missing_image(self, exc: BaseException) -> str | None:
+        """``missing_image`` under this relay's image settings (catch-ups ask it too)."""
+        return missing_image(exc, self.config)
+
     @property
     def ready(self) -> bool:
         return self.state == "open"
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {
             "source": self.state,
             "reason": self.reason,
@@ -131,26 +178,30 @@ class ChangeSource:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def target(self):
-        config = self.config
-        if config.watch_collection:
-            return self.client[config.watch_db][config.watch_collection]
-        if config.watch_db:
-            return self.client[config.watch_db]
+    def mongo(self) -> AsyncMongoClient[Any]:
+        """The driver's client, created on first use (it connects in the background)."""
+        if self.client is None:
+            self.client = AsyncMongoClient(self.config.mongo_uri,
+                                           **client_options(self.config.mongo_uri))
         return self.client
 
-    def pipeline(self) -> list[dict]:
+    def target(self) -> AsyncMongoClient[Any] | AsyncDatabase[Any] | AsyncCollection[Any]:
+        """What one ``watch()`` covers: the deployment, WATCH_DB, or WATCH_COLLECTION in it."""
+        client, db, coll = self.mongo(), self.config.watch_db, self.config.watch_collection
+        if db is None:
+            return client
+        return client[db] if coll is None else client[db][coll]
+
+    def pipeline(self) -> list[Stage]:
         return [*self.config.pipeline, *redaction_stages(self.config.redact)]
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
         while not self._stopping:
             try:
-                if self.client is None:
-                    self.client = AsyncMongoClient(self.config.mongo_uri, **client_options(
-                        self.config.mongo_uri))
+                self.mongo()
                 await self._watch()
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -158,11 +209,9 @@ class ChangeSource:
                 if self.state == IMAGES_MISSING:
                     logger.error("change stream stopped (%s): %s", self.state, self.reason)
                     return
-                failures += 1
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
-                delay *= random.uniform(0.5, 1.0)
+                delay = backoff.delay()
                 logger.warning("change stream %s: %s — retrying in %.1fs (attempt %d)",
-                               self.state, self.reason, delay, failures)
+                               self.state, self.reason, delay, backoff.failures)
                 await asyncio.sleep(delay)
 
     async def _watch(self) -> None:
@@ -181,20 +230,22 @@ class ChangeSource:
         self._opened(stream, fresh)
         await self._pump(stream)
 
-    async def open_stream(self, start_after=None, resume_after=None,
-                          max_await_ms: int = MAX_AWAIT_MS):
+    async def open_stream(self, start_after: ResumeToken | None = None,
+                          resume_after: ResumeToken | None = None,
+                          max_await_ms: int = MAX_AWAIT_MS) -> AsyncChangeStream[Any]:
         """``watch()`` on the configured scope, pipeline and image modes (catch-ups too)."""
         mode, before = self.config.full_document, self.config.full_document_before_change
-        options = dict(full_document=None if mode == "default" else mode,
-                       full_document_before_change=None if before == "off" else before,
-                       max_await_time_ms=max_await_ms)
+        options: dict[str, Any] = dict(
+            full_document=None if mode == "default" else mode,
+            full_document_before_change=None if before == "off" else before,
+            max_await_time_ms=max_await_ms)
         if start_after is not None:
             options["start_after"] = start_after
         elif resume_after is not None:
             options["resume_after"] = resume_after
         return await self.target().watch(self.pipeline(), **options)
 
-    def _opened(self, stream, fresh: bool) -> None:
+    def _opened(self, stream: AsyncChangeStream[Any], fresh: bool) -> None:
         """Tell the hub where the stream stands; a fresh start after the first is a gap."""
         token = stream.resume_token
         self.state, self.reason = "open", "change stream open"
@@ -208,7 +259,7 @@ class ChangeSource:
         else:
             self.hub.advance(ev.token_hex(token))
 
-    async def _pump(self, stream) -> None:
+    async def _pump(self, stream: AsyncChangeStream[Any]) -> None:
         hub = self.hub
         try:
             while True:
@@ -250,7 +301,7 @@ class ChangeSource:
             self.reason = ("the MongoDB user may not open change streams here: grant it the "
                            "changeStream and find actions (e.g. the read role) on the watched "
                            f"scope ({_short(exc)})")
-        elif isinstance(exc, OperationFailure) and code == INVALID_RESUME_TOKEN:
+        elif bad_resume_token(exc):
             self.state, self.reason = "error", f"resume token rejected ({_short(exc)})"
             self._token = self._start_after = None
         elif isinstance(exc, ConnectionFailure | ConfigurationError):
@@ -267,15 +318,15 @@ def _short(exc: Exception) -> str:
     text = str(exc)
     for cut in (", full error:", " (configured timeouts", ", Timeout:"):
         text = text.split(cut)[0]
-    return text if len(text) < 300 else text[:297] + "..."
+    return text if len(text) < MAX_REASON else text[:MAX_REASON - 3] + "..."
 
 
-def client_options(uri: str) -> dict:
+def client_options(uri: str) -> dict[str, Any]:
     """Driver options we set unless the connection string already does."""
     lowered = uri.lower()
-    options = {"appname": "changerelay"}
+    options: dict[str, Any] = {"appname": "changerelay"}
     if "serverselectiontimeoutms" not in lowered:
-        options["serverSelectionTimeoutMS"] = 5000
+        options["serverSelectionTimeoutMS"] = DRIVER_TIMEOUT_MS
     if "connecttimeoutms" not in lowered:
-        options["connectTimeoutMS"] = 5000
+        options["connectTimeoutMS"] = DRIVER_TIMEOUT_MS
     return options

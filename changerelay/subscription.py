@@ -1,20 +1,27 @@
-"""What one client asked for: the query string of ``/socket`` and ``/events``, validated.
+"""What one client asked for: the ``ns``, ``ops``, ``filter`` and ``resume_after`` parameters of
+``/socket`` and ``/events``, validated.
 
-Everything is checked before the WebSocket upgrade or the SSE response starts, so a bad request
-gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a connection.
+Everything is checked at admission, before the WebSocket upgrade or the SSE response starts, so a
+bad request gets HTTP 400 with ``{"error": code, "message": fix}`` and never costs the relay a
+connection.
 Two clients with equal subscriptions (the same namespaces, operation types, filter and access
 rule) share one match per event in the hub.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from . import events as ev
 from . import filters
-from .namespaces import NamespaceError, normalise, parse_list
-from .rows import DELIVER, ENTERED, LEAVE
+from .admission import Refusal
+from .events import Delivery, Event
+from .namespaces import Namespace, NamespaceError, normalise, parse_list
+from .rows import DELIVER, ENTERED, LEAVE, AccessRule
+
+# What a subscription's clients are sent for a batch of events, in order.
+Select = Callable[[list[Event]], Sequence[Delivery]]
 
 OPERATION_TYPES = frozenset({
     "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -22,21 +29,7 @@ OPERATION_TYPES = frozenset({
     "create", "createIndexes", "dropIndexes", "modify", "shardCollection", "reshardCollection",
     "refineCollectionShardKey",
 })
-PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
 MAX_NAMESPACES = 100
-
-
-class SubscriptionError(ValueError):
-    """A request the relay refuses; ``status`` and ``code`` go into the HTTP response."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-
-    def body(self) -> str:
-        return json.dumps({"error": self.code, "message": self.message})
 
 
 class Subscription:
@@ -53,27 +46,29 @@ class Subscription:
 
     __slots__ = ("_hash", "access", "filter", "key", "namespaces", "ops", "select")
 
-    def __init__(self, namespaces=None, ops=None, filter=None, access=None):
+    def __init__(self, namespaces: Iterable[tuple[str, str | None]] | None = None,
+                 ops: Iterable[str] | None = None, filter: filters.Filter | None = None,
+                 access: AccessRule | None = None):
         self.namespaces = None if namespaces is None else normalise(namespaces)
         self.ops = None if ops is None else frozenset(ops)
-        self.filter = filter  # None, or a filters.Filter
-        self.access = access  # None, or a rows.AccessRule (a JWT claim)
+        self.filter = filter
+        self.access = access  # a JWT claim's row rule
         self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
                     None if access is None else access.key)
         self._hash = hash(self.key)
-        self.select = self._compile()
+        self.select: Select = self._compile()
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Subscription) and other.key == self.key
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return self._hash
 
-    def _compile(self):
+    def _compile(self) -> Select:
         # What anyone may know of an event (its namespace and type) is checked first; the
         # client's filter runs last, on exactly what the client would be sent, so that it
         # cannot probe what the access rule withheld.
-        checks = []
+        checks: list[Callable[[Any], bool]] = []
         if self.ops is not None:
             ops = self.ops
             checks.append(lambda event: event.op in ops)
@@ -85,17 +80,18 @@ class Subscription:
                 checks.append(lambda event: predicate(event.change))
             if not checks:
                 return lambda events: events
-            matches = filters.all_of(checks)
+            matches: Callable[[Any], bool] = filters.all_of(checks)
             return lambda events: [event for event in events if matches(event)]
-        visible = filters.all_of(checks) if checks else None
+        visible: Callable[[Any], bool] | None = filters.all_of(checks) if checks else None
         decide, deliver, entered, leave = self.access.decide, DELIVER, ENTERED, LEAVE
 
-        def select(events):
-            picked = []
+        def select(events: list[Event]) -> list[Delivery]:
+            picked: list[Delivery] = []
             for event in events:
                 if visible is not None and not visible(event):
                     continue
                 verdict = decide(event.change)
+                item: Event
                 if verdict is deliver:
                     item = event
                 elif verdict is entered:
@@ -111,16 +107,16 @@ class Subscription:
 
         return select
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Subscription {self.key!r}>"
 
 
-def _in_namespaces(namespaces):
+def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
     databases = {db for db, coll in namespaces if coll is None}
     collections = {(db, coll) for db, coll in namespaces if coll is not None}
     named = {db for db, _ in collections}
 
-    def in_namespaces(event):
+    def in_namespaces(event: Event) -> bool:
         db, coll = event.ns
         if db is None:          # invalidate: concerns every client of the stream
             return True
@@ -133,27 +129,14 @@ def _in_namespaces(namespaces):
     return in_namespaces
 
 
-ALL = Subscription()
 
+def parse(values: Mapping[str, str],
+          scope: tuple[str | None, str | None]) -> tuple[Subscription, str | None]:
+    """Turn the query's values (``admission.query_values``) into ``(Subscription,
+    resume_after_hex_or_None)``.
 
-def parse(arguments: Mapping[str, list], scope: tuple[str | None, str | None]) -> tuple:
-    """Turn query arguments into ``(Subscription, resume_after_hex_or_None)``.
-
-    ``arguments`` maps names to lists of str values (decoded). ``scope`` is the watched
-    ``(db, collection)``; namespaces outside it are refused.
+    ``scope`` is the watched ``(db, collection)``; namespaces outside it are refused.
     """
-    unknown = sorted(set(arguments) - set(PARAMETERS))
-    if unknown:
-        raise SubscriptionError(
-            "unknown_parameter", f"unknown query parameter {unknown[0]!r}; "
-            f"the accepted ones are {', '.join(PARAMETERS)}")
-    values = {}
-    for name, items in arguments.items():
-        if len(items) != 1:
-            raise SubscriptionError(
-                "repeated_parameter", f"{name} is given {len(items)} times; give it once "
-                "(use commas inside one value for several namespaces or operation types)")
-        values[name] = items[0]
     namespaces = _namespaces(values["ns"], scope) if "ns" in values else None
     ops = _ops(values["ops"]) if "ops" in values else None
     predicate = _filter(values["filter"]) if "filter" in values else None
@@ -162,45 +145,45 @@ def parse(arguments: Mapping[str, list], scope: tuple[str | None, str | None]) -
 
 
 def parse_resume(text: str) -> str:
-    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; SubscriptionError."""
+    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; or a Refusal."""
     try:
         return ev.parse_token(text)
     except ValueError as exc:
-        raise SubscriptionError("invalid_resume_after", str(exc)) from None
+        raise Refusal("invalid_resume_after", str(exc)) from None
 
 
-def _namespaces(raw: str, scope) -> frozenset:
+def _namespaces(raw: str, scope: tuple[str | None, str | None]) -> frozenset[Namespace]:
     try:
         result = parse_list(raw, limit=MAX_NAMESPACES)
     except NamespaceError as exc:
-        raise SubscriptionError("invalid_ns", f"{exc}; give db or db.collection, "
-                                "comma-separated") from None
+        raise Refusal("invalid_ns", f"{exc}; give db or db.collection, "
+                      "comma-separated") from None
     watch_db, watch_coll = scope
     for item in result:
         if (watch_db is not None and item.db != watch_db) or (
                 watch_coll is not None and item.coll != watch_coll):
             where = ".".join(p for p in scope if p) or "the deployment"
-            raise SubscriptionError(
+            raise Refusal(
                 "ns_outside_scope", f"{str(item)!r} is outside what this relay watches ({where}); "
                 "subscribe to namespaces inside it")
     return result
 
 
-def _ops(raw: str) -> frozenset:
+def _ops(raw: str) -> frozenset[str]:
     items = {item.strip() for item in raw.split(",") if item.strip()}
     if not items:
-        raise SubscriptionError("invalid_ops", "ops is empty; give operation types, "
-                                "comma-separated, e.g. insert,update")
+        raise Refusal("invalid_ops", "ops is empty; give operation types, "
+                      "comma-separated, e.g. insert,update")
     unknown = sorted(items - OPERATION_TYPES)
     if unknown:
-        raise SubscriptionError(
+        raise Refusal(
             "unknown_operation_type", f"unknown operation type {unknown[0]!r}; use any of "
             + ", ".join(sorted(OPERATION_TYPES)))
     return frozenset(items)
 
 
-def _filter(raw: str):
+def _filter(raw: str) -> filters.Filter:
     try:
         return filters.parse_filter(raw)
     except filters.FilterError as exc:
-        raise SubscriptionError(exc.code, exc.message) from None
+        raise Refusal(exc.code, exc.message) from None

@@ -1,7 +1,7 @@
 """``changerelay tail URL``: print a relay's events as JSON lines, resuming forever.
 
 The reference client for the resume protocol, in a terminal: it remembers the newest event id or
-position, reconnects with ``resume_after`` after any drop (exponential backoff with full jitter),
+position, reconnects with ``resume_after`` after any drop (the relay's own backoff, ``backoff.py``),
 and reports ``resync`` on stderr. Each line on stdout is one frame exactly as the relay sent it.
 """
 
@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
+from typing import TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tornado import httpclient, websocket
 
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
-STABLE_AFTER = 10.0
+from .backoff import Backoff
+
+BACKOFF_BASE = 0.5  # seconds before the first reconnect
+BACKOFF_CAP = 30.0  # at most: a relay that is down for long is asked twice a minute
+STABLE_AFTER = 10.0  # seconds connected after which the next drop starts the backoff over
 FATAL_STATUSES = (400, 401, 403)
 
 
@@ -33,7 +35,7 @@ def with_resume(url: str, token: str | None) -> str:
 
 class Tail:
     def __init__(self, url: str, resume_after: str | None = None, token: str | None = None,
-                 out=None, err=None):
+                 out: TextIO | None = None, err: TextIO | None = None):
         if url.startswith("http"):
             url = "ws" + url[4:]
         self.url = url
@@ -47,7 +49,7 @@ class Tail:
         print(f"tail: {text}", file=self.err, flush=True)
 
     async def run(self, max_events: int | None = None) -> int:
-        failures = 0
+        backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
         while True:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             request = httpclient.HTTPRequest(with_resume(self.url, self.last), headers=headers)
@@ -70,12 +72,11 @@ class Tail:
                 self.note(f"closed ({conn.close_code} {conn.close_reason or ''}); "
                           f"resuming after {self.last}")
                 if time.monotonic() - opened > STABLE_AFTER:
-                    failures = 0
-            failures += 1
-            await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP,
-                                                      BACKOFF_BASE * 2 ** (failures - 1))))
+                    backoff.reset()
+            await asyncio.sleep(backoff.delay())
 
-    async def _read(self, conn, max_events) -> bool:
+    async def _read(self, conn: websocket.WebSocketClientConnection,
+                    max_events: int | None) -> bool:
         while True:
             message = await conn.read_message()
             if message is None:

@@ -1,18 +1,17 @@
 """Admission decisions that need no server: client address and scheme behind proxies, Host,
-origins, caps."""
+origins, the query string, caps."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from changerelay import admission
 from changerelay import config as cfg
-from changerelay.app import Relay
-from changerelay.limits import Connections
-from changerelay.subscription import SubscriptionError
+from changerelay.admission import Connections, Refusal
 
 
 def request(remote_ip, forwarded=None, proto=None):
@@ -150,7 +149,7 @@ def test_host_check(host, scheme, allowed):
     if allowed:
         admission.check_host(served, RELAY_HOSTS)
     else:
-        with pytest.raises(SubscriptionError) as info:
+        with pytest.raises(Refusal) as info:
             admission.check_host(served, RELAY_HOSTS)
         assert info.value.status == 421 and info.value.code == "host_not_allowed"
         assert "ALLOWED_HOSTS" in info.value.message
@@ -162,7 +161,7 @@ def test_no_host_check_lets_any_host_through():
 
 
 def test_a_long_origin_is_not_echoed_whole():
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         admission.check_origin("http://" + "a" * 100_000, None, ())
     assert len(info.value.body()) < 1000
 
@@ -198,7 +197,7 @@ def test_origin(origins, origin, host, scheme, allowed):
     if allowed:
         admission.check_origin(origin, served, origins)
     else:
-        with pytest.raises(SubscriptionError) as info:
+        with pytest.raises(Refusal) as info:
             admission.check_origin(origin, served, origins)
         assert info.value.status == 403 and info.value.code == "origin_not_allowed"
 
@@ -239,18 +238,33 @@ def test_a_malformed_allowed_origin_names_the_setting(raw):
 
 def test_connection_caps_count_and_release():
     caps = Connections(total=3, per_address=2)
+    first = caps.acquire("a")
     caps.acquire("a")
-    caps.acquire("a")
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         caps.acquire("a")
     assert info.value.status == 429
     caps.acquire("b")
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         caps.acquire("c")
     assert info.value.status == 503
-    caps.release("a")
+    first.release()
     caps.acquire("c")
     assert caps.total == 3 and dict(caps.by_address) == {"a": 1, "b": 1, "c": 1}
+
+
+def test_a_slot_is_released_once_however_often_its_connection_ends():
+    """A connection ends on several paths (a failed handshake, the socket closing, shutdown);
+    a second release must not free a slot another connection holds."""
+    caps = Connections(total=2, per_address=2)
+    slot = caps.acquire("a")
+    caps.acquire("a")
+    assert slot.address == "a"
+    slot.release()
+    slot.release()
+    assert caps.total == 1 and dict(caps.by_address) == {"a": 1}
+    caps.acquire("a")
+    with pytest.raises(Refusal):
+        caps.acquire("a")
 
 
 def test_no_caps_by_default():
@@ -260,25 +274,39 @@ def test_no_caps_by_default():
     assert caps.total == 10_000
 
 
-def test_an_expired_token_ends_a_client_that_is_still_catching_up():
-    """``exp`` is enforced on every connection, not only on those already live in the hub."""
-    import time
+def query(**values):
+    return {name: [value if isinstance(value, bytes) else value.encode()
+                   for value in (items if isinstance(items, list) else [items])]
+            for name, items in values.items()}
 
-    from changerelay.auth import Authenticator, Claims
-    from changerelay.hub import Hub
 
-    class Rider:
-        claims = Claims(time.time() - 60, None, None)
-        expired = False
+def test_query_values_are_one_text_value_per_known_parameter():
+    assert admission.query_values(query(ns="shop.orders", ops="insert", filter='{"a": 1}',
+                                        resume_after="82AB", access_token="t")) == {
+        "ns": "shop.orders", "ops": "insert", "filter": '{"a": 1}', "resume_after": "82AB",
+        "access_token": "t"}
+    assert admission.query_values({}) == {}
+    assert admission.query_values(query(ns="é")) == {"ns": "é"}
 
-        def expire(self):
-            self.expired = True
 
-    rider = Rider()
-    fake = Relay.__new__(Relay)
-    fake.config = SimpleNamespace(position_interval=5.0)
-    fake.hub = Hub()
-    fake.auth = Authenticator.__new__(Authenticator)
-    fake.catchup = SimpleNamespace(clients=lambda: [rider])
-    fake._tick()
-    assert rider.expired
+@pytest.mark.parametrize("arguments, code", [
+    (query(colour="blue"), "unknown_parameter"),
+    (query(ns="shop", since="yesterday"), "unknown_parameter"),
+    (query(NS="shop"), "unknown_parameter"),                      # names are exact
+    (query(ns=["shop", "shop.x"]), "repeated_parameter"),
+    (query(access_token=["a", "a"]), "repeated_parameter"),
+    (query(ns=b"\xff\xfe"), "invalid_encoding"),
+    (query(colour=b"\xff"), "invalid_encoding"),
+])
+def test_query_refusals(arguments, code):
+    with pytest.raises(Refusal) as info:
+        admission.query_values(arguments)
+    assert info.value.code == code and info.value.status == 400
+    assert json.loads(info.value.body()) == {"error": code, "message": info.value.message}
+
+
+def test_a_query_over_the_bound_is_refused_before_it_is_read():
+    admission.check_query_size("a" * admission.MAX_QUERY_BYTES)
+    with pytest.raises(Refusal) as info:
+        admission.check_query_size("a" * (admission.MAX_QUERY_BYTES + 1))
+    assert info.value.status == 414 and info.value.code == "query_too_large"

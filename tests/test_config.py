@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,27 @@ def test_env_example_documents_every_setting():
     text = (ROOT / ".env.example").read_text()
     for _name, spec in cfg._specs():
         assert f"{spec.env}=" in text, spec.env
+
+
+SETTINGS = {field.name: field.metadata["spec"] for field in dataclasses.fields(cfg.Config)}
+
+
+def test_every_setting_is_one_declaration_with_its_converter():
+    """A setting's variable, default, help and converter are declared together (a second table
+    of converters, keyed by field name, had to be kept in step with the fields)."""
+    for field in dataclasses.fields(cfg.Config):
+        assert callable(field.metadata["spec"].convert), field.name
+    assert not hasattr(cfg, "_CONVERTERS")
+
+
+def _as_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+@pytest.mark.parametrize("name", [name for name, setting in SETTINGS.items()
+                                  if setting.default not in (None, ())])
+def test_every_default_written_out_reads_back_as_itself(name):
+    """Each setting's converter accepts its own default as an operator would write it."""
+    setting = SETTINGS[name]
+    config = load(env={setting.env: _as_text(setting.default)})
+    assert getattr(config, name) == setting.default

@@ -13,6 +13,7 @@ from tornado.iostream import StreamClosedError
 from changerelay import connection as conn_module
 from changerelay import frames, protocol
 from changerelay.connection import WebSocketConnection
+from changerelay.disconnect import CLOSES
 from changerelay.protocol import WebSocketProtocol
 from tests.support import masked
 
@@ -129,7 +130,7 @@ async def test_peer_close_is_echoed_then_the_socket_closes_once():
 
 async def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
     connection, peer, events = pair()
-    connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
+    connection.close(*CLOSES["slow_consumer"].frame)
     assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1013) + b"slow consumer")
     with pytest.raises(StreamClosedError):
         connection.write(b"more")
@@ -181,7 +182,7 @@ async def test_closing_a_reset_connection_raises_nothing_and_reports_once():
         for _ in range(1000):
             connection.write(b"x")
     await asyncio.wait_for(events["gone"].wait(), 5)
-    connection.close(frames.TRY_AGAIN_LATER, "slow consumer")
+    connection.close(*CLOSES["slow_consumer"].frame)
     connection.shutdown()
     for _ in range(3):  # a second report could only be a callback already scheduled
         await asyncio.sleep(0)
@@ -203,7 +204,7 @@ async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
     (or a flush) and would put the client back into a group, or fail on its own dicts."""
     from changerelay.clients import WebSocketClient
     from changerelay.hub import Hub
-    from changerelay.subscription import ALL
+    from changerelay.subscription import Subscription
     from tests.support import event, token
 
     left: list[asyncio.Event] = []
@@ -213,7 +214,8 @@ async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.sock.close()
         assert select.select([connection.sock], [], [], 5)[0]  # the RST is in: readable
-        client = WebSocketClient(connection, ALL, 1 << 20, "test")
+        client = WebSocketClient(connection, Subscription(), 1 << 20, "test", claims=None,
+                                 on_end=hub.unsubscribe)
         gone = asyncio.Event()
         left.append(gone)
 
@@ -224,7 +226,8 @@ async def test_a_client_whose_replay_meets_a_reset_does_not_stay_in_the_hub():
         connection.on_close = on_close
         return client
 
-    hub = Hub(call_soon=lambda flush: None)
+    hub = Hub(call_soon=lambda flush: None, behind=lambda client, after: None, max_events=100,
+              max_bytes=1 << 20)
     hub.start(token(0))
     for n in range(1, 4):
         hub.publish(event(n))

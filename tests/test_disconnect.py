@@ -13,7 +13,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from changerelay import frames
+from changerelay.admission import Refusal
 from changerelay.disconnect import CLOSES, REFUSALS, Retry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,14 +41,16 @@ def literal(node: ast.AST | None) -> object:
 
 
 def close_code(node: ast.AST | None) -> int | None:
-    """``frames.GOING_AWAY`` (or a bare ``GOING_AWAY`` inside frames.py) as its number."""
+    """``frames.PROTOCOL_ERROR`` (or a bare ``PROTOCOL_ERROR`` inside frames.py) as its
+    number."""
     name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
     return CLOSE_CONSTANTS.get(name)
 
 
-def refusals_in_code() -> set[tuple[int, str]]:
-    """``(status, error)`` of every ``SubscriptionError("code", …, status=N)`` the package
-    raises, and of every filter error (a bad ``filter`` parameter is a 400 with its code)."""
+def refusals_in_code() -> set[str]:
+    """The ``error`` of every ``Refusal("code", …)`` the package raises, and of every filter
+    error (a bad ``filter`` parameter is refused with its code). Their statuses come from the
+    table itself (``admission.Refusal``)."""
     found = set()
     for name, tree in relay_sources().items():
         for node in ast.walk(tree):
@@ -54,17 +59,20 @@ def refusals_in_code() -> set[tuple[int, str]]:
             called = getattr(node.func, "id", getattr(node.func, "attr", None))
             if called == "RegexError" and name == "regex.py":  # (message, code="invalid_regex")
                 given = node.args[1:] or [k.value for k in node.keywords if k.arg == "code"]
-                found.add((400, literal(given[0]) if given else "invalid_regex"))
+                found.add(literal(given[0]) if given else "invalid_regex")
                 continue
             code = literal(node.args[0])
             if not isinstance(code, str):
                 continue  # re-raised with a code chosen elsewhere (collected there)
-            if called == "SubscriptionError":
-                status = next((literal(k.value) for k in node.keywords if k.arg == "status"), 400)
-                found.add((status, code))
-            elif called == "FilterError" and name == "filters.py":
-                found.add((400, code))
+            if called == "Refusal" or (called == "FilterError" and name == "filters.py"):
+                found.add(code)
     return found
+
+
+def closes_named_in_code() -> set[str]:
+    """The causes the package closes a connection for by name: every ``CLOSES["cause"]``."""
+    return {literal(node.slice) for tree in relay_sources().values() for node in ast.walk(tree)
+            if isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "CLOSES"}
 
 
 def closes_in_code() -> set[tuple[int, str | None]]:
@@ -127,16 +135,34 @@ def as_errors(cell: str) -> tuple[str, ...]:
 
 
 def test_every_refusal_the_code_raises_is_in_the_table_and_no_other() -> None:
-    in_table = {(status, error) for status, refusal in REFUSALS.items()
-                for error in refusal.errors}
+    in_table = {error for refusal in REFUSALS.values() for error in refusal.errors}
     in_code = refusals_in_code()
     assert in_code - in_table == set(), "raised, but missing from disconnect.REFUSALS"
     assert in_table - in_code == set(), "in disconnect.REFUSALS, but raised nowhere"
 
 
+def test_a_refusal_answers_with_the_status_the_table_lists_it_under() -> None:
+    for status, refusal in REFUSALS.items():
+        for error in refusal.errors:
+            assert Refusal(error, "why").status == status, error
+
+
+def test_a_refusal_the_table_does_not_list_cannot_be_raised() -> None:
+    with pytest.raises(KeyError):
+        Refusal("made_up", "a cause no client has heard of")
+
+
 def test_every_close_the_code_sends_is_in_the_table() -> None:
     in_table = {(close.code, close.reason) for close in CLOSES.values()}
     assert closes_in_code() - in_table == set(), "sent, but missing from disconnect.CLOSES"
+
+
+def test_the_relay_closes_by_the_table_s_causes() -> None:
+    """Slow consumers, expired tokens, unanswered pings and shutdown close with the table's code
+    and reason, named by cause, not with a code and a reason written out again."""
+    named = closes_named_in_code()
+    assert named <= set(CLOSES), named - set(CLOSES)
+    assert named >= {"slow_consumer", "token_expired", "ping_timeout", "shutdown"}
 
 
 def test_a_close_code_shared_by_causes_tells_them_apart_by_reason() -> None:

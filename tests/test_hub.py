@@ -11,14 +11,16 @@ from changerelay import events as ev
 from changerelay.filters import compile_filter
 from changerelay.hub import Hub
 from changerelay.rows import AccessRule
-from changerelay.subscription import ALL, Subscription
+from changerelay.subscription import Subscription
 from tests.support import event, token
+
+EVERYTHING = Subscription()  # no namespace, operation or filter: every event
 
 
 class FakeClient:
-    kind = "ws"
+    encoding = "ws"
 
-    def __init__(self, subscription=ALL):
+    def __init__(self, subscription=EVERYTHING):
         self.subscription = subscription
         self.received: list[str] = []
         self.controls: list[dict] = []
@@ -42,8 +44,18 @@ class FakeClient:
         self.controls.append(json.loads(message))
 
 
+def flush_now(flush):
+    """The hub's flush, run at once rather than on the next loop iteration."""
+    flush()
+
+
+def new_hub(call_soon=flush_now, behind=lambda client, after: None, max_events=10000,
+            max_bytes=64 * 1024 * 1024) -> Hub:
+    return Hub(call_soon, behind, max_events, max_bytes)
+
+
 def started_hub(**kwargs) -> Hub:
-    hub = Hub(**kwargs)
+    hub = new_hub(**kwargs)
     hub.start(token(0))
     return hub
 
@@ -109,7 +121,7 @@ def test_resume_far_ahead_is_told_to_resync_instead_of_waiting_forever():
 
 
 def test_resume_before_stream_opens_waits_for_it():
-    hub = Hub()
+    hub = new_hub()
     client = FakeClient()
     assert hub.resume(client, token(0))
     hub.start(token(0))
@@ -118,9 +130,8 @@ def test_resume_before_stream_opens_waits_for_it():
 
 
 def test_waiting_client_older_than_the_new_stream_goes_to_catch_up():
-    hub = Hub()
     behind = []
-    hub.behind = lambda client, after: behind.append((client, after))
+    hub = new_hub(behind=lambda client, after: behind.append((client, after)))
     client = FakeClient()
     assert hub.resume(client, token(3))   # the stream has not opened yet: wait
     hub.start(token(10))                  # it opens later than the client's position
@@ -187,7 +198,7 @@ def test_byte_bound_evicts_oldest():
 
 def test_deferred_flush_batches_and_resume_sees_pending():
     scheduled = []
-    hub = Hub(call_soon=scheduled.append)
+    hub = new_hub(call_soon=scheduled.append)
     hub.start(token(0))
     live = FakeClient()
     hub.subscribe(live)
@@ -222,7 +233,7 @@ def test_any_interleaving_delivers_each_event_once_in_order(script, capacity):
     """Clients join at arbitrary points (live, resuming inside or before the buffer); each one
     must receive exactly the events after its starting point, in order, with no duplicate."""
     scheduled = []
-    hub = Hub(max_events=capacity, call_soon=scheduled.append)
+    hub = new_hub(max_events=capacity, call_soon=scheduled.append)
     hub.start(token(0))
     published = 0
     clients: list[tuple[FakeClient, int]] = []
@@ -389,7 +400,7 @@ def test_row_rules_on_replay_ahead_and_waiting_paths_match_live():
         hub.publish(change)
     assert ahead.received == live.received[2:]
 
-    hub = Hub()
+    hub = new_hub()
     waiting = Reader(reader("alice"))
     assert hub.resume(waiting, token(0))
     hub.start(token(0))
@@ -399,14 +410,12 @@ def test_row_rules_on_replay_ahead_and_waiting_paths_match_live():
 
 
 def test_row_rules_on_the_catch_up_path_match_live():
-    from types import SimpleNamespace
-
     from changerelay.catchup import CatchUp, Job
 
     hub = started_hub()
     live = Reader(reader("alice"))
     hub.subscribe(live)
-    catchup = CatchUp(SimpleNamespace(config=SimpleNamespace(catchup_streams=1)))
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
     job = Job(token(0))
     riders = [Reader(reader("alice")), Reader(reader("alice")), Reader(reader("bob"))]
     for rider in riders:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from pymongo.errors import OperationFailure
+from pymongo.errors import ConnectionFailure, OperationFailure
 
-from changerelay.source import images_help, missing_image
+from changerelay.source import ChangeSource, bad_resume_token, images_help, missing_image
 
 # MongoDB's messages (src/mongo/db/pipeline/document_source_change_stream_add_post_image.cpp,
 # document_source_change_stream_add_pre_image.cpp).
@@ -44,3 +44,50 @@ def test_the_readiness_reason_says_how_to_recover():
     for words in ("pre-image", "shop.notes", "FULL_DOCUMENT_BEFORE_CHANGE=required",
                   'collMod: "notes"', "changeStreamPreAndPostImages", "restart", "resync"):
         assert words in text
+
+
+# MongoDB's refusals of a resume token: resume_token.cpp (40647, 9 and the "Resume Token ..."
+# family), key_string.cpp (50811, every message prefixed "KeyString format error"),
+# error_codes.yml (260 InvalidResumeToken), as the test primary raises them.
+BAD_TOKENS = [
+    (260, "Attempting to resume a change stream using 'resumeAfter' is not allowed from an "
+          "invalidate notification"),
+    (40647, "Bad resume token: _data of missing or of wrong type. Expected string, got {}"),
+    (9, "resume token string was not a valid hex string"),
+    (50811, "KeyString format error: Unknown type: 3"),
+    (50811, "KeyString format error: unexpected end of buffer"),
+    (40649, "invalid empty resume token"),
+    (50795, "Invalid Resume Token: only supports version 0, 1 and 2"),
+    (51057, "Token type 7 not recognized"),
+    (50870, "Resume Token fromInvalidate is not a boolean."),
+    (22, "invalid bson"),
+]
+
+
+@pytest.mark.parametrize("code, message", BAD_TOKENS)
+def test_every_refusal_of_a_resume_token_is_classified_as_one(code, message):
+    assert bad_resume_token(OperationFailure(message, code))
+
+
+@pytest.mark.parametrize("exc", [
+    OperationFailure("Resume of change stream was not possible, as the resume point may no "
+                     "longer be in the oplog.", 286),
+    OperationFailure("not authorized on shop to execute command", 13),
+    OperationFailure(POST, 47),
+    OperationFailure("The $changeStream stage is only supported on replica sets", 40573),
+    ConnectionFailure("connection refused"),
+    ValueError("Bad resume token"),
+])
+def test_other_failures_are_not_bad_tokens(exc):
+    assert not bad_resume_token(exc)
+
+
+@pytest.mark.parametrize("code, message", BAD_TOKENS)
+async def test_the_change_source_starts_afresh_on_any_refused_token(code, message):
+    """Reopening with a token MongoDB refused would fail the same way forever (the source knew
+    260 only)."""
+    source = ChangeSource(config(), hub=None)
+    source._token = {"_data": "82AB"}
+    source._classify(OperationFailure(message, code))
+    assert source._token is None and source._start_after is None
+    assert "resume token rejected" in source.reason

@@ -10,15 +10,16 @@ import jwt
 import pytest
 
 from changerelay import events as ev
+from changerelay.admission import Refusal
 from changerelay.auth import Authenticator
 from changerelay.rows import AccessRule
-from changerelay.subscription import ALL, Subscription, SubscriptionError, parse
+from changerelay.subscription import Subscription, parse
 
 SCOPE = ("shop", None)
 
 
 def args(**values):
-    return {k: [v] for k, v in values.items()}
+    return values
 
 
 def event(op="insert", db="shop", coll="orders", **fields):
@@ -33,7 +34,7 @@ def sees(subscription, change) -> bool:
 def test_empty_query_matches_everything_and_groups_together():
     a, resume = parse({}, SCOPE)
     b, _ = parse({}, SCOPE)
-    assert resume is None and a == b == ALL
+    assert resume is None and a == b == Subscription()
     batch = [event(), event("drop")]
     assert a.select(batch) is batch  # nothing to decide: the batch as it is
 
@@ -62,18 +63,16 @@ def test_a_collection_named_star_is_not_the_whole_database():
     (args(ops=","), "invalid_ops"),
     (args(filter="[1]"), "invalid_filter"),
     (args(resume_after="12345"), "invalid_resume_after"),
-    (args(colour="blue"), "unknown_parameter"),
-    ({"ns": ["shop", "shop.x"]}, "repeated_parameter"),
 ])
 def test_refusals(query, code):
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         parse(query, SCOPE)
     assert info.value.code == code and info.value.status == 400
     assert code in info.value.body()
 
 
 def test_collection_scope_refuses_the_whole_database():
-    with pytest.raises(SubscriptionError):
+    with pytest.raises(Refusal):
         parse(args(ns="shop"), ("shop", "orders"))
     sub, _ = parse(args(ns="shop.orders"), ("shop", "orders"))
     assert sees(sub, event())
@@ -131,7 +130,7 @@ def test_token_claims_restrict_namespaces():
     inside, _ = parse(args(ns="shop.orders"), SCOPE)
     assert auth.restrict(inside, claims).namespaces == frozenset({("shop", "orders")})
     outside, _ = parse(args(ns="shop.users"), SCOPE)
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         auth.restrict(outside, claims)
     assert info.value.status == 403
     assert authenticate(query_token=make({})).namespaces is None
@@ -143,7 +142,7 @@ def test_token_claims_restrict_namespaces():
     ({"ns": 5}, "invalid_token"),
 ])
 def test_bad_claims_are_refused(claims, code):
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         authenticate(make(claims))
     assert info.value.code == code and info.value.status == 401
 
@@ -153,7 +152,7 @@ def test_bad_claims_are_refused(claims, code):
     ["shop.system.users"], [5], [["shop"]],
 ])
 def test_a_malformed_ns_claim_is_an_invalid_token_never_a_wider_grant(ns):
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         authenticate(make({"ns": ns}))
     assert (info.value.code, info.value.status) == ("invalid_token", 401)
     assert "ns" in info.value.message
@@ -172,7 +171,7 @@ def test_a_rule_on_the_document_needs_post_images(mode, spec, refused):
                               query_arguments={})
     auth = Authenticator(SECRET, ["HS256"], mode)
     if refused:
-        with pytest.raises(SubscriptionError) as info:
+        with pytest.raises(Refusal) as info:
             auth.authenticate(request)
         assert (info.value.code, info.value.status) == ("row_rules_need_post_images", 403)
         assert "FULL_DOCUMENT=whenAvailable" in info.value.message
@@ -181,7 +180,7 @@ def test_a_rule_on_the_document_needs_post_images(mode, spec, refused):
 
 
 def test_an_empty_ns_claim_grants_nothing():
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         authenticate(make({"ns": []}))
     assert (info.value.code, info.value.status) == ("ns_forbidden", 403)
 
@@ -224,7 +223,7 @@ SOON = int(time.time()) + 300
     ({"exp": SOON, "ns": {"shop": 1}}, "ns"),
 ])
 def test_every_claim_the_relay_reads_is_type_checked_at_the_handshake(claims, named):
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         authenticate(signed(json.dumps(claims)))
     assert (info.value.code, info.value.status) == ("invalid_token", 401)
     assert f"{named} claim" in info.value.message
@@ -232,7 +231,7 @@ def test_every_claim_the_relay_reads_is_type_checked_at_the_handshake(claims, na
 
 @pytest.mark.parametrize("payload", ['{"exp": 1e999}', '{"exp": NaN}', '{"exp": true}'])
 def test_non_finite_or_boolean_exp_is_refused(payload):
-    with pytest.raises(SubscriptionError) as info:
+    with pytest.raises(Refusal) as info:
         authenticate(signed(payload))
     assert info.value.status == 401
 
@@ -303,7 +302,7 @@ def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     for token in (_hs256_with(pem), make({}, key=SECRET)):
         request = SimpleNamespace(headers={"Authorization": f"Bearer {token}"},
                                   query_arguments={})
-        with pytest.raises(SubscriptionError) as info:
+        with pytest.raises(Refusal) as info:
             auth.authenticate(request)
         assert info.value.status == 401
 

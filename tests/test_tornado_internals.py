@@ -1,7 +1,7 @@
 """The write paths against Tornado itself: same bytes on the wire, same buffer accounting.
 
-These tests are the tripwire for a Tornado upgrade: ``changerelay/wire.py`` uses private
-attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
+These tests are the tripwire for a Tornado upgrade: ``changerelay/tornado_internals.py`` uses
+private attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
 ``HTTP1Connection._chunking_output``) and must fail here, loudly, if they change.
 """
 
@@ -16,11 +16,13 @@ import pytest
 from tornado import httpserver, iostream, netutil, web, websocket
 from tornado.http1connection import HTTP1Connection
 
-from changerelay import clients, frames, wire
+from changerelay import clients, frames
 from changerelay import events as ev
-from changerelay.subscription import ALL
+from changerelay.subscription import Subscription
+from changerelay.tornado_internals import StreamWriter, take_socket
 from tests.support import masked
 
+EVERYTHING = Subscription()  # no namespace, operation or filter: every event
 MESSAGES = ["", "x", "é" * 40, "a" * 125, "b" * 126, "c" * 65535, "d" * 65536, "e" * 200_000,
             '{"operationType":"insert","fullDocument":{"t":"' + "abc" * 500 + '"}}']
 
@@ -97,7 +99,7 @@ async def test_take_socket_hands_over_unread_bytes_and_a_working_socket():
             self.set_header("Upgrade", "websocket")
             self.set_header("Connection", "Upgrade")
             self.finish()
-            taken.set_result(wire.take_socket(self.detach()))
+            taken.set_result(take_socket(self.detach()))
 
     server = httpserver.HTTPServer(web.Application([(r"/ws", Handler)]))
     [sock] = netutil.bind_sockets(0, "127.0.0.1")
@@ -127,7 +129,7 @@ async def test_direct_writes_keep_order_when_the_kernel_pushes_back():
     a.setblocking(False)
     b.setblocking(False)
     stream = iostream.IOStream(a)
-    writer = wire.StreamWriter(stream)
+    writer = StreamWriter(stream)
     chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
     for chunk in chunks:
         writer.write(chunk)
@@ -167,27 +169,33 @@ class FakeConnection:
         self.closed_with = (code, reason)
 
 
+def ended(client):
+    raise AssertionError(f"{client} was ended")
+
+
 def test_client_never_buffers_past_its_limit_and_is_cut_off_with_1013():
     connection = FakeConnection()
-    client = clients.WebSocketClient(connection, ALL, limit=1000, peer="test")
     cut = []
-    client.on_cut = lambda: cut.append(True)
+    client = clients.WebSocketClient(connection, EVERYTHING, limit=1000, peer="test", claims=None,
+                                     on_end=cut.append)
     frame = frames.ws_frame(b"y" * 300)
     for _ in range(10):
         client.send(frame)
     assert connection.queued <= 1000 + clients.LAST_WORDS_ALLOWANCE
     assert connection.data.count(frame) == 3
     assert connection.closed_with == (1013, "slow consumer")
-    assert cut == [True]
+    assert cut == [client]
     assert b'"code":"slow_consumer"' in connection.data
 
 
 def test_deflate_clients_get_the_compressed_frames_and_plain_control_messages():
     event = ev.encode_change({"_id": {"_data": "82AB"}, "operationType": "insert",
                               "fullDocument": {"t": "x" * 1000}})
-    plain = clients.WebSocketClient(FakeConnection(), ALL, limit=1 << 20, peer="a")
-    deflate = clients.WebSocketClient(FakeConnection(), ALL, limit=1 << 20, peer="b",
-                                      deflate=True)
+    plain = clients.WebSocketClient(FakeConnection(), EVERYTHING, limit=1 << 20, peer="a",
+                                    claims=None, on_end=ended)
+    deflate = clients.WebSocketClient(FakeConnection(), EVERYTHING, limit=1 << 20, peer="b",
+                                      claims=None, on_end=ended, deflate=True)
+    assert (plain.encoding, deflate.encoding) == ("ws", "ws-deflate")
     assert plain.pack([event, event]) == event.frame * 2
     assert deflate.pack([event]) == event.deflated and event.deflated[0] == 0xC1
     assert len(event.deflated) < len(event.frame) // 5
@@ -196,8 +204,9 @@ def test_deflate_clients_get_the_compressed_frames_and_plain_control_messages():
 
 @pytest.mark.parametrize("chunked", [True, False])
 def test_sse_records_are_framed_like_tornado_chunks(chunked):
-    client = clients.EventStreamClient(None, ALL, limit=1 << 20, peer="test")
-    client.chunked = chunked
+    client = clients.EventStreamClient(None, None, chunked, EVERYTHING, limit=1 << 20, peer="test",
+                                       claims=None, on_end=ended)
+    assert client.encoding == ("sse-chunked" if chunked else "sse")
     event = ev.encode_change({"_id": {"_data": "82AB"}, "operationType": "delete"})
     packed = client.pack([event])
     if chunked:
@@ -234,9 +243,9 @@ def test_a_client_reading_faster_than_live_traffic_is_not_cut_off_behind_a_repla
     """Live events queued behind a replay count against the limit only until they are written:
     a client that reads 110 KB for every 100 KB of live events catches up, however long."""
     connection = DrainableConnection()
-    client = clients.WebSocketClient(connection, ALL, limit=4_000_000, peer="test")
     cut = []
-    client.on_cut = lambda: cut.append(True)
+    client = clients.WebSocketClient(connection, EVERYTHING, limit=4_000_000, peer="test",
+                                     claims=None, on_end=cut.append)
     history = _events(0, 3000)  # 3 MB: written a chunk at a time as the client reads
     client.replay(history)
     sent, n = list(history), len(history)
@@ -255,9 +264,9 @@ def test_a_client_reading_faster_than_live_traffic_is_not_cut_off_behind_a_repla
 
 def test_a_client_reading_slower_than_live_traffic_behind_a_replay_is_cut_off():
     connection = DrainableConnection()
-    client = clients.WebSocketClient(connection, ALL, limit=4_000_000, peer="test")
     cut = []
-    client.on_cut = lambda: cut.append(True)
+    client = clients.WebSocketClient(connection, EVERYTHING, limit=4_000_000, peer="test",
+                                     claims=None, on_end=cut.append)
     client.replay(_events(0, 3000))
     n = 3000
     for _ in range(70):
@@ -265,4 +274,4 @@ def test_a_client_reading_slower_than_live_traffic_behind_a_replay_is_cut_off():
         n += 100
         client.deliver(live, client.pack(live))
         connection.drain(20_000)
-    assert cut == [True] and connection.closed_with == (1013, "slow consumer")
+    assert cut == [client] and connection.closed_with == (1013, "slow consumer")

@@ -8,13 +8,16 @@
 * ``take_socket``: a WebSocket leaves Tornado after its handshake (see ``connection.py``).
 
 The relay serves plain TCP (TLS ends at a proxy, see the README): a TLS stream's socket could not
-be written to directly. ``tests/test_wire.py`` pins the private attributes used here.
+be written to directly. ``tests/test_tornado_internals.py`` pins the private attributes used here.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
+from tornado import web
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
 from .connection import Writer
@@ -40,15 +43,24 @@ class StreamWriter(Writer):
             raise StreamClosedError()
         return self.stream.socket
 
-    def _queue(self, data) -> None:
+    def _queue(self, data: bytes | memoryview) -> None:
         self.stream.write(data)
 
     def _broken(self, exc: OSError) -> None:
         self.stream.close(exc_info=exc)
 
-    def when_drained(self, callback) -> None:
+    def when_drained(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once everything queued is with the kernel."""
         self.stream.write(b"").add_done_callback(lambda _: callback())
+
+    def close_within(self, seconds: float) -> None:
+        stream = self.stream
+
+        def close() -> None:
+            if not stream.closed():
+                stream.close()
+
+        stream.io_loop.call_later(seconds, close)
 
 
 def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
@@ -68,16 +80,20 @@ def take_socket(stream: IOStream) -> tuple[socket.socket, bytes, bytes]:
         chunk = buffer.peek(buffer._size)
         unwritten.append(bytes(chunk))
         buffer.advance(len(chunk))
-    stream.socket = None  # the stream is dropped; nothing in it may touch the socket again
+    # The stream is dropped; nothing in it may touch the socket again.
+    stream.socket = None  # type: ignore[assignment]
     return sock, unread, b"".join(unwritten)
 
 
-def http_stream(handler) -> IOStream:
+def http_stream(handler: web.RequestHandler) -> IOStream:
     """The IOStream under a plain ``RequestHandler`` (for SSE)."""
-    return handler.request.connection.stream
+    connection = handler.request.connection
+    if not isinstance(connection, HTTP1Connection):  # the only kind Tornado's server makes
+        raise TypeError(f"an event stream needs an HTTP/1.x connection, not {connection!r}")
+    return connection.stream
 
 
-def http_chunked(handler) -> bool:
+def http_chunked(handler: web.RequestHandler) -> bool:
     """True if the response body goes out in HTTP/1.1 chunks (we then frame our writes so)."""
     return bool(getattr(handler.request.connection, "_chunking_output", False))
 
