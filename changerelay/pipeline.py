@@ -83,6 +83,27 @@ def parse_redact(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{DOCUMENTS[0]}.{'.'.join(field)}" for field in _outermost(fields))
 
 
+def redacted_field(path: str, redact: Iterable[str]) -> str | None:
+    """The REDACT path that an event field ``path`` (a filter's) reads some of, or None.
+
+    REDACT removes a field from both images and from updatedFields, wherever array positions
+    put it: a path there that names the field, something inside it or something holding it
+    reads what the relay never gets to see.
+    """
+    head, _, rest = path.partition(".")
+    if head == "updateDescription" and rest.startswith("updatedFields."):
+        rest = rest.removeprefix("updatedFields.")
+    elif head not in DOCUMENTS:
+        return None
+    field = [part for part in rest.split(".") if not (part.isascii() and part.isdigit())]
+    for redacted in redact:
+        named = redacted.split(".")[1:]
+        shorter = min(len(field), len(named))
+        if field[:shorter] == named[:shorter]:
+            return redacted
+    return None
+
+
 def _document_field(path: str) -> tuple[str, ...]:
     """A REDACT path as the field of the changed document it names, or a refusal saying why."""
     head, _, rest = path.partition(".")
