@@ -171,7 +171,7 @@ class Authenticator:
                 raise Refusal(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
                     "within " + ", ".join(sorted(map(str, allowed))))
-        return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
+        return Subscription(wanted, subscription.ops, subscription.filter, claims.rule, allowed)
 
     def expire(self, clients: Iterable[Expiring]) -> None:
         """Close connections whose token's ``exp`` has passed (checked once a second).

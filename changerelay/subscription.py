@@ -44,17 +44,19 @@ class Subscription:
     restriction) and an empty set (nothing) stay apart.
     """
 
-    __slots__ = ("_hash", "access", "filter", "key", "namespaces", "ops", "select")
+    __slots__ = ("_hash", "access", "filter", "grant", "key", "namespaces", "ops", "select")
 
     def __init__(self, namespaces: Iterable[tuple[str, str | None]] | None = None,
                  ops: Iterable[str] | None = None, filter: filters.Filter | None = None,
-                 access: AccessRule | None = None):
+                 access: AccessRule | None = None,
+                 grant: Iterable[tuple[str, str | None]] | None = None):
         self.namespaces = None if namespaces is None else normalise(namespaces)
         self.ops = None if ops is None else frozenset(ops)
         self.filter = filter
         self.access = access  # a JWT claim's row rule
+        self.grant = None if grant is None else normalise(grant)  # a JWT claim's namespaces
         self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
-                    None if access is None else access.key)
+                    None if access is None else access.key, self.grant)
         self._hash = hash(self.key)
         self.select: Select = self._compile()
 
@@ -74,6 +76,8 @@ class Subscription:
             checks.append(lambda event: event.op in ops)
         if self.namespaces is not None:
             checks.append(_in_namespaces(self.namespaces))
+        if self.grant is not None:
+            checks.append(_renamed_within(self.grant))
         predicate = None if self.filter is None else self.filter.predicate
         if self.access is None:
             if predicate is not None:
@@ -112,12 +116,16 @@ class Subscription:
 
 
 def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
+    inside = _namespace_test(namespaces)
+    return lambda event: inside(*event.ns)
+
+
+def _namespace_test(namespaces: frozenset[Namespace]) -> Callable[[str | None, str | None], bool]:
     databases = {db for db, coll in namespaces if coll is None}
     collections = {(db, coll) for db, coll in namespaces if coll is not None}
     named = {db for db, _ in collections}
 
-    def in_namespaces(event: Event) -> bool:
-        db, coll = event.ns
+    def inside(db: str | None, coll: str | None) -> bool:
         if db is None:          # invalidate: concerns every client of the stream
             return True
         if db in databases:
@@ -126,8 +134,21 @@ def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
             return db in named
         return (db, coll) in collections
 
-    return in_namespaces
+    return inside
 
+
+def _renamed_within(grant: frozenset[Namespace]) -> Callable[[Event], bool]:
+    """A rename names the namespace it moves to (``to``): one outside the token's grant is a
+    name its bearer may not learn, so that rename is withheld."""
+    inside = _namespace_test(grant)
+
+    def renamed_within(event: Event) -> bool:
+        if event.op != "rename":
+            return True
+        to = event.change.get("to") or {}
+        return inside(to.get("db") or "", to.get("coll"))
+
+    return renamed_within
 
 
 def parse(values: Mapping[str, str],

@@ -350,3 +350,19 @@ def test_a_rule_that_reads_a_redacted_field_is_refused(spec, refused):
         assert "REDACT" in info.value.message
     else:
         assert auth.authenticate(request).rule is not None
+
+
+def test_a_rename_out_of_the_tokens_grant_is_withheld():
+    """A rename's ``to`` names another namespace: one outside the token's ns claim is a name the
+    bearer may not learn. Within the grant, or without a token, renames arrive as before."""
+    auth = Authenticator(SECRET, ["HS256"])
+    claims = authenticate(make({"ns": ["shop.orders", "shop.archive"]}))
+    granted = auth.restrict(parse({}, SCOPE)[0], claims)
+    out = event("rename", to={"db": "shop", "coll": "secret_plans"})
+    within = event("rename", to={"db": "shop", "coll": "archive"})
+    assert not sees(granted, out)
+    assert sees(granted, within)
+    assert sees(granted, event("insert"))
+    # The same namespaces asked for in the query, with no token: the client may know any name.
+    asked, _ = parse(args(ns="shop.orders,shop.archive"), SCOPE)
+    assert sees(asked, out) and asked != granted
