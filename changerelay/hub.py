@@ -16,8 +16,8 @@ hand-over from history to live.
 
 ``floor`` is the resume point the log starts from: every event after ``floor`` up to the newest is
 in the log. A resume point older than ``floor`` has to be caught up from MongoDB itself (see
-``catchup.py``). Positions compare as strings because MongoDB's resume tokens are hex-encoded
-KeyStrings whose byte order is the order of events in a deployment.
+``catchup.py``). Positions are ids (``tokens.py``) and compare by their ``_data``, a hex-encoded
+KeyString whose byte order is the order of events in a deployment.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import events as ev
 from .events import Delivery, Event
+from .tokens import order_key, seconds
 
 if TYPE_CHECKING:
     from .subscription import Subscription
@@ -93,7 +94,7 @@ class Hub(Generic[S]):
         self._call_soon = call_soon
         self._behind = behind
         self._log: list[Event] = []
-        self._tokens: list[str] = []
+        self._keys: list[str] = []        # each logged event's key, for binary searches
         self._start = 0                   # log[:_start] is evicted; compacted now and then
         self._bytes = 0
         self.floor: str | None = None     # None until the change stream has opened once
@@ -101,7 +102,7 @@ class Hub(Generic[S]):
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
-        self._ahead: dict[S, str] = {}    # clients resuming past our newest event
+        self._ahead: dict[S, str] = {}    # clients resuming past our newest event: their key
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self.clients: set[S] = set()
         self.published = 0
@@ -116,7 +117,7 @@ class Hub(Generic[S]):
         """
         self.flush()
         if resync or self.floor is None:
-            self._log, self._tokens, self._start, self._bytes = [], [], 0, 0
+            self._log, self._keys, self._start, self._bytes = [], [], 0, 0
         if resync:
             message = ev.control("resync", reason="history_lost")
             for client in tuple(self.clients):
@@ -137,7 +138,7 @@ class Hub(Generic[S]):
 
     def publish(self, event: Event) -> None:
         self._log.append(event)
-        self._tokens.append(event.token)
+        self._keys.append(event.key)
         self._bytes += event.size
         self.published += 1
         self._pending.append(event)
@@ -149,7 +150,7 @@ class Hub(Generic[S]):
     def advance(self, token: str) -> None:
         """The stream is known to have nothing before ``token`` that we have not published."""
         self.flush()
-        if self.position is None or token > self.position:
+        if self.position is None or order_key(token) > order_key(self.position):
             self.position = token
 
     def flush(self) -> None:
@@ -174,7 +175,7 @@ class Hub(Generic[S]):
             self._start += 1
         if self._start > COMPACT_AFTER and self._start * 2 > len(self._log):
             del self._log[: self._start]
-            del self._tokens[: self._start]
+            del self._keys[: self._start]
             self._start = 0
 
     # -- client side -------------------------------------------------------------------------
@@ -196,27 +197,28 @@ class Hub(Generic[S]):
             self.clients.add(client)
             self._waiting[client] = after
             return True
-        if after < floor:
+        key = order_key(after)
+        if key < order_key(floor):
             return False
         self.flush()
         self.clients.add(client)
         head = self._newest(floor)
-        if after > head:
-            if ev.token_seconds(after) - ev.token_seconds(head) > AHEAD_WINDOW:
+        if key > order_key(head):
+            if seconds(after) - seconds(head) > AHEAD_WINDOW:
                 # Not from a relay a moment ahead of us, and MongoDB would wait for that time
                 # to come: the position is unusable, and the client must be told so.
                 client.send_control(ev.control("resync", reason="invalid_token"))
                 self._join(client)
                 return True
             # From another relay that is ahead of us: hold back what it has already seen.
-            self._ahead[client] = after
+            self._ahead[client] = key
             return True
         self.replay(client, after)
         self._join(client)
         return True
 
     def replay(self, client: S, after: str) -> None:
-        index = bisect.bisect_right(self._tokens, after, lo=self._start)
+        index = bisect.bisect_right(self._keys, order_key(after), lo=self._start)
         matched = client.subscription.select(self._log[index:])
         if matched:
             client.last_send = time.monotonic()
@@ -240,9 +242,9 @@ class Hub(Generic[S]):
         group.clients.add(client)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
-        head = batch[-1].token
+        head = batch[-1].key
         for client, after in tuple(self._ahead.items()):
-            fresh = client.subscription.select([e for e in batch if e.token > after])
+            fresh = client.subscription.select([e for e in batch if e.key > after])
             if fresh:
                 client.last_send = now
                 client.deliver(fresh, client.pack(fresh))
@@ -281,7 +283,7 @@ class Hub(Generic[S]):
 
     def _newest(self, floor: str) -> str:
         """The newest event in the log, or ``floor`` when there is none."""
-        return self._tokens[-1] if len(self._tokens) > self._start else floor
+        return self._log[-1].token if len(self._log) > self._start else floor
 
     def stats(self) -> dict[str, int]:
         return {

@@ -42,6 +42,7 @@ from .backoff import Backoff
 from .config import Config
 from .hub import Hub
 from .pipeline import Stage, redaction_stages
+from .tokens import token_id
 
 ResumeToken = Mapping[str, Any]  # a change event's _id: {"_data": hex, ...}
 
@@ -51,6 +52,7 @@ FAILED_TO_PARSE = 9
 UNAUTHORIZED = 13
 AUTH_FAILED = 18                # AuthenticationFailed
 INVALID_BSON = 22
+CURSOR_NOT_FOUND = 43
 NO_MATCHING_DOCUMENT = 47
 INVALID_RESUME_TOKEN = 260
 HISTORY_LOST = 286              # ChangeStreamHistoryLost
@@ -66,6 +68,9 @@ BAD_TOKEN_CODES = frozenset({FAILED_TO_PARSE, INVALID_BSON, INVALID_RESUME_TOKEN
 # ...) with "resume token" or "Token type", and key_string.cpp prefixes every decoding failure of
 # the KeyString a token is with "KeyString format error".
 BAD_TOKEN_WORDS = ("resume token", "token type", "keystring format error")
+# The driver specification's word for a failure a change stream can resume past
+# (specifications/source/change-streams/change-streams.md, "Resumable Error").
+RESUMABLE_LABEL = "ResumableChangeStreamError"
 
 IMAGES_MISSING = "images_missing"  # the source's state, and the reason catch-up riders resync
 IMAGE_SETTINGS = {"post-image": "FULL_DOCUMENT", "pre-image": "FULL_DOCUMENT_BEFORE_CHANGE"}
@@ -95,6 +100,27 @@ def bad_resume_token(exc: BaseException) -> bool:
         return True
     message = str(exc).lower()
     return any(words in message for words in BAD_TOKEN_WORDS)
+
+
+def resync_reason(exc: BaseException) -> str | None:
+    """Why a change stream cannot go on from its resume point — the reason its clients are told
+    to resync — or None when trying again may get past the failure.
+
+    Trying again helps where the driver specification calls a failure resumable: anything but a
+    server's refusal (the network; a primary stepping down, which PyMongo raises as
+    NotPrimaryError, a ConnectionFailure), CursorNotFound, and what the server labels
+    ResumableChangeStreamError. Any other refusal comes again at every attempt, so a code the
+    relay has no name for ends in a resync too, never in retries while a client waits.
+    """
+    if not isinstance(exc, OperationFailure):
+        return None
+    if exc.code == CURSOR_NOT_FOUND or exc.has_error_label(RESUMABLE_LABEL):
+        return None
+    if exc.code == HISTORY_LOST:
+        return "history_lost"
+    if bad_resume_token(exc):
+        return "invalid_token"
+    return "resume_failed"
 
 
 def missing_image(exc: BaseException, config: Config) -> str | None:
@@ -255,9 +281,9 @@ class ChangeSource:
             return
         self._token, self._start_after = token, None
         if fresh:
-            self.hub.start(ev.token_hex(token), resync=self.hub.floor is not None)
+            self.hub.start(token_id(token), resync=self.hub.floor is not None)
         else:
-            self.hub.advance(ev.token_hex(token))
+            self.hub.advance(token_id(token))
 
     async def _pump(self, stream: AsyncChangeStream[Any]) -> None:
         hub = self.hub
@@ -268,7 +294,7 @@ class ChangeSource:
                     token = stream.resume_token
                     if token is not None:
                         self._token = token
-                        hub.advance(token["_data"])
+                        hub.advance(token_id(token))
                     if not stream.alive:
                         raise ConnectionFailure("the change stream was closed by the server")
                     continue

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from bson import Int64
 from pymongo import MongoClient
 
 from tests.support import ROOT, SSE, WS, token_of
@@ -47,11 +48,13 @@ class Writer(threading.Thread):
         self.client.close()
 
 
-def write(uri: str, db: str, count: int, start: int = 0):
+def write(uri: str, db: str, count: int, start: int = 0, key=int):
+    """``count`` inserts, ``_id`` ``key(start)`` on; ``key=Int64`` past 2**31 makes every id
+    carry type bits."""
     with MongoClient(uri) as client:
         for first in range(start, start + count, 100):
             client[db].c.insert_many(
-                [{"_id": i} for i in range(first, min(first + 100, start + count))])
+                [{"_id": key(i)} for i in range(first, min(first + 100, start + count))])
 
 
 class ResumingClient:
@@ -269,6 +272,7 @@ async def test_quiet_subscription_gets_positions_and_resumes_from_them(mongo, re
 
 
 def test_tail_cli_survives_a_relay_restart(mongo, relay_factory, tmp_path):
+    """Its last id before the restart carries type bits: keys past int32 are NumberLongs."""
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
     relay.wait_ready()
     port = relay.port
@@ -279,7 +283,7 @@ def test_tail_cli_survives_a_relay_restart(mongo, relay_factory, tmp_path):
             cwd=str(ROOT), stdout=sink, stderr=subprocess.PIPE, text=True)
         try:
             relay.wait_log("101 GET /socket")
-            write(mongo.uri, mongo.db, 400)
+            write(mongo.uri, mongo.db, 400, start=2 ** 40, key=Int64)
             mongo.wait_for(lambda: _lines(out) >= 400, timeout=30)
             relay.proc.kill()
             relay.proc.wait()
@@ -362,3 +366,74 @@ async def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(
     write(primary.uri, "db", 100, start=1100)
     await client.read(1200)
     assert_matches_log(client.tokens, primary)
+
+
+# --- ids are whole resume tokens (issue 12 item 1) -----------------------------------------------
+
+# Keys MongoDB writes type bits for: without them it reads the first as the int32 7 (the real event
+# sorts after that: 280) and cannot read the second at all (50810).
+TYPED_KEYS = [Int64(2 ** 40 + 7), 1.5]
+
+
+@pytest.mark.parametrize("key", TYPED_KEYS, ids=["int64", "double"])
+@pytest.mark.parametrize("buffer", [10000, 5], ids=["from-buffer", "from-mongodb"])
+async def test_a_client_resumes_from_an_event_whose_token_has_type_bits(mongo, relay_factory,
+                                                                       key, buffer):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=buffer)
+    relay.wait_ready()
+
+    client = await ResumingClient().connect(relay.ws_url)
+    with MongoClient(mongo.uri) as writer:
+        writer[mongo.db].c.insert_one({"_id": key})
+        await client.read(1)
+        assert "." in client.last  # the id carries the type bits
+        client.drop()
+        writer[mongo.db].c.insert_many([{"_id": i} for i in range(20)])
+    await client.connect(relay.ws_url)
+    await client.read(21)
+    assert client.controls == []  # no resync: nothing was lost
+    assert_matches_log(client.tokens, mongo)
+
+
+async def test_sse_ids_and_positions_carry_the_type_bits(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, POSITION_INTERVAL=0.3,
+                          REPLAY_BUFFER=5)
+    relay.wait_ready()
+
+    quiet = await WS.connect(f"{relay.ws_url}?ops=delete")
+    sse = await SSE.open(relay.port)
+    with MongoClient(mongo.uri) as writer:
+        writer[mongo.db].c.insert_many([{"_id": 0}, {"_id": TYPED_KEYS[0]}])
+        [_, typed] = await sse.changes(2)
+        newest = mongo.tokens()[-1]
+        assert "." in newest and typed["id"] == newest
+        position = await quiet.until(lambda f: f.get("type") == "position")
+        assert position["resume_after"] == newest
+        writer[mongo.db].c.insert_many([{"_id": i} for i in range(1, 20)])
+        writer[mongo.db].c.delete_one({"_id": 3})
+    sse.close()
+    again = await SSE.open(relay.port, last_event_id=typed["id"])  # beyond the 5-event buffer
+    rest = await again.changes(20)
+    assert [r["id"] for r in rest] == mongo.tokens()[2:]
+    resumed = await WS.connect(f"{relay.ws_url}?ops=delete&resume_after="
+                               f"{position['resume_after']}")
+    [delete] = await resumed.changes(1)
+    assert delete["documentKey"] == {"_id": 3}
+
+
+@pytest.mark.fault
+async def test_a_resume_mongodb_refuses_with_a_code_the_relay_does_not_know_ends_in_resync(
+        primary, relay_factory):
+    """Never an endless retry: whatever MongoDB answers a catch-up with, unless the driver
+    calls it resumable, the client is told to resync and continues live."""
+    relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=5)
+    relay.wait_ready()
+
+    write(primary.uri, "db", 20)
+    old = primary.tokens()[2]
+    primary.fail_next("aggregate", code=54321, errmsg="a refusal no relay knows", count=1000)
+    client = await WS.connect(f"{relay.ws_url}?resume_after={old}")
+    first = await client.recv(timeout=10)
+    assert first["type"] == "resync"
+    write(primary.uri, "db", 2, start=20)
+    assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [20, 21]
