@@ -253,8 +253,7 @@ class ChangeSource:
             self._token = self._start_after = None
             stream = await self.open_stream()
             fresh = True
-        self._opened(stream, fresh)
-        await self._pump(stream)
+        await self._pump(stream, unplaced=self._opened(stream, fresh))
 
     async def open_stream(self, start_after: ResumeToken | None = None,
                           resume_after: ResumeToken | None = None,
@@ -271,21 +270,32 @@ class ChangeSource:
             options["resume_after"] = resume_after
         return await self.target().watch(self.pipeline(), **options)
 
-    def _opened(self, stream: AsyncChangeStream[Any], fresh: bool) -> None:
-        """Tell the hub where the stream stands; a fresh start after the first is a gap."""
+    def _opened(self, stream: AsyncChangeStream[Any], fresh: bool) -> bool:
+        """Tell the hub where the stream stands; a fresh start after the first is a gap.
+
+        True when that is not known yet: MongoDB picks a fresh stream's start time and then
+        scans, so events committed in between come back in its first batch, and until they are
+        read PyMongo has no resume token. The first of them is then where the stream starts.
+        """
         token = stream.resume_token
         self.state, self.reason = "open", "change stream open"
         logger.info("change stream open on %s (%s)", self.config.scope,
                     "from now" if fresh else "resumed")
         if token is None:
-            return
+            return fresh
         self._token, self._start_after = token, None
         if fresh:
-            self.hub.start(token_id(token), resync=self.hub.floor is not None)
+            self._start(token_id(token))
         else:
             self.hub.advance(token_id(token))
+        return False
 
-    async def _pump(self, stream: AsyncChangeStream[Any]) -> None:
+    def _start(self, floor: str) -> None:
+        self.hub.start(floor, resync=self.hub.floor is not None)
+
+    async def _pump(self, stream: AsyncChangeStream[Any], unplaced: bool) -> None:
+        """Publish every change; ``unplaced``: the hub is still to learn where the stream
+        starts (see ``_opened``)."""
         hub = self.hub
         try:
             while True:
@@ -294,12 +304,20 @@ class ChangeSource:
                     token = stream.resume_token
                     if token is not None:
                         self._token = token
-                        hub.advance(token_id(token))
+                        if unplaced:
+                            self._start(token_id(token))
+                            unplaced = False
+                        else:
+                            hub.advance(token_id(token))
                     if not stream.alive:
                         raise ConnectionFailure("the change stream was closed by the server")
                     continue
                 self.last_event_at = time.monotonic()
-                hub.publish(ev.encode_change(change, deflate=self.config.ws_compression))
+                event = ev.encode_change(change, deflate=self.config.ws_compression)
+                if unplaced:
+                    self._start(event.token)
+                    unplaced = False
+                hub.publish(event)
                 if change.get("operationType") == "invalidate":
                     self._start_after = change["_id"]
                     self._token = None

@@ -437,3 +437,32 @@ async def test_a_resume_mongodb_refuses_with_a_code_the_relay_does_not_know_ends
     assert first["type"] == "resync"
     write(primary.uri, "db", 2, start=20)
     assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [20, 21]
+
+
+# --- where the relay's stream starts (issue 12 item 2) ------------------------------------------
+
+@pytest.mark.fault
+async def test_writes_racing_the_open_do_not_hide_where_the_stream_starts(primary, relay_factory):
+    """MongoDB picks a fresh stream's start time, then scans: writes committed in between come
+    back in its first batch, and PyMongo has no resume token until they are read. A client
+    resuming from before the relay started must still be caught up and handed over."""
+    relay = relay_factory(MONGO_SRV=primary.uri)
+    relay.wait_ready()
+    client = await ResumingClient().connect(relay.ws_url)
+    write(primary.uri, "db", 100)
+    await client.read(100)
+    relay.proc.kill()
+    await client.read_until_closed()
+    write(primary.uri, "db", 50, start=100)  # while no relay runs
+
+    gate = primary.hold_next_open()
+    successor = relay_factory(MONGO_SRV=primary.uri)
+    await asyncio.to_thread(gate.wait_reached)
+    write(primary.uri, "db", 20, start=150)  # committed while the successor's stream opens
+    gate.release()
+    successor.wait_ready()
+    await client.connect(successor.ws_url)
+    write(primary.uri, "db", 10, start=170)
+    await client.read(180)
+    assert client.controls == []
+    assert_matches_log(client.tokens, primary)
