@@ -27,7 +27,7 @@ from . import events as ev
 from .backoff import Backoff
 from .hub import Hub, Subscriber
 from .source import IMAGES_MISSING, bad_resume_token, resync_reason
-from .tokens import order_key, token_document, token_id
+from .tokens import order_key, returned_all_before, token_document, token_id
 
 if TYPE_CHECKING:
     from .subscription import Subscription
@@ -146,7 +146,8 @@ class CatchUp(Generic[R]):
         """Replay from ``job.position``; True once handed over, False to reopen after an
         invalidate (which ends a change stream, as it ends the relay's own)."""
         open_stream, hub = self.open_stream, self.hub
-        token = token_document(job.position)
+        opened_from = job.position
+        token = token_document(opened_from)
         try:
             if job.after_invalidate:
                 stream = await open_stream(start_after=token, max_await_ms=CATCHUP_AWAIT_MS)
@@ -165,9 +166,11 @@ class CatchUp(Generic[R]):
                 change = await stream.try_next()
                 floor = hub.floor
                 if change is None:
+                    # Empty: is everything before the hub's log returned? On an idle
+                    # deployment the resume token stops short of it until the oplog moves.
                     resume = stream.resume_token
-                    if (resume is not None and floor is not None
-                            and order_key(token_id(resume)) >= order_key(floor)):
+                    if resume is not None and floor is not None and returned_all_before(
+                            token_id(resume), floor, opened_from):
                         self._hand_over(job, floor)
                         return True
                     if not stream.alive:

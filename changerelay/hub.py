@@ -150,8 +150,15 @@ class Hub(Generic[S]):
     def advance(self, token: str) -> None:
         """The stream is known to have nothing before ``token`` that we have not published."""
         self.flush()
-        if self.position is None or order_key(token) > order_key(self.position):
+        key = order_key(token)
+        if self.position is None or key > order_key(self.position):
             self.position = token
+        # Clients from a relay that was ahead are live once the stream has passed their point,
+        # event or not: on a quiet deployment only the stream's high-water mark moves.
+        for client, after in tuple(self._ahead.items()):
+            if key >= after:
+                del self._ahead[client]
+                self._join(client)
 
     def flush(self) -> None:
         self._flush_scheduled = False

@@ -128,20 +128,22 @@ def high_water_mark(at: str, like: str) -> str:
     return TIMESTAMP_TYPE + at[CLUSTER_TIME] + order_key(like)[CLUSTER_TIME_DIGITS:]
 
 
-def returned_all_before(returned: str, floor: str) -> bool:
-    """A change stream just came back empty with ``returned`` as its postBatchResumeToken: has
-    it returned every event before ``floor``?
+def returned_all_before(returned: str, floor: str, opened_from: str) -> bool:
+    """A change stream opened from ``opened_from`` just came back empty with ``returned`` as its
+    postBatchResumeToken: has it returned every event before ``floor``?
 
-    Every event up to ``returned``, by its definition. Past it, when ``returned`` is an event:
-    the events that share a cluster time are one oplog entry — a transaction's commit, a batched
-    delete — which becomes visible whole and is read whole, so an empty batch after one of them
-    means none of its time is left, and no time lies between a cluster time and its next tick,
-    where a high-water mark sorts before every event. A high-water mark promises nothing about
-    its own time (a fresh stream's is one tick past the newest entry, still to be written).
+    Every event up to ``returned``, by its definition; and every event of ``returned``'s own
+    cluster time, unless ``returned`` is the high-water mark the stream was opened from. The
+    events that share a cluster time are one oplog entry (a transaction's commit, a batched
+    delete), read whole; ``returned`` is the last event read, or a high-water mark at the newest
+    entry read (query/collection_scan.cpp setLatestOplogEntryTimestamp, which
+    plan_executor_pipeline.cpp reports at the end of a batch) — but the one a stream starts from
+    is a time not read yet, e.g. a fresh stream's one tick past the newest entry. And no time lies
+    between a cluster time and its next tick, where a high-water mark sorts before every event.
     """
     if order_key(returned) >= order_key(floor):
         return True
-    if is_high_water_mark(returned):
+    if is_high_water_mark(returned) and order_key(returned) == order_key(opened_from):
         return False
     time, bound = cluster_time(returned), cluster_time(floor)
     return bound <= time or (bound == time + 1 and is_high_water_mark(floor))

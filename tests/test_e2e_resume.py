@@ -466,3 +466,35 @@ async def test_writes_racing_the_open_do_not_hide_where_the_stream_starts(primar
     await client.read(180)
     assert client.controls == []
     assert_matches_log(client.tokens, primary)
+
+
+# --- idle deployments (issue 12 item 3) ----------------------------------------------------------
+
+@pytest.mark.fault
+async def test_on_an_idle_deployment_a_client_back_at_a_new_relay_is_live_at_once(primary,
+                                                                                   relay_factory):
+    """A fresh stream starts one tick past the newest oplog entry, and on an idle primary its
+    high-water mark moves only with the periodic no-op (10 s here). A client back from a
+    restarted relay with the newest event's id is caught up to that point at once: nothing can
+    lie between an event and the next tick once a stream has read past it."""
+    relay = relay_factory(MONGO_SRV=primary.uri, POSITION_INTERVAL=0.3)
+    relay.wait_ready()
+    client = await ResumingClient().connect(relay.ws_url)
+    write(primary.uri, "db", 3)
+    await client.read(3)
+    relay.proc.kill()
+    await client.read_until_closed()
+
+    successor = relay_factory(MONGO_SRV=primary.uri, POSITION_INTERVAL=0.3)
+    successor.wait_ready()
+    back = time.monotonic()
+    await client.connect(successor.ws_url)
+    position = await client.conn.until(lambda f: f.get("type") == "position", timeout=8)
+    assert time.monotonic() - back < 3, "live only after the oplog moved"
+    assert successor.ready()["catching_up"] == 0
+    client.drop()
+
+    again = await WS.connect(f"{successor.ws_url}?resume_after={position['resume_after']}")
+    write(primary.uri, "db", 1, start=3)
+    [change] = await again.changes(1)
+    assert token_of(change) == primary.tokens()[-1]

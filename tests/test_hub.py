@@ -109,6 +109,22 @@ def test_resume_ahead_of_head_skips_what_client_has_seen():
     assert client.received == [token(4), token(5)]
 
 
+def test_a_client_from_a_relay_ahead_joins_once_the_stream_passes_it_without_events():
+    """On a quiet deployment only the stream's high-water mark moves: the client is live (told
+    positions) once it passes the client's point, not at the next event."""
+    hub = started_hub()
+    hub.publish(event(1))
+    client = FakeClient()
+    assert hub.resume(client, token(3))
+    hub.advance(token(2))
+    assert hub.send_positions(idle=0) == 0  # still held back: not live yet
+    hub.advance(token(3))
+    assert hub.send_positions(idle=0) == 1
+    assert client.controls == [{"type": "position", "resume_after": token(3)}]
+    hub.publish(event(4))
+    assert client.received == [token(4)]
+
+
 def test_resume_far_ahead_is_told_to_resync_instead_of_waiting_forever():
     hub = started_hub()
     hub.publish(event(1))

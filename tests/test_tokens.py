@@ -141,18 +141,26 @@ def test_a_high_water_mark_is_made_at_a_time_as_mongodb_spells_one():
     assert tokens.high_water_mark(hwm(later), like=hwm()) == hwm(later)
 
 
-@pytest.mark.parametrize(("returned", "floor", "covered"), [
+START = event_token(0, at=Timestamp(T.time - 50, 1))  # where the stream was opened from
+NEXT_TICK = Timestamp(T.time, T.inc + 1)
+
+
+@pytest.mark.parametrize(("returned", "floor", "opened_from", "covered"), [
     # the event at T was the last one returned: every event at T is in (one oplog entry)
-    (event_token(1), hwm(Timestamp(T.time, T.inc + 1)), True),
-    (event_token(1), hwm(Timestamp(T.time + 1, 1)), False),  # a time in between may hold events
-    (event_token(1), hwm(T), True),                          # before the event: passed already
-    (event_token(Int64(2 ** 40)), tokens.token_id(event_token(9, txn_op_index=4)), True),
-    (event_token(1), tokens.token_id(event_token(9, at=Timestamp(T.time, T.inc + 1))), False),
-    # a high-water mark at T promises nothing about T itself
-    ({"_data": hwm()}, hwm(Timestamp(T.time, T.inc + 1)), False),
-    ({"_data": hwm()}, hwm(), True),
+    (event_token(1), hwm(NEXT_TICK), START, True),
+    (event_token(1), hwm(Timestamp(T.time + 1, 1)), START, False),  # a time between may hold some
+    (event_token(1), hwm(T), START, True),                           # before the event: passed
+    (event_token(Int64(2 ** 40)), tokens.token_id(event_token(9, txn_op_index=4)), START, True),
+    (event_token(1), tokens.token_id(event_token(9, at=NEXT_TICK)), START, False),
+    # a high-water mark read at T: its entry was read, like an event's
+    ({"_data": hwm()}, hwm(NEXT_TICK), START, True),
+    ({"_data": hwm()}, hwm(Timestamp(T.time, T.inc + 2)), START, False),
+    # ...but the one the stream started from is a time still to be read
+    ({"_data": hwm()}, hwm(NEXT_TICK), {"_data": hwm()}, False),
+    ({"_data": hwm()}, hwm(), {"_data": hwm()}, True),
     # the tick after the last of a second: the next second's first increment
-    (event_token(1, at=Timestamp(T.time, 0xFFFFFFFF)), hwm(Timestamp(T.time + 1, 0)), True),
+    (event_token(1, at=Timestamp(T.time, 0xFFFFFFFF)), hwm(Timestamp(T.time + 1, 0)), START, True),
 ])
-def test_after_an_empty_batch_what_is_known_to_be_returned(returned, floor, covered):
-    assert tokens.returned_all_before(tokens.token_id(returned), floor) is covered
+def test_after_an_empty_batch_what_is_known_to_be_returned(returned, floor, opened_from, covered):
+    assert tokens.returned_all_before(tokens.token_id(returned), floor,
+                                      tokens.token_id(opened_from)) is covered
