@@ -498,3 +498,38 @@ async def test_on_an_idle_deployment_a_client_back_at_a_new_relay_is_live_at_onc
     write(primary.uri, "db", 1, start=3)
     [change] = await again.changes(1)
     assert token_of(change) == primary.tokens()[-1]
+
+
+# --- several events in one oplog entry (issue 12 item 4) ----------------------------------------
+
+def write_group(uri: str, db: str, group: str, keys: range) -> None:
+    """Events that share one cluster time and differ by txnOpIndex: a transaction's inserts, or
+    a multi-delete (MongoDB 6.1+ batches it into one applyOps) of documents already there."""
+    with MongoClient(uri) as client:
+        coll = client[db].c
+        if group == "transaction":
+            with client.start_session() as session, session.start_transaction():
+                for key in keys:
+                    coll.insert_one({"_id": key}, session=session)
+        else:
+            coll.delete_many({"_id": {"$gte": keys.start, "$lt": keys.stop}})
+
+
+@pytest.mark.parametrize("group", ["transaction", "delete_many"])
+@pytest.mark.parametrize("buffer", [10000, 3], ids=["from-buffer", "from-mongodb"])
+async def test_resuming_inside_a_transaction_or_batched_delete_loses_and_repeats_nothing(
+        mongo, relay_factory, group, buffer):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=buffer,
+                          POSITION_INTERVAL=0.2)
+    relay.wait_ready()
+    write(mongo.uri, mongo.db, 10)
+    client = await ResumingClient().connect(relay.ws_url)
+    write_group(mongo.uri, mongo.db, group, range(20, 30) if group == "transaction" else range(10))
+    for middle in (3, 6, 9):  # stop inside the group, with the rest of it unread
+        await client.read(middle)
+        client.drop()
+        await client.connect(relay.ws_url)
+    write(mongo.uri, mongo.db, 5, start=100)
+    await client.read(15)
+    assert all(c["type"] == "position" for c in client.controls)
+    assert client.tokens == mongo.tokens()[10:]  # the group and the 5 after it, each once
