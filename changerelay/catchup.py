@@ -201,6 +201,7 @@ class CatchUp(Generic[R]):
                 if matched is None:
                     matched = verdicts[subscription] = subscription.select([event])
                 if matched:
+                    client.sent = matched[-1].token
                     client.replay(matched)
                 if client.closed:
                     job.clients.pop(client, None)

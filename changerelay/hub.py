@@ -18,6 +18,10 @@ hand-over from history to live.
 in the log. A resume point older than ``floor`` has to be caught up from MongoDB itself (see
 ``catchup.py``). Positions are ids (``tokens.py``) and compare by their ``_data``, a hex-encoded
 KeyString whose byte order is the order of events in a deployment.
+
+An event's id encodes its document's ``_id`` and its collection's UUID, so a ``position`` message
+tells a client whose token restricts it (an ``ns`` claim, a row rule) only ids it may know: a
+high-water mark, or the newest id its subscription was sent — never another event's.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import events as ev
 from .events import Delivery, Event
-from .tokens import order_key, seconds
+from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 
 if TYPE_CHECKING:
     from .subscription import Subscription
@@ -49,6 +53,7 @@ class Subscriber(Protocol):
     subscription: Subscription    # the hub swaps in its group's compiled copy
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
+    sent: str | None              # the newest id replayed or sent to it outside its group
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
     def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
@@ -62,18 +67,20 @@ S = TypeVar("S", bound=Subscriber)
 class Group(Generic[S]):
     """Clients with the same subscription: one match per event, one payload per encoding."""
 
-    __slots__ = ("clients", "last_send", "subscription")
+    __slots__ = ("clients", "last_send", "newest", "subscription")
 
     def __init__(self, subscription: Subscription):
         self.subscription = subscription
         self.clients: set[S] = set()
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
+        self.newest: str | None = None  # ...and this was the newest id among them
 
     def deliver(self, batch: list[Event], now: float) -> None:
         matched = self.subscription.select(batch)
         if not matched:
             return
         self.last_send = now
+        self.newest = matched[-1].token
         payloads: dict[str, bytes] = {}
         for client in tuple(self.clients):
             payload = payloads.get(client.encoding)
@@ -99,6 +106,7 @@ class Hub(Generic[S]):
         self._bytes = 0
         self.floor: str | None = None     # None until the change stream has opened once
         self.position: str | None = None  # newest token every client has been sent up to
+        self._mark: str | None = None     # a high-water mark MongoDB sent, to spell others like
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
@@ -128,6 +136,7 @@ class Hub(Generic[S]):
         if resync or self.floor is None:
             self.floor = floor
             self.position = floor
+        self._learn_mark(floor)
         waiting, self._waiting = self._waiting, {}
         for client, after in waiting.items():
             if not self.resume(client, after):
@@ -150,6 +159,7 @@ class Hub(Generic[S]):
     def advance(self, token: str) -> None:
         """The stream is known to have nothing before ``token`` that we have not published."""
         self.flush()
+        self._learn_mark(token)
         key = order_key(token)
         if self.position is None or key > order_key(self.position):
             self.position = token
@@ -229,6 +239,7 @@ class Hub(Generic[S]):
         matched = client.subscription.select(self._log[index:])
         if matched:
             client.last_send = time.monotonic()
+            client.sent = matched[-1].token
             client.replay(matched)
 
     def unsubscribe(self, client: S) -> None:
@@ -254,6 +265,7 @@ class Hub(Generic[S]):
             fresh = client.subscription.select([e for e in batch if e.key > after])
             if fresh:
                 client.last_send = now
+                client.sent = fresh[-1].token
                 client.deliver(fresh, client.pack(fresh))
             if head >= after:
                 del self._ahead[client]
@@ -273,20 +285,44 @@ class Hub(Generic[S]):
         if self.position is None:
             return 0
         now = time.monotonic()
-        message = ev.control("position", resume_after=self.position)
+        mark = self._mark_at(self.position)
+        messages: dict[str, bytes] = {}
         sent = 0
         for group in tuple(self._groups.values()):
             if now - group.last_send < idle:
                 continue
+            restricted = group.subscription.restricted
+            shared = _latest(mark, group.newest) if restricted else self.position
             for client in tuple(group.clients):
                 if budget is not None and sent >= budget:
                     return sent
-                if now - client.last_send >= idle and client.told != self.position:
-                    client.last_send = now
-                    client.told = self.position
-                    client.send_control(message, token=self.position)
-                    sent += 1
+                position = _latest(shared, client.sent) if restricted else shared
+                if position is None or now - client.last_send < idle or client.told == position:
+                    continue
+                message = messages.get(position)
+                if message is None:
+                    message = messages[position] = ev.control("position", resume_after=position)
+                client.last_send = now
+                client.told = position
+                client.send_control(message, token=position)
+                sent += 1
         return sent
+
+    def _learn_mark(self, token: str) -> None:
+        if self._mark is None and is_high_water_mark(token):
+            self._mark = token
+
+    def _mark_at(self, position: str) -> str | None:
+        """The high-water mark at ``position``'s cluster time: every event before that time has
+        been flushed, and it names no event. None until MongoDB has sent one to spell it like.
+
+        A client resuming from it is sent the events of that time again, so a restricted client
+        is told it only when it was sent none of them (``send_positions`` takes the newest of
+        this and what the client was sent).
+        """
+        if is_high_water_mark(position):
+            return position
+        return None if self._mark is None else high_water_mark(position, like=self._mark)
 
     def _newest(self, floor: str) -> str:
         """The newest event in the log, or ``floor`` when there is none."""
@@ -300,3 +336,9 @@ class Hub(Generic[S]):
             "buffered_bytes": self._bytes,
             "published": self.published,
         }
+
+
+def _latest(*ids: str | None) -> str | None:
+    """The newest of some ids (None: none)."""
+    given = [id_ for id_ in ids if id_ is not None]
+    return max(given, key=order_key) if given else None

@@ -59,6 +59,12 @@ class Subscription:
         self._hash = hash(self.key)
         self.select: Select = self._compile()
 
+    @property
+    def restricted(self) -> bool:
+        """A token limits what it may see (an ``ns`` claim, a row rule): its clients may be told
+        nothing of an event they were not sent, not even its resume token (see ``hub.py``)."""
+        return self.grant is not None or self.access is not None
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Subscription) and other.key == self.key
 

@@ -26,6 +26,7 @@ class FakeClient:
         self.controls: list[dict] = []
         self.last_send = 0.0
         self.told = None
+        self.sent = None
         self.closed = False
 
     def pack(self, events):
@@ -441,3 +442,75 @@ def test_row_rules_on_the_catch_up_path_match_live():
         catchup._deliver(job, change)
     assert riders[0].received == riders[1].received == live.received
     assert seen(riders[2]) == BOB_SEES
+
+
+# -- positions for a client whose token restricts it: high-water marks and its own ids ---------
+
+# Ids the hub can tell apart (tokens.py): at cluster time t, the high-water mark sorts before
+# every event; events follow by key (here the document's number).
+def hwm(t: int) -> str:
+    return f"82{t:016X}2B0429296E1404"
+
+
+def keyed(t: int, key: int, coll="c") -> ev.Event:
+    return ev.encode_change({"_id": {"_data": f"82{t:016X}2B042C0100296E{key:04X}04"},
+                             "operationType": "insert", "ns": {"db": "db", "coll": coll},
+                             "documentKey": {"_id": key}})
+
+
+ONLY_C = Subscription(namespaces={("db", "c")}, grant={("db", "c")})  # as an ns claim makes it
+
+
+def test_a_restricted_client_is_told_a_high_water_mark_at_others_events():
+    hub = new_hub()
+    hub.start(hwm(1))  # a fresh stream: MongoDB's high-water mark, the spelling to copy
+    mine, everyone = FakeClient(ONLY_C), FakeClient()
+    hub.subscribe(mine)
+    hub.subscribe(everyone)
+    hub.publish(keyed(5, 1, coll="c"))
+    hub.publish(keyed(7, 2, coll="other"))
+    hub.publish(keyed(7, 3, coll="other"))
+    assert hub.send_positions(idle=0) == 2
+    assert mine.controls == [{"type": "position", "resume_after": hwm(7)}]
+    assert everyone.controls == [{"type": "position", "resume_after": keyed(7, 3).token}]
+
+
+def test_a_restricted_client_sent_an_event_of_the_newest_time_is_told_that_event():
+    """The high-water mark at that time would bring its own event back."""
+    hub = new_hub()
+    hub.start(hwm(1))
+    mine = FakeClient(ONLY_C)
+    hub.subscribe(mine)
+    hub.publish(keyed(7, 1, coll="c"))
+    hub.publish(keyed(7, 2, coll="other"))  # same cluster time: a transaction
+    hub.send_positions(idle=0)
+    assert mine.controls == [{"type": "position", "resume_after": keyed(7, 1).token}]
+
+
+def test_a_restricted_client_replayed_to_the_newest_time_is_told_what_it_was_sent():
+    hub = new_hub()
+    hub.start(hwm(1))
+    hub.publish(keyed(7, 1, coll="c"))
+    hub.publish(keyed(7, 2, coll="other"))
+    late = FakeClient(ONLY_C)
+    assert hub.resume(late, hwm(1))  # its group had no events live: the replay says what it had
+    hub.send_positions(idle=0)
+    assert late.received == [keyed(7, 1).token]
+    assert late.controls == [{"type": "position", "resume_after": keyed(7, 1).token}]
+
+
+def test_without_a_high_water_mark_to_copy_a_restricted_client_keeps_its_own_ids():
+    hub = new_hub()
+    hub.start(keyed(3, 0, coll="other").token)  # the first batch held an event: no mark seen
+    mine, quiet = FakeClient(ONLY_C), FakeClient(ONLY_C)
+    hub.subscribe(mine)
+    hub.publish(keyed(5, 1, coll="c"))
+    hub.subscribe(quiet)
+    hub.publish(keyed(7, 2, coll="other"))
+    hub.send_positions(idle=0)
+    assert mine.controls == [{"type": "position", "resume_after": keyed(5, 1).token}]
+    # its group's newest: an event of its own subscription, and nothing after it was for it
+    assert quiet.controls == mine.controls
+    hub.advance(hwm(8))  # an empty batch: MongoDB's high-water mark
+    hub.send_positions(idle=0)
+    assert mine.controls[-1] == {"type": "position", "resume_after": hwm(8)}
