@@ -38,8 +38,8 @@ from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 if TYPE_CHECKING:
     from .subscription import Subscription
 
-# How far (seconds of cluster time) a resume point may be ahead of our newest event and still
-# be taken as coming from a relay that is just a little ahead of this one; further is refused.
+# How far (seconds of cluster time) a resume point may be ahead of our position and still be
+# taken as coming from a relay that is just a little ahead of this one; further is refused.
 AHEAD_WINDOW = 60
 # Evicted events stay at the front of the log's lists until this many have gone (and they are
 # more than half the list): deleting a list's head moves all the rest, so it is done rarely.
@@ -110,7 +110,7 @@ class Hub(Generic[S]):
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
-        self._ahead: dict[S, str] = {}    # clients resuming past our newest event: their key
+        self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self.clients: set[S] = set()
         self.published = 0
@@ -219,7 +219,9 @@ class Hub(Generic[S]):
             return False
         self.flush()
         self.clients.add(client)
-        head = self._newest(floor)
+        # Not the newest event: on a quiet deployment the stream's high-water mark runs ahead
+        # of it, and a position told from there must resume here.
+        head = self.position or floor
         if key > order_key(head):
             if seconds(after) - seconds(head) > AHEAD_WINDOW:
                 # Not from a relay a moment ahead of us, and MongoDB would wait for that time
@@ -323,10 +325,6 @@ class Hub(Generic[S]):
         if is_high_water_mark(position):
             return position
         return None if self._mark is None else high_water_mark(position, like=self._mark)
-
-    def _newest(self, floor: str) -> str:
-        """The newest event in the log, or ``floor`` when there is none."""
-        return self._log[-1].token if len(self._log) > self._start else floor
 
     def stats(self) -> dict[str, int]:
         return {

@@ -446,14 +446,14 @@ def test_row_rules_on_the_catch_up_path_match_live():
 
 # -- positions for a client whose token restricts it: high-water marks and its own ids ---------
 
-# Ids the hub can tell apart (tokens.py): at cluster time t, the high-water mark sorts before
-# every event; events follow by key (here the document's number).
+# Ids the hub can tell apart (tokens.py): at cluster time t (seconds, increment 1), the
+# high-water mark sorts before every event; events follow by key (here the document's number).
 def hwm(t: int) -> str:
-    return f"82{t:016X}2B0429296E1404"
+    return f"82{t:08X}000000012B0429296E1404"
 
 
 def keyed(t: int, key: int, coll="c") -> ev.Event:
-    return ev.encode_change({"_id": {"_data": f"82{t:016X}2B042C0100296E{key:04X}04"},
+    return ev.encode_change({"_id": {"_data": f"82{t:08X}000000012B042C0100296E{key:04X}04"},
                              "operationType": "insert", "ns": {"db": "db", "coll": coll},
                              "documentKey": {"_id": key}})
 
@@ -514,3 +514,21 @@ def test_without_a_high_water_mark_to_copy_a_restricted_client_keeps_its_own_ids
     hub.advance(hwm(8))  # an empty batch: MongoDB's high-water mark
     hub.send_positions(idle=0)
     assert mine.controls[-1] == {"type": "position", "resume_after": hwm(8)}
+
+
+def test_a_position_from_a_long_idle_stream_resumes_live_not_as_an_invalid_token():
+    """On an idle deployment the stream's high-water mark moves with the primary's no-op while
+    the newest event stays where it was: a client told that position minutes later resumes
+    from it, here or at a relay that has followed the stream as far."""
+    hub = new_hub()
+    hub.start(hwm(1))
+    hub.publish(keyed(5, 1))
+    hub.advance(hwm(5 + 600))  # ten minutes of no-ops later
+    quiet = FakeClient()
+    hub.subscribe(quiet)
+    hub.send_positions(idle=0)
+    [position] = quiet.controls
+    back = FakeClient()
+    assert hub.resume(back, position["resume_after"])
+    hub.publish(keyed(700, 2))
+    assert back.controls == [] and back.received == [keyed(700, 2).token]
