@@ -25,6 +25,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import events as ev
 from .backoff import Backoff
+from .fragments import Reassembly
 from .hub import Hub, Subscriber
 from .source import IMAGES_MISSING, bad_resume_token, resync_reason
 from .tokens import order_key, returned_all_before, token_document, token_id
@@ -128,7 +129,7 @@ class CatchUp(Generic[R]):
                         if await self._stream(job):
                             return
                         continue  # invalidated: reopen right after the invalidate
-                    except PyMongoError as exc:
+                    except (PyMongoError, ValueError) as exc:  # ValueError: see fragments.py
                         reason = (IMAGES_MISSING if self.missing_image(exc) is not None
                                   else resync_reason(exc))
                         if reason is not None:
@@ -161,6 +162,7 @@ class CatchUp(Generic[R]):
             stream = await open_stream(start_after=token, max_await_ms=CATCHUP_AWAIT_MS)
         job.after_invalidate = False
         self.streams_opened += 1
+        fragments = Reassembly()
         try:
             while job.clients:
                 change = await stream.try_next()
@@ -168,13 +170,17 @@ class CatchUp(Generic[R]):
                 if change is None:
                     # Empty: is everything before the hub's log returned? On an idle
                     # deployment the resume token stops short of it until the oplog moves.
+                    # (Between the fragments of a split event it is a fragment's: not yet.)
                     resume = stream.resume_token
-                    if resume is not None and floor is not None and returned_all_before(
-                            token_id(resume), floor, opened_from):
+                    if (resume is not None and floor is not None and not fragments.pending
+                            and returned_all_before(token_id(resume), floor, opened_from)):
                         self._hand_over(job, floor)
                         return True
                     if not stream.alive:
                         raise ConnectionFailure("catch-up change stream closed by the server")
+                    continue
+                change = fragments.add(change)
+                if change is None:
                     continue
                 event = ev.encode_change(change)
                 if floor is not None and event.key > order_key(floor):

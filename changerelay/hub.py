@@ -145,6 +145,11 @@ class Hub(Generic[S]):
                 self.clients.discard(client)
                 self._behind(client, after)
 
+    def broadcast(self, message: bytes) -> None:
+        """A control message to every client."""
+        for client in tuple(self.clients):
+            client.send_control(message)
+
     def publish(self, event: Event) -> None:
         self._log.append(event)
         self._keys.append(event.key)

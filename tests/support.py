@@ -203,9 +203,11 @@ class WS:
         self.frames: list[dict] = []
 
     @classmethod
-    async def connect(cls, url: str, **kwargs) -> WS:
+    async def connect(cls, url: str, max_message_size: int | None = None, **kwargs) -> WS:
+        """``max_message_size``: Tornado's is 10 MiB, and events may be larger."""
         request = httpclient.HTTPRequest(url, **kwargs)
-        return cls(await websocket.websocket_connect(request))
+        sizes = {} if max_message_size is None else {"max_message_size": max_message_size}
+        return cls(await websocket.websocket_connect(request, **sizes))
 
     async def recv(self, timeout: float = 10):
         message = await asyncio.wait_for(self.conn.read_message(), timeout)
