@@ -106,6 +106,19 @@ class ResumingClient:
         self.conn.close()
 
 
+async def left_by_a_killed_relay(relay_factory, uri: str, count: int) -> ResumingClient:
+    """A client that read ``count`` events (written here to database ``db``) from a relay
+    that was then killed (SIGKILL: no goodbye); it holds the newest id."""
+    relay = relay_factory(MONGO_SRV=uri)
+    relay.wait_ready()
+    client = await ResumingClient().connect(relay.ws_url)
+    write(uri, "db", count)
+    await client.read(count)
+    relay.proc.kill()
+    await client.read_until_closed()
+    return client
+
+
 def assert_matches_log(tokens, mongo):
     """``mongo`` is the ``mongo`` fixture (the test's database) or a whole TestPrimary."""
     want = mongo.tokens()
@@ -350,13 +363,7 @@ async def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(
     """A relay restarts; the client is back before the new relay's change stream is open (here
     held shut by failing aggregates), so the hub cannot place it yet. Once the stream opens, the
     client's point is older than it: the catch-up must take it, not leave it waiting."""
-    relay = relay_factory(MONGO_SRV=primary.uri)
-    relay.wait_ready()
-
-    client = await ResumingClient().connect(relay.ws_url)
-    write(primary.uri, "db", 600)
-    await client.read(600)
-    relay.proc.kill()
+    client = await left_by_a_killed_relay(relay_factory, primary.uri, 600)
     write(primary.uri, "db", 500, start=600)
     primary.fail_next("aggregate", code=2, errmsg="held shut by the test", count=3)
     successor = relay_factory(MONGO_SRV=primary.uri)
@@ -446,13 +453,7 @@ async def test_writes_racing_the_open_do_not_hide_where_the_stream_starts(primar
     """MongoDB picks a fresh stream's start time, then scans: writes committed in between come
     back in its first batch, and PyMongo has no resume token until they are read. A client
     resuming from before the relay started must still be caught up and handed over."""
-    relay = relay_factory(MONGO_SRV=primary.uri)
-    relay.wait_ready()
-    client = await ResumingClient().connect(relay.ws_url)
-    write(primary.uri, "db", 100)
-    await client.read(100)
-    relay.proc.kill()
-    await client.read_until_closed()
+    client = await left_by_a_killed_relay(relay_factory, primary.uri, 100)
     write(primary.uri, "db", 50, start=100)  # while no relay runs
 
     gate = primary.hold_next_open()
@@ -477,14 +478,7 @@ async def test_on_an_idle_deployment_a_client_back_at_a_new_relay_is_live_at_onc
     high-water mark moves only with the periodic no-op (10 s here). A client back from a
     restarted relay with the newest event's id is caught up to that point at once: nothing can
     lie between an event and the next tick once a stream has read past it."""
-    relay = relay_factory(MONGO_SRV=primary.uri, POSITION_INTERVAL=0.3)
-    relay.wait_ready()
-    client = await ResumingClient().connect(relay.ws_url)
-    write(primary.uri, "db", 3)
-    await client.read(3)
-    relay.proc.kill()
-    await client.read_until_closed()
-
+    client = await left_by_a_killed_relay(relay_factory, primary.uri, 3)
     successor = relay_factory(MONGO_SRV=primary.uri, POSITION_INTERVAL=0.3)
     successor.wait_ready()
     back = time.monotonic()
