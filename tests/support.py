@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import re
@@ -366,8 +367,10 @@ def token_of(frame: dict) -> str:
 
 def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = False,
            mask: bytes | None = None, length_as: int | None = None) -> bytes:
-    """A frame as a client must send it."""
-    mask = os.urandom(4) if mask is None else mask
+    """A frame as a client must send it. The default mask is derived from the frame, not
+    random, so that parametrised test ids are the same in every process (pytest-xdist)."""
+    if mask is None:
+        mask = hashlib.blake2b(payload + bytes([opcode]), digest_size=4).digest()
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     length = len(payload) if length_as is None else length_as
     if length < 126:
