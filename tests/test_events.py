@@ -120,3 +120,13 @@ def test_a_leave_survives_a_pipeline_that_removed_ns():
     event = ev.encode_change({"_id": {"_data": "82AA"}, "operationType": "update",
                               "documentKey": {"_id": 1}})
     assert json.loads(event.leave.data) == {"type": "leave", "ns": "", "documentKey": {"_id": 1}}
+
+
+def test_an_event_whose_token_has_type_bits_is_known_by_its_whole_id_and_ordered_by_its_data():
+    data = "8263A1B2C3000000012B042C0100296E5A1004"
+    event = ev.encode_change({"_id": {"_data": data, "_typeBits": b"\x82\x00\x01"},
+                              "operationType": "insert"})
+    assert (event.token, event.key) == (data + ".ggAB", data)
+    assert event.sse.startswith(b"id: " + data.encode() + b".ggAB\ndata: ")
+    assert json.loads(event.data)["_id"]["_typeBits"] == {
+        "$binary": {"base64": "ggAB", "subType": "00"}}  # the frame is MongoDB's event as it was
