@@ -24,6 +24,12 @@ PIPELINE_STAGES = frozenset(
     {"$addFields", "$match", "$project", "$replaceRoot", "$replaceWith", "$redact", "$set",
      "$unset"}
 )
+# MongoDB 7.0 (and 6.0.9) sends an event over 16 MB in fragments with this stage, which must be the
+# last and is written {} (pipeline/document_source_change_stream_split_large_event.cpp, 7182800
+# and 7182802); the relay puts the fragments back together (fragments.py). It runs after REDACT's
+# stages, so that a fragment never holds a redacted field.
+# https://www.mongodb.com/docs/manual/reference/operator/aggregation/changeStreamSplitLargeEvent/
+SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 
 
 Stage = dict[str, Any]  # one aggregation stage, {"$name": spec}
@@ -46,10 +52,17 @@ def parse_pipeline(raw: str) -> tuple[Stage, ...]:
         if not isinstance(stage, dict) or len(stage) != 1:
             raise PipelineError(f"stage {index} must be an object with exactly one key")
         (name,) = stage
+        if name == SPLIT_STAGE:
+            if index != len(stages) - 1:
+                raise PipelineError(f"stage {index}: {SPLIT_STAGE} must be the last stage")
+            if stage[name] != {}:
+                raise PipelineError(f"stage {index}: {SPLIT_STAGE} takes no options; write "
+                                    f'{{"{SPLIT_STAGE}": {{}}}}')
+            continue
         if name not in PIPELINE_STAGES:
             raise PipelineError(
                 f"stage {index} is {name}, which change streams do not allow; use one of "
-                + ", ".join(sorted(PIPELINE_STAGES)))
+                + ", ".join(sorted(PIPELINE_STAGES | {SPLIT_STAGE})))
         if _touches_id(name, stage[name]):
             raise PipelineError(
                 f"stage {index} ({name}) changes _id, the resume token: MongoDB then ends the "
@@ -71,6 +84,14 @@ def _touches_id(name: str, spec: Any) -> bool:
                 inclusive and any(not isinstance(spec[k], int | bool) for k in keys))
         return bool(keys)
     return False
+
+
+def change_stream_stages(pipeline: Iterable[Stage], redact: Iterable[str]) -> list[Stage]:
+    """What follows ``$changeStream``: PIPELINE, then REDACT's stages, and PIPELINE's split
+    stage, if any, last of all, where MongoDB requires it."""
+    stages = list(pipeline)
+    split = [stages.pop()] if stages and SPLIT_STAGE in stages[-1] else []
+    return [*stages, *redaction_stages(redact), *split]
 
 
 def parse_redact(paths: Iterable[str]) -> tuple[str, ...]:

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from . import events as ev
-from . import filters
+from . import filters, tokens
 from .admission import Refusal
 from .events import Delivery, Event
 from .namespaces import Namespace, NamespaceError, normalise, parse_list
@@ -59,6 +58,12 @@ class Subscription:
                     None if access is None else access.key, self.grant)
         self._hash = hash(self.key)
         self.select: Select = self._compile()
+
+    @property
+    def restricted(self) -> bool:
+        """A token limits what it may see (an ``ns`` claim, a row rule): its clients may be told
+        nothing of an event they were not sent, not even its resume token (see ``hub.py``)."""
+        return self.grant is not None or self.access is not None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Subscription) and other.key == self.key
@@ -154,7 +159,7 @@ def _renamed_within(grant: frozenset[Namespace]) -> Callable[[Event], bool]:
 def parse(values: Mapping[str, str],
           scope: tuple[str | None, str | None]) -> tuple[Subscription, str | None]:
     """Turn the query's values (``admission.query_values``) into ``(Subscription,
-    resume_after_hex_or_None)``.
+    resume_after_id_or_None)``.
 
     ``scope`` is the watched ``(db, collection)``; namespaces outside it are refused.
     """
@@ -166,9 +171,9 @@ def parse(values: Mapping[str, str],
 
 
 def parse_resume(text: str) -> str:
-    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; or a Refusal."""
+    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as an id; or a Refusal."""
     try:
-        return ev.parse_token(text)
+        return tokens.parse_id(text)
     except ValueError as exc:
         raise Refusal("invalid_resume_after", str(exc)) from None
 
