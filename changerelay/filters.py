@@ -57,6 +57,7 @@ __all__ = [
     "FilterError",
     "all_of",
     "compile_filter",
+    "composite",
     "equality_key",
     "parse_filter",
     "reached",
@@ -395,6 +396,12 @@ def equality_key(value: Any) -> Hashable:
     if bracket == _UNSUPPORTED:
         return (_UNSUPPORTED, object())  # equal to nothing, as _compare makes it
     return (_NULL if bracket == _EOO else bracket,)  # MinKey, MaxKey, null, missing
+
+
+def composite(value: Any) -> bool:
+    """Whether ``value`` is a document or an array to BSON (a DBRef is a document): only such a
+    value can equal one, and keying one costs a walk of it."""
+    return _bracket(value) in (_OBJECT, _ARRAY)
 
 
 # ---------------------------------------------------------------------------------------
