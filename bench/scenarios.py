@@ -120,17 +120,14 @@ class Inserter:
 
 
 def order(i: int) -> dict:
-    """A realistic document: nested fields, a 5-item array, dates, ObjectIds, a 64-bit int."""
+    """A realistic small document: nested fields, a 5-item array, dates, ObjectIds, a 64-bit
+    int. Its update event, with this as the looked-up document, is about 600 bytes of BSON."""
     now = datetime.datetime(2026, 11, 27, 12, 0, 0, 123000, tzinfo=datetime.UTC)
     return {
-        "_id": ObjectId(), "number": f"SO-{100000 + i}", "owner": f"u{i % 1000}",
-        "status": "paid", "total": 129.95 + i, "currency": "EUR", "version": Int64(1),
-        "created": now, "updated": now,
-        "customer": {"id": ObjectId(), "name": "Ada Lovelace", "email": "ada@example.com",
-                     "address": {"street": "12 St James's Square", "city": "London",
-                                 "zip": "SW1Y 4JH", "country": "GB"}},
-        "items": [{"sku": f"SKU-{1000 + k}", "qty": k + 1, "price": 9.99 + k}
-                  for k in range(5)],
+        "_id": ObjectId(), "owner": f"u{i % 1000}", "status": "paid", "total": 129.95 + i,
+        "version": Int64(1), "created": now, "updated": now,
+        "customer": {"id": ObjectId(), "name": "Ada Lovelace", "city": "London"},
+        "items": [f"SKU-{1000 + k}" for k in range(5)],
     }
 
 
