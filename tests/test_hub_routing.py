@@ -1,0 +1,119 @@
+"""The hub routes events through the subscription index (issue 14): its work per event grows
+with the subscriptions the event concerns, not with the subscriptions there are, and every
+client still gets exactly the plain ``select`` of its subscription over the events after its
+starting point — live, replayed, from a relay ahead, and riding a catch-up."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from changerelay import events as ev
+from changerelay.catchup import CatchUp, Job
+from changerelay.hub import Hub
+from changerelay.subscription import Subscription
+from tests.support import SUBSCRIPTIONS, batches, token
+
+
+class Recorder:
+    """A client that keeps what it is handed, in order, as (kind, id, bytes)."""
+
+    encoding = "ws"
+
+    def __init__(self, subscription: Subscription):
+        self.subscription = subscription
+        self.got: list[tuple[str, str, bytes]] = []
+        self.controls: list[dict] = []
+        self.last_send = 0.0
+        self.told = None
+        self.sent = None
+        self.closed = False
+        self.backlog = None
+        self.peer = "test"
+
+    def pack(self, events):
+        return b""
+
+    def deliver(self, events, payload):
+        self.got += [seen(item) for item in events]
+
+    def replay(self, events):
+        self.deliver(events, b"")
+
+    def send_control(self, message, token=None):
+        self.controls.append(json.loads(message))
+
+    def fail(self):
+        raise AssertionError("no client fails here")
+
+
+def seen(item: ev.Delivery) -> tuple[str, str, bytes]:
+    return type(item).__name__, item.token, item.data
+
+
+def new_hub(call_soon=lambda flush: flush()) -> Hub:
+    hub = Hub(call_soon, lambda client, after: None, 10_000, 1 << 26)
+    hub.start(token(0))
+    return hub
+
+
+# -- the property: routed delivery is the plain select, on every path -------------------------
+
+JOINS = st.tuples(st.sampled_from(["live", "replay", "ahead"]), st.integers(0, 8),
+                  st.integers(1, 4))
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(st.tuples(SUBSCRIPTIONS, JOINS), min_size=1, max_size=8),
+       batches(max_size=8), st.lists(st.booleans(), min_size=8, max_size=8))
+def test_every_client_gets_select_over_the_events_after_its_start(clients, events, flushes):
+    """Clients join live, replay from inside the log or come from a relay ahead, at any point;
+    events are flushed one at a time or in batches. Each client gets its subscription's select
+    over the events after where it started, in order: nothing the index left out."""
+    scheduled: list = []
+    hub = new_hub(call_soon=scheduled.append)
+    starts: list[tuple[Recorder, int]] = []
+    for published in range(len(events) + 1):
+        for subscription, (how, at, offset) in clients:
+            if min(at, len(events)) != published:
+                continue
+            client = Recorder(subscription)
+            if how == "live":
+                hub.subscribe(client)
+                starts.append((client, published))
+            elif how == "replay":
+                start = max(0, published - offset)
+                assert hub.resume(client, token(start))
+                starts.append((client, start))
+            else:
+                assert hub.resume(client, token(published + offset))
+                starts.append((client, published + offset))
+        if published < len(events):
+            hub.publish(events[published])
+            if flushes[published] and scheduled:
+                scheduled.pop()()
+    hub.flush()
+    for client, start in starts:
+        expected = client.subscription.select(events[start:])
+        assert client.got == [seen(item) for item in expected], client.subscription
+
+
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(SUBSCRIPTIONS, st.integers(0, 3)), min_size=1, max_size=8),
+       batches(max_size=6))
+def test_every_rider_gets_select_over_the_events_after_its_position(riders, events):
+    hub = new_hub()
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
+    job = Job(token(0))
+    joined = [(Recorder(subscription), start) for subscription, start in riders]
+    for rider, start in joined:
+        job.add(rider, token(start))
+    for event in events:
+        catchup._deliver(job, event)
+    for rider, start in joined:
+        expected = rider.subscription.select(events[start:])
+        assert rider.got == [seen(item) for item in expected], rider.subscription
