@@ -182,7 +182,7 @@ class Index(Generic[M]):
         """The members ``batch`` may concern, each with those of its events, in order: the
         residual ones with all of them."""
         found: dict[M, list[Event]] = {}
-        for event in batch:
+        for event in batch if self._filed else ():  # residual members alone: nothing to look up
             for members in self._hits(event):
                 for member in members:
                     events = found.get(member)
@@ -263,4 +263,5 @@ class Index(Generic[M]):
         table.composite -= sum(map(composite, probe.values))
         if not table.members:
             del self._paths[probe.path]
+
 
