@@ -27,6 +27,7 @@ from . import events as ev
 from .backoff import Backoff
 from .fragments import Reassembly
 from .hub import Hub, Subscriber
+from .index import Shared
 from .source import IMAGES_MISSING, bad_resume_token, resync_reason
 from .tokens import order_key, returned_all_before, token_document, token_id
 
@@ -62,6 +63,7 @@ class Job(Generic[R]):
         self.start = after
         self.position = after      # the newest id this job has read past
         self.clients: dict[R, str] = {}  # client -> the newest id that client has seen
+        self.routes = Shared()  # their subscriptions: an event is decided by those it concerns
         self.running = False
         self.after_invalidate = False  # position is an invalidate: continue with startAfter
         self.task: asyncio.Task[None] | None = None
@@ -71,8 +73,16 @@ class Job(Generic[R]):
 
     def add(self, client: R, after: str) -> None:
         self.clients[client] = after
+        self.routes.hold(client.subscription)
         if not self.running and order_key(after) < order_key(self.start):
             self.start = self.position = after
+
+    def remove(self, client: R) -> bool:
+        """``client`` leaves this job (gone, or cut off); False if it was not riding it."""
+        if self.clients.pop(client, None) is None:
+            return False
+        self.routes.release(client.subscription)
+        return True
 
 
 class CatchUp(Generic[R]):
@@ -101,7 +111,7 @@ class CatchUp(Generic[R]):
 
     def discard(self, client: R) -> None:
         for job in self.jobs:
-            if job.clients.pop(client, None) is not None and not job.clients and job.task:
+            if job.remove(client) and not job.clients and job.task:
                 job.task.cancel()
 
     def clients(self) -> list[R]:
@@ -198,6 +208,7 @@ class CatchUp(Generic[R]):
 
     def _deliver(self, job: Job[R], event: ev.Event) -> None:
         job.position = event.token
+        concerned = job.routes.index.route([event])
         verdicts: dict[Subscription, Sequence[ev.Delivery]] = {}  # one match per subscription
         for client, seen in tuple(job.clients.items()):
             if event.key > order_key(seen):
@@ -205,12 +216,13 @@ class CatchUp(Generic[R]):
                 subscription = client.subscription
                 matched = verdicts.get(subscription)
                 if matched is None:
-                    matched = verdicts[subscription] = subscription.select([event])
+                    matched = verdicts[subscription] = (
+                        subscription.select([event]) if subscription in concerned else [])
                 if matched:
                     client.sent = matched[-1].token
                     client.replay(matched)
                 if client.closed:
-                    job.clients.pop(client, None)
+                    job.remove(client)
 
     async def _pace(self, job: Job[R]) -> None:
         """Read from MongoDB no faster than the slowest rider drains; cut off a stalled one."""
@@ -220,7 +232,7 @@ class CatchUp(Generic[R]):
                     await asyncio.wait_for(client.drained(), STALL_TIMEOUT)
                 except TimeoutError:
                     client.cut_off()
-                    job.clients.pop(client, None)
+                    job.remove(client)
 
     def _hand_over(self, job: Job[R], floor: str) -> None:
         """Everything up to ``floor`` was delivered; the hub's log has the rest."""

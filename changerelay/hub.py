@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import events as ev
 from .events import Delivery, Event
+from .index import Index, Shared, covers
 from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 
 if TYPE_CHECKING:
@@ -110,7 +111,9 @@ class Hub(Generic[S]):
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
+        self._routes: Index[Group[S]] = Index()  # the groups, by what their events hold
         self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
+        self._ahead_routes = Shared()     # ...and their subscriptions
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self.clients: set[S] = set()
         self.published = 0
@@ -131,8 +134,8 @@ class Hub(Generic[S]):
             for client in tuple(self.clients):
                 client.send_control(message)
             for client in tuple(self._ahead):
+                self._stop_holding(client)
                 self._join(client)
-            self._ahead.clear()
         if resync or self.floor is None:
             self.floor = floor
             self.position = floor
@@ -172,7 +175,7 @@ class Hub(Generic[S]):
         # event or not: on a quiet deployment only the stream's high-water mark moves.
         for client, after in tuple(self._ahead.items()):
             if key >= after:
-                del self._ahead[client]
+                self._stop_holding(client)
                 self._join(client)
 
     def flush(self) -> None:
@@ -181,8 +184,8 @@ class Hub(Generic[S]):
             return
         batch, self._pending = self._pending, []
         now = time.monotonic()
-        for group in tuple(self._groups.values()):
-            group.deliver(batch, now)
+        for group, events in self._routes.route(batch).items():
+            group.deliver(events, now)
         if self._ahead:
             self._deliver_ahead(batch, now)
         self.position = batch[-1].token
@@ -236,6 +239,7 @@ class Hub(Generic[S]):
                 return True
             # From another relay that is ahead of us: hold back what it has already seen.
             self._ahead[client] = key
+            self._ahead_routes.hold(client.subscription)
             return True
         self.replay(client, after)
         self._join(client)
@@ -251,32 +255,43 @@ class Hub(Generic[S]):
 
     def unsubscribe(self, client: S) -> None:
         self.clients.discard(client)
-        self._ahead.pop(client, None)
+        if client in self._ahead:
+            self._stop_holding(client)
         self._waiting.pop(client, None)
         group = self._groups.get(client.subscription)
         if group is not None:
             group.clients.discard(client)
             if not group.clients:
                 del self._groups[client.subscription]
+                self._routes.discard(group)
 
     def _join(self, client: S) -> None:
         group = self._groups.get(client.subscription)
         if group is None:
             group = self._groups[client.subscription] = Group(client.subscription)
+            self._routes.add(group, covers(group.subscription))
         client.subscription = group.subscription  # one compiled copy per distinct subscription
         group.clients.add(client)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].key
+        routed = self._ahead_routes.index.route(batch)
         for client, after in tuple(self._ahead.items()):
-            fresh = client.subscription.select([e for e in batch if e.key > after])
+            events = routed.get(client.subscription)
+            fresh = [] if events is None else client.subscription.select(
+                [e for e in events if e.key > after])
             if fresh:
                 client.last_send = now
                 client.sent = fresh[-1].token
                 client.deliver(fresh, client.pack(fresh))
             if head >= after:
-                del self._ahead[client]
+                self._stop_holding(client)
                 self._join(client)
+
+    def _stop_holding(self, client: S) -> None:
+        """``client`` is no longer ahead: live with its group, or gone."""
+        del self._ahead[client]
+        self._ahead_routes.release(client.subscription)
 
     # -- housekeeping ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ filter says (``rows.py``), so a rule's conditions on ``fullDocument`` are also p
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
@@ -265,3 +266,22 @@ class Index(Generic[M]):
             del self._paths[probe.path]
 
 
+
+class Shared:
+    """Subscriptions that several clients may hold (clients from a relay ahead, a catch-up's
+    riders), each filed once and forgotten when its last holder lets go."""
+
+    def __init__(self) -> None:
+        self.index: Index[Subscription] = Index()
+        self._holders: Counter[Subscription] = Counter()
+
+    def hold(self, subscription: Subscription) -> None:
+        if not self._holders[subscription]:
+            self.index.add(subscription, covers(subscription))
+        self._holders[subscription] += 1
+
+    def release(self, subscription: Subscription) -> None:
+        self._holders[subscription] -= 1
+        if not self._holders[subscription]:
+            del self._holders[subscription]
+            self.index.discard(subscription)

@@ -6,13 +6,16 @@ starting point — live, replayed, from a relay ahead, and riding a catch-up."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from changerelay import events as ev
 from changerelay.catchup import CatchUp, Job
+from changerelay.filters import compile_filter
 from changerelay.hub import Hub
+from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
 from tests.support import SUBSCRIPTIONS, batches, token
 
@@ -57,6 +60,98 @@ def new_hub(call_soon=lambda flush: flush()) -> Hub:
     hub = Hub(call_soon, lambda client, after: None, 10_000, 1 << 26)
     hub.start(token(0))
     return hub
+
+
+def owner(n: int, kind: str = "filter") -> Subscription:
+    spec = {"fullDocument.owner": f"u{n}"}
+    if kind == "rule":
+        return Subscription(access=AccessRule(spec, post_images=True))
+    return Subscription(filter=compile_filter(spec))
+
+
+def owned(n: int, user: int) -> ev.Event:
+    return ev.encode_change({"_id": {"_data": token(n)}, "operationType": "insert",
+                             "ns": {"db": "db", "coll": "c"}, "documentKey": {"_id": n},
+                             "fullDocument": {"_id": n, "owner": f"u{user}"}})
+
+
+def counted(subscription: Subscription, examined: Counter) -> Subscription:
+    """``subscription`` counting the events it is asked to decide."""
+    select = subscription.select
+
+    def counting(events):
+        examined[subscription] += len(events)
+        return select(events)
+
+    subscription.select = counting
+    return subscription
+
+
+# -- the work per event ------------------------------------------------------------------------
+
+def test_live_events_are_decided_by_the_groups_they_concern_alone():
+    scheduled: list = []
+    hub = new_hub(call_soon=scheduled.append)
+    examined: Counter = Counter()
+    clients = [Recorder(counted(owner(n, kind), examined))
+               for n in range(500) for kind in ("filter", "rule")]
+    for client in clients:
+        hub.subscribe(client)
+    for n in range(1, 11):  # one at a time
+        hub.publish(owned(n, 7 * n))
+        scheduled.pop()()
+    for n in range(11, 31):  # one batch
+        hub.publish(owned(n, 7 * n))
+    scheduled.pop()()
+    assert sum(examined.values()) == 2 * 30  # each event: its owner's filter and rule only
+    for client in clients:
+        expected = [seen(item) for item in client.subscription.select(
+            [owned(n, 7 * n) for n in range(1, 31)])]
+        assert client.got == expected
+
+
+def test_a_subscription_whose_clients_all_left_is_asked_nothing():
+    hub = new_hub()
+    examined: Counter = Counter()
+    gone = [Recorder(counted(owner(n), examined)) for n in range(100)]
+    for client in gone:
+        hub.subscribe(client)
+    for client in gone:
+        hub.unsubscribe(client)
+    stays = Recorder(counted(owner(1), examined))
+    hub.subscribe(stays)
+    for n in range(1, 101):
+        hub.publish(owned(n, n))
+    assert examined == {stays.subscription: 1}
+    assert stays.got == [seen(owned(1, 1))]
+
+
+def test_clients_from_a_relay_ahead_are_decided_alone_too():
+    hub = new_hub()
+    hub.publish(owned(1, 0))
+    examined: Counter = Counter()
+    clients = [Recorder(counted(owner(n), examined)) for n in range(1000)]
+    for client in clients:
+        assert hub.resume(client, token(3))  # a relay that has seen up to 3
+    for n in range(2, 8):
+        hub.publish(owned(n, n))
+    assert sum(examined.values()) <= 4  # events 4-7, one owner each
+    assert [client.got for client in clients[:8]] == [
+        [], [], [], [], *[[seen(owned(n, n))] for n in range(4, 8)]]
+
+
+def test_catch_up_riders_are_decided_by_the_subscriptions_an_event_concerns():
+    hub = new_hub()
+    examined: Counter = Counter()
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
+    job = Job(token(0))
+    riders = [Recorder(counted(owner(n), examined)) for n in range(1000)]
+    for rider in riders:
+        job.add(rider, token(0))
+    for n in range(1, 21):
+        catchup._deliver(job, owned(n, n))
+    assert sum(examined.values()) == 20
+    assert riders[5].got == [seen(owned(5, 5))] and riders[500].got == []
 
 
 # -- the property: routed delivery is the plain select, on every path -------------------------
