@@ -50,10 +50,9 @@ def _bson_type(value: Any) -> Any:
     if type(value) is datetime.datetime and value.tzinfo is None and value.year >= _EPOCH_YEAR:
         # json_util's rule for the datetimes the driver decodes (naive UTC, after 1970), without
         # its strftime calls, which were two thirds of the time to write a change event:
-        # ISO-8601 to the second, milliseconds only when there are some, "Z".
-        milliseconds = value.microsecond // 1000
-        text = value.isoformat(timespec="seconds")
-        return {"$date": f"{text}.{milliseconds:03d}Z" if milliseconds else text + "Z"}
+        # ISO-8601 to the second, then milliseconds (cut, not rounded) when there are some, "Z".
+        text = value.isoformat()  # ...T12:00:01, or ...T12:00:01.456000 with microseconds
+        return {"$date": (text[:23] if value.microsecond >= 1000 else text[:19]) + "Z"}
     return json_util.default(value, json_options=_RELAXED)
 
 

@@ -199,3 +199,15 @@ def test_str_and_int_subclasses_keep_their_wrappers():
     assert json.loads(relaxed_json(change))["c"] == {"$code": "f()"}
     assert json.loads(relaxed_json(change))["n"] == 2**40
     assert json.loads(relaxed_json(change))["t"] is True
+
+
+@pytest.mark.parametrize("when", [
+    datetime.datetime(1970, 1, 1), datetime.datetime(1969, 12, 31, 23, 59, 59, 999000),
+    datetime.datetime(2026, 11, 27, 12, 0, 1, 456000), datetime.datetime(2026, 1, 2, 3, 4, 5),
+    datetime.datetime(2026, 1, 2, 3, 4, 5, 999), datetime.datetime(2026, 1, 2, 3, 4, 5, 1000),
+    datetime.datetime(9999, 12, 31, 23, 59, 59, 999999),
+    datetime.datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=datetime.UTC),
+])
+def test_dates_are_spelled_as_json_util_spells_them(when):
+    """The relay writes the common dates itself (naive, after 1970): the very same text."""
+    assert relaxed_json({"d": when}) == json_util_text({"d": when})
