@@ -8,6 +8,7 @@ from changerelay import config as cfg
 from changerelay.app import Relay
 from changerelay.auth import Claims
 from changerelay.catchup import Job
+from changerelay.subscription import Subscription
 from tests.support import token
 
 
@@ -16,6 +17,7 @@ class Rider:
 
     def __init__(self, expires: float):
         self.claims = Claims(expires, None, None)
+        self.subscription = Subscription()
         self.peer = "rider"
         self.expired = False
 
