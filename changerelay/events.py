@@ -33,7 +33,7 @@ class Event:
     def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
         self.change = change
         self.token = token
-        self.key = change["_id"]["_data"]
+        self.key: str = change["_id"]["_data"]
         self.op = change.get("operationType", "")
         ns = change.get("ns") or {}
         self.ns: tuple[str | None, str | None] = (ns.get("db"), ns.get("coll"))

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from . import events as ev
 from .events import Delivery, Event
 from .index import Index, Shared, covers
+from .postings import Postings
 from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class Hub(Generic[S]):
         self._log: list[Event] = []
         self._keys: list[str] = []        # each logged event's key, for binary searches
         self._start = 0                   # log[:_start] is evicted; compacted now and then
+        self._postings = Postings()       # the log's events by value, on the index's paths
         self._bytes = 0
         self.floor: str | None = None     # None until the change stream has opened once
         self.position: str | None = None  # newest token every client has been sent up to
@@ -129,6 +131,7 @@ class Hub(Generic[S]):
         self.flush()
         if resync or self.floor is None:
             self._log, self._keys, self._start, self._bytes = [], [], 0, 0
+            self._postings = Postings()
         if resync:
             message = ev.control("resync", reason="history_lost")
             for client in tuple(self.clients):
@@ -154,6 +157,8 @@ class Hub(Generic[S]):
             client.send_control(message)
 
     def publish(self, event: Event) -> None:
+        previous = self._keys[-1] if len(self._keys) > self._start else None
+        self._postings.post(event, self._routes.paths(), previous)
         self._log.append(event)
         self._keys.append(event.key)
         self._bytes += event.size
@@ -202,6 +207,10 @@ class Hub(Generic[S]):
             del self._log[: self._start]
             del self._keys[: self._start]
             self._start = 0
+            if self._keys:
+                self._postings.forget_before(self._keys[0])
+            else:
+                self._postings = Postings()
 
     # -- client side -------------------------------------------------------------------------
 
@@ -246,8 +255,11 @@ class Hub(Generic[S]):
         return True
 
     def replay(self, client: S, after: str) -> None:
-        index = bisect.bisect_right(self._keys, order_key(after), lo=self._start)
-        matched = client.subscription.select(self._log[index:])
+        key = order_key(after)
+        events = self._postings.candidates(client.subscription, key)
+        if events is None:  # no cover to look up: every event after its position
+            events = self._log[bisect.bisect_right(self._keys, key, lo=self._start):]
+        matched = client.subscription.select(events)
         if matched:
             client.last_send = time.monotonic()
             client.sent = matched[-1].token

@@ -25,7 +25,7 @@ filter says (``rows.py``), so a rule's conditions on ``fullDocument`` are also p
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from bson.regex import Regex
@@ -152,6 +152,10 @@ class Index(Generic[M]):
 
     def __len__(self) -> int:
         return len(self._filed) + len(self.residual)
+
+    def paths(self) -> Collection[str]:
+        """The paths members are filed under: each event walks each of them."""
+        return self._paths.keys()
 
     def add(self, member: M, options: Sequence[Cover]) -> None:
         """File ``member`` under the cover of ``options`` whose buckets hold the fewest members

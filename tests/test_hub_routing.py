@@ -56,8 +56,8 @@ def seen(item: ev.Delivery) -> tuple[str, str, bytes]:
     return type(item).__name__, item.token, item.data
 
 
-def new_hub(call_soon=lambda flush: flush()) -> Hub:
-    hub = Hub(call_soon, lambda client, after: None, 10_000, 1 << 26)
+def new_hub(call_soon=lambda flush: flush(), max_events=10_000) -> Hub:
+    hub = Hub(call_soon, lambda client, after: None, max_events, 1 << 26)
     hub.start(token(0))
     return hub
 
@@ -140,6 +140,48 @@ def test_clients_from_a_relay_ahead_are_decided_alone_too():
         [], [], [], [], *[[seen(owned(n, n))] for n in range(4, 8)]]
 
 
+def test_a_resuming_client_is_replayed_from_the_events_its_subscription_may_concern():
+    hub = new_hub()
+    for n in range(1000):
+        hub.subscribe(Recorder(owner(n)))
+        hub.subscribe(Recorder(owner(n, "rule")))
+    for n in range(1, 3001):
+        hub.publish(owned(n, n % 1000))
+    examined: Counter = Counter()
+    filtered = Recorder(counted(owner(7), examined))
+    ruled = Recorder(counted(owner(7, "rule"), examined))
+    unknown = Recorder(counted(owner(5000), examined))
+    for client in (filtered, ruled, unknown):
+        assert hub.resume(client, token(1000))
+    assert sum(examined.values()) == 2 + 2  # events 1007 and 2007, for each; none for 5000
+    assert filtered.got == ruled.got == [seen(owned(n, 7)) for n in (1007, 2007)]
+
+
+def test_replay_from_before_a_path_was_looked_up_finds_the_events_before_too():
+    hub = new_hub()
+    for n in range(1, 11):
+        hub.publish(owned(n, n % 5))
+    hub.subscribe(Recorder(owner(3)))  # from here on the log files events by owner
+    for n in range(11, 21):
+        hub.publish(owned(n, n % 5))
+    early, late = Recorder(owner(3)), Recorder(owner(3))
+    assert hub.resume(early, token(0)) and hub.resume(late, token(10))
+    assert early.got == [seen(owned(n, 3)) for n in (3, 8, 13, 18)]
+    assert late.got == [seen(owned(n, 3)) for n in (13, 18)]
+
+
+def test_replay_after_the_log_has_moved_on_many_times():
+    """Far more events than the log holds: what the look-ups find is what is still in it."""
+    hub = new_hub(max_events=100)
+    hub.subscribe(Recorder(owner(3)))
+    for n in range(1, 10_001):
+        hub.publish(owned(n, n % 10))
+    client = Recorder(owner(3))
+    assert not hub.resume(client, token(9000))  # before the log: catch-up's
+    assert hub.resume(client, token(9950))
+    assert client.got == [seen(owned(n, 3)) for n in (9953, 9963, 9973, 9983, 9993)]
+
+
 def test_catch_up_riders_are_decided_by_the_subscriptions_an_event_concerns():
     hub = new_hub()
     examined: Counter = Counter()
@@ -163,13 +205,15 @@ JOINS = st.tuples(st.sampled_from(["live", "replay", "ahead"]), st.integers(0, 8
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.tuples(SUBSCRIPTIONS, JOINS), min_size=1, max_size=8),
-       batches(max_size=8), st.lists(st.booleans(), min_size=8, max_size=8))
-def test_every_client_gets_select_over_the_events_after_its_start(clients, events, flushes):
+       batches(max_size=8), st.lists(st.booleans(), min_size=8, max_size=8),
+       st.sampled_from([3, 10_000]))
+def test_every_client_gets_select_over_the_events_after_its_start(clients, events, flushes,
+                                                                   capacity):
     """Clients join live, replay from inside the log or come from a relay ahead, at any point;
     events are flushed one at a time or in batches. Each client gets its subscription's select
     over the events after where it started, in order: nothing the index left out."""
     scheduled: list = []
-    hub = new_hub(call_soon=scheduled.append)
+    hub = new_hub(call_soon=scheduled.append, max_events=capacity)
     starts: list[tuple[Recorder, int]] = []
     for published in range(len(events) + 1):
         for subscription, (how, at, offset) in clients:
@@ -181,8 +225,8 @@ def test_every_client_gets_select_over_the_events_after_its_start(clients, event
                 starts.append((client, published))
             elif how == "replay":
                 start = max(0, published - offset)
-                assert hub.resume(client, token(start))
-                starts.append((client, start))
+                if hub.resume(client, token(start)):  # else before the log: catch-up's
+                    starts.append((client, start))
             else:
                 assert hub.resume(client, token(published + offset))
                 starts.append((client, published + offset))
