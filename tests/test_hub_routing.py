@@ -17,7 +17,7 @@ from changerelay.filters import compile_filter
 from changerelay.hub import Hub
 from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
-from tests.support import SUBSCRIPTIONS, batches, token
+from tests.support import batches, subscriptions, token
 
 
 class Recorder:
@@ -204,7 +204,8 @@ JOINS = st.tuples(st.sampled_from(["live", "replay", "ahead"]), st.integers(0, 8
 
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.lists(st.tuples(SUBSCRIPTIONS, JOINS), min_size=1, max_size=8),
+@given(st.booleans().flatmap(lambda post: st.lists(
+           st.tuples(subscriptions(st.just(post)), JOINS), min_size=1, max_size=8)),
        batches(max_size=8), st.lists(st.booleans(), min_size=8, max_size=8),
        st.sampled_from([3, 10_000]))
 def test_every_client_gets_select_over_the_events_after_its_start(clients, events, flushes,
@@ -242,7 +243,8 @@ def test_every_client_gets_select_over_the_events_after_its_start(clients, event
 
 @settings(max_examples=200, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(SUBSCRIPTIONS, st.integers(0, 3)), min_size=1, max_size=8),
+@given(st.booleans().flatmap(lambda post: st.lists(
+           st.tuples(subscriptions(st.just(post)), st.integers(0, 3)), min_size=1, max_size=8)),
        batches(max_size=6))
 def test_every_rider_gets_select_over_the_events_after_its_position(riders, events):
     hub = new_hub()
