@@ -33,6 +33,15 @@ from changerelay.primary import TestPrimary
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_URI = os.environ.get("MONGODB_TEST_URI")
+#: THOROUGH=1 (a .ci/run step of its own) runs every property test with its full number of
+#: examples; the functional suite runs a fifth of them, to stay within a minute.
+THOROUGH = os.environ.get("THOROUGH") == "1"
+
+
+def examples(thorough: int) -> int:
+    """Hypothesis examples for a property test: ``thorough`` in the THOROUGH run, a fifth (at
+    least 20) in the functional suite."""
+    return thorough if THOROUGH else max(20, thorough // 5)
 
 
 class Mongo:

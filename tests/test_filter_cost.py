@@ -104,6 +104,7 @@ WORST_FILTERS = {
 }
 
 
+@pytest.mark.load  # a CPU time: it needs the machine to itself
 @pytest.mark.parametrize("name", list(WORST_FILTERS))
 def test_the_worst_filters_that_fit_in_4_kib_cost_at_most_about_a_millisecond(name):
     assert BUDGET_STEPS / 2 <= BUDGET_PASSES * _size(WORST_EVENT) <= BUDGET_STEPS
@@ -142,6 +143,7 @@ def test_a_large_event_still_matches_a_plain_filter_in_full():
     assert both(event)
 
 
+@pytest.mark.load  # CPU times
 def test_a_large_event_costs_a_few_walks_at_most():
     members = [{"id": i, "tags": [i, i + 1]} for i in range(50_000)]
     event = {"fullDocument": {"members": members}}
