@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import enum
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -27,7 +28,11 @@ from . import frames
 from .disconnect import CLOSES
 from .protocol import CLOSED, FAILED, OPEN, State, WebSocketProtocol
 
-CLOSE_TIMEOUT = 5.0  # seconds the peer gets to answer our close frame (Tornado's figure)
+# Seconds a peer gets to read our last bytes (and answer a close frame) before the connection is
+# reset (Tornado's figure for the closing handshake).
+CLOSE_TIMEOUT = 5.0
+# SO_LINGER on, for 0 seconds: close() then resets the connection and discards unsent bytes.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 # Many small queued payloads (live events behind a slow reader) go out joined, up to this many
 # bytes per send(): one syscall instead of one per event, and no more than a socket buffer takes.
 SEND_BATCH = 64 * 1024
@@ -283,9 +288,19 @@ class Connection(Writer):
     # -- closing -------------------------------------------------------------------------------
 
     def close_within(self, seconds: float) -> None:
-        """Close the socket in ``seconds`` at the latest, whatever the peer does."""
+        """Close the socket in ``seconds`` at the latest, whatever the peer does: by then a peer
+        that has not read what we sent is reset."""
         if self._timer is None and not self.closed:
-            self._timer = self.loop.call_later(seconds, self.abort)
+            self._timer = self.loop.call_later(seconds, self.reset)
+
+    def reset(self) -> None:
+        """Close now with a reset (RST). A plain close leaves what the peer has not read with
+        the kernel, which offers it to a zero window for minutes while the peer, never reading,
+        sees an open connection; a reset frees both ends at once."""
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            self.abort()
 
     def abort(self) -> None:
         """Close the socket now, whatever its state; tell the owner once."""

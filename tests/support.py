@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from changerelay.primary import TestPrimary
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_URI = os.environ.get("MONGODB_TEST_URI")
+# Linux's TCP states (include/net/tcp_states.h), as TCP_INFO reports them.
+TCP_ESTABLISHED = 1
 
 
 class Mongo:
@@ -330,6 +333,23 @@ def drain(stream, count: int, timeout: float = 5) -> list[dict]:
         if event is not None:
             got.append(event)
     return got
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of Linux's tcp_info):
+    a peer that never reads learns nothing from its own reads, but its kernel knows whether the
+    connection still stands."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def dropped(socks: list[socket.socket], timeout: float) -> bool:
+    """Whether every one of ``socks`` is dropped (no longer established) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while any(tcp_state(sock) == TCP_ESTABLISHED for sock in socks):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def token(n: int) -> str:

@@ -15,7 +15,7 @@ from changerelay import frames, protocol
 from changerelay.connection import WebSocketConnection
 from changerelay.disconnect import CLOSES
 from changerelay.protocol import WebSocketProtocol
-from tests.support import masked
+from tests.support import dropped, masked
 
 
 class Peer:
@@ -142,13 +142,12 @@ async def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
 
 
 async def test_a_silent_peer_is_dropped_after_the_close_timeout(quick_close):
-
     connection, peer, events = pair()
     connection.shutdown()
     assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001) +
                                   b"server shutting down")
     await asyncio.wait_for(events["gone"].wait(), 5)
-    assert await peer.eof()
+    assert await dropped([peer.sock], 2)
 
 
 @pytest.mark.parametrize("data, code", [
@@ -164,6 +163,18 @@ async def test_protocol_errors_close_with_their_code_then_end_the_stream(data, c
     assert await peer.eof()  # we stop writing at once; the peer may still say goodbye
     peer.sock.close()
     await asyncio.wait_for(events["gone"].wait(), 5)
+
+
+async def test_a_peer_that_never_reads_our_close_is_reset_at_the_close_timeout(quick_close):
+    """Closing the socket is not enough: the kernel would keep what the peer never read and
+    probe its zero window for minutes, the peer seeing an open connection all along. At the
+    close timeout the connection is reset (RST), which frees both ends."""
+    connection, peer, events = pair()
+    for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
+        connection.write(b"z" * 100_000)
+    connection.close(*CLOSES["slow_consumer"].frame)
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert await dropped([peer.sock], 2)
 
 
 async def test_peer_vanishing_is_reported_once():
