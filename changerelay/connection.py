@@ -340,10 +340,13 @@ class WebSocketConnection(Connection):
         self.on_pong: Callable[[], None] = _nothing
 
     def data_received(self, data: bytes) -> None:
-        before = self.protocol.state
-        reply, ponged = self.protocol.receive(data, self._size)
+        protocol = self.protocol
+        before = protocol.state
+        reply, ponged = protocol.receive(data, self._size, self.loop.time())
         if ponged:
             self.on_pong()
+        if not protocol.listening:  # past its frame budget: what it sends next stays unread
+            self.stop_reading()
         self._act(before, reply)
 
     def eof_received(self) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import select
 import socket
 import struct
+import termios
 
 import pytest
 from tornado.iostream import StreamClosedError
@@ -50,6 +52,11 @@ class Peer:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+
+def unread(sock: socket.socket) -> int:
+    """Bytes the kernel holds for ``sock`` that nobody has read (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -173,6 +180,23 @@ async def test_a_peer_that_never_reads_our_close_is_reset_at_the_close_timeout(q
     for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
         connection.write(b"z" * 100_000)
     connection.close(*CLOSES["slow_consumer"].frame)
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert await dropped([peer.sock], 2)
+
+
+async def test_a_flooding_peer_gets_1008_is_no_longer_read_and_is_dropped(quick_close):
+    connection, peer, events = pair()
+    flood = masked(b"", frames.PING) * (protocol.FRAME_BURST + 1)
+    peer.send(flood)
+    while (received := await peer.frame())[0] == frames.PONG:
+        pass
+    assert received == (frames.CLOSE, struct.pack("!H", 1008) + b"too many frames")
+    assert not connection.closed
+    # Not read any more: what it sends now stays with the kernel until the close timeout.
+    peer.send(b"\x00" * 1000)
+    async with asyncio.timeout(2):
+        while unread(connection.sock) < 1000:
+            await asyncio.sleep(0.01)  # the loop runs meanwhile: a reader would take them
     await asyncio.wait_for(events["gone"].wait(), 5)
     assert await dropped([peer.sock], 2)
 
