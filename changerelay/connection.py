@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import socket
 import struct
+import termios
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -291,7 +293,13 @@ class Connection(Writer):
         """Close the socket in ``seconds`` at the latest, whatever the peer does: by then a peer
         that has not read what we sent is reset."""
         if self._timer is None and not self.closed:
-            self._timer = self.loop.call_later(seconds, self.reset)
+            self._timer = self.loop.call_later(seconds, self._time_is_up)
+
+    def _time_is_up(self) -> None:
+        if self._size or _unacknowledged(self.sock):
+            self.reset()
+        else:
+            self.abort()  # it read everything: an ordinary close (FIN)
 
     def reset(self) -> None:
         """Close now with a reset (RST). A plain close leaves what the peer has not read with
@@ -403,3 +411,12 @@ class WebSocketConnection(Connection):
 
 def _nothing() -> None:
     pass
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes the kernel still holds for the peer, unsent or unacknowledged (SIOCOUTQ); where
+    that cannot be asked, 1: as if the peer had not read them."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except OSError:
+        return 1
