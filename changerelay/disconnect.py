@@ -95,7 +95,8 @@ CLOSES: dict[str, Close] = {
         "an unexpected condition in the relay (RFC 6455 §7.4.1); the reason names it"),
     "slow_consumer": Close(
         1013, "slow consumer", Retry.RESUME,
-        "the client fell CLIENT_BUFFER_BYTES behind; after an error frame slow_consumer"),
+        "the client fell CLIENT_BUFFER_BYTES behind, or held the most when all clients together "
+        "reached MAX_BUFFERED_BYTES; after an error frame slow_consumer"),
 }
 
 REFUSALS: dict[int, Refused] = {

@@ -335,6 +335,28 @@ def drain(stream, count: int, timeout: float = 5) -> list[dict]:
     return got
 
 
+def rss(pid: int) -> int:
+    """A process's resident memory, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def stalled_request(port: int, target: str) -> socket.socket:
+    """A raw client that sends its request — a WebSocket handshake for ``/socket…``, a plain GET
+    otherwise — and never reads a byte, its receive buffer small."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    sock.sendall((f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  f"{upgrade if target.startswith('/socket') else ''}\r\n").encode())
+    return sock
+
+
 def tcp_state(sock: socket.socket) -> int:
     """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of Linux's tcp_info):
     a peer that never reads learns nothing from its own reads, but its kernel knows whether the
@@ -381,3 +403,34 @@ def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = Fa
         header = struct.pack("!BBQ", first, 0x80 | 127, length)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return header + mask + body
+
+
+def split_frame(data: bytes) -> tuple[tuple[int, bytes], bytes] | None:
+    """The first whole frame a server sent, as ``((opcode, payload), rest)``; None if the data
+    does not hold one yet."""
+    if len(data) < 2:
+        return None
+    length, offset = data[1] & 0x7F, 2
+    if length == 126:
+        length, offset = int.from_bytes(data[2:4], "big"), 4
+    elif length == 127:
+        length, offset = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < offset + length:
+        return None
+    return (data[0] & 0x0F, data[offset:offset + length]), data[offset + length:]
+
+
+async def read_frames(sock: socket.socket, until_close: bool = False) -> list[tuple[int, bytes]]:
+    """Every frame a (non-blocking) socket receives from a server, until EOF or, with
+    ``until_close``, until its close frame."""
+    loop = asyncio.get_running_loop()
+    frames: list[tuple[int, bytes]] = []
+    data = b""
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        data += chunk
+        while (split := split_frame(data)) is not None:
+            frame, data = split
+            frames.append(frame)
+            if until_close and frame[0] == 0x8:
+                return frames
+    return frames

@@ -14,6 +14,7 @@ from tornado.iostream import StreamClosedError
 
 from changerelay import connection as conn_module
 from changerelay import frames, protocol
+from changerelay.buffers import ENTRY_COST, SLOT_COST, Buffers
 from changerelay.connection import WebSocketConnection
 from changerelay.disconnect import CLOSES
 from changerelay.protocol import WebSocketProtocol
@@ -70,11 +71,13 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def pair(max_size: int = 4096, deflate: bool = False, start: bool = True):
+def pair(max_size: int = 4096, deflate: bool = False, start: bool = True,
+         buffers: Buffers | None = None):
     """A connection (started, unless ``start=False``), its peer, and what it reported."""
     ours, theirs = tcp_pair()
     theirs.setblocking(False)
-    connection = WebSocketConnection(ours, WebSocketProtocol(max_size, deflate))
+    buffers = buffers or Buffers(0, asyncio.get_running_loop().call_soon)
+    connection = WebSocketConnection(ours, buffers, WebSocketProtocol(max_size, deflate))
     events = {"pongs": 0, "closed": 0, "gone": asyncio.Event(), "pong": asyncio.Event()}
 
     def closed():
@@ -112,6 +115,42 @@ async def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_report
     assert connection.buffered() == 0
     assert connection.write_within(b"y" * 100, 10)  # nothing queued: the kernel takes it
     assert await peer.read(100) == b"y" * 100
+
+
+async def test_a_queue_costs_its_bytes_and_an_entry_each_and_shared_payloads_count_once():
+    buffers = Buffers(0, asyncio.get_running_loop().call_soon)
+    (first, peer, _), (second, _, _) = pair(buffers=buffers), pair(buffers=buffers)
+    big = [b"x" * 3_000_000, b"y" * 3_000_000]
+    for connection, payload in zip((first, second), big, strict=True):
+        connection.write(payload)  # more than the kernel takes: the rest is queued
+    before = first.buffered()
+    shared = b"the same payload, queued by both"
+    for _ in range(1000):
+        first.write(shared)  # behind a queue: each is an entry, its bytes counted each time
+        second.write(shared)
+    assert first.buffered() == before + 1000 * (len(shared) + ENTRY_COST)
+    # Together: each payload once (a partly sent one whole), each entry's slot.
+    assert buffers.total == 2 * (3_000_000 + ENTRY_COST) + len(shared) + ENTRY_COST + (
+        2 * 1000 - 1) * SLOT_COST
+    second.abort()
+    assert buffers.total == 3_000_000 + ENTRY_COST + len(shared) + ENTRY_COST + 999 * SLOT_COST
+    await peer.read(3_000_000 + 1000 * len(shared))  # all of it: the queue is gone, its cost too
+    assert first.buffered() == 0 and buffers.total == 0
+
+
+async def test_dropping_what_is_unsent_keeps_a_partly_sent_chunk_and_its_cost():
+    buffers = Buffers(0, asyncio.get_running_loop().call_soon)
+    connection, peer, _ = pair(buffers=buffers)
+    frame = frames.ws_frame(b"z" * 3_000_000)
+    connection.write(frame)
+    queued = connection.buffered()  # the tail of a partial send
+    for _ in range(10):
+        connection.write(frames.ws_frame(b"later"))
+    connection.drop_unsent()
+    assert connection.buffered() == queued  # its unsent tail, and the entry
+    assert buffers.total == len(frame) + ENTRY_COST  # what the kernel has not taken keeps it whole
+    assert await peer.frame() == (frames.TEXT, b"z" * 3_000_000)  # whole, then nothing
+    assert connection.buffered() == 0 and buffers.total == 0
 
 
 async def test_ping_is_answered_with_its_payload_and_pongs_are_reported():

@@ -19,21 +19,14 @@ import time
 import pytest
 from pymongo import MongoClient
 
-from tests.support import WS, token_of
+from changerelay.connection import CLOSE_TIMEOUT
+from tests.support import WS, dropped, rss, stalled_request, token_of
 
 pytestmark = pytest.mark.e2e
 
 EVENT_PAD = 10_000
 EVENTS = 2_100  # x ~10 KB = 20 MiB
 CLIENT_BUFFER = 8 * 1024 * 1024
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class StalledClient:
@@ -194,6 +187,26 @@ async def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_f
     again = await SSE.open(relay.port, last_event_id=ids[-1])
     rest = await again.changes(1000 - len(ids))
     assert ids + [r["id"] for r in rest] == mongo.tokens()
+
+
+async def test_cut_off_clients_that_never_read_are_dropped_within_the_close_timeout(
+        mongo, relay_factory):
+    """The issue saw 1 of 10 still open 12 s after its cut-off: the relay had closed its socket,
+    but the kernel went on offering the unread bytes to a zero window, and the client saw an
+    open connection. A client that does not read what we send gets a reset, both transports."""
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=1 << 20,
+                          LOG_LEVEL="INFO")
+    relay.wait_ready()
+    socks = [stalled_request(relay.port, path) for path in ["/socket", "/events"] * 5]
+    pad = "z" * EVENT_PAD
+    with MongoClient(mongo.uri) as client:
+        for first in range(0, 600, 50):  # 6 MB: past each client's limit and its buffers
+            batch = [{"_id": i, "pad": pad} for i in range(first, first + 50)]
+            client[mongo.db].c.insert_many(batch)
+    mongo.wait_for(lambda: sum("cutting off" in line for line in relay.lines) == len(socks))
+    assert await dropped(socks, CLOSE_TIMEOUT + 1.5), "a cut-off client is still connected"
+    for sock in socks:
+        sock.close()
 
 
 def _unchunk(data: bytes) -> bytes:
