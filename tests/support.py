@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -346,6 +348,26 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def latency(frame: dict) -> float:
+    """Seconds from an event's commit (its ``wallTime``, the primary's clock) to now."""
+    wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
+    return time.time() - wall.timestamp()
+
+
+async def latencies(client: WS, count: int) -> list[float]:
+    """The latencies of ``client``'s next ``count`` events (a bystander's, in load tests), each
+    taken as it arrives."""
+    out = []
+    while len(out) < count:
+        [frame] = await client.changes(1, timeout=30)
+        out.append(latency(frame))
+    return out
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
 
 
 def stalled_request(port: int, target: str) -> socket.socket:

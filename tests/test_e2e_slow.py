@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import os
 import socket
-import statistics
 import sys
-import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from pymongo import MongoClient
 
 from changerelay.connection import CLOSE_TIMEOUT
-from tests.support import WS, dropped, rss, stalled_request, token_of
+from tests.support import WS, dropped, latencies, p99, rss, stalled_request, token_of
 
 pytestmark = pytest.mark.e2e
 
 EVENT_PAD = 10_000
 EVENTS = 2_100  # x ~10 KB = 20 MiB
 CLIENT_BUFFER = 8 * 1024 * 1024
+_T = TypeVar("_T")
 
 
 class StalledClient:
@@ -90,20 +90,12 @@ class StalledClient:
 
 async def flow_and_measure(relay, mongo, start: int, fast_clients: list[WS]):
     """Write EVENTS padded documents; return every fast client's latencies (seconds)."""
-    latencies = []
-
-    async def consume(client):
-        for frame in await client.changes(EVENTS, timeout=120):
-            wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
-            latencies.append(time.time() - wall.timestamp())
-
-    consumers = [asyncio.create_task(consume(c)) for c in fast_clients]
+    consumers = [asyncio.create_task(latencies(c, EVENTS)) for c in fast_clients]
     # The writer runs in its own process so that it does not compete with the readers for the GIL.
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, mongo.uri, mongo.db, str(start))
     assert await writer.wait() == 0
-    await asyncio.gather(*consumers)
-    return latencies
+    return [wait for waits in await asyncio.gather(*consumers) for wait in waits]
 
 
 WRITER = f"""
@@ -118,8 +110,16 @@ with MongoClient(uri) as client:
 """
 
 
-def p99(values):
-    return statistics.quantiles(values, n=100)[98]
+def read_once_cut_off(relay, read: Callable[[], _T]) -> asyncio.Future[_T]:
+    """``read()``, in a thread, as soon as the relay has cut its client off: a slow client that
+    reads again within the close timeout gets all it was sent and why it was cut off (one that
+    does not is reset: test_cut_off_clients_that_never_read_are_dropped_within_the_close_timeout).
+    """
+    def read_when_cut_off() -> _T:
+        relay.wait_log("cutting off slow consumer", timeout=120)
+        return read()
+
+    return asyncio.get_running_loop().run_in_executor(None, read_when_cut_off)
 
 
 async def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
@@ -132,12 +132,11 @@ async def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
     rss_before = rss(relay.proc.pid)
 
     stalled = StalledClient(relay.port)
+    reading = read_once_cut_off(relay, stalled.read_everything)
     with_slow = await flow_and_measure(relay, mongo, EVENTS, fast)
     rss_after = rss(relay.proc.pid)
-    relay.wait_log("cutting off slow consumer")
 
-    frames, close = await asyncio.get_running_loop().run_in_executor(
-        None, stalled.read_everything)
+    frames, close = await reading
     assert close == (1013, "slow consumer")
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "slow_consumer"
     seen = [token_of(f) for f in frames if "operationType" in f]
@@ -164,17 +163,22 @@ async def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_f
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
     stalled.connect(("127.0.0.1", relay.port))
     stalled.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode())
+
+    def read_everything() -> bytes:
+        stalled.settimeout(30)
+        body = b""
+        while chunk := stalled.recv(1 << 20):
+            body += chunk
+        stalled.close()
+        return body
+
+    reading = read_once_cut_off(relay, read_everything)
     pad = "y" * EVENT_PAD
     with MongoClient(mongo.uri) as client:
         for first in range(0, 1000, 50):
             batch = [{"_id": i, "pad": pad} for i in range(first, first + 50)]
             client[mongo.db].c.insert_many(batch)
-    relay.wait_log("cutting off slow consumer")
-    stalled.settimeout(30)
-    body = b""
-    while chunk := stalled.recv(1 << 20):
-        body += chunk
-    stalled.close()
+    body = await reading
     head, _, chunked = body.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     text = _unchunk(chunked).decode()

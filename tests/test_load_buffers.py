@@ -14,16 +14,14 @@ times and their median p99s are compared (one stray pause on a shared machine ma
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import statistics
 import sys
-import time
 import urllib.parse
 
 import pytest
 
-from tests.support import WS, rss, stalled_request
+from tests.support import WS, latency, p99, rss, stalled_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
@@ -58,18 +56,13 @@ async def phase(mongo, bystander: WS, name: str, seconds: int, pid: int):
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, mongo.uri, mongo.db, name, str(RATE), str(seconds),
         str(PAD))
-    latencies, peak = [], rss(pid)
-    while len(latencies) < RATE * seconds:
+    waits, peak = [], rss(pid)
+    while len(waits) < RATE * seconds:
         [frame] = await bystander.changes(1, timeout=30)
-        wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
-        latencies.append(time.time() - wall.timestamp())
+        waits.append(latency(frame))
         peak = max(peak, rss(pid))
     assert await writer.wait() == 0
-    return latencies, peak
-
-
-def p99(values):
-    return statistics.quantiles(values, n=100)[98]
+    return waits, peak
 
 
 async def test_stalled_clients_of_both_transports_cannot_take_the_relay_s_memory(

@@ -11,15 +11,13 @@ shared machine makes a p99 of 80 samples).
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import statistics
 import sys
-import time
 
 import pytest
 
-from tests.support import WS
+from tests.support import WS, latencies, p99
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
@@ -104,15 +102,6 @@ def relay_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def tick_latencies(client: WS, count: int) -> list[float]:
-    latencies = []
-    while len(latencies) < count:
-        [frame] = await client.changes(1, timeout=30)
-        wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
-        latencies.append(time.time() - wall.timestamp())
-    return latencies
-
-
 async def phase(mongo, relay, bystander: WS, name: str, flooders: int):
     """The bystander's latencies over one phase, the relay's CPU seconds, what each flooder got."""
     cpu = relay_cpu(relay.proc.pid)
@@ -123,17 +112,13 @@ async def phase(mongo, relay, bystander: WS, name: str, flooders: int):
             stdout=asyncio.subprocess.PIPE)
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, mongo.uri, mongo.db, name)
-    latencies = await tick_latencies(bystander, SECONDS * RATE)
+    waits = await latencies(bystander, SECONDS * RATE)
     assert await writer.wait() == 0
     closes = []
     if flood is not None:
         out, _ = await flood.communicate()
         closes = [line.split() for line in out.decode().splitlines()]
-    return latencies, relay_cpu(relay.proc.pid) - cpu, closes
-
-
-def p99(values):
-    return statistics.quantiles(values, n=100)[98]
+    return waits, relay_cpu(relay.proc.pid) - cpu, closes
 
 
 async def test_a_frame_flood_is_closed_and_does_not_slow_a_bystander(mongo, relay_factory):
@@ -142,10 +127,10 @@ async def test_a_frame_flood_is_closed_and_does_not_slow_a_bystander(mongo, rela
     bystander = await WS.connect(relay.ws_url)
     alone, flooded, extra_cpu, closes = [], [], [], []
     for round_ in range(ROUNDS):
-        latencies, cpu_alone, _ = await phase(mongo, relay, bystander, f"alone{round_}", 0)
-        alone.append(p99(latencies))
-        latencies, cpu, got = await phase(mongo, relay, bystander, f"flood{round_}", FLOODERS)
-        flooded.append(p99(latencies))
+        waits, cpu_alone, _ = await phase(mongo, relay, bystander, f"alone{round_}", 0)
+        alone.append(p99(waits))
+        waits, cpu, got = await phase(mongo, relay, bystander, f"flood{round_}", FLOODERS)
+        flooded.append(p99(waits))
         extra_cpu.append(cpu - cpu_alone)
         closes += [close for _, close in got]
 
