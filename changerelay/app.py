@@ -27,6 +27,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import admission, handlers, logs
 from . import subscription as subs
+from .buffers import Buffers
 from .catchup import CatchUp
 from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
@@ -77,6 +78,7 @@ class Relay:
                                                 config.catchup_streams, self.source.missing_image)
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
+        self.buffers = Buffers(config.max_buffered_bytes, loop.call_soon)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
         self.auth: Authenticator | None = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:
@@ -194,7 +196,7 @@ class Relay:
 
     def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
-                "catching_up": self.catchup.count(),
+                "catching_up": self.catchup.count(), "unsent_bytes": self.buffers.total,
                 "catchup_streams_opened": self.catchup.streams_opened,
                 "uptime": round(time.monotonic() - self.started, 1)}
 

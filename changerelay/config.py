@@ -276,6 +276,9 @@ class Config:
     demo: bool = _setting(
         "DEMO", False, "run with a built-in MongoDB stand-in on 127.0.0.1 and a writer of demo "
         "data (no MongoDB needed; MONGO_SRV is ignored): `changerelay --demo`", _boolean)
+    max_buffered_bytes: int = _setting(
+        "MAX_BUFFERED_BYTES", 256 * 1024 * 1024, "unsent bytes all clients together may hold; "
+        "past it the clients holding the most are cut off as slow consumers (0: off)", _whole())
 
     @property
     def scope(self) -> str:

@@ -83,6 +83,10 @@ CLOSES: dict[str, Close] = {
     "token_expired": Close(
         1008, "token expired", Retry.FRESH_TOKEN,
         "the token's exp passed during the connection; after an error frame token_expired"),
+    "too_many_frames": Close(
+        1008, "too many frames", Retry.RESUME,
+        "the client sent far more frames than any client needs (pings, pongs, fragments, tiny "
+        "messages): past its frame budget"),
     "message_too_big": Close(
         1009, None, Retry.RESUME,
         "a client message over 4 KiB (clients have nothing to say to the relay)"),
@@ -91,7 +95,8 @@ CLOSES: dict[str, Close] = {
         "an unexpected condition in the relay (RFC 6455 §7.4.1); the reason names it"),
     "slow_consumer": Close(
         1013, "slow consumer", Retry.RESUME,
-        "the client fell CLIENT_BUFFER_BYTES behind; after an error frame slow_consumer"),
+        "the client fell CLIENT_BUFFER_BYTES behind, or held the most when all clients together "
+        "reached MAX_BUFFERED_BYTES; after an error frame slow_consumer"),
 }
 
 REFUSALS: dict[int, Refused] = {

@@ -54,6 +54,7 @@ export const DISCONNECTS = {
     "connection_lost": {"code": 1006, "reason": null, "retry": "resume"},
     "invalid_data": {"code": 1007, "reason": null, "retry": "resume"},
     "token_expired": {"code": 1008, "reason": "token expired", "retry": "fresh_token"},
+    "too_many_frames": {"code": 1008, "reason": "too many frames", "retry": "resume"},
     "message_too_big": {"code": 1009, "reason": null, "retry": "resume"},
     "server_error": {"code": 1011, "reason": null, "retry": "resume"},
     "slow_consumer": {"code": 1013, "reason": "slow consumer", "retry": "resume"}

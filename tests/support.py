@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import json
 import os
 import re
 import signal
+import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -42,6 +45,10 @@ def examples(thorough: int) -> int:
     """Hypothesis examples for a property test: ``thorough`` in the THOROUGH run, a fifth (at
     least 20) in the functional suite."""
     return thorough if THOROUGH else max(20, thorough // 5)
+
+
+# Linux's TCP states (include/net/tcp_states.h), as TCP_INFO reports them.
+TCP_ESTABLISHED = 1
 
 
 class Mongo:
@@ -345,6 +352,69 @@ def drain(stream, count: int, timeout: float = 5) -> list[dict]:
     return got
 
 
+def rss(pid: int) -> int:
+    """A process's resident memory, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def latency(frame: dict) -> float:
+    """Seconds from an event's commit (its ``wallTime``, the primary's clock) to now."""
+    wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
+    return time.time() - wall.timestamp()
+
+
+async def latencies(client: WS, count: int) -> list[float]:
+    """The latencies of ``client``'s next ``count`` events (a bystander's, in load tests), each
+    taken as it arrives."""
+    out = []
+    while len(out) < count:
+        [frame] = await client.changes(1, timeout=30)
+        out.append(latency(frame))
+    return out
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[94]
+
+
+def stalled_request(port: int, target: str) -> socket.socket:
+    """A raw client that sends its request — a WebSocket handshake for ``/socket…``, a plain GET
+    otherwise — and never reads a byte, its receive buffer small."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    sock.sendall((f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  f"{upgrade if target.startswith('/socket') else ''}\r\n").encode())
+    return sock
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of Linux's tcp_info):
+    a peer that never reads learns nothing from its own reads, but its kernel knows whether the
+    connection still stands."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def dropped(socks: list[socket.socket], timeout: float) -> bool:
+    """Whether every one of ``socks`` is dropped (no longer established) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while any(tcp_state(sock) == TCP_ESTABLISHED for sock in socks):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def token(n: int) -> str:
     """A resume token's _data for the n-th event (the hub's tests need only their order)."""
     return f"82{n:016X}"
@@ -390,3 +460,34 @@ def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = Fa
         header = struct.pack("!BBQ", first, 0x80 | 127, length)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return header + mask + body
+
+
+def split_frame(data: bytes) -> tuple[tuple[int, bytes], bytes] | None:
+    """The first whole frame a server sent, as ``((opcode, payload), rest)``; None if the data
+    does not hold one yet."""
+    if len(data) < 2:
+        return None
+    length, offset = data[1] & 0x7F, 2
+    if length == 126:
+        length, offset = int.from_bytes(data[2:4], "big"), 4
+    elif length == 127:
+        length, offset = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < offset + length:
+        return None
+    return (data[0] & 0x0F, data[offset:offset + length]), data[offset + length:]
+
+
+async def read_frames(sock: socket.socket, until_close: bool = False) -> list[tuple[int, bytes]]:
+    """Every frame a (non-blocking) socket receives from a server, until EOF or, with
+    ``until_close``, until its close frame."""
+    loop = asyncio.get_running_loop()
+    frames: list[tuple[int, bytes]] = []
+    data = b""
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        data += chunk
+        while (split := split_frame(data)) is not None:
+            frame, data = split
+            frames.append(frame)
+            if until_close and frame[0] == 0x8:
+                return frames
+    return frames
