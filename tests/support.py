@@ -377,10 +377,6 @@ async def latencies(client: WS, count: int) -> list[float]:
     return out
 
 
-def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98]
-
-
 def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[94]
 

@@ -8,7 +8,8 @@ each client is sent more than the kernel's own send buffer takes (up to 4 MiB a 
 RSS) within the test's seconds. Their sum is capped by MAX_BUFFERED_BYTES: the relay's RSS must
 stay within the cap and some slack, the clients holding the most are cut off as slow consumers,
 and a bystander receiving every event keeps its latency. Alone and stalled phases alternate three
-times and their median p99s are compared (one stray pause on a shared machine makes a p99).
+times and their median p95s are compared (one stray pause on a shared machine moves a p99, so
+each phase's p95 is taken).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import urllib.parse
 
 import pytest
 
-from tests.support import WS, latency, p99, rss, stalled_request
+from tests.support import WS, latency, p95, rss, stalled_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
@@ -75,7 +76,7 @@ async def test_stalled_clients_of_both_transports_cannot_take_the_relay_s_memory
     alone, with_stalled, growth, unsent = [], [], [], []
     for round_ in range(ROUNDS):
         latencies, _ = await phase(mongo, bystander, f"alone{round_}", ALONE_SECONDS, pid)
-        alone.append(p99(latencies))
+        alone.append(p95(latencies))
         stalled = []
         for i in range(STALLED):
             own = urllib.parse.quote(json.dumps({"fullDocument.n": {"$ne": i}}))  # a group each
@@ -84,7 +85,7 @@ async def test_stalled_clients_of_both_transports_cannot_take_the_relay_s_memory
         mongo.wait_for(lambda: relay.ready()["clients"] == STALLED + 1)
         before = rss(pid)
         latencies, peak = await phase(mongo, bystander, f"stalled{round_}", STALLED_SECONDS, pid)
-        with_stalled.append(p99(latencies))
+        with_stalled.append(p95(latencies))
         growth.append(peak - before)
         unsent.append(relay.ready()["unsent_bytes"])
         for sock in stalled:
@@ -93,7 +94,7 @@ async def test_stalled_clients_of_both_transports_cannot_take_the_relay_s_memory
     shed = sum("MAX_BUFFERED_BYTES reached" in line for line in relay.lines)
     print("RSS grew by " + ", ".join(f"{g >> 20}" for g in growth) + f" MiB at most "
           f"with {STALLED} stalled clients; {shed} cut off in all; unsent at the end of each "
-          + ", ".join(f"{u >> 20}" for u in unsent) + " MiB; bystander p99 alone "
+          + ", ".join(f"{u >> 20}" for u in unsent) + " MiB; bystander p95 alone "
           + ", ".join(f"{p * 1000:.1f}" for p in alone) + " ms, with them "
           + ", ".join(f"{p * 1000:.1f}" for p in with_stalled) + " ms")
     assert max(growth) < CAP + SLACK

@@ -4,8 +4,8 @@ Several connections send empty pings as fast as the relay reads them (the issue'
 connections, millions of pings, 13.5 s of CPU and a bystander p99 of 2.5 s). Each must be closed
 with 1008 "too many frames" once past its frame budget, the relay's CPU must stay bounded per
 flooding connection, and a bystander receiving 20 events/s must keep its latency. Alone and
-flooded phases alternate three times, and their median p99s are compared (one stray pause on a
-shared machine makes a p99 of 80 samples).
+flooded phases alternate three times, and their median p95s are compared (one stray pause on a
+shared machine moves a p99, the second largest of 80 samples, so each phase's p95 is taken).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.support import WS, latencies, p99
+from tests.support import WS, latencies, p95
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
@@ -128,13 +128,13 @@ async def test_a_frame_flood_is_closed_and_does_not_slow_a_bystander(mongo, rela
     alone, flooded, extra_cpu, closes = [], [], [], []
     for round_ in range(ROUNDS):
         waits, cpu_alone, _ = await phase(mongo, relay, bystander, f"alone{round_}", 0)
-        alone.append(p99(waits))
+        alone.append(p95(waits))
         waits, cpu, got = await phase(mongo, relay, bystander, f"flood{round_}", FLOODERS)
-        flooded.append(p99(waits))
+        flooded.append(p95(waits))
         extra_cpu.append(cpu - cpu_alone)
         closes += [close for _, close in got]
 
-    print("bystander p99 alone " + ", ".join(f"{p * 1000:.1f}" for p in alone) + " ms; flooded "
+    print("bystander p95 alone " + ", ".join(f"{p * 1000:.1f}" for p in alone) + " ms; flooded "
           + ", ".join(f"{p * 1000:.1f}" for p in flooded) + " ms; relay CPU per flooder "
           + ", ".join(f"{cpu / FLOODERS * 1000:.0f}" for cpu in extra_cpu) + " ms per phase")
     assert closes == [(b"\x03\xf0" + b"too many frames").hex()] * (ROUNDS * FLOODERS)  # 1008
