@@ -22,7 +22,7 @@ import urllib.parse
 import pytest
 
 from tests.support import WS, latencies, p95
-from tests.test_filter_cost import WORST_FILTERS
+from tests.worst import WORST_FILTERS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
