@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from logzero import logger
 from pymongo import AsyncMongoClient
-from tornado import httpserver, netutil, web
+from tornado import netutil, web
 from tornado.ioloop import PeriodicCallback
 
 from . import admission, handlers, logs
@@ -30,8 +30,10 @@ from . import subscription as subs
 from .catchup import CatchUp
 from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
+from .gate import Gate, Limits
 from .hub import Hub
 from .source import ChangeSource
+from .tornado_internals import GatedServer
 
 if TYPE_CHECKING:
     from tornado.httputil import HTTPServerRequest
@@ -60,8 +62,6 @@ EXPIRY_CHECK_SECONDS = 1.0
 # Connections the kernel queues before they are accepted: room for a crowd of clients that
 # reconnect at once after a restart (Tornado's default is 128).
 LISTEN_BACKLOG = 1024
-# Seconds an HTTP connection between requests stays open (Tornado closes it after).
-IDLE_HTTP_SECONDS = 60
 # The open-files limit asked for when the hard limit is unlimited.
 OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
@@ -242,10 +242,18 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     # PORT=0 picks a port: the Host check's default names the one actually listened on.
     config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
     relay = Relay(config)
-    server = httpserver.HTTPServer(make_app(relay), xheaders=False,
-                                   idle_connection_timeout=IDLE_HTTP_SECONDS,
-                                   max_header_size=handlers.MAX_HEADER_BYTES)
-    server.add_sockets(sockets)
+    # Tornado reads no head of its own (the gate hands it each one, complete) and no body.
+    server = GatedServer(make_app(relay), xheaders=False,
+                         max_header_size=config.max_request_head_bytes, max_body_size=0)
+    gate = Gate(Limits(config.max_request_head_bytes, config.request_head_timeout,
+                       config.max_pending_requests), server.serve)
+    server.next_head = gate.admit
+
+    def accepted(sock: socket.socket, address: Any) -> None:
+        sock.setblocking(False)
+        gate.admit(sock, address)
+
+    stop_accepting = [netutil.add_accept_handler(sock, accepted) for sock in sockets]
     relay.start()
     logger.info("changerelay %d listening on http://%s:%d/ — %s", os.getpid(), config.host,
                 config.port, describe(config))
@@ -261,7 +269,11 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     logger.info("shutting down: closing %d clients", len(relay.hub.clients))
-    server.stop()
+    for stop in stop_accepting:
+        stop()
+    for sock in sockets:
+        sock.close()
+    gate.close()
     try:
         await asyncio.wait_for(relay.shutdown(), config.shutdown_timeout)
     except TimeoutError:
