@@ -32,6 +32,7 @@ from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
 from .gate import Gate, Limits
 from .hub import Hub
+from .listener import Listener
 from .source import ChangeSource
 from .tornado_internals import GatedServer
 
@@ -248,12 +249,8 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     gate = Gate(Limits(config.max_request_head_bytes, config.request_head_timeout,
                        config.max_pending_requests), server.serve)
     server.next_head = gate.admit
-
-    def accepted(sock: socket.socket, address: Any) -> None:
-        sock.setblocking(False)
-        gate.admit(sock, address)
-
-    stop_accepting = [netutil.add_accept_handler(sock, accepted) for sock in sockets]
+    listener = Listener(sockets, gate.admit)
+    listener.start()
     relay.start()
     logger.info("changerelay %d listening on http://%s:%d/ — %s", os.getpid(), config.host,
                 config.port, describe(config))
@@ -269,10 +266,7 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     logger.info("shutting down: closing %d clients", len(relay.hub.clients))
-    for stop in stop_accepting:
-        stop()
-    for sock in sockets:
-        sock.close()
+    listener.stop()
     gate.close()
     try:
         await asyncio.wait_for(relay.shutdown(), config.shutdown_timeout)

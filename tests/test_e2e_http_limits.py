@@ -3,15 +3,19 @@
 A request head (request line and headers) is read within a size, a header count and a deadline,
 and refused in JSON when it breaks one (431, 414, 408, 400); no route reads a body (413, before
 reading it); connections that have not finished their request have a cap of their own, past which
-the oldest goes, so that probes still get in. Each abuse runs beside a bystander client that must
-keep receiving its events.
+the oldest goes, so that probes still get in; at the open-files limit the relay stops accepting
+for a moment instead of spinning. Each abuse runs beside a bystander client that must keep
+receiving its events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import select
+import socket
 import time
 
+import psutil
 import pytest
 
 from tests.support import WS, RawHTTP
@@ -233,3 +237,37 @@ async def test_connection_caps_apply_after_the_head_and_spare_the_probes(mongo, 
     bystander = Bystander(mongo, first)
     await bystander.still_served()
     second.close()
+
+
+async def test_at_the_open_files_limit_the_relay_backs_off_and_recovers(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, LOG_LEVEL="INFO")
+    relay.wait_ready()
+    bystander = await Bystander.connect(mongo, relay)
+    process = psutil.Process(relay.proc.pid)
+    limit = process.num_fds() + 20
+    process.rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
+    hogs = [socket.create_connection(("127.0.0.1", relay.port)) for _ in range(60)]
+    relay.wait_log("not accepting connections")
+    cpu = sum(process.cpu_times()[:2])
+    started = time.monotonic()
+    for _ in range(30):  # 3 s of events: the connected client is still served
+        await bystander.still_served("at the open-files limit")
+        await asyncio.sleep(0.1)
+    busy = (sum(process.cpu_times()[:2]) - cpu) / (time.monotonic() - started)
+    assert busy < 0.3, f"the relay used {busy:.0%} of a core while it could not accept"
+    lines = [line for line in relay.lines if "not accepting" in line or "Too many" in line]
+    assert len(lines) <= 2, lines[:5]
+    assert "Traceback" not in relay.log()
+
+    for hog in hogs:
+        hog.close()
+    deadline = time.monotonic() + 10
+    while True:  # it recovers by itself
+        try:
+            if relay.get("/healthz").code == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "never accepted again"
+        await asyncio.sleep(0.1)
+    await bystander.still_served("after the open-files limit")
