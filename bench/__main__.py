@@ -26,11 +26,12 @@ import os
 import platform
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
-from . import loopback, report, sendfloor
+from . import baseline, loopback, report, sendfloor
 from .loadclient import raise_open_files_limit
-from .procs import LoadClient, Relay, Source, Tutorial
+from .procs import ROOT, LoadClient, Relay, Source, Tutorial
 from .profile import Profiler, summary
 from .scenarios import Bench, Inserter, Run
 
@@ -77,6 +78,27 @@ def parse_args(argv):
                              "clients' (rps_cpus on lo, restored afterwards, needs root)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the send floor (a bare send() loop at each fixed-rate count)")
+    parser.add_argument("--scenario", nargs="+", default=["fan-out"],
+                        choices=["fan-out", "per-user", "ingest"],
+                        help="fan-out: today's clients sharing one subscription (default); "
+                             "per-user: each client its own owner filter, events spread over "
+                             "owners; ingest: one all-events client, ~600-byte update events "
+                             "as fast as the source gives them")
+    parser.add_argument("--subscriptions", type=int, nargs="+", default=[10_000],
+                        help="per-user: clients, each with its own subscription "
+                             "(default 10000)")
+    parser.add_argument("--per-user-events", type=int, default=1000,
+                        help="per-user: events per batched run, one per owner (default 1000)")
+    parser.add_argument("--single-events", type=int, default=200,
+                        help="per-user: events one at a time, each delivered before the next "
+                             "is written (default 200)")
+    parser.add_argument("--ingest-orders", type=int, default=2000,
+                        help="ingest: documents updated per round (default 2000)")
+    parser.add_argument("--ingest-rounds", type=int, default=5,
+                        help="ingest: update_many rounds over them (default 5)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="per-user and ingest: also run REV's relay (a git revision, e.g. "
+                             "main), one after the other in the same run")
     return parser.parse_args(argv)
 
 
@@ -244,54 +266,114 @@ def run_all(args, counts, fixed, server_cores, client_cores, results) -> None:
     bench = Bench(source, inserter, load, DB)
     servers = []
     try:
-        results["payload_bytes"] = report.payload_size(source.uri, DB)
-        results["send_floor"] = send_floor(args, fixed, results["payload_bytes"], server_cores,
-                                           client_cores)
-        ceiling_events = events_for(min(counts), args.deliveries)
-        results["ceiling"] = bench.ceiling(ceiling_events, args.batch, server_cores)
-        log(f"source ceiling: {results['ceiling']['events_per_s']} events/s through a bare "
-            f"change stream ({ceiling_events} events)")
-        for name in args.servers:
-            if name == "tutorial":
-                server = Tutorial(source.uri, DB, server_cores)
-            else:
-                server = Relay(source.uri, DB, server_cores, env=relay_env(args))
-            servers.append(server)
-            measure_server(bench, server, counts, fixed, args, results)
-            server.stop()
-        if args.reuse_port > 1:
-            every = server_cores | client_cores
-            for processes in (1, args.reuse_port):
-                relay = Relay(source.uri, DB, every, reuse_port=processes if processes > 1 else 0,
-                              env=relay_env(args))
-                relay.name = f"changerelay x{processes}"
-                servers.append(relay)
-                relay.start()
-                relay.wait_ready()
-                # One event per flush at the most fixed-rate clients: every delivery is its own
-                # send(), so a pass over the sockets is the work a second process splits.
-                top = max(fixed, default=0)
-                if top:
-                    bench.connect(relay, top)
-                    run = bench.fixed_rate(relay, args.fixed_events, args.rate)
-                    run.scenario = "reuse-port-fixed"
-                    run.detail["processes"] = processes
-                    record(results, run)
-                    bench.close_to(1000)
-                bench.connect(relay, 1000 - min(top, 1000) if top else 1000)
-                for _ in range(args.repeat):
-                    run = bench.max_rate(relay, events_for(1000, args.deliveries), args.batch)
-                    run.scenario = "reuse-port"
-                    run.detail["processes"] = processes
-                    record(results, run)
-                bench.close_to(0)
-                relay.stop()
+        if "fan-out" in args.scenario:
+            fan_out(args, counts, fixed, server_cores, client_cores, results, bench, servers)
+        relays = [("changerelay", ROOT)]
+        if args.baseline:
+            relays.append((f"changerelay@{args.baseline}", baseline.checkout(args.baseline)))
+        for name, root in relays:
+            if "per-user" in args.scenario:
+                per_user(args, bench, name, root, server_cores, results, servers)
+            if "ingest" in args.scenario:
+                ingest(args, bench, name, root, server_cores, results, servers)
     finally:
         for server in servers:
             server.stop()
         load.stop()
         inserter.close()
         source.stop()
+
+
+CONNECTIONS_PER_SOURCE = 20_000  # a loopback source address has about 28,000 ephemeral ports
+
+
+def per_user(args, bench: Bench, name: str, root: Path, cores, results, servers) -> None:
+    """Each client its own owner filter: the relay's work per event should follow the events'
+    owners, not the number of distinct subscriptions."""
+    server = Relay(bench.source.uri, DB, cores, env=relay_env(args), root=root)
+    server.name = name
+    servers.append(server)
+    server.start()
+    server.wait_ready()
+    for users in sorted(args.subscriptions):
+        bench.close_to(0)
+        path = "/socket?filter=" + urllib.parse.quote('{"fullDocument.owner":"u{i}"}', safe="{}")
+        first = None
+        for start in range(0, users, CONNECTIONS_PER_SOURCE):
+            reply = bench.connect(server, min(CONNECTIONS_PER_SOURCE, users - start), path=path)
+            first = reply["first"] if first is None else first
+        for batch, events in ((args.batch, args.per_user_events), (1, args.single_events)):
+            profile = profile_path(args, results, server, f"per-user-{batch}", users)
+            record(results, bench.per_user(server, first, users, events, batch, profile))
+            keep_profile(results, server, f"per-user-{batch}", users, profile)
+    bench.close_to(0)
+    server.stop()
+
+
+def ingest(args, bench: Bench, name: str, root: Path, cores, results, servers) -> None:
+    """One client of every event, update events with their looked-up documents: what one
+    process can read, encode and send per second."""
+    env = {**relay_env(args), "FULL_DOCUMENT": "updateLookup"}
+    server = Relay(bench.source.uri, DB, cores, env=env, root=root)
+    server.name = name
+    servers.append(server)
+    server.start()
+    server.wait_ready()
+    bench.close_to(0)
+    bench.prepare_orders(server, args.ingest_orders)
+    bench.connect(server, 1)
+    profile = profile_path(args, results, server, "ingest", 1)
+    record(results, bench.ingest(server, args.ingest_orders, args.ingest_rounds, profile))
+    keep_profile(results, server, "ingest", 1, profile)
+    bench.close_to(0)
+    server.stop()
+
+
+def fan_out(args, counts, fixed, server_cores, client_cores, results, bench: Bench,
+            servers: list) -> None:
+    source = bench.source
+    results["payload_bytes"] = report.payload_size(source.uri, DB)
+    results["send_floor"] = send_floor(args, fixed, results["payload_bytes"], server_cores,
+                                       client_cores)
+    ceiling_events = events_for(min(counts), args.deliveries)
+    results["ceiling"] = bench.ceiling(ceiling_events, args.batch, server_cores)
+    log(f"source ceiling: {results['ceiling']['events_per_s']} events/s through a bare "
+        f"change stream ({ceiling_events} events)")
+    for name in args.servers:
+        if name == "tutorial":
+            server = Tutorial(source.uri, DB, server_cores)
+        else:
+            server = Relay(source.uri, DB, server_cores, env=relay_env(args))
+        servers.append(server)
+        measure_server(bench, server, counts, fixed, args, results)
+        server.stop()
+    if args.reuse_port > 1:
+        every = server_cores | client_cores
+        for processes in (1, args.reuse_port):
+            relay = Relay(source.uri, DB, every, reuse_port=processes if processes > 1 else 0,
+                          env=relay_env(args))
+            relay.name = f"changerelay x{processes}"
+            servers.append(relay)
+            relay.start()
+            relay.wait_ready()
+            # One event per flush at the most fixed-rate clients: every delivery is its own
+            # send(), so a pass over the sockets is the work a second process splits.
+            top = max(fixed, default=0)
+            if top:
+                bench.connect(relay, top)
+                run = bench.fixed_rate(relay, args.fixed_events, args.rate)
+                run.scenario = "reuse-port-fixed"
+                run.detail["processes"] = processes
+                record(results, run)
+                bench.close_to(1000)
+            bench.connect(relay, 1000 - min(top, 1000) if top else 1000)
+            for _ in range(args.repeat):
+                run = bench.max_rate(relay, events_for(1000, args.deliveries), args.batch)
+                run.scenario = "reuse-port"
+                run.detail["processes"] = processes
+                record(results, run)
+            bench.close_to(0)
+            relay.stop()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ recorded on a sample of the connections (``latency_every``), counts on all of th
 The process is driven by the harness over stdin/stdout, one JSON object per line each way::
 
     {"op": "connect", "port": 8000, "n": 1000, "source": "127.0.0.2"}  -> {"connected": ...}
+    {"op": "connect", ..., "path": "/socket?filter=...u{i}..."}  {i}: the connection's number
     {"op": "arm", "latency_every": 10}  forget counts and latencies; sample every 10th client
     {"op": "wait", "expect": 500, "timeout": 60}  -> counts, first/last receipt, percentiles
+    {"op": "wait", "expect": 1, "only": [3, 7]}  connections 3 and 7 expect 1, the others 0
     {"op": "close", "keep": 100}   close all but 100 connections (close frame 1000, then FIN)
     {"op": "exit"}
 
@@ -123,9 +125,12 @@ class Connection(asyncio.Protocol):
     """One client WebSocket (RFC 6455): handshake, then frame splitting, counting, pong."""
 
     all: list[Connection] = []
+    opened_count = 0  # connections ever made: the next one's number
 
     def __init__(self, host: str, port: int, path: str):
-        self.request_target = (host, port, path)
+        self.number = Connection.opened_count
+        Connection.opened_count += 1
+        self.request_target = (host, port, path.replace("{i}", str(self.number)))
         self.key = base64.b64encode(os.urandom(16))
         self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
@@ -286,27 +291,41 @@ async def connect(host: str, port: int, path: str, n: int, source: str | None,
                     conn.transport.abort()
 
     started = time.monotonic()
+    first = Connection.opened_count
     await asyncio.gather(*(one() for _ in range(n)))
-    return {"connected": opened, "failed": len(errors), "errors": errors[:5],
+    return {"connected": opened, "failed": len(errors), "errors": errors[:5], "first": first,
             "seconds": round(time.monotonic() - started, 3), "open": len(Connection.all)}
 
 
-async def wait(expect: int, timeout: float) -> dict:
-    """Wait until every connection has ``expect`` events, or the deadline; then report."""
+async def wait(expect: int, timeout: float, only: list[int] | None = None) -> dict:
+    """Wait until every connection has ``expect`` events, or the deadline; then report.
+
+    With ``only``, the connections of those numbers expect ``expect`` and the others none (a
+    per-user run: each event is for one user)."""
     stats = STATS
+    chosen = None if only is None else set(only)
+    expecting = [conn for conn in Connection.all if chosen is None or conn.number in chosen]
     stats.target = expect
     stats.reached = sum(1 for conn in Connection.all if conn.count >= expect)
     deadline = time.monotonic() + timeout
-    clients = len(Connection.all)
-    while stats.reached < clients and time.monotonic() < deadline:
+
+    def done() -> bool:  # every connection counts towards ``reached``: only then is it enough
+        if chosen is None:
+            return stats.reached >= len(expecting)
+        return all(conn.count >= expect for conn in expecting)
+
+    while not done() and time.monotonic() < deadline:
         await asyncio.sleep(0.005)  # a poll interval, not a synchronisation
+    clients = len(Connection.all)
+    wanted = [expect if chosen is None or conn.number in chosen else 0
+              for conn in Connection.all]
     counts = [conn.count for conn in Connection.all]
     return {
         "clients": clients,
-        "complete": bool(counts) and min(counts) == expect == max(counts),
+        "complete": bool(counts) and counts == wanted,
         "min": min(counts, default=0), "max": max(counts, default=0),
-        "short": sum(1 for c in counts if c < expect),
-        "over": sum(1 for c in counts if c > expect),
+        "short": sum(1 for c, w in zip(counts, wanted, strict=True) if c < w),
+        "over": sum(1 for c, w in zip(counts, wanted, strict=True) if c > w),
         "closed": sum(1 for conn in Connection.all if conn.lost),
         "events": stats.events, "controls": stats.controls, "pings": stats.pings,
         "unstamped": stats.unstamped,
@@ -357,7 +376,8 @@ async def serve() -> None:
             STATS.arm(command.get("latency_every", 1))
             reply = {"armed": len(Connection.all)}
         elif op == "wait":
-            reply = await wait(command["expect"], command.get("timeout", 60))
+            reply = await wait(command["expect"], command.get("timeout", 60),
+                               command.get("only"))
         elif op == "close":
             reply = await close(command.get("keep", 0), command.get("timeout", 10))
         elif op == "exit":

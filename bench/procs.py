@@ -24,11 +24,12 @@ LISTENING = re.compile(r"listening on http://[\d.]+:(\d+)/")
 
 
 def spawn(argv: list[str], cpus: set[int] | None, env: dict | None = None,
-          **popen) -> subprocess.Popen:
-    """Start ``argv`` confined to ``cpus`` from its first instruction (children inherit it)."""
+          root: Path = ROOT, **popen) -> subprocess.Popen:
+    """Start ``argv`` in ``root`` confined to ``cpus`` from its first instruction (children
+    inherit it)."""
     if cpus is not None and shutil.which("taskset"):
         argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
-    proc = subprocess.Popen(argv, cwd=str(ROOT), env=env, **popen)
+    proc = subprocess.Popen(argv, cwd=str(root), env=env, **popen)
     if cpus is not None and not shutil.which("taskset"):
         os.sched_setaffinity(proc.pid, cpus)
     return proc
@@ -134,8 +135,8 @@ class Server:
 
     name = "?"
 
-    def __init__(self, argv: list[str], env: dict, cpus: set[int] | None):
-        self.argv, self.env, self.cpus = argv, env, cpus
+    def __init__(self, argv: list[str], env: dict, cpus: set[int] | None, root: Path = ROOT):
+        self.argv, self.env, self.cpus, self.root = argv, env, cpus, root
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.lines: list[str] = []
@@ -145,7 +146,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "WATCH_"))}
         env.update({"PYTHONUNBUFFERED": "1", "HOST": "127.0.0.1", "PORT": "0"})
         env.update(self.env)
-        self.proc = spawn(self.argv, self.cpus, env, stdout=subprocess.PIPE,
+        self.proc = spawn(self.argv, self.cpus, env, self.root, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._read, daemon=True).start()
         self.wait_log(lambda: self.port is not None, timeout, "never said it was listening")
@@ -198,11 +199,12 @@ class Relay(Server):
     name = "changerelay"
 
     def __init__(self, uri: str, db: str, cpus: set[int] | None, reuse_port: int = 0,
-                 env: dict | None = None):
+                 env: dict | None = None, root: Path = ROOT):
+        """``root``: the checkout whose ``server.py`` runs (``--baseline``: another revision)."""
         env = {"MONGO_SRV": uri, "WATCH_DB": db, "LOG_LEVEL": "INFO", **(env or {})}
         if reuse_port:
             env["REUSE_PORT"] = str(reuse_port)
-        super().__init__([sys.executable, "server.py"], env, cpus)
+        super().__init__([sys.executable, "server.py"], env, cpus, root)
         self.reuse_port = reuse_port
 
     def wait_ready(self, timeout: float = 20) -> None:

@@ -79,26 +79,9 @@ def markdown(results: dict) -> str:
                 f"{ceiling['batch']} per insert_many at {ceiling['insert_events_per_s']:,}/s, "
                 f"{ceiling['getmore_batches']} getMore batches): no server can relay faster.", ""]
 
-    out += ["### Max-rate fan-out (deliveries/s, p99 latency wallTime → frame received)", "",
-            "| clients | tutorial deliveries/s, p99 | changerelay deliveries/s, p99 "
-            "| relay CPU µs/delivery (tutorial / changerelay) |",
-            "|---:|---|---|---|"]
-    counts = sorted({r["clients"] for r in runs if r["scenario"] == "max-rate"})
-    for n in counts:
-        t, c = _find(runs, "tutorial", "max-rate", n), _find(runs, "changerelay", "max-rate", n)
-        out.append(f"| {n:,} | {_rate(t)} | {_rate(c)} | {_cpu(t)} / {_cpu(c)} |")
-
-    out += ["", "What bounded each max-rate run (events/s the source achieved while inserting; "
-            "CPU seconds per wall second: the server, our client side, and other programs on this "
-            "machine during the run):", "",
-            "| server | clients | events | inserted events/s | wall s "
-            "| server core busy (kernel share) "
-            "| client core busy | other programs | load client µs/delivery "
-            "| p50 / p99 / max ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for run in runs:
-        if run["scenario"] in ("max-rate", "reuse-port"):
-            out.append(_bounds(run))
+    if any(r["scenario"] in ("max-rate", "reuse-port") for r in runs):
+        out += _fan_out(runs)
+    out += _scale(runs)
 
     fixed = [r for r in runs if r["scenario"] == "fixed-rate"]
     if fixed:
@@ -151,6 +134,68 @@ def markdown(results: dict) -> str:
     for name, table in results.get("profiles", {}).items():
         out += ["", f"### Profile: {name} (py-spy, busy samples of all threads)", "", table]
     return "\n".join(out)
+
+
+def _fan_out(runs: list[dict]) -> list[str]:
+    """The max-rate fan-out table and what bounded each run."""
+    out = ["### Max-rate fan-out (deliveries/s, p99 latency wallTime → frame received)", "",
+            "| clients | tutorial deliveries/s, p99 | changerelay deliveries/s, p99 "
+            "| relay CPU µs/delivery (tutorial / changerelay) |",
+            "|---:|---|---|---|"]
+    counts = sorted({r["clients"] for r in runs if r["scenario"] == "max-rate"})
+    for n in counts:
+        t, c = _find(runs, "tutorial", "max-rate", n), _find(runs, "changerelay", "max-rate", n)
+        out.append(f"| {n:,} | {_rate(t)} | {_rate(c)} | {_cpu(t)} / {_cpu(c)} |")
+
+    out += ["", "What bounded each max-rate run (events/s the source achieved while inserting; "
+            "CPU seconds per wall second: the server, our client side, and other programs on this "
+            "machine during the run):", "",
+            "| server | clients | events | inserted events/s | wall s "
+            "| server core busy (kernel share) "
+            "| client core busy | other programs | load client µs/delivery "
+            "| p50 / p99 / max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        if run["scenario"] in ("max-rate", "reuse-port"):
+            out.append(_bounds(run))
+    return out
+
+
+def _scale(runs: list[dict]) -> list[str]:
+    """The per-user and ingest runs: relay CPU per change event, and events/s end to end."""
+    out: list[str] = []
+    per_user = [r for r in runs if r["scenario"] == "per-user"]
+    if per_user:
+        out += ["", "### Per-user subscriptions (each client its own owner filter, each event "
+                "for one of them)", "",
+                "| server | subscriptions | events arrive | events | relay CPU µs per event "
+                "| events/s | p50 / p99 ms |", "|---|---:|---|---:|---:|---:|---|"]
+        for run in per_user:
+            batch = run["detail"]["batch"]
+            arrive = "one at a time" if batch == 1 else f"{batch} per insert_many"
+            out.append(f"| {run['server']} | {run['detail']['subscriptions']:,} | {arrive} | "
+                       f"{run['events']:,} | {_per_event(run)} | {_events_per_s(run)} | "
+                       f"{_lat(run)} |")
+    ingest = [r for r in runs if r["scenario"] == "ingest"]
+    if ingest:
+        out += ["", "### Ingest (one all-events client, update events with their looked-up "
+                "documents)", "",
+                "| server | events | relay CPU µs per event | events/s delivered "
+                "| events/s written | server core busy | primary CPU s |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for run in ingest:
+            out.append(f"| {run['server']} | {run['events']:,} | {_per_event(run)} | "
+                       f"{_events_per_s(run)} | {run['events_per_s_inserted']:,} | "
+                       f"{run['relay_core_busy']} | {run['source_cpu_s']} |")
+    return out
+
+
+def _per_event(run: dict) -> str:
+    return f"{run['relay_cpu_us_per_event']:,.1f}" if run["complete"] else "LOSS"
+
+
+def _events_per_s(run: dict) -> str:
+    return f"{run['events_per_s']:,.0f}" if run["complete"] else "-"
 
 
 def _loopback(machine: dict, client_cores) -> str:

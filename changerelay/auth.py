@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import jwt
 from logzero import logger
 
-from . import filters, namespaces
+from . import filters, namespaces, pipeline
 from .admission import Refusal
 from .namespaces import Namespace
 from .rows import POST_IMAGE_MODES, AccessRule
@@ -75,10 +75,12 @@ class Expiring(Protocol):
 
 
 class Authenticator:
-    def __init__(self, key: str, algorithms: list[str], full_document: str = "updateLookup"):
+    def __init__(self, key: str, algorithms: list[str], full_document: str = "updateLookup",
+                 redact: tuple[str, ...] = ()):
         self.key = key
         self.algorithms = algorithms
         self.full_document = full_document  # the FULL_DOCUMENT mode of every stream we read
+        self.redact = redact                # REDACT: fields no event the relay reads has
 
     @classmethod
     def from_config(cls, config: Config) -> Authenticator:
@@ -87,10 +89,11 @@ class Authenticator:
                            "claim reads fullDocument will be refused (403); to use row rules, "
                            "%s", ENABLE_POST_IMAGES)
         if config.auth_jwt_secret:
-            return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document)
+            return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document,
+                       config.redact)
         if config.auth_jwt_public_key:
             return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
-                       config.full_document)
+                       config.full_document, config.redact)
         raise ValueError("auth is off: neither AUTH_JWT_SECRET nor AUTH_JWT_PUBLIC_KEY is set")
 
     def authenticate(self, request: HTTPServerRequest) -> Claims:
@@ -131,6 +134,15 @@ class Authenticator:
                 "and with FULL_DOCUMENT=updateLookup an update's document is the one found when "
                 "the event is read, not the one at the event, so it cannot decide access; "
                 + ENABLE_POST_IMAGES)
+        for path in sorted(rule.paths):
+            redacted = pipeline.redacted_field(path, self.redact)
+            if redacted is not None:
+                # Missing from every event: {"$ne": x} would pass all of them.
+                raise Refusal(
+                    "row_rule_reads_redacted_field", f"this token's filter claim reads {path}, "
+                    f"and REDACT={redacted} removes that field from every event before the "
+                    "relay sees it, so the rule cannot decide access; base the rule on a field "
+                    "that is not redacted")
         return rule
 
     def _namespaces(self, payload: dict[str, Any]) -> frozenset[Namespace] | None:
@@ -159,7 +171,7 @@ class Authenticator:
                 raise Refusal(
                     "ns_forbidden", "the token does not allow these namespaces; subscribe "
                     "within " + ", ".join(sorted(map(str, allowed))))
-        return Subscription(wanted, subscription.ops, subscription.filter, claims.rule)
+        return Subscription(wanted, subscription.ops, subscription.filter, claims.rule, allowed)
 
     def expire(self, clients: Iterable[Expiring]) -> None:
         """Close connections whose token's ``exp`` has passed (checked once a second).

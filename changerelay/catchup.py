@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from logzero import logger
 from pymongo.asynchronous.change_stream import AsyncChangeStream
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import events as ev
 from .backoff import Backoff
+from .fragments import Reassembly
 from .hub import Hub, Subscriber
-from .source import HISTORY_LOST, IMAGES_MISSING, bad_resume_token
+from .source import IMAGES_MISSING, bad_resume_token, resync_reason
+from .tokens import order_key, returned_all_before, token_document, token_id
 
 if TYPE_CHECKING:
     from .subscription import Subscription
@@ -54,22 +56,22 @@ OpenStream = Callable[..., Awaitable[AsyncChangeStream[Any]]]
 
 
 class Job(Generic[R]):
-    """One catch-up change stream and the clients riding on it."""
+    """One catch-up change stream and the clients riding on it. Positions are ids."""
 
     def __init__(self, after: str):
         self.start = after
-        self.position = after      # the newest token this job has read past
-        self.clients: dict[R, str] = {}  # client -> the newest token that client has seen
+        self.position = after      # the newest id this job has read past
+        self.clients: dict[R, str] = {}  # client -> the newest id that client has seen
         self.running = False
         self.after_invalidate = False  # position is an invalidate: continue with startAfter
         self.task: asyncio.Task[None] | None = None
 
     def accepts(self, after: str) -> bool:
-        return not self.running or after >= self.position
+        return not self.running or order_key(after) >= order_key(self.position)
 
     def add(self, client: R, after: str) -> None:
         self.clients[client] = after
-        if not self.running and after < self.start:
+        if not self.running and order_key(after) < order_key(self.start):
             self.start = self.position = after
 
 
@@ -127,17 +129,13 @@ class CatchUp(Generic[R]):
                         if await self._stream(job):
                             return
                         continue  # invalidated: reopen right after the invalidate
-                    except PyMongoError as exc:
-                        if self.missing_image(exc) is not None:
-                            logger.warning("catch-up reached an event without a required image; "
-                                           "its %d clients are told to resync", len(job.clients))
-                            self._resync(job, IMAGES_MISSING)
-                            return
-                        if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
-                            self._resync(job, "history_lost")
-                            return
-                        if bad_resume_token(exc):
-                            self._resync(job, "invalid_token")
+                    except (PyMongoError, ValueError) as exc:  # ValueError: see fragments.py
+                        reason = (IMAGES_MISSING if self.missing_image(exc) is not None
+                                  else resync_reason(exc))
+                        if reason is not None:
+                            logger.warning("catch-up cannot go on (%s: %s); its %d clients are "
+                                           "told to resync", reason, exc, len(job.clients))
+                            self._resync(job, reason)
                             return
                         logger.warning("catch-up stream failed: %s", exc)
                     await asyncio.sleep(backoff.delay())
@@ -149,7 +147,8 @@ class CatchUp(Generic[R]):
         """Replay from ``job.position``; True once handed over, False to reopen after an
         invalidate (which ends a change stream, as it ends the relay's own)."""
         open_stream, hub = self.open_stream, self.hub
-        token = {"_data": job.position}
+        opened_from = job.position
+        token = token_document(opened_from)
         try:
             if job.after_invalidate:
                 stream = await open_stream(start_after=token, max_await_ms=CATCHUP_AWAIT_MS)
@@ -163,20 +162,28 @@ class CatchUp(Generic[R]):
             stream = await open_stream(start_after=token, max_await_ms=CATCHUP_AWAIT_MS)
         job.after_invalidate = False
         self.streams_opened += 1
+        fragments = Reassembly()
         try:
             while job.clients:
                 change = await stream.try_next()
                 floor = hub.floor
                 if change is None:
+                    # Empty: is everything before the hub's log returned? On an idle
+                    # deployment the resume token stops short of it until the oplog moves.
+                    # (Between the fragments of a split event it is a fragment's: not yet.)
                     resume = stream.resume_token
-                    if resume is not None and floor is not None and resume["_data"] >= floor:
+                    if (resume is not None and floor is not None and not fragments.pending
+                            and returned_all_before(token_id(resume), floor, opened_from)):
                         self._hand_over(job, floor)
                         return True
                     if not stream.alive:
-                        raise PyMongoError("catch-up change stream closed by the server")
+                        raise ConnectionFailure("catch-up change stream closed by the server")
+                    continue
+                change = fragments.add(change)
+                if change is None:
                     continue
                 event = ev.encode_change(change)
-                if floor is not None and event.token > floor:
+                if floor is not None and event.key > order_key(floor):
                     self._hand_over(job, floor)
                     return True
                 self._deliver(job, event)
@@ -193,13 +200,14 @@ class CatchUp(Generic[R]):
         job.position = event.token
         verdicts: dict[Subscription, Sequence[ev.Delivery]] = {}  # one match per subscription
         for client, seen in tuple(job.clients.items()):
-            if event.token > seen:
+            if event.key > order_key(seen):
                 job.clients[client] = event.token
                 subscription = client.subscription
                 matched = verdicts.get(subscription)
                 if matched is None:
                     matched = verdicts[subscription] = subscription.select([event])
                 if matched:
+                    client.sent = matched[-1].token
                     client.replay(matched)
                 if client.closed:
                     job.clients.pop(client, None)
@@ -220,7 +228,7 @@ class CatchUp(Generic[R]):
         clients, job.clients = job.clients, {}
         for client, seen in clients.items():
             if not client.closed:
-                hub.resume(client, max(seen, floor))
+                hub.resume(client, max(seen, floor, key=order_key))
 
     def _resync(self, job: Job[R], reason: str) -> None:
         hub = self.hub

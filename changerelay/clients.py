@@ -54,7 +54,7 @@ class Client:
     """
 
     __slots__ = ("_drained", "_history", "_queued", "backlog", "claims", "closed", "encoding",
-                 "last_send", "limit", "on_end", "peer", "subscription", "told", "writer")
+                 "last_send", "limit", "on_end", "peer", "sent", "subscription", "told", "writer")
 
     def __init__(self, writer: Writer, encoding: str, subscription: Subscription, limit: int,
                  peer: str, claims: Claims | None, on_end: Callable[[Client], None]):
@@ -67,6 +67,7 @@ class Client:
         self.on_end = on_end
         self.last_send = time.monotonic()
         self.told: str | None = None
+        self.sent: str | None = None  # the hub's: see hub.Subscriber
         self.closed = False
         self.backlog: deque[ev.Delivery | bytes] | None = None  # to replay; bytes: control
         self._queued = 0                   # live bytes queued behind the backlog

@@ -104,9 +104,10 @@ REFUSALS: dict[int, Refused] = {
     ), "the request is wrong; the message says what to change"),
     401: Refused(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
-    403: Refused(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images"),
+    403: Refused(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images",
+                            "row_rule_reads_redacted_field"),
                  "not allowed: this page's origin, namespaces outside the token's ns claim, or a "
-                 "row rule this relay cannot decide (no post-images)"),
+                 "row rule this relay cannot decide (no post-images, or a redacted field)"),
     404: Refused(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
     408: Refused(Retry.BACKOFF, ("request_timeout",),
                  "the request head took longer than REQUEST_HEAD_TIMEOUT: send it at once"),

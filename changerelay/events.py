@@ -15,6 +15,7 @@ from bson import json_util
 
 from .frames import deflate as _deflate
 from .frames import ws_frame
+from .tokens import token_id
 
 _RELAXED = json_util.RELAXED_JSON_OPTIONS
 Change = dict[str, Any]  # a change event document, as MongoDB delivered it
@@ -23,17 +24,18 @@ Change = dict[str, Any]  # a change event document, as MongoDB delivered it
 class Event:
     """One change event as it leaves the relay.
 
-    ``token`` is the ``_data`` hex string of MongoDB's resume token; MongoDB builds it so that the
-    string order of tokens from one deployment is the order of its events, which is what lets the
-    hub find a resume point with a binary search.
+    ``token`` is its id, the whole resume token as a client holds it (``tokens.py``); ``key`` is
+    the token's ``_data``, whose string order is the order of a deployment's events, which is what
+    lets the hub find a resume point with a binary search.
     """
 
-    __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "ns",
-                 "op", "token")
+    __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "key",
+                 "ns", "op", "token")
 
     def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
         self.change = change
         self.token = token
+        self.key = change["_id"]["_data"]
         self.op = change.get("operationType", "")
         ns = change.get("ns") or {}
         self.ns: tuple[str | None, str | None] = (ns.get("db"), ns.get("coll"))
@@ -127,7 +129,7 @@ def encode_change(change: Change, deflate: bool = False) -> Event:
     With ``deflate`` (WS_COMPRESSION) the compressed frame is built now, so that the event's
     ``size`` — what the replay buffer counts — does not change once it is in the log.
     """
-    token = token_hex(change["_id"])
+    token = token_id(change["_id"])
     data = json_util.dumps(change, json_options=_RELAXED, separators=(",", ":")).encode()
     return Event(change, data, token, deflate)
 
@@ -136,50 +138,6 @@ def _deflated_frame(data: bytes) -> bytes:
     return ws_frame(_deflate(data), compressed=True)
 
 
-def token_hex(resume_token: Any) -> str:
-    """The ``_data`` string of a resume token document, or ValueError if it has none."""
-    try:
-        data = resume_token["_data"]
-    except (KeyError, TypeError):
-        raise ValueError(f"not a resume token: {resume_token!r}") from None
-    if not isinstance(data, str):
-        raise ValueError(f"resume token _data is not a string: {resume_token!r}")
-    return data
-
-
 def control(type_: str, **fields: object) -> bytes:
     """A control message: a JSON object with ``type`` and no ``operationType``."""
     return json.dumps({"type": type_, **fields}, separators=(",", ":")).encode()
-
-
-MAX_TOKEN_LENGTH = 4096
-# MongoDB's v1 resume tokens are KeyStrings that begin with the event's cluster time: the type
-# byte 0x82 (Timestamp), then eight big-endian bytes, seconds first — 18 hex digits.
-TIMESTAMP_TYPE = "82"
-SECONDS = slice(2, 10)
-CLUSTER_TIME_DIGITS = 18
-
-
-def parse_token(text: str) -> str:
-    """Validate a ``resume_after`` value a client sent: the ``_data`` hex of a resume token.
-
-    Raises ValueError with a message meant for the client.
-    """
-    if not text:
-        raise ValueError("resume_after is empty; give the _id._data of your newest event")
-    if len(text) > MAX_TOKEN_LENGTH:
-        raise ValueError(f"resume_after is longer than {MAX_TOKEN_LENGTH} characters")
-    if len(text) % 2 or any(c not in "0123456789abcdefABCDEF" for c in text):
-        raise ValueError(
-            "resume_after must be the hex string from an event's _id._data (or a position "
-            "message's resume_after), e.g. 8263A1B2C3000000012B0229296E04")
-    if len(text) < CLUSTER_TIME_DIGITS or text[:2] != TIMESTAMP_TYPE:
-        raise ValueError(
-            "resume_after is not a MongoDB resume token (those start with 82 and a cluster "
-            "time); give the _id._data of an event this relay sent")
-    return text.upper()
-
-
-def token_seconds(token: str) -> int:
-    """The cluster time, in seconds, at the start of a resume token."""
-    return int(token[SECONDS], 16)

@@ -22,7 +22,7 @@ import math
 import operator as _operator
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -57,7 +57,10 @@ __all__ = [
     "FilterError",
     "all_of",
     "compile_filter",
+    "composite",
+    "equality_key",
     "parse_filter",
+    "reached",
 ]
 
 MAX_FILTER_BYTES = 4096
@@ -356,6 +359,51 @@ def _compare_sequences(a: Iterable[Any], b: Iterable[Any], *, named: bool) -> in
     return _sign(len(a), len(b))
 
 
+_NAN_KEY = "NaN"  # every NaN, float or Decimal128, equals every other (_compare_numbers)
+
+
+def equality_key(value: Any) -> Hashable:
+    """A hashable stand-in for ``value`` under ``$eq``: two values have equal keys exactly when
+    ``_compare`` finds them equal within one bracket, and missing has null's key, as
+    ``{$eq: null}`` matches it. The subscription index looks values up by it (``index.py``).
+
+    Numbers keep Python's own equality and hashing, which are exact across int, float and
+    Decimal (1 == 1.0 == Decimal("1"), 0.1 != Decimal("0.1")) as BSON's are; the bracket in
+    front keeps true apart from 1. A value no operand can equal (an unsupported type) gets a
+    key of its own."""
+    bracket = _bracket(value)
+    if bracket == _NUMBER:
+        number = _number(value)
+        return (_NUMBER, _NAN_KEY if _is_nan(number) else number)
+    if bracket in (_STRING, _BOOL, _CODE):
+        return (bracket, str(value) if bracket == _CODE else value)
+    if bracket == _OBJECT:
+        return (_OBJECT, tuple((name, equality_key(item)) for name, item in _items(value)))
+    if bracket == _ARRAY:
+        return (_ARRAY, tuple(equality_key(item) for item in value))
+    if bracket == _BINARY:
+        return (_BINARY, _binary_key(value))
+    if bracket == _OID:
+        return (_OID, value.binary)
+    if bracket == _DATE:
+        return (_DATE, _millis(value))
+    if bracket == _TIMESTAMP:
+        return (_TIMESTAMP, value.time, value.inc)
+    if bracket == _REGEX:
+        return (_REGEX, _regex_parts(value))
+    if bracket == _CODE_W_SCOPE:
+        return (_CODE_W_SCOPE, str(value), equality_key(value.scope))
+    if bracket == _UNSUPPORTED:
+        return (_UNSUPPORTED, object())  # equal to nothing, as _compare makes it
+    return (_NULL if bracket == _EOO else bracket,)  # MinKey, MaxKey, null, missing
+
+
+def composite(value: Any) -> bool:
+    """Whether ``value`` is a document or an array to BSON (a DBRef is a document): only such a
+    value can equal one, and keying one costs a walk of it."""
+    return _bracket(value) in (_OBJECT, _ARRAY)
+
+
 # ---------------------------------------------------------------------------------------
 # Paths
 # ---------------------------------------------------------------------------------------
@@ -419,6 +467,21 @@ def _collect_array(
                 out.append(element)  # an offset names the element: no implicit expansion
             elif isinstance(element, list):
                 _collect_array(element, parts, start + 1, out, budget)
+
+
+def reached(document: dict[str, Any], parts: tuple[str, ...]) -> list[Any] | None:
+    """The values the path ``parts`` reaches in ``document``, as a filter's conditions see them
+    (each element of a leaf array and the array itself, ``MISSING`` where the path ends early);
+    None when walking it takes more than one evaluation's budget, which only paths with
+    numeric segments through nested arrays can."""
+    budget = _Budget()
+    budget.event = document
+    out: list[Any] = []
+    try:
+        _collect(document, parts, 0, out, budget)
+    except _OverBudget:
+        return None
+    return out
 
 
 def _check_path(path: str) -> str:

@@ -16,8 +16,12 @@ hand-over from history to live.
 
 ``floor`` is the resume point the log starts from: every event after ``floor`` up to the newest is
 in the log. A resume point older than ``floor`` has to be caught up from MongoDB itself (see
-``catchup.py``). Positions compare as strings because MongoDB's resume tokens are hex-encoded
-KeyStrings whose byte order is the order of events in a deployment.
+``catchup.py``). Positions are ids (``tokens.py``) and compare by their ``_data``, a hex-encoded
+KeyString whose byte order is the order of events in a deployment.
+
+An event's id encodes its document's ``_id`` and its collection's UUID, so a ``position`` message
+tells a client whose token restricts it (an ``ns`` claim, a row rule) only ids it may know: a
+high-water mark, or the newest id its subscription was sent — never another event's.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import events as ev
 from .events import Delivery, Event
+from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 
 if TYPE_CHECKING:
     from .subscription import Subscription
 
-# How far (seconds of cluster time) a resume point may be ahead of our newest event and still
-# be taken as coming from a relay that is just a little ahead of this one; further is refused.
+# How far (seconds of cluster time) a resume point may be ahead of our position and still be
+# taken as coming from a relay that is just a little ahead of this one; further is refused.
 AHEAD_WINDOW = 60
 # Evicted events stay at the front of the log's lists until this many have gone (and they are
 # more than half the list): deleting a list's head moves all the rest, so it is done rarely.
@@ -48,6 +53,7 @@ class Subscriber(Protocol):
     subscription: Subscription    # the hub swaps in its group's compiled copy
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
+    sent: str | None              # the newest id replayed or sent to it outside its group
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
     def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
@@ -61,18 +67,20 @@ S = TypeVar("S", bound=Subscriber)
 class Group(Generic[S]):
     """Clients with the same subscription: one match per event, one payload per encoding."""
 
-    __slots__ = ("clients", "last_send", "subscription")
+    __slots__ = ("clients", "last_send", "newest", "subscription")
 
     def __init__(self, subscription: Subscription):
         self.subscription = subscription
         self.clients: set[S] = set()
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
+        self.newest: str | None = None  # ...and this was the newest id among them
 
     def deliver(self, batch: list[Event], now: float) -> None:
         matched = self.subscription.select(batch)
         if not matched:
             return
         self.last_send = now
+        self.newest = matched[-1].token
         payloads: dict[str, bytes] = {}
         for client in tuple(self.clients):
             payload = payloads.get(client.encoding)
@@ -93,15 +101,16 @@ class Hub(Generic[S]):
         self._call_soon = call_soon
         self._behind = behind
         self._log: list[Event] = []
-        self._tokens: list[str] = []
+        self._keys: list[str] = []        # each logged event's key, for binary searches
         self._start = 0                   # log[:_start] is evicted; compacted now and then
         self._bytes = 0
         self.floor: str | None = None     # None until the change stream has opened once
         self.position: str | None = None  # newest token every client has been sent up to
+        self._mark: str | None = None     # a high-water mark MongoDB sent, to spell others like
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
-        self._ahead: dict[S, str] = {}    # clients resuming past our newest event
+        self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self.clients: set[S] = set()
         self.published = 0
@@ -116,7 +125,7 @@ class Hub(Generic[S]):
         """
         self.flush()
         if resync or self.floor is None:
-            self._log, self._tokens, self._start, self._bytes = [], [], 0, 0
+            self._log, self._keys, self._start, self._bytes = [], [], 0, 0
         if resync:
             message = ev.control("resync", reason="history_lost")
             for client in tuple(self.clients):
@@ -127,6 +136,7 @@ class Hub(Generic[S]):
         if resync or self.floor is None:
             self.floor = floor
             self.position = floor
+        self._learn_mark(floor)
         waiting, self._waiting = self._waiting, {}
         for client, after in waiting.items():
             if not self.resume(client, after):
@@ -135,9 +145,14 @@ class Hub(Generic[S]):
                 self.clients.discard(client)
                 self._behind(client, after)
 
+    def broadcast(self, message: bytes) -> None:
+        """A control message to every client."""
+        for client in tuple(self.clients):
+            client.send_control(message)
+
     def publish(self, event: Event) -> None:
         self._log.append(event)
-        self._tokens.append(event.token)
+        self._keys.append(event.key)
         self._bytes += event.size
         self.published += 1
         self._pending.append(event)
@@ -149,8 +164,16 @@ class Hub(Generic[S]):
     def advance(self, token: str) -> None:
         """The stream is known to have nothing before ``token`` that we have not published."""
         self.flush()
-        if self.position is None or token > self.position:
+        self._learn_mark(token)
+        key = order_key(token)
+        if self.position is None or key > order_key(self.position):
             self.position = token
+        # Clients from a relay that was ahead are live once the stream has passed their point,
+        # event or not: on a quiet deployment only the stream's high-water mark moves.
+        for client, after in tuple(self._ahead.items()):
+            if key >= after:
+                del self._ahead[client]
+                self._join(client)
 
     def flush(self) -> None:
         self._flush_scheduled = False
@@ -174,7 +197,7 @@ class Hub(Generic[S]):
             self._start += 1
         if self._start > COMPACT_AFTER and self._start * 2 > len(self._log):
             del self._log[: self._start]
-            del self._tokens[: self._start]
+            del self._keys[: self._start]
             self._start = 0
 
     # -- client side -------------------------------------------------------------------------
@@ -196,30 +219,34 @@ class Hub(Generic[S]):
             self.clients.add(client)
             self._waiting[client] = after
             return True
-        if after < floor:
+        key = order_key(after)
+        if key < order_key(floor):
             return False
         self.flush()
         self.clients.add(client)
-        head = self._newest(floor)
-        if after > head:
-            if ev.token_seconds(after) - ev.token_seconds(head) > AHEAD_WINDOW:
+        # Not the newest event: on a quiet deployment the stream's high-water mark runs ahead
+        # of it, and a position told from there must resume here.
+        head = self.position or floor
+        if key > order_key(head):
+            if seconds(after) - seconds(head) > AHEAD_WINDOW:
                 # Not from a relay a moment ahead of us, and MongoDB would wait for that time
                 # to come: the position is unusable, and the client must be told so.
                 client.send_control(ev.control("resync", reason="invalid_token"))
                 self._join(client)
                 return True
             # From another relay that is ahead of us: hold back what it has already seen.
-            self._ahead[client] = after
+            self._ahead[client] = key
             return True
         self.replay(client, after)
         self._join(client)
         return True
 
     def replay(self, client: S, after: str) -> None:
-        index = bisect.bisect_right(self._tokens, after, lo=self._start)
+        index = bisect.bisect_right(self._keys, order_key(after), lo=self._start)
         matched = client.subscription.select(self._log[index:])
         if matched:
             client.last_send = time.monotonic()
+            client.sent = matched[-1].token
             client.replay(matched)
 
     def unsubscribe(self, client: S) -> None:
@@ -240,11 +267,12 @@ class Hub(Generic[S]):
         group.clients.add(client)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
-        head = batch[-1].token
+        head = batch[-1].key
         for client, after in tuple(self._ahead.items()):
-            fresh = client.subscription.select([e for e in batch if e.token > after])
+            fresh = client.subscription.select([e for e in batch if e.key > after])
             if fresh:
                 client.last_send = now
+                client.sent = fresh[-1].token
                 client.deliver(fresh, client.pack(fresh))
             if head >= after:
                 del self._ahead[client]
@@ -264,24 +292,44 @@ class Hub(Generic[S]):
         if self.position is None:
             return 0
         now = time.monotonic()
-        message = ev.control("position", resume_after=self.position)
+        mark = self._mark_at(self.position)
+        messages: dict[str, bytes] = {}
         sent = 0
         for group in tuple(self._groups.values()):
             if now - group.last_send < idle:
                 continue
+            restricted = group.subscription.restricted
+            shared = _latest(mark, group.newest) if restricted else self.position
             for client in tuple(group.clients):
                 if budget is not None and sent >= budget:
                     return sent
-                if now - client.last_send >= idle and client.told != self.position:
-                    client.last_send = now
-                    client.told = self.position
-                    client.send_control(message, token=self.position)
-                    sent += 1
+                position = _latest(shared, client.sent) if restricted else shared
+                if position is None or now - client.last_send < idle or client.told == position:
+                    continue
+                message = messages.get(position)
+                if message is None:
+                    message = messages[position] = ev.control("position", resume_after=position)
+                client.last_send = now
+                client.told = position
+                client.send_control(message, token=position)
+                sent += 1
         return sent
 
-    def _newest(self, floor: str) -> str:
-        """The newest event in the log, or ``floor`` when there is none."""
-        return self._tokens[-1] if len(self._tokens) > self._start else floor
+    def _learn_mark(self, token: str) -> None:
+        if self._mark is None and is_high_water_mark(token):
+            self._mark = token
+
+    def _mark_at(self, position: str) -> str | None:
+        """The high-water mark at ``position``'s cluster time: every event before that time has
+        been flushed, and it names no event. None until MongoDB has sent one to spell it like.
+
+        A client resuming from it is sent the events of that time again, so a restricted client
+        is told it only when it was sent none of them (``send_positions`` takes the newest of
+        this and what the client was sent).
+        """
+        if is_high_water_mark(position):
+            return position
+        return None if self._mark is None else high_water_mark(position, like=self._mark)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -291,3 +339,9 @@ class Hub(Generic[S]):
             "buffered_bytes": self._bytes,
             "published": self.published,
         }
+
+
+def _latest(*ids: str | None) -> str | None:
+    """The newest of some ids (None: none)."""
+    given = [id_ for id_ in ids if id_ is not None]
+    return max(given, key=order_key) if given else None

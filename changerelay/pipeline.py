@@ -24,6 +24,12 @@ PIPELINE_STAGES = frozenset(
     {"$addFields", "$match", "$project", "$replaceRoot", "$replaceWith", "$redact", "$set",
      "$unset"}
 )
+# MongoDB 7.0 (and 6.0.9) sends an event over 16 MB in fragments with this stage, which must be the
+# last and is written {} (pipeline/document_source_change_stream_split_large_event.cpp, 7182800
+# and 7182802); the relay puts the fragments back together (fragments.py). It runs after REDACT's
+# stages, so that a fragment never holds a redacted field.
+# https://www.mongodb.com/docs/manual/reference/operator/aggregation/changeStreamSplitLargeEvent/
+SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 
 
 Stage = dict[str, Any]  # one aggregation stage, {"$name": spec}
@@ -46,10 +52,17 @@ def parse_pipeline(raw: str) -> tuple[Stage, ...]:
         if not isinstance(stage, dict) or len(stage) != 1:
             raise PipelineError(f"stage {index} must be an object with exactly one key")
         (name,) = stage
+        if name == SPLIT_STAGE:
+            if index != len(stages) - 1:
+                raise PipelineError(f"stage {index}: {SPLIT_STAGE} must be the last stage")
+            if stage[name] != {}:
+                raise PipelineError(f"stage {index}: {SPLIT_STAGE} takes no options; write "
+                                    f'{{"{SPLIT_STAGE}": {{}}}}')
+            continue
         if name not in PIPELINE_STAGES:
             raise PipelineError(
                 f"stage {index} is {name}, which change streams do not allow; use one of "
-                + ", ".join(sorted(PIPELINE_STAGES)))
+                + ", ".join(sorted(PIPELINE_STAGES | {SPLIT_STAGE})))
         if _touches_id(name, stage[name]):
             raise PipelineError(
                 f"stage {index} ({name}) changes _id, the resume token: MongoDB then ends the "
@@ -73,6 +86,14 @@ def _touches_id(name: str, spec: Any) -> bool:
     return False
 
 
+def change_stream_stages(pipeline: Iterable[Stage], redact: Iterable[str]) -> list[Stage]:
+    """What follows ``$changeStream``: PIPELINE, then REDACT's stages, and PIPELINE's split
+    stage, if any, last of all, where MongoDB requires it."""
+    stages = list(pipeline)
+    split = [stages.pop()] if stages and SPLIT_STAGE in stages[-1] else []
+    return [*stages, *redaction_stages(redact), *split]
+
+
 def parse_redact(paths: Iterable[str]) -> tuple[str, ...]:
     """REDACT's paths, normalised: ``fullDocument.<field path>``, each once, and none inside
     another (the shorter path wins: MongoDB refuses a $unset of both, error 31249/31250)."""
@@ -81,6 +102,27 @@ def parse_redact(paths: Iterable[str]) -> tuple[str, ...]:
         raise PipelineError(f"names {len(fields)} fields; redact at most {MAX_REDACT_PATHS} "
                             "(each one is evaluated inside MongoDB for every event)")
     return tuple(f"{DOCUMENTS[0]}.{'.'.join(field)}" for field in _outermost(fields))
+
+
+def redacted_field(path: str, redact: Iterable[str]) -> str | None:
+    """The REDACT path that an event field ``path`` (a filter's) reads some of, or None.
+
+    REDACT removes a field from both images and from updatedFields, wherever array positions
+    put it: a path there that names the field, something inside it or something holding it
+    reads what the relay never gets to see.
+    """
+    head, _, rest = path.partition(".")
+    if head == "updateDescription" and rest.startswith("updatedFields."):
+        rest = rest.removeprefix("updatedFields.")
+    elif head not in DOCUMENTS:
+        return None
+    field = [part for part in rest.split(".") if not (part.isascii() and part.isdigit())]
+    for redacted in redact:
+        named = redacted.split(".")[1:]
+        shorter = min(len(field), len(named))
+        if field[:shorter] == named[:shorter]:
+            return redacted
+    return None
 
 
 def _document_field(path: str) -> tuple[str, ...]:

@@ -43,12 +43,14 @@ OWN_DOCUMENT = frozenset({"insert", "replace"})  # the event carries the documen
 class AccessRule:
     """A JWT ``filter`` claim, compiled; ``decide(change)`` is its verdict on one event."""
 
-    __slots__ = ("decide", "key", "reads_document")
+    __slots__ = ("decide", "key", "paths", "reads_document", "spec")
 
     def __init__(self, spec: dict[str, Any], post_images: bool):
         compiled = filters.compile_filter(spec)
         self.key = compiled.key
-        parts = {path.split(".", 1)[0] for path in _paths(compiled.spec)}
+        self.spec = compiled.spec  # normalised: what the subscription index files it under
+        self.paths = frozenset(_paths(compiled.spec))  # the event fields it reads
+        parts = {path.split(".", 1)[0] for path in self.paths}
         self.reads_document = DOCUMENT in parts
         # Compiled into a closure, as filters are: it runs per event per group.
         self.decide = _verdict(compiled.predicate, tuple(sorted(parts - {DOCUMENT})),

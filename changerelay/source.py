@@ -13,7 +13,11 @@ handles everything else, so the relay never stops watching while the process run
   would fail the same way every time;
 * a standalone server (40573) or failed authentication → the readiness probe names the fix;
 * 47 NoMatchingDocument under FULL_DOCUMENT(_BEFORE_CHANGE)=required → stop: the event has no
-  image and never will, so reopening would fail on it forever; /readyz says how to recover.
+  image and never will, so reopening would fail on it forever; /readyz says how to recover;
+* an event over 16 MB (10334 BSONObjectTooLarge, or 7182500 when even its split fails) → stop
+  too, for the same reason, and /readyz names ``$changeStreamSplitLargeEvent``; with that stage
+  in PIPELINE the fragments are put back together (``fragments.py``) before publishing.
+In both cases connected clients are told in an ``error`` message.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from pymongo.errors import (
 from . import events as ev
 from .backoff import Backoff
 from .config import Config
+from .fragments import Reassembly
 from .hub import Hub
-from .pipeline import Stage, redaction_stages
+from .pipeline import SPLIT_STAGE, Stage, change_stream_stages
+from .tokens import token_id
 
 ResumeToken = Mapping[str, Any]  # a change event's _id: {"_data": hex, ...}
 
@@ -51,12 +57,15 @@ FAILED_TO_PARSE = 9
 UNAUTHORIZED = 13
 AUTH_FAILED = 18                # AuthenticationFailed
 INVALID_BSON = 22
+CURSOR_NOT_FOUND = 43
 NO_MATCHING_DOCUMENT = 47
 INVALID_RESUME_TOKEN = 260
 HISTORY_LOST = 286              # ChangeStreamHistoryLost
 NOT_REPLICA_SET = 40573         # document_source_change_stream.cpp: "only ... on replica sets"
 BAD_TOKEN_DATA = 40647          # resume_token.cpp: "Bad resume token: _data of missing or ..."
 KEYSTRING_UNKNOWN_TYPE = 50811  # key_string.cpp: "KeyString format error: Unknown type"
+BSON_OBJECT_TOO_LARGE = 10334   # bson/bsonobj.cpp: "BSONObj size: ... is invalid"
+SPLIT_EVENT_FAILED = 7182500    # change_stream_split_event_helpers.cpp: one field over 16 MB
 # Refusals of a resume token itself: nothing but another token gets past them. 9 FailedToParse is
 # resume_token.cpp's "resume token string was not a valid hex string"; 22 InvalidBSON is BSON that
 # does not decode, which for a token a client handed us means the token.
@@ -66,9 +75,18 @@ BAD_TOKEN_CODES = frozenset({FAILED_TO_PARSE, INVALID_BSON, INVALID_RESUME_TOKEN
 # ...) with "resume token" or "Token type", and key_string.cpp prefixes every decoding failure of
 # the KeyString a token is with "KeyString format error".
 BAD_TOKEN_WORDS = ("resume token", "token type", "keystring format error")
+# The driver specification's word for a failure a change stream can resume past
+# (specifications/source/change-streams/change-streams.md, "Resumable Error").
+RESUMABLE_LABEL = "ResumableChangeStreamError"
 
 IMAGES_MISSING = "images_missing"  # the source's state, and the reason catch-up riders resync
+EVENT_TOO_LARGE = "event_too_large"  # likewise
+# States the stream stops in: the event it failed on fails every reopen the same way.
+STOPPED = (IMAGES_MISSING, EVENT_TOO_LARGE)
 IMAGE_SETTINGS = {"post-image": "FULL_DOCUMENT", "pre-image": "FULL_DOCUMENT_BEFORE_CHANGE"}
+STOPPED_HELP = ("this relay stopped following MongoDB's changes ({state}) until its operator "
+                "fixes the cause (/readyz says how); keep your last id: after the fix you resume "
+                "from it, or are told to resync")
 
 BACKOFF_BASE = 0.25  # seconds before the first retry
 BACKOFF_CAP = 10.0   # seconds between retries at most, however long MongoDB stays away
@@ -95,6 +113,53 @@ def bad_resume_token(exc: BaseException) -> bool:
         return True
     message = str(exc).lower()
     return any(words in message for words in BAD_TOKEN_WORDS)
+
+
+def resync_reason(exc: BaseException) -> str | None:
+    """Why a change stream cannot go on from its resume point — the reason its clients are told
+    to resync — or None when trying again may get past the failure.
+
+    Trying again helps where the driver specification calls a failure resumable: anything but a
+    server's refusal (the network; a primary stepping down, which PyMongo raises as
+    NotPrimaryError, a ConnectionFailure), CursorNotFound, and what the server labels
+    ResumableChangeStreamError. Any other refusal comes again at every attempt, so a code the
+    relay has no name for ends in a resync too, never in retries while a client waits.
+    """
+    if not isinstance(exc, OperationFailure):
+        return None
+    if exc.code == CURSOR_NOT_FOUND or exc.has_error_label(RESUMABLE_LABEL):
+        return None
+    if exc.code == HISTORY_LOST:
+        return "history_lost"
+    if bad_resume_token(exc):
+        return "invalid_token"
+    if too_large(exc):
+        return EVENT_TOO_LARGE
+    return "resume_failed"
+
+
+def too_large(exc: BaseException) -> bool:
+    """MongoDB cannot send an event: over 16 MB, or split and still too large a field."""
+    return isinstance(exc, OperationFailure) and exc.code in (BSON_OBJECT_TOO_LARGE,
+                                                              SPLIT_EVENT_FAILED)
+
+
+def too_large_help(config: Config) -> str:
+    """What /readyz says when the stream stopped on an event MongoDB cannot send."""
+    if any(SPLIT_STAGE in stage for stage in config.pipeline):
+        fix = ("it is split ($changeStreamSplitLargeEvent) and one of its fields alone is over "
+               "16 MB, which no split can send: leave that field out of the events with a "
+               "PIPELINE $unset (or REDACT), or stop asking for the images that carry it")
+    else:
+        fix = ('add {"$changeStreamSplitLargeEvent": {}} as the last PIPELINE stage (MongoDB '
+               "7.0+ or 6.0.9+): MongoDB then sends it in fragments, which the relay puts back "
+               "together; or make events smaller (a PIPELINE $project or $unset, fewer images); "
+               "and set CLIENT_BUFFER_BYTES above the largest event")
+    return ("MongoDB has a change event over 16 MB (BSONObjectTooLarge) that this change stream "
+            "cannot return, so the stream stopped (it would fail on that event at every "
+            f"reopen). To go past it, {fix}; then restart the relay: it starts from now, and "
+            "clients resuming from before that event get it, or are told to resync "
+            f"({EVENT_TOO_LARGE})")
 
 
 def missing_image(exc: BaseException, config: Config) -> str | None:
@@ -193,7 +258,7 @@ class ChangeSource:
         return client[db] if coll is None else client[db][coll]
 
     def pipeline(self) -> list[Stage]:
-        return [*self.config.pipeline, *redaction_stages(self.config.redact)]
+        return change_stream_stages(self.config.pipeline, self.config.redact)
 
     async def run(self) -> None:
         backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
@@ -206,8 +271,10 @@ class ChangeSource:
                 raise
             except Exception as exc:
                 self._classify(exc)
-                if self.state == IMAGES_MISSING:
+                if self.state in STOPPED:
                     logger.error("change stream stopped (%s): %s", self.state, self.reason)
+                    self.hub.broadcast(ev.control("error", code=self.state,
+                                                  message=STOPPED_HELP.format(state=self.state)))
                     return
                 delay = backoff.delay()
                 logger.warning("change stream %s: %s — retrying in %.1fs (attempt %d)",
@@ -227,8 +294,7 @@ class ChangeSource:
             self._token = self._start_after = None
             stream = await self.open_stream()
             fresh = True
-        self._opened(stream, fresh)
-        await self._pump(stream)
+        await self._pump(stream, unplaced=self._opened(stream, fresh))
 
     async def open_stream(self, start_after: ResumeToken | None = None,
                           resume_after: ResumeToken | None = None,
@@ -245,35 +311,58 @@ class ChangeSource:
             options["resume_after"] = resume_after
         return await self.target().watch(self.pipeline(), **options)
 
-    def _opened(self, stream: AsyncChangeStream[Any], fresh: bool) -> None:
-        """Tell the hub where the stream stands; a fresh start after the first is a gap."""
+    def _opened(self, stream: AsyncChangeStream[Any], fresh: bool) -> bool:
+        """Tell the hub where the stream stands; a fresh start after the first is a gap.
+
+        True when that is not known yet: MongoDB picks a fresh stream's start time and then
+        scans, so events committed in between come back in its first batch, and until they are
+        read PyMongo has no resume token. The first of them is then where the stream starts.
+        """
         token = stream.resume_token
         self.state, self.reason = "open", "change stream open"
         logger.info("change stream open on %s (%s)", self.config.scope,
                     "from now" if fresh else "resumed")
         if token is None:
-            return
+            return fresh
         self._token, self._start_after = token, None
         if fresh:
-            self.hub.start(ev.token_hex(token), resync=self.hub.floor is not None)
+            self._start(token_id(token))
         else:
-            self.hub.advance(ev.token_hex(token))
+            self.hub.advance(token_id(token))
+        return False
 
-    async def _pump(self, stream: AsyncChangeStream[Any]) -> None:
+    def _start(self, floor: str) -> None:
+        self.hub.start(floor, resync=self.hub.floor is not None)
+
+    async def _pump(self, stream: AsyncChangeStream[Any], unplaced: bool) -> None:
+        """Publish every change; ``unplaced``: the hub is still to learn where the stream
+        starts (see ``_opened``)."""
         hub = self.hub
+        fragments = Reassembly()
         try:
             while True:
                 change = await stream.try_next()
                 if change is None:
                     token = stream.resume_token
-                    if token is not None:
+                    if token is not None and not fragments.pending:
                         self._token = token
-                        hub.advance(token["_data"])
+                        if unplaced:
+                            self._start(token_id(token))
+                            unplaced = False
+                        else:
+                            hub.advance(token_id(token))
                     if not stream.alive:
                         raise ConnectionFailure("the change stream was closed by the server")
                     continue
                 self.last_event_at = time.monotonic()
-                hub.publish(ev.encode_change(change, deflate=self.config.ws_compression))
+                change = fragments.add(change)
+                if change is None:
+                    continue
+                event = ev.encode_change(change, deflate=self.config.ws_compression)
+                if unplaced:
+                    self._start(event.token)
+                    unplaced = False
+                hub.publish(event)
                 if change.get("operationType") == "invalidate":
                     self._start_after = change["_id"]
                     self._token = None
@@ -290,6 +379,8 @@ class ChangeSource:
         image = missing_image(exc, self.config)
         if image is not None:
             self.state, self.reason = IMAGES_MISSING, images_help(image, self.config)
+        elif too_large(exc):
+            self.state, self.reason = EVENT_TOO_LARGE, too_large_help(self.config)
         elif isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
             self.state, self.reason = "not_replica_set", REPLICA_SET_HELP
         elif isinstance(exc, OperationFailure) and code == AUTH_FAILED:

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from . import events as ev
-from . import filters
+from . import filters, tokens
 from .admission import Refusal
 from .events import Delivery, Event
 from .namespaces import Namespace, NamespaceError, normalise, parse_list
@@ -44,19 +43,27 @@ class Subscription:
     restriction) and an empty set (nothing) stay apart.
     """
 
-    __slots__ = ("_hash", "access", "filter", "key", "namespaces", "ops", "select")
+    __slots__ = ("_hash", "access", "filter", "grant", "key", "namespaces", "ops", "select")
 
     def __init__(self, namespaces: Iterable[tuple[str, str | None]] | None = None,
                  ops: Iterable[str] | None = None, filter: filters.Filter | None = None,
-                 access: AccessRule | None = None):
+                 access: AccessRule | None = None,
+                 grant: Iterable[tuple[str, str | None]] | None = None):
         self.namespaces = None if namespaces is None else normalise(namespaces)
         self.ops = None if ops is None else frozenset(ops)
         self.filter = filter
         self.access = access  # a JWT claim's row rule
+        self.grant = None if grant is None else normalise(grant)  # a JWT claim's namespaces
         self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
-                    None if access is None else access.key)
+                    None if access is None else access.key, self.grant)
         self._hash = hash(self.key)
         self.select: Select = self._compile()
+
+    @property
+    def restricted(self) -> bool:
+        """A token limits what it may see (an ``ns`` claim, a row rule): its clients may be told
+        nothing of an event they were not sent, not even its resume token (see ``hub.py``)."""
+        return self.grant is not None or self.access is not None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Subscription) and other.key == self.key
@@ -74,6 +81,8 @@ class Subscription:
             checks.append(lambda event: event.op in ops)
         if self.namespaces is not None:
             checks.append(_in_namespaces(self.namespaces))
+        if self.grant is not None:
+            checks.append(_renamed_within(self.grant))
         predicate = None if self.filter is None else self.filter.predicate
         if self.access is None:
             if predicate is not None:
@@ -112,12 +121,16 @@ class Subscription:
 
 
 def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
+    inside = _namespace_test(namespaces)
+    return lambda event: inside(*event.ns)
+
+
+def _namespace_test(namespaces: frozenset[Namespace]) -> Callable[[str | None, str | None], bool]:
     databases = {db for db, coll in namespaces if coll is None}
     collections = {(db, coll) for db, coll in namespaces if coll is not None}
     named = {db for db, _ in collections}
 
-    def in_namespaces(event: Event) -> bool:
-        db, coll = event.ns
+    def inside(db: str | None, coll: str | None) -> bool:
         if db is None:          # invalidate: concerns every client of the stream
             return True
         if db in databases:
@@ -126,14 +139,27 @@ def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
             return db in named
         return (db, coll) in collections
 
-    return in_namespaces
+    return inside
 
+
+def _renamed_within(grant: frozenset[Namespace]) -> Callable[[Event], bool]:
+    """A rename names the namespace it moves to (``to``): one outside the token's grant is a
+    name its bearer may not learn, so that rename is withheld."""
+    inside = _namespace_test(grant)
+
+    def renamed_within(event: Event) -> bool:
+        if event.op != "rename":
+            return True
+        to = event.change.get("to") or {}
+        return inside(to.get("db") or "", to.get("coll"))
+
+    return renamed_within
 
 
 def parse(values: Mapping[str, str],
           scope: tuple[str | None, str | None]) -> tuple[Subscription, str | None]:
     """Turn the query's values (``admission.query_values``) into ``(Subscription,
-    resume_after_hex_or_None)``.
+    resume_after_id_or_None)``.
 
     ``scope`` is the watched ``(db, collection)``; namespaces outside it are refused.
     """
@@ -145,9 +171,9 @@ def parse(values: Mapping[str, str],
 
 
 def parse_resume(text: str) -> str:
-    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as a token; or a Refusal."""
+    """A ``resume_after`` (or ``Last-Event-ID``) a client sent, as an id; or a Refusal."""
     try:
-        return ev.parse_token(text)
+        return tokens.parse_id(text)
     except ValueError as exc:
         raise Refusal("invalid_resume_after", str(exc)) from None
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from typing import TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from bson import json_util
 from tornado import httpclient, websocket
 
 from .backoff import Backoff
+from .tokens import token_id
 
 BACKOFF_BASE = 0.5  # seconds before the first reconnect
 BACKOFF_CAP = 30.0  # at most: a relay that is down for long is asked twice a minute
@@ -81,10 +82,10 @@ class Tail:
             message = await conn.read_message()
             if message is None:
                 return False
-            frame = json.loads(message)
+            frame = json_util.loads(message)  # relaxed Extended JSON: _typeBits become bytes
             print(message, file=self.out, flush=True)
             if "operationType" in frame:
-                self.last = frame["_id"]["_data"]
+                self.last = token_id(frame["_id"])
                 self.received += 1
                 if max_events is not None and self.received >= max_events:
                     return True
@@ -98,7 +99,8 @@ def main(argv: list[str], prog: str = "changerelay tail") -> int:
     parser = argparse.ArgumentParser(prog=prog,
                                      description=__doc__.splitlines()[0])
     parser.add_argument("url", help="e.g. ws://localhost:8000/socket?ns=shop.orders")
-    parser.add_argument("--resume-after", help="the _id._data of the last event you processed")
+    parser.add_argument("--resume-after", help="the id of the last event you processed (a line's "
+                        "_id._data, then '.' and its _typeBits in base64url if it has any)")
     parser.add_argument("--token", help="a JWT, sent as Authorization: Bearer")
     parser.add_argument("--max-events", type=int, help="exit after this many change events")
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
 // The page's Content-Security-Policy forbids inline code, hence no handlers in the markup; what
 // comes from the database is shown with textContent only (render.js).
 
-import { connect, DISCONNECTS } from "./changerelay.js";
+import { connect, DISCONNECTS, eventId } from "./changerelay.js";
 import { changeRow, clock, element, gapRow, namespace, OPERATIONS } from "./render.js";
 
 const MAX_ROWS = 200;
@@ -369,7 +369,7 @@ function showEvent(row) {
   if (!change) return;
   opener = row;
   ui.detailTitle.textContent = `${change.operationType} · ${namespace(change.ns)}`;
-  ui.detailId.textContent = change._id?._data ?? "—";
+  ui.detailId.textContent = eventId(change) ?? "—";
   ui.detailJson.textContent = JSON.stringify(change, null, 2);
   ui.copied.textContent = "";
   ui.detail.showModal();

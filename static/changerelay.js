@@ -70,7 +70,8 @@ export const DISCONNECTS = {
  * @typedef {object} ChangeEvent
  * @property {string} operationType `insert`, `update`, `replace`, `delete`, `drop`, `rename`,
  *   `dropDatabase`, `invalidate`, or a newer type – treat unknown ones gracefully.
- * @property {{_data: string}} _id The resume token; `_id._data` is this event's id.
+ * @property {{_data: string, _typeBits?: {$binary: {base64: string, subType: string}}}} _id
+ *   The resume token; {@link eventId} makes it this event's id.
  * @property {{db: string, coll?: string}} [ns] The namespace the change happened in.
  * @property {object} [documentKey] `_id` (and the shard key, if any) of the changed document.
  * @property {object|null} [fullDocument] The document after the change, when available.
@@ -134,8 +135,8 @@ export const DISCONNECTS = {
  * @property {(change: ChangeEvent) => void} [onChange] Called for every change event, in order.
  * @property {(message: ControlMessage) => void} [onControl] Called for control messages.
  * @property {(status: Status) => void} [onStatus] Called on every connection state change.
- * @property {string|null} [resumeAfter] Resume after this event id (`_id._data`) instead of
- *   starting from now, e.g. an id saved from a previous page load.
+ * @property {string|null} [resumeAfter] Resume after this event id ({@link eventId}) instead
+ *   of starting from now, e.g. an id saved from a previous page load.
  * @property {boolean} [refreshable=false] The URL function puts a freshly issued token in every
  *   URL it returns, so a 401 or an expired token is worth another attempt.
  * @property {number} [baseDelay=500] Backoff base in ms.
@@ -262,7 +263,7 @@ export function connect(url, options = {}) {
     }
     if ("operationType" in message) {
       // Remember before the callback runs: a callback that throws must not cause a replay loop.
-      if (typeof message._id?._data === "string") lastId = message._id._data;
+      lastId = eventId(message) ?? lastId;
       notify(onChange, message);
       return;
     }
@@ -294,6 +295,26 @@ export function connect(url, options = {}) {
       return lastId;
     },
   };
+}
+
+/**
+ * The id of a change event: what the relay resumes after (`resume_after`, SSE's `id:`).
+ *
+ * It is the whole resume token in one URL-safe string: `_id._data`, and when the token has
+ * `_typeBits` (MongoDB writes them when the changed document's key holds a NumberLong, a double
+ * or a Decimal128; relaxed Extended JSON shows them as `{$binary: {base64, subType: "00"}}`),
+ * a `.` and those bytes in base64url without padding. Without them MongoDB cannot resume there.
+ *
+ * @param {ChangeEvent} change
+ * @returns {string|null} null when the frame has no resume token.
+ */
+export function eventId(change) {
+  const token = change?._id;
+  if (typeof token?._data !== "string") return null;
+  const bits = token._typeBits?.$binary?.base64;
+  if (typeof bits !== "string" || bits === "") return token._data;
+  const url = bits.replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+  return `${token._data}.${url}`;
 }
 
 /**

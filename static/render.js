@@ -3,6 +3,8 @@
 //
 // Everything shown comes from the database, so the DOM is built with textContent only.
 
+import { eventId } from "./changerelay.js";
+
 /** Operation types with a colour of their own; others are shown too, in a neutral one. */
 export const OPERATIONS = [
   "insert", "update", "replace", "delete", "drop", "rename", "dropDatabase", "invalidate",
@@ -23,7 +25,8 @@ export function changeRow(change) {
   row.setAttribute("role", "row");
   row.tabIndex = 0;
   row.dataset.op = op;
-  if (typeof change._id?._data === "string") row.dataset.id = change._id._data;
+  const id = eventId(change);
+  if (id !== null) row.dataset.id = id;
   const key = change.documentKey === undefined ? null : keyText(change.documentKey);
   const cells = [
     timeCell(change.wallTime),

@@ -7,7 +7,9 @@ the runner for ``async def`` tests.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -61,7 +63,7 @@ class Mongo:
 
     def tokens(self) -> list[str]:
         if self.fake:
-            return [e["_id"]["_data"] for e in self.primary.events
+            return [event_id(e["_id"]) for e in self.primary.events
                     if e.get("ns", {}).get("db") == self.db]
         # Change streams are totally ordered: once a marker written now shows up, every event
         # committed before it has been seen.
@@ -75,7 +77,7 @@ class Mongo:
                     raise AssertionError(f"the marker {marker} never came through the recorder")
                 continue
             if change.get("ns", {}).get("db") == self.db:
-                self._log.append(change["_id"]["_data"])
+                self._log.append(event_id(change["_id"]))
             elif change.get("documentKey", {}).get("_id") == marker:
                 return list(self._log)
 
@@ -292,9 +294,11 @@ class WS:
         self.frames: list[dict] = []
 
     @classmethod
-    async def connect(cls, url: str, **kwargs) -> WS:
+    async def connect(cls, url: str, max_message_size: int | None = None, **kwargs) -> WS:
+        """``max_message_size``: Tornado's is 10 MiB, and events may be larger."""
         request = httpclient.HTTPRequest(url, **kwargs)
-        return cls(await websocket.websocket_connect(request))
+        sizes = {} if max_message_size is None else {"max_message_size": max_message_size}
+        return cls(await websocket.websocket_connect(request, **sizes))
 
     async def recv(self, timeout: float = 10):
         message = await asyncio.wait_for(self.conn.read_message(), timeout)
@@ -433,14 +437,30 @@ def event(n: int, op="insert", db="db", coll="c") -> ev.Event:
                              "ns": {"db": db, "coll": coll}, "documentKey": {"_id": n}})
 
 
+def event_id(token: dict) -> str:
+    """The id a client holds for a resume token: ``_data``, then ``.`` and ``_typeBits`` in
+    base64url without padding when the token has them (issue 12). ``token`` is a frame's ``_id``
+    in relaxed Extended JSON or a token as the driver decodes it. Written out here on its own, so
+    that the relay's ids are checked against it rather than against themselves."""
+    bits = token.get("_typeBits")
+    if isinstance(bits, dict):
+        bits = base64.b64decode(bits["$binary"]["base64"])
+    if not bits:
+        return token["_data"]
+    return token["_data"] + "." + base64.urlsafe_b64encode(bytes(bits)).rstrip(b"=").decode()
+
+
 def token_of(frame: dict) -> str:
-    return frame["_id"]["_data"]
+    """The id of an event frame (or of an event as MongoDB logged it)."""
+    return event_id(frame["_id"])
 
 
 def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = False,
            mask: bytes | None = None, length_as: int | None = None) -> bytes:
-    """A frame as a client must send it."""
-    mask = os.urandom(4) if mask is None else mask
+    """A frame as a client must send it. The default mask is derived from the frame, not
+    random, so that parametrised test ids are the same in every process (pytest-xdist)."""
+    if mask is None:
+        mask = hashlib.blake2b(payload + bytes([opcode]), digest_size=4).digest()
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     length = len(payload) if length_as is None else length_as
     if length < 126:

@@ -38,12 +38,13 @@ import pytest
 import tornado.web
 import tornado.websocket
 from browser import CHROMIUM, Browser, ConsoleMessage
-from bson import ObjectId, Timestamp, json_util
+from bson import Int64, ObjectId, Timestamp, json_util
 from pymongo import MongoClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from changerelay.primary import TestPrimary
+from tests.support import token_of
 
 pytestmark = pytest.mark.browser
 
@@ -365,19 +366,24 @@ def test_counts_per_operation_and_events_per_second(
 
 
 def test_the_detail_view_shows_the_whole_event(page: Browser, relay_collection: Any) -> None:
-    """Click or Enter opens the event as JSON, with copy buttons; Escape returns to the row."""
-    key = unique("detail")
+    """Click or Enter opens the event as JSON, with copy buttons; Escape returns to the row. The
+    key holds a NumberLong, so the id carries the token's type bits."""
+    marker = unique("detail")
+    key = {"name": marker, "n": Int64(2 ** 40 + 7)}
     document = {"_id": key, "nested": {"list": [1, {"deep": True}]}, "text": "x" * 300}
     relay_collection.insert_one(document)
-    wait_for_rows(page, key, 1)
-    event = page.wait_for_console(lambda m: is_change(m, {"_id": key})).args[0]
-    row = f"document.querySelector('#rows tr[data-id={json.dumps(event['_id']['_data'])}]')"
+    wait_for_rows(page, marker, 1)
+    event = page.wait_for_console(
+        lambda m: is_change(m, {"_id": {"name": marker, "n": 2 ** 40 + 7}})).args[0]
+    event_id = token_of(event)
+    assert "." in event_id
+    row = f"document.querySelector('#rows tr[data-id={json.dumps(event_id)}]')"
 
     page.evaluate(f"{row}.click()")
     assert page.evaluate("document.getElementById('detail').open") is True
     assert json.loads(text(page, "detail-json")) == event  # everything, not the clipped cells
     assert text(page, "detail-json").startswith('{\n  "_id": {')  # formatted
-    assert text(page, "detail-id") == event["_id"]["_data"]
+    assert text(page, "detail-id") == event_id
     assert text(page, "detail-title") == f"insert · {relay_collection.full_name}"
     assert page.evaluate("document.getElementById('detail').contains(document.activeElement)")
 
@@ -386,13 +392,13 @@ def test_the_detail_view_shows_the_whole_event(page: Browser, relay_collection: 
     page.evaluate("document.getElementById('copy-id').click()")
     page.evaluate("document.getElementById('copy-event').click()")
     copied = page.wait_for("copied.length === 2 && copied")
-    assert copied[0] == event["_id"]["_data"] and json.loads(copied[1]) == event
+    assert copied[0] == event_id and json.loads(copied[1]) == event
     assert text(page, "copied") == "Copied the event"
     page.evaluate("""navigator.clipboard.writeText = async () => {
         throw new DOMException('plain http', 'NotAllowedError'); };""")  # no clipboard here
     page.evaluate("document.getElementById('copy-id').click()")
     page.wait_for("document.getElementById('copied').textContent.startsWith('Selected')")
-    assert page.evaluate("getSelection().toString()") == event["_id"]["_data"]
+    assert page.evaluate("getSelection().toString()") == event_id
 
     page.press("Escape")
     page.wait_for(f"!document.getElementById('detail').open && document.activeElement === {row}")
@@ -959,6 +965,26 @@ def test_client_resumes_after_the_newest_id_and_keeps_other_parameters(
     ]
 
 
+def test_client_ids_carry_the_type_bits_in_base64url(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    """MongoDB writes _typeBits for a NumberLong or double key (relaxed Extended JSON:
+    {$binary: {base64, subType}}); the id is _data, '.', the bits in base64url without padding."""
+    typed = {"_data": "82AA", "_typeBits": {"$binary": {"base64": "+/8=", "subType": "00"}}}
+    outcome = run_client(browser, relay_stub, f"""
+        connect('/socket');
+        sockets[0].onopen();
+        send({{operationType: 'insert', _id: {json.dumps(typed)}}});
+        await fail(); retry();
+        send({{operationType: 'insert', _id: {{_data: '82AB'}}}});
+        await fail(); retry();
+        return {{urls: sockets.map((s) => new URL(s.url).search),
+                 ids: [client.eventId({{_id: {json.dumps(typed)}}}),
+                       client.eventId({{_id: {{_data: '82AC'}}}}), client.eventId({{}})]}};""")
+    assert outcome == {"urls": ["", "?resume_after=82AA.-_8", "?resume_after=82AB"],
+                       "ids": ["82AA.-_8", "82AC", None]}
+
+
 def test_client_close_stops_reconnecting(browser: Browser, relay_stub: StubRelay) -> None:
     outcome = run_client(browser, relay_stub, """
         const relay = connect('https://example.test/socket');
@@ -1382,14 +1408,26 @@ class StubRelay:
         """A change event shaped like MongoDB's; :meth:`StubSocket.send` encodes it as relaxed
         Extended JSON, as the relay does."""
         now = datetime.datetime.now(datetime.UTC)
+        token: dict[str, Any] = {"_data": self._token()}
+        if _typed(fields.get("documentKey")):
+            token["_typeBits"] = b"\x01"  # MongoDB writes some for such a key (see tokens.py)
         return {
-            "_id": {"_data": self._token()},
+            "_id": token,
             "operationType": operation,
             "clusterTime": Timestamp(int(now.timestamp()), 1),
             "wallTime": now,
             "ns": {"db": ns[0], "coll": ns[1]},
             **fields,
         }
+
+
+def _typed(value: Any) -> bool:
+    """Whether a key holds a NumberLong or a double, whose types only type bits keep."""
+    if isinstance(value, dict):
+        return any(map(_typed, value.values()))
+    if isinstance(value, list):
+        return any(map(_typed, value))
+    return isinstance(value, Int64 | float)
 
 
 class StubCollection:
@@ -1478,7 +1516,7 @@ class StubSocket(tornado.websocket.WebSocketHandler):
     def open(self) -> None:
         after = self.get_argument("resume_after", None)
         if after is not None:
-            ids = [event["_id"]["_data"] for event in self.relay.history]
+            ids = [token_of(event) for event in self.relay.history]
             if after in ids:
                 for event in self.relay.history[ids.index(after) + 1 :]:
                     if "quiet" not in event:

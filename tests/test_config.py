@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from changerelay import config as cfg
+from changerelay.pipeline import change_stream_stages, redaction_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,18 @@ def test_pipeline_that_keeps_id_is_fine():
     assert c.pipeline[0]["$project"]["fullDocument"] == 1
 
 
+def test_split_large_event_is_allowed_as_the_last_stage_and_runs_after_redaction():
+    c = load(env={"PIPELINE": '[{"$match": {}}, {"$changeStreamSplitLargeEvent": {}}]',
+                  "REDACT": "fullDocument.secret"})
+    stages = change_stream_stages(c.pipeline, c.redact)
+    assert stages[0] == {"$match": {}}
+    assert stages[1:-1] == redaction_stages(c.redact)  # MongoDB: the split must be the last
+    assert stages[-1] == {"$changeStreamSplitLargeEvent": {}}
+    plain = load(env={"PIPELINE": '[{"$match": {}}]', "REDACT": "fullDocument.secret"})
+    assert change_stream_stages(plain.pipeline, plain.redact) == [
+        {"$match": {}}, *redaction_stages(plain.redact)]
+
+
 def test_pipeline_is_parsed_as_extended_json():
     c = load(env={"PIPELINE": '[{"$match": {"operationType": "insert"}}, {"$unset": "x"}]'})
     assert c.pipeline == ({"$match": {"operationType": "insert"}}, {"$unset": "x"})
@@ -82,6 +95,9 @@ def test_pipeline_is_parsed_as_extended_json():
     ({"PIPELINE": '[{"$project": {"_id": 0}}]'}, "PIPELINE", "resume token"),
     ({"PIPELINE": '[{"$unset": "_id"}]'}, "PIPELINE", "resume token"),
     ({"PIPELINE": '[{"$set": {"_id._data": "x"}}]'}, "PIPELINE", "resume token"),
+    ({"PIPELINE": '[{"$changeStreamSplitLargeEvent": {}}, {"$match": {}}]'}, "PIPELINE",
+     "last stage"),
+    ({"PIPELINE": '[{"$changeStreamSplitLargeEvent": {"x": 1}}]'}, "PIPELINE", "{}"),
     ({"FULL_DOCUMENT": "always"}, "FULL_DOCUMENT", "updateLookup"),
     ({"FULL_DOCUMENT_BEFORE_CHANGE": "on"}, "FULL_DOCUMENT_BEFORE_CHANGE", "whenAvailable"),
     ({"FULL_DOCUMENT": "required"}, "FULL_DOCUMENT", "WATCH_COLLECTION"),

@@ -100,3 +100,28 @@ def test_redact_that_cannot_be_honoured_stops_the_relay_at_start(redact):
     assert result.returncode == 2
     assert result.stderr.startswith("changerelay: configuration error: REDACT:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_token_whose_rule_reads_a_redacted_field_is_refused(mongo, relay_factory):
+    """The field is gone from every event before the relay sees it: a rule on it (here one that
+    would let everything but bob's through) decides nothing, so such a token is refused."""
+    import time
+
+    import jwt
+
+    secret = "redaction-test-" + "k" * 32
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=secret,
+                          FULL_DOCUMENT="whenAvailable", REDACT="fullDocument.owner")
+
+    def token(rule):
+        return jwt.encode({"exp": int(time.time()) + 300, "filter": rule}, secret)
+
+    relay.wait_ready()
+    bystander = await WS.connect(relay.ws_url + "?access_token=" + token(
+        {"documentKey._id": {"$ne": "hidden"}}))
+    refused = relay.get("/socket?access_token=" + token({"fullDocument.owner": {"$ne": "bob"}}))
+    assert refused.code == 403
+    assert refused.json()["error"] == "row_rule_reads_redacted_field"
+    mongo.client[mongo.db].docs.insert_one({"_id": "seen", "owner": "alice"})
+    [change] = await bystander.changes(1)
+    assert change["documentKey"] == {"_id": "seen"} and "owner" not in change["fullDocument"]

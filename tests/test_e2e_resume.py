@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from bson import Int64
 from pymongo import MongoClient
 
 from tests.support import ROOT, SSE, WS, token_of
@@ -47,11 +48,13 @@ class Writer(threading.Thread):
         self.client.close()
 
 
-def write(uri: str, db: str, count: int, start: int = 0):
+def write(uri: str, db: str, count: int, start: int = 0, key=int):
+    """``count`` inserts, ``_id`` ``key(start)`` on; ``key=Int64`` past 2**31 makes every id
+    carry type bits."""
     with MongoClient(uri) as client:
         for first in range(start, start + count, 100):
             client[db].c.insert_many(
-                [{"_id": i} for i in range(first, min(first + 100, start + count))])
+                [{"_id": key(i)} for i in range(first, min(first + 100, start + count))])
 
 
 class ResumingClient:
@@ -101,6 +104,19 @@ class ResumingClient:
 
     def drop(self):
         self.conn.close()
+
+
+async def left_by_a_killed_relay(relay_factory, uri: str, count: int) -> ResumingClient:
+    """A client that read ``count`` events (written here to database ``db``) from a relay
+    that was then killed (SIGKILL: no goodbye); it holds the newest id."""
+    relay = relay_factory(MONGO_SRV=uri)
+    relay.wait_ready()
+    client = await ResumingClient().connect(relay.ws_url)
+    write(uri, "db", count)
+    await client.read(count)
+    relay.proc.kill()
+    await client.read_until_closed()
+    return client
 
 
 def assert_matches_log(tokens, mongo):
@@ -269,6 +285,7 @@ async def test_quiet_subscription_gets_positions_and_resumes_from_them(mongo, re
 
 
 def test_tail_cli_survives_a_relay_restart(mongo, relay_factory, tmp_path):
+    """Its last id before the restart carries type bits: keys past int32 are NumberLongs."""
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db)
     relay.wait_ready()
     port = relay.port
@@ -279,7 +296,7 @@ def test_tail_cli_survives_a_relay_restart(mongo, relay_factory, tmp_path):
             cwd=str(ROOT), stdout=sink, stderr=subprocess.PIPE, text=True)
         try:
             relay.wait_log("101 GET /socket")
-            write(mongo.uri, mongo.db, 400)
+            write(mongo.uri, mongo.db, 400, start=2 ** 40, key=Int64)
             mongo.wait_for(lambda: _lines(out) >= 400, timeout=30)
             relay.proc.kill()
             relay.proc.wait()
@@ -346,13 +363,7 @@ async def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(
     """A relay restarts; the client is back before the new relay's change stream is open (here
     held shut by failing aggregates), so the hub cannot place it yet. Once the stream opens, the
     client's point is older than it: the catch-up must take it, not leave it waiting."""
-    relay = relay_factory(MONGO_SRV=primary.uri)
-    relay.wait_ready()
-
-    client = await ResumingClient().connect(relay.ws_url)
-    write(primary.uri, "db", 600)
-    await client.read(600)
-    relay.proc.kill()
+    client = await left_by_a_killed_relay(relay_factory, primary.uri, 600)
     write(primary.uri, "db", 500, start=600)
     primary.fail_next("aggregate", code=2, errmsg="held shut by the test", count=3)
     successor = relay_factory(MONGO_SRV=primary.uri)
@@ -362,3 +373,157 @@ async def test_client_back_before_the_new_relay_has_its_stream_still_catches_up(
     write(primary.uri, "db", 100, start=1100)
     await client.read(1200)
     assert_matches_log(client.tokens, primary)
+
+
+# --- ids are whole resume tokens (issue 12 item 1) -----------------------------------------------
+
+# Keys MongoDB writes type bits for: without them it reads the first as the int32 7 (the real event
+# sorts after that: 280) and cannot read the second at all (50810).
+TYPED_KEYS = [Int64(2 ** 40 + 7), 1.5]
+
+
+@pytest.mark.parametrize("key", TYPED_KEYS, ids=["int64", "double"])
+@pytest.mark.parametrize("buffer", [10000, 5], ids=["from-buffer", "from-mongodb"])
+async def test_a_client_resumes_from_an_event_whose_token_has_type_bits(mongo, relay_factory,
+                                                                       key, buffer):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=buffer)
+    relay.wait_ready()
+
+    client = await ResumingClient().connect(relay.ws_url)
+    with MongoClient(mongo.uri) as writer:
+        writer[mongo.db].c.insert_one({"_id": key})
+        await client.read(1)
+        assert "." in client.last  # the id carries the type bits
+        client.drop()
+        writer[mongo.db].c.insert_many([{"_id": i} for i in range(20)])
+    await client.connect(relay.ws_url)
+    await client.read(21)
+    assert client.controls == []  # no resync: nothing was lost
+    assert_matches_log(client.tokens, mongo)
+
+
+async def test_sse_ids_and_positions_carry_the_type_bits(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, POSITION_INTERVAL=0.3,
+                          REPLAY_BUFFER=5)
+    relay.wait_ready()
+
+    quiet = await WS.connect(f"{relay.ws_url}?ops=delete")
+    sse = await SSE.open(relay.port)
+    with MongoClient(mongo.uri) as writer:
+        writer[mongo.db].c.insert_many([{"_id": 0}, {"_id": TYPED_KEYS[0]}])
+        [_, typed] = await sse.changes(2)
+        position = await quiet.until(lambda f: f.get("type") == "position")
+        newest = mongo.tokens()[-1]  # (on a real deployment this writes: after the position)
+        assert "." in newest and typed["id"] == newest
+        assert position["resume_after"] == newest
+        writer[mongo.db].c.insert_many([{"_id": i} for i in range(1, 20)])
+        writer[mongo.db].c.delete_one({"_id": 3})
+    sse.close()
+    again = await SSE.open(relay.port, last_event_id=typed["id"])  # beyond the 5-event buffer
+    rest = await again.changes(20)
+    assert [r["id"] for r in rest] == mongo.tokens()[2:]
+    resumed = await WS.connect(f"{relay.ws_url}?ops=delete&resume_after="
+                               f"{position['resume_after']}")
+    [delete] = await resumed.changes(1)
+    assert delete["documentKey"] == {"_id": 3}
+
+
+@pytest.mark.fault
+async def test_a_resume_mongodb_refuses_with_a_code_the_relay_does_not_know_ends_in_resync(
+        primary, relay_factory):
+    """Never an endless retry: whatever MongoDB answers a catch-up with, unless the driver
+    calls it resumable, the client is told to resync and continues live."""
+    relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=5)
+    relay.wait_ready()
+
+    write(primary.uri, "db", 20)
+    old = primary.tokens()[2]
+    primary.fail_next("aggregate", code=54321, errmsg="a refusal no relay knows", count=1000)
+    client = await WS.connect(f"{relay.ws_url}?resume_after={old}")
+    first = await client.recv(timeout=10)
+    assert first["type"] == "resync"
+    write(primary.uri, "db", 2, start=20)
+    assert [f["documentKey"]["_id"] for f in await client.changes(2)] == [20, 21]
+
+
+# --- where the relay's stream starts (issue 12 item 2) ------------------------------------------
+
+@pytest.mark.fault
+async def test_writes_racing_the_open_do_not_hide_where_the_stream_starts(primary, relay_factory):
+    """MongoDB picks a fresh stream's start time, then scans: writes committed in between come
+    back in its first batch, and PyMongo has no resume token until they are read. A client
+    resuming from before the relay started must still be caught up and handed over."""
+    client = await left_by_a_killed_relay(relay_factory, primary.uri, 100)
+    write(primary.uri, "db", 50, start=100)  # while no relay runs
+
+    gate = primary.hold_next_open()
+    successor = relay_factory(MONGO_SRV=primary.uri)
+    await asyncio.to_thread(gate.wait_reached)
+    write(primary.uri, "db", 20, start=150)  # committed while the successor's stream opens
+    gate.release()
+    successor.wait_ready()
+    await client.connect(successor.ws_url)
+    write(primary.uri, "db", 10, start=170)
+    await client.read(180)
+    assert client.controls == []
+    assert_matches_log(client.tokens, primary)
+
+
+# --- idle deployments (issue 12 item 3) ----------------------------------------------------------
+
+@pytest.mark.fault
+async def test_on_an_idle_deployment_a_client_back_at_a_new_relay_is_live_at_once(primary,
+                                                                                   relay_factory):
+    """A fresh stream starts one tick past the newest oplog entry, and on an idle primary its
+    high-water mark moves only with the periodic no-op (10 s here). A client back from a
+    restarted relay with the newest event's id is caught up to that point at once: nothing can
+    lie between an event and the next tick once a stream has read past it."""
+    client = await left_by_a_killed_relay(relay_factory, primary.uri, 3)
+    successor = relay_factory(MONGO_SRV=primary.uri, POSITION_INTERVAL=0.3)
+    successor.wait_ready()
+    back = time.monotonic()
+    await client.connect(successor.ws_url)
+    position = await client.conn.until(lambda f: f.get("type") == "position", timeout=8)
+    assert time.monotonic() - back < 3, "live only after the oplog moved"
+    assert successor.ready()["catching_up"] == 0
+    client.drop()
+
+    again = await WS.connect(f"{successor.ws_url}?resume_after={position['resume_after']}")
+    write(primary.uri, "db", 1, start=3)
+    [change] = await again.changes(1)
+    assert token_of(change) == primary.tokens()[-1]
+
+
+# --- several events in one oplog entry (issue 12 item 4) ----------------------------------------
+
+def write_group(uri: str, db: str, group: str, keys: range) -> None:
+    """Events that share one cluster time and differ by txnOpIndex: a transaction's inserts, or
+    a multi-delete (MongoDB 6.1+ batches it into one applyOps) of documents already there."""
+    with MongoClient(uri) as client:
+        coll = client[db].c
+        if group == "transaction":
+            with client.start_session() as session, session.start_transaction():
+                for key in keys:
+                    coll.insert_one({"_id": key}, session=session)
+        else:
+            coll.delete_many({"_id": {"$gte": keys.start, "$lt": keys.stop}})
+
+
+@pytest.mark.parametrize("group", ["transaction", "delete_many"])
+@pytest.mark.parametrize("buffer", [10000, 3], ids=["from-buffer", "from-mongodb"])
+async def test_resuming_inside_a_transaction_or_batched_delete_loses_and_repeats_nothing(
+        mongo, relay_factory, group, buffer):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=buffer,
+                          POSITION_INTERVAL=0.2)
+    relay.wait_ready()
+    write(mongo.uri, mongo.db, 10)
+    client = await ResumingClient().connect(relay.ws_url)
+    write_group(mongo.uri, mongo.db, group, range(20, 30) if group == "transaction" else range(10))
+    for middle in (3, 6, 9):  # stop inside the group, with the rest of it unread
+        await client.read(middle)
+        client.drop()
+        await client.connect(relay.ws_url)
+    write(mongo.uri, mongo.db, 5, start=100)
+    await client.read(15)
+    assert all(c["type"] == "position" for c in client.controls)
+    assert client.tokens == mongo.tokens()[10:]  # the group and the 5 after it, each once

@@ -203,3 +203,63 @@ def test_no_warning_with_post_images_or_without_auth(mongo, relay_factory):
     for relay in quiet:
         relay.wait_ready()
         assert not any("FULL_DOCUMENT=updateLookup" in line for line in relay.lines)
+
+
+BOB_KEY = "bob-7f3e9a"  # a document key whose bytes would show in a token's hex
+
+
+async def until_position(client: WS, differs_from: str | None = None) -> dict:
+    return await client.until(lambda f: f.get("type") == "position"
+                              and f["resume_after"] != differs_from)
+
+
+async def test_a_restricted_reader_is_never_told_the_token_of_an_event_it_was_not_sent(
+        mongo, relay_factory):
+    """An event's token encodes its document's _id and its collection's UUID. Alice (a row
+    rule) and carol (an ns claim for another collection) are told where to resume while bob's
+    documents change: a high-water mark or their own events' ids, never one of bob's tokens —
+    and resuming there loses and repeats nothing. A reader with no restriction is told the
+    newest id, as before, and keeps receiving everything."""
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, AUTH_JWT_SECRET=SECRET,
+                          POSITION_INTERVAL=0.2, **IMAGES)
+    relay.wait_ready()
+    notes = with_images(mongo, "notes")
+    bob_hex = BOB_KEY.encode().hex().upper()
+    alice_token = owner(mongo.db, "alice")
+    alice = await connect(relay, alice_token)
+    alice_sse = await SSE.open(relay.port, extra={"Authorization": f"Bearer {alice_token}"})
+    carol = await connect(relay, token({"ns": [f"{mongo.db}.other"]}))
+    everyone = await connect(relay, token({}))
+
+    notes.insert_one({"_id": "alice-1", "owner": "alice"})
+    [mine] = await rows(alice, 1)
+    for n in range(3):
+        notes.insert_one({"_id": f"{BOB_KEY}-{n}", "owner": "bob"})
+        notes.update_one({"_id": f"{BOB_KEY}-{n}"}, {"$set": {"note": BOB_SECRET}})
+    seen = await everyone.changes(7)
+    newest = seen[-1]["_id"]["_data"]
+    assert bob_hex in newest
+    told = await until_position(everyone, differs_from=mine["_id"]["_data"])
+    assert told["resume_after"] == newest  # unrestricted: the newest id, as before
+
+    alice_position = await until_position(alice, differs_from=mine["_id"]["_data"])
+    carol_position = await until_position(carol)
+    records = []
+    while not any(r.get("event") == "position" for r in records):
+        records.append(await alice_sse.record())
+    for frames in (alice.frames, carol.frames, records):
+        assert bob_hex not in json.dumps(frames)
+    for position in (alice_position, carol_position):
+        assert position["resume_after"] > mine["_id"]["_data"]  # past her own event: not stale
+
+    notes.insert_one({"_id": "alice-2", "owner": "alice"})
+    mongo.client[mongo.db].other.insert_one({"_id": "carol-1"})
+    alice.close()
+    carol.close()
+    alice_again = await connect(relay, alice_token,
+                                f"?resume_after={alice_position['resume_after']}")
+    carol_again = await connect(relay, token({"ns": [f"{mongo.db}.other"]}),
+                                f"?resume_after={carol_position['resume_after']}")
+    assert summary(await rows(alice_again, 1)) == [("insert", "alice-2", None, False)]
+    assert [f["documentKey"] for f in await rows(carol_again, 1)] == [{"_id": "carol-1"}]
+    assert len(await everyone.changes(2)) == 2

@@ -26,6 +26,7 @@ class FakeClient:
         self.controls: list[dict] = []
         self.last_send = 0.0
         self.told = None
+        self.sent = None
         self.closed = False
 
     def pack(self, events):
@@ -107,6 +108,22 @@ def test_resume_ahead_of_head_skips_what_client_has_seen():
     for n in range(2, 6):
         hub.publish(event(n))
     assert client.received == [token(4), token(5)]
+
+
+def test_a_client_from_a_relay_ahead_joins_once_the_stream_passes_it_without_events():
+    """On a quiet deployment only the stream's high-water mark moves: the client is live (told
+    positions) once it passes the client's point, not at the next event."""
+    hub = started_hub()
+    hub.publish(event(1))
+    client = FakeClient()
+    assert hub.resume(client, token(3))
+    hub.advance(token(2))
+    assert hub.send_positions(idle=0) == 0  # still held back: not live yet
+    hub.advance(token(3))
+    assert hub.send_positions(idle=0) == 1
+    assert client.controls == [{"type": "position", "resume_after": token(3)}]
+    hub.publish(event(4))
+    assert client.received == [token(4)]
 
 
 def test_resume_far_ahead_is_told_to_resync_instead_of_waiting_forever():
@@ -425,3 +442,93 @@ def test_row_rules_on_the_catch_up_path_match_live():
         catchup._deliver(job, change)
     assert riders[0].received == riders[1].received == live.received
     assert seen(riders[2]) == BOB_SEES
+
+
+# -- positions for a client whose token restricts it: high-water marks and its own ids ---------
+
+# Ids the hub can tell apart (tokens.py): at cluster time t (seconds, increment 1), the
+# high-water mark sorts before every event; events follow by key (here the document's number).
+def hwm(t: int) -> str:
+    return f"82{t:08X}000000012B0429296E1404"
+
+
+def keyed(t: int, key: int, coll="c") -> ev.Event:
+    return ev.encode_change({"_id": {"_data": f"82{t:08X}000000012B042C0100296E{key:04X}04"},
+                             "operationType": "insert", "ns": {"db": "db", "coll": coll},
+                             "documentKey": {"_id": key}})
+
+
+ONLY_C = Subscription(namespaces={("db", "c")}, grant={("db", "c")})  # as an ns claim makes it
+
+
+def test_a_restricted_client_is_told_a_high_water_mark_at_others_events():
+    hub = new_hub()
+    hub.start(hwm(1))  # a fresh stream: MongoDB's high-water mark, the spelling to copy
+    mine, everyone = FakeClient(ONLY_C), FakeClient()
+    hub.subscribe(mine)
+    hub.subscribe(everyone)
+    hub.publish(keyed(5, 1, coll="c"))
+    hub.publish(keyed(7, 2, coll="other"))
+    hub.publish(keyed(7, 3, coll="other"))
+    assert hub.send_positions(idle=0) == 2
+    assert mine.controls == [{"type": "position", "resume_after": hwm(7)}]
+    assert everyone.controls == [{"type": "position", "resume_after": keyed(7, 3).token}]
+
+
+def test_a_restricted_client_sent_an_event_of_the_newest_time_is_told_that_event():
+    """The high-water mark at that time would bring its own event back."""
+    hub = new_hub()
+    hub.start(hwm(1))
+    mine = FakeClient(ONLY_C)
+    hub.subscribe(mine)
+    hub.publish(keyed(7, 1, coll="c"))
+    hub.publish(keyed(7, 2, coll="other"))  # same cluster time: a transaction
+    hub.send_positions(idle=0)
+    assert mine.controls == [{"type": "position", "resume_after": keyed(7, 1).token}]
+
+
+def test_a_restricted_client_replayed_to_the_newest_time_is_told_what_it_was_sent():
+    hub = new_hub()
+    hub.start(hwm(1))
+    hub.publish(keyed(7, 1, coll="c"))
+    hub.publish(keyed(7, 2, coll="other"))
+    late = FakeClient(ONLY_C)
+    assert hub.resume(late, hwm(1))  # its group had no events live: the replay says what it had
+    hub.send_positions(idle=0)
+    assert late.received == [keyed(7, 1).token]
+    assert late.controls == [{"type": "position", "resume_after": keyed(7, 1).token}]
+
+
+def test_without_a_high_water_mark_to_copy_a_restricted_client_keeps_its_own_ids():
+    hub = new_hub()
+    hub.start(keyed(3, 0, coll="other").token)  # the first batch held an event: no mark seen
+    mine, quiet = FakeClient(ONLY_C), FakeClient(ONLY_C)
+    hub.subscribe(mine)
+    hub.publish(keyed(5, 1, coll="c"))
+    hub.subscribe(quiet)
+    hub.publish(keyed(7, 2, coll="other"))
+    hub.send_positions(idle=0)
+    assert mine.controls == [{"type": "position", "resume_after": keyed(5, 1).token}]
+    # its group's newest: an event of its own subscription, and nothing after it was for it
+    assert quiet.controls == mine.controls
+    hub.advance(hwm(8))  # an empty batch: MongoDB's high-water mark
+    hub.send_positions(idle=0)
+    assert mine.controls[-1] == {"type": "position", "resume_after": hwm(8)}
+
+
+def test_a_position_from_a_long_idle_stream_resumes_live_not_as_an_invalid_token():
+    """On an idle deployment the stream's high-water mark moves with the primary's no-op while
+    the newest event stays where it was: a client told that position minutes later resumes
+    from it, here or at a relay that has followed the stream as far."""
+    hub = new_hub()
+    hub.start(hwm(1))
+    hub.publish(keyed(5, 1))
+    hub.advance(hwm(5 + 600))  # ten minutes of no-ops later
+    quiet = FakeClient()
+    hub.subscribe(quiet)
+    hub.send_positions(idle=0)
+    [position] = quiet.controls
+    back = FakeClient()
+    assert hub.resume(back, position["resume_after"])
+    hub.publish(keyed(700, 2))
+    assert back.controls == [] and back.received == [keyed(700, 2).token]

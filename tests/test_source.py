@@ -7,7 +7,17 @@ from types import SimpleNamespace
 import pytest
 from pymongo.errors import ConnectionFailure, OperationFailure
 
-from changerelay.source import ChangeSource, bad_resume_token, images_help, missing_image
+from changerelay.source import (
+    ChangeSource,
+    bad_resume_token,
+    images_help,
+    missing_image,
+    resync_reason,
+    too_large_help,
+)
+
+HISTORY_LOST_MESSAGE = ("Resume of change stream was not possible, as the resume point may no "
+                        "longer be in the oplog.")
 
 # MongoDB's messages (src/mongo/db/pipeline/document_source_change_stream_add_post_image.cpp,
 # document_source_change_stream_add_pre_image.cpp).
@@ -91,3 +101,35 @@ async def test_the_change_source_starts_afresh_on_any_refused_token(code, messag
     source._classify(OperationFailure(message, code))
     assert source._token is None and source._start_after is None
     assert "resume token rejected" in source.reason
+
+
+@pytest.mark.parametrize("exc, reason", [
+    (ConnectionFailure("connection refused"), None),  # the network: try again
+    (OperationFailure("cursor id 7 not found", 43), None),
+    (OperationFailure("interrupted", 11602, {"errorLabels": ["ResumableChangeStreamError"]}),
+     None),
+    (OperationFailure(HISTORY_LOST_MESSAGE, 286), "history_lost"),
+    (OperationFailure("cannot resume stream; the resume token was not found.", 280),
+     "invalid_token"),
+    (OperationFailure("KeyString format error: Expected type Decimal.", 50810), "invalid_token"),
+    (OperationFailure("BSONObj size: 18874663 (0x1200027) is invalid.", 10334),
+     "event_too_large"),
+    (OperationFailure("Splitting change event failed: fragment size 17000000 is greater",
+                      7182500), "event_too_large"),
+    (OperationFailure("Invalid resumeToken: txnOpIndex was skipped", 50792), "resume_failed"),
+    (OperationFailure("not authorized on shop to execute command", 13), "resume_failed"),
+])
+def test_why_a_resume_cannot_go_on(exc, reason):
+    """Named where the relay knows the refusal; never None for a server's refusal that no retry
+    gets past, so that no client waits on retries for ever."""
+    assert resync_reason(exc) == reason
+
+
+@pytest.mark.parametrize("pipeline, words", [
+    ((), ["$changeStreamSplitLargeEvent", "7.0", "CLIENT_BUFFER_BYTES", "restart"]),
+    (({"$changeStreamSplitLargeEvent": {}},), ["one of its fields alone", "$unset", "restart"]),
+])
+def test_the_readiness_reason_for_an_event_over_16mb_says_how_to_go_past_it(pipeline, words):
+    text = too_large_help(SimpleNamespace(pipeline=pipeline))
+    for word in ["16 MB", *words]:
+        assert word in text

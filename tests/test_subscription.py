@@ -208,7 +208,7 @@ def signed(payload_text: str) -> str:
     return (signing_input + b"." + signature).decode()
 
 
-SOON = int(time.time()) + 300
+SOON = int(time.time()) + 86_400  # set at collection: a day, so no run of the suite outlives it
 
 
 @pytest.mark.parametrize("claims, named", [
@@ -237,7 +237,7 @@ def test_non_finite_or_boolean_exp_is_refused(payload):
 
 
 def test_fractional_and_huge_exp_are_numbers_of_seconds():
-    claims = authenticate(signed(json.dumps({"exp": SOON + 0.5, "iat": SOON - 300.25})))
+    claims = authenticate(signed(json.dumps({"exp": SOON + 0.5, "iat": time.time() - 0.25})))
     assert claims.expires == SOON + 0.5
     assert authenticate(signed(json.dumps({"exp": 10**400}))).expires == 10**400
 
@@ -295,7 +295,8 @@ def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     path = tmp_path / "key.pem"
     path.write_bytes(pem)
     auth = Authenticator.from_config(SimpleNamespace(
-        auth_jwt_secret=None, auth_jwt_public_key=str(path), full_document="whenAvailable"))
+        auth_jwt_secret=None, auth_jwt_public_key=str(path), full_document="whenAvailable",
+        redact=()))
     good = make({"ns": ["shop"]}, key=private, algorithm="ES256")
     request = SimpleNamespace(headers={"Authorization": f"Bearer {good}"}, query_arguments={})
     assert auth.authenticate(request).namespaces == frozenset({("shop", None)})
@@ -321,3 +322,47 @@ def _hs256_with(key: bytes) -> str:
         json.dumps({"exp": int(time.time()) + 60, "ns": ["shop"]}).encode())
     signature = b64(hmac.new(key, signing_input, hashlib.sha256).digest())
     return (signing_input + b"." + signature).decode()
+
+
+@pytest.mark.parametrize("spec, refused", [
+    ({"fullDocument.owner": {"$ne": "bob"}}, True),            # the field is always gone
+    ({"fullDocumentBeforeChange.owner": "alice"}, True),        # REDACT covers both images
+    ({"fullDocument.owner.name": "alice"}, True),               # inside a redacted field
+    ({"fullDocument.profile": {"$exists": True}}, True),        # above one: part of it is gone
+    ({"fullDocument.cards.0.cvv": "123"}, True),                # array positions don't matter
+    ({"updateDescription.updatedFields.owner": "x"}, True),
+    ({"$or": [{"documentKey._id": 1}, {"fullDocument.owner": "a"}]}, True),
+    ({"fullDocument.team": "red"}, False),
+    ({"fullDocument.profiles": "x"}, False),                    # a name that only starts alike
+    ({"documentKey._id": 1}, False),
+])
+def test_a_rule_that_reads_a_redacted_field_is_refused(spec, refused):
+    """A redacted field is missing from every event, so a rule on it cannot decide anything:
+    {"$ne": "bob"} would let every event through. Such a token is refused, not obeyed."""
+    redact = ("fullDocument.owner", "fullDocument.profile.password", "fullDocument.cards.cvv")
+    request = SimpleNamespace(headers={"Authorization": f"Bearer {make({'filter': spec})}"},
+                              query_arguments={})
+    auth = Authenticator(SECRET, ["HS256"], "whenAvailable", redact)
+    if refused:
+        with pytest.raises(Refusal) as info:
+            auth.authenticate(request)
+        assert (info.value.code, info.value.status) == ("row_rule_reads_redacted_field", 403)
+        assert "REDACT" in info.value.message
+    else:
+        assert auth.authenticate(request).rule is not None
+
+
+def test_a_rename_out_of_the_tokens_grant_is_withheld():
+    """A rename's ``to`` names another namespace: one outside the token's ns claim is a name the
+    bearer may not learn. Within the grant, or without a token, renames arrive as before."""
+    auth = Authenticator(SECRET, ["HS256"])
+    claims = authenticate(make({"ns": ["shop.orders", "shop.archive"]}))
+    granted = auth.restrict(parse({}, SCOPE)[0], claims)
+    out = event("rename", to={"db": "shop", "coll": "secret_plans"})
+    within = event("rename", to={"db": "shop", "coll": "archive"})
+    assert not sees(granted, out)
+    assert sees(granted, within)
+    assert sees(granted, event("insert"))
+    # The same namespaces asked for in the query, with no token: the client may know any name.
+    asked, _ = parse(args(ns="shop.orders,shop.archive"), SCOPE)
+    assert sees(asked, out) and asked != granted
