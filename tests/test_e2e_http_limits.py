@@ -4,21 +4,23 @@ A request head (request line and headers) is read within a size, a header count 
 and refused in JSON when it breaks one (431, 414, 408, 400); no route reads a body (413, before
 reading it); connections that have not finished their request have a cap of their own, past which
 the oldest goes, so that probes still get in; at the open-files limit the relay stops accepting
-for a moment instead of spinning. Each abuse runs beside a bystander client that must keep
-receiving its events.
+for a moment instead of spinning; and SIGTERM ends the process in time whatever the clients and
+MongoDB are doing. Each abuse runs beside a bystander client that must keep receiving its events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
+import threading
 import time
 
 import psutil
 import pytest
 
-from tests.support import WS, RawHTTP
+from tests.support import WS, ParkedHeads, RawHTTP
 
 pytestmark = pytest.mark.e2e
 
@@ -271,3 +273,105 @@ async def test_at_the_open_files_limit_the_relay_backs_off_and_recovers(mongo, r
         assert time.monotonic() < deadline, "never accepted again"
         await asyncio.sleep(0.1)
     await bystander.still_served("after the open-files limit")
+
+
+SHUTDOWN_TIMEOUT = 2
+
+
+def wait_exit(relay, bound: float) -> None:
+    """SIGTERM: the relay must end with status 0 within ``bound`` seconds, with no traceback."""
+    started = time.monotonic()
+    try:
+        code = relay.terminate(bound + 5)
+    finally:
+        relay.kill()
+    took = time.monotonic() - started
+    assert code == 0
+    assert took < bound, f"exited {took:.1f}s after SIGTERM"
+    assert "Traceback" not in relay.log()
+
+
+async def test_sigterm_with_200_parked_heads_exits_0_in_time(mongo, relay_factory):
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
+                          SHUTDOWN_TIMEOUT=SHUTDOWN_TIMEOUT)
+    relay.wait_ready()
+    client = await WS.connect(relay.ws_url)
+    parked = ParkedHeads(relay.port, 200)
+    parked.push(2)  # 2 MiB of headers each, as fast as the relay takes them
+    wait_exit(relay, SHUTDOWN_TIMEOUT + 1)
+    assert await client.closed() == (1001, "server shutting down")
+    parked.close()
+
+
+class Frozen:
+    """A TCP forwarder to the test primary that can stop forwarding: MongoDB gone silent (a
+    partition), connections open and nothing answered."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.frozen = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.listener.getsockname()[1]}/?directConnection=true"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(downstream)
+            if self.frozen.is_set():
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:
+                downstream.close()
+                continue
+            self.sockets.append(upstream)
+            for source, target in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket) -> None:
+        """Forward until either side closes, then close both (a stopped server's connections
+        end); once frozen, forward nothing and close nothing."""
+        with contextlib.suppress(OSError):
+            while (data := source.recv(65536)) and not self.frozen.is_set():
+                target.sendall(data)
+        if not self.frozen.is_set():
+            source.close()
+            target.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("gone", ["silent", "stopped"])
+async def test_sigterm_right_after_mongodb_goes_away_exits_0_in_time(primary, writer,
+                                                                      relay_factory, gone):
+    """MongoDB silent (a partition: connections open, nothing answered) or stopped, just before
+    SIGTERM, with a live client and one that came from history (a catch-up stream)."""
+    writer.shop.c.insert_many([{"_id": "before the relay"}, {"_id": "caught up"}])
+    forwarder = Frozen(primary.port)
+    relay = relay_factory(MONGO_SRV=forwarder.uri, WATCH_DB="shop",
+                          SHUTDOWN_TIMEOUT=SHUTDOWN_TIMEOUT)
+    relay.wait_ready()
+    client = await WS.connect(relay.ws_url)
+    catching_up = await WS.connect(f"{relay.ws_url}?resume_after={primary.tokens()[0]}")
+    assert (await catching_up.changes(1))[0]["documentKey"] == {"_id": "caught up"}
+    if gone == "silent":
+        forwarder.frozen.set()
+    else:
+        primary.stop()
+    await asyncio.sleep(0.2)
+    wait_exit(relay, SHUTDOWN_TIMEOUT + 1)
+    assert await client.closed() == (1001, "server shutting down")
+    catching_up.close()
+    forwarder.close()
