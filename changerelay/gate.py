@@ -88,8 +88,12 @@ def check_head(head: bytes) -> None:
 
 def end_of_head(data: bytearray, start: int = 0) -> int:
     """The length of the head at the start of ``data``, if it has ended at or after ``start``,
-    else -1. Two substring searches: a fraction of what the pattern costs per byte, which a head
-    dribbled in pieces pays on every piece."""
+    else -1. A search for one byte (memchr, ~30 times faster than for two), then two substring
+    searches from the first line's end, if there is one: a fraction of what the pattern costs
+    per byte, which a head dribbled or pushed in pieces pays on every piece."""
+    start = data.find(b"\n", start)
+    if start < 0:
+        return -1
     ends = [found + len(blank) for blank in BLANK_LINES
             if (found := data.find(blank, start)) >= 0]
     return min(ends, default=-1)
