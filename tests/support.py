@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -284,6 +286,20 @@ class ParkedHeads:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
+
+
+async def tick_latencies(client: WS, count: int) -> list[float]:
+    """Seconds from each of the next ``count`` events' write (its wallTime) to its arrival."""
+    latencies = []
+    while len(latencies) < count:
+        [frame] = await client.changes(1, timeout=30)
+        wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
+        latencies.append(time.time() - wall.timestamp())
+    return latencies
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
 
 
 class WS:
