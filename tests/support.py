@@ -298,8 +298,10 @@ async def tick_latencies(client: WS, count: int) -> list[float]:
     return latencies
 
 
-def p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100)[98]
+def p95(values: list[float]) -> float:
+    """The 95th percentile: of the 80 samples a load test's phase takes, a p99 is the second
+    largest, which one stray pause of a shared machine sets."""
+    return statistics.quantiles(values, n=100)[94]
 
 
 class WS:

@@ -3,10 +3,10 @@
 A bystander receives 20 events/s. Its latency is measured with no one else connected, then while
 another process abuses the HTTP layer as the issue found it could be: 200 connections sending an
 endless header (up to 2 MiB each, coming back when closed), connections dribbling a head a byte at
-a time, requests of 5,000 tiny headers, and requests promising a 95 MB body and sending it.
-The phases alternate three times and their median p99s are compared (one stray pause on a shared
-machine makes one p99 of 80 samples); the relay's resident memory while abused must stay within a
-bound that the heads it may hold explain.
+a time, requests of 5,000 tiny headers, and requests promising a 95 MB body and sending it. The
+phases alternate five times and their median p95s are compared (one stray pause on a shared
+machine sets a p99 of 80 samples, their second largest); the relay's resident memory while abused
+must stay within a bound that the heads it may hold explain.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import time
 import psutil
 import pytest
 
-from tests.support import WS, p99, tick_latencies
+from tests.support import WS, p95, tick_latencies
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
 SECONDS = 4
 RATE = 20  # bystander events per second
-ROUNDS = 3
+ROUNDS = 5
 # 200 parked heads at the 64 KiB limit, with a bytearray's slack, plus what refused connections
 # linger with: far below the 400 MiB that 200 heads of 2 MiB took.
 RSS_GROWTH_BOUND = 64 * 1024 * 1024
@@ -103,7 +103,7 @@ while time.monotonic() < deadline:
 
 
 async def phase(mongo, relay, bystander: WS, name: str, hostile: bool) -> tuple[float, int]:
-    """The bystander's p99 over one phase, and the relay's peak resident memory during it."""
+    """The bystander's p95 over one phase, and the relay's peak resident memory during it."""
     process = psutil.Process(relay.proc.pid)
     abuser = None
     if hostile:
@@ -119,7 +119,7 @@ async def phase(mongo, relay, bystander: WS, name: str, hostile: bool) -> tuple[
     assert await ticker.wait() == 0
     if abuser is not None:
         assert await abuser.wait() == 0
-    return p99(measuring.result()), peak
+    return p95(measuring.result()), peak
 
 
 async def test_http_abuse_does_not_slow_a_bystander(mongo, relay_factory):
@@ -139,7 +139,7 @@ async def test_http_abuse_does_not_slow_a_bystander(mongo, relay_factory):
         assert time.monotonic() - started < SECONDS * 3
 
     used = psutil.Process(relay.proc.pid).cpu_times()
-    print("bystander p99 alone " + ", ".join(f"{p * 1000:.1f}" for p in alone) + " ms; abused "
+    print("bystander p95 alone " + ", ".join(f"{p * 1000:.1f}" for p in alone) + " ms; abused "
           + ", ".join(f"{p * 1000:.1f}" for p in abused) + " ms; relay RSS "
           f"{baseline / 2**20:.0f} MiB before, peaks " + ", ".join(
               f"{p / 2**20:.0f}" for p in peaks) + " MiB; relay CPU "
