@@ -49,6 +49,7 @@ START = b"GET / HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n"
 # per connection (a proxy's or the firewall's rate limit is the answer to it), while what is
 # tested here is what one connection can make the relay hold and do.
 REOPEN_SECONDS = 0.5
+TURN_SECONDS = 0.05  # each connection sends once per turn: 200 parked ones, 32 MB/s
 
 class Abuse:
     \"\"\"A connection sending ``head`` then ``more`` (as much as the relay takes, ``pace`` bytes
@@ -98,7 +99,7 @@ while time.monotonic() < deadline:
     answered = set(select.select(live, [], [], 0)[0])
     for abuser in abusers:
         abuser.turn(answered)
-    time.sleep(0.02)
+    time.sleep(TURN_SECONDS)
 """
 
 
