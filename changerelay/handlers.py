@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
 # Milliseconds EventSource waits before it reconnects (its own default is the browser's choice).
 SSE_RETRY_MS = 1000
-# Tornado drops a request whose headers exceed its limit without answering; the server reads up
-# to this much so that an oversized query gets admission's JSON 414 (MAX_QUERY_BYTES) instead.
-MAX_HEADER_BYTES = 2 * 1024 * 1024
 
 
 class Admitted(NamedTuple):

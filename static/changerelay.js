@@ -60,8 +60,8 @@ export const DISCONNECTS = {
     "slow_consumer": {"code": 1013, "reason": "slow consumer", "retry": "resume"}
   },
   "refusals": {
-    "400": "no", "401": "fresh_token", "403": "no", "404": "no", "413": "no", "414": "no",
-    "421": "no", "426": "no", "429": "backoff", "431": "no", "503": "backoff"
+    "400": "no", "401": "fresh_token", "403": "no", "404": "no", "408": "backoff", "413": "no",
+    "414": "no", "421": "no", "426": "no", "429": "backoff", "431": "no", "503": "backoff"
   }
 };
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymongo import MongoClient
-from tornado import httpclient, websocket
+from tornado import httpclient, httputil, websocket
 
 from changerelay import events as ev
 from changerelay.frames import TEXT
@@ -212,6 +213,94 @@ class RelayProcess:
             self.proc.wait(5)
 
 
+class RawHTTP:
+    """A blocking TCP client that sends exactly the bytes it is given: the heads HTTP libraries
+    will not send (oversized, malformed, half-sent, promising a body on GET)."""
+
+    def __init__(self, port: int, timeout: float = 5):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> bool:
+        """Send ``data``; False if the relay had closed the connection already."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    def response(self, timeout: float = 5) -> Response | None:
+        """The next response, its body read by Content-Length; None if the connection closed
+        before one; TimeoutError if none came in time."""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._receive(deadline):
+                return None
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status_line, _, fields = head.decode("latin-1").partition("\r\n")
+        headers = httputil.HTTPHeaders.parse(fields)
+        length = int(headers.get("Content-Length", "0"))
+        while len(self.buffer) < length and self._receive(deadline):
+            pass
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Response(int(status_line.split()[1]), body, headers)
+
+    def closed(self, timeout: float = 5) -> bool:
+        """True once the relay has closed the connection (whatever it sent first is kept in
+        ``buffer``), False if it is still open after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._receive(deadline):
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def _receive(self, deadline: float) -> bool:
+        self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            chunk = self.sock.recv(65536)  # TimeoutError past the deadline
+        except ConnectionResetError:
+            return False
+        self.buffer += chunk
+        return bool(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ParkedHeads:
+    """Connections that each send an endless request head, as fast as the relay takes it, and
+    never finish it (``GET / HTTP/1.1``, then one header that does not end)."""
+
+    def __init__(self, port: int, count: int):
+        self.sockets = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            self.sockets.append(sock)
+        self.sent = [0] * count
+        self.start = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Parked: "
+
+    def push(self, seconds: float, most: int = 2 * 1024 * 1024) -> int:
+        """Send for ``seconds`` (each connection at most ``most`` bytes); the bytes sent."""
+        chunk = b"p" * 65536
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for number, sock in enumerate(self.sockets):
+                data = self.start if not self.sent[number] else chunk
+                if self.sent[number] >= most:
+                    continue
+                with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    self.sent[number] += sock.send(data)
+            time.sleep(0.001)
+        return sum(self.sent)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
 class WS:
     """A real WebSocket client (Tornado's) that records every frame it receives."""
 
@@ -378,6 +467,8 @@ async def latencies(client: WS, count: int) -> list[float]:
 
 
 def p95(values: list[float]) -> float:
+    """The 95th percentile: of the 80 samples a load test's phase takes, a p99 is the second
+    largest, which one stray pause of a shared machine sets."""
     return statistics.quantiles(values, n=100)[94]
 
 

@@ -2,7 +2,9 @@
 
 These tests are the tripwire for a Tornado upgrade: ``changerelay/tornado_internals.py`` uses
 private attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
-``HTTP1Connection._chunking_output``) and must fail here, loudly, if they change.
+``HTTP1Connection._chunking_output``, ``HTTPServer._connections``,
+``HTTP1ServerConnection._server_request_loop``, ``httpserver._HTTPRequestContext``) and must fail
+here, loudly, if they change.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ import base64
 import http.client
 import os
 import socket
+import time
 import tracemalloc
 
 import pytest
 from tornado import httpserver, iostream, netutil, web, websocket
-from tornado.http1connection import HTTP1Connection
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 
 from changerelay import clients, frames
 from changerelay import events as ev
 from changerelay.buffers import Buffers
 from changerelay.connection import Connection
 from changerelay.subscription import Subscription
-from changerelay.tornado_internals import LAST_CHUNK, chunk, http_chunked, take_socket
+from changerelay.tornado_internals import LAST_CHUNK, GatedServer, chunk, http_chunked, take_socket
 from tests.support import masked
 
 EVERYTHING = Subscription()  # no namespace, operation or filter: every event
@@ -324,3 +327,73 @@ def test_a_client_reading_slower_than_live_traffic_behind_a_replay_is_cut_off():
         client.deliver(live, client.pack(live))
         connection.drain(20_000)
     assert cut == [client] and connection.closed_with == (1013, "slow consumer")
+
+
+# -- GatedServer: Tornado serving heads the gate has read ---------------------------------------
+
+
+def test_the_server_internals_still_exist():
+    server = httpserver.HTTPServer(web.Application([]))
+    assert server._connections == set() and server.conn_params.max_header_size
+    assert server.max_buffer_size is None and server.read_chunk_size is None
+    assert callable(HTTP1ServerConnection._server_request_loop)
+    context = httpserver._HTTPRequestContext(iostream.IOStream(socket.socket()), ("1.2.3.4", 5),
+                                             None, None)
+    assert (context.remote_ip, context.protocol) == ("1.2.3.4", "http")
+
+
+async def _until_closed(client: socket.socket) -> bytes:
+    loop, reply = asyncio.get_running_loop(), b""
+    async with asyncio.timeout(3):
+        while chunk := await loop.sock_recv(client, 65536):
+            reply += chunk
+    return reply
+
+
+def _gated_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection (the address family tells Tornado the peer is an IP)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        relay_end, _ = listener.accept()
+    relay_end.setblocking(False)
+    client.setblocking(False)
+    return relay_end, client
+
+
+async def test_a_gated_server_serves_one_request_and_hands_back_what_follows():
+    """A request whose head was read already is served from the bytes handed over; a kept-alive
+    connection comes back with the next request's bytes, unread, and the socket still open."""
+
+    class Hello(web.RequestHandler):
+        def get(self):
+            self.finish(f"hello {self.request.remote_ip}")
+
+    back = []
+    server = GatedServer(web.Application([(r"/", Hello)]))
+    server.next_head = lambda sock, address, unread: back.append((sock, address, unread))
+    relay_end, client = _gated_pair()
+    second = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    server.serve(relay_end, ("10.1.2.3", 4), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + second[:5])
+    deadline = time.monotonic() + 3
+    while not back:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    [(sock, address, unread)] = back
+    assert sock is relay_end and address == ("10.1.2.3", 4) and unread == second[:5]
+    assert server._connections == set()
+    sock.send(b" and still open")
+    sock.close()
+    reply = await _until_closed(client)
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"hello 10.1.2.3 and still open")
+    client.close()
+
+
+async def test_a_gated_server_closes_what_asked_to_be_closed():
+    back = []
+    server = GatedServer(web.Application([]))
+    server.next_head = lambda *args: back.append(args)
+    relay_end, client = _gated_pair()
+    server.serve(relay_end, ("10.1.2.3", 4),
+                 b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await _until_closed(client)).startswith(b"HTTP/1.1 404 ") and not back
+    client.close()
