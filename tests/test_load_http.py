@@ -146,4 +146,8 @@ async def test_http_abuse_does_not_slow_a_bystander(mongo, relay_factory):
               f"{p / 2**20:.0f}" for p in peaks) + " MiB; relay CPU "
           f"{used.user + used.system - cpu.user - cpu.system:.1f} s")
     assert max(peaks) - baseline < RSS_GROWTH_BOUND
-    assert statistics.median(abused) <= 2 * statistics.median(alone) + 0.010
+    # The abusing process runs on the same two cores as the relay and the bystander's reader: the
+    # same abuse aimed at a bare asyncio sink, not the relay, moved the bystander's p99 to
+    # 90-340 ms. Hence 25 ms of slack, not the other load tests' 10; main's relay, which read
+    # every header Tornado was sent, took 28 s for an abused phase.
+    assert statistics.median(abused) <= 2 * statistics.median(alone) + 0.025
