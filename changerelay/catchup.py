@@ -138,6 +138,13 @@ class CatchUp(Generic[R]):
                             self._resync(job, reason)
                             return
                         logger.warning("catch-up stream failed: %s", exc)
+                    except Exception as exc:
+                        # A bug, which a retry would meet again: the riders go live now, told
+                        # that what they missed is not coming (its message may quote an event).
+                        logger.error("catch-up failed (%s); its %d clients are told to resync",
+                                     type(exc).__name__, len(job.clients))
+                        self._resync(job, "resume_failed")
+                        return
                     await asyncio.sleep(backoff.delay())
         finally:
             if job in self.jobs:
@@ -202,13 +209,16 @@ class CatchUp(Generic[R]):
         for client, seen in tuple(job.clients.items()):
             if event.key > order_key(seen):
                 job.clients[client] = event.token
-                subscription = client.subscription
-                matched = verdicts.get(subscription)
-                if matched is None:
-                    matched = verdicts[subscription] = subscription.select([event])
-                if matched:
-                    client.sent = matched[-1].token
-                    client.replay(matched)
+                try:
+                    subscription = client.subscription
+                    matched = verdicts.get(subscription)
+                    if matched is None:
+                        matched = verdicts[subscription] = subscription.select([event])
+                    if matched:
+                        client.sent = matched[-1].token
+                        client.replay(matched)
+                except Exception as exc:
+                    self._failed(job, client, exc)
                 if client.closed:
                     job.clients.pop(client, None)
 
@@ -228,14 +238,25 @@ class CatchUp(Generic[R]):
         clients, job.clients = job.clients, {}
         for client, seen in clients.items():
             if not client.closed:
-                hub.resume(client, max(seen, floor, key=order_key))
+                try:
+                    hub.resume(client, max(seen, floor, key=order_key))
+                except Exception as exc:
+                    self._failed(job, client, exc)
 
     def _resync(self, job: Job[R], reason: str) -> None:
         hub = self.hub
         clients, job.clients = job.clients, {}
         message = ev.control("resync", reason=reason)
-        for client, _ in clients.items():
+        for client in clients:
             if not client.closed:
-                client.send_control(message)
-                hub.subscribe(client)
+                try:
+                    client.send_control(message)
+                    hub.subscribe(client)
+                except Exception as exc:
+                    self._failed(job, client, exc)
+
+    def _failed(self, job: Job[R], client: R, exc: Exception) -> None:
+        """Serving one rider raised: it leaves the job and ends as the hub's clients do."""
+        job.clients.pop(client, None)
+        self.hub.failed(client, exc)
 

@@ -160,6 +160,12 @@ class Client:
             "you fell more than CLIENT_BUFFER_BYTES behind; reconnect with resume_after "
             "to continue without loss")), CLOSES["slow_consumer"])
 
+    def fail(self) -> None:
+        """Serving this client raised (``hub.Hub.failed``): it alone ends, and loses nothing."""
+        self._end(ev.control("error", code="internal_error", message=(
+            "the relay failed serving this connection (logged); reconnect with resume_after "
+            "to continue without loss")), CLOSES["internal_error"])
+
     def expire(self) -> None:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
         self._end(ev.control("error", code="token_expired",
