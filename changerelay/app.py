@@ -74,7 +74,8 @@ class Relay:
                                     config.replay_buffer_bytes)
         self.source = ChangeSource(config, self.hub, mongo_client)
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
-                                                config.catchup_streams, self.source.missing_image)
+                                                config.catchup_streams, self.source.missing_image,
+                                                per_peer=config.catchup_streams_per_peer)
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)

@@ -276,6 +276,10 @@ class Config:
     demo: bool = _setting(
         "DEMO", False, "run with a built-in MongoDB stand-in on 127.0.0.1 and a writer of demo "
         "data (no MongoDB needed; MONGO_SRV is ignored): `changerelay --demo`", _boolean)
+    catchup_streams_per_peer: int = _setting(
+        "CATCHUP_STREAMS_PER_PEER", 2, "of those, at most this many for one client address (and "
+        "one token subject, when auth is on); more wait, taking turns with other peers",
+        _whole(1))
 
     @property
     def scope(self) -> str:

@@ -48,6 +48,7 @@ class Client:
         self.sent = None
         self.closed = False
         self.backlog: deque | None = None
+        self.claims = None
         self.failures = 0
 
     def __hash__(self):
@@ -238,8 +239,8 @@ def test_positions_go_on_past_a_failing_client(log_lines):
 
 def test_a_rider_failing_during_a_catch_up_does_not_stop_the_others(log_lines):
     hub = started_hub()
-    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
-    job = Job(token(0))
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None, per_peer=1)
+    job = Job(token(0), ("peer x",))
     broken = Broken("replay")
     riders = [Client(), broken, Client()]
     for rider in riders:
@@ -257,8 +258,8 @@ def test_hand_over_and_resync_go_on_past_a_failing_rider(step, log_lines):
     hub = started_hub()
     for n in (1, 2, 3):
         hub.publish(event(n))
-    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
-    job = Job(token(0))
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None, per_peer=1)
+    job = Job(token(0), ("peer x",))
     broken = Broken(step)
     riders = [Client(), broken, Client()]
     for rider in riders:
@@ -299,7 +300,7 @@ async def test_a_catch_up_failing_for_any_reason_hands_its_riders_on(where, log_
             raise Failing("boom")
         return Stream()
 
-    catchup = CatchUp(hub, open_stream, streams=1, missing_image=lambda exc: None)
+    catchup = CatchUp(hub, open_stream, streams=1, missing_image=lambda exc: None, per_peer=1)
     riders = [Client(), Client()]
     for rider in riders:
         catchup.add(rider, token(0))
