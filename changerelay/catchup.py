@@ -136,9 +136,9 @@ class CatchUp(Generic[R]):
         fresh.task = asyncio.get_running_loop().create_task(self._run(fresh), name="catch-up")
 
     def discard(self, client: R) -> None:
-        for job in self.jobs:
-            if job.clients.pop(client, None) is not None and not job.clients and job.task:
-                job.task.cancel()
+        for job in tuple(self.jobs):
+            if job.clients.pop(client, None) is not None and not job.clients:
+                self._drop(job)
         aside = self._aside.pop(client, None)
         if aside is not None:
             aside.cancel()
@@ -271,8 +271,15 @@ class CatchUp(Generic[R]):
                 if near(after, job.start) and near(job.start, after):
                     del other.clients[client]
                     job.add(client, after)
-            if not other.clients and other.task is not None:
-                other.task.cancel()
+            if not other.clients:
+                self._drop(other)
+
+    def _drop(self, job: Job[R]) -> None:
+        """A job without riders ends; out of ``jobs`` at once, since a task cancelled before it
+        ran never reaches its ``finally``, and a queued job left there would take new clients."""
+        self.jobs.remove(job)
+        if job.task is not None:
+            job.task.cancel()
 
     async def _pace(self, job: Job[R]) -> None:
         """Read from MongoDB no faster than the riders drain, waiting for those ``PACE_EVENTS``
