@@ -263,12 +263,14 @@ class CatchUp(Generic[R]):
                     job.clients.pop(client, None)
 
     def _take_along(self, job: Job[R]) -> None:
-        """``job`` got its turn: waiting clients of other accounts near its start ride too."""
+        """``job`` got its turn: waiting clients of other accounts near its start ride too (near
+        where it started: each one taken may move the start back, but not the measure)."""
+        start = job.start
         for other in tuple(self.jobs):
             if other is job or other.running:
                 continue
             for client, after in tuple(other.clients.items()):
-                if near(after, job.start) and near(job.start, after):
+                if near(after, start) and near(start, after):
                     del other.clients[client]
                     job.add(client, after)
             if not other.clients:

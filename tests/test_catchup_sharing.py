@@ -113,3 +113,21 @@ async def test_riders_all_stalled_are_waited_for_together_then_cut_off(monkeypat
     async with asyncio.timeout(3):        # one timeout for all five, not five in turn
         await catchup._pace(job)
     assert all(rider.cut for rider in stalled) and not job.clients
+
+
+async def test_taking_along_is_measured_from_where_the_catch_up_started():
+    """Clients a minute apart each, in a chain: only those within a minute of the start ride."""
+    catchup = new_catchup(streams=1)
+    blocker = Rider("z")
+    catchup.add(blocker, at(100_000))
+    await asyncio.sleep(0)
+    chain = [Rider(f"p{n}") for n in range(4)]
+    for n, rider in enumerate(chain):  # 10,000, then 40 s, 80 s, 120 s before it
+        catchup.add(rider, at(10_000 - 40 * n))
+    await asyncio.sleep(0)
+    catchup.discard(blocker)
+    async with asyncio.timeout(2):
+        while not any(job.running for job in catchup.jobs):
+            await asyncio.sleep(0.01)
+    assert set(catchup.jobs[0].clients) == {chain[0], chain[1]}
+    await catchup.stop()
