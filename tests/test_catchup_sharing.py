@@ -4,8 +4,13 @@ item 10)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from types import SimpleNamespace
 
+import jwt
+
+from changerelay.auth import Authenticator
 from changerelay.catchup import PACE_EVENTS, SHARE_SECONDS, CatchUp, Job, accounts
 from changerelay.hub import Hub
 from changerelay.subscription import Subscription
@@ -131,3 +136,14 @@ async def test_taking_along_is_measured_from_where_the_catch_up_started():
             await asyncio.sleep(0.01)
     assert set(catchup.jobs[0].clients) == {chain[0], chain[1]}
     await catchup.stop()
+
+
+def test_a_catch_up_is_charged_to_the_address_and_the_tokens_subject():
+    secret = "s" * 40
+    request = SimpleNamespace(headers={"Authorization": "Bearer " + jwt.encode(
+        {"exp": int(time.time()) + 60, "sub": "alice"}, secret, algorithm="HS256")},
+        query_arguments={})
+    claims = Authenticator(secret, ["HS256"]).authenticate(request)
+    rider = SimpleNamespace(peer="203.0.113.7", claims=claims)
+    assert accounts(rider) == ("peer 203.0.113.7", "sub alice")
+    assert accounts(SimpleNamespace(peer="203.0.113.7", claims=None)) == ("peer 203.0.113.7",)
