@@ -311,7 +311,8 @@ class CatchUp(Generic[R]):
                 wait.cancel()
 
     async def _rejoin(self, client: R, seen: str) -> None:
-        """A rider set aside: back in the queue from ``seen`` once drained, or cut off."""
+        """A rider set aside: once drained, on from ``seen`` (from the hub's log if it reaches
+        back that far, else back in the queue); cut off if it does not drain in time."""
         try:
             await asyncio.wait_for(client.drained(), STALL_TIMEOUT)
         except TimeoutError:
@@ -319,8 +320,13 @@ class CatchUp(Generic[R]):
             client.cut_off()
             return
         self._aside.pop(client, None)
-        if not client.closed:
-            self.add(client, seen)
+        if client.closed:
+            return
+        try:
+            if not self.hub.resume(client, seen):
+                self.add(client, seen)
+        except Exception as exc:
+            self.hub.failed(client, exc)
 
     def _hand_over(self, job: Job[R], floor: str) -> None:
         """Everything up to ``floor`` was delivered; the hub's log has the rest."""

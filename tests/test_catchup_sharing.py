@@ -14,7 +14,7 @@ from changerelay.auth import Authenticator
 from changerelay.catchup import PACE_EVENTS, SHARE_SECONDS, CatchUp, Job, accounts
 from changerelay.hub import Hub
 from changerelay.subscription import Subscription
-from tests.support import token
+from tests.support import event, token
 
 
 def at(seconds: int, n: int = 1) -> str:
@@ -51,9 +51,9 @@ async def never_opens(**kwargs):
     await asyncio.Event().wait()
 
 
-def new_catchup(streams=2, per_peer=1) -> CatchUp:
+def new_catchup(streams=2, per_peer=1, floor=token(0)) -> CatchUp:
     hub = Hub(lambda flush: flush(), lambda client, after: None, 100, 1 << 20)
-    hub.start(token(0))
+    hub.start(floor)
     return CatchUp(hub, never_opens, streams, lambda exc: None, per_peer=per_peer)
 
 
@@ -87,7 +87,7 @@ async def test_a_catch_up_given_its_turn_takes_along_waiting_clients_near_its_st
 
 
 async def test_a_rider_that_stops_reading_is_set_aside_and_the_others_go_on():
-    catchup = new_catchup()
+    catchup = new_catchup(floor=token(10))  # the hub's log starts after the riders' point
     job = Job(token(0), ("peer a",))
     reading, stalled = Rider("a"), Rider("b", backlog=PACE_EVENTS + 1)
     job.add(reading, token(5))
@@ -147,3 +147,22 @@ def test_a_catch_up_is_charged_to_the_address_and_the_tokens_subject():
     rider = SimpleNamespace(peer="203.0.113.7", claims=claims)
     assert accounts(rider) == ("peer 203.0.113.7", "sub alice")
     assert accounts(SimpleNamespace(peer="203.0.113.7", claims=None)) == ("peer 203.0.113.7",)
+
+
+async def test_a_rider_set_aside_goes_on_from_the_hubs_log_when_it_reaches_back_far_enough():
+    catchup = new_catchup()
+    for n in range(1, 4):
+        catchup.hub.publish(event(n))
+    job = Job(token(0), ("peer a",))
+    reading, stalled = Rider("a"), Rider("b", backlog=PACE_EVENTS + 1)
+    stalled.replay = lambda events: stalled.replayed.extend(e.token for e in events)
+    stalled.replayed = []
+    job.add(reading, token(1))
+    job.add(stalled, token(1))
+    job.running = True
+    await catchup._pace(job)
+    stalled.drain()
+    async with asyncio.timeout(2):
+        while stalled not in catchup.hub.clients:
+            await asyncio.sleep(0.01)
+    assert stalled.replayed == [token(2), token(3)] and not catchup.jobs
