@@ -51,9 +51,9 @@ async def never_opens(**kwargs):
     await asyncio.Event().wait()
 
 
-def new_catchup(streams=2, per_peer=1, floor=token(0)) -> CatchUp:
+def new_catchup(streams=2, per_peer=1, floor=0) -> CatchUp:
     hub = Hub(lambda flush: flush(), lambda client, after: None, 100, 1 << 20)
-    hub.start(floor)
+    hub.start(token(floor))
     return CatchUp(hub, never_opens, streams, lambda exc: None, per_peer=per_peer)
 
 
@@ -87,7 +87,7 @@ async def test_a_catch_up_given_its_turn_takes_along_waiting_clients_near_its_st
 
 
 async def test_a_rider_that_stops_reading_is_set_aside_and_the_others_go_on():
-    catchup = new_catchup(floor=token(10))  # the hub's log starts after the riders' point
+    catchup = new_catchup(floor=10)  # the hub's log starts after the riders' point
     job = Job(token(0), ("peer a",))
     reading, stalled = Rider("a"), Rider("b", backlog=PACE_EVENTS + 1)
     job.add(reading, token(5))
