@@ -80,7 +80,8 @@ class Relay:
                                     config.replay_buffer_bytes)
         self.source = ChangeSource(config, self.hub, mongo_client)
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
-                                                config.catchup_streams, self.source.missing_image)
+                                                config.catchup_streams, self.source.missing_image,
+                                                per_peer=config.catchup_streams_per_peer)
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
         self.buffers = Buffers(config.max_buffered_bytes, loop.call_soon)

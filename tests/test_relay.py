@@ -31,7 +31,7 @@ async def test_an_expired_token_ends_a_client_that_is_still_catching_up():
     """``exp`` is enforced on every connection, not only on those already live in the hub."""
     secured = relay(AUTH_JWT_SECRET="s" * 32)
     late, fresh = Rider(time.time() - 60), Rider(time.time() + 60)
-    job = Job(token(0))
+    job = Job(token(0), ("peer rider",))
     job.add(late, token(0))
     job.add(fresh, token(0))
     secured.catchup.jobs.append(job)
@@ -42,7 +42,7 @@ async def test_an_expired_token_ends_a_client_that_is_still_catching_up():
 async def test_without_auth_no_token_is_checked():
     open_relay = relay()
     rider = Rider(time.time() - 60)
-    job = Job(token(0))
+    job = Job(token(0), ("peer rider",))
     job.add(rider, token(0))
     open_relay.catchup.jobs.append(job)
     open_relay.expire_tokens()
