@@ -37,7 +37,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from . import events as ev
 from .backoff import Backoff
 from .fairpool import FairPool
-from .fragments import Reassembly
+from .fragments import OutOfOrder, Reassembly
 from .hub import Hub, Subscriber
 from .source import IMAGES_MISSING, bad_resume_token, resync_reason
 from .tokens import order_key, returned_all_before, seconds, token_document, token_id
@@ -169,7 +169,7 @@ class CatchUp(Generic[R]):
                         if await self._stream(job):
                             return
                         continue  # invalidated: reopen right after the invalidate
-                    except (PyMongoError, ValueError) as exc:  # ValueError: see fragments.py
+                    except (PyMongoError, OutOfOrder) as exc:
                         reason = (IMAGES_MISSING if self.missing_image(exc) is not None
                                   else resync_reason(exc))
                         if reason is not None:

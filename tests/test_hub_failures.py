@@ -281,8 +281,13 @@ class Failing(Exception):
     """Not a PyMongoError: what a bug in the catch-up itself raises."""
 
 
+class FailingValue(ValueError):
+    """A bug's ValueError, which is not fragments' OutOfOrder: it too must not be retried."""
+
+
+@pytest.mark.parametrize("failing", [Failing, FailingValue])
 @pytest.mark.parametrize("where", ["open", "read"])
-async def test_a_catch_up_failing_for_any_reason_hands_its_riders_on(where, log_lines):
+async def test_a_catch_up_failing_for_any_reason_hands_its_riders_on(where, failing, log_lines):
     hub = started_hub()
 
     class Stream:
@@ -290,14 +295,14 @@ async def test_a_catch_up_failing_for_any_reason_hands_its_riders_on(where, log_
         alive = True
 
         async def try_next(self):
-            raise Failing("boom")
+            raise failing("boom")
 
         async def close(self):
             pass
 
     async def open_stream(**kwargs):
         if where == "open":
-            raise Failing("boom")
+            raise failing("boom")
         return Stream()
 
     catchup = CatchUp(hub, open_stream, streams=1, missing_image=lambda exc: None, per_peer=1)
