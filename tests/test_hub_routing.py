@@ -185,8 +185,9 @@ def test_replay_after_the_log_has_moved_on_many_times():
 def test_catch_up_riders_are_decided_by_the_subscriptions_an_event_concerns():
     hub = new_hub()
     examined: Counter = Counter()
-    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
-    job = Job(token(0))
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None,
+                      per_peer=1)
+    job = Job(token(0), ("peer",))
     riders = [Recorder(counted(owner(n), examined)) for n in range(1000)]
     for rider in riders:
         job.add(rider, token(0))
@@ -248,8 +249,9 @@ def test_every_client_gets_select_over_the_events_after_its_start(clients, event
        batches(max_size=6))
 def test_every_rider_gets_select_over_the_events_after_its_position(riders, events):
     hub = new_hub()
-    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
-    job = Job(token(0))
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None,
+                      per_peer=1)
+    job = Job(token(0), ("peer",))
     joined = [(Recorder(subscription), start) for subscription, start in riders]
     for rider, start in joined:
         job.add(rider, token(start))

@@ -14,17 +14,15 @@ p95 is taken, the two phases alternate five times, and their median p95s are com
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import statistics
 import sys
-import time
 import urllib.parse
 
 import pytest
 
-from tests.support import WS
-from tests.test_filter_cost import WORST_FILTERS
+from tests.support import WS, latencies, p95
+from tests.worst import WORST_FILTERS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.load]
 
@@ -61,25 +59,12 @@ with MongoClient(uri) as client:
 """
 
 
-async def tick_latencies(client: WS, count: int) -> list[float]:
-    latencies = []
-    while len(latencies) < count:
-        [frame] = await client.changes(1, timeout=30)
-        wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
-        latencies.append(time.time() - wall.timestamp())
-    return latencies
-
-
 async def phase(mongo, bystander: WS, name: str) -> list[float]:
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, mongo.uri, mongo.db, name)
-    latencies = await tick_latencies(bystander, SECONDS * RATE)
+    waits = await latencies(bystander, SECONDS * RATE)
     assert await writer.wait() == 0
-    return latencies
-
-
-def p95(values):
-    return statistics.quantiles(values, n=100)[94]
+    return waits
 
 
 async def test_worst_filters_do_not_slow_a_bystander(mongo, relay_factory):
