@@ -17,7 +17,7 @@ from changerelay.filters import compile_filter
 from changerelay.hub import Hub
 from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
-from tests.support import batches, subscriptions, token
+from tests.support import batches, examples, subscriptions, token
 
 
 class Recorder:
@@ -203,7 +203,7 @@ JOINS = st.tuples(st.sampled_from(["live", "replay", "ahead"]), st.integers(0, 8
                   st.integers(1, 4))
 
 
-@settings(max_examples=300, deadline=None, database=None,
+@settings(max_examples=examples(300), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.booleans().flatmap(lambda post: st.lists(
            st.tuples(subscriptions(st.just(post)), JOINS), min_size=1, max_size=8)),
@@ -242,7 +242,7 @@ def test_every_client_gets_select_over_the_events_after_its_start(clients, event
         assert client.got == [seen(item) for item in expected], client.subscription
 
 
-@settings(max_examples=200, deadline=None, database=None,
+@settings(max_examples=examples(200), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans().flatmap(lambda post: st.lists(
            st.tuples(subscriptions(st.just(post)), st.integers(0, 3)), min_size=1, max_size=8)),

@@ -21,13 +21,13 @@ from changerelay.filters import MISSING, compile_filter, equality_key, reached
 from changerelay.index import Index, covers
 from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
-from tests.support import SUBSCRIPTIONS, batches
+from tests.support import SUBSCRIPTIONS, batches, examples
 
 JAN_2020 = datetime.datetime(2020, 1, 1)
 OID = ObjectId(b"a" * 12)
 NAN = float("nan")
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None,
+PROPERTY = settings(max_examples=examples(300), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -276,7 +276,7 @@ def test_discard_forgets_a_member():
 
 # -- property: routed delivery is the plain select over every subscription --------------------
 
-@settings(max_examples=400, deadline=None, database=None,
+@settings(max_examples=examples(400), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(SUBSCRIPTIONS, min_size=1, max_size=8), batches())
 def test_routed_delivery_is_select_over_every_subscription(subscriptions, batch):
