@@ -1,9 +1,9 @@
 """``python -m bench.encoders``: encoding one change event, three ways, side by side.
 
-changerelay encodes each event once with ``bson.json_util`` (relaxed Extended JSON). This
-measures what a faster encoder would save per event: ``json.dumps`` with ``json_util.default``
-for the BSON types, and ``orjson`` (only if installed: ``pip install orjson``; not a project
-dependency, see BENCHMARKS.md for why). It also shows where their bytes differ from ours.
+changerelay encodes each event once in relaxed Extended JSON: ``bson.json_util`` until issue 14,
+``changerelay.relaxed`` (orjson, BSON types by ``json_util.default``) since. This measures each
+beside ``json.dumps`` with ``json_util.default``, and shows where their bytes differ and what
+each writes for NaN and Infinity.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 import timeit
 
 from bson import Int64, ObjectId, Timestamp, json_util
+
+from changerelay import relaxed
 
 RELAXED = json_util.RELAXED_JSON_OPTIONS
 CHANGE = {
@@ -33,21 +35,12 @@ def _default(value):
 
 
 def encoders() -> dict:
-    found = {
-        "json_util.dumps (changerelay)": lambda doc: json_util.dumps(
-            doc, json_options=RELAXED, separators=(",", ":")).encode(),
+    return {
+        "json_util.dumps (before issue 14)": relaxed.dumps,
         "json.dumps(default=json_util.default)": lambda doc: json.dumps(
             doc, default=_default, separators=(",", ":")).encode(),
+        "relaxed.relaxed_json (changerelay)": relaxed.relaxed_json,
     }
-    try:
-        import orjson
-    except ImportError:
-        print("orjson is not installed (pip install orjson): skipped")
-    else:
-        options = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
-        found["orjson.dumps(default=json_util.default)"] = lambda doc: orjson.dumps(
-            doc, default=_default, option=options)
-    return found
 
 
 def main() -> None:
@@ -55,7 +48,7 @@ def main() -> None:
     reference = None
     found = encoders()
     print(f"one insert event, {runs:,} encodings each\n")
-    print("| encoder | µs per event | bytes | same bytes as changerelay | NaN, Infinity |")
+    print("| encoder | µs per event | bytes | same bytes as json_util | NaN, Infinity |")
     print("|---|---:|---:|---|---|")
     for name, encode in found.items():
         seconds = timeit.timeit(lambda encode=encode: encode(CHANGE), number=runs)

@@ -6,7 +6,8 @@ its filter, or as its token's row rule). This builds a ``Hub`` with one fake cli
 times the hub's own work — matching and packing — per event, both in batches (as a busy change
 stream delivers them) and one at a time (a flush per event, as a quiet one does). Every client
 must have been handed exactly its own events, or the run fails: a fast wrong hub measures
-nothing.
+nothing. ``--kind shared`` gives every client the one subscription to everything instead (fan-out),
+to check that routing costs shared subscriptions nothing.
 
 ``--baseline REV`` runs the same measurement on another revision's ``changerelay`` (see
 ``bench/baseline.py``) and prints both.
@@ -56,6 +57,8 @@ class FakeClient:
 
 
 def subscription(user: int, kind: str) -> Subscription:
+    if kind == "shared":
+        return Subscription()  # fan-out: every client shares one subscription to everything
     spec = {"fullDocument.owner": f"u{user}"}
     if kind == "rule":
         return Subscription(access=AccessRule(spec, post_images=True))
@@ -87,7 +90,8 @@ def measure(users: int, events: int, batch: int, kind: str) -> dict:
         hub.flush()
     seconds = time.process_time() - started
     expected = {owner: owners.count(owner) for owner in set(owners)}
-    wrong = sum(client.received != expected.get(user, 0) for user, client in enumerate(clients))
+    wrong = sum(client.received != (events if kind == "shared" else expected.get(user, 0))
+                for user, client in enumerate(clients))
     if wrong:
         raise SystemExit(f"{wrong} of {users} clients were handed the wrong events")
     return {"subscriptions": users, "kind": kind, "batch": batch, "events": events,
@@ -102,8 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="events per run; at most 2000/10 one at a time past 1,000 "
                              "subscriptions on a hub that asks every one (default 2000)")
     parser.add_argument("--batch", type=int, default=500, help="events per flush (default 500)")
-    parser.add_argument("--kind", choices=["filter", "rule"], nargs="+", default=["filter"],
-                        help="the owner condition as the client's filter or a token's row rule")
+    parser.add_argument("--kind", choices=["filter", "rule", "shared"], nargs="+",
+                        default=["filter"],
+                        help="the owner condition as the client's filter or a token's row rule; "
+                             "shared: one subscription to everything for every client (fan-out)")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of CPU a run may take, from the first run's cost per "
                              "subscription: fewer events when the hub is slow (default 20)")

@@ -39,6 +39,7 @@ from .backoff import Backoff
 from .fairpool import FairPool
 from .fragments import OutOfOrder, Reassembly
 from .hub import Hub, Subscriber
+from .index import Shared
 from .source import IMAGES_MISSING, bad_resume_token, resync_reason
 from .tokens import order_key, returned_all_before, seconds, token_document, token_id
 
@@ -94,6 +95,7 @@ class Job(Generic[R]):
         self.start = after
         self.position = after      # the newest id this job has read past
         self.clients: dict[R, str] = {}  # client -> the newest id that client has seen
+        self.routes = Shared()  # their subscriptions: an event is decided by those it concerns
         self.running = False
         self.after_invalidate = False  # position is an invalidate: continue with startAfter
         self.task: asyncio.Task[None] | None = None
@@ -105,8 +107,16 @@ class Job(Generic[R]):
 
     def add(self, client: R, after: str) -> None:
         self.clients[client] = after
+        self.routes.hold(client.subscription)
         if not self.running and order_key(after) < order_key(self.start):
             self.start = self.position = after
+
+    def remove(self, client: R) -> bool:
+        """``client`` leaves this job (gone, or cut off); False if it was not riding it."""
+        if self.clients.pop(client, None) is None:
+            return False
+        self.routes.release(client.subscription)
+        return True
 
 
 class CatchUp(Generic[R]):
@@ -137,7 +147,7 @@ class CatchUp(Generic[R]):
 
     def discard(self, client: R) -> None:
         for job in tuple(self.jobs):
-            if job.clients.pop(client, None) is not None and not job.clients:
+            if job.remove(client) and not job.clients:
                 self._drop(job)
         aside = self._aside.pop(client, None)
         if aside is not None:
@@ -245,6 +255,7 @@ class CatchUp(Generic[R]):
 
     def _deliver(self, job: Job[R], event: ev.Event) -> None:
         job.position = event.token
+        concerned = job.routes.index.route([event])
         verdicts: dict[Subscription, Sequence[ev.Delivery]] = {}  # one match per subscription
         for client, seen in tuple(job.clients.items()):
             if event.key > order_key(seen):
@@ -253,14 +264,15 @@ class CatchUp(Generic[R]):
                     subscription = client.subscription
                     matched = verdicts.get(subscription)
                     if matched is None:
-                        matched = verdicts[subscription] = subscription.select([event])
+                        matched = verdicts[subscription] = (
+                            subscription.select([event]) if subscription in concerned else [])
                     if matched:
                         client.sent = matched[-1].token
                         client.replay(matched)
                 except Exception as exc:
                     self._failed(job, client, exc)
                 if client.closed:
-                    job.clients.pop(client, None)
+                    job.remove(client)
 
     def _take_along(self, job: Job[R]) -> None:
         """``job`` got its turn: waiting clients of other accounts near its start ride too (near
@@ -271,7 +283,7 @@ class CatchUp(Generic[R]):
                 continue
             for client, after in tuple(other.clients.items()):
                 if near(after, start) and near(start, after):
-                    del other.clients[client]
+                    other.remove(client)
                     job.add(client, after)
             if not other.clients:
                 self._drop(other)
@@ -300,7 +312,8 @@ class CatchUp(Generic[R]):
                 ready = any(client not in behind for client in job.clients)
                 if behind and (ready or loop.time() >= deadline):
                     for client in behind:
-                        seen = job.clients.pop(client, None)
+                        seen = job.clients.get(client)
+                        job.remove(client)
                         if seen is not None and ready:
                             self._aside[client] = loop.create_task(self._rejoin(client, seen))
                         elif seen is not None:
@@ -353,6 +366,6 @@ class CatchUp(Generic[R]):
 
     def _failed(self, job: Job[R], client: R, exc: Exception) -> None:
         """Serving one rider raised: it leaves the job and ends as the hub's clients do."""
-        job.clients.pop(client, None)
+        job.remove(client)
         self.hub.failed(client, exc)
 

@@ -1,9 +1,9 @@
 """A change event, encoded once.
 
 Everything a client receives for one change is derived here exactly once per event, however many
-clients receive it: the relaxed Extended JSON text, the WebSocket frame that carries it and the
-Server-Sent Events record (and, for permessage-deflate clients, one compressed frame). The fan-out
-then only moves bytes.
+clients receive it: the relaxed Extended JSON text (``relaxed.py``), the WebSocket frame that
+carries it and the Server-Sent Events record (and, for permessage-deflate clients, one compressed
+frame). The fan-out then only moves bytes.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bson import json_util
-
 from .frames import deflate as _deflate
 from .frames import ws_frame
+from .relaxed import relaxed_json
 from .tokens import token_id
 
-_RELAXED = json_util.RELAXED_JSON_OPTIONS
 Change = dict[str, Any]  # a change event document, as MongoDB delivered it
 
 
@@ -35,7 +33,7 @@ class Event:
     def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
         self.change = change
         self.token = token
-        self.key = change["_id"]["_data"]
+        self.key: str = change["_id"]["_data"]
         self.op = change.get("operationType", "")
         ns = change.get("ns") or {}
         self.ns: tuple[str | None, str | None] = (ns.get("db"), ns.get("coll"))
@@ -106,8 +104,7 @@ class Leave:
         namespace = ".".join(part for part in event.ns if part)
         message = {"type": "leave", "ns": namespace,
                    "documentKey": event.change.get("documentKey")}
-        self.data = json_util.dumps(message, json_options=_RELAXED,
-                                    separators=(",", ":")).encode()
+        self.data = relaxed_json(message)
         self.token = event.token
         self.frame = ws_frame(self.data)
         self.sse = b"id: " + self.token.encode() + b"\nevent: leave\ndata: " + self.data + b"\n\n"
@@ -129,9 +126,7 @@ def encode_change(change: Change, deflate: bool = False) -> Event:
     With ``deflate`` (WS_COMPRESSION) the compressed frame is built now, so that the event's
     ``size`` — what the replay buffer counts — does not change once it is in the log.
     """
-    token = token_id(change["_id"])
-    data = json_util.dumps(change, json_options=_RELAXED, separators=(",", ":")).encode()
-    return Event(change, data, token, deflate)
+    return Event(change, relaxed_json(change), token_id(change["_id"]), deflate)
 
 
 def _deflated_frame(data: bytes) -> bytes:

@@ -38,6 +38,8 @@ from logzero import logger
 
 from . import events as ev
 from .events import Delivery, Event
+from .index import Index, Shared, covers
+from .postings import Postings
 from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ class Hub(Generic[S]):
         self._log: list[Event] = []
         self._keys: list[str] = []        # each logged event's key, for binary searches
         self._start = 0                   # log[:_start] is evicted; compacted now and then
+        self._postings = Postings()       # the log's events by value, on the index's paths
         self._bytes = 0
         self.floor: str | None = None     # None until the change stream has opened once
         self.position: str | None = None  # newest token every client has been sent up to
@@ -122,7 +125,9 @@ class Hub(Generic[S]):
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
+        self._routes: Index[Group[S]] = Index()  # the groups, by what their events hold
         self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
+        self._ahead_routes = Shared()     # ...and their subscriptions
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self.clients: set[S] = set()
         self.published = 0
@@ -138,11 +143,12 @@ class Hub(Generic[S]):
         self.flush()
         if resync or self.floor is None:
             self._log, self._keys, self._start, self._bytes = [], [], 0, 0
+            self._postings = Postings()
         if resync:
             self.broadcast(ev.control("resync", reason="history_lost"))
             for client in tuple(self._ahead):
+                self._stop_holding(client)
                 self._join(client)
-            self._ahead.clear()
         if resync or self.floor is None:
             self.floor = floor
             self.position = floor
@@ -167,6 +173,8 @@ class Hub(Generic[S]):
                 self.failed(client, exc)
 
     def publish(self, event: Event) -> None:
+        previous = self._keys[-1] if len(self._keys) > self._start else None
+        self._postings.post(event, self._routes.paths(), previous)
         self._log.append(event)
         self._keys.append(event.key)
         self._bytes += event.size
@@ -188,7 +196,7 @@ class Hub(Generic[S]):
         # event or not: on a quiet deployment only the stream's high-water mark moves.
         for client, after in tuple(self._ahead.items()):
             if key >= after:
-                del self._ahead[client]
+                self._stop_holding(client)
                 self._join(client)
 
     def flush(self) -> None:
@@ -198,8 +206,8 @@ class Hub(Generic[S]):
         batch, self._pending = self._pending, []
         now = time.monotonic()
         failed = self.failed
-        for group in tuple(self._groups.values()):
-            group.deliver(batch, now, failed)
+        for group, events in self._routes.route(batch).items():
+            group.deliver(events, now, failed)
         if self._ahead:
             self._deliver_ahead(batch, now)
         self.position = batch[-1].token
@@ -216,6 +224,10 @@ class Hub(Generic[S]):
             del self._log[: self._start]
             del self._keys[: self._start]
             self._start = 0
+            if self._keys:
+                self._postings.forget_before(self._keys[0])
+            else:
+                self._postings = Postings()
 
     # -- client side -------------------------------------------------------------------------
 
@@ -253,14 +265,18 @@ class Hub(Generic[S]):
                 return True
             # From another relay that is ahead of us: hold back what it has already seen.
             self._ahead[client] = key
+            self._ahead_routes.hold(client.subscription)
             return True
         self.replay(client, after)
         self._join(client)
         return True
 
     def replay(self, client: S, after: str) -> None:
-        index = bisect.bisect_right(self._keys, order_key(after), lo=self._start)
-        matched = client.subscription.select(self._log[index:])
+        key = order_key(after)
+        events = self._postings.candidates(client.subscription, key)
+        if events is None:  # no cover to look up: every event after its position
+            events = self._log[bisect.bisect_right(self._keys, key, lo=self._start):]
+        matched = client.subscription.select(events)
         if matched:
             client.last_send = time.monotonic()
             client.sent = matched[-1].token
@@ -268,26 +284,32 @@ class Hub(Generic[S]):
 
     def unsubscribe(self, client: S) -> None:
         self.clients.discard(client)
-        self._ahead.pop(client, None)
+        if client in self._ahead:
+            self._stop_holding(client)
         self._waiting.pop(client, None)
         group = self._groups.get(client.subscription)
         if group is not None:
             group.clients.discard(client)
             if not group.clients:
                 del self._groups[client.subscription]
+                self._routes.discard(group)
 
     def _join(self, client: S) -> None:
         group = self._groups.get(client.subscription)
         if group is None:
             group = self._groups[client.subscription] = Group(client.subscription)
+            self._routes.add(group, covers(group.subscription))
         client.subscription = group.subscription  # one compiled copy per distinct subscription
         group.clients.add(client)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].key
+        routed = self._ahead_routes.index.route(batch)
         for client, after in tuple(self._ahead.items()):
             try:
-                fresh = client.subscription.select([e for e in batch if e.key > after])
+                events = routed.get(client.subscription)
+                fresh = [] if events is None else client.subscription.select(
+                    [e for e in events if e.key > after])
                 if fresh:
                     client.last_send = now
                     client.sent = fresh[-1].token
@@ -296,8 +318,13 @@ class Hub(Generic[S]):
                 self.failed(client, exc)
                 continue
             if head >= after:
-                del self._ahead[client]
+                self._stop_holding(client)
                 self._join(client)
+
+    def _stop_holding(self, client: S) -> None:
+        """``client`` is no longer ahead: live with its group, or gone."""
+        del self._ahead[client]
+        self._ahead_routes.release(client.subscription)
 
     def failed(self, client: S, exc: Exception) -> None:
         """Serving ``client`` raised: a bug, met by this client alone (the others were served).

@@ -24,7 +24,8 @@ filter says (``rows.py``), so a rule's conditions on ``fullDocument`` are also p
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from bson.regex import Regex
@@ -152,6 +153,10 @@ class Index(Generic[M]):
     def __len__(self) -> int:
         return len(self._filed) + len(self.residual)
 
+    def paths(self) -> Collection[str]:
+        """The paths members are filed under: each event walks each of them."""
+        return self._paths.keys()
+
     def add(self, member: M, options: Sequence[Cover]) -> None:
         """File ``member`` under the cover of ``options`` whose buckets hold the fewest members
         now (so that subscriptions sharing a condition spread over the ones they differ in);
@@ -182,7 +187,7 @@ class Index(Generic[M]):
         """The members ``batch`` may concern, each with those of its events, in order: the
         residual ones with all of them."""
         found: dict[M, list[Event]] = {}
-        for event in batch:
+        for event in batch if self._filed else ():  # residual members alone: nothing to look up
             for members in self._hits(event):
                 for member in members:
                     events = found.get(member)
@@ -264,3 +269,23 @@ class Index(Generic[M]):
         if not table.members:
             del self._paths[probe.path]
 
+
+
+class Shared:
+    """Subscriptions that several clients may hold (clients from a relay ahead, a catch-up's
+    riders), each filed once and forgotten when its last holder lets go."""
+
+    def __init__(self) -> None:
+        self.index: Index[Subscription] = Index()
+        self._holders: Counter[Subscription] = Counter()
+
+    def hold(self, subscription: Subscription) -> None:
+        if not self._holders[subscription]:
+            self.index.add(subscription, covers(subscription))
+        self._holders[subscription] += 1
+
+    def release(self, subscription: Subscription) -> None:
+        self._holders[subscription] -= 1
+        if not self._holders[subscription]:
+            del self._holders[subscription]
+            self.index.discard(subscription)

@@ -1,43 +1,68 @@
-"""Relaxed Extended JSON from an event's raw BSON, written in C.
+"""Relaxed Extended JSON for a change event, written by orjson.
 
-``bson.json_util`` walks a decoded document in Python (about two thirds of the relay's CPU per
-event when one client takes every event, BENCHMARKS.md *Ingest*); MongoDB's own libbson writes
-the same relaxed Extended JSON from the BSON bytes (``python-bsonjs``, about three times faster
-here). Its text differs in bytes, not in value: spaces after ``:`` and ``,``, characters outside
-ASCII (U+2028 too) written as themselves rather than ``\\u`` escapes, doubles with 17 or more
-significant digits (the same double), ``$date`` with its milliseconds always. NaN and the
-infinities stay ``{"$numberDouble": ...}``, dates ``$date``, 64-bit integers plain numbers,
-Decimal128 ``$numberDecimal``, binary ``$binary``: the Extended JSON 2.0 relaxed format
-(https://www.mongodb.com/docs/manual/reference/mongodb-extended-json/).
+``bson.json_util`` walks a decoded document in Python and was most of the relay's CPU per event
+when one client takes every event (BENCHMARKS.md *Ingest*). orjson writes the JSON in native
+code and hands each BSON type it does not know (ObjectId, datetime, Int64, Timestamp,
+Decimal128, binary, Code, DBRef, Regex, MinKey/MaxKey) to ``json_util.default``, so every BSON
+type is still written by ``json_util``'s rule: the Extended JSON 2.0 relaxed format
+(https://www.mongodb.com/docs/manual/reference/mongodb-extended-json/). The text differs in
+bytes, not in value: characters outside ASCII (U+2028 too) are written as themselves rather
+than ``\\u`` escapes, and a double may be spelled differently (``1e16`` for ``1e+16``).
 
-The deprecated types are the exception: PyMongo decodes undefined to ``None``, a symbol to a
-string and a DBPointer to a DBRef, so today's clients get ``null``, a string and ``{"$ref",
-"$id"}`` where libbson writes ``$undefined``, ``$symbol`` and ``$dbPointer``. An event with one
-of those is written by ``json_util`` as before, so that no client sees a value change type.
+orjson writes a non-finite double (NaN, ±Infinity) as ``null`` and never asks ``default``. So
+text with ``null`` in it is checked: if the change holds a non-finite double, ``json_util``
+writes it (``{"$numberDouble": "NaN"}``), as it writes what orjson refuses (nesting deeper than
+its 254 levels). Most events have no ``null`` and pay nothing for the check.
 """
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-import bson
-import bsonjs
+import orjson
 from bson import json_util
 
 _RELAXED = json_util.RELAXED_JSON_OPTIONS
-# What libbson writes for the types PyMongo decodes into others (a key, never a string's
-# content: inside a string the quotes are escaped).
-_DEPRECATED = ('"$undefined"', '"$symbol"', '"$dbPointer"')
+# Datetimes and subclasses of str and int go to ``default`` too: a datetime is {"$date": ...},
+# Code (a str) is {"$code": ...}, and Int64 (an int) is json_util's to write.
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+_EPOCH_YEAR = 1970  # before it, relaxed Extended JSON writes {"$date": {"$numberLong": ...}}
 
 
-def relaxed_json(raw: bytes) -> bytes:
-    """The relaxed Extended JSON of the BSON document ``raw``, as UTF-8."""
-    text: str = bsonjs.dumps(raw)
-    if any(marker in text for marker in _DEPRECATED):
-        return dumps(bson.decode(raw))
-    return text.encode()
+def relaxed_json(document: Any) -> bytes:
+    """A decoded document (a change event, a control message) in relaxed Extended JSON."""
+    try:
+        text = orjson.dumps(document, default=_bson_type, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return dumps(document)
+    if b"null" in text and _holds_non_finite(document):
+        return dumps(document)
+    return text
 
 
 def dumps(document: Any) -> bytes:
     """A decoded document in relaxed Extended JSON, as ``json_util`` writes it."""
     return json_util.dumps(document, json_options=_RELAXED, separators=(",", ":")).encode()
+
+
+def _bson_type(value: Any) -> Any:
+    if type(value) is datetime.datetime and value.tzinfo is None and value.year >= _EPOCH_YEAR:
+        # json_util's rule for the datetimes the driver decodes (naive UTC, after 1970), without
+        # its strftime calls, which were two thirds of the time to write a change event:
+        # ISO-8601 to the second, then milliseconds (cut, not rounded) when there are some, "Z".
+        text = value.isoformat()  # ...T12:00:01, or ...T12:00:01.456000 with microseconds
+        return {"$date": (text[:23] if value.microsecond >= 1000 else text[:19]) + "Z"}
+    return json_util.default(value, json_options=_RELAXED)
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """A NaN or an infinity among the values orjson writes itself (json_util.default writes
+    those inside the BSON types it is handed: a DBRef's fields, a Code's scope)."""
+    if type(value) is float:
+        return value - value != 0  # NaN and ±Infinity only
+    if type(value) is dict:
+        return any(_holds_non_finite(item) for item in value.values())
+    if type(value) is list:
+        return any(_holds_non_finite(item) for item in value)
+    return False

@@ -28,12 +28,17 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bson import Decimal128, Int64
+from hypothesis import strategies as st
 from pymongo import MongoClient
 from tornado import httpclient, httputil, websocket
 
 from changerelay import events as ev
+from changerelay.filters import compile_filter
 from changerelay.frames import TEXT
 from changerelay.primary import TestPrimary
+from changerelay.rows import AccessRule
+from changerelay.subscription import Subscription
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_URI = os.environ.get("MONGODB_TEST_URI")
@@ -578,3 +583,94 @@ async def read_frames(sock: socket.socket, until_close: bool = False) -> list[tu
             if until_close and frame[0] == 0x8:
                 return frames
     return frames
+
+
+# -- generated subscriptions and change events (hypothesis), for the index and the hub --------
+# Owners alice and bob, so that filters and rules on them often decide, and leaves happen (the
+# owner before the change matches, the owner after it does not).
+
+WHO = st.sampled_from(["alice", "bob"])
+SMALL = st.one_of(WHO, st.sampled_from([None, 1, 1.0, Int64(2), Decimal128("2"), True, "x"]),
+                  st.lists(WHO, max_size=2))
+FIELDS = st.sampled_from(["owner", "team", "n"])
+# Documents mostly have an owner, so that rules and filters on it often decide (and leaves
+# happen: the owner before the change matches, the owner after it does not).
+OWNED = st.fixed_dictionaries({"owner": WHO}, optional={"team": SMALL, "n": SMALL})
+IMAGE = st.one_of(OWNED, OWNED, OWNED, st.dictionaries(FIELDS, SMALL, max_size=3), st.none())
+CONDITION = st.one_of(
+    SMALL,
+    st.builds(lambda v: {"$eq": v}, SMALL),
+    st.builds(lambda vs: {"$in": vs}, st.lists(SMALL, max_size=3)),
+    st.builds(lambda v: {"$ne": v}, SMALL),
+    st.builds(lambda v: {"$gt": v}, st.sampled_from([0, "a"])),
+    st.builds(lambda f: {"$exists": f}, st.booleans()),
+    st.just({"$in": ["alice", {"$regex": "^b"}]}),
+    st.just({"$regex": "^c"}),
+)
+PATH = st.one_of(
+    FIELDS.map(lambda f: "fullDocument." + f),
+    FIELDS.map(lambda f: "fullDocumentBeforeChange." + f),
+    st.sampled_from(["documentKey._id", "operationType", "ns.coll", "fullDocument"]),
+)
+SPECS = st.recursive(
+    st.dictionaries(PATH, CONDITION, min_size=1, max_size=2),
+    lambda inner: st.builds(lambda op, branches: {op: branches},
+                            st.sampled_from(["$and", "$or", "$nor"]),
+                            st.lists(inner, min_size=1, max_size=3)),
+    max_leaves=4,
+)
+RULES = st.one_of(
+    WHO.map(lambda who: {"fullDocument.owner": who}),
+    st.lists(WHO, max_size=2).map(lambda who: {"fullDocument.owner": {"$in": who}}),
+    st.dictionaries(FIELDS.map(lambda f: "fullDocument." + f), CONDITION, min_size=1,
+                    max_size=2),
+    SPECS,
+)
+OPS = ["insert", "update", "replace", "delete", "drop", "invalidate", "dropDatabase"]
+DOCUMENT_OPS = ["update", "replace", "delete", "update", "replace", "insert"]
+NAMESPACES = st.sampled_from([("db", "c"), ("db", "d"), ("db", None), ("other", "c")])
+
+
+def sometimes(strategy):
+    """None two times in three: every part a subscription has narrows what it is sent."""
+    return st.one_of(st.none(), st.none(), strategy)
+
+
+def subscriptions(post_images=None):
+    """Subscriptions with any parts. ``post_images`` is a relay's (FULL_DOCUMENT) for every
+    token it admits, and a rule's equality does not include it: tests of one hub draw it once."""
+    return st.builds(
+        lambda ns, ops, spec, rule, post, grant: Subscription(
+            ns, ops, None if spec is None else compile_filter(spec),
+            None if rule is None else AccessRule(rule, post_images=post), grant),
+        sometimes(st.lists(NAMESPACES, min_size=1, max_size=2)),
+        sometimes(st.lists(st.sampled_from(OPS), min_size=1, max_size=3)),
+        st.none() | SPECS, st.none() | RULES | RULES,
+        st.booleans() if post_images is None else post_images,
+        sometimes(st.lists(NAMESPACES, min_size=1, max_size=2)),
+    )
+
+
+SUBSCRIPTIONS = subscriptions()
+
+
+@st.composite
+def batches(draw, max_size=5):
+    """Change events numbered from 1 (``token(n)``): inserts, updates, replaces and deletes
+    with and without images, drops, renames' kin, invalidates, over a few namespaces."""
+    events = []
+    for n in range(1, draw(st.integers(1, max_size)) + 1):
+        op = draw(st.sampled_from(DOCUMENT_OPS) | st.sampled_from(OPS))
+        fields = {"_id": {"_data": token(n)}, "operationType": op}
+        if op != "invalidate":
+            db, coll = draw(NAMESPACES)
+            fields["ns"] = {"db": db} if op == "dropDatabase" else {"db": db, "coll": coll or "c"}
+        if op in ("insert", "update", "replace", "delete"):
+            fields["documentKey"] = {"_id": draw(st.integers(0, 2))}
+            after, before = draw(IMAGE), draw(IMAGE)
+            if op != "delete" and (after is not None or op != "update"):
+                fields["fullDocument"] = after
+            if op != "insert" and draw(st.integers(0, 3)):
+                fields["fullDocumentBeforeChange"] = before
+        events.append(ev.encode_change(fields))
+    return events

@@ -21,12 +21,13 @@ from changerelay.filters import MISSING, compile_filter, equality_key, reached
 from changerelay.index import Index, covers
 from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
+from tests.support import SUBSCRIPTIONS, batches, examples
 
 JAN_2020 = datetime.datetime(2020, 1, 1)
 OID = ObjectId(b"a" * 12)
 NAN = float("nan")
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None,
+PROPERTY = settings(max_examples=examples(300), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -275,85 +276,7 @@ def test_discard_forgets_a_member():
 
 # -- property: routed delivery is the plain select over every subscription --------------------
 
-WHO = st.sampled_from(["alice", "bob"])
-SMALL = st.one_of(WHO, st.sampled_from([None, 1, 1.0, Int64(2), Decimal128("2"), True, "x"]),
-                  st.lists(WHO, max_size=2))
-FIELDS = st.sampled_from(["owner", "team", "n"])
-# Documents mostly have an owner, so that rules and filters on it often decide (and leaves
-# happen: the owner before the change matches, the owner after it does not).
-OWNED = st.fixed_dictionaries({"owner": WHO}, optional={"team": SMALL, "n": SMALL})
-IMAGE = st.one_of(OWNED, OWNED, OWNED, st.dictionaries(FIELDS, SMALL, max_size=3), st.none())
-CONDITION = st.one_of(
-    SMALL,
-    st.builds(lambda v: {"$eq": v}, SMALL),
-    st.builds(lambda vs: {"$in": vs}, st.lists(SMALL, max_size=3)),
-    st.builds(lambda v: {"$ne": v}, SMALL),
-    st.builds(lambda v: {"$gt": v}, st.sampled_from([0, "a"])),
-    st.builds(lambda f: {"$exists": f}, st.booleans()),
-    st.just({"$in": ["alice", {"$regex": "^b"}]}),
-    st.just({"$regex": "^c"}),
-)
-PATH = st.one_of(
-    FIELDS.map(lambda f: "fullDocument." + f),
-    FIELDS.map(lambda f: "fullDocumentBeforeChange." + f),
-    st.sampled_from(["documentKey._id", "operationType", "ns.coll", "fullDocument"]),
-)
-SPECS = st.recursive(
-    st.dictionaries(PATH, CONDITION, min_size=1, max_size=2),
-    lambda inner: st.builds(lambda op, branches: {op: branches},
-                            st.sampled_from(["$and", "$or", "$nor"]),
-                            st.lists(inner, min_size=1, max_size=3)),
-    max_leaves=4,
-)
-RULES = st.one_of(
-    WHO.map(lambda who: {"fullDocument.owner": who}),
-    st.lists(WHO, max_size=2).map(lambda who: {"fullDocument.owner": {"$in": who}}),
-    st.dictionaries(FIELDS.map(lambda f: "fullDocument." + f), CONDITION, min_size=1,
-                    max_size=2),
-    SPECS,
-)
-OPS = ["insert", "update", "replace", "delete", "drop", "invalidate", "dropDatabase"]
-DOCUMENT_OPS = ["update", "replace", "delete", "update", "replace", "insert"]
-NAMESPACES = st.sampled_from([("db", "c"), ("db", "d"), ("db", None), ("other", "c")])
-
-
-def sometimes(strategy):
-    """None two times in three: every part a subscription has narrows what it is sent."""
-    return st.one_of(st.none(), st.none(), strategy)
-
-
-SUBSCRIPTIONS = st.builds(
-    lambda ns, ops, spec, rule, post, grant: Subscription(
-        ns, ops, None if spec is None else compile_filter(spec),
-        None if rule is None else AccessRule(rule, post_images=post), grant),
-    sometimes(st.lists(NAMESPACES, min_size=1, max_size=2)),
-    sometimes(st.lists(st.sampled_from(OPS), min_size=1, max_size=3)),
-    st.none() | SPECS, st.none() | RULES | RULES, st.booleans(),
-    sometimes(st.lists(NAMESPACES, min_size=1, max_size=2)),
-)
-
-
-@st.composite
-def batches(draw):
-    events = []
-    for n in range(draw(st.integers(1, 5))):
-        op = draw(st.sampled_from(DOCUMENT_OPS) | st.sampled_from(OPS))
-        fields = {"_id": {"_data": f"82{n:016X}"}, "operationType": op}
-        if op != "invalidate":
-            db, coll = draw(NAMESPACES)
-            fields["ns"] = {"db": db} if op == "dropDatabase" else {"db": db, "coll": coll or "c"}
-        if op in ("insert", "update", "replace", "delete"):
-            fields["documentKey"] = {"_id": draw(st.integers(0, 2))}
-            after, before = draw(IMAGE), draw(IMAGE)
-            if op != "delete" and (after is not None or op != "update"):
-                fields["fullDocument"] = after
-            if op != "insert" and draw(st.integers(0, 3)):
-                fields["fullDocumentBeforeChange"] = before
-        events.append(ev.encode_change(fields))
-    return events
-
-
-@settings(max_examples=400, deadline=None, database=None,
+@settings(max_examples=examples(400), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(SUBSCRIPTIONS, min_size=1, max_size=8), batches())
 def test_routed_delivery_is_select_over_every_subscription(subscriptions, batch):

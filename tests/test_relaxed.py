@@ -1,5 +1,5 @@
-"""Relaxed Extended JSON written in C from raw BSON: the same values as today's ``json_util``
-text, for every BSON type a change event can carry."""
+"""Relaxed Extended JSON written by orjson: the same values as ``json_util``'s text, for every
+BSON type a change event can carry, as the driver decodes it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import uuid
 
 import bson
+import pytest
 from bson import (
     Binary,
     Code,
@@ -38,8 +39,15 @@ def value_of(text: bytes):
     return bson.encode({"v": json_util.loads(text, json_options=RELAXED)})
 
 
-def today(change: dict) -> bytes:
-    return ev.encode_change(change).data
+def json_util_text(change: dict) -> bytes:
+    """The oracle: what the relay sent before, ``json_util`` walking the decoded change."""
+    return json_util.dumps(change, json_options=RELAXED, separators=(",", ":")).encode()
+
+
+def decoded(change: dict) -> dict:
+    """The change as the driver hands it over: through BSON and back (bytes for binary subtype
+    0, Int64 for 64-bit integers, DBRef, Regex...)."""
+    return bson.decode(bson.encode(change))
 
 
 DATES = st.one_of(
@@ -95,8 +103,8 @@ def changes(draw):
           suppress_health_check=[HealthCheck.too_slow])
 @given(changes())
 def test_same_values_as_json_util(change):
-    raw = bson.encode(change)
-    assert value_of(relaxed_json(raw)) == value_of(today(change))
+    change = decoded(change)
+    assert value_of(relaxed_json(change)) == value_of(json_util_text(change))
 
 
 @settings(max_examples=examples(100), deadline=None, database=None)
@@ -104,8 +112,9 @@ def test_same_values_as_json_util(change):
 def test_plain_json_parsers_read_the_same_structure(change):
     """A browser's JSON.parse, not an Extended JSON reader: the same keys in the same order,
     the same numbers, the same wrappers (their strings may be spelled differently)."""
-    ours = json.loads(relaxed_json(bson.encode(change)), object_pairs_hook=list)
-    theirs = json.loads(today(change), object_pairs_hook=list)
+    change = decoded(change)
+    ours = json.loads(relaxed_json(change), object_pairs_hook=list)
+    theirs = json.loads(json_util_text(change), object_pairs_hook=list)
     assert shape(ours) == shape(theirs)
 
 
@@ -129,7 +138,7 @@ def test_special_values_are_exact():
               "c": float("-inf"), "d": Int64(2**62 + 1), "e": Decimal128("0.1"),
               "f": datetime.datetime(2026, 11, 27, 12, 0, 0, 123000),
               "g": Binary(b"\x00\x01", 5), "h": Binary.from_uuid(uuid.UUID(int=1))}
-    document = json.loads(relaxed_json(bson.encode(change)))
+    document = json.loads(relaxed_json(decoded(change)))
     assert document["a"] == {"$numberDouble": "NaN"}
     assert document["b"] == {"$numberDouble": "Infinity"}
     assert document["c"] == {"$numberDouble": "-Infinity"}
@@ -145,12 +154,61 @@ def test_deprecated_types_keep_the_values_clients_get_today():
     raw = (b"\x1d\x00\x00\x00" + b"\x06u\x00" + b"\x0es\x00\x04\x00\x00\x00abc\x00"
            + b"\x02t\x00\x02\x00\x00\x00x\x00" + b"\x00")
     raw = len(raw).to_bytes(4, "little") + raw[4:]
-    assert json.loads(relaxed_json(raw)) == {"u": None, "s": "abc", "t": "x"}
+    assert json.loads(relaxed_json(bson.decode(raw))) == {"u": None, "s": "abc", "t": "x"}
 
 
 def test_websocket_and_sse_carry_the_same_bytes():
     change = {"_id": {"_data": "8201"}, "operationType": "insert", "s": "é\u2028"}
-    data = relaxed_json(bson.encode(change))
+    data = relaxed_json(change)
     event = ev.Event(change, data, "8201")
     assert event.data == data and event.frame.endswith(data)
     assert event.sse == b"id: 8201\ndata: " + data + b"\n\n"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["beside a null", "in an array", "deep inside"])
+def test_non_finite_doubles_are_never_null(value, where):
+    """orjson writes them as null and never asks: wherever one hides, and whatever nulls and
+    "null" strings lie around it, it stays a $numberDouble."""
+    holder = {"beside a null": {"a": None, "b": value, "c": "null"},
+              "in an array": {"a": [1, None, [value]]},
+              "deep inside": {"a": {"b": {"c": [{"d": value}]}}}}[where]
+    change = decoded({"_id": {"_data": "8201"}, "fullDocument": holder})
+    assert value_of(relaxed_json(change)) == value_of(json_util_text(change))
+    assert b"$numberDouble" in relaxed_json(change)
+
+
+def test_nulls_and_null_strings_alone_stay_null():
+    change = decoded({"_id": {"_data": "8201"}, "a": None, "b": "null", "c": [None, 1.5]})
+    assert json.loads(relaxed_json(change)) == {"_id": {"_data": "8201"}, "a": None, "b": "null",
+                                                "c": [None, 1.5]}
+
+
+def test_nesting_deeper_than_orjson_takes_is_written_as_before():
+    """orjson refuses more than 254 levels; BSON allows more (MongoDB stores up to 100, and a
+    change event wraps its documents in one or two more; a PIPELINE stage can build deeper)."""
+    deep: dict = {"leaf": float("nan")}
+    for _ in range(300):
+        deep = {"d": deep}
+    change = decoded({"_id": {"_data": "8201"}, "fullDocument": deep})
+    assert relaxed_json(change) == json_util_text(change)
+
+
+def test_str_and_int_subclasses_keep_their_wrappers():
+    """Code is a str and Int64 an int to orjson; json_util writes {"$code"} and a plain number."""
+    change = decoded({"_id": {"_data": "8201"}, "c": Code("f()"), "n": Int64(2**40), "t": True})
+    assert json.loads(relaxed_json(change))["c"] == {"$code": "f()"}
+    assert json.loads(relaxed_json(change))["n"] == 2**40
+    assert json.loads(relaxed_json(change))["t"] is True
+
+
+@pytest.mark.parametrize("when", [
+    datetime.datetime(1970, 1, 1), datetime.datetime(1969, 12, 31, 23, 59, 59, 999000),
+    datetime.datetime(2026, 11, 27, 12, 0, 1, 456000), datetime.datetime(2026, 1, 2, 3, 4, 5),
+    datetime.datetime(2026, 1, 2, 3, 4, 5, 999), datetime.datetime(2026, 1, 2, 3, 4, 5, 1000),
+    datetime.datetime(9999, 12, 31, 23, 59, 59, 999999),
+    datetime.datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=datetime.UTC),
+])
+def test_dates_are_spelled_as_json_util_spells_them(when):
+    """The relay writes the common dates itself (naive, after 1970): the very same text."""
+    assert relaxed_json({"d": when}) == json_util_text({"d": when})

@@ -18,6 +18,7 @@ class Rider:
 
     def __init__(self, expires: float):
         self.claims = Claims(expires, None, None)
+        self.subscription = Subscription()
         self.peer = "rider"
         self.expired = False
 
