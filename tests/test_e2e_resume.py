@@ -519,7 +519,9 @@ async def test_resuming_inside_a_transaction_or_batched_delete_loses_and_repeats
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, REPLAY_BUFFER=buffer,
                           POSITION_INTERVAL=0.2)
     relay.wait_ready()
+    observer = await WS.connect(relay.ws_url)
     write(mongo.uri, mongo.db, 10)
+    await observer.changes(10)  # the relay has read them: the client joins after the 10th
     client = await ResumingClient().connect(relay.ws_url)
     write_group(mongo.uri, mongo.db, group, range(20, 30) if group == "transaction" else range(10))
     for middle in (3, 6, 9):  # stop inside the group, with the rest of it unread
