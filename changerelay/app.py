@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +26,12 @@ from pymongo import AsyncMongoClient
 from tornado import httpserver, netutil, web
 from tornado.ioloop import PeriodicCallback
 
-from . import admission, handlers, logs
+from . import admission, handlers, logs, metrics
 from . import subscription as subs
 from .catchup import CatchUp
 from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
+from .disconnect import cause_of
 from .hub import Hub
 from .source import ChangeSource
 
@@ -62,6 +64,8 @@ EXPIRY_CHECK_SECONDS = 1.0
 LISTEN_BACKLOG = 1024
 # Seconds an HTTP connection between requests stays open (Tornado closes it after).
 IDLE_HTTP_SECONDS = 60
+# Seconds between the metrics' refreshes (a scrape refreshes its own process's too).
+METRICS_REFRESH_SECONDS = 1.0
 # The open-files limit asked for when the hard limit is unlimited.
 OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
@@ -70,8 +74,9 @@ class Relay:
     def __init__(self, config: Config, mongo_client: AsyncMongoClient[Any] | None = None):
         self.config = config
         loop = asyncio.get_running_loop()
+        self.metrics = metrics.Metrics()
         self.hub: Hub[Client] = Hub(loop.call_soon, self._from_history, config.replay_buffer,
-                                    config.replay_buffer_bytes)
+                                    config.replay_buffer_bytes, self.metrics)
         self.source = ChangeSource(config, self.hub, mongo_client)
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
                                                 config.catchup_streams, self.source.missing_image)
@@ -94,7 +99,8 @@ class Relay:
         self.source.start()
         timers = [(self.send_positions, self._position_pass_seconds),
                   (self.heartbeat, self.config.sse_heartbeat),
-                  (self.ping, self.config.ws_ping_interval / PING_SLICES)]
+                  (self.ping, self.config.ws_ping_interval / PING_SLICES),
+                  (self.refresh_metrics, METRICS_REFRESH_SECONDS)]
         if self.auth is not None:
             timers.append((self.expire_tokens, EXPIRY_CHECK_SECONDS))
         for callback, seconds in timers:
@@ -188,9 +194,23 @@ class Relay:
         self.catchup.add(client, after)
 
     def detach(self, client: Client) -> None:
+        """``client`` ended (called again for one already gone: counted once)."""
+        attached = client in self.hub.clients or client in self.catchup.clients()
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
+        if attached:
+            cause = "shutdown" if self._gone is not None else cause_of(client.ended_with())
+            self.metrics.disconnected(cause)
         self._check_gone()
+
+    def refresh_metrics(self) -> None:
+        clients = [*self.hub.clients, *self.catchup.clients()]
+        by_transport = Counter(metrics.transport(client.encoding) for client in clients)
+        source = self.source
+        self.metrics.refresh(metrics.State(
+            by_transport, sum(job.running for job in self.catchup.jobs),
+            self.hub.stats()["buffered_events"], source.ready, source.lag(), self.hub.published,
+            max(0, source.opened - 1)))
 
     def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
@@ -210,6 +230,7 @@ def make_app(relay: Relay) -> web.Application:
             (r"/events", handlers.EventsHandler, given),
             (r"/healthz", handlers.HealthHandler),
             (r"/readyz", handlers.ReadyHandler, given),
+            (r"/metrics", handlers.MetricsHandler, given),
         ],
         template_path=str(_bundled("templates")),
         static_path=str(_bundled("static")),

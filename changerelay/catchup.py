@@ -209,6 +209,7 @@ class CatchUp(Generic[R]):
                 if matched:
                     client.sent = matched[-1].token
                     client.replay(matched)
+                    self.hub.tally.replayed(client, matched)
                 if client.closed:
                     job.clients.pop(client, None)
 

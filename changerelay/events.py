@@ -8,7 +8,9 @@ then only moves bytes.
 
 from __future__ import annotations
 
+import calendar
 import json
+from datetime import datetime
 from typing import Any
 
 from bson import json_util
@@ -31,6 +33,7 @@ class Event:
 
     __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "key",
                  "ns", "op", "token")
+
 
     def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
         self.change = change
@@ -66,6 +69,12 @@ class Event:
         return self._deflated
 
     @property
+    def committed(self) -> float | None:
+        """When MongoDB committed the change (its ``wallTime``, seconds since the epoch), for
+        the delivery latency: read per group and flush, never per client."""
+        return commit_time(self.change)
+
+    @property
     def entered(self) -> Event:
         """This event without its pre-image, for readers whose row rule did not cover the
         document before the change (see ``rows.py``); built on first use, once."""
@@ -99,7 +108,7 @@ class Leave:
     bytes for every reader; its SSE record carries the event's id, so that EventSource resumes
     past it. Nothing of the document's new content is in it."""
 
-    __slots__ = ("data", "frame", "sse", "token")
+    __slots__ = ("committed", "data", "frame", "sse", "token")
 
     def __init__(self, event: Event):
         # .get: an operator's PIPELINE may have removed either, and a flush must not raise.
@@ -109,6 +118,7 @@ class Leave:
         self.data = json_util.dumps(message, json_options=_RELAXED,
                                     separators=(",", ":")).encode()
         self.token = event.token
+        self.committed = event.committed
         self.frame = ws_frame(self.data)
         self.sse = b"id: " + self.token.encode() + b"\nevent: leave\ndata: " + self.data + b"\n\n"
 
@@ -132,6 +142,16 @@ def encode_change(change: Change, deflate: bool = False) -> Event:
     token = token_id(change["_id"])
     data = json_util.dumps(change, json_options=_RELAXED, separators=(",", ":")).encode()
     return Event(change, data, token, deflate)
+
+
+def commit_time(change: Change) -> float | None:
+    """A change's ``wallTime`` in seconds since the epoch; None without one (MongoDB before
+    6.0, or a PIPELINE that removed it)."""
+    wall_time = change.get("wallTime")
+    if not isinstance(wall_time, datetime):
+        return None
+    # PyMongo decodes it as a naive datetime in UTC.
+    return calendar.timegm(wall_time.utctimetuple()) + wall_time.microsecond / 1e6
 
 
 def _deflated_frame(data: bytes) -> bytes:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import events as ev
@@ -56,6 +57,7 @@ class Subscriber(Protocol):
     sent: str | None              # the newest id replayed or sent to it outside its group
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
+    def weight(self, event: Delivery) -> int: ...
     def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
     def replay(self, events: Sequence[Delivery]) -> None: ...
     def send_control(self, message: bytes, token: str | None = None) -> None: ...
@@ -64,18 +66,39 @@ class Subscriber(Protocol):
 S = TypeVar("S", bound=Subscriber)
 
 
+class Tally(Protocol):
+    """Where deliveries are counted (``metrics.Metrics``): once per group per flush, and once
+    per replay."""
+
+    def delivered(self, matched: Sequence[Delivery], payloads: Mapping[str, bytes],
+                  encodings: Mapping[str, int]) -> None: ...
+    def replayed(self, client: Subscriber, events: Sequence[Delivery]) -> None: ...
+
+
+class Uncounted:
+    """A ``Tally`` that counts nothing, for hubs without metrics (tests, benchmarks)."""
+
+    def delivered(self, matched: Sequence[Delivery], payloads: Mapping[str, bytes],
+                  encodings: Mapping[str, int]) -> None:
+        pass
+
+    def replayed(self, client: Subscriber, events: Sequence[Delivery]) -> None:
+        pass
+
+
 class Group(Generic[S]):
     """Clients with the same subscription: one match per event, one payload per encoding."""
 
-    __slots__ = ("clients", "last_send", "newest", "subscription")
+    __slots__ = ("clients", "encodings", "last_send", "newest", "subscription")
 
     def __init__(self, subscription: Subscription):
         self.subscription = subscription
         self.clients: set[S] = set()
+        self.encodings: Counter[str] = Counter()  # its clients by encoding, for the tally
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
         self.newest: str | None = None  # ...and this was the newest id among them
 
-    def deliver(self, batch: list[Event], now: float) -> None:
+    def deliver(self, batch: list[Event], now: float, tally: Tally) -> None:
         matched = self.subscription.select(batch)
         if not matched:
             return
@@ -87,15 +110,19 @@ class Group(Generic[S]):
             if payload is None:
                 payload = payloads[client.encoding] = client.pack(matched)
             client.deliver(matched, payload)
+        tally.delivered(matched, payloads, self.encodings)  # those cut off meanwhile have left
 
 
 class Hub(Generic[S]):
     """``call_soon`` schedules the flush that follows a publish (the event loop's);
     ``behind(client, after)`` takes a client that waited for the stream to open and turned out
-    to resume from before it: only MongoDB's history has what that client missed."""
+    to resume from before it: only MongoDB's history has what that client missed. ``tally``
+    counts what is delivered."""
 
     def __init__(self, call_soon: Callable[[Callable[[], None]], object],
-                 behind: Callable[[S, str], None], max_events: int, max_bytes: int):
+                 behind: Callable[[S, str], None], max_events: int, max_bytes: int,
+                 tally: Tally | None = None):
+        self.tally: Tally = tally or Uncounted()
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._call_soon = call_soon
@@ -182,7 +209,7 @@ class Hub(Generic[S]):
         batch, self._pending = self._pending, []
         now = time.monotonic()
         for group in tuple(self._groups.values()):
-            group.deliver(batch, now)
+            group.deliver(batch, now, self.tally)
         if self._ahead:
             self._deliver_ahead(batch, now)
         self.position = batch[-1].token
@@ -248,14 +275,16 @@ class Hub(Generic[S]):
             client.last_send = time.monotonic()
             client.sent = matched[-1].token
             client.replay(matched)
+            self.tally.replayed(client, matched)
 
     def unsubscribe(self, client: S) -> None:
         self.clients.discard(client)
         self._ahead.pop(client, None)
         self._waiting.pop(client, None)
         group = self._groups.get(client.subscription)
-        if group is not None:
-            group.clients.discard(client)
+        if group is not None and client in group.clients:
+            group.clients.remove(client)
+            group.encodings[client.encoding] -= 1
             if not group.clients:
                 del self._groups[client.subscription]
 
@@ -264,7 +293,9 @@ class Hub(Generic[S]):
         if group is None:
             group = self._groups[client.subscription] = Group(client.subscription)
         client.subscription = group.subscription  # one compiled copy per distinct subscription
-        group.clients.add(client)
+        if client not in group.clients:
+            group.clients.add(client)
+            group.encodings[client.encoding] += 1
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].key
@@ -274,6 +305,7 @@ class Hub(Generic[S]):
                 client.last_send = now
                 client.sent = fresh[-1].token
                 client.deliver(fresh, client.pack(fresh))
+                self.tally.replayed(client, fresh)
             if head >= after:
                 del self._ahead[client]
                 self._join(client)

@@ -199,10 +199,12 @@ class ChangeSource:
         self.config = config
         self.hub = hub
         self.client = client
-        self.state = "starting"
+        self.state = "connecting"
         self.reason = "connecting to MongoDB"
         self.last_event_at: float | None = None
+        self.last_change: ev.Change | None = None  # for the lag: its wallTime
         self.attempts = 0
+        self.opened = 0  # times the stream opened: all but the first are reopens
         self._token: ResumeToken | None = None        # where to reopen from: resume_after
         self._start_after: ResumeToken | None = None  # ...or start_after, after an invalidate
         self._task: asyncio.Task[None] | None = None
@@ -230,6 +232,20 @@ class ChangeSource:
     @property
     def ready(self) -> bool:
         return self.state == "open"
+
+    def lag(self) -> float | None:
+        """Seconds from the last event's commit (its wallTime) to its receipt; None before
+        one, or without wallTime."""
+        if self.last_change is None or self.last_event_at is None:
+            return None
+        commit = ev.commit_time(self.last_change)
+        if commit is None:
+            return None
+        received = time.time() - (time.monotonic() - self.last_event_at)
+        return max(0.0, received - commit)
+
+    def _enter(self, state: str, reason: str) -> None:
+        self.state, self.reason = state, reason
 
     def status(self) -> dict[str, object]:
         return {
@@ -270,7 +286,7 @@ class ChangeSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._classify(exc)
+                self._enter(*self._classify(exc))
                 if self.state in STOPPED:
                     logger.error("change stream stopped (%s): %s", self.state, self.reason)
                     self.hub.broadcast(ev.control("error", code=self.state,
@@ -319,7 +335,8 @@ class ChangeSource:
         read PyMongo has no resume token. The first of them is then where the stream starts.
         """
         token = stream.resume_token
-        self.state, self.reason = "open", "change stream open"
+        self.opened += 1
+        self._enter("open", "change stream open")
         logger.info("change stream open on %s (%s)", self.config.scope,
                     "from now" if fresh else "resumed")
         if token is None:
@@ -358,6 +375,7 @@ class ChangeSource:
                 change = fragments.add(change)
                 if change is None:
                     continue
+                self.last_change = change
                 event = ev.encode_change(change, deflate=self.config.ws_compression)
                 if unplaced:
                     self._start(event.token)
@@ -374,34 +392,32 @@ class ChangeSource:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
 
-    def _classify(self, exc: Exception) -> None:
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        """The state a failure leaves the source in, and its reason for /readyz and the log."""
         code = getattr(exc, "code", None)
         image = missing_image(exc, self.config)
         if image is not None:
-            self.state, self.reason = IMAGES_MISSING, images_help(image, self.config)
-        elif too_large(exc):
-            self.state, self.reason = EVENT_TOO_LARGE, too_large_help(self.config)
-        elif isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
-            self.state, self.reason = "not_replica_set", REPLICA_SET_HELP
-        elif isinstance(exc, OperationFailure) and code == AUTH_FAILED:
-            self.state = "auth_failed"
-            self.reason = ("authentication failed: check the user name and password in "
-                           "MONGO_SRV")
-        elif isinstance(exc, OperationFailure) and code == UNAUTHORIZED:
-            self.state = "unauthorized"
-            self.reason = ("the MongoDB user may not open change streams here: grant it the "
-                           "changeStream and find actions (e.g. the read role) on the watched "
-                           f"scope ({_short(exc)})")
-        elif bad_resume_token(exc):
-            self.state, self.reason = "error", f"resume token rejected ({_short(exc)})"
+            return IMAGES_MISSING, images_help(image, self.config)
+        if too_large(exc):
+            return EVENT_TOO_LARGE, too_large_help(self.config)
+        if isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
+            return "not_replica_set", REPLICA_SET_HELP
+        if isinstance(exc, OperationFailure) and code == AUTH_FAILED:
+            return "auth_failed", ("authentication failed: check the user name and password in "
+                                   "MONGO_SRV")
+        if isinstance(exc, OperationFailure) and code == UNAUTHORIZED:
+            return "unauthorized", ("the MongoDB user may not open change streams here: grant it "
+                                    "the changeStream and find actions (e.g. the read role) on the "
+                                    f"watched scope ({_short(exc)})")
+        if bad_resume_token(exc):
             self._token = self._start_after = None
-        elif isinstance(exc, ConnectionFailure | ConfigurationError):
-            self.state, self.reason = "unreachable", f"cannot reach MongoDB ({_short(exc)})"
-        elif isinstance(exc, PyMongoError):
-            self.state, self.reason = "error", _short(exc)
-        else:
-            self.state, self.reason = "error", f"{type(exc).__name__}: {exc}"
-            logger.exception("unexpected error in the change stream loop")
+            return "error", f"resume token rejected ({_short(exc)})"
+        if isinstance(exc, ConnectionFailure | ConfigurationError):
+            return "unreachable", f"cannot reach MongoDB ({_short(exc)})"
+        if isinstance(exc, PyMongoError):
+            return "error", _short(exc)
+        logger.exception("unexpected error in the change stream loop")
+        return "error", f"{type(exc).__name__}: {exc}"
 
 
 def _short(exc: Exception) -> str:
