@@ -77,7 +77,7 @@ class Relay:
         self.metrics = metrics.Metrics()
         self.hub: Hub[Client] = Hub(loop.call_soon, self._from_history, config.replay_buffer,
                                     config.replay_buffer_bytes, self.metrics)
-        self.source = ChangeSource(config, self.hub, mongo_client)
+        self.source = ChangeSource(config, self.hub, mongo_client, on_state=self.tell_everyone)
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
                                                 config.catchup_streams, self.source.missing_image)
         self.connections = admission.Connections(config.max_connections,
@@ -184,7 +184,10 @@ class Relay:
     # -- clients -------------------------------------------------------------------------------
 
     def attach(self, client: Client, resume_after: str | None) -> None:
-        """Start a client live, from the log, or from MongoDB's history."""
+        """Start a client live, from the log, or from MongoDB's history; tell it first when
+        MongoDB is not there."""
+        if not self.source.ready:
+            client.send_control(self.source.message())
         if resume_after is None:
             self.hub.subscribe(client)
         elif not self.hub.resume(client, resume_after):
@@ -202,6 +205,12 @@ class Relay:
             cause = "shutdown" if self._gone is not None else cause_of(client.ended_with())
             self.metrics.disconnected(cause)
         self._check_gone()
+
+    def tell_everyone(self, message: bytes) -> None:
+        """A control message to every client, live or catching up."""
+        self.hub.broadcast(message)
+        for client in self.catchup.clients():
+            client.send_control(message)
 
     def refresh_metrics(self) -> None:
         clients = [*self.hub.clients, *self.catchup.clients()]

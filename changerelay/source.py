@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bson import json_util
@@ -97,6 +97,25 @@ MAX_REASON = 300  # characters of a driver's message kept for /readyz and the lo
 # How long one getMore waits on the server for new events: an empty batch then still carries a
 # fresh resume token (the hub's position), and a stop is noticed within a second.
 MAX_AWAIT_MS = 1000
+
+# What browsers are told in ``source`` messages: what is wrong and what happens next, never a host,
+# a replica-set name or the driver's words (the log and /readyz have those, for the operator).
+BROWSER_MESSAGES = {
+    "connecting": "The relay is connecting to MongoDB.",
+    "open": "MongoDB is connected: changes arrive live.",
+    "unreachable": "The relay cannot reach MongoDB; it keeps retrying.",
+    "not_replica_set": ("MongoDB is not a replica set, which change streams need; the relay "
+                        "retries until its operator fixes that."),
+    "auth_failed": ("The relay could not sign in to MongoDB; it retries until its operator "
+                    "fixes the credentials."),
+    "unauthorized": ("The relay may not read changes from MongoDB; it retries until its "
+                     "operator grants access."),
+    "error": "MongoDB refused the change stream; the relay keeps retrying.",
+    IMAGES_MISSING: ("The relay stopped following changes: an event lacks a document image it "
+                     "is set to require. Its operator must fix this; keep your last id."),
+    EVENT_TOO_LARGE: ("The relay stopped following changes: an event is over MongoDB's 16 MB "
+                      "limit. Its operator must fix this; keep your last id."),
+}
 
 REPLICA_SET_HELP = (
     "change streams need a replica set, and this MongoDB is a standalone server: start it with "
@@ -195,10 +214,14 @@ class ChangeSource:
     """Runs ``watch()`` forever and publishes every change to the hub."""
 
     def __init__(self, config: Config, hub: Hub[Any],
-                 client: AsyncMongoClient[Any] | None = None):
+                 client: AsyncMongoClient[Any] | None = None,
+                 on_state: Callable[[bytes], None] | None = None):
         self.config = config
         self.hub = hub
         self.client = client
+        # Told the ``source`` message of every new state (the relay passes it to every client;
+        # without it, the hub's clients are told).
+        self.on_state = on_state
         self.state = "connecting"
         self.reason = "connecting to MongoDB"
         self.last_event_at: float | None = None
@@ -244,8 +267,15 @@ class ChangeSource:
         received = time.time() - (time.monotonic() - self.last_event_at)
         return max(0.0, received - commit)
 
+    def message(self) -> bytes:
+        """The ``source`` control message of the current state, as browsers are told it."""
+        return ev.control("source", state=self.state, message=BROWSER_MESSAGES[self.state])
+
     def _enter(self, state: str, reason: str) -> None:
+        changed = state != self.state
         self.state, self.reason = state, reason
+        if changed:
+            (self.on_state or self.hub.broadcast)(self.message())
 
     def status(self) -> dict[str, object]:
         return {
