@@ -98,6 +98,13 @@ MAX_REASON = 300  # characters of a driver's message kept for /readyz and the lo
 # fresh resume token (the hub's position), and a stop is noticed within a second.
 MAX_AWAIT_MS = 1000
 
+# What the "unreachable" line and /readyz add, as the replica-set line names its fix.
+UNREACHABLE_HELP = (
+    "check that MONGO_SRV names the right hosts and port (for Atlas, the mongodb+srv:// string "
+    "from Connect > Drivers), that mongod is running and answers there (mongosh with the same "
+    "URI), and that no firewall stands between (on Atlas, Network Access must list this "
+    "machine's address)"
+)
 # What browsers are told in ``source`` messages: what is wrong and what happens next, never a host,
 # a replica-set name or the driver's words (the log and /readyz have those, for the operator).
 BROWSER_MESSAGES = {
@@ -443,7 +450,7 @@ class ChangeSource:
             self._token = self._start_after = None
             return "error", f"resume token rejected ({_short(exc)})"
         if isinstance(exc, ConnectionFailure | ConfigurationError):
-            return "unreachable", f"cannot reach MongoDB ({_short(exc)})"
+            return "unreachable", f"cannot reach MongoDB ({_short(exc)}); {UNREACHABLE_HELP}"
         if isinstance(exc, PyMongoError):
             return "error", _short(exc)
         logger.exception("unexpected error in the change stream loop")
