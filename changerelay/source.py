@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -231,6 +232,7 @@ class ChangeSource:
         self.on_state = on_state
         self.state = "connecting"
         self.reason = "connecting to MongoDB"
+        self.since = _now()  # when the state began: an outage's start, for every client
         self.last_event_at: float | None = None
         self.last_change: ev.Change | None = None  # for the lag: its wallTime
         self.attempts = 0
@@ -276,18 +278,21 @@ class ChangeSource:
 
     def message(self) -> bytes:
         """The ``source`` control message of the current state, as browsers are told it."""
-        return ev.control("source", state=self.state, message=BROWSER_MESSAGES[self.state])
+        return ev.control("source", state=self.state, message=BROWSER_MESSAGES[self.state],
+                          since=self.since)
 
     def _enter(self, state: str, reason: str) -> None:
         changed = state != self.state
         self.state, self.reason = state, reason
         if changed:
+            self.since = _now()
             (self.on_state or self.hub.broadcast)(self.message())
 
     def status(self) -> dict[str, object]:
         return {
             "source": self.state,
             "reason": self.reason,
+            "since": self.since,
             "scope": self.config.scope,
             "attempts": self.attempts,
             "last_event_age": None if self.last_event_at is None else round(
@@ -455,6 +460,11 @@ class ChangeSource:
             return "error", _short(exc)
         logger.exception("unexpected error in the change stream loop")
         return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _now() -> str:
+    """UTC now in ISO 8601, to the second (what ``Date`` parses in every browser)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _short(exc: Exception) -> str:

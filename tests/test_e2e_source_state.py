@@ -3,6 +3,7 @@ in words for a browser — the operator's details stay in the log and /readyz.""
 
 from __future__ import annotations
 
+import datetime
 import json
 import socket
 
@@ -22,8 +23,13 @@ def free_port() -> int:
 
 
 def for_browsers(message: dict, *secrets: str) -> None:
-    """A source message: its state, and a sentence with nothing of the deployment in it."""
-    assert set(message) == {"type", "state", "message"}, message
+    """A source message: its state since a recent time, and a sentence with nothing of the
+    deployment in it."""
+    assert set(message) == {"type", "state", "message", "since"}, message
+    since = datetime.datetime.fromisoformat(message["since"])
+    now = datetime.datetime.now(datetime.UTC)
+    assert since.utcoffset() == datetime.timedelta(0)
+    assert now - datetime.timedelta(minutes=2) < since <= now, (since, now)
     text = message["message"]
     assert len(text) > 20 and text.endswith("."), text
     for secret in ("127.0.0.1", "localhost", "rs0", "mongodb://", "Timeout", "Error",
@@ -91,6 +97,8 @@ async def test_a_client_connecting_while_mongodb_is_away_is_told_at_once(relay_f
     for_browsers(first, str(port))
     stream = await SSE.open(relay.port)
     assert await next_source_sse(stream) == first
+    later = await WS.connect(relay.ws_url)
+    assert await later.recv() == first  # since when: the same for every client
     with TestPrimary(port=port) as primary:
         assert (await next_source_ws(client))["state"] == "open"
         assert (await next_source_sse(stream))["state"] == "open"
