@@ -670,7 +670,6 @@ def test_mongodb_state_is_shown_apart_from_the_socket(
 
 @pytest.mark.e2e
 @pytest.mark.fault
-@pytest.mark.xfail(strict=True, reason="server sends no source messages yet")
 def test_the_page_shows_mongodb_down_and_back(
     browser: Browser, relay_factory: Callable[..., Any]
 ) -> None:
@@ -1142,6 +1141,32 @@ def test_client_closed_during_a_probe_stays_closed(
         await tick();
         return {timers: timers.length, states: statuses.map((s) => [s.state, s.retryIn])};""")
     assert outcome == {"timers": 0, "states": [["connecting", None], ["closed", None]]}
+
+
+def test_client_tells_mongodb_state_apart_from_the_socket(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    told = run_client(browser, relay_stub, """
+        const sources = [];
+        connect('/socket', {onSource: (s) => sources.push(
+            [s.state, s.message, s.since && s.since.toISOString()])});
+        sockets[0].onopen();   // open, and nothing said: nothing to tell
+        send({type: 'source', state: 'unreachable', message: 'The relay cannot reach MongoDB.',
+              since: '2026-12-01T06:03:04+00:00'});
+        send({type: 'source', state: 'open', message: 'MongoDB is connected.',
+              since: '2026-12-01T06:04:00+00:00'});
+        send({type: 'source', state: 'auth_failed', message: 'No.', since: 'not a time'});
+        await fail(1001, 'server shutting down'); retry();
+        sockets.at(-1).onopen();   // a new connection, not told otherwise: open again
+        sockets.at(-1).onopen();   // (told once)
+        return {sources, states: statuses.map((s) => s.state)};""")
+    assert told["sources"] == [
+        ["unreachable", "The relay cannot reach MongoDB.", "2026-12-01T06:03:04.000Z"],
+        ["open", "MongoDB is connected.", "2026-12-01T06:04:00.000Z"],
+        ["auth_failed", "No.", None],
+        ["open", "", None],
+    ]
+    assert told["states"] == ["connecting", "open", "closed", "connecting", "open", "open"]
 
 
 def test_client_reports_frames_that_are_not_json_objects(
