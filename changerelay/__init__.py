@@ -4,9 +4,10 @@ The package reads as the data flows: ``config`` (settings) → ``source`` (the c
 ``backoff``) → ``events`` (encode once) → ``hub`` (fan-out, replay), with ``subscription``,
 ``filters``, ``namespaces``, ``auth`` and ``rows`` deciding who sees what and ``catchup`` serving
 history → ``clients`` (packing, backlogs, slow consumers) → ``connection``/``protocol``/``frames``
-(WebSockets) and ``tornado_internals`` (SSE writes, the socket after a handshake). ``handlers``
-admit each request (``admission``, with the refusals and closes of ``disconnect``) and hand its
-client to the ``Relay``, which ``app`` wires together.
+(WebSockets) and ``tornado_internals`` (SSE writes, the socket after a handshake). ``listener``
+accepts connections and ``gate`` reads each request head within its limits before Tornado serves
+it; ``handlers`` admit each request (``admission``, with the refusals and closes of
+``disconnect``) and hand its client to the ``Relay``, which ``app`` wires together.
 """
 
 __version__ = "0.1.0"

@@ -43,9 +43,12 @@ MAX_PORT = 65535
 # The query parameters of /socket and /events; anything else is refused, so that a typo is not
 # silently a subscription to everything.
 PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
-# Tornado drops a request whose headers exceed its limit without answering; the server lets it
-# read more (handlers.MAX_HEADER_BYTES) so that an oversized query gets a JSON 414 from here.
-MAX_QUERY_BYTES = 512 * 1024
+# A subscription's query string: a filter (4 KiB, up to three times that percent-encoded), a token,
+# namespaces and a resume token fit with room to spare. Below the request head's own limit
+# (MIN_REQUEST_HEAD_BYTES), so that a long query is refused as one here (414 query_too_large),
+# with room left for the headers.
+MAX_QUERY_BYTES = 32 * 1024
+MIN_REQUEST_HEAD_BYTES = MAX_QUERY_BYTES + 16 * 1024
 
 
 class Refusal(Exception):

@@ -10,30 +10,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import resource
 import signal
 import socket
+import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from logzero import logger
 from pymongo import AsyncMongoClient
-from tornado import httpserver, netutil, web
+from tornado import netutil, web
 from tornado.ioloop import PeriodicCallback
 
 from . import admission, handlers, logs, metrics
 from . import subscription as subs
+from .buffers import Buffers
 from .catchup import CatchUp
 from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
 from .disconnect import cause_of
+from .gate import Gate, Limits
 from .hub import Hub
+from .listener import Listener
 from .source import ChangeSource
+from .tornado_internals import GatedServer
 
 if TYPE_CHECKING:
     from tornado.httputil import HTTPServerRequest
@@ -62,8 +68,8 @@ EXPIRY_CHECK_SECONDS = 1.0
 # Connections the kernel queues before they are accepted: room for a crowd of clients that
 # reconnect at once after a restart (Tornado's default is 128).
 LISTEN_BACKLOG = 1024
-# Seconds an HTTP connection between requests stays open (Tornado closes it after).
-IDLE_HTTP_SECONDS = 60
+# SIGTERM's promise: the process has ended SHUTDOWN_TIMEOUT and at most this much after it.
+EXIT_MARGIN_SECONDS = 0.5
 # Seconds between the metrics' refreshes (a scrape refreshes its own process's too).
 METRICS_REFRESH_SECONDS = 1.0
 # The open-files limit asked for when the hard limit is unlimited.
@@ -82,6 +88,7 @@ class Relay:
                                                 config.catchup_streams, self.source.missing_image)
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
+        self.buffers = Buffers(config.max_buffered_bytes, loop.call_soon)
         self.hosts = admission.allowed_hosts(config.allowed_hosts, config.host, config.port)
         self.auth: Authenticator | None = None
         if config.auth_jwt_secret or config.auth_jwt_public_key:
@@ -151,18 +158,22 @@ class Relay:
                 client.heartbeat()
 
     async def shutdown(self) -> None:
-        """Close every client (1001), give them half the shutdown time to go, then MongoDB."""
+        """Close every client (1001) and give them half the shutdown time to go, then MongoDB
+        the rest of it. What does not finish in time is left behind, not waited for."""
         for timer in self._timers:
             timer.stop()
+        loop = asyncio.get_running_loop()
+        half = self.config.shutdown_timeout / 2
+        deadline = loop.time() + self.config.shutdown_timeout
         self._gone = asyncio.Event()
         clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
         for client in clients:
             client.shutdown()
-        await self.catchup.stop()
+        await _within(self.catchup.stop(), half, "closing the catch-up streams")
         self._check_gone()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._gone.wait(), self.config.shutdown_timeout / 2)
-        await self.source.stop()
+            await asyncio.wait_for(self._gone.wait(), max(0.0, deadline - half - loop.time()))
+        await _within(self.source.stop(), deadline - loop.time(), "closing the change stream")
 
     def _check_gone(self) -> None:
         if self._gone is not None and not self.hub.clients and not self.catchup.count():
@@ -223,7 +234,7 @@ class Relay:
 
     def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
-                "catching_up": self.catchup.count(),
+                "catching_up": self.catchup.count(), "unsent_bytes": self.buffers.total,
                 "catchup_streams_opened": self.catchup.streams_opened,
                 "uptime": round(time.monotonic() - self.started, 1)}
 
@@ -272,10 +283,14 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     # PORT=0 picks a port: the Host check's default names the one actually listened on.
     config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
     relay = Relay(config)
-    server = httpserver.HTTPServer(make_app(relay), xheaders=False,
-                                   idle_connection_timeout=IDLE_HTTP_SECONDS,
-                                   max_header_size=handlers.MAX_HEADER_BYTES)
-    server.add_sockets(sockets)
+    # Tornado reads no head of its own (the gate hands it each one, complete) and no body.
+    server = GatedServer(make_app(relay), xheaders=False,
+                         max_header_size=config.max_request_head_bytes, max_body_size=0)
+    gate = Gate(Limits(config.max_request_head_bytes, config.request_head_timeout,
+                       config.max_pending_requests), server.serve)
+    server.next_head = gate.admit
+    listener = Listener(sockets, gate.admit)
+    listener.start()
     relay.start()
     logger.info("changerelay %d listening on http://%s:%d/ — %s", os.getpid(), config.host,
                 config.port, describe(config))
@@ -290,11 +305,44 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+    _exit_by(config.shutdown_timeout + EXIT_MARGIN_SECONDS)
     logger.info("shutting down: closing %d clients", len(relay.hub.clients))
-    server.stop()
-    try:
-        await asyncio.wait_for(relay.shutdown(), config.shutdown_timeout)
-    except TimeoutError:
-        logger.warning("shutdown took longer than %.1fs; exiting anyway", config.shutdown_timeout)
+    listener.stop()
+    gate.close()
+    await relay.shutdown()
     logger.info("bye")
     return 0
+
+
+async def _within(work: Awaitable[None], seconds: float, what: str) -> None:
+    """Wait for ``work`` at most ``seconds`` and not for its cancellation (a driver closing its
+    connections to a silent server can outlast any timeout); one log line if it was left behind
+    or failed, never a traceback."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieved)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, seconds))
+    if not done:
+        logger.warning("shutdown: %s took longer than %.1fs; left behind", what, seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        logger.warning("shutdown: %s failed: %s", what, task.exception())
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a left-behind task's exception as seen, so asyncio logs no traceback for it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _exit_by(seconds: float) -> None:
+    """End the process with status 0 after ``seconds``, from a thread of its own: the promise to
+    SIGTERM holds even if what runs after ``serve`` (cancelling the driver's tasks, joining the
+    resolver's threads) or the event loop itself is held up."""
+    def end() -> None:
+        logger.warning("shutdown took longer than %.1fs; exiting anyway", seconds)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()

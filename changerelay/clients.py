@@ -2,8 +2,10 @@
 
 Both transports share one policy for slow consumers: a client whose unsent bytes would pass
 ``CLIENT_BUFFER_BYTES`` is cut off (WebSocket close 1013 "slow consumer"; SSE: an ``error`` record
-and the end of the response). Nothing is written past the limit, so the relay's memory stays
-bounded however many clients stop reading, and a client that resumes afterwards loses nothing.
+and the end of the response), and so are the clients holding the most when the sum over all of
+them passes ``MAX_BUFFERED_BYTES`` (``buffers.py``). A cut-off client's unsent events are dropped
+at once, so the relay's memory stays bounded however many clients stop reading, and a client that
+resumes afterwards loses nothing.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from logzero import logger
 from tornado.iostream import StreamClosedError
 
 from . import events as ev
 from . import frames, tornado_internals
-from .connection import WebSocketConnection, Writer
+from .connection import CLOSE_TIMEOUT, Connection, WebSocketConnection
 from .disconnect import CLOSES, Close
 
 if TYPE_CHECKING:
@@ -31,10 +33,15 @@ if TYPE_CHECKING:
 
 PING_FRAME = frames.ws_frame(b"", frames.PING)  # the same bytes for every client
 REPLAY_CHUNK = 256 * 1024  # bytes per write while replaying
-DRAIN_TIMEOUT = 5.0  # seconds a cut-off SSE client gets to read what was queued
 # A cut-off client is still told why in one last message, which may take its queue this far past
 # its limit: the message is a few hundred bytes, and the limit stays a bound.
 LAST_WORDS_ALLOWANCE = 4096
+# Why a slow consumer is cut off: what the log says, what the client is told.
+OVER_ITS_LIMIT = ("over its CLIENT_BUFFER_BYTES", "you fell more than CLIENT_BUFFER_BYTES "
+                  "behind; reconnect with resume_after to continue without loss")
+HOLDS_THE_MOST = ("the most of all clients, MAX_BUFFERED_BYTES reached", "the relay holds too "
+                  "much unsent data (MAX_BUFFERED_BYTES) and you held the most; reconnect with "
+                  "resume_after to continue without loss")
 # An event's frame, as each WebSocket encoding packs it: shared by every client.
 _FRAME: Callable[[ev.Delivery], bytes] = attrgetter("frame")
 _DEFLATED_FRAME: Callable[[ev.Delivery], bytes] = attrgetter("deflated")
@@ -48,18 +55,19 @@ class Client:
     live events queue behind it in order, and only they count against the limit.
 
     ``on_end`` is called once, with the client, when the relay ends it — cut off as a slow
-    consumer or closed on token expiry — so that it leaves the hub before its last message goes
-    out. ``encoding`` names the bytes its events become (``pack``): clients with one encoding
-    share one payload per flush.
+    consumer (its own limit, or the relay's ``MAX_BUFFERED_BYTES``) or closed on token expiry —
+    so that it leaves the hub before its last message goes out. ``encoding`` names the bytes its
+    events become (``pack``): clients with one encoding share one payload per flush.
     """
 
     __slots__ = ("_drained", "_ended_with", "_history", "_queued", "backlog", "claims", "closed",
                  "encoding", "last_send", "limit", "on_end", "peer", "sent", "subscription",
                  "told", "writer")
 
-    def __init__(self, writer: Writer, encoding: str, subscription: Subscription, limit: int,
+    def __init__(self, writer: Connection, encoding: str, subscription: Subscription, limit: int,
                  peer: str, claims: Claims | None, on_end: Callable[[Client], None]):
         self.writer = writer
+        writer.on_shed = self.shed
         self.encoding = encoding
         self.subscription = subscription
         self.limit = limit
@@ -126,6 +134,10 @@ class Client:
                 return
         except StreamClosedError:
             self.closed = True
+        self._forget_backlog()
+
+    def _forget_backlog(self) -> None:
+        """No backlog any more: written, or never to be (the client is gone or cut off)."""
         self.backlog = None
         self._queued = self._history = 0
         if self._drained is not None and not self._drained.done():
@@ -154,13 +166,21 @@ class Client:
         elif token is None:  # a position is pointless behind a backlog; anything else queues
             self.backlog.append(self.pack_control(message, token))
 
-    def cut_off(self) -> None:
-        if not self.closed:
-            logger.warning("cutting off slow consumer %s (%d bytes unsent)", self.peer,
-                           self.writer.buffered())
-        self._end(ev.control("error", code="slow_consumer", message=(
-            "you fell more than CLIENT_BUFFER_BYTES behind; reconnect with resume_after "
-            "to continue without loss")), CLOSES["slow_consumer"])
+    def cut_off(self, why: tuple[str, str] = OVER_ITS_LIMIT) -> None:
+        """Cut a slow consumer off: what it has not been sent is dropped (it resumes from its
+        last id) and it is told ``why`` (for the log, for the client) in its last message."""
+        if self.closed:
+            return
+        logger.warning("cutting off slow consumer %s (%d bytes unsent, %s)", self.peer,
+                       self.writer.buffered(), why[0])
+        self.writer.drop_unsent()
+        self._forget_backlog()
+        self._end(ev.control("error", code="slow_consumer", message=why[1]),
+                  CLOSES["slow_consumer"])
+
+    def shed(self) -> None:
+        """The relay's unsent bytes are past MAX_BUFFERED_BYTES, and this client holds the most."""
+        self.cut_off(HOLDS_THE_MOST)
 
     def expire(self) -> None:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
@@ -259,24 +279,17 @@ class WebSocketClient(Client):
         self.connection.shutdown()
 
 
-class Response(Protocol):
-    """The HTTP response an event stream is the body of (``handlers.EventsHandler``)."""
-
-    def end_stream(self) -> None: ...
-
-
 class EventStreamClient(Client):
-    """A Server-Sent Events response (``GET /events``), created once its headers are flushed:
-    whether the body goes out in HTTP/1.1 chunks is known by then, and fixed."""
+    """A Server-Sent Events response (``GET /events``) on a connection of its own, once its
+    headers are out: whether the body goes out in HTTP/1.1 chunks is known by then, and fixed."""
 
-    __slots__ = ("chunked", "response")
+    __slots__ = ("chunked",)
 
-    def __init__(self, response: Response, writer: tornado_internals.StreamWriter, chunked: bool,
-                 subscription: Subscription, limit: int, peer: str, *, claims: Claims | None,
+    def __init__(self, connection: Connection, chunked: bool, subscription: Subscription,
+                 limit: int, peer: str, *, claims: Claims | None,
                  on_end: Callable[[Client], None]):
-        super().__init__(writer, "sse-chunked" if chunked else "sse", subscription, limit, peer,
-                         claims, on_end)
-        self.response = response
+        super().__init__(connection, "sse-chunked" if chunked else "sse", subscription, limit,
+                         peer, claims, on_end)
         self.chunked = chunked
 
     def weight(self, event: ev.Delivery) -> int:
@@ -299,11 +312,16 @@ class EventStreamClient(Client):
         self.send(self._frame(b": keep-alive\n\n"))
 
     def finish(self, message: bytes, close: Close) -> None:
-        with contextlib.suppress(StreamClosedError):
-            self.writer.write(self.pack_control(message))
-        self.response.end_stream()
-        # Like a WebSocket closing handshake: the client may drain what is queued, for a while.
-        self.writer.close_within(DRAIN_TIMEOUT)
+        self._end_stream(self.pack_control(message))
 
     def shutdown(self) -> None:
-        self.response.end_stream()
+        self._end_stream(b"")
+
+    def _end_stream(self, last: bytes) -> None:
+        """The end of the response: ``last`` and, when chunked, the last chunk; then, like a
+        WebSocket's closing handshake, the client has a while to read them."""
+        tail = last + tornado_internals.LAST_CHUNK if self.chunked else last
+        if tail:
+            with contextlib.suppress(StreamClosedError):
+                self.writer.write(tail)
+        self.writer.finish_within(CLOSE_TIMEOUT)

@@ -30,6 +30,7 @@ BEFORE_CHANGE_MODES = ("off", "whenAvailable", "required")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 MAX_REPLAY_BUFFER = 10_000_000  # events: at about a kilobyte each, already gigabytes of memory
+MAX_REQUEST_HEAD_BYTES = 1024 * 1024  # the most MAX_REQUEST_HEAD_BYTES may be: 16 times its default
 
 
 class ConfigError(Exception):
@@ -279,6 +280,20 @@ class Config:
     demo: bool = _setting(
         "DEMO", False, "run with a built-in MongoDB stand-in on 127.0.0.1 and a writer of demo "
         "data (no MongoDB needed; MONGO_SRV is ignored): `changerelay --demo`", _boolean)
+    max_buffered_bytes: int = _setting(
+        "MAX_BUFFERED_BYTES", 256 * 1024 * 1024, "unsent bytes all clients together may hold; "
+        "past it the clients holding the most are cut off as slow consumers (0: off)", _whole())
+    max_request_head_bytes: int = _setting(
+        "MAX_REQUEST_HEAD_BYTES", 64 * 1024, "bytes of a request's line and headers; more: 431 "
+        "(or 414, when the request line alone is longer)",
+        _whole(admission.MIN_REQUEST_HEAD_BYTES, MAX_REQUEST_HEAD_BYTES))
+    request_head_timeout: float = _setting(
+        "REQUEST_HEAD_TIMEOUT", 10.0, "seconds a connection has to send a whole request head, "
+        "from its opening or its last response; later: 408, or closed if it sent nothing",
+        _seconds)
+    max_pending_requests: int = _setting(
+        "MAX_PENDING_REQUESTS", 1024, "connections still sending their request head at once; "
+        "past it the oldest is closed (503)", _whole(1))
 
     @property
     def scope(self) -> str:

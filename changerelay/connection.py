@@ -1,14 +1,18 @@
 """Open connections on bare non-blocking sockets: bytes in, bytes out, nothing else.
 
 Tornado keeps a handler, a request, an IOStream, a protocol object and a chain of coroutines alive
-for every open WebSocket. A relay holds thousands of connections that mostly wait, and what they
-wait for is bytes we already built, so a ``Connection`` is the whole of it: a socket, a reader
-callback, an outbound queue for what the kernel did not take, and a deadline for closing. It knows
-nothing of WebSocket: ``WebSocketConnection`` hands what it reads to the protocol
-(``protocol.py``) and does what the protocol's state says.
+for every open connection. A relay holds thousands of connections that mostly wait, and what they
+wait for is bytes we already built, so once its handshake is answered a connection leaves Tornado
+and a ``Connection`` is the whole of it: a socket, a reader callback, an outbound queue for what
+the kernel did not take, and a deadline for closing. It knows nothing of WebSocket or SSE:
+``WebSocketConnection`` hands what it reads to the protocol (``protocol.py``) and does what the
+protocol's state says; an event stream writes its records and reads nothing.
 
 Writes go straight to the socket when nothing is queued (one ``send`` per client per flush, no
-Future), and queue otherwise; ``buffered()`` is the one number the slow-consumer limit reads.
+Future, no copy), and queue the shared payload otherwise. ``buffered()`` is what the queue holds
+— its unsent bytes and ``ENTRY_COST`` per entry — the one number the slow-consumer limit reads;
+every payload that enters or leaves a queue is reported to the relay's ``Buffers``, which caps
+what all the queues take together.
 """
 
 from __future__ import annotations
@@ -16,18 +20,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import socket
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from tornado.iostream import StreamClosedError
 
 from . import frames
+from .buffers import ENTRY_COST, Buffers
 from .disconnect import CLOSES
 from .protocol import CLOSED, FAILED, OPEN, State, WebSocketProtocol
 
-CLOSE_TIMEOUT = 5.0  # seconds the peer gets to answer our close frame (Tornado's figure)
+# Seconds a peer gets to read our last bytes (and answer a close frame) before the connection is
+# reset (Tornado's figure for the closing handshake).
+CLOSE_TIMEOUT = 5.0
+# SO_LINGER on, for 0 seconds: close() then resets the connection and discards unsent bytes.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 # Many small queued payloads (live events behind a slow reader) go out joined, up to this many
 # bytes per send(): one syscall instead of one per event, and no more than a socket buffer takes.
 SEND_BATCH = 64 * 1024
@@ -39,106 +51,38 @@ _A = TypeVar("_A")
 _T = TypeVar("_T")
 
 
-class Writer:
-    """The fan-out's write, once for every kind of writer.
-
-    A subclass has ``sock``, ``_size`` (bytes accepted but not yet with the kernel),
-    ``_stage`` (true once nothing more may be written), ``_queue(data)``, ``_broken(exc)``,
-    ``when_drained(callback)`` and ``close_within(seconds)``.
-    """
-
-    __slots__ = ()
-
-    if TYPE_CHECKING:  # what each subclass supplies, as attributes or properties
-        @property
-        def sock(self) -> socket.socket: ...
-        @property
-        def _size(self) -> int: ...
-        @property
-        def _stage(self) -> int: ...
-
-    def buffered(self) -> int:
-        """Bytes accepted but not yet handed to the kernel."""
-        return self._size
-
-    def write(self, data: bytes) -> None:
-        """Write ``data`` in order after everything written before; raise StreamClosedError."""
-        self.write_within(data, _UNLIMITED)
-
-    def write_within(self, data: bytes, limit: int) -> bool:
-        """Write ``data`` unless that would queue more than ``limit`` bytes; False if not.
-
-        This is the per-client, per-flush call of the fan-out: one call, one syscall.
-        """
-        if self._stage:
-            raise StreamClosedError()
-        queued = self._size
-        if queued:
-            if queued + len(data) > limit:
-                return False
-            self._queue(data)
-            return True
-        sock = self.sock
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._broken(exc)
-            raise StreamClosedError(real_error=exc) from exc
-        if sent < len(data):
-            # Nothing was queued before, so this client is not slow: queue the rest whatever
-            # its size (one batch can exceed the limit; a backlog of them cannot).
-            self._queue(memoryview(data)[sent:])
-        return True
-
-    def _queue(self, data: bytes | memoryview) -> None:
-        """Keep ``data`` to send after what is queued, when the socket can take it."""
-        raise NotImplementedError
-
-    def _broken(self, exc: OSError) -> None:
-        """The socket failed as we wrote to it."""
-        raise NotImplementedError
-
-    def when_drained(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once everything queued is with the kernel."""
-        raise NotImplementedError
-
-    def close_within(self, seconds: float) -> None:
-        """Close in ``seconds`` at the latest, whatever the peer does."""
-        raise NotImplementedError
-
-
 class _Stage(enum.IntEnum):
     OPEN = 0    # reading and writing
     ENDED = 1   # nothing more may be written; what is queued still goes out
     CLOSED = 2  # the socket is closed
 
 
-class Connection(Writer):
+class Connection:
     """One open connection on a non-blocking socket.
 
-    Subclasses say what bytes mean: ``data_received``, ``eof_received`` (by default the
-    connection is gone) and ``queue_shrank``, called when queued bytes went out. ``on_close``
-    is called once, soon after the socket is closed (from the loop, like Tornado's close
-    callbacks).
+    Subclasses say what bytes mean: ``data_received`` (by default a peer that speaks when it has
+    nothing to say is not read any further), ``eof_received`` (by default the connection is gone)
+    and ``queue_shrank``, called when queued bytes went out. ``on_close`` is called once, soon
+    after the socket is closed (from the loop, like Tornado's close callbacks); ``on_shed`` when
+    the relay's unsent bytes are past ``MAX_BUFFERED_BYTES`` and this connection holds the most.
     """
 
-    __slots__ = ("_drain", "_out", "_size", "_stage", "_timer", "loop", "on_close", "sock")
-    sock: socket.socket
-    _size: int
-    _stage: _Stage
+    __slots__ = ("_drain", "_out", "_size", "_stage", "_timer", "buffers", "loop", "on_close",
+                 "on_shed", "sock")
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, sock: socket.socket, buffers: Buffers,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.sock = sock
+        self.buffers = buffers
         self.loop = loop or asyncio.get_running_loop()
         # only while something waits: an empty deque is 760 B
         self._out: deque[bytes | memoryview] | None = None
-        self._size = 0
+        self._size = 0  # what the queue costs: its bytes, and ENTRY_COST per entry
         self._drain: list[Callable[[], None]] | None = None
         self._stage = _Stage.OPEN
         self._timer: asyncio.TimerHandle | None = None
         self.on_close: Callable[[], None] = _nothing
+        self.on_shed: Callable[[], None] = _nothing
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -158,7 +102,10 @@ class Connection(Writer):
     # -- what the bytes mean: for subclasses -------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        """Bytes from the peer; ignored unless a subclass has a use for them."""
+        """Bytes from a peer that has nothing to say (an event stream's, once its request is
+        in): they are discarded and the peer is not read any more; its end shows when a write
+        fails."""
+        self.stop_reading()
 
     def eof_received(self) -> None:
         """The peer has sent all it will: by default it is gone."""
@@ -168,6 +115,40 @@ class Connection(Writer):
         """Queued bytes went to the kernel (``buffered()`` says how many are left)."""
 
     # -- writing -------------------------------------------------------------------------------
+
+    def buffered(self) -> int:
+        """What is queued and not yet with the kernel: its bytes, and ENTRY_COST per entry."""
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` in order after everything written before; raise StreamClosedError."""
+        self.write_within(data, _UNLIMITED)
+
+    def write_within(self, data: bytes, limit: int) -> bool:
+        """Write ``data`` unless that would queue more than ``limit``; False if not.
+
+        This is the per-client, per-flush call of the fan-out: one call, one syscall.
+        """
+        if self._stage:
+            raise StreamClosedError()
+        queued = self._size
+        if queued:
+            if queued + len(data) + ENTRY_COST > limit:
+                return False
+            self._queue(data)
+            return True
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.abort()
+            raise StreamClosedError(real_error=exc) from exc
+        if sent < len(data):
+            # Nothing was queued before, so this client is not slow: queue the rest whatever
+            # its size (one batch can exceed the limit; a backlog of them cannot).
+            self._queue(memoryview(data)[sent:])
+        return True
 
     def when_drained(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once everything queued is with the kernel (or the socket is gone)."""
@@ -188,14 +169,14 @@ class Connection(Writer):
         out = self._out
         if not out:
             return
-        first = out[0]
-        out.clear()
-        if isinstance(first, memoryview):  # the tail of a partial send()
-            out.append(first)
-            self._size = len(first)
+        if isinstance(out[0], memoryview):  # the tail of a partial send()
+            while len(out) > 1:
+                self._dequeued(out.pop())
         else:
-            self._out, self._size = None, 0
+            self._out = None
             self.loop.remove_writer(self.sock.fileno())
+            while out:
+                self._dequeued(out.pop())
 
     def write_eof(self) -> None:
         """Tell the peer we are done writing (TCP FIN), and keep reading."""
@@ -205,37 +186,50 @@ class Connection(Writer):
             except OSError:
                 self.abort()
 
+    def finish_within(self, seconds: float) -> None:
+        """Nothing more will be written: once what is queued is out, tell the peer (FIN) and
+        close when it closes its end — in ``seconds`` at the latest."""
+        self.end()
+        self.when_drained(self.write_eof)
+        self.close_within(seconds)
+
+    def shed(self) -> None:
+        """The relay holds too many unsent bytes, and this connection the most: its owner cuts
+        it off (``on_shed``); one already ending gets no more time and is reset."""
+        if self._stage is _Stage.OPEN:
+            self.on_shed()
+        else:
+            self.reset()
+
     def _queue(self, data: bytes | memoryview) -> None:
+        """Keep ``data`` to send after what is queued, when the socket can take it."""
         out = self._out
         if out is None:
             self.loop.add_writer(self.sock.fileno(), self._writable)
             out = self._out = deque()
         out.append(data)
-        self._size += len(data)
+        self._size += len(data) + ENTRY_COST
+        self.buffers.queued(self, _payload(data), self._size)
 
-    def _broken(self, exc: OSError) -> None:
-        self.abort()
+    def _dequeued(self, entry: bytes | memoryview) -> None:
+        """``entry`` left the queue: sent, or dropped."""
+        self._size -= len(entry) + ENTRY_COST
+        self.buffers.dequeued(self, _payload(entry), self._size)
 
     def _writable(self) -> None:
         out = self._out
         while out:
             chunk = out[0]
             if len(out) > 1 and len(chunk) < SEND_BATCH:
-                parts, size = [], 0
-                while out and size < SEND_BATCH:
-                    part = out.popleft()
-                    parts.append(part)
-                    size += len(part)
-                chunk = b"".join(parts)
-                out.appendleft(chunk)
+                chunk = self._join_head(out)
             sent = self._attempt(self.sock.send, chunk)
             if sent is None:
                 return
-            self._size -= sent
             if sent < len(chunk):
-                out[0] = memoryview(chunk)[sent:]
+                out[0] = memoryview(chunk)[sent:]  # the same payload, less of it unsent
+                self._size -= sent
                 break
-            out.popleft()
+            self._dequeued(out.popleft())
         if not out:
             self.loop.remove_writer(self.sock.fileno())
             self._out = None
@@ -243,6 +237,21 @@ class Connection(Writer):
         if self._size or self.closed:
             return
         self._drained()
+
+    def _join_head(self, out: deque[bytes | memoryview]) -> bytes:
+        """Join the first entries, up to SEND_BATCH bytes, into one: the new head."""
+        parts: list[bytes | memoryview] = []
+        size = 0
+        while out and size < SEND_BATCH:
+            part = out.popleft()
+            parts.append(part)
+            size += len(part)
+            self._dequeued(part)
+        chunk = b"".join(parts)
+        out.appendleft(chunk)
+        self._size += len(chunk) + ENTRY_COST
+        self.buffers.queued(self, chunk, self._size)
+        return chunk
 
     def _drained(self) -> None:
         callbacks, self._drain = self._drain, None
@@ -283,9 +292,25 @@ class Connection(Writer):
     # -- closing -------------------------------------------------------------------------------
 
     def close_within(self, seconds: float) -> None:
-        """Close the socket in ``seconds`` at the latest, whatever the peer does."""
+        """Close the socket in ``seconds`` at the latest, whatever the peer does: by then a peer
+        that has not read what we sent is reset."""
         if self._timer is None and not self.closed:
-            self._timer = self.loop.call_later(seconds, self.abort)
+            self._timer = self.loop.call_later(seconds, self._time_is_up)
+
+    def _time_is_up(self) -> None:
+        if self._size or _unacknowledged(self.sock):
+            self.reset()
+        else:
+            self.abort()  # it read everything: an ordinary close (FIN)
+
+    def reset(self) -> None:
+        """Close now with a reset (RST). A plain close leaves what the peer has not read with
+        the kernel, which offers it to a zero window for minutes while the peer, never reading,
+        sees an open connection; a reset frees both ends at once."""
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            self.abort()
 
     def abort(self) -> None:
         """Close the socket now, whatever its state; tell the owner once."""
@@ -297,15 +322,17 @@ class Connection(Writer):
         fd = self.sock.fileno()
         if fd >= 0:
             self.loop.remove_reader(fd)
-            if self._size:
+            if self._out is not None:
                 self.loop.remove_writer(fd)
         self.sock.close()
-        self._out = None
-        self._size = 0
+        out, self._out = self._out, None
+        while out:
+            self._dequeued(out.pop())
         self._drained()
         # Never from inside the write that failed: its caller (the hub, mid-way through a flush
         # or a resume) would see the client leave under its feet.
         on_close, self.on_close = self.on_close, _nothing
+        self.on_shed = _nothing
         self.loop.call_soon(on_close)
 
 
@@ -318,17 +345,20 @@ class WebSocketConnection(Connection):
 
     __slots__ = ("on_pong", "protocol")
 
-    def __init__(self, sock: socket.socket, protocol: WebSocketProtocol,
+    def __init__(self, sock: socket.socket, buffers: Buffers, protocol: WebSocketProtocol,
                  loop: asyncio.AbstractEventLoop | None = None):
-        super().__init__(sock, loop)
+        super().__init__(sock, buffers, loop)
         self.protocol = protocol
         self.on_pong: Callable[[], None] = _nothing
 
     def data_received(self, data: bytes) -> None:
-        before = self.protocol.state
-        reply, ponged = self.protocol.receive(data, self._size)
+        protocol = self.protocol
+        before = protocol.state
+        reply, ponged = protocol.receive(data, self._size, self.loop.time())
         if ponged:
             self.on_pong()
+        if not protocol.listening:  # past its frame budget: what it sends next stays unread
+            self.stop_reading()
         self._act(before, reply)
 
     def eof_received(self) -> None:
@@ -369,12 +399,13 @@ class WebSocketConnection(Connection):
             # not read; then close once the answer is sent.
             self.drop_unsent()
         self._send(reply)
+        if state is FAILED:
+            # We will not read the peer's answer, so say we are done.
+            self.finish_within(CLOSE_TIMEOUT)
+            return
         self.end()
         if state is CLOSED:
             self.when_drained(self.abort)
-        elif state is FAILED:
-            # We will not read the peer's answer, so say we are done.
-            self.when_drained(self.write_eof)
         self.close_within(CLOSE_TIMEOUT)  # a peer that stops reading our last frame
 
     def _send(self, data: bytes) -> None:
@@ -385,3 +416,17 @@ class WebSocketConnection(Connection):
 
 def _nothing() -> None:
     pass
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes the kernel still holds for the peer, unsent or unacknowledged (SIOCOUTQ); where
+    that cannot be asked, 1: as if the peer had not read them."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except OSError:
+        return 1
+
+
+def _payload(entry: bytes | memoryview) -> bytes:
+    """The payload a queue entry holds: itself, or the one a partly sent entry is a view of."""
+    return entry.obj if isinstance(entry, memoryview) else entry  # type: ignore[return-value]

@@ -83,6 +83,10 @@ CLOSES: dict[str, Close] = {
     "token_expired": Close(
         1008, "token expired", Retry.FRESH_TOKEN,
         "the token's exp passed during the connection; after an error frame token_expired"),
+    "too_many_frames": Close(
+        1008, "too many frames", Retry.RESUME,
+        "the client sent far more frames than any client needs (pings, pongs, fragments, tiny "
+        "messages): past its frame budget"),
     "message_too_big": Close(
         1009, None, Retry.RESUME,
         "a client message over 4 KiB (clients have nothing to say to the relay)"),
@@ -91,7 +95,8 @@ CLOSES: dict[str, Close] = {
         "an unexpected condition in the relay (RFC 6455 §7.4.1); the reason names it"),
     "slow_consumer": Close(
         1013, "slow consumer", Retry.RESUME,
-        "the client fell CLIENT_BUFFER_BYTES behind; after an error frame slow_consumer"),
+        "the client fell CLIENT_BUFFER_BYTES behind, or held the most when all clients together "
+        "reached MAX_BUFFERED_BYTES; after an error frame slow_consumer"),
 }
 
 REFUSALS: dict[int, Refused] = {
@@ -100,7 +105,7 @@ REFUSALS: dict[int, Refused] = {
         "invalid_ops", "unknown_operation_type", "invalid_json", "invalid_filter",
         "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long", "regex_too_complex",
         "filter_too_large", "filter_too_deep", "filter_too_complex", "invalid_resume_after",
-        "invalid_encoding", "websocket_required", "bad_handshake",
+        "invalid_encoding", "websocket_required", "bad_handshake", "malformed_request",
     ), "the request is wrong; the message says what to change"),
     401: Refused(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
@@ -110,16 +115,25 @@ REFUSALS: dict[int, Refused] = {
                  "row rule this relay cannot decide (no post-images, or a redacted field), or "
                  "a scrape of /metrics with a token other than METRICS_TOKEN"),
     404: Refused(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
-    413: Refused(Retry.NO, (), "too large; not answered yet (the request-size limits will)"),
-    414: Refused(Retry.NO, ("query_too_large",), "the query string is over 512 KiB"),
+    408: Refused(Retry.BACKOFF, ("request_timeout",),
+                 "the request head took longer than REQUEST_HEAD_TIMEOUT: send it at once"),
+    413: Refused(Retry.NO, ("body_not_allowed",),
+                 "the request announces a body (Content-Length above 0, Transfer-Encoding): no "
+                 "route reads one"),
+    414: Refused(Retry.NO, ("query_too_large", "uri_too_long"),
+                 "the query string is over 32 KiB, or the request line over "
+                 "MAX_REQUEST_HEAD_BYTES"),
     421: Refused(Retry.NO, ("host_not_allowed",), "a Host the relay does not answer to"),
     426: Refused(Retry.NO, ("unsupported_websocket_version",),
                  "a WebSocket version other than 13"),
     429: Refused(Retry.BACKOFF, ("too_many_connections_from_address",),
                  "MAX_CONNECTIONS_PER_IP reached: retry once a connection of this address ends"),
-    431: Refused(Retry.NO, (), "headers too large; not answered yet (the header limits will)"),
-    503: Refused(Retry.BACKOFF, ("too_many_connections",),
-                 "MAX_CONNECTIONS reached: retry later, or on another relay"),
+    431: Refused(Retry.NO, ("headers_too_large", "too_many_headers"),
+                 "the request line and headers are over MAX_REQUEST_HEAD_BYTES, or over 100 "
+                 "header lines"),
+    503: Refused(Retry.BACKOFF, ("too_many_connections", "too_many_pending_requests"),
+                 "MAX_CONNECTIONS reached, or MAX_PENDING_REQUESTS and this request was the "
+                 "slowest: retry later, or on another relay"),
 }
 
 # The status each refusal is answered with: ``admission.Refusal`` takes it from here.

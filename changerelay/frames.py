@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import struct
+import sys
 import zlib
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -150,9 +151,12 @@ class FrameReader:
     frames that came before it (a ping among them is owed its pong, §5.5.2), keeps the
     ``ProtocolError`` in ``error``, and reads nothing after it, since a broken stream has no
     frame boundaries left to find.
+
+    ``frames`` counts every frame read, fragments that complete no message included: what a
+    peer's frames cost us is per frame, whatever they carry.
     """
 
-    __slots__ = ("_buffer", "_deflate", "_message", "_size", "error", "max_size")
+    __slots__ = ("_buffer", "_deflate", "_message", "_size", "error", "frames", "max_size")
 
     def __init__(self, max_size: int, deflate: bool = False):
         self.max_size = max_size
@@ -161,15 +165,20 @@ class FrameReader:
         self._message: tuple[int, bool, list[bytes]] | None = None  # a fragmented message
         self._size = 0
         self.error: ProtocolError | None = None
+        self.frames = 0
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes, most: int = sys.maxsize) -> list[tuple[int, bytes]]:
+        """The messages and control frames ``data`` completes, reading at most ``most`` frames
+        (the rest stays buffered, unread)."""
         if self.error is not None:
             return []
         buffer = self._buffer + data if self._buffer else data
         out: list[tuple[int, bytes]] = []
         offset = 0
+        last = self.frames + most
         try:
-            while (frame := self._frame(buffer, offset)) is not None:
+            while self.frames < last and (frame := self._frame(buffer, offset)) is not None:
+                self.frames += 1
                 offset = frame[0]
                 message = self._message_of(*frame[1:])
                 if message is not None:
@@ -179,6 +188,11 @@ class FrameReader:
             buffer, offset = b"", 0
         self._buffer = buffer[offset:]
         return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes read and not yet a whole frame, or whole frames not yet read (see ``most``)."""
+        return len(self._buffer)
 
     def _message_of(self, fin: int, rsv1: bool, opcode: int,
                     payload: bytes) -> tuple[int, bytes] | None:

@@ -7,7 +7,6 @@ JSON body ``{"error": code, "message": fix}``, so a bad client costs one respons
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from typing import TYPE_CHECKING, NamedTuple
@@ -18,11 +17,11 @@ from tornado.iostream import StreamClosedError
 from . import admission, clients, frames, metrics
 from .admission import Refusal
 from .auth import bearer_header
-from .connection import WebSocketConnection
+from .connection import Connection, WebSocketConnection
 from .metrics import check_scraper
 from .protocol import WebSocketProtocol
 from .subscription import Subscription, parse_resume
-from .tornado_internals import StreamWriter, http_chunked, http_stream, take_socket
+from .tornado_internals import http_chunked, take_socket
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -31,9 +30,6 @@ if TYPE_CHECKING:
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
 # Milliseconds EventSource waits before it reconnects (its own default is the browser's choice).
 SSE_RETRY_MS = 1000
-# Tornado drops a request whose headers exceed its limit without answering; the server reads up
-# to this much so that an oversized query gets admission's JSON 414 (MAX_QUERY_BYTES) instead.
-MAX_HEADER_BYTES = 2 * 1024 * 1024
 
 
 class Admitted(NamedTuple):
@@ -120,6 +116,20 @@ class Transport(HostChecked):
             return None
         return Admitted(subscription, resume_after, claims, slot)
 
+    def hand_over(self, client: clients.Client, connection: Connection, slot: admission.Slot,
+                  resume_after: str | None, unwritten: bytes, unread: bytes) -> None:
+        """The connection, out of Tornado, is the client's: it joins the relay, and leaves it
+        (and frees its slot) when the connection closes."""
+        relay = self.relay
+
+        def lost() -> None:
+            relay.detach(client)
+            slot.release()
+
+        connection.on_close = lost
+        connection.start(unwritten, unread)
+        relay.attach(client, resume_after)
+
 
 class ChangesHandler(Transport):
     """``/socket``: one WebSocket per client; every change event is one text frame.
@@ -163,18 +173,12 @@ class ChangesHandler(Transport):
             slot.release()
             return
         deflate = extensions is not None
-        connection = WebSocketConnection(sock, WebSocketProtocol(MAX_INBOUND_MESSAGE, deflate))
+        connection = WebSocketConnection(sock, relay.buffers,
+                                         WebSocketProtocol(MAX_INBOUND_MESSAGE, deflate))
         client = clients.WebSocketClient(
             connection, subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
             on_end=relay.detach, deflate=deflate)
-
-        def lost() -> None:
-            relay.detach(client)
-            slot.release()
-
-        connection.on_close = lost
-        connection.start(unwritten, unread)
-        relay.attach(client, resume_after)
+        self.hand_over(client, connection, slot, resume_after, unwritten, unread)
 
     def handshake(self, compression: bool) -> tuple[str, str | None]:
         """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; a Refusal if the
@@ -203,10 +207,14 @@ class ChangesHandler(Transport):
 
 
 class EventsHandler(Transport):
-    """``/events``: the same stream as Server-Sent Events."""
+    """``/events``: the same stream as Server-Sent Events.
+
+    Once its headers are out, the response leaves Tornado as a WebSocket does after its
+    handshake: a ``connection.Connection`` writes the shared payloads with nothing copied, and
+    counts what a stalled client holds.
+    """
 
     resumes_from_last_event_id = True
-    _done: asyncio.Future[None] | None = None  # resolved when the stream is to end
 
     async def get(self) -> None:
         admitted = self.admitted()
@@ -214,36 +222,24 @@ class EventsHandler(Transport):
             return
         subscription, resume_after, claims, slot = admitted
         relay = self.relay
-        done = self._done = asyncio.get_running_loop().create_future()
-        client = None
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Accel-Buffering", "no")
+        self.set_header("Connection", "close")  # one stream per connection, ended by us
+        self.write(b"retry: %d\n\n" % SSE_RETRY_MS)
         try:
-            self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.set_header("Cache-Control", "no-store")
-            self.set_header("X-Accel-Buffering", "no")
-            self.set_header("Connection", "close")  # one stream per connection, ended by us
-            self.write(b"retry: %d\n\n" % SSE_RETRY_MS)
             await self.flush()
-            client = clients.EventStreamClient(
-                self, StreamWriter(http_stream(self)), http_chunked(self),
-                subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
-                on_end=relay.detach)
-            relay.attach(client, resume_after)
-            await done
-        finally:
-            if client is not None:
-                client.closed = True
-                relay.detach(client)
+            chunked = http_chunked(self)
+            sock, unread, unwritten = take_socket(self.detach())
+        except StreamClosedError:
             slot.release()
-        if not self._finished:
-            self.finish()
-
-    def on_connection_close(self) -> None:
-        self.end_stream()
-
-    def end_stream(self) -> None:
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(None)
+            return
+        self.application.log_request(self)  # Tornado logs a request when it finishes it
+        connection = Connection(sock, relay.buffers)
+        client = clients.EventStreamClient(
+            connection, chunked, subscription, relay.config.client_buffer_bytes, self.peer,
+            claims=claims, on_end=relay.detach)
+        self.hand_over(client, connection, slot, resume_after, unwritten, unread)
 
 
 class WebpageHandler(HostChecked):

@@ -10,12 +10,24 @@ from __future__ import annotations
 import enum
 
 from . import frames
+from .disconnect import CLOSES
 
 # Pings are answered at once while fewer bytes than this wait to be sent. Behind more (a replay,
 # a slow reader), a pong would wait its turn anyway: only the latest ping is answered, once the
 # queue is this short (RFC 6455 §5.5.3 allows it), so a peer that pings without reading cannot
 # pile pongs up in our memory.
 PONG_BACKLOG = 64 * 1024
+# What a peer's frames may cost us: each frame it sends (ping, pong, message, continuation
+# fragment, however small) and each read that completes none is charged against a bucket of
+# FRAME_BURST that refills at FRAMES_PER_SECOND. A browser answers our pings (one per
+# WS_PING_INTERVAL, 20 s) and says nothing else; the websockets library pings every 20 s too; the
+# largest burst we know of is Autobahn's 1,000 messages at once (cases 9.7, 9.8). Ten a second is
+# a hundred times what a client needs and, at a few microseconds a frame, a few hundredths of a
+# percent of the loop per connection; past the bucket, a flood ends at once (1008), having cost
+# FRAME_BURST frames, a few milliseconds.
+FRAME_BURST = 2000
+FRAMES_PER_SECOND = 10
+_LONG_AGO = float("-inf")  # a new connection's bucket is full
 
 
 class State(enum.Enum):
@@ -37,21 +49,37 @@ class WebSocketProtocol:
     Close still gets its pong, and a Close ends the stream whatever follows it.
     """
 
-    __slots__ = ("_owed_pong", "_reader", "sent_close", "state")
+    __slots__ = ("_owed_pong", "_reader", "_refilled", "_tokens", "listening", "sent_close",
+                 "state")
 
     def __init__(self, max_message: int, deflate: bool = False):
         self._reader = frames.FrameReader(max_message, deflate)
         self.state = OPEN
         self.sent_close: tuple[int, str] | None = None  # (code, reason) of a Close we began
         self._owed_pong: bytes | None = None  # the latest ping's payload, while a long queue waits
+        self._tokens = float(FRAME_BURST)     # frames the peer may still send (see FRAME_BURST)
+        self._refilled = _LONG_AGO
+        # False once the peer has spent its frame budget: nothing more is read from it.
+        self.listening = True
 
-    def receive(self, data: bytes, queued: int) -> tuple[bytes, bool]:
-        """Handle ``data`` from the peer while ``queued`` bytes of ours wait to be sent."""
+    def receive(self, data: bytes, queued: int, now: float) -> tuple[bytes, bool]:
+        """Handle ``data`` from the peer while ``queued`` bytes of ours wait to be sent; ``now``
+        is the monotonic time in seconds (the frame budget refills with it)."""
+        allowance = self._allowance(now)
         if self.state is not OPEN and self.state is not CLOSING:
-            return b"", False  # the handshake is over or failed: bytes are discarded
+            # The handshake is over or failed: bytes are discarded, until the budget is spent.
+            self._spend(1, allowance)
+            return b"", False
+        reader = self._reader
+        before = reader.frames
+        messages = reader.feed(data, allowance)  # what lies past the budget is not read
+        read = reader.frames - before
+        if read == allowance and reader.pending:
+            read += 1  # more came than the budget allows: the frame past it counts as read
+        flooded = self._spend(max(1, read), allowance)  # a read that completes none costs one
         reply: list[bytes] = []
         ponged = False
-        for opcode, payload in self._reader.feed(data):
+        for opcode, payload in messages:
             if opcode == frames.PING:
                 pong = self._pong_for(payload, queued)
                 if pong:
@@ -63,9 +91,10 @@ class WebSocketProtocol:
                 self._peer_closed(payload, reply)
                 return b"".join(reply), ponged
             # Text and binary messages: clients have nothing to tell a relay; ignored.
-        error = self._reader.error
-        if error is not None:
-            self._fail(error, reply)
+        if reader.error is not None:
+            self._fail(reader.error.code, reader.error.reason, reply)
+        elif flooded and self.state is OPEN:
+            self._fail(*CLOSES["too_many_frames"].frame, reply)
         return b"".join(reply), ponged
 
     def owed_pong(self, queued: int) -> bytes:
@@ -83,6 +112,20 @@ class WebSocketProtocol:
         self._say_goodbye(code, reason, reply)
         self.state = CLOSING
         return b"".join(reply)
+
+    def _allowance(self, now: float) -> int:
+        """Whole frames the peer may send now."""
+        self._tokens = min(FRAME_BURST,
+                           self._tokens + (now - self._refilled) * FRAMES_PER_SECOND)
+        self._refilled = now
+        return int(self._tokens)
+
+    def _spend(self, frames_read: int, allowance: int) -> bool:
+        """Charge what a read cost; True (and no longer listening) if it was past the budget."""
+        self._tokens -= frames_read
+        if frames_read > allowance:
+            self.listening = False
+        return not self.listening
 
     def _pong_for(self, payload: bytes, queued: int) -> bytes:
         """The pong to send now for a ping, or b"" (owed until the queue is short, or none)."""
@@ -102,9 +145,9 @@ class WebSocketProtocol:
             reply.append(frames.ws_frame(payload[:2], frames.CLOSE))
         self.state = CLOSED
 
-    def _fail(self, error: frames.ProtocolError, reply: list[bytes]) -> None:
+    def _fail(self, code: int, reason: str, reply: list[bytes]) -> None:
         if self.state is OPEN:
-            self._say_goodbye(error.code, error.reason, reply)
+            self._say_goodbye(code, reason, reply)
         self.state = FAILED
 
     def _say_goodbye(self, code: int, reason: str, reply: list[bytes]) -> None:

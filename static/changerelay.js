@@ -55,13 +55,14 @@ export const DISCONNECTS = {
     "connection_lost": {"code": 1006, "reason": null, "retry": "resume"},
     "invalid_data": {"code": 1007, "reason": null, "retry": "resume"},
     "token_expired": {"code": 1008, "reason": "token expired", "retry": "fresh_token"},
+    "too_many_frames": {"code": 1008, "reason": "too many frames", "retry": "resume"},
     "message_too_big": {"code": 1009, "reason": null, "retry": "resume"},
     "server_error": {"code": 1011, "reason": null, "retry": "resume"},
     "slow_consumer": {"code": 1013, "reason": "slow consumer", "retry": "resume"}
   },
   "refusals": {
-    "400": "no", "401": "fresh_token", "403": "no", "404": "no", "413": "no", "414": "no",
-    "421": "no", "426": "no", "429": "backoff", "431": "no", "503": "backoff"
+    "400": "no", "401": "fresh_token", "403": "no", "404": "no", "408": "backoff", "413": "no",
+    "414": "no", "421": "no", "426": "no", "429": "backoff", "431": "no", "503": "backoff"
   }
 };
 

@@ -242,23 +242,28 @@ class Browser:
     def open(self, url: str, timeout: float = 15.0) -> None:
         """Navigate the page to ``url`` and return once its ``load`` event has fired.
 
-        Console messages and WebSocket URLs recorded for the previous page are forgotten.
+        Console messages and WebSocket URLs recorded for the previous page are forgotten. The
+        page goes to ``about:blank`` first: until the previous page is unloaded, its timers still
+        run (a reconnect to the previous test's relay, already gone, logged a refused connection
+        into the next test's console); DevTools events arrive in order, so once the blank page
+        has loaded nothing more of the previous one can come.
         """
+
+        async def navigate(to: str) -> None:
+            loaded = self._next_event("Page.loadEventFired")
+            result = await self._send("Page.navigate", {"url": to})
+            if result.get("errorText"):
+                loaded.cancel()
+                raise BrowserError(f"could not open {to}: {result['errorText']}")
+            await loaded
+
+        self._run(navigate("about:blank"), timeout)
         with self._changed:
             self._console.clear()
             self._websocket_urls.clear()
             self._websocket_handshakes.clear()
             self._page_loads += 1
-
-        async def navigate() -> None:
-            loaded = self._next_event("Page.loadEventFired")
-            result = await self._send("Page.navigate", {"url": url})
-            if result.get("errorText"):
-                loaded.cancel()
-                raise BrowserError(f"could not open {url}: {result['errorText']}")
-            await loaded
-
-        self._run(navigate(), timeout)
+        self._run(navigate(url), timeout)
 
     def evaluate(self, js: str, timeout: float = 15.0) -> Any:
         """Evaluate a JavaScript expression in the page; promises are awaited.

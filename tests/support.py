@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import datetime
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymongo import MongoClient
-from tornado import httpclient, websocket
+from tornado import httpclient, httputil, websocket
 
 from changerelay import events as ev
 from changerelay.frames import TEXT
@@ -34,6 +37,19 @@ from changerelay.primary import TestPrimary
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_URI = os.environ.get("MONGODB_TEST_URI")
+#: THOROUGH=1 (a .ci/run step of its own) runs every property test with its full number of
+#: examples; the functional suite runs a fifth of them, to stay within a minute.
+THOROUGH = os.environ.get("THOROUGH") == "1"
+
+
+def examples(thorough: int) -> int:
+    """Hypothesis examples for a property test: ``thorough`` in the THOROUGH run, a fifth (at
+    least 20) in the functional suite."""
+    return thorough if THOROUGH else max(20, thorough // 5)
+
+
+# Linux's TCP states (include/net/tcp_states.h), as TCP_INFO reports them.
+TCP_ESTABLISHED = 1
 
 
 class Mongo:
@@ -197,6 +213,94 @@ class RelayProcess:
             self.proc.wait(5)
 
 
+class RawHTTP:
+    """A blocking TCP client that sends exactly the bytes it is given: the heads HTTP libraries
+    will not send (oversized, malformed, half-sent, promising a body on GET)."""
+
+    def __init__(self, port: int, timeout: float = 5):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> bool:
+        """Send ``data``; False if the relay had closed the connection already."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    def response(self, timeout: float = 5) -> Response | None:
+        """The next response, its body read by Content-Length; None if the connection closed
+        before one; TimeoutError if none came in time."""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._receive(deadline):
+                return None
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status_line, _, fields = head.decode("latin-1").partition("\r\n")
+        headers = httputil.HTTPHeaders.parse(fields)
+        length = int(headers.get("Content-Length", "0"))
+        while len(self.buffer) < length and self._receive(deadline):
+            pass
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Response(int(status_line.split()[1]), body, headers)
+
+    def closed(self, timeout: float = 5) -> bool:
+        """True once the relay has closed the connection (whatever it sent first is kept in
+        ``buffer``), False if it is still open after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._receive(deadline):
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def _receive(self, deadline: float) -> bool:
+        self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            chunk = self.sock.recv(65536)  # TimeoutError past the deadline
+        except ConnectionResetError:
+            return False
+        self.buffer += chunk
+        return bool(chunk)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ParkedHeads:
+    """Connections that each send an endless request head, as fast as the relay takes it, and
+    never finish it (``GET / HTTP/1.1``, then one header that does not end)."""
+
+    def __init__(self, port: int, count: int):
+        self.sockets = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            self.sockets.append(sock)
+        self.sent = [0] * count
+        self.start = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Parked: "
+
+    def push(self, seconds: float, most: int = 2 * 1024 * 1024) -> int:
+        """Send for ``seconds`` (each connection at most ``most`` bytes); the bytes sent."""
+        chunk = b"p" * 65536
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for number, sock in enumerate(self.sockets):
+                data = self.start if not self.sent[number] else chunk
+                if self.sent[number] >= most:
+                    continue
+                with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    self.sent[number] += sock.send(data)
+            time.sleep(0.001)
+        return sum(self.sent)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
 class WS:
     """A real WebSocket client (Tornado's) that records every frame it receives."""
 
@@ -337,6 +441,67 @@ def drain(stream, count: int, timeout: float = 5) -> list[dict]:
     return got
 
 
+def rss(pid: int) -> int:
+    """A process's resident memory, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def latency(frame: dict) -> float:
+    """Seconds from an event's commit (its ``wallTime``, the primary's clock) to now."""
+    wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
+    return time.time() - wall.timestamp()
+
+
+async def latencies(client: WS, count: int) -> list[float]:
+    """The latencies of ``client``'s next ``count`` events (a bystander's, in load tests), each
+    taken as it arrives."""
+    out = []
+    while len(out) < count:
+        [frame] = await client.changes(1, timeout=30)
+        out.append(latency(frame))
+    return out
+
+
+def p95(values: list[float]) -> float:
+    """The 95th percentile: of the 80 samples a load test's phase takes, a p99 is the second
+    largest, which one stray pause of a shared machine sets."""
+    return statistics.quantiles(values, n=100)[94]
+
+
+def stalled_request(port: int, target: str) -> socket.socket:
+    """A raw client that sends its request — a WebSocket handshake for ``/socket…``, a plain GET
+    otherwise — and never reads a byte, its receive buffer small."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    sock.sendall((f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  f"{upgrade if target.startswith('/socket') else ''}\r\n").encode())
+    return sock
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of Linux's tcp_info):
+    a peer that never reads learns nothing from its own reads, but its kernel knows whether the
+    connection still stands."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def dropped(socks: list[socket.socket], timeout: float) -> bool:
+    """Whether every one of ``socks`` is dropped (no longer established) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while any(tcp_state(sock) == TCP_ESTABLISHED for sock in socks):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def token(n: int) -> str:
     """A resume token's _data for the n-th event (the hub's tests need only their order)."""
     return f"82{n:016X}"
@@ -432,3 +597,32 @@ def websocket_by_hand(port: int, path: str = "/socket") -> socket.socket:
         head += held.recv(4096)
     assert head.startswith(b"HTTP/1.1 101"), head
     return held
+def split_frame(data: bytes) -> tuple[tuple[int, bytes], bytes] | None:
+    """The first whole frame a server sent, as ``((opcode, payload), rest)``; None if the data
+    does not hold one yet."""
+    if len(data) < 2:
+        return None
+    length, offset = data[1] & 0x7F, 2
+    if length == 126:
+        length, offset = int.from_bytes(data[2:4], "big"), 4
+    elif length == 127:
+        length, offset = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < offset + length:
+        return None
+    return (data[0] & 0x0F, data[offset:offset + length]), data[offset + length:]
+
+
+async def read_frames(sock: socket.socket, until_close: bool = False) -> list[tuple[int, bytes]]:
+    """Every frame a (non-blocking) socket receives from a server, until EOF or, with
+    ``until_close``, until its close frame."""
+    loop = asyncio.get_running_loop()
+    frames: list[tuple[int, bytes]] = []
+    data = b""
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        data += chunk
+        while (split := split_frame(data)) is not None:
+            frame, data = split
+            frames.append(frame)
+            if until_close and frame[0] == 0x8:
+                return frames
+    return frames

@@ -1002,8 +1002,8 @@ PERMANENT_REFUSALS = [
     (400, {"error": "invalid_json", "message": "filter is not valid JSON"}),
     (401, {"error": "token_expired", "message": "the token has expired; get a fresh one"}),
     (403, {"error": "origin_not_allowed", "message": "origin 'x' may not connect"}),
-    (413, {"error": "too_large", "message": "too large"}),
-    (414, {"error": "query_too_large", "message": "the query string is over 512 KiB"}),
+    (413, {"error": "body_not_allowed", "message": "no route of this relay reads a body"}),
+    (414, {"error": "query_too_large", "message": "the query string is over 32 KiB"}),
     (421, {"error": "host_not_allowed", "message": "this relay does not answer to Host x"}),
     (431, {"error": "headers_too_large", "message": "headers too large"}),
     (418, {"error": "teapot", "message": "a 4xx the table does not list is permanent too"}),
@@ -1041,7 +1041,7 @@ def test_client_reports_a_refusal_that_is_not_json_by_its_status(
     assert last == [None, {"status": 404, "error": None, "message": "HTTP 404"}]
 
 
-@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("status", [408, 429, 503])
 def test_client_backs_off_on_a_temporary_refusal(
     browser: Browser, relay_stub: StubRelay, status: int
 ) -> None:

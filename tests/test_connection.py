@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import select
 import socket
 import struct
+import termios
 
 import pytest
 from tornado.iostream import StreamClosedError
 
 from changerelay import connection as conn_module
 from changerelay import frames, protocol
+from changerelay.buffers import ENTRY_COST, SLOT_COST, Buffers
 from changerelay.connection import WebSocketConnection
 from changerelay.disconnect import CLOSES
 from changerelay.protocol import WebSocketProtocol
-from tests.support import masked
+from tests.support import dropped, masked
 
 
 class Peer:
@@ -52,6 +55,11 @@ class Peer:
         self.sock.sendall(data)
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes the kernel holds for ``sock`` that nobody has read (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     """Loopback TCP with small buffers, so that the kernel pushes back after a few hundred KB."""
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -63,11 +71,13 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def pair(max_size: int = 4096, deflate: bool = False, start: bool = True):
+def pair(max_size: int = 4096, deflate: bool = False, start: bool = True,
+         buffers: Buffers | None = None):
     """A connection (started, unless ``start=False``), its peer, and what it reported."""
     ours, theirs = tcp_pair()
     theirs.setblocking(False)
-    connection = WebSocketConnection(ours, WebSocketProtocol(max_size, deflate))
+    buffers = buffers or Buffers(0, asyncio.get_running_loop().call_soon)
+    connection = WebSocketConnection(ours, buffers, WebSocketProtocol(max_size, deflate))
     events = {"pongs": 0, "closed": 0, "gone": asyncio.Event(), "pong": asyncio.Event()}
 
     def closed():
@@ -107,6 +117,42 @@ async def test_writes_keep_order_when_the_kernel_pushes_back_and_drain_is_report
     assert await peer.read(100) == b"y" * 100
 
 
+async def test_a_queue_costs_its_bytes_and_an_entry_each_and_shared_payloads_count_once():
+    buffers = Buffers(0, asyncio.get_running_loop().call_soon)
+    (first, peer, _), (second, _, _) = pair(buffers=buffers), pair(buffers=buffers)
+    big = [b"x" * 3_000_000, b"y" * 3_000_000]
+    for connection, payload in zip((first, second), big, strict=True):
+        connection.write(payload)  # more than the kernel takes: the rest is queued
+    before = first.buffered()
+    shared = b"the same payload, queued by both"
+    for _ in range(1000):
+        first.write(shared)  # behind a queue: each is an entry, its bytes counted each time
+        second.write(shared)
+    assert first.buffered() == before + 1000 * (len(shared) + ENTRY_COST)
+    # Together: each payload once (a partly sent one whole), each entry's slot.
+    assert buffers.total == 2 * (3_000_000 + ENTRY_COST) + len(shared) + ENTRY_COST + (
+        2 * 1000 - 1) * SLOT_COST
+    second.abort()
+    assert buffers.total == 3_000_000 + ENTRY_COST + len(shared) + ENTRY_COST + 999 * SLOT_COST
+    await peer.read(3_000_000 + 1000 * len(shared))  # all of it: the queue is gone, its cost too
+    assert first.buffered() == 0 and buffers.total == 0
+
+
+async def test_dropping_what_is_unsent_keeps_a_partly_sent_chunk_and_its_cost():
+    buffers = Buffers(0, asyncio.get_running_loop().call_soon)
+    connection, peer, _ = pair(buffers=buffers)
+    frame = frames.ws_frame(b"z" * 3_000_000)
+    connection.write(frame)
+    queued = connection.buffered()  # the tail of a partial send
+    for _ in range(10):
+        connection.write(frames.ws_frame(b"later"))
+    connection.drop_unsent()
+    assert connection.buffered() == queued  # its unsent tail, and the entry
+    assert buffers.total == len(frame) + ENTRY_COST  # what the kernel has not taken keeps it whole
+    assert await peer.frame() == (frames.TEXT, b"z" * 3_000_000)  # whole, then nothing
+    assert connection.buffered() == 0 and buffers.total == 0
+
+
 async def test_ping_is_answered_with_its_payload_and_pongs_are_reported():
     connection, peer, events = pair(start=False)
     connection.start(pending_in=masked(b"early", frames.PING))  # sent behind the handshake
@@ -142,13 +188,12 @@ async def test_our_close_waits_for_the_answer_and_refuses_writes_meanwhile():
 
 
 async def test_a_silent_peer_is_dropped_after_the_close_timeout(quick_close):
-
     connection, peer, events = pair()
     connection.shutdown()
     assert await peer.frame() == (frames.CLOSE, struct.pack("!H", 1001) +
                                   b"server shutting down")
     await asyncio.wait_for(events["gone"].wait(), 5)
-    assert await peer.eof()
+    assert await peer.eof()  # it read all we sent: an ordinary close
 
 
 @pytest.mark.parametrize("data, code", [
@@ -164,6 +209,35 @@ async def test_protocol_errors_close_with_their_code_then_end_the_stream(data, c
     assert await peer.eof()  # we stop writing at once; the peer may still say goodbye
     peer.sock.close()
     await asyncio.wait_for(events["gone"].wait(), 5)
+
+
+async def test_a_peer_that_never_reads_our_close_is_reset_at_the_close_timeout(quick_close):
+    """Closing the socket is not enough: the kernel would keep what the peer never read and
+    probe its zero window for minutes, the peer seeing an open connection all along. At the
+    close timeout the connection is reset (RST), which frees both ends."""
+    connection, peer, events = pair()
+    for _ in range(100):  # 10 MB queued: far more than the socket buffers hold
+        connection.write(b"z" * 100_000)
+    connection.close(*CLOSES["slow_consumer"].frame)
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert await dropped([peer.sock], 2)
+
+
+async def test_a_flooding_peer_gets_1008_is_no_longer_read_and_is_dropped(quick_close):
+    connection, peer, events = pair()
+    flood = masked(b"", frames.PING) * (protocol.FRAME_BURST + 1)
+    peer.send(flood)
+    while (received := await peer.frame())[0] == frames.PONG:
+        pass
+    assert received == (frames.CLOSE, struct.pack("!H", 1008) + b"too many frames")
+    assert not connection.closed
+    # Not read any more: what it sends now stays with the kernel until the close timeout.
+    peer.send(b"\x00" * 1000)
+    async with asyncio.timeout(2):
+        while unread(connection.sock) < 1000:
+            await asyncio.sleep(0.01)  # the loop runs meanwhile: a reader would take them
+    await asyncio.wait_for(events["gone"].wait(), 5)
+    assert await dropped([peer.sock], 2)
 
 
 async def test_peer_vanishing_is_reported_once():

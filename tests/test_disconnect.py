@@ -177,7 +177,7 @@ def test_refusal_policies_follow_the_issue() -> None:
     """Permanent refusals stop a client; temporary ones back off; 401 needs a fresh token."""
     assert {s for s, r in REFUSALS.items() if r.retry is Retry.NO} >= {
         400, 403, 413, 414, 421, 431}
-    assert {s for s, r in REFUSALS.items() if r.retry is Retry.BACKOFF} == {429, 503}
+    assert {s for s, r in REFUSALS.items() if r.retry is Retry.BACKOFF} == {408, 429, 503}
     assert REFUSALS[401].retry is Retry.FRESH_TOKEN
     assert all(400 <= status < 600 for status in REFUSALS)
 

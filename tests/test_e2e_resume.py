@@ -182,6 +182,7 @@ async def test_client_moves_from_relay_a_to_relay_b(mongo, relay_factory):
     assert_matches_log(client.tokens, mongo)
 
 
+@pytest.mark.load  # 500 clients: a load of its own, not a functional check
 async def test_500_clients_reconnect_at_once_sharing_few_change_streams(mongo, relay_factory):
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db,
                           REPLAY_BUFFER=50, CATCHUP_STREAMS=4)

@@ -1,39 +1,33 @@
 """Slow consumers: one client stops reading while 20 MiB of events flow.
 
-It must be cut off with 1013 (after a final error frame), the relay's memory must stay bounded,
-the other clients must not slow down, and the cut-off client must then resume and get every event.
+It must be cut off with 1013 (after a final error frame), the other clients must get every event,
+and the cut-off client must then resume and get every event (memory and latency under stalled
+clients: tests/test_load_buffers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import os
 import socket
-import statistics
 import sys
-import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from pymongo import MongoClient
 
-from tests.support import WS, token_of
+from changerelay.connection import CLOSE_TIMEOUT
+from tests.support import WS, dropped, latencies, stalled_request, token_of
 
 pytestmark = pytest.mark.e2e
 
 EVENT_PAD = 10_000
 EVENTS = 2_100  # x ~10 KB = 20 MiB
 CLIENT_BUFFER = 8 * 1024 * 1024
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+_T = TypeVar("_T")
 
 
 class StalledClient:
@@ -97,20 +91,12 @@ class StalledClient:
 
 async def flow_and_measure(relay, mongo, start: int, fast_clients: list[WS]):
     """Write EVENTS padded documents; return every fast client's latencies (seconds)."""
-    latencies = []
-
-    async def consume(client):
-        for frame in await client.changes(EVENTS, timeout=120):
-            wall = datetime.datetime.fromisoformat(frame["wallTime"]["$date"])
-            latencies.append(time.time() - wall.timestamp())
-
-    consumers = [asyncio.create_task(consume(c)) for c in fast_clients]
+    consumers = [asyncio.create_task(latencies(c, EVENTS)) for c in fast_clients]
     # The writer runs in its own process so that it does not compete with the readers for the GIL.
     writer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, mongo.uri, mongo.db, str(start))
     assert await writer.wait() == 0
-    await asyncio.gather(*consumers)
-    return latencies
+    return [wait for waits in await asyncio.gather(*consumers) for wait in waits]
 
 
 WRITER = f"""
@@ -125,26 +111,34 @@ with MongoClient(uri) as client:
 """
 
 
-def p99(values):
-    return statistics.quantiles(values, n=100)[98]
+def read_once_cut_off(relay, read: Callable[[], _T]) -> asyncio.Future[_T]:
+    """``read()``, in a thread, as soon as the relay has cut its client off: a slow client that
+    reads again within the close timeout gets all it was sent and why it was cut off (one that
+    does not is reset: test_cut_off_clients_that_never_read_are_dropped_within_the_close_timeout).
+    """
+    def read_when_cut_off() -> _T:
+        relay.wait_log("cutting off slow consumer", timeout=120)
+        return read()
+
+    return asyncio.get_running_loop().run_in_executor(None, read_when_cut_off)
 
 
 async def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
+    """The functional half: the stalled client is cut off with its reason and resumes with
+    nothing lost, and the fast clients get every event. What it costs the relay's memory and the
+    others' latency is measured in tests/test_load_buffers.py (a load test: timings and sizes
+    need the machine to themselves)."""
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=CLIENT_BUFFER,
                           REPLAY_BUFFER_BYTES=16 * 1024 * 1024, LOG_LEVEL="INFO")
     relay.wait_ready()
 
     fast = [await WS.connect(relay.ws_url) for _ in range(3)]
-    baseline = await flow_and_measure(relay, mongo, 0, fast)
-    rss_before = rss(relay.proc.pid)
-
     stalled = StalledClient(relay.port)
-    with_slow = await flow_and_measure(relay, mongo, EVENTS, fast)
-    rss_after = rss(relay.proc.pid)
-    relay.wait_log("cutting off slow consumer")
+    reading = read_once_cut_off(relay, stalled.read_everything)
+    waits = await flow_and_measure(relay, mongo, 0, fast)
+    assert len(waits) == 3 * EVENTS
 
-    frames, close = await asyncio.get_running_loop().run_in_executor(
-        None, stalled.read_everything)
+    frames, close = await reading
     assert close == (1013, "slow consumer")
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "slow_consumer"
     seen = [token_of(f) for f in frames if "operationType" in f]
@@ -153,15 +147,7 @@ async def test_slow_consumer_is_cut_off_and_loses_nothing(mongo, relay_factory):
     resumed = await WS.connect(f"{relay.ws_url}?resume_after={seen[-1]}")
     rest = await resumed.changes(EVENTS - len(seen))
     tokens = seen + [token_of(f) for f in rest]
-    assert tokens == mongo.tokens()[EVENTS:]
-
-    print(f"p99 latency without a slow client {p99(baseline) * 1000:.1f} ms, "
-          f"with one {p99(with_slow) * 1000:.1f} ms; RSS {rss_before >> 20} -> "
-          f"{rss_after >> 20} MiB")
-    assert p99(with_slow) <= 2 * p99(baseline) + 0.005
-    # Bounded: one client buffer + the replay buffer + slack for the interpreter's arenas and
-    # the driver's batches. Without the cut-off, the stalled client alone would hold 20 MiB.
-    assert rss_after - rss_before < CLIENT_BUFFER + 16 * 1024 * 1024 + 64 * 1024 * 1024
+    assert tokens == mongo.tokens()
 
 
 async def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_factory):
@@ -171,17 +157,22 @@ async def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_f
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
     stalled.connect(("127.0.0.1", relay.port))
     stalled.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode())
+
+    def read_everything() -> bytes:
+        stalled.settimeout(30)
+        body = b""
+        while chunk := stalled.recv(1 << 20):
+            body += chunk
+        stalled.close()
+        return body
+
+    reading = read_once_cut_off(relay, read_everything)
     pad = "y" * EVENT_PAD
     with MongoClient(mongo.uri) as client:
         for first in range(0, 1000, 50):
             batch = [{"_id": i, "pad": pad} for i in range(first, first + 50)]
             client[mongo.db].c.insert_many(batch)
-    relay.wait_log("cutting off slow consumer")
-    stalled.settimeout(30)
-    body = b""
-    while chunk := stalled.recv(1 << 20):
-        body += chunk
-    stalled.close()
+    body = await reading
     head, _, chunked = body.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     text = _unchunk(chunked).decode()
@@ -194,6 +185,26 @@ async def test_sse_slow_consumer_gets_an_error_record_and_resumes(mongo, relay_f
     again = await SSE.open(relay.port, last_event_id=ids[-1])
     rest = await again.changes(1000 - len(ids))
     assert ids + [r["id"] for r in rest] == mongo.tokens()
+
+
+async def test_cut_off_clients_that_never_read_are_dropped_within_the_close_timeout(
+        mongo, relay_factory):
+    """The issue saw 1 of 10 still open 12 s after its cut-off: the relay had closed its socket,
+    but the kernel went on offering the unread bytes to a zero window, and the client saw an
+    open connection. A client that does not read what we send gets a reset, both transports."""
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, CLIENT_BUFFER_BYTES=1 << 20,
+                          LOG_LEVEL="INFO")
+    relay.wait_ready()
+    socks = [stalled_request(relay.port, path) for path in ["/socket", "/events"] * 5]
+    pad = "z" * EVENT_PAD
+    with MongoClient(mongo.uri) as client:
+        for first in range(0, 600, 50):  # 6 MB: past each client's limit and its buffers
+            batch = [{"_id": i, "pad": pad} for i in range(first, first + 50)]
+            client[mongo.db].c.insert_many(batch)
+    mongo.wait_for(lambda: sum("cutting off" in line for line in relay.lines) == len(socks))
+    assert await dropped(socks, CLOSE_TIMEOUT + 1.5), "a cut-off client is still connected"
+    for sock in socks:
+        sock.close()
 
 
 def _unchunk(data: bytes) -> bytes:

@@ -41,6 +41,7 @@ from changerelay.filters import (
     compile_filter,
     parse_filter,
 )
+from tests.support import examples
 
 NAN = float("nan")
 OID = ObjectId("5f43a1b2c3d4e5f607182930")
@@ -836,7 +837,7 @@ def _mongomock_departs(event, spec) -> bool:
 
 
 PROPERTY = settings(
-    max_examples=150,
+    max_examples=examples(150),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -912,7 +913,7 @@ JSONISH = st.recursive(
 )
 
 
-@settings(max_examples=250, deadline=None, database=None)
+@settings(max_examples=examples(250), deadline=None, database=None)
 @given(st.one_of(st.text(max_size=60), st.binary(max_size=60), JSONISH.map(json.dumps)), DOCUMENTS)
 def test_parse_filter_raises_only_filter_error(text, fields):
     try:
@@ -933,7 +934,7 @@ def test_parse_filter_raises_only_filter_error(text, fields):
     assert f({"fullDocument": fields}) in (True, False)
 
 
-@settings(max_examples=120, deadline=None, database=None)
+@settings(max_examples=examples(120), deadline=None, database=None)
 @given(JSONISH)
 def test_compile_filter_raises_only_filter_error(spec):
     with contextlib.suppress(FilterError):
@@ -970,7 +971,7 @@ BSON_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=80, deadline=None, database=None)
+@settings(max_examples=examples(80), deadline=None, database=None)
 @given(FILTERS, st.dictionaries(NAMES, BSON_VALUES, max_size=3))
 def test_any_decoded_event_evaluates_to_a_boolean(spec, fields):
     assert compile_filter(spec)({"fullDocument": fields}) in (True, False)
@@ -998,7 +999,7 @@ def _is_nan(value):
 SCALAR_EXOTIC = EXOTIC.filter(lambda v: not isinstance(v, MinKey | MaxKey | Code))
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=examples(200), deadline=None, database=None)
 @given(SCALAR_EXOTIC, SCALAR_EXOTIC.filter(lambda v: not isinstance(v, Regex)))
 def test_comparison_is_a_total_order_inside_a_bracket_and_empty_across(value, operand):
     event = doc(v=value)

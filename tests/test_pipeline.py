@@ -18,7 +18,7 @@ from pymongo.errors import OperationFailure
 from changerelay import config as cfg
 from changerelay.pipeline import PipelineError, parse_redact, redaction_stages
 from changerelay.primary import compile_stage
-from tests.support import drain
+from tests.support import drain, examples
 
 AWAIT_MS = 200
 
@@ -163,7 +163,7 @@ KEYS = st.tuples(NAMES, st.lists(NAMES | st.integers(0, 3).map(str), max_size=4)
     lambda parts: ".".join([parts[0], *parts[1]]))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(fields=FIELDS, document=DOCUMENTS, before=DOCUMENTS,
        updated=st.dictionaries(KEYS, VALUES, max_size=4))
 def test_redaction_removes_exactly_the_named_fields(fields, document, before, updated):
@@ -179,7 +179,7 @@ def test_redaction_removes_exactly_the_named_fields(fields, document, before, up
     assert list(out["updateDescription"]["updatedFields"]) == list(kept)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(fields=FIELDS, document=DOCUMENTS)
 def test_events_without_an_update_description_gain_none(fields, document):
     paths = parse_redact(["fullDocument." + ".".join(field) for field in fields])

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pcre2 import _cy
 
 from changerelay.regex import MAX_LENGTH, MAX_POSITIONS, RegexError, compile_regex
+from tests.support import examples
 
 # PCRE2 option bits (pcre2.h).
 _UTF, _UCP, _ALT_BSUX, _NEVER_BACKSLASH_C = 0x00080000, 0x00020000, 0x00000002, 0x00100000
@@ -246,7 +247,7 @@ PIECES = st.recursive(
 )
 
 
-@settings(max_examples=1500, deadline=None, database=None,
+@settings(max_examples=examples(1500), deadline=None, database=None,
           suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(PIECES, st.sets(st.sampled_from("imsx")).map(_join),
        st.lists(st.lists(st.sampled_from(ALPHABET), max_size=6).map(_join), min_size=1,

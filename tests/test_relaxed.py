@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from changerelay import events as ev
 from changerelay.relaxed import relaxed_json
+from tests.support import examples
 
 RELAXED = json_util.RELAXED_JSON_OPTIONS
 
@@ -90,7 +91,7 @@ def changes(draw):
     return change
 
 
-@settings(max_examples=200, deadline=None, database=None,
+@settings(max_examples=examples(200), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(changes())
 def test_same_values_as_json_util(change):
@@ -98,7 +99,7 @@ def test_same_values_as_json_util(change):
     assert value_of(relaxed_json(raw)) == value_of(today(change))
 
 
-@settings(max_examples=100, deadline=None, database=None)
+@settings(max_examples=examples(100), deadline=None, database=None)
 @given(changes())
 def test_plain_json_parsers_read_the_same_structure(change):
     """A browser's JSON.parse, not an Extended JSON reader: the same keys in the same order,

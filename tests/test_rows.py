@@ -12,6 +12,7 @@ from changerelay import events as ev
 from changerelay.filters import compile_filter
 from changerelay.rows import DELIVER, ENTERED, LEAVE, WITHHOLD, AccessRule
 from changerelay.subscription import Subscription
+from tests.support import examples
 
 ABSENT = object()
 
@@ -135,7 +136,7 @@ documents = st.one_of(st.just(ABSENT), st.none(), st.builds(
     owners, st.integers(0, 9)))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.sampled_from(["insert", "update", "replace", "delete", "drop"]), documents, documents,
        st.booleans(), st.sampled_from([OWNED_BY_ALICE, {"fullDocument.owner": {"$ne": "bob"}}]))
 def test_nothing_a_rule_rejects_ever_reaches_the_reader(op, post, pre, post_images, spec):

@@ -1,25 +1,32 @@
-"""The write paths against Tornado itself: same bytes on the wire, same buffer accounting.
+"""The write paths against Tornado itself: same bytes on the wire, honest buffer accounting.
 
 These tests are the tripwire for a Tornado upgrade: ``changerelay/tornado_internals.py`` uses
 private attributes (``IOStream._write_buffer``/``_read_buffer``/``_read_buffer_size``,
-``HTTP1Connection._chunking_output``) and must fail here, loudly, if they change.
+``HTTP1Connection._chunking_output``, ``HTTPServer._connections``,
+``HTTP1ServerConnection._server_request_loop``, ``httpserver._HTTPRequestContext``) and must fail
+here, loudly, if they change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import os
 import socket
+import time
+import tracemalloc
 
 import pytest
 from tornado import httpserver, iostream, netutil, web, websocket
-from tornado.http1connection import HTTP1Connection
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 
 from changerelay import clients, frames
 from changerelay import events as ev
+from changerelay.buffers import Buffers
+from changerelay.connection import Connection
 from changerelay.subscription import Subscription
-from changerelay.tornado_internals import StreamWriter, take_socket
+from changerelay.tornado_internals import LAST_CHUNK, GatedServer, chunk, http_chunked, take_socket
 from tests.support import masked
 
 EVERYTHING = Subscription()  # no namespace, operation or filter: every event
@@ -123,26 +130,67 @@ async def test_take_socket_hands_over_unread_bytes_and_a_working_socket():
     server.stop()
 
 
-async def test_direct_writes_keep_order_when_the_kernel_pushes_back():
-    """SSE: fill the socket until the kernel refuses, keep writing: nothing reordered or lost."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    stream = iostream.IOStream(a)
-    writer = StreamWriter(stream)
-    chunks = [bytes([i % 251]) * 10_000 for i in range(300)]  # 3 MB: beyond socket buffers
-    for chunk in chunks:
-        writer.write(chunk)
-    assert writer.buffered() > 0
-    drained = asyncio.Event()
-    writer.when_drained(drained.set)
-    reader = iostream.IOStream(b)
-    received = await reader.read_bytes(sum(map(len, chunks)))
-    assert received == b"".join(chunks)
-    await asyncio.wait_for(drained.wait(), 5)
-    assert writer.buffered() == 0
-    stream.close()
-    reader.close()
+async def test_an_event_stream_taken_after_its_headers_is_a_valid_chunked_response():
+    """The body Tornado began (its first chunk) and the chunks we write on the taken socket make
+    one well-formed HTTP/1.1 response, which a strict client reads to its end."""
+
+    class Handler(web.RequestHandler):
+        async def get(self):
+            self.set_header("Content-Type", "text/event-stream")
+            self.write(b"retry: 1000\n\n")
+            await self.flush()
+            assert http_chunked(self)
+            sock, _, unwritten = take_socket(self.detach())
+            sock.setblocking(True)
+            sock.sendall(unwritten + chunk(b"data: one\n\n") + chunk(b"data: two\n\n")
+                         + LAST_CHUNK)
+            sock.close()
+
+    server = httpserver.HTTPServer(web.Application([(r"/events", Handler)]))
+    [sock] = netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets([sock])
+
+    def fetch() -> bytes:
+        client = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=5)
+        client.request("GET", "/events")
+        response = client.getresponse()
+        assert response.status == 200 and response.getheader("Transfer-Encoding") == "chunked"
+        return response.read()  # to the last chunk; a framing error raises
+
+    body = await asyncio.get_running_loop().run_in_executor(None, fetch)
+    assert body == b"retry: 1000\n\ndata: one\n\ndata: two\n\n"
+    server.stop()
+
+
+async def test_what_a_stalled_event_stream_holds_is_what_it_counts():
+    """The issue: Tornado copied each small write into the stream's own buffer and kept a Future
+    per write, so 200 stalled SSE clients took 540 MiB. On a Connection a stalled client holds
+    the payloads it was given and a slot each, and counts at least that against its limit."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.socket()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        theirs.connect(listener.getsockname())  # and never reads
+        ours, _ = listener.accept()
+    connection = Connection(ours, Buffers(0, asyncio.get_running_loop().call_soon))
+    client = clients.EventStreamClient(connection, True, EVERYTHING, limit=1 << 40, peer="test",
+                                       claims=None, on_end=ended)
+    events = _events(0, 20_000, size=230)
+    for event in events:
+        assert event.sse  # the event's own record, which the replay buffer holds anyway
+    connection.write(b"\0" * (8 << 20))  # more than the kernel takes: the rest is queued
+    counted = connection.buffered()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for event in events:  # a payload per flush, as the hub makes one per group
+            client.deliver([event], client.pack([event]))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    counted = connection.buffered() - counted
+    assert counted >= held > 0.5 * counted
+    connection.abort()
+    theirs.close()
 
 
 class FakeConnection:
@@ -151,6 +199,10 @@ class FakeConnection:
         self.data = b""
         self.closed_with = None
         self.on_pong = None
+        self.on_shed = None
+
+    def drop_unsent(self):
+        self.queued = 0
 
     def buffered(self):
         return self.queued
@@ -204,8 +256,8 @@ def test_deflate_clients_get_the_compressed_frames_and_plain_control_messages():
 
 @pytest.mark.parametrize("chunked", [True, False])
 def test_sse_records_are_framed_like_tornado_chunks(chunked):
-    client = clients.EventStreamClient(None, None, chunked, EVERYTHING, limit=1 << 20, peer="test",
-                                       claims=None, on_end=ended)
+    client = clients.EventStreamClient(FakeConnection(), chunked, EVERYTHING, limit=1 << 20,
+                                       peer="test", claims=None, on_end=ended)
     assert client.encoding == ("sse-chunked" if chunked else "sse")
     event = ev.encode_change({"_id": {"_data": "82AB"}, "operationType": "delete"})
     packed = client.pack([event])
@@ -275,3 +327,73 @@ def test_a_client_reading_slower_than_live_traffic_behind_a_replay_is_cut_off():
         client.deliver(live, client.pack(live))
         connection.drain(20_000)
     assert cut == [client] and connection.closed_with == (1013, "slow consumer")
+
+
+# -- GatedServer: Tornado serving heads the gate has read ---------------------------------------
+
+
+def test_the_server_internals_still_exist():
+    server = httpserver.HTTPServer(web.Application([]))
+    assert server._connections == set() and server.conn_params.max_header_size
+    assert server.max_buffer_size is None and server.read_chunk_size is None
+    assert callable(HTTP1ServerConnection._server_request_loop)
+    context = httpserver._HTTPRequestContext(iostream.IOStream(socket.socket()), ("1.2.3.4", 5),
+                                             None, None)
+    assert (context.remote_ip, context.protocol) == ("1.2.3.4", "http")
+
+
+async def _until_closed(client: socket.socket) -> bytes:
+    loop, reply = asyncio.get_running_loop(), b""
+    async with asyncio.timeout(3):
+        while chunk := await loop.sock_recv(client, 65536):
+            reply += chunk
+    return reply
+
+
+def _gated_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection (the address family tells Tornado the peer is an IP)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        relay_end, _ = listener.accept()
+    relay_end.setblocking(False)
+    client.setblocking(False)
+    return relay_end, client
+
+
+async def test_a_gated_server_serves_one_request_and_hands_back_what_follows():
+    """A request whose head was read already is served from the bytes handed over; a kept-alive
+    connection comes back with the next request's bytes, unread, and the socket still open."""
+
+    class Hello(web.RequestHandler):
+        def get(self):
+            self.finish(f"hello {self.request.remote_ip}")
+
+    back = []
+    server = GatedServer(web.Application([(r"/", Hello)]))
+    server.next_head = lambda sock, address, unread: back.append((sock, address, unread))
+    relay_end, client = _gated_pair()
+    second = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    server.serve(relay_end, ("10.1.2.3", 4), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + second[:5])
+    deadline = time.monotonic() + 3
+    while not back:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    [(sock, address, unread)] = back
+    assert sock is relay_end and address == ("10.1.2.3", 4) and unread == second[:5]
+    assert server._connections == set()
+    sock.send(b" and still open")
+    sock.close()
+    reply = await _until_closed(client)
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"hello 10.1.2.3 and still open")
+    client.close()
+
+
+async def test_a_gated_server_closes_what_asked_to_be_closed():
+    back = []
+    server = GatedServer(web.Application([]))
+    server.next_head = lambda *args: back.append(args)
+    relay_end, client = _gated_pair()
+    server.serve(relay_end, ("10.1.2.3", 4),
+                 b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await _until_closed(client)).startswith(b"HTTP/1.1 404 ") and not back
+    client.close()
