@@ -287,7 +287,7 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     server = GatedServer(make_app(relay), xheaders=False,
                          max_header_size=config.max_request_head_bytes, max_body_size=0)
     gate = Gate(Limits(config.max_request_head_bytes, config.request_head_timeout,
-                       config.max_pending_requests), server.serve)
+                       config.max_pending_requests), server.serve, relay.metrics.refused)
     server.next_head = gate.admit
     listener = Listener(sockets, gate.admit)
     listener.start()

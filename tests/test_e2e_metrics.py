@@ -128,6 +128,11 @@ async def test_refusals_by_status_and_disconnects_by_reason(mongo, relay_factory
     refused(relay, "/events?ops=nope", 400)
     refused(relay, "/events", 421, {"Host": "evil.example"})
     refused(relay, "/socket?filter={", 400)  # a probe (no Upgrade): the client asking why
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as crowded:
+        # Refused before Tornado reads it (gate.py): too many header lines.
+        crowded.sendall(b"GET /socket HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        + b"".join(b"X-%d: 1\r\n" % n for n in range(200)) + b"\r\n")
+        assert crowded.recv(4096).startswith(b"HTTP/1.1 431 ")
     silent = websocket_by_hand(relay.port)  # answers no ping
     broken = websocket_by_hand(relay.port)
     broken.sendall(struct.pack("!BB", 0x81, 1) + b"x")  # unmasked: RFC 6455 §5.1
@@ -144,6 +149,7 @@ async def test_refusals_by_status_and_disconnects_by_reason(mongo, relay_factory
         and value(s, "changerelay_disconnects_total", reason="client_closed") == 2)
     assert value(samples, "changerelay_handshake_refusals_total", status="400") == 2
     assert value(samples, "changerelay_handshake_refusals_total", status="421") == 1
+    assert value(samples, "changerelay_handshake_refusals_total", status="431") == 1
     mongo.client[mongo.db].c.insert_one({"_id": "after"})
     [frame] = await bystander.changes(1)
     assert frame["documentKey"] == {"_id": "after"}
