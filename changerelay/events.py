@@ -8,7 +8,6 @@ then only moves bytes.
 
 from __future__ import annotations
 
-import calendar
 import json
 from datetime import datetime
 from typing import Any
@@ -20,6 +19,7 @@ from .frames import ws_frame
 from .tokens import token_id
 
 _RELAXED = json_util.RELAXED_JSON_OPTIONS
+_EPOCH = datetime(1970, 1, 1)
 Change = dict[str, Any]  # a change event document, as MongoDB delivered it
 
 
@@ -31,8 +31,8 @@ class Event:
     lets the hub find a resume point with a binary search.
     """
 
-    __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "key",
-                 "ns", "op", "token")
+    __slots__ = ("_committed", "_deflated", "_entered", "_header", "_leave", "_sse", "change",
+                 "frame", "key", "ns", "op", "token")
 
 
     def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
@@ -48,6 +48,7 @@ class Event:
         self._deflated = _deflated_frame(data) if deflate else None
         self._entered: Event | None = None
         self._leave: Leave | None = None
+        self._committed: float | bool | None = False  # False: not read yet
 
     @property
     def data(self) -> bytes:
@@ -71,8 +72,10 @@ class Event:
     @property
     def committed(self) -> float | None:
         """When MongoDB committed the change (its ``wallTime``, seconds since the epoch), for
-        the delivery latency: read per group and flush, never per client."""
-        return commit_time(self.change)
+        the delivery latency: read on first use, once."""
+        if self._committed is False:
+            self._committed = commit_time(self.change)
+        return self._committed  # type: ignore[return-value]
 
     @property
     def entered(self) -> Event:
@@ -150,8 +153,9 @@ def commit_time(change: Change) -> float | None:
     wall_time = change.get("wallTime")
     if not isinstance(wall_time, datetime):
         return None
-    # PyMongo decodes it as a naive datetime in UTC.
-    return calendar.timegm(wall_time.utctimetuple()) + wall_time.microsecond / 1e6
+    if wall_time.tzinfo is not None:  # a client with tz_aware=True
+        return wall_time.timestamp()
+    return (wall_time - _EPOCH).total_seconds()  # PyMongo decodes it as naive UTC
 
 
 def _deflated_frame(data: bytes) -> bytes:

@@ -585,6 +585,13 @@ async def metrics_until(relay: RelayProcess, predicate, timeout: float = 15) -> 
         await asyncio.sleep(0.05)
 
 
+def free_port() -> int:
+    """A port nothing listens on now (a test primary stopped and started again takes it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def websocket_by_hand(port: int, path: str = "/socket") -> socket.socket:
     """A WebSocket opened over a plain socket, its handshake read: it answers nothing, not even
     pings, and sends whatever bytes a test writes."""

@@ -44,7 +44,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from changerelay.primary import TestPrimary
-from tests.support import token_of
+from tests.support import token_of, websocket_by_hand
 
 pytestmark = pytest.mark.browser
 
@@ -569,26 +569,13 @@ def test_a_refused_filter_shows_its_message_and_is_not_retried(
     assert not shown(page, "refusal")
 
 
-def hold_a_connection(port: int) -> socket.socket:
-    """A WebSocket opened by hand (its handshake read), to fill a per-address cap."""
-    held = socket.create_connection(("127.0.0.1", port), timeout=10)
-    held.sendall((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += held.recv(4096)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return held
-
-
 @pytest.mark.e2e
 def test_a_temporary_refusal_backs_off_until_admitted(
     browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
 ) -> None:
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, MAX_CONNECTIONS_PER_IP=1)
     relay.wait_ready()
-    held = hold_a_connection(relay.port)
+    held = websocket_by_hand(relay.port)
     try:
         browser.open(relay.url + "/")
         browser.wait_for("document.getElementById('status-detail').textContent"

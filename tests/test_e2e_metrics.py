@@ -11,7 +11,15 @@ import time
 import pytest
 
 from changerelay.primary import TestPrimary
-from tests.support import SSE, WS, metrics, metrics_until, wait_metrics, websocket_by_hand
+from tests.support import (
+    SSE,
+    WS,
+    free_port,
+    metrics,
+    metrics_until,
+    wait_metrics,
+    websocket_by_hand,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -161,9 +169,7 @@ async def test_refusals_by_status_and_disconnects_by_reason(mongo, relay_factory
 
 @pytest.mark.fault
 def test_source_up_follows_mongodb_down_and_back(relay_factory):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     primary = TestPrimary(port=port).start()
     try:
         relay = relay_factory(MONGO_SRV=primary.uri + "&serverSelectionTimeoutMS=500")

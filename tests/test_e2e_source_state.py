@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
 
 import pytest
 from pymongo import MongoClient
 
 from changerelay.primary import TestPrimary
-from tests.support import SSE, WS
+from tests.support import SSE, WS, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def for_browsers(message: dict, *secrets: str) -> None:
