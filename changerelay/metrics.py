@@ -122,8 +122,8 @@ class Metrics:
                                   "Events (and leaves) written to clients, one per client",
                                   ["transport"], registry=registry)
         self.bytes = Counter("changerelay_bytes_sent",
-                             "Bytes of events written to clients (WebSocket frames; SSE records "
-                             "as sent, with HTTP/1.1 chunk framing)", ["transport"],
+                             "Bytes of events written to clients (WebSocket frames; SSE records, "
+                             "live ones with their HTTP/1.1 chunk framing)", ["transport"],
                              registry=registry)
         self.disconnects = Counter("changerelay_disconnects", "Clients gone, by reason",
                                    ["reason"], registry=registry)
