@@ -75,7 +75,7 @@ class Event:
         the delivery latency: read on first use, once."""
         if self._committed is False:
             self._committed = commit_time(self.change)
-        return self._committed  # type: ignore[return-value]
+        return self._committed
 
     @property
     def entered(self) -> Event:
