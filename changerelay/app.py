@@ -85,7 +85,8 @@ class Relay:
                                     config.replay_buffer_bytes, self.metrics)
         self.source = ChangeSource(config, self.hub, mongo_client, on_state=self.tell_everyone)
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
-                                                config.catchup_streams, self.source.missing_image)
+                                                config.catchup_streams, self.source.missing_image,
+                                                per_peer=config.catchup_streams_per_peer)
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
         self.buffers = Buffers(config.max_buffered_bytes, loop.call_soon)
@@ -149,13 +150,19 @@ class Relay:
         for client in tuple(self.hub.clients):
             if isinstance(client, WebSocketClient) and (
                     hash(client) % PING_SLICES == self._ping_slice):
-                client.ping(now, timeout)
+                try:
+                    client.ping(now, timeout)
+                except Exception as exc:  # its own failure: the others are still pinged
+                    self.hub.failed(client, exc)
 
     def heartbeat(self) -> None:
         """A comment line on every event stream, so that proxies keep it open."""
         for client in tuple(self.hub.clients):
             if isinstance(client, EventStreamClient):
-                client.heartbeat()
+                try:
+                    client.heartbeat()
+                except Exception as exc:
+                    self.hub.failed(client, exc)
 
     async def shutdown(self) -> None:
         """Close every client (1001) and give them half the shutdown time to go, then MongoDB
@@ -168,7 +175,10 @@ class Relay:
         self._gone = asyncio.Event()
         clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
         for client in clients:
-            client.shutdown()
+            try:
+                client.shutdown()
+            except Exception as exc:
+                self.hub.failed(client, exc)
         await _within(self.catchup.stop(), half, "closing the catch-up streams")
         self._check_gone()
         with contextlib.suppress(TimeoutError):

@@ -60,6 +60,7 @@ class Claims:
     expires: float                            # exp: seconds since 1970
     namespaces: frozenset[Namespace] | None   # ns: None grants the whole watched scope
     rule: AccessRule | None        # filter
+    subject: str | None = None     # sub (PyJWT checks it is a string): whose catch-ups these are
 
 
 TIME_CLAIMS = ("exp", "nbf", "iat")
@@ -116,7 +117,8 @@ class Authenticator:
             if name in payload and not _seconds(payload[name]):
                 raise _bad_claim(name, "must be a number of seconds since 1970, not "
                                  f"{type(payload[name]).__name__}")
-        return Claims(payload["exp"], self._namespaces(payload), self._rule(payload))
+        return Claims(payload["exp"], self._namespaces(payload), self._rule(payload),
+                      payload.get("sub"))
 
     def _rule(self, payload: dict[str, Any]) -> AccessRule | None:
         if "filter" not in payload:

@@ -4,11 +4,22 @@ This is what makes resume work across relay restarts and between relay instances
 id is a MongoDB resume token, so any relay can open a change stream right after it, replay up to
 the point where its own log takes over, and hand the client to the hub.
 
-Change streams are not free, so catch-ups are pooled. A queued catch-up accepts every new client
-(it will start from the oldest of their positions); a running one accepts clients whose position
-it has not yet passed (each client skips what it had already seen). At most ``CATCHUP_STREAMS``
-run at once; the rest wait their turn. A burst of thousands of reconnects therefore opens a handful
-of change streams, not thousands.
+Change streams are not free, so catch-ups are pooled, and shared fairly (``fairpool.py``). Each
+is charged to the client that asked for it — its address, and its token's subject when auth is on
+— and at most ``CATCHUP_STREAMS`` run at once, at most ``CATCHUP_STREAMS_PER_PEER`` for one
+account; the rest wait their turn, round-robin across addresses, so that a peer resuming fifty
+connections from fifty old ids holds its share of the streams, never all of them.
+
+A queued catch-up accepts every new client of its own account (it starts from the oldest of their
+positions: theirs to wait for). A running one accepts anyone's client whose position it has not
+passed and is at most ``SHARE_SECONDS`` behind, and a catch-up that gets its turn takes along the
+waiting clients of other accounts within ``SHARE_SECONDS`` of its start: each reads a little it
+skips, instead of a stream of its own. A burst of thousands of reconnects, from wherever, after a
+restart therefore opens a handful of change streams, not thousands.
+
+A catch-up reads no faster than its riders drain. A rider that falls behind while others are
+ready is set aside rather than waited for: it rejoins the queue once it has drained, and is cut
+off if it does not drain in ``STALL_TIMEOUT``; so no rider slows the others down.
 """
 
 from __future__ import annotations
@@ -25,19 +36,25 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import events as ev
 from .backoff import Backoff
-from .fragments import Reassembly
+from .fairpool import FairPool
+from .fragments import OutOfOrder, Reassembly
 from .hub import Hub, Subscriber
 from .source import IMAGES_MISSING, bad_resume_token, resync_reason
-from .tokens import order_key, returned_all_before, token_document, token_id
+from .tokens import order_key, returned_all_before, seconds, token_document, token_id
 
 if TYPE_CHECKING:
+    from .auth import Claims
     from .subscription import Subscription
 
 BACKOFF_BASE = 0.4  # seconds before a failed catch-up stream is reopened the first time
 BACKOFF_CAP = 5.0   # at most: its riders are waiting
 CATCHUP_AWAIT_MS = 200  # short: an empty batch's resume token is what ends a catch-up
 PACE_EVENTS = 1000     # events queued for one client before the catch-up waits for it
-STALL_TIMEOUT = 10.0   # seconds a catch-up waits for one client before cutting it off
+PACE_PATIENCE = 0.5    # seconds others wait for it before it is set aside to drain alone
+STALL_TIMEOUT = 10.0   # seconds a client has to drain before it is cut off
+# Cluster-time seconds a client may share a catch-up from before its own position: what it reads
+# and skips. A restart's reconnects lie within seconds of each other; hours-old ids do not.
+SHARE_SECONDS = 60
 
 
 class Rider(Subscriber, Protocol):
@@ -45,9 +62,22 @@ class Rider(Subscriber, Protocol):
 
     closed: bool
     backlog: deque[Any] | None  # what it has yet to write; None: nothing
+    claims: Claims | None       # of its token, when auth is on
 
     async def drained(self) -> None: ...
     def cut_off(self) -> None: ...
+
+
+def accounts(client: Rider) -> tuple[str, ...]:
+    """Who a client's catch-up is charged to: its address, and its token's subject if any."""
+    peer = f"peer {client.peer}"
+    subject = None if client.claims is None else client.claims.subject
+    return (peer,) if subject is None else (peer, f"sub {subject}")
+
+
+def near(behind: str, ahead: str) -> bool:
+    """``behind`` is at most ``SHARE_SECONDS`` of cluster time before ``ahead``."""
+    return seconds(ahead) - seconds(behind) <= SHARE_SECONDS
 
 
 R = TypeVar("R", bound=Rider)
@@ -56,9 +86,11 @@ OpenStream = Callable[..., Awaitable[AsyncChangeStream[Any]]]
 
 
 class Job(Generic[R]):
-    """One catch-up change stream and the clients riding on it. Positions are ids."""
+    """One catch-up change stream and the clients riding on it, charged to ``key`` (``accounts``
+    of the client it was opened for). Positions are ids."""
 
-    def __init__(self, after: str):
+    def __init__(self, after: str, key: tuple[str, ...]):
+        self.key = key
         self.start = after
         self.position = after      # the newest id this job has read past
         self.clients: dict[R, str] = {}  # client -> the newest id that client has seen
@@ -66,8 +98,10 @@ class Job(Generic[R]):
         self.after_invalidate = False  # position is an invalidate: continue with startAfter
         self.task: asyncio.Task[None] | None = None
 
-    def accepts(self, after: str) -> bool:
-        return not self.running or order_key(after) >= order_key(self.position)
+    def accepts(self, after: str, key: tuple[str, ...]) -> bool:
+        if not self.running:
+            return key == self.key
+        return order_key(after) >= order_key(self.position) and near(self.position, after)
 
     def add(self, client: R, after: str) -> None:
         self.clients[client] = after
@@ -77,51 +111,57 @@ class Job(Generic[R]):
 
 class CatchUp(Generic[R]):
     """Catch-ups for ``hub``'s clients, on streams from ``open_stream``, at most ``streams`` at
-    once; ``missing_image(exc)`` says whether a failure is an event without a required image
-    (``ChangeSource.missing_image``)."""
+    once and ``per_peer`` for one account; ``missing_image(exc)`` says whether a failure is an
+    event without a required image (``ChangeSource.missing_image``)."""
 
     def __init__(self, hub: Hub[R], open_stream: OpenStream, streams: int,
-                 missing_image: Callable[[BaseException], str | None]):
+                 missing_image: Callable[[BaseException], str | None], *, per_peer: int):
         self.hub = hub
         self.open_stream = open_stream
         self.missing_image = missing_image
         self.jobs: list[Job[R]] = []
-        self._slots = asyncio.Semaphore(streams)
+        self.pool = FairPool(streams, per_peer)
+        self._aside: dict[R, asyncio.Task[None]] = {}  # riders set aside until they drain
         self.streams_opened = 0
 
     def add(self, client: R, after: str) -> None:
+        key = accounts(client)
         for job in self.jobs:
-            if job.accepts(after):
+            if job.accepts(after, key):
                 job.add(client, after)
                 return
-        fresh: Job[R] = Job(after)
+        fresh: Job[R] = Job(after, key)
         fresh.add(client, after)
         self.jobs.append(fresh)
         fresh.task = asyncio.get_running_loop().create_task(self._run(fresh), name="catch-up")
 
     def discard(self, client: R) -> None:
-        for job in self.jobs:
-            if job.clients.pop(client, None) is not None and not job.clients and job.task:
-                job.task.cancel()
+        for job in tuple(self.jobs):
+            if job.clients.pop(client, None) is not None and not job.clients:
+                self._drop(job)
+        aside = self._aside.pop(client, None)
+        if aside is not None:
+            aside.cancel()
 
     def clients(self) -> list[R]:
-        return [client for job in self.jobs for client in job.clients]
+        return [*(client for job in self.jobs for client in job.clients), *self._aside]
 
     def count(self) -> int:
-        return sum(len(job.clients) for job in self.jobs)
+        return sum(len(job.clients) for job in self.jobs) + len(self._aside)
 
     async def stop(self) -> None:
-        for job in list(self.jobs):
-            if job.task is not None:
-                job.task.cancel()
-        for job in list(self.jobs):
-            if job.task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await job.task
+        tasks = [job.task for job in self.jobs if job.task is not None]
+        tasks += self._aside.values()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _run(self, job: Job[R]) -> None:
         try:
-            async with self._slots:
+            async with self.pool.hold(job.key):
+                self._take_along(job)
                 job.running = True
                 backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
                 while job.clients:
@@ -129,7 +169,7 @@ class CatchUp(Generic[R]):
                         if await self._stream(job):
                             return
                         continue  # invalidated: reopen right after the invalidate
-                    except (PyMongoError, ValueError) as exc:  # ValueError: see fragments.py
+                    except (PyMongoError, OutOfOrder) as exc:
                         reason = (IMAGES_MISSING if self.missing_image(exc) is not None
                                   else resync_reason(exc))
                         if reason is not None:
@@ -138,6 +178,13 @@ class CatchUp(Generic[R]):
                             self._resync(job, reason)
                             return
                         logger.warning("catch-up stream failed: %s", exc)
+                    except Exception as exc:
+                        # A bug, which a retry would meet again: the riders go live now, told
+                        # that what they missed is not coming (its message may quote an event).
+                        logger.error("catch-up failed (%s); its %d clients are told to resync",
+                                     type(exc).__name__, len(job.clients))
+                        self._resync(job, "resume_failed")
+                        return
                     await asyncio.sleep(backoff.delay())
         finally:
             if job in self.jobs:
@@ -202,26 +249,85 @@ class CatchUp(Generic[R]):
         for client, seen in tuple(job.clients.items()):
             if event.key > order_key(seen):
                 job.clients[client] = event.token
-                subscription = client.subscription
-                matched = verdicts.get(subscription)
-                if matched is None:
-                    matched = verdicts[subscription] = subscription.select([event])
-                if matched:
-                    client.sent = matched[-1].token
-                    client.replay(matched)
-                    self.hub.tally.replayed(client, matched)
+                try:
+                    subscription = client.subscription
+                    matched = verdicts.get(subscription)
+                    if matched is None:
+                        matched = verdicts[subscription] = subscription.select([event])
+                    if matched:
+                        client.sent = matched[-1].token
+                        client.replay(matched)
+                        self.hub.tally.replayed(client, matched)
+                except Exception as exc:
+                    self._failed(job, client, exc)
                 if client.closed:
                     job.clients.pop(client, None)
 
+    def _take_along(self, job: Job[R]) -> None:
+        """``job`` got its turn: waiting clients of other accounts near its start ride too (near
+        where it started: each one taken may move the start back, but not the measure)."""
+        start = job.start
+        for other in tuple(self.jobs):
+            if other is job or other.running:
+                continue
+            for client, after in tuple(other.clients.items()):
+                if near(after, start) and near(start, after):
+                    del other.clients[client]
+                    job.add(client, after)
+            if not other.clients:
+                self._drop(other)
+
+    def _drop(self, job: Job[R]) -> None:
+        """A job without riders ends; out of ``jobs`` at once, since a task cancelled before it
+        ran never reaches its ``finally``, and a queued job left there would take new clients."""
+        self.jobs.remove(job)
+        if job.task is not None:
+            job.task.cancel()
+
     async def _pace(self, job: Job[R]) -> None:
-        """Read from MongoDB no faster than the slowest rider drains; cut off a stalled one."""
-        for client in tuple(job.clients):
-            if client.backlog is not None and len(client.backlog) > PACE_EVENTS:
-                try:
-                    await asyncio.wait_for(client.drained(), STALL_TIMEOUT)
-                except TimeoutError:
-                    client.cut_off()
-                    job.clients.pop(client, None)
+        """Read from MongoDB no faster than the riders drain, waiting for those ``PACE_EVENTS``
+        behind; while others are ready, only ``PACE_PATIENCE``: the rest are set aside. Riders
+        that are all behind get ``STALL_TIMEOUT`` together; then the stalled are cut off."""
+        loop = asyncio.get_running_loop()
+        waits = {loop.create_task(client.drained()): client for client in job.clients
+                 if client.backlog is not None and len(client.backlog) > PACE_EVENTS}
+        deadline = loop.time() + STALL_TIMEOUT
+        try:
+            while waits:
+                done, _ = await asyncio.wait(waits, timeout=PACE_PATIENCE)
+                for wait in done:
+                    del waits[wait]
+                behind = set(waits.values())
+                ready = any(client not in behind for client in job.clients)
+                if behind and (ready or loop.time() >= deadline):
+                    for client in behind:
+                        seen = job.clients.pop(client, None)
+                        if seen is not None and ready:
+                            self._aside[client] = loop.create_task(self._rejoin(client, seen))
+                        elif seen is not None:
+                            client.cut_off()
+                    return
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _rejoin(self, client: R, seen: str) -> None:
+        """A rider set aside: once drained, on from ``seen`` (from the hub's log if it reaches
+        back that far, else back in the queue); cut off if it does not drain in time."""
+        try:
+            await asyncio.wait_for(client.drained(), STALL_TIMEOUT)
+        except TimeoutError:
+            self._aside.pop(client, None)
+            client.cut_off()
+            return
+        self._aside.pop(client, None)
+        if client.closed:
+            return
+        try:
+            if not self.hub.resume(client, seen):
+                self.add(client, seen)
+        except Exception as exc:
+            self.hub.failed(client, exc)
 
     def _hand_over(self, job: Job[R], floor: str) -> None:
         """Everything up to ``floor`` was delivered; the hub's log has the rest."""
@@ -229,14 +335,25 @@ class CatchUp(Generic[R]):
         clients, job.clients = job.clients, {}
         for client, seen in clients.items():
             if not client.closed:
-                hub.resume(client, max(seen, floor, key=order_key))
+                try:
+                    hub.resume(client, max(seen, floor, key=order_key))
+                except Exception as exc:
+                    self._failed(job, client, exc)
 
     def _resync(self, job: Job[R], reason: str) -> None:
         hub = self.hub
         clients, job.clients = job.clients, {}
         message = ev.control("resync", reason=reason)
-        for client, _ in clients.items():
+        for client in clients:
             if not client.closed:
-                client.send_control(message)
-                hub.subscribe(client)
+                try:
+                    client.send_control(message)
+                    hub.subscribe(client)
+                except Exception as exc:
+                    self._failed(job, client, exc)
+
+    def _failed(self, job: Job[R], client: R, exc: Exception) -> None:
+        """Serving one rider raised: it leaves the job and ends as the hub's clients do."""
+        job.clients.pop(client, None)
+        self.hub.failed(client, exc)
 

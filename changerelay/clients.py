@@ -182,6 +182,12 @@ class Client:
         """The relay's unsent bytes are past MAX_BUFFERED_BYTES, and this client holds the most."""
         self.cut_off(HOLDS_THE_MOST)
 
+    def fail(self) -> None:
+        """Serving this client raised (``hub.Hub.failed``): it alone ends, and loses nothing."""
+        self._end(ev.control("error", code="internal_error", message=(
+            "the relay failed serving this connection (logged); reconnect with resume_after "
+            "to continue without loss")), CLOSES["internal_error"])
+
     def expire(self) -> None:
         """The token's ``exp`` has passed: the connection ends (WebSocket close 1008)."""
         self._end(ev.control("error", code="token_expired",

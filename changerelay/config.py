@@ -294,6 +294,11 @@ class Config:
     max_pending_requests: int = _setting(
         "MAX_PENDING_REQUESTS", 1024, "connections still sending their request head at once; "
         "past it the oldest is closed (503)", _whole(1))
+    catchup_streams_per_peer: int = _setting(
+        "CATCHUP_STREAMS_PER_PEER", 2, "of the CATCHUP_STREAMS, at most this many for one client "
+        "address (and one token subject, when auth is on); more wait, taking turns with other "
+        "peers",
+        _whole(1))
 
     @property
     def scope(self) -> str:

@@ -93,6 +93,10 @@ CLOSES: dict[str, Close] = {
     "server_error": Close(
         1011, None, Retry.RESUME,
         "an unexpected condition in the relay (RFC 6455 §7.4.1); the reason names it"),
+    "internal_error": Close(
+        1011, "internal error", Retry.RESUME,
+        "serving this client raised (a relay bug, logged); the others go on; after an error "
+        "frame internal_error"),
     "slow_consumer": Close(
         1013, "slow consumer", Retry.RESUME,
         "the client fell CLIENT_BUFFER_BYTES behind, or held the most when all clients together "

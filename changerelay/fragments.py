@@ -17,6 +17,11 @@ from typing import Any
 SPLIT_EVENT = "splitEvent"
 
 
+class OutOfOrder(ValueError):
+    """Fragments came out of order: whoever reads the stream reopens from its last whole event.
+    A class of its own, so that a ValueError from a bug is not taken for it and retried."""
+
+
 class Reassembly:
     """The fragments of one event read so far, on one change stream."""
 
@@ -32,18 +37,18 @@ class Reassembly:
 
     def add(self, change: dict[str, Any]) -> dict[str, Any] | None:
         """The event ``change`` completes (``change`` itself when it is whole), or None while
-        fragments are missing. ValueError when they come out of order, which one stream never
+        fragments are missing. ``OutOfOrder`` when they come out of order, which one stream never
         does: whoever reads it should reopen from its last whole event."""
         split = change.get(SPLIT_EVENT)
         if split is None:
             if self._parts:
                 self._parts = []
-                raise ValueError("an event arrived between the fragments of another")
+                raise OutOfOrder("an event arrived between the fragments of another")
             return change
         number, total = split.get("fragment"), split.get("of")
         if number != len(self._parts) + 1:
             self._parts = []
-            raise ValueError(f"fragment {number} of {total} arrived out of order")
+            raise OutOfOrder(f"fragment {number} of {total} arrived out of order")
         self._parts.append(change)
         if number < total:
             return None

@@ -7,7 +7,9 @@ it matches, or for a row rule a ``leave`` in an event's place — with one decis
 per client, and every client of the group gets the same bytes. Replay, catch-up and clients
 resuming ahead of us pick with the same ``select``, so every path sends the same. Nothing
 here awaits, so a slow or broken client can never stall the others or the change stream; transports
-enforce their own outbound limits.
+enforce their own outbound limits. A client that raises while being served — a bug only it meets
+— is cut on its own (``Hub.failed``), and the loop goes on to the next client: every loop over
+clients guards each one (a ``try`` costs nothing until it catches, since Python 3.11).
 
 A client that resumes gets the events after its position queued as a replay and joins its group
 in the same step, with no await in between; live events then queue behind the replay (the client
@@ -28,9 +30,12 @@ from __future__ import annotations
 
 import bisect
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from logzero import logger
 
 from . import events as ev
 from .events import Delivery, Event
@@ -55,15 +60,19 @@ class Subscriber(Protocol):
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
     sent: str | None              # the newest id replayed or sent to it outside its group
+    peer: str                     # its address, to name it in the log
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
     def weight(self, event: Delivery) -> int: ...
     def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
     def replay(self, events: Sequence[Delivery]) -> None: ...
     def send_control(self, message: bytes, token: str | None = None) -> None: ...
+    def fail(self) -> None: ...   # serving it raised: end it alone (disconnect internal_error)
 
 
 S = TypeVar("S", bound=Subscriber)
+# What a loop over clients calls with a client whose step raised (``Hub.failed``).
+Failed = Callable[[S, Exception], None]
 
 
 class Tally(Protocol):
@@ -98,7 +107,7 @@ class Group(Generic[S]):
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
         self.newest: str | None = None  # ...and this was the newest id among them
 
-    def deliver(self, batch: list[Event], now: float, tally: Tally) -> None:
+    def deliver(self, batch: list[Event], now: float, failed: Failed[S], tally: Tally) -> None:
         matched = self.subscription.select(batch)
         if not matched:
             return
@@ -106,10 +115,13 @@ class Group(Generic[S]):
         self.newest = matched[-1].token
         payloads: dict[str, bytes] = {}
         for client in tuple(self.clients):
-            payload = payloads.get(client.encoding)
-            if payload is None:
-                payload = payloads[client.encoding] = client.pack(matched)
-            client.deliver(matched, payload)
+            try:
+                payload = payloads.get(client.encoding)
+                if payload is None:
+                    payload = payloads[client.encoding] = client.pack(matched)
+                client.deliver(matched, payload)
+            except Exception as exc:
+                failed(client, exc)
         tally.delivered(matched, payloads, self.encodings)  # those cut off meanwhile have left
 
 
@@ -154,9 +166,7 @@ class Hub(Generic[S]):
         if resync or self.floor is None:
             self._log, self._keys, self._start, self._bytes = [], [], 0, 0
         if resync:
-            message = ev.control("resync", reason="history_lost")
-            for client in tuple(self.clients):
-                client.send_control(message)
+            self.broadcast(ev.control("resync", reason="history_lost"))
             for client in tuple(self._ahead):
                 self._join(client)
             self._ahead.clear()
@@ -166,16 +176,22 @@ class Hub(Generic[S]):
         self._learn_mark(floor)
         waiting, self._waiting = self._waiting, {}
         for client, after in waiting.items():
-            if not self.resume(client, after):
-                # Older than where the stream starts (a client back from a relay that
-                # restarted): only MongoDB's history has what it missed.
-                self.clients.discard(client)
-                self._behind(client, after)
+            try:
+                if not self.resume(client, after):
+                    # Older than where the stream starts (a client back from a relay that
+                    # restarted): only MongoDB's history has what it missed.
+                    self.clients.discard(client)
+                    self._behind(client, after)
+            except Exception as exc:
+                self.failed(client, exc)
 
     def broadcast(self, message: bytes) -> None:
         """A control message to every client."""
         for client in tuple(self.clients):
-            client.send_control(message)
+            try:
+                client.send_control(message)
+            except Exception as exc:
+                self.failed(client, exc)
 
     def publish(self, event: Event) -> None:
         self._log.append(event)
@@ -208,8 +224,9 @@ class Hub(Generic[S]):
             return
         batch, self._pending = self._pending, []
         now = time.monotonic()
+        failed = self.failed
         for group in tuple(self._groups.values()):
-            group.deliver(batch, now, self.tally)
+            group.deliver(batch, now, failed, self.tally)
         if self._ahead:
             self._deliver_ahead(batch, now)
         self.position = batch[-1].token
@@ -300,15 +317,36 @@ class Hub(Generic[S]):
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].key
         for client, after in tuple(self._ahead.items()):
-            fresh = client.subscription.select([e for e in batch if e.key > after])
-            if fresh:
-                client.last_send = now
-                client.sent = fresh[-1].token
-                client.deliver(fresh, client.pack(fresh))
-                self.tally.replayed(client, fresh)
+            try:
+                fresh = client.subscription.select([e for e in batch if e.key > after])
+                if fresh:
+                    client.last_send = now
+                    client.sent = fresh[-1].token
+                    client.deliver(fresh, client.pack(fresh))
+                    self.tally.replayed(client, fresh)
+            except Exception as exc:
+                self.failed(client, exc)
+                continue
             if head >= after:
                 del self._ahead[client]
                 self._join(client)
+
+    def failed(self, client: S, exc: Exception) -> None:
+        """Serving ``client`` raised: a bug, met by this client alone (the others were served).
+
+        It leaves the hub and is ended with ``internal_error`` (1011; it resumes and loses
+        nothing). The log names the client and where it failed, not the exception's message,
+        which may quote an event a log reader may not see.
+        """
+        self.unsubscribe(client)
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        logger.error("serving client %s failed (%s at %s:%d in %s); closing it with "
+                     "internal_error", client.peer, type(exc).__name__,
+                     where.filename.rpartition("/")[2], where.lineno or 0, where.name)
+        try:
+            client.fail()
+        except Exception as again:  # it is out of the hub already: nothing else can reach it
+            logger.error("closing client %s failed too (%s)", client.peer, type(again).__name__)
 
     # -- housekeeping ------------------------------------------------------------------------
 
@@ -343,7 +381,10 @@ class Hub(Generic[S]):
                     message = messages[position] = ev.control("position", resume_after=position)
                 client.last_send = now
                 client.told = position
-                client.send_control(message, token=position)
+                try:
+                    client.send_control(message, token=position)
+                except Exception as exc:
+                    self.failed(client, exc)
                 sent += 1
         return sent
 

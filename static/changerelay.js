@@ -58,6 +58,7 @@ export const DISCONNECTS = {
     "too_many_frames": {"code": 1008, "reason": "too many frames", "retry": "resume"},
     "message_too_big": {"code": 1009, "reason": null, "retry": "resume"},
     "server_error": {"code": 1011, "reason": null, "retry": "resume"},
+    "internal_error": {"code": 1011, "reason": "internal error", "retry": "resume"},
     "slow_consumer": {"code": 1013, "reason": "slow consumer", "retry": "resume"}
   },
   "refusals": {

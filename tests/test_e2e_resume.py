@@ -437,7 +437,9 @@ async def test_a_resume_mongodb_refuses_with_a_code_the_relay_does_not_know_ends
     relay = relay_factory(MONGO_SRV=primary.uri, REPLAY_BUFFER=5)
     relay.wait_ready()
 
+    observer = await WS.connect(relay.ws_url)
     write(primary.uri, "db", 20)
+    await observer.changes(20)  # the relay has them all: the 3rd is out of its 5-event buffer
     old = primary.tokens()[2]
     primary.fail_next("aggregate", code=54321, errmsg="a refusal no relay knows", count=1000)
     client = await WS.connect(f"{relay.ws_url}?resume_after={old}")

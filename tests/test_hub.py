@@ -432,8 +432,9 @@ def test_row_rules_on_the_catch_up_path_match_live():
     hub = started_hub()
     live = Reader(reader("alice"))
     hub.subscribe(live)
-    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None)
-    job = Job(token(0))
+    catchup = CatchUp(hub, open_stream=None, streams=1, missing_image=lambda exc: None,
+                      per_peer=1)
+    job = Job(token(0), ("peer 1",))
     riders = [Reader(reader("alice")), Reader(reader("alice")), Reader(reader("bob"))]
     for rider in riders:
         job.add(rider, token(0))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 from changerelay import config as cfg
-from changerelay.app import Relay
+from changerelay.app import PING_SLICES, Relay
 from changerelay.auth import Claims
 from changerelay.catchup import Job
+from changerelay.clients import EventStreamClient, WebSocketClient
+from changerelay.subscription import Subscription
 from tests.support import token
 
 
@@ -31,7 +33,7 @@ async def test_an_expired_token_ends_a_client_that_is_still_catching_up():
     """``exp`` is enforced on every connection, not only on those already live in the hub."""
     secured = relay(AUTH_JWT_SECRET="s" * 32)
     late, fresh = Rider(time.time() - 60), Rider(time.time() + 60)
-    job = Job(token(0))
+    job = Job(token(0), ("peer rider",))
     job.add(late, token(0))
     job.add(fresh, token(0))
     secured.catchup.jobs.append(job)
@@ -42,8 +44,65 @@ async def test_an_expired_token_ends_a_client_that_is_still_catching_up():
 async def test_without_auth_no_token_is_checked():
     open_relay = relay()
     rider = Rider(time.time() - 60)
-    job = Job(token(0))
+    job = Job(token(0), ("peer rider",))
     job.add(rider, token(0))
     open_relay.catchup.jobs.append(job)
     open_relay.expire_tokens()
     assert not rider.expired
+
+
+class Socket:
+    """A client of the relay's periodic passes; ``broken`` ones raise in every pass."""
+
+    def __init__(self, broken: bool = False):
+        self.broken = broken
+        self.peer = "broken" if broken else "bystander"
+        self.subscription = Subscription()
+        self.pinged = self.beaten = self.shut = self.failed = 0
+
+    def _pass(self) -> None:
+        if self.broken:
+            raise RuntimeError("a bug only this client meets")
+
+    def ping(self, now, timeout):
+        self._pass()
+        self.pinged += 1
+
+    def heartbeat(self):
+        self._pass()
+        self.beaten += 1
+
+    def shutdown(self):
+        self._pass()
+        self.shut += 1
+
+    def fail(self):
+        self.failed += 1
+
+
+class WebSocket(Socket, WebSocketClient):
+    __hash__ = object.__hash__
+
+
+class EventStream(Socket, EventStreamClient):
+    __hash__ = object.__hash__
+
+
+async def test_one_client_raising_in_a_periodic_pass_does_not_stop_it_for_the_others():
+    """Pings, heartbeats and the shutdown pass go on past a client that raises (issue 11 item 8):
+    it is cut alone, and every other client is pinged, kept alive and told of the shutdown."""
+    served = relay(SHUTDOWN_TIMEOUT="0.2")
+    sockets = [kind(broken=(i % 3 == 1)) for i in range(30) for kind in (WebSocket, EventStream)]
+    for client in sockets:
+        served.hub.subscribe(client)
+    for _ in range(PING_SLICES):
+        served.ping()
+    served.heartbeat()
+    bystanders = [c for c in sockets if not c.broken]
+    assert all(c.pinged == 1 for c in bystanders if isinstance(c, WebSocket))
+    assert all(c.beaten == 1 for c in bystanders if isinstance(c, EventStream))
+    assert all(c.failed == 1 and c not in served.hub.clients for c in sockets if c.broken)
+    for client in sockets:
+        served.hub.subscribe(client)  # back, broken ones included, for the shutdown pass
+    await served.shutdown()
+    assert all(c.shut == 1 for c in bystanders)
