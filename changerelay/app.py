@@ -218,14 +218,16 @@ class Relay:
         self.catchup.add(client, after)
 
     def detach(self, client: Client) -> None:
-        """``client`` ended (called again for one already gone: counted once)."""
-        attached = client in self.hub.clients or client in self.catchup.clients()
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
-        if attached:
-            cause = "shutdown" if self._gone is not None else cause_of(client.ended_with())
-            self.metrics.disconnected(cause)
         self._check_gone()
+
+    def lost(self, client: Client) -> None:
+        """``client``'s connection closed (once per connection, whoever ended it first): it
+        leaves, and the metrics count why it ended."""
+        self.detach(client)
+        cause = "shutdown" if self._gone is not None else cause_of(client.ended_with())
+        self.metrics.disconnected(cause)
 
     def tell_everyone(self, message: bytes) -> None:
         """A control message to every client, live or catching up."""

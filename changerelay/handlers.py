@@ -123,7 +123,7 @@ class Transport(HostChecked):
         relay = self.relay
 
         def lost() -> None:
-            relay.detach(client)
+            relay.lost(client)
             slot.release()
 
         connection.on_close = lost
