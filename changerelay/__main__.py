@@ -38,6 +38,17 @@ def run_server(argv: list[str], prog: str = "changerelay") -> int:
         logs.startup_error(f"changerelay: configuration error: {exc}",
                            os.environ.get("LOG_FORMAT", "").strip().lower())
         return 2
+    if config.reuse_port > 1:
+        # Before the metrics' library is first imported (by app): it decides then whether
+        # values are shared between processes.
+        from .metrics import worker_directory
+
+        with worker_directory():
+            return _serve(config)
+    return _serve(config)
+
+
+def _serve(config: cfg.Config) -> int:
     from . import app
 
     logs.setup(config.log_level, config.log_format)
@@ -64,8 +75,10 @@ def run_server(argv: list[str], prog: str = "changerelay") -> int:
 
 
 def _supervise(config: cfg.Config, sockets: list[socket.socket]) -> int:
-    """Fork REUSE_PORT workers, each with its own SO_REUSEPORT socket and change stream."""
+    """Fork REUSE_PORT workers, each with its own SO_REUSEPORT socket and change stream, sharing
+    their metrics in the run's directory (``metrics.worker_directory``)."""
     from . import app
+    from .metrics import worker_gone
 
     # Keep the port the parent got (PORT=0 picks one), and leave the accepting to the workers.
     config = dataclasses.replace(config, port=sockets[0].getsockname()[1])
@@ -89,6 +102,7 @@ def _supervise(config: cfg.Config, sockets: list[socket.socket]) -> int:
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
+        worker_gone(child)
         status = status or os.waitstatus_to_exitcode(code)
     return status
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,12 +28,13 @@ from pymongo import AsyncMongoClient
 from tornado import netutil, web
 from tornado.ioloop import PeriodicCallback
 
-from . import admission, handlers, logs
+from . import admission, handlers, logs, metrics
 from . import subscription as subs
 from .buffers import Buffers
 from .catchup import CatchUp
 from .clients import Client, EventStreamClient, WebSocketClient
 from .config import Config, describe
+from .disconnect import cause_of
 from .gate import Gate, Limits
 from .hub import Hub
 from .listener import Listener
@@ -68,6 +70,8 @@ EXPIRY_CHECK_SECONDS = 1.0
 LISTEN_BACKLOG = 1024
 # SIGTERM's promise: the process has ended SHUTDOWN_TIMEOUT and at most this much after it.
 EXIT_MARGIN_SECONDS = 0.5
+# Seconds between the metrics' refreshes (a scrape refreshes its own process's too).
+METRICS_REFRESH_SECONDS = 1.0
 # The open-files limit asked for when the hard limit is unlimited.
 OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
@@ -76,9 +80,10 @@ class Relay:
     def __init__(self, config: Config, mongo_client: AsyncMongoClient[Any] | None = None):
         self.config = config
         loop = asyncio.get_running_loop()
+        self.metrics = metrics.Metrics()
         self.hub: Hub[Client] = Hub(loop.call_soon, self._from_history, config.replay_buffer,
-                                    config.replay_buffer_bytes)
-        self.source = ChangeSource(config, self.hub, mongo_client)
+                                    config.replay_buffer_bytes, self.metrics)
+        self.source = ChangeSource(config, self.hub, mongo_client, on_state=self.tell_everyone)
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
                                                 config.catchup_streams, self.source.missing_image,
                                                 per_peer=config.catchup_streams_per_peer)
@@ -102,7 +107,8 @@ class Relay:
         self.source.start()
         timers = [(self.send_positions, self._position_pass_seconds),
                   (self.heartbeat, self.config.sse_heartbeat),
-                  (self.ping, self.config.ws_ping_interval / PING_SLICES)]
+                  (self.ping, self.config.ws_ping_interval / PING_SLICES),
+                  (self.refresh_metrics, METRICS_REFRESH_SECONDS)]
         if self.auth is not None:
             timers.append((self.expire_tokens, EXPIRY_CHECK_SECONDS))
         for callback, seconds in timers:
@@ -199,7 +205,10 @@ class Relay:
     # -- clients -------------------------------------------------------------------------------
 
     def attach(self, client: Client, resume_after: str | None) -> None:
-        """Start a client live, from the log, or from MongoDB's history."""
+        """Start a client live, from the log, or from MongoDB's history; tell it first when
+        MongoDB is not there."""
+        if not self.source.ready:
+            client.send_control(self.source.message())
         if resume_after is None:
             self.hub.subscribe(client)
         elif not self.hub.resume(client, resume_after):
@@ -212,6 +221,28 @@ class Relay:
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
         self._check_gone()
+
+    def lost(self, client: Client) -> None:
+        """``client``'s connection closed (once per connection, whoever ended it first): it
+        leaves, and the metrics count why it ended."""
+        self.detach(client)
+        cause = "shutdown" if self._gone is not None else cause_of(client.ended_with())
+        self.metrics.disconnected(cause)
+
+    def tell_everyone(self, message: bytes) -> None:
+        """A control message to every client, live or catching up."""
+        self.hub.broadcast(message)
+        for client in self.catchup.clients():
+            client.send_control(message)
+
+    def refresh_metrics(self) -> None:
+        clients = [*self.hub.clients, *self.catchup.clients()]
+        by_transport = Counter(metrics.transport(client.encoding) for client in clients)
+        source = self.source
+        self.metrics.refresh(metrics.State(
+            by_transport, sum(job.running for job in self.catchup.jobs),
+            self.hub.stats()["buffered_events"], source.ready, source.lag(), self.hub.published,
+            max(0, source.opened - 1)))
 
     def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
@@ -231,6 +262,7 @@ def make_app(relay: Relay) -> web.Application:
             (r"/events", handlers.EventsHandler, given),
             (r"/healthz", handlers.HealthHandler),
             (r"/readyz", handlers.ReadyHandler, given),
+            (r"/metrics", handlers.MetricsHandler, given),
         ],
         template_path=str(_bundled("templates")),
         static_path=str(_bundled("static")),
@@ -267,7 +299,7 @@ async def serve(config: Config, sockets: list[socket.socket]) -> int:
     server = GatedServer(make_app(relay), xheaders=False,
                          max_header_size=config.max_request_head_bytes, max_body_size=0)
     gate = Gate(Limits(config.max_request_head_bytes, config.request_head_timeout,
-                       config.max_pending_requests), server.serve)
+                       config.max_pending_requests), server.serve, relay.metrics.refused)
     server.next_head = gate.admit
     listener = Listener(sockets, gate.admit)
     listener.start()

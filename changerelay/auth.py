@@ -205,11 +205,16 @@ def _bad_claim(name: str, problem: str) -> Refusal:
     return Refusal("invalid_token", f"the token's {name} claim {problem}")
 
 
+def bearer_header(request: HTTPServerRequest) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (RFC 6750 §2.1), if there is one."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
 def _bearer(request: HTTPServerRequest) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+    header = bearer_header(request)
+    if header:
+        return header
     values = request.query_arguments.get("access_token")
     if values:
         return values[-1].decode("utf-8", "replace")

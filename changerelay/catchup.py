@@ -269,6 +269,7 @@ class CatchUp(Generic[R]):
                     if matched:
                         client.sent = matched[-1].token
                         client.replay(matched)
+                        self.hub.tally.replayed(client, matched)
                 except Exception as exc:
                     self._failed(job, client, exc)
                 if client.closed:

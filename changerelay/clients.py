@@ -60,8 +60,9 @@ class Client:
     events become (``pack``): clients with one encoding share one payload per flush.
     """
 
-    __slots__ = ("_drained", "_history", "_queued", "backlog", "claims", "closed", "encoding",
-                 "last_send", "limit", "on_end", "peer", "sent", "subscription", "told", "writer")
+    __slots__ = ("_drained", "_ended_with", "_history", "_queued", "backlog", "claims", "closed",
+                 "encoding", "last_send", "limit", "on_end", "peer", "sent", "subscription",
+                 "told", "writer")
 
     def __init__(self, writer: Connection, encoding: str, subscription: Subscription, limit: int,
                  peer: str, claims: Claims | None, on_end: Callable[[Client], None]):
@@ -77,6 +78,7 @@ class Client:
         self.told: str | None = None
         self.sent: str | None = None  # the hub's: see hub.Subscriber
         self.closed = False
+        self._ended_with: Close | None = None
         self.backlog: deque[ev.Delivery | bytes] | None = None  # to replay; bytes: control
         self._queued = 0                   # live bytes queued behind the backlog
         self._history = 0                  # replayed events still in the backlog (they come first)
@@ -197,8 +199,14 @@ class Client:
         if self.closed:
             return
         self.closed = True
+        self._ended_with = close
         self.on_end(self)
         self.finish(message, close)
+
+    def ended_with(self) -> tuple[int, str] | None:
+        """``(code, reason)`` of the close the relay ended this client with; None when the
+        client left (or the relay is shutting it down)."""
+        return None if self._ended_with is None else self._ended_with.frame
 
     def weight(self, event: ev.Delivery) -> int:
         """Bytes ``event`` adds to this client's stream."""
@@ -248,6 +256,9 @@ class WebSocketClient(Client):
 
     def pong(self) -> None:
         self.pinged = None
+
+    def ended_with(self) -> tuple[int, str] | None:
+        return self.connection.protocol.sent_close  # ping timeouts and protocol errors too
 
     def ping(self, now: float, timeout: float) -> None:
         """One shared timer pings every connection (Tornado would run a Task per connection)."""

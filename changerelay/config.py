@@ -251,6 +251,9 @@ class Config:
         _seconds)
     auth_jwt_secret: str | None = _setting(
         "AUTH_JWT_SECRET", None, "HS256 secret; turns token authentication on", _text)
+    metrics_token: str | None = _setting(
+        "METRICS_TOKEN", None, "a secret that GET /metrics then requires as a Bearer token",
+        _text)
     auth_jwt_public_key: str | None = _setting(
         "AUTH_JWT_PUBLIC_KEY", None, "path to a PEM public key (RS256/ES256); turns auth on",
         _pem_path)

@@ -114,9 +114,10 @@ REFUSALS: dict[int, Refused] = {
     401: Refused(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
     403: Refused(Retry.NO, ("origin_not_allowed", "ns_forbidden", "row_rules_need_post_images",
-                            "row_rule_reads_redacted_field"),
-                 "not allowed: this page's origin, namespaces outside the token's ns claim, or a "
-                 "row rule this relay cannot decide (no post-images, or a redacted field)"),
+                            "row_rule_reads_redacted_field", "metrics_token_mismatch"),
+                 "not allowed: this page's origin, namespaces outside the token's ns claim, a "
+                 "row rule this relay cannot decide (no post-images, or a redacted field), or "
+                 "a scrape of /metrics with a token other than METRICS_TOKEN"),
     404: Refused(Retry.NO, (), "no such endpoint (Tornado's own page, not JSON): check the path"),
     408: Refused(Retry.BACKOFF, ("request_timeout",),
                  "the request head took longer than REQUEST_HEAD_TIMEOUT: send it at once"),
@@ -142,3 +143,18 @@ REFUSALS: dict[int, Refused] = {
 # The status each refusal is answered with: ``admission.Refusal`` takes it from here.
 STATUS_OF: dict[str, int] = {error: status for status, refusal in REFUSALS.items()
                              for error in refusal.errors}
+
+# Why a client left when the relay sent it no close: it closed, or its connection was cut.
+CLIENT_CLOSED = "client_closed"
+
+
+def cause_of(close: tuple[int, str] | None) -> str:
+    """The cause in ``CLOSES`` of the close frame ``(code, reason)`` the relay ended a
+    connection with (an SSE stream: the close its cause lists); ``CLIENT_CLOSED`` for None."""
+    if close is None:
+        return CLIENT_CLOSED
+    code, reason = close
+    named = [cause for cause, entry in CLOSES.items() if entry.frame == (code, reason)]
+    by_code = [cause for cause, entry in CLOSES.items()
+               if entry.code == code and entry.reason is None]
+    return (named or by_code or ["server_error"])[0]

@@ -9,6 +9,7 @@ frame). The fan-out then only moves bytes.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from .frames import deflate as _deflate
@@ -16,6 +17,7 @@ from .frames import ws_frame
 from .relaxed import relaxed_json
 from .tokens import token_id
 
+_EPOCH = datetime(1970, 1, 1)
 Change = dict[str, Any]  # a change event document, as MongoDB delivered it
 
 
@@ -27,8 +29,9 @@ class Event:
     lets the hub find a resume point with a binary search.
     """
 
-    __slots__ = ("_deflated", "_entered", "_header", "_leave", "_sse", "change", "frame", "key",
-                 "ns", "op", "token")
+    __slots__ = ("_committed", "_deflated", "_entered", "_header", "_leave", "_sse", "change",
+                 "frame", "key", "ns", "op", "token")
+
 
     def __init__(self, change: Change, data: bytes, token: str, deflate: bool = False):
         self.change = change
@@ -43,6 +46,7 @@ class Event:
         self._deflated = _deflated_frame(data) if deflate else None
         self._entered: Event | None = None
         self._leave: Leave | None = None
+        self._committed: float | bool | None = False  # False: not read yet
 
     @property
     def data(self) -> bytes:
@@ -62,6 +66,14 @@ class Event:
         if self._deflated is None:
             self._deflated = _deflated_frame(self.data)
         return self._deflated
+
+    @property
+    def committed(self) -> float | None:
+        """When MongoDB committed the change (its ``wallTime``, seconds since the epoch), for
+        the delivery latency: read on first use, once."""
+        if self._committed is False:
+            self._committed = commit_time(self.change)
+        return self._committed
 
     @property
     def entered(self) -> Event:
@@ -97,7 +109,7 @@ class Leave:
     bytes for every reader; its SSE record carries the event's id, so that EventSource resumes
     past it. Nothing of the document's new content is in it."""
 
-    __slots__ = ("data", "frame", "sse", "token")
+    __slots__ = ("committed", "data", "frame", "sse", "token")
 
     def __init__(self, event: Event):
         # .get: an operator's PIPELINE may have removed either, and a flush must not raise.
@@ -106,6 +118,7 @@ class Leave:
                    "documentKey": event.change.get("documentKey")}
         self.data = relaxed_json(message)
         self.token = event.token
+        self.committed = event.committed
         self.frame = ws_frame(self.data)
         self.sse = b"id: " + self.token.encode() + b"\nevent: leave\ndata: " + self.data + b"\n\n"
 
@@ -127,6 +140,17 @@ def encode_change(change: Change, deflate: bool = False) -> Event:
     ``size`` — what the replay buffer counts — does not change once it is in the log.
     """
     return Event(change, relaxed_json(change), token_id(change["_id"]), deflate)
+
+
+def commit_time(change: Change) -> float | None:
+    """A change's ``wallTime`` in seconds since the epoch; None without one (MongoDB before
+    6.0, or a PIPELINE that removed it)."""
+    wall_time = change.get("wallTime")
+    if not isinstance(wall_time, datetime):
+        return None
+    if wall_time.tzinfo is not None:  # a client with tz_aware=True
+        return wall_time.timestamp()
+    return (wall_time - _EPOCH).total_seconds()  # PyMongo decodes it as naive UTC
 
 
 def _deflated_frame(data: bytes) -> bytes:

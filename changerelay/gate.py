@@ -120,11 +120,14 @@ def response(refusal: Refusal) -> bytes:
 
 class Gate:
     """The connections still sending their head, oldest first; ``serve`` gets each one whose
-    head is complete and admissible, with every byte read so far."""
+    head is complete and admissible, with every byte read so far. ``refused`` is told the
+    status of every refusal answered (the metrics count them)."""
 
-    def __init__(self, limits: Limits, serve: Serve):
+    def __init__(self, limits: Limits, serve: Serve,
+                 refused: Callable[[int], None] = lambda status: None):
         self.limits = limits
         self.serve = serve
+        self.refused = refused
         self.unfinished: dict[_Unfinished, None] = {}  # insertion order: oldest first
         self.loop = asyncio.get_running_loop()
 
@@ -219,6 +222,7 @@ class _Unfinished:
         """Answer ``refusal`` and close, after lingering unless told not to."""
         logger.debug("refused %s before its request: %d %s", self.address, refusal.status,
                      refusal.code)
+        self.gate.refused(refusal.status)
         with contextlib.suppress(OSError):
             self.sock.send(response(refusal))  # a few hundred bytes: the socket takes them all
             if linger:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, NamedTuple
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from . import admission, clients, frames
+from . import admission, clients, frames, metrics
 from .admission import Refusal
+from .auth import bearer_header
 from .connection import Connection, WebSocketConnection
+from .metrics import check_scraper
 from .protocol import WebSocketProtocol
 from .subscription import Subscription, parse_resume
 from .tornado_internals import http_chunked, take_socket
@@ -42,6 +44,21 @@ class RelayHandler(web.RequestHandler):
 
     def initialize(self, relay: Relay) -> None:
         self.relay = relay
+
+    def is_handshake(self) -> bool:
+        """Whether this request is a handshake, whose refusals the metrics count (a probe's or a
+        page's are not)."""
+        return False
+
+    def refuse(self, exc: Refusal) -> None:
+        if self.is_handshake():
+            self.relay.metrics.refused(exc.status)
+        self.set_status(exc.status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        if exc.status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="changerelay"')
+        self.finish(exc.body())
 
 
 class HostChecked(RelayHandler):
@@ -70,20 +87,15 @@ class HostChecked(RelayHandler):
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Vary", "Origin")
 
-    def refuse(self, exc: Refusal) -> None:
-        self.set_status(exc.status)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        if exc.status == 401:
-            self.set_header("WWW-Authenticate", 'Bearer realm="changerelay"')
-        self.finish(exc.body())
-
 
 class Transport(HostChecked):
     """Admission for both transports, once per handshake, in ``admission``'s order."""
 
     # /events: EventSource sends the id of the last event it saw when it reconnects.
     resumes_from_last_event_id = False
+
+    def is_handshake(self) -> bool:
+        return "Upgrade" in self.request.headers or self.resumes_from_last_event_id
 
     def admitted(self) -> Admitted | None:
         """The client's subscription, start, claims and connection slot; None once refused."""
@@ -111,7 +123,7 @@ class Transport(HostChecked):
         relay = self.relay
 
         def lost() -> None:
-            relay.detach(client)
+            relay.lost(client)
             slot.release()
 
         connection.on_close = lost
@@ -277,6 +289,23 @@ class HealthHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"status": "ok"}))
+
+
+class MetricsHandler(RelayHandler):
+    """``/metrics``: Prometheus text, behind ``METRICS_TOKEN`` when it is set. Like the probes,
+    no Host check: Prometheus scrapes the pod's address."""
+
+    def get(self) -> None:
+        relay = self.relay
+        try:
+            check_scraper(bearer_header(self.request), relay.config.metrics_token)
+        except Refusal as exc:
+            self.refuse(exc)
+            return
+        relay.refresh_metrics()
+        self.set_header("Content-Type", metrics.CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(relay.metrics.exposition())
 
 
 class ReadyHandler(RelayHandler):

@@ -31,7 +31,8 @@ from __future__ import annotations
 import bisect
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from logzero import logger
@@ -64,6 +65,7 @@ class Subscriber(Protocol):
     peer: str                     # its address, to name it in the log
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
+    def weight(self, event: Delivery) -> int: ...
     def deliver(self, events: Sequence[Delivery], payload: bytes) -> None: ...
     def replay(self, events: Sequence[Delivery]) -> None: ...
     def send_control(self, message: bytes, token: str | None = None) -> None: ...
@@ -75,18 +77,39 @@ S = TypeVar("S", bound=Subscriber)
 Failed = Callable[[S, Exception], None]
 
 
+class Tally(Protocol):
+    """Where deliveries are counted (``metrics.Metrics``): once per group per flush, and once
+    per replay."""
+
+    def delivered(self, matched: Sequence[Delivery], payloads: Mapping[str, bytes],
+                  encodings: Mapping[str, int]) -> None: ...
+    def replayed(self, client: Subscriber, events: Sequence[Delivery]) -> None: ...
+
+
+class Uncounted:
+    """A ``Tally`` that counts nothing, for hubs without metrics (tests, benchmarks)."""
+
+    def delivered(self, matched: Sequence[Delivery], payloads: Mapping[str, bytes],
+                  encodings: Mapping[str, int]) -> None:
+        pass
+
+    def replayed(self, client: Subscriber, events: Sequence[Delivery]) -> None:
+        pass
+
+
 class Group(Generic[S]):
     """Clients with the same subscription: one match per event, one payload per encoding."""
 
-    __slots__ = ("clients", "last_send", "newest", "subscription")
+    __slots__ = ("clients", "encodings", "last_send", "newest", "subscription")
 
     def __init__(self, subscription: Subscription):
         self.subscription = subscription
         self.clients: set[S] = set()
+        self.encodings: Counter[str] = Counter()  # its clients by encoding, for the tally
         self.last_send = 0.0  # the group's clients all got the same live frames at this time
         self.newest: str | None = None  # ...and this was the newest id among them
 
-    def deliver(self, batch: list[Event], now: float, failed: Failed[S]) -> None:
+    def deliver(self, batch: list[Event], now: float, failed: Failed[S], tally: Tally) -> None:
         matched = self.subscription.select(batch)
         if not matched:
             return
@@ -101,15 +124,19 @@ class Group(Generic[S]):
                 client.deliver(matched, payload)
             except Exception as exc:
                 failed(client, exc)
+        tally.delivered(matched, payloads, self.encodings)  # those cut off meanwhile have left
 
 
 class Hub(Generic[S]):
     """``call_soon`` schedules the flush that follows a publish (the event loop's);
     ``behind(client, after)`` takes a client that waited for the stream to open and turned out
-    to resume from before it: only MongoDB's history has what that client missed."""
+    to resume from before it: only MongoDB's history has what that client missed. ``tally``
+    counts what is delivered."""
 
     def __init__(self, call_soon: Callable[[Callable[[], None]], object],
-                 behind: Callable[[S, str], None], max_events: int, max_bytes: int):
+                 behind: Callable[[S, str], None], max_events: int, max_bytes: int,
+                 tally: Tally | None = None):
+        self.tally: Tally = tally or Uncounted()
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._call_soon = call_soon
@@ -207,7 +234,7 @@ class Hub(Generic[S]):
         now = time.monotonic()
         failed = self.failed
         for group, events in self._routes.route(batch).items():
-            group.deliver(events, now, failed)
+            group.deliver(events, now, failed, self.tally)
         if self._ahead:
             self._deliver_ahead(batch, now)
         self.position = batch[-1].token
@@ -281,6 +308,7 @@ class Hub(Generic[S]):
             client.last_send = time.monotonic()
             client.sent = matched[-1].token
             client.replay(matched)
+            self.tally.replayed(client, matched)
 
     def unsubscribe(self, client: S) -> None:
         self.clients.discard(client)
@@ -288,8 +316,9 @@ class Hub(Generic[S]):
             self._stop_holding(client)
         self._waiting.pop(client, None)
         group = self._groups.get(client.subscription)
-        if group is not None:
-            group.clients.discard(client)
+        if group is not None and client in group.clients:
+            group.clients.remove(client)
+            group.encodings[client.encoding] -= 1
             if not group.clients:
                 del self._groups[client.subscription]
                 self._routes.discard(group)
@@ -300,7 +329,9 @@ class Hub(Generic[S]):
             group = self._groups[client.subscription] = Group(client.subscription)
             self._routes.add(group, covers(group.subscription))
         client.subscription = group.subscription  # one compiled copy per distinct subscription
-        group.clients.add(client)
+        if client not in group.clients:
+            group.clients.add(client)
+            group.encodings[client.encoding] += 1
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].key
@@ -314,6 +345,7 @@ class Hub(Generic[S]):
                     client.last_send = now
                     client.sent = fresh[-1].token
                     client.deliver(fresh, client.pack(fresh))
+                    self.tally.replayed(client, fresh)
             except Exception as exc:
                 self.failed(client, exc)
                 continue

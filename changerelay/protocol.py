@@ -49,11 +49,13 @@ class WebSocketProtocol:
     Close still gets its pong, and a Close ends the stream whatever follows it.
     """
 
-    __slots__ = ("_owed_pong", "_reader", "_refilled", "_tokens", "listening", "state")
+    __slots__ = ("_owed_pong", "_reader", "_refilled", "_tokens", "listening", "sent_close",
+                 "state")
 
     def __init__(self, max_message: int, deflate: bool = False):
         self._reader = frames.FrameReader(max_message, deflate)
         self.state = OPEN
+        self.sent_close: tuple[int, str] | None = None  # (code, reason) of a Close we began
         self._owed_pong: bytes | None = None  # the latest ping's payload, while a long queue waits
         self._tokens = float(FRAME_BURST)     # frames the peer may still send (see FRAME_BURST)
         self._refilled = _LONG_AGO
@@ -107,7 +109,7 @@ class WebSocketProtocol:
         if self.state is not OPEN:
             return b""
         reply: list[bytes] = []
-        self._say_goodbye(frames.close_frame(code, reason), reply)
+        self._say_goodbye(code, reason, reply)
         self.state = CLOSING
         return b"".join(reply)
 
@@ -145,12 +147,13 @@ class WebSocketProtocol:
 
     def _fail(self, code: int, reason: str, reply: list[bytes]) -> None:
         if self.state is OPEN:
-            self._say_goodbye(frames.close_frame(code, reason), reply)
+            self._say_goodbye(code, reason, reply)
         self.state = FAILED
 
-    def _say_goodbye(self, close_frame: bytes, reply: list[bytes]) -> None:
+    def _say_goodbye(self, code: int, reason: str, reply: list[bytes]) -> None:
         """Our Close frame is the last we send: a pong still owed goes before it (§5.5.2)."""
         if self._owed_pong is not None:
             reply.append(frames.ws_frame(self._owed_pong, frames.PONG))
             self._owed_pong = None
-        reply.append(close_frame)
+        reply.append(frames.close_frame(code, reason))
+        self.sent_close = code, reason

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bson import json_util
@@ -97,6 +98,32 @@ MAX_REASON = 300  # characters of a driver's message kept for /readyz and the lo
 # How long one getMore waits on the server for new events: an empty batch then still carries a
 # fresh resume token (the hub's position), and a stop is noticed within a second.
 MAX_AWAIT_MS = 1000
+
+# What the "unreachable" line and /readyz add, as the replica-set line names its fix.
+UNREACHABLE_HELP = (
+    "check that MONGO_SRV names the right hosts and port (for Atlas, the mongodb+srv:// string "
+    "from Connect > Drivers), that mongod is running and answers there (mongosh with the same "
+    "URI), and that no firewall stands between (on Atlas, Network Access must list this "
+    "machine's address)"
+)
+# What browsers are told in ``source`` messages: what is wrong and what happens next, never a host,
+# a replica-set name or the driver's words (the log and /readyz have those, for the operator).
+BROWSER_MESSAGES = {
+    "connecting": "The relay is connecting to MongoDB.",
+    "open": "MongoDB is connected: changes arrive live.",
+    "unreachable": "The relay cannot reach MongoDB; it keeps retrying.",
+    "not_replica_set": ("MongoDB is not a replica set, which change streams need; the relay "
+                        "retries until its operator fixes that."),
+    "auth_failed": ("The relay could not sign in to MongoDB; it retries until its operator "
+                    "fixes the credentials."),
+    "unauthorized": ("The relay may not read changes from MongoDB; it retries until its "
+                     "operator grants access."),
+    "error": "MongoDB refused the change stream; the relay keeps retrying.",
+    IMAGES_MISSING: ("The relay stopped following changes: an event lacks a document image it "
+                     "is set to require. Its operator must fix this; keep your last id."),
+    EVENT_TOO_LARGE: ("The relay stopped following changes: an event is over MongoDB's 16 MB "
+                      "limit. Its operator must fix this; keep your last id."),
+}
 
 REPLICA_SET_HELP = (
     "change streams need a replica set, and this MongoDB is a standalone server: start it with "
@@ -195,14 +222,21 @@ class ChangeSource:
     """Runs ``watch()`` forever and publishes every change to the hub."""
 
     def __init__(self, config: Config, hub: Hub[Any],
-                 client: AsyncMongoClient[Any] | None = None):
+                 client: AsyncMongoClient[Any] | None = None,
+                 on_state: Callable[[bytes], None] | None = None):
         self.config = config
         self.hub = hub
         self.client = client
-        self.state = "starting"
+        # Told the ``source`` message of every new state (the relay passes it to every client;
+        # without it, the hub's clients are told).
+        self.on_state = on_state
+        self.state = "connecting"
         self.reason = "connecting to MongoDB"
+        self.since = _now()  # when the state began: an outage's start, for every client
         self.last_event_at: float | None = None
+        self.last_change: ev.Change | None = None  # for the lag: its wallTime
         self.attempts = 0
+        self.opened = 0  # times the stream opened: all but the first are reopens
         self._token: ResumeToken | None = None        # where to reopen from: resume_after
         self._start_after: ResumeToken | None = None  # ...or start_after, after an invalidate
         self._task: asyncio.Task[None] | None = None
@@ -231,10 +265,34 @@ class ChangeSource:
     def ready(self) -> bool:
         return self.state == "open"
 
+    def lag(self) -> float | None:
+        """Seconds from the last event's commit (its wallTime) to its receipt; None before
+        one, or without wallTime."""
+        if self.last_change is None or self.last_event_at is None:
+            return None
+        commit = ev.commit_time(self.last_change)
+        if commit is None:
+            return None
+        received = time.time() - (time.monotonic() - self.last_event_at)
+        return max(0.0, received - commit)
+
+    def message(self) -> bytes:
+        """The ``source`` control message of the current state, as browsers are told it."""
+        return ev.control("source", state=self.state, message=BROWSER_MESSAGES[self.state],
+                          since=self.since)
+
+    def _enter(self, state: str, reason: str) -> None:
+        changed = state != self.state
+        self.state, self.reason = state, reason
+        if changed:
+            self.since = _now()
+            (self.on_state or self.hub.broadcast)(self.message())
+
     def status(self) -> dict[str, object]:
         return {
             "source": self.state,
             "reason": self.reason,
+            "since": self.since,
             "scope": self.config.scope,
             "attempts": self.attempts,
             "last_event_age": None if self.last_event_at is None else round(
@@ -270,7 +328,7 @@ class ChangeSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._classify(exc)
+                self._enter(*self._classify(exc))
                 if self.state in STOPPED:
                     logger.error("change stream stopped (%s): %s", self.state, self.reason)
                     self.hub.broadcast(ev.control("error", code=self.state,
@@ -319,7 +377,8 @@ class ChangeSource:
         read PyMongo has no resume token. The first of them is then where the stream starts.
         """
         token = stream.resume_token
-        self.state, self.reason = "open", "change stream open"
+        self.opened += 1
+        self._enter("open", "change stream open")
         logger.info("change stream open on %s (%s)", self.config.scope,
                     "from now" if fresh else "resumed")
         if token is None:
@@ -358,6 +417,7 @@ class ChangeSource:
                 change = fragments.add(change)
                 if change is None:
                     continue
+                self.last_change = change
                 event = ev.encode_change(change, deflate=self.config.ws_compression)
                 if unplaced:
                     self._start(event.token)
@@ -374,34 +434,37 @@ class ChangeSource:
             with contextlib.suppress(PyMongoError):
                 await stream.close()
 
-    def _classify(self, exc: Exception) -> None:
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        """The state a failure leaves the source in, and its reason for /readyz and the log."""
         code = getattr(exc, "code", None)
         image = missing_image(exc, self.config)
         if image is not None:
-            self.state, self.reason = IMAGES_MISSING, images_help(image, self.config)
-        elif too_large(exc):
-            self.state, self.reason = EVENT_TOO_LARGE, too_large_help(self.config)
-        elif isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
-            self.state, self.reason = "not_replica_set", REPLICA_SET_HELP
-        elif isinstance(exc, OperationFailure) and code == AUTH_FAILED:
-            self.state = "auth_failed"
-            self.reason = ("authentication failed: check the user name and password in "
-                           "MONGO_SRV")
-        elif isinstance(exc, OperationFailure) and code == UNAUTHORIZED:
-            self.state = "unauthorized"
-            self.reason = ("the MongoDB user may not open change streams here: grant it the "
-                           "changeStream and find actions (e.g. the read role) on the watched "
-                           f"scope ({_short(exc)})")
-        elif bad_resume_token(exc):
-            self.state, self.reason = "error", f"resume token rejected ({_short(exc)})"
+            return IMAGES_MISSING, images_help(image, self.config)
+        if too_large(exc):
+            return EVENT_TOO_LARGE, too_large_help(self.config)
+        if isinstance(exc, OperationFailure) and code == NOT_REPLICA_SET:
+            return "not_replica_set", REPLICA_SET_HELP
+        if isinstance(exc, OperationFailure) and code == AUTH_FAILED:
+            return "auth_failed", ("authentication failed: check the user name and password in "
+                                   "MONGO_SRV")
+        if isinstance(exc, OperationFailure) and code == UNAUTHORIZED:
+            return "unauthorized", ("the MongoDB user may not open change streams here: grant it "
+                                    "the changeStream and find actions (e.g. the read role) on the "
+                                    f"watched scope ({_short(exc)})")
+        if bad_resume_token(exc):
             self._token = self._start_after = None
-        elif isinstance(exc, ConnectionFailure | ConfigurationError):
-            self.state, self.reason = "unreachable", f"cannot reach MongoDB ({_short(exc)})"
-        elif isinstance(exc, PyMongoError):
-            self.state, self.reason = "error", _short(exc)
-        else:
-            self.state, self.reason = "error", f"{type(exc).__name__}: {exc}"
-            logger.exception("unexpected error in the change stream loop")
+            return "error", f"resume token rejected ({_short(exc)})"
+        if isinstance(exc, ConnectionFailure | ConfigurationError):
+            return "unreachable", f"cannot reach MongoDB ({_short(exc)}); {UNREACHABLE_HELP}"
+        if isinstance(exc, PyMongoError):
+            return "error", _short(exc)
+        logger.exception("unexpected error in the change stream loop")
+        return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _now() -> str:
+    """UTC now in ISO 8601, to the second (what ``Date`` parses in every browser)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _short(exc: Exception) -> str:

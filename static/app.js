@@ -86,6 +86,7 @@ function subscribe(search) {
     onChange: current(receive),
     onControl: current(control),
     onStatus: current(showStatus),
+    onSource: current(showSource),
   });
 }
 
@@ -112,15 +113,12 @@ function control(message) {
   } else if (message.type === "error") {
     ui.errorText.textContent = [message.code, message.message].filter(Boolean).join(": ");
     ui.error.hidden = false;
-  } else if (message.type === "source") {
-    const since = new Date(message.since);
-    source = {
-      state: String(message.state),
-      message: typeof message.message === "string" ? message.message : "",
-      since: Number.isNaN(since.getTime()) ? null : since,
-    };
-    renderStatus();
   }
+}
+
+function showSource(told) {
+  source = told;
+  renderStatus();
 }
 
 function showStatus(status) {

@@ -14,6 +14,7 @@
  *   onChange: (change) => console.log(change.operationType, change.documentKey),
  *   onControl: (message) => { if (message.type === "resync") reloadEverything(); },
  *   onStatus: (status) => console.log(status.state, status.code ?? ""),
+ *   onSource: (source) => console.log("MongoDB", source.state, source.message),
  * });
  * // later: relay.close();
  * ```
@@ -94,7 +95,8 @@ export const DISCONNECTS = {
  * - `{type: "source", state, message, since}`: MongoDB's state as the relay sees it — `open`,
  *   `connecting`, `unreachable`, `not_replica_set`, `auth_failed`, or a newer one — sent when it
  *   changes and on connecting while it is not open; `message` is written for people, `since` is
- *   an ISO time. The socket stays open meanwhile: the relay keeps retrying MongoDB.
+ *   an ISO time. The socket stays open meanwhile: the relay keeps retrying MongoDB. It is
+ *   passed to `onSource` too ({@link Source}).
  *
  * The client itself emits `{type: "error", code: "invalid_message", message}` when a frame is
  * not a JSON object, so a misbehaving proxy does not go unnoticed.
@@ -123,6 +125,18 @@ export const DISCONNECTS = {
  */
 
 /**
+ * MongoDB's state as the relay sees it, apart from the socket's: the socket can be open while
+ * MongoDB is away (the relay keeps its clients and retries).
+ *
+ * @typedef {object} Source
+ * @property {string} state `open`, `connecting`, `unreachable`, `not_replica_set`,
+ *   `auth_failed`, `unauthorized`, `error`, `images_missing`, `event_too_large`, or a newer one.
+ * @property {string} message What is wrong and what happens next, written for people ("" when
+ *   open and the relay has not said).
+ * @property {Date|null} since When the relay entered the state (null when not told).
+ */
+
+/**
  * Why the relay refused a handshake.
  *
  * @typedef {object} Refusal
@@ -137,6 +151,9 @@ export const DISCONNECTS = {
  * @property {(change: ChangeEvent) => void} [onChange] Called for every change event, in order.
  * @property {(message: ControlMessage) => void} [onControl] Called for control messages.
  * @property {(status: Status) => void} [onStatus] Called on every connection state change.
+ * @property {(source: Source) => void} [onSource] Called when MongoDB's state changes: for
+ *   every `source` message, and with `{state: "open"}` when a connection opens after one was
+ *   told otherwise (the relay tells a new connection only when MongoDB is not open).
  * @property {string|null} [resumeAfter] Resume after this event id ({@link eventId}) instead
  *   of starting from now, e.g. an id saved from a previous page load.
  * @property {boolean} [refreshable=false] The URL function puts a freshly issued token in every
@@ -176,6 +193,7 @@ export function connect(url, options = {}) {
     onChange = () => {},
     onControl = () => {},
     onStatus = () => {},
+    onSource = () => {},
     resumeAfter = null,
     refreshable = false,
     baseDelay = BASE_DELAY,
@@ -195,6 +213,7 @@ export function connect(url, options = {}) {
   let failures = 0;
   let openedAt = null;
   let closed = false; // no attempt follows: close() was called, or retrying cannot help
+  let sourceState = "open"; // what the relay last said of MongoDB; it says nothing while open
 
   function open() {
     timer = null;
@@ -212,6 +231,7 @@ export function connect(url, options = {}) {
     ws.onopen = () => {
       openedAt = Date.now();
       notify(onStatus, { state: "open", url: target });
+      if (sourceState !== "open") tellSource({ state: "open" });
     };
     ws.onmessage = (event) => receive(event.data);
     ws.onclose = (event) => {
@@ -273,6 +293,17 @@ export function connect(url, options = {}) {
       lastId = message.resume_after;
     }
     notify(onControl, message);
+    if (message.type === "source" && typeof message.state === "string") tellSource(message);
+  }
+
+  function tellSource({ state, message, since }) {
+    sourceState = state;
+    const when = typeof since === "string" ? new Date(since) : null;
+    notify(onSource, {
+      state,
+      message: typeof message === "string" ? message : "",
+      since: when && !Number.isNaN(when.getTime()) ? when : null,
+    });
   }
 
   function close() {

@@ -554,6 +554,61 @@ def masked(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv1: bool = Fa
     return header + mask + body
 
 
+def metrics(relay: RelayProcess, headers: dict | None = None) -> dict[tuple, float]:
+    """``GET /metrics`` parsed: ``{(sample name, (label, value)...): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = relay.get("/metrics", headers=headers)
+    assert response.code == 200, (response.code, response.body)
+    return {(sample.name, *sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.body.decode())
+            for sample in family.samples}
+
+
+def wait_metrics(relay: RelayProcess, predicate, timeout: float = 15) -> dict[tuple, float]:
+    """Scrape until ``predicate(samples)`` holds; fail with the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = metrics(relay)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never matched: {samples}")
+        time.sleep(0.05)
+
+
+async def metrics_until(relay: RelayProcess, predicate, timeout: float = 15) -> dict[tuple, float]:
+    """``wait_metrics`` for async tests: the loop keeps running (clients answer pings, closes
+    go out) while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await asyncio.to_thread(metrics, relay)
+        if predicate(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never matched: {samples}")
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A port nothing listens on now (a test primary stopped and started again takes it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def websocket_by_hand(port: int, path: str = "/socket") -> socket.socket:
+    """A WebSocket opened over a plain socket, its handshake read: it answers nothing, not even
+    pings, and sends whatever bytes a test writes."""
+    held = socket.create_connection(("127.0.0.1", port), timeout=10)
+    held.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += held.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return held
 def split_frame(data: bytes) -> tuple[tuple[int, bytes], bytes] | None:
     """The first whole frame a server sent, as ``((opcode, payload), rest)``; None if the data
     does not hold one yet."""

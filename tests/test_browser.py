@@ -44,7 +44,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from changerelay.primary import TestPrimary
-from tests.support import token_of
+from tests.support import token_of, websocket_by_hand
 
 pytestmark = pytest.mark.browser
 
@@ -569,26 +569,13 @@ def test_a_refused_filter_shows_its_message_and_is_not_retried(
     assert not shown(page, "refusal")
 
 
-def hold_a_connection(port: int) -> socket.socket:
-    """A WebSocket opened by hand (its handshake read), to fill a per-address cap."""
-    held = socket.create_connection(("127.0.0.1", port), timeout=10)
-    held.sendall((f"GET /socket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += held.recv(4096)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return held
-
-
 @pytest.mark.e2e
 def test_a_temporary_refusal_backs_off_until_admitted(
     browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
 ) -> None:
     relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, MAX_CONNECTIONS_PER_IP=1)
     relay.wait_ready()
-    held = hold_a_connection(relay.port)
+    held = websocket_by_hand(relay.port)
     try:
         browser.open(relay.url + "/")
         browser.wait_for("document.getElementById('status-detail').textContent"
@@ -670,7 +657,6 @@ def test_mongodb_state_is_shown_apart_from_the_socket(
 
 @pytest.mark.e2e
 @pytest.mark.fault
-@pytest.mark.xfail(strict=True, reason="server sends no source messages yet")
 def test_the_page_shows_mongodb_down_and_back(
     browser: Browser, relay_factory: Callable[..., Any]
 ) -> None:
@@ -1142,6 +1128,32 @@ def test_client_closed_during_a_probe_stays_closed(
         await tick();
         return {timers: timers.length, states: statuses.map((s) => [s.state, s.retryIn])};""")
     assert outcome == {"timers": 0, "states": [["connecting", None], ["closed", None]]}
+
+
+def test_client_tells_mongodb_state_apart_from_the_socket(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    told = run_client(browser, relay_stub, """
+        const sources = [];
+        connect('/socket', {onSource: (s) => sources.push(
+            [s.state, s.message, s.since && s.since.toISOString()])});
+        sockets[0].onopen();   // open, and nothing said: nothing to tell
+        send({type: 'source', state: 'unreachable', message: 'The relay cannot reach MongoDB.',
+              since: '2026-12-01T06:03:04+00:00'});
+        send({type: 'source', state: 'open', message: 'MongoDB is connected.',
+              since: '2026-12-01T06:04:00+00:00'});
+        send({type: 'source', state: 'auth_failed', message: 'No.', since: 'not a time'});
+        await fail(1001, 'server shutting down'); retry();
+        sockets.at(-1).onopen();   // a new connection, not told otherwise: open again
+        sockets.at(-1).onopen();   // (told once)
+        return {sources, states: statuses.map((s) => s.state)};""")
+    assert told["sources"] == [
+        ["unreachable", "The relay cannot reach MongoDB.", "2026-12-01T06:03:04.000Z"],
+        ["open", "MongoDB is connected.", "2026-12-01T06:04:00.000Z"],
+        ["auth_failed", "No.", None],
+        ["open", "", None],
+    ]
+    assert told["states"] == ["connecting", "open", "closed", "connecting", "open", "open"]
 
 
 def test_client_reports_frames_that_are_not_json_objects(

@@ -206,6 +206,18 @@ async def test_unreachable_at_start_then_appearing(relay_factory):
 
 
 @pytest.mark.fault
+def test_the_unreachable_line_says_what_to_check(relay_factory):
+    port = free_port()
+    relay = relay_factory(
+        MONGO_SRV=f"mongodb://127.0.0.1:{port}/?replicaSet=rs0&serverSelectionTimeoutMS=500")
+    line = relay.wait_log("change stream unreachable")
+    assert f"127.0.0.1:{port}" in line  # what failed, as the driver says it...
+    for advice in ("MONGO_SRV", "mongosh", "firewall", "Atlas"):  # ...and what to check next
+        assert advice in line, (advice, line)
+    assert "firewall" in relay.ready()["reason"]
+
+
+@pytest.mark.fault
 def test_standalone_server_gets_the_replica_set_advice(relay_factory):
     with TestPrimary(replica_set=False) as standalone:
         uri = f"mongodb://127.0.0.1:{standalone.port}/?directConnection=true"

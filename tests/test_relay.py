@@ -83,10 +83,12 @@ class Socket:
 
 class WebSocket(Socket, WebSocketClient):
     __hash__ = object.__hash__
+    encoding = "ws"
 
 
 class EventStream(Socket, EventStreamClient):
     __hash__ = object.__hash__
+    encoding = "sse"
 
 
 async def test_one_client_raising_in_a_periodic_pass_does_not_stop_it_for_the_others():
@@ -107,3 +109,46 @@ async def test_one_client_raising_in_a_periodic_pass_does_not_stop_it_for_the_ot
         served.hub.subscribe(client)  # back, broken ones included, for the shutdown pass
     await served.shutdown()
     assert all(c.shut == 1 for c in bystanders)
+
+
+class Counted(WebSocket):
+    """A WebSocket whose close the relay began with ``close`` (code, reason), or None."""
+
+    def __init__(self, close=None):
+        super().__init__()
+        self.close = close
+        self.told = self.sent = None
+        self.last_send = 0.0
+
+    def ended_with(self):
+        return self.close
+
+    def send_control(self, message, token=None):
+        pass
+
+
+def disconnects(served: Relay) -> dict[str, float]:
+    return {sample.labels["reason"]: sample.value
+            for sample in served.metrics.disconnects.collect()[0].samples
+            if sample.name.endswith("_total")}
+
+
+async def test_every_connection_is_counted_once_by_why_it_ended():
+    """Counted when its connection closes, whatever ended it: the hub failing it (it has left
+    the hub before the relay is told), the relay cutting it off (detached first, then closed),
+    or the client leaving."""
+    served = relay()
+    failing = Counted((1011, "internal error"))
+    cut = Counted((1013, "slow consumer"))
+    leaving = Counted()
+    for client in (failing, cut, leaving):
+        served.attach(client, None)
+    try:
+        raise RuntimeError("a bug only this client meets")
+    except RuntimeError as exc:
+        served.hub.failed(failing, exc)
+    served.detach(failing)  # what its on_end does
+    served.detach(cut)
+    for client in (failing, cut, leaving):
+        served.lost(client)  # its connection closed
+    assert disconnects(served) == {"internal_error": 1, "slow_consumer": 1, "client_closed": 1}

@@ -98,9 +98,9 @@ async def test_the_change_source_starts_afresh_on_any_refused_token(code, messag
     260 only)."""
     source = ChangeSource(config(), hub=None)
     source._token = {"_data": "82AB"}
-    source._classify(OperationFailure(message, code))
+    state, reason = source._classify(OperationFailure(message, code))
     assert source._token is None and source._start_after is None
-    assert "resume token rejected" in source.reason
+    assert state == "error" and "resume token rejected" in reason
 
 
 @pytest.mark.parametrize("exc, reason", [
