@@ -729,3 +729,34 @@ def batches(draw, max_size=5):
                 fields["fullDocumentBeforeChange"] = before
         events.append(ev.encode_change(fields))
     return events
+
+
+class FakeClient:
+    """A client as the hub sees it (``hub.Subscriber``), recording the events and control
+    messages it is handed."""
+
+    encoding = "ws"
+
+    def __init__(self, subscription=None):
+        self.subscription = subscription or Subscription()
+        self.received: list[str] = []
+        self.controls: list[dict] = []
+        self.last_send = 0.0
+        self.told = None
+        self.sent = None
+        self.closed = False
+
+    def pack(self, events):
+        return json.dumps([e.token for e in events]).encode()
+
+    def send(self, payload):
+        self.received.extend(json.loads(payload))
+
+    def deliver(self, events, payload):
+        self.send(payload)
+
+    def replay(self, events):
+        self.send(self.pack(events))
+
+    def send_control(self, message, token=None):
+        self.controls.append(json.loads(message))

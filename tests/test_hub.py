@@ -12,37 +12,9 @@ from changerelay.filters import compile_filter
 from changerelay.hub import Hub
 from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
-from tests.support import event, token
+from tests.support import FakeClient, event, token
 
 EVERYTHING = Subscription()  # no namespace, operation or filter: every event
-
-
-class FakeClient:
-    encoding = "ws"
-
-    def __init__(self, subscription=EVERYTHING):
-        self.subscription = subscription
-        self.received: list[str] = []
-        self.controls: list[dict] = []
-        self.last_send = 0.0
-        self.told = None
-        self.sent = None
-        self.closed = False
-
-    def pack(self, events):
-        return json.dumps([e.token for e in events]).encode()
-
-    def send(self, payload):
-        self.received.extend(json.loads(payload))
-
-    def deliver(self, events, payload):
-        self.send(payload)
-
-    def replay(self, events):
-        self.send(self.pack(events))
-
-    def send_control(self, message, token=None):
-        self.controls.append(json.loads(message))
 
 
 def flush_now(flush):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 from collections import deque
 
@@ -22,31 +21,23 @@ from changerelay import events as ev
 from changerelay.catchup import CatchUp, Job
 from changerelay.hub import Hub
 from changerelay.subscription import Subscription
-from tests.support import event, token
+from tests.support import FakeClient, event, token
 
 SECRET = "s3cret-card-number"
 NUMBERS = itertools.count()
 
 
-class Client:
+class Client(FakeClient):
     """A client as the hub and catch-ups see it, recording what it is handed.
 
     Hashes by a number given in creation order, so that in a small set (a group) clients come in
     that order: a test can put the broken one first, last or between bystanders.
     """
 
-    encoding = "ws"
-
     def __init__(self, subscription=None, peer="bystander"):
+        super().__init__(subscription)
         self.number = next(NUMBERS)
-        self.subscription = subscription or Subscription()
         self.peer = peer
-        self.received: list[str] = []
-        self.controls: list[dict] = []
-        self.last_send = 0.0
-        self.told = None
-        self.sent = None
-        self.closed = False
         self.backlog: deque | None = None
         self.claims = None
         self.failures = 0
@@ -54,17 +45,8 @@ class Client:
     def __hash__(self):
         return self.number
 
-    def pack(self, events):
-        return json.dumps([e.token for e in events]).encode()
-
-    def deliver(self, events, payload):
-        self.received.extend(json.loads(payload))
-
     def replay(self, events):
         self.received.extend(e.token for e in events)
-
-    def send_control(self, message, token=None):
-        self.controls.append(json.loads(message))
 
     def fail(self):
         self.failures += 1
