@@ -136,6 +136,20 @@ def test_token_claims_restrict_namespaces():
     assert authenticate(query_token=make({})).namespaces is None
 
 
+def assert_rule_refused(auth, spec, refused, code, hint):
+    """A token whose filter claim is ``spec``: refused 403 ``code`` with ``hint`` in its message,
+    or admitted with a row rule."""
+    request = SimpleNamespace(headers={"Authorization": f"Bearer {make({'filter': spec})}"},
+                              query_arguments={})
+    if refused:
+        with pytest.raises(Refusal) as info:
+            auth.authenticate(request)
+        assert (info.value.code, info.value.status) == (code, 403)
+        assert hint in info.value.message
+    else:
+        assert auth.authenticate(request).rule is not None
+
+
 @pytest.mark.parametrize("claims, code", [
     ({"filter": {"$where": "1"}}, "invalid_token"),
     ({"filter": "fullDocument.owner"}, "invalid_token"),
@@ -167,16 +181,8 @@ def test_a_malformed_ns_claim_is_an_invalid_token_never_a_wider_grant(ns):
     ("required", {"fullDocument.owner": "alice"}, False),
 ])
 def test_a_rule_on_the_document_needs_post_images(mode, spec, refused):
-    request = SimpleNamespace(headers={"Authorization": f"Bearer {make({'filter': spec})}"},
-                              query_arguments={})
-    auth = Authenticator(SECRET, ["HS256"], mode)
-    if refused:
-        with pytest.raises(Refusal) as info:
-            auth.authenticate(request)
-        assert (info.value.code, info.value.status) == ("row_rules_need_post_images", 403)
-        assert "FULL_DOCUMENT=whenAvailable" in info.value.message
-    else:
-        assert auth.authenticate(request).rule is not None
+    assert_rule_refused(Authenticator(SECRET, ["HS256"], mode), spec, refused,
+                        "row_rules_need_post_images", "FULL_DOCUMENT=whenAvailable")
 
 
 def test_an_empty_ns_claim_grants_nothing():
@@ -340,16 +346,8 @@ def test_a_rule_that_reads_a_redacted_field_is_refused(spec, refused):
     """A redacted field is missing from every event, so a rule on it cannot decide anything:
     {"$ne": "bob"} would let every event through. Such a token is refused, not obeyed."""
     redact = ("fullDocument.owner", "fullDocument.profile.password", "fullDocument.cards.cvv")
-    request = SimpleNamespace(headers={"Authorization": f"Bearer {make({'filter': spec})}"},
-                              query_arguments={})
-    auth = Authenticator(SECRET, ["HS256"], "whenAvailable", redact)
-    if refused:
-        with pytest.raises(Refusal) as info:
-            auth.authenticate(request)
-        assert (info.value.code, info.value.status) == ("row_rule_reads_redacted_field", 403)
-        assert "REDACT" in info.value.message
-    else:
-        assert auth.authenticate(request).rule is not None
+    assert_rule_refused(Authenticator(SECRET, ["HS256"], "whenAvailable", redact), spec, refused,
+                        "row_rule_reads_redacted_field", "REDACT")
 
 
 def test_a_rename_out_of_the_tokens_grant_is_withheld():
