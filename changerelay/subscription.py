@@ -122,22 +122,24 @@ class Subscription:
 
 def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:
     inside = _namespace_test(namespaces)
-    return lambda event: inside(*event.ns)
+    return lambda event: inside(event.ns)
 
 
-def _namespace_test(namespaces: frozenset[Namespace]) -> Callable[[str | None, str | None], bool]:
+def _namespace_test(
+        namespaces: frozenset[Namespace]) -> Callable[[tuple[str | None, str | None]], bool]:
     databases = {db for db, coll in namespaces if coll is None}
     collections = {(db, coll) for db, coll in namespaces if coll is not None}
     named = {db for db, _ in collections}
 
-    def inside(db: str | None, coll: str | None) -> bool:
+    def inside(ns: tuple[str | None, str | None]) -> bool:  # an event's (db, coll)
+        db, coll = ns
         if db is None:          # invalidate: concerns every client of the stream
             return True
         if db in databases:
             return True
         if coll is None:        # dropDatabase: concerns every collection in it
             return db in named
-        return (db, coll) in collections
+        return ns in collections
 
     return inside
 
@@ -151,7 +153,7 @@ def _renamed_within(grant: frozenset[Namespace]) -> Callable[[Event], bool]:
         if event.op != "rename":
             return True
         to = event.change.get("to") or {}
-        return inside(to.get("db") or "", to.get("coll"))
+        return inside((to.get("db") or "", to.get("coll")))
 
     return renamed_within
 
