@@ -45,7 +45,7 @@ from pymongo.errors import (
 from . import events as ev
 from .backoff import Backoff
 from .config import Config
-from .fragments import Reassembly
+from .fragments import OutOfOrder, Reassembly
 from .hub import Hub
 from .pipeline import SPLIT_STAGE, Stage, change_stream_stages
 from .tokens import token_id
@@ -374,7 +374,9 @@ class ChangeSource:
 
         True when that is not known yet: MongoDB picks a fresh stream's start time and then
         scans, so events committed in between come back in its first batch, and until they are
-        read PyMongo has no resume token. The first of them is then where the stream starts.
+        read PyMongo has no resume token (the change streams spec, "Updating the Cached Resume
+        Token": a non-empty firstBatch leaves it unset until its documents are iterated). The
+        first of them is then where the stream starts.
         """
         token = stream.resume_token
         self.opened += 1
@@ -456,7 +458,7 @@ class ChangeSource:
             return "error", f"resume token rejected ({_short(exc)})"
         if isinstance(exc, ConnectionFailure | ConfigurationError):
             return "unreachable", f"cannot reach MongoDB ({_short(exc)}); {UNREACHABLE_HELP}"
-        if isinstance(exc, PyMongoError):
+        if isinstance(exc, PyMongoError | OutOfOrder):  # OutOfOrder: reopen from the last event
             return "error", _short(exc)
         logger.exception("unexpected error in the change stream loop")
         return "error", f"{type(exc).__name__}: {exc}"

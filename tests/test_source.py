@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 from pymongo.errors import ConnectionFailure, OperationFailure
 
+from changerelay.fragments import OutOfOrder
 from changerelay.source import (
     ChangeSource,
     bad_resume_token,
@@ -101,6 +103,16 @@ async def test_the_change_source_starts_afresh_on_any_refused_token(code, messag
     state, reason = source._classify(OperationFailure(message, code))
     assert source._token is None and source._start_after is None
     assert state == "error" and "resume token rejected" in reason
+
+
+async def test_fragments_out_of_order_are_a_failure_to_reopen_from_not_a_crash(caplog):
+    """A stream that returned fragments out of order reopens from its last whole event, as a
+    catch-up does: an error state, no 'unexpected error' traceback."""
+    source = ChangeSource(config(), hub=None)
+    with caplog.at_level(logging.ERROR):
+        state, reason = source._classify(OutOfOrder("fragment 3 of 4 arrived out of order"))
+    assert (state, reason) == ("error", "fragment 3 of 4 arrived out of order")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("exc, reason", [
