@@ -273,8 +273,8 @@ class Config:
         "and X-Forwarded-Proto are believed", _networks)
     allowed_hosts: tuple[tuple[str, int | None] | str, ...] = _setting(
         "ALLOWED_HOSTS", (), "comma-separated host[:port] names clients reach the relay by; any "
-        "other Host gets 421, except on /healthz and /readyz (* = any). Unset: the loopback "
-        "names on the listening port if HOST is loopback, else no check",
+        "other Host gets 421, except on /healthz, /readyz and /metrics (* = any). Unset: the "
+        "loopback names on the listening port if HOST is loopback, else no check",
         _names(admission.parse_host, "a host[:port]", "the names clients use, "
                "e.g. relay.example.com,relay.example.com:8443,[::1]:8000"))
     demo: bool = _setting(
