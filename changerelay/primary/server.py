@@ -286,7 +286,7 @@ class TestPrimary:
             self._server = server
             self._stopped = False
             if self.noop_interval is not None:
-                self._noops_stop = threading.Event()
+                self._noops_stop.clear()
                 self._noop_writer = threading.Thread(target=self._write_noops, daemon=True,
                                                      name=f"noop-writer-{self.port}")
                 self._noop_writer.start()
@@ -677,7 +677,10 @@ class TestPrimary:
 
     def _next_ts(self) -> Timestamp:
         """One tick past the newest oplog entry: where a stream opened now starts, and the time of
-        the high-water mark it reports until the oplog moves."""
+        the high-water mark it reports until the oplog moves. MongoDB:
+        pipeline/document_source_change_stream.cpp getStartTimeForNewStream ("We always start
+        one tick beyond the most recent operation"), made a high-water mark token by
+        _buildPipeline's startAtOperationTime."""
         return Timestamp(self._last_ts.time, self._last_ts.inc + 1)
 
     def _append(self, op: str, db: str, coll: str | None, *, extra: dict | None = None,
