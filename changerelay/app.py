@@ -138,7 +138,8 @@ class Relay:
             self.auth.expire([*self.hub.clients, *self.catchup.clients()])
 
     def ping(self) -> None:
-        """Ping one slice of the WebSockets; close those that left the last ping unanswered.
+        """Ping one slice of the WebSockets, live or catching up; close those that left the last
+        ping unanswered.
 
         Every connection is pinged once per WS_PING_INTERVAL, but a slice at a time: pinging
         10,000 sockets at once brings 10,000 pongs back at once, and live events wait behind
@@ -147,7 +148,7 @@ class Relay:
         self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
         timeout = self.config.ws_ping_interval * PONG_DEADLINE
-        for client in tuple(self.hub.clients):
+        for client in (*self.hub.clients, *self.catchup.clients()):
             if isinstance(client, WebSocketClient) and (
                     hash(client) % PING_SLICES == self._ping_slice):
                 try:
@@ -157,7 +158,7 @@ class Relay:
 
     def heartbeat(self) -> None:
         """A comment line on every event stream, so that proxies keep it open."""
-        for client in tuple(self.hub.clients):
+        for client in (*self.hub.clients, *self.catchup.clients()):
             if isinstance(client, EventStreamClient):
                 try:
                     client.heartbeat()

@@ -152,3 +152,18 @@ async def test_every_connection_is_counted_once_by_why_it_ended():
     for client in (failing, cut, leaving):
         served.lost(client)  # its connection closed
     assert disconnects(served) == {"internal_error": 1, "slow_consumer": 1, "client_closed": 1}
+
+
+async def test_clients_still_catching_up_are_pinged_and_kept_alive():
+    """A client waiting for or riding a catch-up (fair queue: possibly for a while) is pinged, so
+    that a dead peer is found, and its event stream gets heartbeats, so that proxies keep it."""
+    served = relay()
+    waiting = [WebSocket(), EventStream()]
+    job = Job(token(0), ("peer 192.0.2.1",))
+    for client in waiting:
+        job.add(client, token(0))
+    served.catchup.jobs.append(job)
+    for _ in range(PING_SLICES):
+        served.ping()
+    served.heartbeat()
+    assert (waiting[0].pinged, waiting[1].beaten) == (1, 1)
