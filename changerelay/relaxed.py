@@ -3,9 +3,11 @@
 ``bson.json_util`` walks a decoded document in Python and was most of the relay's CPU per event
 when one client takes every event (BENCHMARKS.md *Ingest*). orjson writes the JSON in native
 code and hands each BSON type it does not know (ObjectId, datetime, Int64, Timestamp,
-Decimal128, binary, Code, DBRef, Regex, MinKey/MaxKey) to ``json_util.default``, so every BSON
-type is still written by ``json_util``'s rule: the Extended JSON 2.0 relaxed format
-(https://www.mongodb.com/docs/manual/reference/mongodb-extended-json/). The text differs in
+Decimal128, binary, Code, DBRef, Regex, MinKey/MaxKey) back to Python, where every BSON type is
+written by ``json_util``'s rule: the Extended JSON 2.0 relaxed format
+(https://www.mongodb.com/docs/manual/reference/mongodb-extended-json/) — the four that every
+change event carries by writers of our own that give the same text, the others by
+``json_util.default``. The text differs in
 bytes, not in value: characters outside ASCII (U+2028 too) are written as themselves rather
 than ``\\u`` escapes, and a double may be spelled differently (``1e16`` for ``1e+16``).
 
