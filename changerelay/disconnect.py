@@ -110,6 +110,7 @@ REFUSALS: dict[int, Refused] = {
         "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long", "regex_too_complex",
         "filter_too_large", "filter_too_deep", "filter_too_complex", "invalid_resume_after",
         "invalid_encoding", "websocket_required", "bad_handshake", "malformed_request",
+        "snapshot_unsupported",
     ), "the request is wrong; the message says what to change"),
     401: Refused(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
