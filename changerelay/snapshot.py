@@ -64,6 +64,7 @@ class Plan:
     query: dict[str, Any]
     projection: dict[str, int] | None
     subscription: Subscription
+    exact: bool  # the query is the whole subscription: MongoDB's count is the snapshot's size
 
     @property
     def ns(self) -> str:
@@ -109,7 +110,12 @@ def plan(subscription: Subscription, *, pipeline: bool = False,
         specs.append(subscription.filter.spec)
     if subscription.access is not None:
         specs.append(subscription.access.spec)
-    conditions = [found for spec in specs for found in _indexable(spec)]
+    conditions: list[dict[str, Any]] = []
+    exact = True
+    for spec in specs:
+        found, complete = _indexable(spec)
+        conditions += found
+        exact = exact and complete
     query: dict[str, Any] = {}
     if len(conditions) == 1:
         query = conditions[0]
@@ -117,7 +123,7 @@ def plan(subscription: Subscription, *, pipeline: bool = False,
         query = {"$and": conditions}
     fields = [path.split(".", 1)[1] for path in redact if path.startswith(DOCUMENT + ".")]
     projection = {field: 0 for field in fields} or None
-    return Plan(db, coll, query, projection, subscription)
+    return Plan(db, coll, query, projection, subscription, exact)
 
 
 def _granted(grant: frozenset[Any], db: str, coll: str) -> bool:
@@ -134,25 +140,29 @@ def _check_about_documents(spec: dict[str, Any]) -> None:
             raise _unsupported(f"a filter on {key!r}")
 
 
-def _indexable(spec: dict[str, Any]) -> list[dict[str, Any]]:
+def _indexable(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
     """The conditions of a normalised filter that MongoDB can select by, as find conditions on
-    the document's own paths; each one holds for every document the whole filter matches."""
+    the document's own paths (each one holds for every document the whole filter matches), and
+    whether they are all of it."""
     found: list[dict[str, Any]] = []
+    complete = True
     for key, value in spec.items():
         if key == "$and":
             for branch in value:
-                found += _indexable(branch)
+                more, whole = _indexable(branch)
+                found += more
+                complete = complete and whole
             continue
-        if key in LOGICAL_OPERATORS:
-            continue  # $or, $nor: left to the relay's matcher
-        path = _document_path(key)
+        path = None if key in LOGICAL_OPERATORS else _document_path(key)
         if path is None:
+            complete = False  # $or, $nor, the namespace: left to the relay's matcher
             continue
         kept = {op: operand for op, operand in value.items()
                 if op in INDEXABLE and _plain(op, operand)}
+        complete = complete and len(kept) == len(value)
         if kept:
             found.append({path: kept})
-    return found
+    return found, complete
 
 
 def _document_path(key: str) -> str | None:

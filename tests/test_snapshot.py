@@ -130,3 +130,12 @@ def test_the_seam_starts_after_every_write_at_the_read_s_time_and_before_any_lat
     assert seam == TokenData(following, token_type=HWM_TOKEN).encode()["_data"]
     assert order_key(_event(at, 1)) < seam and order_key(_event(at, 99)) < seam
     assert seam < order_key(_event(following))
+
+
+def test_the_plan_says_whether_the_find_filter_is_the_whole_subscription():
+    assert plan(ns="a.b").exact
+    assert plan(ns="a.b", filter='{"fullDocument.x": {"$gte": 1, "$lt": 5}}').exact
+    for partial in ('{"fullDocument.x": {"$ne": 1}}', '{"$or": [{"fullDocument.x": 1}]}',
+                    '{"fullDocument.x": {"$regex": "a"}}', '{"ns.coll": "b"}',
+                    '{"fullDocument.x": [1]}'):
+        assert not plan(ns="a.b", filter=partial).exact, partial
