@@ -223,7 +223,7 @@ class Relay:
         if values["snapshot"] != "1":
             raise admission.Refusal("snapshot_unsupported", "snapshot takes 1 (snapshot=1): the "
                                     "current documents, then every change after them")
-        return snapshot.plan(subscription, pipeline=bool(self.config.pipeline),
+        return snapshot.plan(subscription.as_live(), pipeline=bool(self.config.pipeline),
                              redact=self.config.redact)
 
     async def open_live_query(self, plan: snapshot.Plan, peer: str,

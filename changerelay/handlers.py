@@ -111,6 +111,8 @@ class Transport(HostChecked):
             values = admission.query_values(request.query_arguments)
             subscription, resume_after = relay.subscription_for(values, claims)
             live = relay.live_query(values, subscription)
+            if live is not None:
+                subscription = live.subscription
             last_event_id = request.headers.get("Last-Event-ID")
             if self.resumes_from_last_event_id and last_event_id and resume_after is None:
                 resume_after = parse_resume(last_event_id)

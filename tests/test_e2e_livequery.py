@@ -173,3 +173,26 @@ async def test_over_sse_and_a_reconnect_resets_and_snapshots_afresh(mongo, relay
     assert order_key(json.loads(records[-1]["data"])["resume_after"]) > order_key(
         ready["resume_after"])
     again.close()
+
+
+async def test_documents_move_in_and_out_of_a_filtered_live_query(mongo, relay):
+    coll = mongo.client[mongo.db].c
+    coll.insert_many([{"_id": i, "n": i} for i in range(10)])
+    client = await WS.connect(relay.ws_url + query(f"{mongo.db}.c",
+                                                   filter='{"fullDocument.n": {"$gte": 5}}'))
+    held = Reconstruction()
+    await read_until(client, held, lambda h: h.ready is not None)
+    assert sorted(doc["_id"] for doc in held.snapshot) == [5, 6, 7, 8, 9]
+    coll.update_one({"_id": 7}, {"$set": {"n": 1}})   # leaves
+    coll.update_one({"_id": 2}, {"$set": {"n": 8}})   # enters, with its looked-up document
+    coll.delete_one({"_id": 0})                       # never held: a leave it ignores
+    coll.replace_one({"_id": 9}, {"n": 3})            # leaves
+    coll.insert_one({"_id": 10, "n": 10})             # enters
+    await read_until(client, held, lambda h: len(h.changes) == 5)
+    assert [c.get("type") or c["operationType"] for c in held.changes] == [
+        "leave", "update", "leave", "leave", "insert"]
+    assert all(set(c) == {"type", "ns", "documentKey"} for c in held.changes
+               if c.get("type") == "leave")
+    matching = [doc for doc in mongo.primary.documents(mongo.db, "c") if doc["n"] >= 5]
+    assert held.docs == relaxed(matching)
+    client.close()

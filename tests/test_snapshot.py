@@ -139,3 +139,57 @@ def test_the_plan_says_whether_the_find_filter_is_the_whole_subscription():
                     '{"fullDocument.x": {"$regex": "a"}}', '{"ns.coll": "b"}',
                     '{"fullDocument.x": [1]}'):
         assert not plan(ns="a.b", filter=partial).exact, partial
+
+
+# --- what a live query is sent after its snapshot ---------------------------------------------
+
+def change(n: int, op: str, doc: dict | None = None, *, before: dict | None = None,
+           ns: str = "c"):
+    from changerelay.events import encode_change
+
+    body = {"_id": {"_data": f"82{n:016X}"}, "operationType": op,
+            "ns": {"db": "a", "coll": ns}, "documentKey": {"_id": n % 100}}
+    if doc is not None:
+        body["fullDocument"] = doc
+    if op == "update":
+        body["updateDescription"] = {"updatedFields": {}, "removedFields": []}
+    if before is not None:
+        body["fullDocumentBeforeChange"] = before
+    return encode_change(body)
+
+
+
+
+def test_a_live_query_is_sent_a_leave_when_a_change_leaves_its_filter():
+    live = subscription(ns="a.c", filter='{"fullDocument.n": {"$gte": 5}}').as_live()
+    assert live != subscription(ns="a.c", filter='{"fullDocument.n": {"$gte": 5}}')
+    events = [change(1, "insert", {"_id": 1, "n": 9}), change(2, "update", {"_id": 2, "n": 1}),
+              change(3, "replace", {"_id": 3, "n": 7}), change(4, "delete"),
+              change(5, "update"),  # no document to decide on: sent as it is
+              change(6, "drop"), change(107, "insert", {"_id": 7, "n": 9}, ns="other")]
+    kinds = [getattr(item, "op", "leave") for item in live.select(events)]
+    assert kinds == ["insert", "leave", "replace", "leave", "update", "drop"]
+    plain = subscription(ns="a.c", filter='{"fullDocument.n": {"$gte": 5}}')
+    assert [item.op for item in plain.select(events)] == ["insert", "replace"]
+
+
+def test_a_live_query_without_a_filter_gets_every_change_and_no_leave():
+    live = subscription(ns="a.c").as_live()
+    events = [change(1, "insert", {"_id": 1}), change(2, "update"), change(3, "delete")]
+    assert [item.op for item in live.select(events)] == ["insert", "update", "delete"]
+
+
+def test_a_live_query_under_a_row_rule_leaves_by_the_rule_and_by_its_filter():
+    rule = AccessRule({"fullDocument.owner": "alice"}, post_images=True)
+    client = subscription(ns="a.c", filter='{"fullDocument.n": {"$gte": 5}}')
+    live = Subscription(client.namespaces, None, client.filter, rule).as_live()
+    events = [change(1, "update", {"_id": 1, "owner": "bob", "n": 9},
+                     before={"_id": 1, "owner": "alice", "n": 9}),    # moved away: the rule's
+              change(2, "update", {"_id": 2, "owner": "alice", "n": 1},
+                     before={"_id": 2, "owner": "alice", "n": 9}),    # hers, out of the filter
+              change(3, "update", {"_id": 3, "owner": "bob", "n": 9}),  # never hers: nothing
+              change(4, "update", {"_id": 4, "owner": "alice", "n": 9},
+                     before={"_id": 4, "owner": "bob", "n": 9})]      # arrives, no pre-image
+    picked = live.select(events)
+    assert [getattr(item, "op", "leave") for item in picked] == ["leave", "leave", "update"]
+    assert b"bob" not in picked[0].data and b"fullDocumentBeforeChange" not in picked[2].data
