@@ -196,3 +196,20 @@ async def test_documents_move_in_and_out_of_a_filtered_live_query(mongo, relay):
     matching = [doc for doc in mongo.primary.documents(mongo.db, "c") if doc["n"] >= 5]
     assert held.docs == relaxed(matching)
     client.close()
+
+
+async def test_an_equality_filter_sees_what_leaves_it(mongo, relay):
+    """The subscription index files subscriptions by their equality conditions; a live query's
+    must reach it for changes that leave them too."""
+    coll = mongo.client[mongo.db].c
+    coll.insert_many([{"_id": i, "status": "open"} for i in range(3)])
+    client = await WS.connect(relay.ws_url + query(f"{mongo.db}.c",
+                                                   filter='{"fullDocument.status": "open"}'))
+    held = Reconstruction()
+    await read_until(client, held, lambda h: h.ready is not None)
+    coll.update_one({"_id": 1}, {"$set": {"status": "closed"}})
+    coll.insert_one({"_id": 3, "status": "open"})
+    await read_until(client, held, lambda h: len(h.changes) == 2)
+    assert [c.get("type") or c["operationType"] for c in held.changes] == ["leave", "insert"]
+    assert sorted(held.docs) == ["0", "2", "3"]
+    client.close()
