@@ -9,13 +9,14 @@ collection from what it was sent and compares it with the primary's, full docume
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.parse
 
 import pytest
 
 from changerelay.tokens import order_key
-from tests.support import SSE, WS
+from tests.support import SSE, WS, websocket_by_hand
 
 pytestmark = pytest.mark.e2e
 
@@ -212,4 +213,27 @@ async def test_an_equality_filter_sees_what_leaves_it(mongo, relay):
     await read_until(client, held, lambda h: len(h.changes) == 2)
     assert [c.get("type") or c["operationType"] for c in held.changes] == ["leave", "insert"]
     assert sorted(held.docs) == ["0", "2", "3"]
+    client.close()
+
+
+async def test_a_client_gone_mid_snapshot_frees_its_read_for_the_next(mongo, relay_factory):
+    """SNAPSHOT_READS=1: a client that stops reading mid-snapshot holds the one read while it is
+    connected, and gives it back the moment it goes."""
+    coll = mongo.client[mongo.db].c
+    big = "x" * 20_000
+    coll.insert_many([{"_id": i, "big": big} for i in range(1500)])  # 30 MB: past the socket
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, SNAPSHOT_READS=1,
+                          CLIENT_BUFFER_BYTES=1024 * 1024)
+    relay.wait_ready()
+    path = "/socket" + query(f"{mongo.db}.c")
+    stuck = websocket_by_hand(relay.port, path)  # reads nothing
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert stuck.recv(1024)  # its snapshot has begun: it holds the read
+    stuck.close()
+    client = await WS.connect(relay.ws_url + query(f"{mongo.db}.c",
+                                                   filter='{"documentKey._id": {"$lt": 3}}'),
+                              max_message_size=64 * 1024 * 1024)
+    held = Reconstruction()
+    await read_until(client, held, lambda h: h.ready is not None, timeout=20)
+    assert held.ready["snapshot"] == 3
     client.close()
