@@ -224,7 +224,7 @@ class Relay:
             raise admission.Refusal("snapshot_unsupported", "snapshot takes 1 (snapshot=1): the "
                                     "current documents, then every change after them")
         return snapshot.plan(subscription.as_live(), pipeline=bool(self.config.pipeline),
-                             redact=self.config.redact)
+                             redact=self.config.redact, full_document=self.config.full_document)
 
     async def open_live_query(self, plan: snapshot.Plan, peer: str,
                               claims: Claims | None) -> Opened:

@@ -86,11 +86,13 @@ class Plan:
         return client is None or client.predicate(change)
 
 
-def plan(subscription: Subscription, *, pipeline: bool = False,
-         redact: Iterable[str] = ()) -> Plan:
+def plan(subscription: Subscription, *, pipeline: bool = False, redact: Iterable[str] = (),
+         full_document: str = "updateLookup") -> Plan:
     """The read for ``subscription`` with ``snapshot=1``, or a Refusal naming what a snapshot
     cannot answer. ``pipeline``: an operator PIPELINE is configured; ``redact``: REDACT's
-    ``fullDocument.<path>`` list, left out of the read as it is removed from events."""
+    ``fullDocument.<path>`` list, left out of the read as it is removed from events;
+    ``full_document``: FULL_DOCUMENT, without which an update carries no document for a filter
+    on it to decide whether the document stays in the query."""
     if pipeline:
         raise _unsupported("a relay with a PIPELINE (its stages filter or reshape events, and are "
                            "not applied to documents read)")
@@ -107,6 +109,10 @@ def plan(subscription: Subscription, *, pipeline: bool = False,
     specs = []
     if subscription.filter is not None:
         _check_about_documents(subscription.filter.spec)
+        if full_document == "default" and _reads(subscription.filter.spec, DOCUMENT):
+            raise _unsupported("a filter on fullDocument with FULL_DOCUMENT=default (updates "
+                               "carry no document to decide on; the relay needs updateLookup, "
+                               "whenAvailable or required)")
         specs.append(subscription.filter.spec)
     if subscription.access is not None:
         specs.append(subscription.access.spec)
@@ -128,6 +134,12 @@ def plan(subscription: Subscription, *, pipeline: bool = False,
 
 def _granted(grant: frozenset[Any], db: str, coll: str) -> bool:
     return any(g_db == db and g_coll in (None, coll) for g_db, g_coll in grant)
+
+
+def _reads(spec: dict[str, Any], part: str) -> bool:
+    """Whether a normalised filter reads ``part`` of an event."""
+    return any(any(_reads(branch, part) for branch in value) if key in LOGICAL_OPERATORS
+               else key.split(".", 1)[0] == part for key, value in spec.items())
 
 
 def _check_about_documents(spec: dict[str, Any]) -> None:

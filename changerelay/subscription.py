@@ -92,7 +92,7 @@ class Subscription:
             checks.append(_renamed_within(self.grant))
         predicate = None if self.filter is None else self.filter.predicate
         if self.live:
-            return _live_select(checks, self.access, predicate, _reads_document(self.filter))
+            return _live_select(checks, self.access, predicate)
         if self.access is None:
             if predicate is not None:
                 checks.append(lambda event: predicate(event.change))
@@ -132,34 +132,17 @@ class Subscription:
 CRUD = frozenset({"insert", "update", "replace", "delete"})
 
 
-def _reads_document(client: filters.Filter | None) -> bool:
-    """Whether a filter reads the document (``fullDocument``), which an update carries only
-    with FULL_DOCUMENT (a post-image, or the document looked up when the event is read)."""
-    return client is not None and any(
-        path.split(".", 1)[0] == "fullDocument" for path in _paths(client.spec))
-
-
-def _paths(spec: dict[str, Any]) -> set[str]:
-    found: set[str] = set()
-    for key, value in spec.items():
-        if key in filters.LOGICAL_OPERATORS:
-            for branch in value:
-                found |= _paths(branch)
-        else:
-            found.add(key)
-    return found
-
-
 def _live_select(checks: list[Callable[[Any], bool]], access: AccessRule | None,
-                 predicate: filters.Predicate | None, reads_document: bool) -> Select:
+                 predicate: filters.Predicate | None) -> Select:
     """A live query's selection: of each change to a document it may see, the event when the
     document matches its filter after the change, else a ``leave`` (the key only): a client
     holds exactly the documents that match, whatever it held before. Decided on the event
     alone, so a client is also told of documents it never held leaving (it ignores those).
 
-    An update without a document to decide on (FULL_DOCUMENT off, a missing post-image, or one
-    looked up after a delete) is sent as it is: the client applies it to what it holds. Events
-    that are not about one document (drop, rename, invalidate) are sent as they are.
+    A filter on the document needs FULL_DOCUMENT (``snapshot.plan`` refuses it without); an
+    update whose document is still missing — looked up after a delete (whose event follows), or
+    a post-image MongoDB no longer had — does not match, and leaves. Events that are not about
+    one document (drop, rename, invalidate) are sent as they are.
     """
     visible: Callable[[Any], bool] | None = filters.all_of(checks) if checks else None
     decide = None if access is None else access.decide
@@ -182,9 +165,6 @@ def _live_select(checks: list[Callable[[Any], bool]], access: AccessRule | None,
                     continue
             if predicate is None or event.op not in CRUD or predicate(item.change):
                 picked.append(item)
-            elif event.op == "update" and reads_document and not item.change.get(
-                    "fullDocument"):
-                picked.append(item)  # undecidable: see above
             else:
                 picked.append(event.leave)
         return picked
