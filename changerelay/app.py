@@ -304,7 +304,8 @@ class Relay:
 
     def status(self) -> dict[str, object]:
         return {**self.source.status(), **self.hub.stats(), "pid": os.getpid(),
-                "catching_up": self.catchup.count(), "unsent_bytes": self.buffers.total,
+                "catching_up": self.catchup.count(), "snapshotting": len(self.snapshotting),
+                "snapshot_reads": self.live.reads, "unsent_bytes": self.buffers.total,
                 "catchup_streams_opened": self.catchup.streams_opened,
                 "uptime": round(time.monotonic() - self.started, 1)}
 

@@ -167,7 +167,13 @@ class LiveQueries:
         mark = self._mark()
         assert mark is not None  # checked at open(); a hub never forgets its mark
         seam = after(at, mark)
-        client.send_control(ev.control("ready", resume_after=seam, snapshot=sent))
+        # On the socket before ``ready``, which then carries the seam as its SSE id (a message
+        # with an id is not queued behind a backlog): an EventSource that reconnects from here on
+        # sends it as Last-Event-ID, and is reset and snapshotted afresh.
+        await client.drained()
+        if client.closed:
+            return
+        client.send_control(ev.control("ready", resume_after=seam, snapshot=sent), seam)
         self._attach(client, seam)
 
     async def _send_documents(self, opened: Opened, client: Client) -> tuple[Timestamp, int]:
