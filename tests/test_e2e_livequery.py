@@ -8,6 +8,7 @@ collection from what it was sent and compares it with the primary's, full docume
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -238,3 +239,31 @@ async def test_a_client_gone_mid_snapshot_frees_its_read_for_the_next(mongo, rel
     await read_until(client, held, lambda h: h.ready is not None, timeout=20)
     assert held.ready["snapshot"] == 3
     client.close()
+
+
+async def test_a_storm_of_live_queries_on_one_read_is_served_in_turn(mongo, relay_factory):
+    """SNAPSHOT_READS=1: twelve live queries at once wait for the one read in turn, none is
+    refused, and each gets exactly the changes after its own read."""
+    coll = mongo.client[mongo.db].c
+    coll.insert_many([{"_id": i} for i in range(50)])
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=mongo.db, SNAPSHOT_READS=1,
+                          SNAPSHOT_READS_PER_PEER=1)
+    relay.wait_ready()
+    url = relay.ws_url + query(f"{mongo.db}.c")
+
+    async def one(n: int) -> Reconstruction:
+        client = await WS.connect(url)
+        held = Reconstruction()
+        await read_until(client, held, lambda h: h.ready is not None)
+        coll.insert_one({"_id": 100 + n})
+        await read_until(client, held, lambda h: key(100 + n) in h.docs)
+        client.close()
+        return held
+
+    results = await asyncio.gather(*(one(n) for n in range(12)))
+    for held in results:
+        ids = held.ids()
+        assert len(ids) == len(set(ids))  # nothing twice
+        assert all(order_key(i) > order_key(held.ready["resume_after"]) for i in ids)
+        assert len(held.snapshot) == held.ready["snapshot"] >= 50
+    assert relay.ready()["snapshot_reads"] == 12
