@@ -173,6 +173,7 @@ class LiveQueries:
         await client.drained()
         if client.closed:
             return
+        client.announced = True  # its ready is this one: the hub does not tell it again
         client.send_control(ev.control("ready", resume_after=seam, snapshot=sent), seam)
         self._attach(client, seam)
 
