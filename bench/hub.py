@@ -41,6 +41,7 @@ class FakeClient:
         self.subscription = subscription
         self.last_send = 0.0
         self.told: str | None = None
+        self.announced = False  # told ready (once, at subscribe)
         self.received = 0
 
     def pack(self, events: Sequence[ev.Delivery]) -> bytes:
