@@ -12,6 +12,7 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import OperationFailure
 
 from changerelay.primary import TestPrimary
+from changerelay.primary.history import Versions
 
 SNAPSHOT = {"level": "snapshot"}
 
@@ -276,3 +277,16 @@ def test_a_stream_started_at_the_snapshot_time_includes_that_time(server, client
         first, second = stream.next(), stream.next()
     assert first["clusterTime"] == at and first["documentKey"] == {"_id": 2}
     assert second["documentKey"] == {"_id": 3}
+
+
+def test_pruned_versions_still_answer_every_read_at_or_after_the_floor():
+    versions = Versions()
+    writes = [(1, b"a", {"v": 1}), (2, b"b", {"v": 1}), (3, b"a", {"v": 2}), (4, b"b", None),
+              (5, b"c", {"v": 1}), (6, b"a", None), (7, b"a", {"v": 3})]
+    for t, key_, doc in writes:
+        versions.record(Timestamp(t, 1), key_, doc)
+    before = {t: versions.as_of(Timestamp(t, 1)) for t in range(0, 9)}
+    versions.prune(Timestamp(5, 1))
+    assert {t: versions.as_of(Timestamp(t, 1)) for t in range(5, 9)} == \
+        {t: before[t] for t in range(5, 9)}
+    assert versions._times == {b"a": [(3, 1), (6, 1), (7, 1)], b"c": [(5, 1)]}  # b: deleted

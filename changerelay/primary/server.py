@@ -289,6 +289,7 @@ class TestPrimary:
         self._oldest_ts = start  # the oldest time still in the oplog
         self._lost_upto = ""  # the newest forgotten entry's token
         self._snapshot_floor = Timestamp(0, 0)  # snapshot reads before this are SnapshotTooOld
+        self._pruned_at = 0  # the floor's seconds when old versions were last dropped
 
     # -- lifecycle --
 
@@ -432,8 +433,13 @@ class TestPrimary:
             self._lost_upto = self._entries[drop - 1].token
             self._snapshot_floor = _ts_max(self._snapshot_floor,
                                            self._entries[drop - 1].data.cluster_time)
-            for coll in self._colls.values():
-                coll.versions.prune(self._snapshot_floor)
+            if self._snapshot_floor.time > self._pruned_at:
+                # A pass over every document, so at most once a second of cluster time (a
+                # history_limit forgets at every write); what it leaves for a while is below
+                # the floor, which reads are refused past anyway.
+                self._pruned_at = self._snapshot_floor.time
+                for coll in self._colls.values():
+                    coll.versions.prune(self._snapshot_floor)
             del self._entries[:drop], self._tokens[:drop], self.events[:drop]
             if self._entries:
                 self._oldest_ts = self._entries[0].event["clusterTime"]
