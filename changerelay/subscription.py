@@ -92,7 +92,7 @@ class Subscription:
             checks.append(_renamed_within(self.grant))
         predicate = None if self.filter is None else self.filter.predicate
         if self.live:
-            return _live_select(checks, self.access, predicate)
+            return _live_select(checks, self.access, predicate, _document_fields(self.filter))
         if self.access is None:
             if predicate is not None:
                 checks.append(lambda event: predicate(event.change))
@@ -130,14 +130,51 @@ class Subscription:
 
 
 CRUD = frozenset({"insert", "update", "replace", "delete"})
+EVERY_FIELD = None  # a filter that reads the whole document
+
+
+def _document_fields(client: filters.Filter | None) -> frozenset[str] | None:
+    """The top-level fields of the document a filter reads (``fullDocument.<field>…``); None
+    when it reads the whole document. Its other paths (documentKey, ns) never change."""
+    fields: set[str] = set()
+    stack = [] if client is None else [client.spec]
+    while stack:
+        spec = stack.pop()
+        for key, value in spec.items():
+            if key in filters.LOGICAL_OPERATORS:
+                stack.extend(value)
+                continue
+            head, _, rest = key.partition(".")
+            if head == "fullDocument":
+                if not rest:
+                    return EVERY_FIELD
+                fields.add(rest.split(".", 1)[0])
+    return frozenset(fields)
+
+
+def _touches(change: Any, fields: frozenset[str] | None) -> bool:
+    """Whether an update may have changed a field in ``fields`` (top-level names compared, so
+    array positions and nested paths count as touching their field)."""
+    if fields is EVERY_FIELD:
+        return True
+    description = change.get("updateDescription")
+    if not isinstance(description, dict):
+        return True
+    written = [*(description.get("updatedFields") or {}), *(description.get("removedFields") or
+                                                            ()),
+               *(truncated.get("field", "") for truncated in
+                 description.get("truncatedArrays") or () if isinstance(truncated, dict))]
+    return any(str(path).split(".", 1)[0] in fields for path in written)
 
 
 def _live_select(checks: list[Callable[[Any], bool]], access: AccessRule | None,
-                 predicate: filters.Predicate | None) -> Select:
+                 predicate: filters.Predicate | None, fields: frozenset[str] | None) -> Select:
     """A live query's selection: of each change to a document it may see, the event when the
     document matches its filter after the change, else a ``leave`` (the key only): a client
     holds exactly the documents that match, whatever it held before. Decided on the event
-    alone, so a client is also told of documents it never held leaving (it ignores those).
+    alone, so a client may be told of documents it never held leaving (it ignores those) —
+    but not of a non-matching insert (a new document) nor of a non-matching update that left
+    every field the filter reads (``fields``) alone: neither can have been held.
 
     A filter on the document needs FULL_DOCUMENT (``snapshot.plan`` refuses it without); an
     update whose document is still missing — looked up after a delete (whose event follows), or
@@ -165,6 +202,9 @@ def _live_select(checks: list[Callable[[Any], bool]], access: AccessRule | None,
                     continue
             if predicate is None or event.op not in CRUD or predicate(item.change):
                 picked.append(item)
+            elif event.op == "insert" or (
+                    event.op == "update" and item is event and not _touches(event.change, fields)):
+                continue  # did not match before either: no client holds it
             else:
                 picked.append(event.leave)
         return picked

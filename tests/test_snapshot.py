@@ -162,8 +162,9 @@ def change(n: int, op: str, doc: dict | None = None, *, before: dict | None = No
             "ns": {"db": "a", "coll": ns}, "documentKey": {"_id": n % 100}}
     if doc is not None:
         body["fullDocument"] = doc
-    if op == "update":
-        body["updateDescription"] = {"updatedFields": {}, "removedFields": []}
+    if op == "update":  # as if it set every field it has
+        fields = {k: v for k, v in (doc or {}).items() if k != "_id"}
+        body["updateDescription"] = {"updatedFields": fields, "removedFields": []}
     if before is not None:
         body["fullDocumentBeforeChange"] = before
     return encode_change(body)
@@ -176,7 +177,7 @@ def test_a_live_query_is_sent_a_leave_when_a_change_leaves_its_filter():
     assert live != subscription(ns="a.c", filter='{"fullDocument.n": {"$gte": 5}}')
     events = [change(1, "insert", {"_id": 1, "n": 9}), change(2, "update", {"_id": 2, "n": 1}),
               change(3, "replace", {"_id": 3, "n": 7}), change(4, "delete"),
-              change(5, "update"),  # no document (a lookup after a delete): gone from the query
+              updated(5, None, {"n": 1}),  # no document (a lookup after a delete): gone
               change(6, "drop"), change(107, "insert", {"_id": 7, "n": 9}, ns="other")]
     kinds = [getattr(item, "op", "leave") for item in live.select(events)]
     assert kinds == ["insert", "leave", "replace", "leave", "leave", "drop"]
@@ -204,3 +205,29 @@ def test_a_live_query_under_a_row_rule_leaves_by_the_rule_and_by_its_filter():
     picked = live.select(events)
     assert [getattr(item, "op", "leave") for item in picked] == ["leave", "leave", "update"]
     assert b"bob" not in picked[0].data and b"fullDocumentBeforeChange" not in picked[2].data
+
+
+def updated(n: int, doc: dict, fields: dict, removed: tuple = ()):
+    event = change(n, "update", doc)
+    event.change["updateDescription"] = {"updatedFields": fields, "removedFields": list(removed)}
+    return event
+
+
+def test_no_leave_for_a_document_the_live_query_cannot_have_held():
+    """A non-matching insert is a new document, and an update that leaves every field the filter
+    reads alone did not change whether it matches: no client of the query holds either."""
+    live = subscription(ns="a.c", filter='{"fullDocument.n": {"$gte": 5}, '
+                        '"documentKey._id": {"$lt": 50}}').as_live()
+    events = [change(1, "insert", {"_id": 1, "n": 1}),                    # never held
+              updated(2, {"_id": 2, "n": 1, "x": 2}, {"x": 2}),           # n untouched
+              updated(3, {"_id": 3, "n": 1}, {"n": 1}),                   # n changed: may leave
+              updated(4, {"_id": 4, "n": 1}, {}, removed=("n",)),         # n removed: may leave
+              updated(5, {"_id": 5, "n": 1, "m": {}}, {"n.deep": 1}),      # inside n: may leave
+              change(6, "replace", {"_id": 6, "n": 1}),                   # unknown before: leave
+              change(7, "delete"),                                        # unknown before: leave
+              updated(8, {"_id": 8, "n": 9}, {"x": 1})]                   # matches: the update
+    kinds = [(getattr(item, "op", "leave"), item.token[-2:]) for item in live.select(events)]
+    assert kinds == [("leave", "03"), ("leave", "04"), ("leave", "05"), ("leave", "06"),
+                     ("leave", "07"), ("update", "08")]
+    whole = subscription(ns="a.c", filter='{"fullDocument": {"$eq": {"_id": 2}}}').as_live()
+    assert [getattr(i, "op", "leave") for i in whole.select([events[1]])] == ["leave"]
