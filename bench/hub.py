@@ -7,7 +7,9 @@ times the hub's own work — matching and packing — per event, both in batches
 stream delivers them) and one at a time (a flush per event, as a quiet one does). Every client
 must have been handed exactly its own events, or the run fails: a fast wrong hub measures
 nothing. ``--kind shared`` gives every client the one subscription to everything instead (fan-out),
-to check that routing costs shared subscriptions nothing.
+to check that routing costs shared subscriptions nothing; ``--kind live`` makes each a live
+query's (``snapshot=1``): filed by its collection, so every one judges every event (the
+inserts here are not its own: no leave).
 
 ``--baseline REV`` runs the same measurement on another revision's ``changerelay`` (see
 ``bench/baseline.py``) and prints both.
@@ -41,6 +43,7 @@ class FakeClient:
         self.subscription = subscription
         self.last_send = 0.0
         self.told: str | None = None
+        self.announced = False  # told ready (once, at subscribe)
         self.received = 0
 
     def pack(self, events: Sequence[ev.Delivery]) -> bytes:
@@ -62,6 +65,8 @@ def subscription(user: int, kind: str) -> Subscription:
     spec = {"fullDocument.owner": f"u{user}"}
     if kind == "rule":
         return Subscription(access=AccessRule(spec, post_images=True))
+    if kind == "live":  # a live query: every change in its collection, a leave when not its own
+        return Subscription([("bench", "events")], filter=compile_filter(spec), live=True)
     return Subscription(filter=compile_filter(spec))
 
 
@@ -90,7 +95,8 @@ def measure(users: int, events: int, batch: int, kind: str) -> dict:
         hub.flush()
     seconds = time.process_time() - started
     expected = {owner: owners.count(owner) for owner in set(owners)}
-    wrong = sum(client.received != (events if kind == "shared" else expected.get(user, 0))
+    everything = kind == "shared"
+    wrong = sum(client.received != (events if everything else expected.get(user, 0))
                 for user, client in enumerate(clients))
     if wrong:
         raise SystemExit(f"{wrong} of {users} clients were handed the wrong events")
@@ -106,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="events per run; at most 2000/10 one at a time past 1,000 "
                              "subscriptions on a hub that asks every one (default 2000)")
     parser.add_argument("--batch", type=int, default=500, help="events per flush (default 500)")
-    parser.add_argument("--kind", choices=["filter", "rule", "shared"], nargs="+",
+    parser.add_argument("--kind", choices=["filter", "rule", "shared", "live"], nargs="+",
                         default=["filter"],
                         help="the owner condition as the client's filter or a token's row rule; "
                              "shared: one subscription to everything for every client (fan-out)")

@@ -60,9 +60,9 @@ class Client:
     events become (``pack``): clients with one encoding share one payload per flush.
     """
 
-    __slots__ = ("_drained", "_ended_with", "_history", "_queued", "backlog", "claims", "closed",
-                 "encoding", "last_send", "limit", "on_end", "peer", "sent", "subscription",
-                 "told", "writer")
+    __slots__ = ("_drained", "_ended_with", "_history", "_queued", "announced", "backlog",
+                 "claims", "closed", "encoding", "last_send", "limit", "on_end", "peer", "sent",
+                 "subscription", "told", "writer")
 
     def __init__(self, writer: Connection, encoding: str, subscription: Subscription, limit: int,
                  peer: str, claims: Claims | None, on_end: Callable[[Client], None]):
@@ -77,6 +77,7 @@ class Client:
         self.last_send = time.monotonic()
         self.told: str | None = None
         self.sent: str | None = None  # the hub's: see hub.Subscriber
+        self.announced = False  # told ``ready`` (hub.Hub._announce, or a live query's own)
         self.closed = False
         self._ended_with: Close | None = None
         self.backlog: deque[ev.Delivery | bytes] | None = None  # to replay; bytes: control

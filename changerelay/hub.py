@@ -62,6 +62,7 @@ class Subscriber(Protocol):
     last_send: float              # monotonic time of the last frame, for position messages
     told: str | None              # the last position sent, so a quiet client is told it once
     sent: str | None              # the newest id replayed or sent to it outside its group
+    announced: bool               # it was told ``ready`` (see ``Hub._announce``)
     peer: str                     # its address, to name it in the log
 
     def pack(self, events: Sequence[Delivery]) -> bytes: ...
@@ -157,6 +158,7 @@ class Hub(Generic[S]):
         self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
         self._ahead_routes = Shared()     # ...and their subscriptions
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
+        self._unannounced: set[S] = set()  # live, but no position to tell them ``ready`` at yet
         self.clients: set[S] = set()
         self.published = 0
 
@@ -181,6 +183,7 @@ class Hub(Generic[S]):
             self.floor = floor
             self.position = floor
         self._learn_mark(floor)
+        self._announce_pending()
         waiting, self._waiting = self._waiting, {}
         for client, after in waiting.items():
             try:
@@ -222,6 +225,7 @@ class Hub(Generic[S]):
         key = order_key(token)
         if self.position is None or key > order_key(self.position):
             self.position = token
+        self._announce_pending()
         # Clients from a relay that was ahead are live once the stream has passed their point,
         # event or not: on a quiet deployment only the stream's high-water mark moves.
         for client, after in tuple(self._ahead.items()):
@@ -239,9 +243,9 @@ class Hub(Generic[S]):
         failed = self.failed
         for group, events in self._routes.route(batch, keyed).items():
             group.deliver(events, now, failed, self.tally)
+        self.position = batch[-1].token  # before the clients ahead join, told ``ready`` here
         if self._ahead:
             self._deliver_ahead(batch, now)
-        self.position = batch[-1].token
 
     def _evict(self) -> None:
         while self._start < len(self._log) and (
@@ -319,6 +323,7 @@ class Hub(Generic[S]):
         if client in self._ahead:
             self._stop_holding(client)
         self._waiting.pop(client, None)
+        self._unannounced.discard(client)
         group = self._groups.get(client.subscription)
         if group is not None and client in group.clients:
             group.clients.remove(client)
@@ -336,6 +341,38 @@ class Hub(Generic[S]):
         if client not in group.clients:
             group.clients.add(client)
             group.encodings[client.encoding] += 1
+        if not client.announced:
+            self._announce(client)
+
+    def _announce(self, client: S) -> None:
+        """``{"type": "ready", "resume_after": <id>}``, once per connection, when its live feed
+        is attached (after any replay or catch-up): from then on every write it may see reaches
+        it. ``resume_after`` is what a position message would tell it now (``_told_position``);
+        until there is one (the stream has not opened yet) it waits in ``_unannounced``. A live
+        query was told its own ``ready`` with its snapshot, and is not told again."""
+        position = self._told_position(client)
+        if position is None:
+            self._unannounced.add(client)
+            return
+        self._unannounced.discard(client)
+        client.announced = True
+        try:
+            client.send_control(ev.control("ready", resume_after=position))
+        except Exception as exc:
+            self.failed(client, exc)
+
+    def _announce_pending(self) -> None:
+        for client in tuple(self._unannounced):
+            self._announce(client)
+
+    def _told_position(self, client: S) -> str | None:
+        """Where ``client`` could resume from now without loss: the hub's position; for a
+        restricted client only an id it may know (see ``send_positions``)."""
+        if self.position is None:
+            return None
+        if not client.subscription.restricted:
+            return self.position
+        return _latest(self._mark_at(self.position), client.sent)
 
     def _deliver_ahead(self, batch: list[Event], now: float) -> None:
         head = batch[-1].key

@@ -61,7 +61,10 @@ Cover = tuple[Probe, ...]  # an event a member could be sent anything for hits o
 def covers(subscription: Subscription) -> list[Cover]:
     """Every cover ``subscription`` could be filed under; ``Index.add`` takes the cheapest."""
     found: list[Cover] = []
-    own = [] if subscription.filter is None else _spec_covers(subscription.filter.spec)
+    # A live query is sent a leave for a change that takes a document out of its filter: it is
+    # filed by its namespace and row rule, never by its filter's conditions.
+    own = [] if subscription.filter is None or subscription.live else _spec_covers(
+        subscription.filter.spec)
     rule = subscription.access
     if rule is None:
         found += own

@@ -887,9 +887,11 @@ class FakeClient:
         self.subscription = subscription or Subscription()
         self.received: list[str] = []
         self.controls: list[dict] = []
+        self.readies: list[dict] = []
         self.last_send = 0.0
         self.told = None
         self.sent = None
+        self.announced = False
         self.closed = False
 
     def pack(self, events):
@@ -905,4 +907,7 @@ class FakeClient:
         self.send(self.pack(events))
 
     def send_control(self, message, token=None):
-        self.controls.append(json.loads(message))
+        control = json.loads(message)
+        # ``ready`` comes once per client (hub.Hub._announce): kept apart, so that tests of the
+        # other control messages list only those
+        (self.readies if control["type"] == "ready" else self.controls).append(control)

@@ -30,6 +30,8 @@ class Rider:
         self.encoding = "ws"
         self.last_send = 0.0
         self.told = self.sent = None
+        self.announced = False
+        self.controls: list[bytes] = []
         self.closed = False
         self.backlog = deque(range(backlog)) if backlog else None
         self.cut = False
@@ -45,6 +47,9 @@ class Rider:
 
     def cut_off(self):
         self.cut = self.closed = True
+
+    def send_control(self, message, token=None):
+        self.controls.append(message)
 
 
 async def never_opens(**kwargs):

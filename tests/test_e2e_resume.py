@@ -63,6 +63,7 @@ class ResumingClient:
     def __init__(self):
         self.tokens: list[str] = []
         self.controls: list[dict] = []
+        self.readies: list[dict] = []  # one per connection: each is told when it is live
         self.last: str | None = None
         self.conn: WS | None = None
 
@@ -86,6 +87,8 @@ class ResumingClient:
         if "operationType" in frame:
             self.tokens.append(token_of(frame))
             self.last = token_of(frame)
+        elif frame.get("type") == "ready":
+            self.readies.append(frame)
         else:
             self.controls.append(frame)
             if frame.get("type") == "position":

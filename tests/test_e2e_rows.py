@@ -68,7 +68,7 @@ async def rows(client: WS, count: int) -> list[dict]:
         frame = await client.recv()
         if frame is None:
             raise AssertionError(f"closed after {got}")
-        if frame.get("type") != "position":
+        if frame.get("type") not in ("position", "ready"):
             got.append(frame)
     return got
 

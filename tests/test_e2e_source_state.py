@@ -99,6 +99,7 @@ async def test_a_client_connecting_while_mongodb_is_away_is_told_at_once(relay_f
         late = await WS.connect(relay.ws_url)  # connected while open: nothing to tell it
         with MongoClient(primary.uri) as writer:
             writer.db.c.insert_one({"_id": "first"})
+        assert (await late.recv())["type"] == "ready"  # but that it is live
         assert (await late.recv())["documentKey"] == {"_id": "first"}
 
 

@@ -66,6 +66,7 @@ class Broken(Client):
     def __init__(self, step, subscription=None, peer="203.0.113.66"):
         super().__init__(subscription, peer)
         self.step = step
+        self.announced = True  # told ready already: what fails here is a later message
         if step == "pack":  # an encoding of its own: the group packs once per encoding
             self.encoding = "broken"
 

@@ -32,6 +32,8 @@ class Recorder:
         self.last_send = 0.0
         self.told = None
         self.sent = None
+        self.announced = False
+        self.readies: list[dict] = []
         self.closed = False
         self.backlog = None
         self.peer = "test"
@@ -46,7 +48,8 @@ class Recorder:
         self.deliver(events, b"")
 
     def send_control(self, message, token=None):
-        self.controls.append(json.loads(message))
+        control = json.loads(message)
+        (self.readies if control["type"] == "ready" else self.controls).append(control)
 
     def fail(self):
         raise AssertionError("no client fails here")

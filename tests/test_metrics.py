@@ -30,6 +30,7 @@ class Client:
         self.subscription = subscription
         self.last_send = 0.0
         self.told = self.sent = None
+        self.announced = True  # its ready: a control message, which no metric here counts
         self.hub = hub
         self.cut_off = cut_off
         self.received = 0
