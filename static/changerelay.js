@@ -19,6 +19,9 @@
  * // later: relay.close();
  * ```
  *
+ * {@link liveQuery} keeps the current documents of one collection instead: a snapshot, then
+ * every change after it, on the same reconnecting connection.
+ *
  * No dependencies, no globals; works in any browser with ES modules and `WebSocket`.
  *
  * @module changerelay
@@ -91,6 +94,12 @@ export const DISCONNECTS = {
  * - `{type: "resync", reason}`: events were lost (e.g. `history_lost`: the resume point fell
  *   off the oplog). Reload your state from the database; the stream continues from now.
  * - `{type: "position", resume_after}`: a newer resume point on a quiet stream.
+ * - `{type: "ready", resume_after, snapshot?}`: sent once per connection, when its live feed is
+ *   attached (after any replay or catch-up): from then on every write it may see reaches it.
+ *   Its `resume_after` becomes the resume point; it is passed to `onReady` too.
+ * - `{type: "doc", ns, doc}`, `{type: "leave", ns, documentKey}`, `{type: "reset"}`: a live
+ *   query's snapshot and the documents leaving its set ({@link liveQuery} reads them; a plain
+ *   connection never asks for them).
  * - `{type: "error", code, message}`: the server reports a problem.
  * - `{type: "source", state, message, since}`: MongoDB's state as the relay sees it — `open`,
  *   `connecting`, `unreachable`, `not_replica_set`, `auth_failed`, or a newer one — sent when it
@@ -151,6 +160,8 @@ export const DISCONNECTS = {
  * @property {(change: ChangeEvent) => void} [onChange] Called for every change event, in order.
  * @property {(message: ControlMessage) => void} [onControl] Called for control messages.
  * @property {(status: Status) => void} [onStatus] Called on every connection state change.
+ * @property {(ready: ControlMessage) => void} [onReady] Called once per connection with its
+ *   `ready` message, when every write it may see from then on reaches it.
  * @property {(source: Source) => void} [onSource] Called when MongoDB's state changes: for
  *   every `source` message, and with `{state: "open"}` when a connection opens after one was
  *   told otherwise (the relay tells a new connection only when MongoDB is not open).
@@ -168,6 +179,9 @@ export const DISCONNECTS = {
  *
  * @typedef {object} Relay
  * @property {() => void} close Close the socket for good; no reconnects follow.
+ * @property {() => void} restart Forget the resume point and connect again (after the backoff,
+ *   so a relay that asks for it on every connection cannot make a loop of it): the relay starts
+ *   this client over from now, and a live query gets a fresh snapshot.
  * @property {string|null} lastId The newest event id or position the client holds: what it
  *   will send as `resume_after` when it reconnects. Save it to resume across page loads.
  */
@@ -194,18 +208,14 @@ export function connect(url, options = {}) {
     onControl = () => {},
     onStatus = () => {},
     onSource = () => {},
+    onReady = () => {},
     resumeAfter = null,
     refreshable = false,
     baseDelay = BASE_DELAY,
     maxDelay = MAX_DELAY,
     stableAfter = STABLE_AFTER,
   } = options;
-  if (refreshable && typeof url !== "function") {
-    throw new TypeError(
-      "changerelay: refreshable needs a URL function that puts a fresh token in each URL");
-  }
-  const address = typeof url === "function" ? url : () => url;
-  socketUrl(address(), null); // fail fast, before any timer, on a URL that can never work
+  const address = addressOf(url, refreshable);
 
   let lastId = resumeAfter || null;
   let socket = null;
@@ -235,10 +245,7 @@ export function connect(url, options = {}) {
     };
     ws.onmessage = (event) => receive(event.data);
     ws.onclose = (event) => {
-      socket = null;
-      const opened = openedAt !== null;
-      if (opened && Date.now() - openedAt >= stableAfter) failures = 0;
-      openedAt = null;
+      const opened = ended();
       if (closed) {
         after(event);
       } else if (!opened && event.code === 1006) {
@@ -250,6 +257,25 @@ export function connect(url, options = {}) {
         after(event, retryAfterClose(event.code, event.reason));
       }
     };
+  }
+
+  /** Forget the socket that ended; whether it had opened. Open long enough, it was healthy. */
+  function ended() {
+    socket = null;
+    const opened = openedAt !== null;
+    if (opened && Date.now() - openedAt >= stableAfter) failures = 0;
+    openedAt = null;
+    return opened;
+  }
+
+  function restart() {
+    lastId = null; // an attempt already waiting (or probing) now starts over too
+    const ws = socket;
+    if (closed || ws === null) return;
+    ws.onopen = ws.onmessage = ws.onclose = () => {}; // nothing more of it reaches the callbacks
+    ws.close(1000, "client restarts");
+    ended();
+    after({ code: 1000, reason: "client restarts", wasClean: true }, "resume");
   }
 
   /** Report the close, then retry (after the backoff) or stop, as `retry` says. */
@@ -289,11 +315,11 @@ export function connect(url, options = {}) {
       notify(onChange, message);
       return;
     }
-    if (message.type === "position" && typeof message.resume_after === "string") {
-      lastId = message.resume_after;
-    }
+    const moves = message.type === "position" || message.type === "ready";
+    if (moves && typeof message.resume_after === "string") lastId = message.resume_after;
     notify(onControl, message);
     if (message.type === "source" && typeof message.state === "string") tellSource(message);
+    if (message.type === "ready") notify(onReady, message);
   }
 
   function tellSource({ state, message, since }) {
@@ -324,10 +350,268 @@ export function connect(url, options = {}) {
   open();
   return {
     close,
+    restart,
     get lastId() {
       return lastId;
     },
   };
+}
+
+/**
+ * A change to what a live query holds.
+ *
+ * @typedef {object} LiveChange
+ * @property {string} key The document's key in the map ({@link idKey} of its `_id`).
+ * @property {object|undefined} document The document now; `undefined` when it left the set.
+ * @property {object} message What said so: the change event, or the relay's `leave` message.
+ */
+
+/**
+ * @typedef {object} LiveQueryOptions
+ * @property {(documents: Map<string, object>) => void} [onSnapshot] The whole set was
+ *   replaced: by a snapshot (at its `ready`), or emptied by a drop or rename of the collection.
+ *   Redraw everything from `documents` (the same Map every time).
+ * @property {(change: LiveChange, documents: Map<string, object>) => void} [onChange] One
+ *   document changed, entered or left the set.
+ * @property {(ready: ControlMessage) => void} [onReady] Every connection's `ready`: from now on
+ *   every write reaches this query (on a snapshot connection, after `onSnapshot`).
+ *
+ * `onControl`, `onStatus`, `onSource` and the other {@link ConnectOptions} work as in
+ * {@link connect}; `onControl` sees `doc`, `leave`, `reset` and `resync` too.
+ */
+
+/**
+ * The handle {@link liveQuery} returns.
+ *
+ * @typedef {object} LiveQuery
+ * @property {Map<string, object>} documents The current documents, by {@link idKey} of `_id`.
+ * @property {() => void} close Stop for good.
+ * @property {string|null} lastId As {@link Relay}'s.
+ */
+
+/**
+ * Follow the current documents of one collection: a snapshot, then every change after it.
+ *
+ * The URL is a socket URL for one collection (`/socket?ns=db.coll[&filter=…]`); `snapshot=1` is
+ * added. The relay sends the matching documents as `doc` frames, then `ready`; this client
+ * collects them aside and swaps them in at `ready`, so `documents` always holds one complete
+ * state: a connection lost mid-snapshot leaves the previous one in place, and the next
+ * connection starts the snapshot over. Then: insert and replace set a document; update takes
+ * `fullDocument` when the relay sent it, else applies `updateDescription` ({@link applyUpdate});
+ * delete and `leave` remove it; drop, rename and dropDatabase empty the set; `reset` (the relay
+ * could not resume what this client holds) discards everything until the next snapshot's `ready`;
+ * `resync` (changes were lost) makes it connect again without a resume point, for a fresh
+ * snapshot. Reconnecting, backoff and resuming are {@link connect}'s.
+ *
+ * ```js
+ * const orders = liveQuery("/socket?ns=shop.orders", {
+ *   onSnapshot: (documents) => drawAll(documents.values()),
+ *   onChange: ({ key, document }) => (document ? drawRow(key, document) : removeRow(key)),
+ * });
+ * ```
+ *
+ * @param {string|(() => string)} url
+ * @param {ConnectOptions & LiveQueryOptions} [options]
+ * @returns {LiveQuery}
+ */
+export function liveQuery(url, options = {}) {
+  const {
+    onSnapshot = () => {},
+    onChange = () => {},
+    onReady = () => {},
+    onControl = () => {},
+    onStatus = () => {},
+  } = options;
+  const address = addressOf(url, options.refreshable);
+  const documents = new Map();
+  let incoming = null; // the snapshot being received: key → document, until its `ready`
+
+  const relay = connect(() => withSnapshot(address()), {
+    ...options,
+    onChange: (change) => changed(change),
+    onReady: (ready) => {
+      if (incoming !== null || "snapshot" in ready) {
+        documents.clear();
+        for (const [key, document] of incoming ?? []) documents.set(key, document);
+        incoming = null;
+        notify(onSnapshot, documents);
+      }
+      notify(onReady, ready);
+    },
+    onControl: (message) => {
+      control(message);
+      notify(onControl, message);
+    },
+    onStatus: (status) => {
+      if (status.state === "connecting") incoming = null; // a snapshot starts over
+      notify(onStatus, status);
+    },
+  });
+
+  function control(message) {
+    switch (message.type) {
+      case "doc":
+        if (message.doc !== null && typeof message.doc === "object") {
+          incoming ??= new Map();
+          incoming.set(idKey(message.doc._id), message.doc);
+        }
+        break;
+      case "reset":
+        incoming = new Map(); // what it held is gone; the snapshot that follows replaces it
+        break;
+      case "leave":
+        remove(message.documentKey?._id, message);
+        break;
+      case "resync":
+        incoming = null;
+        relay.restart();
+        break;
+      default:
+    }
+  }
+
+  function changed(change) {
+    const held = incoming ?? documents; // (changes follow `ready`; this is only defensive)
+    const id = change.documentKey?._id;
+    switch (change.operationType) {
+      case "insert":
+      case "replace":
+        if (change.fullDocument) put(held, idKey(id), change.fullDocument, change);
+        break;
+      case "update": {
+        const key = idKey(id);
+        if (change.fullDocument) put(held, key, change.fullDocument, change);
+        else if (held.has(key)) {
+          put(held, key, applyUpdate(held.get(key), change.updateDescription ?? {}), change);
+        }
+        break;
+      }
+      case "delete":
+        remove(id, change);
+        break;
+      case "drop":
+      case "rename":
+      case "dropDatabase":
+        held.clear();
+        if (held === documents) notify(onSnapshot, documents);
+        break;
+      default:
+    }
+  }
+
+  function put(held, key, document, message) {
+    held.set(key, document);
+    if (held === documents) notify(onChange, { key, document, message }, documents);
+  }
+
+  function remove(id, message) {
+    if (id === undefined) return;
+    const key = idKey(id);
+    if (incoming !== null) incoming.delete(key);
+    else if (documents.delete(key)) {
+      notify(onChange, { key, document: undefined, message }, documents);
+    }
+  }
+
+  return {
+    documents,
+    close: relay.close,
+    get lastId() {
+      return relay.lastId;
+    },
+  };
+}
+
+/**
+ * A document's key in a live query's map: its `_id` as relaxed Extended JSON text, so that an
+ * ObjectId, the string of its hex digits and a number never collide. (1, 1.0 and NumberLong(1)
+ * share a key, as they share a slot in MongoDB's `_id` index.)
+ *
+ * @param {unknown} id
+ * @returns {string}
+ */
+export function idKey(id) {
+  return JSON.stringify(id) ?? "undefined";
+}
+
+/**
+ * A document after an update event's `updateDescription`, as MongoDB applied it: arrays cut to
+ * `truncatedArrays`' sizes, `removedFields` unset, `updatedFields` set. Paths are dotted; a
+ * numeric part indexes an array and names a field of an object (`$set` creates missing objects,
+ * pads arrays with null). Where a field name itself holds a dot or is numeric, MongoDB 6.1+ says
+ * how to read the path in `disambiguatedPaths` (path → its parts; a number indexes an array), as
+ * the drivers document it (e.g. the Node.js driver's `UpdateDescription`). The input is not
+ * modified.
+ *
+ * @param {object} document
+ * @param {{updatedFields?: object, removedFields?: string[],
+ *   truncatedArrays?: {field: string, newSize: number}[], disambiguatedPaths?: object}} update
+ * @returns {object}
+ */
+export function applyUpdate(document, update) {
+  const {
+    updatedFields = {}, removedFields = [], truncatedArrays = [], disambiguatedPaths = {},
+  } = update;
+  const result = structuredClone(document);
+  const parts = (path) => {
+    const told = Object.hasOwn(disambiguatedPaths, path) ? disambiguatedPaths[path] : null;
+    return Array.isArray(told) ? told : path.split(".");
+  };
+  for (const { field, newSize } of truncatedArrays) {
+    const array = lookUp(result, parts(field));
+    if (Array.isArray(array) && Number.isInteger(newSize) && newSize >= 0) {
+      array.length = Math.min(array.length, newSize);
+    }
+  }
+  for (const path of removedFields) {
+    const steps = parts(path);
+    const parent = lookUp(result, steps.slice(0, -1));
+    const last = steps.at(-1);
+    if (Array.isArray(parent) && isIndex(last)) {
+      if (Number(last) < parent.length) parent[Number(last)] = null; // $unset keeps the slot
+    } else if (parent !== null && typeof parent === "object") {
+      delete parent[last];
+    }
+  }
+  for (const [path, value] of Object.entries(updatedFields)) {
+    const steps = parts(path);
+    let at = result;
+    steps.forEach((step, n) => {
+      const index = Array.isArray(at) && isIndex(step) ? Number(step) : null;
+      if (index !== null) while (at.length < index) at.push(null);
+      const slot = index ?? String(step);
+      if (n === steps.length - 1) {
+        at[slot] = structuredClone(value);
+      } else {
+        if (at[slot] === null || typeof at[slot] !== "object") at[slot] = {};
+        at = at[slot];
+      }
+    });
+  }
+  return result;
+}
+
+/** The value at `steps` inside `document`, or undefined where the path leads nowhere. */
+function lookUp(document, steps) {
+  let at = document;
+  for (const step of steps) {
+    if (at === null || typeof at !== "object") return undefined;
+    at = Array.isArray(at) && isIndex(step) ? at[Number(step)] : at[String(step)];
+  }
+  return at;
+}
+
+function isIndex(step) {
+  return typeof step === "number" ? Number.isInteger(step) && step >= 0 : /^\d+$/.test(step);
+}
+
+/** `url` asking for a snapshot: `snapshot=1` added unless the URL says so already. */
+function withSnapshot(url) {
+  const [base, hash] = url.split("#", 2);
+  const [path, query = ""] = base.split("?", 2);
+  const parts = query.split("&").filter((part) => part && !part.startsWith("snapshot="));
+  const search = ["snapshot=1", ...parts].join("&");
+  return `${path}?${search}${hash === undefined ? "" : `#${hash}`}`;
 }
 
 /**
@@ -431,10 +715,21 @@ export function socketUrl(url, resumeAfter) {
   return target.href;
 }
 
+/** The URL function of `url`; it throws now, before any timer, if the URL can never work. */
+function addressOf(url, refreshable) {
+  if (refreshable && typeof url !== "function") {
+    throw new TypeError(
+      "changerelay: refreshable needs a URL function that puts a fresh token in each URL");
+  }
+  const address = typeof url === "function" ? url : () => url;
+  socketUrl(address(), null);
+  return address;
+}
+
 /** Call a user callback so that a bug in it is reported but cannot stop the client. */
-function notify(callback, value) {
+function notify(callback, ...values) {
   try {
-    callback(value);
+    callback(...values);
   } catch (error) {
     (globalThis.reportError ?? console.error)(error);
   }
