@@ -149,7 +149,8 @@ function receive(change) {
 
 function control(message) {
   console.log(message);
-  if (message.type === "resync" && liveMode) {
+  const restarts = message.type === "resync" || message.code === "live_query_gap";
+  if (restarts && liveMode) {
     return; // the live query loads the documents again by itself
   } else if (message.type === "resync") {
     const reason = message.reason ?? "unknown reason";

@@ -317,6 +317,8 @@ export function connect(url, options = {}) {
     }
     const moves = message.type === "position" || message.type === "ready";
     if (moves && typeof message.resume_after === "string") lastId = message.resume_after;
+    // A snapshot has begun: dropped before its `ready`, the connection starts over, fresh.
+    if (message.type === "doc" || message.type === "reset") lastId = null;
     notify(onControl, message);
     if (message.type === "source" && typeof message.state === "string") tellSource(message);
     if (message.type === "ready") notify(onReady, message);
@@ -395,13 +397,22 @@ export function connect(url, options = {}) {
  * The URL is a socket URL for one collection (`/socket?ns=db.coll[&filter=…]`); `snapshot=1` is
  * added. The relay sends the matching documents as `doc` frames, then `ready`; this client
  * collects them aside and swaps them in at `ready`, so `documents` always holds one complete
- * state: a connection lost mid-snapshot leaves the previous one in place, and the next
- * connection starts the snapshot over. Then: insert and replace set a document; update takes
- * `fullDocument` when the relay sent it, else applies `updateDescription` ({@link applyUpdate});
- * delete and `leave` remove it; drop, rename and dropDatabase empty the set; `reset` (the relay
- * could not resume what this client holds) discards everything until the next snapshot's `ready`;
- * `resync` (changes were lost) makes it connect again without a resume point, for a fresh
- * snapshot. Reconnecting, backoff and resuming are {@link connect}'s.
+ * state: a connection lost mid-snapshot leaves the previous one in place, and the next one
+ * starts the snapshot over (without a resume point). Then:
+ *
+ * - insert and replace set a document; delete and `leave` remove it;
+ * - update takes `fullDocument` when the relay sent it, else applies `updateDescription` to the
+ *   document held ({@link applyUpdate}); an update of a document it does not hold, without
+ *   `fullDocument`, is a gap: it tells `onControl` `{type: "error", code: "live_query_gap"}`
+ *   and starts over as on `resync`;
+ * - drop, rename and dropDatabase empty the set;
+ * - `reset` (the relay cannot resume what this client holds) voids it: the next snapshot's
+ *   `ready` replaces everything, even when no document follows;
+ * - `resync` (changes were lost) makes it connect again without a resume point: a fresh
+ *   snapshot.
+ *
+ * Reconnecting, backoff and resuming are {@link connect}'s (restarts go through its backoff too,
+ * so a relay that resyncs every connection cannot make a tight loop of it).
  *
  * ```js
  * const orders = liveQuery("/socket?ns=shop.orders", {
@@ -464,7 +475,7 @@ export function liveQuery(url, options = {}) {
         break;
       case "resync":
         incoming = null;
-        relay.restart();
+        relay.restart(); // changes were lost: what it holds is out of date
         break;
       default:
     }
@@ -483,6 +494,8 @@ export function liveQuery(url, options = {}) {
         if (change.fullDocument) put(held, key, change.fullDocument, change);
         else if (held.has(key)) {
           put(held, key, applyUpdate(held.get(key), change.updateDescription ?? {}), change);
+        } else {
+          gap(`an update of ${key}, which this query does not hold, came without fullDocument`);
         }
         break;
       }
@@ -497,6 +510,13 @@ export function liveQuery(url, options = {}) {
         break;
       default:
     }
+  }
+
+  /** What it holds can no longer be trusted: say so, and start over with a fresh snapshot. */
+  function gap(message) {
+    notify(onControl, { type: "error", code: "live_query_gap", message });
+    incoming = null;
+    relay.restart();
   }
 
   function put(held, key, document, message) {
