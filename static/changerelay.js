@@ -625,13 +625,16 @@ function isIndex(step) {
   return typeof step === "number" ? Number.isInteger(step) && step >= 0 : /^\d+$/.test(step);
 }
 
-/** `url` asking for a snapshot: `snapshot=1` added unless the URL says so already. */
+/** `url` asking for a snapshot: `snapshot=1` first in its query, in place of any it had. */
 function withSnapshot(url) {
-  const [base, hash] = url.split("#", 2);
-  const [path, query = ""] = base.split("?", 2);
-  const parts = query.split("&").filter((part) => part && !part.startsWith("snapshot="));
-  const search = ["snapshot=1", ...parts].join("&");
-  return `${path}?${search}${hash === undefined ? "" : `#${hash}`}`;
+  const hashAt = url.indexOf("#");
+  const hash = hashAt === -1 ? "" : url.slice(hashAt);
+  const base = hashAt === -1 ? url : url.slice(0, hashAt);
+  const queryAt = base.indexOf("?");
+  const path = queryAt === -1 ? base : base.slice(0, queryAt);
+  const query = queryAt === -1 ? "" : base.slice(queryAt + 1);
+  const parts = query.split("&").filter((part) => part && !/^snapshot(=|$)/.test(part));
+  return `${path}?${["snapshot=1", ...parts].join("&")}${hash}`;
 }
 
 /**
