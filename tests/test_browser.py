@@ -1563,7 +1563,60 @@ def test_the_live_table_starts_over_on_resync(browser: Browser, live_stub: StubR
     page.wait_for(f"{row_of(id_key(f'{key}-4'))} !== null", 10)
     assert [row["doc"] for row in document_rows(page)] == ["{n: 7}", "{n: 14}", "{n: 28}"]
     assert "resume_after" not in parse_qs(urlsplit(page.websocket_urls[opened]).query)
+    assert not shown(page, "resync")  # nothing to do for the reader: it reloaded by itself
     assert problems(page) == []
+
+
+def test_the_form_switches_to_the_live_table_and_back(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("toggle")
+    live_stub.snapshot = [{"_id": key, "n": 1}]
+    page = live(browser, live_stub.page_url)
+    assert shown(page, "events-view") and not shown(page, "live-view")
+    opened = len(page.websocket_urls)
+    page.evaluate("""(() => {
+        document.getElementById('sub-live').click();
+        document.getElementById('sub-ns').value = 'shop.orders';
+        document.querySelector('#subscription button[type=submit]').click();
+    })()""")
+    page.wait_for(f"{row_of(id_key(key))} !== null", 10)
+    assert page.evaluate("document.getElementById('sub-ops').disabled") is True
+    assert urlsplit(page.evaluate("location.href")).query == "live=shop.orders"  # a reload keeps it
+    assert socket_queries(page, opened)[-1] == {"snapshot": ["1"], "ns": ["shop.orders"]}
+    assert not shown(page, "events-view") and shown(page, "live-view")
+    assert "shop.orders" in text(page, "subscribed")
+
+    opened = len(page.websocket_urls)
+    page.evaluate("""(() => {
+        document.getElementById('sub-live').click();
+        document.querySelector('#subscription button[type=submit]').click();
+    })()""")
+    page.wait_for("document.getElementById('status').dataset.state === 'live'"
+                  " && !document.getElementById('events-view').hidden", 10)
+    assert socket_queries(page, opened)[-1] == {"ns": ["shop.orders"]}
+    live_stub.collection.insert_one({"_id": key + "-event"})
+    wait_for_rows(page, key + "-event", 1)  # change events again
+    assert problems(page) == []
+
+
+def test_the_live_table_keeps_at_most_1000_rows_and_counts_all(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """A large collection costs the page no more than 1,000 rows; removing a shown document
+    brings in the next one, and the caption counts what the query holds."""
+    key = unique("big")
+    live_stub.snapshot = [{"_id": f"{key}-{n:04}", "n": n} for n in range(1003)]
+    page = live(browser, f"{live_stub.page_url}?live=shop.orders")
+    page.wait_for("document.getElementById('documents-count').textContent === '1,003'", 15)
+    assert page.evaluate("document.querySelectorAll('#documents tr.doc').length") == 1000
+    assert shown(page, "documents-capped")
+    live_stub.collection.delete_one({"_id": f"{key}-0000"})
+    page.wait_for("document.getElementById('documents-count').textContent === '1,002'")
+    ids = page.evaluate("Array.from(document.querySelectorAll('#documents .cell-id'),"
+                        " (cell) => cell.textContent)")
+    assert len(ids) == 1000 and ids[0] == json.dumps(f"{key}-0001")
+    assert ids[-1] == json.dumps(f"{key}-1000")  # the next in the map's order took the place
 
 
 def test_the_live_table_has_names_and_fits_390_px(phone: Browser, live_stub: StubRelay) -> None:
