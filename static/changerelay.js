@@ -561,7 +561,7 @@ export function idKey(id) {
  * pads arrays with null). Where a field name itself holds a dot or is numeric, MongoDB 6.1+ says
  * how to read the path in `disambiguatedPaths` (path → its parts; a number indexes an array), as
  * the drivers document it (e.g. the Node.js driver's `UpdateDescription`). The input is not
- * modified.
+ * modified: the objects on a changed path are copied, the rest is shared with it.
  *
  * @param {object} document
  * @param {{updatedFields?: object, removedFields?: string[],
@@ -572,41 +572,59 @@ export function applyUpdate(document, update) {
   const {
     updatedFields = {}, removedFields = [], truncatedArrays = [], disambiguatedPaths = {},
   } = update;
-  const result = structuredClone(document);
   const parts = (path) => {
     const told = Object.hasOwn(disambiguatedPaths, path) ? disambiguatedPaths[path] : null;
     return Array.isArray(told) ? told : path.split(".");
   };
-  for (const { field, newSize } of truncatedArrays) {
-    const array = lookUp(result, parts(field));
-    if (Array.isArray(array) && Number.isInteger(newSize) && newSize >= 0) {
-      array.length = Math.min(array.length, newSize);
+  // Copy on write: only the objects and arrays on a changed path are copied, once each.
+  const copies = new Set();
+  const own = (value) => {
+    if (copies.has(value)) return value;
+    const copy = Array.isArray(value) ? value.slice() : { ...value };
+    copies.add(copy);
+    return copy;
+  };
+  const result = own(document);
+  /** The container at `steps`, copied for writing; null where the path leads nowhere. */
+  const writable = (steps, create) => {
+    let at = result;
+    for (const step of steps) {
+      const slot = Array.isArray(at) && isIndex(step) ? Number(step) : String(step);
+      if (Array.isArray(at) && typeof slot === "number") while (at.length < slot) at.push(null);
+      const next = at[slot];
+      if (next !== null && typeof next === "object") at[slot] = own(next);
+      else if (create) at[slot] = own({}); // $set creates the objects a path leads through
+      else return null;
+      at = at[slot];
     }
+    return at;
+  };
+  for (const { field, newSize } of truncatedArrays) {
+    const steps = parts(field);
+    const found = lookUp(result, steps);
+    if (!Number.isInteger(newSize) || newSize < 0 || !Array.isArray(found)) continue;
+    const array = writable(steps, false);
+    array.length = Math.min(array.length, newSize);
   }
   for (const path of removedFields) {
     const steps = parts(path);
     const parent = lookUp(result, steps.slice(0, -1));
+    if (parent === null || typeof parent !== "object") continue;
     const last = steps.at(-1);
-    if (Array.isArray(parent) && isIndex(last)) {
-      if (Number(last) < parent.length) parent[Number(last)] = null; // $unset keeps the slot
-    } else if (parent !== null && typeof parent === "object") {
-      delete parent[last];
-    }
+    const container = writable(steps.slice(0, -1), false);
+    if (!Array.isArray(container)) delete container[last];
+    else if (isIndex(last) && Number(last) < container.length) container[Number(last)] = null;
   }
   for (const [path, value] of Object.entries(updatedFields)) {
     const steps = parts(path);
-    let at = result;
-    steps.forEach((step, n) => {
-      const index = Array.isArray(at) && isIndex(step) ? Number(step) : null;
-      if (index !== null) while (at.length < index) at.push(null);
-      const slot = index ?? String(step);
-      if (n === steps.length - 1) {
-        at[slot] = structuredClone(value);
-      } else {
-        if (at[slot] === null || typeof at[slot] !== "object") at[slot] = {};
-        at = at[slot];
-      }
-    });
+    const parent = writable(steps.slice(0, -1), true);
+    const last = steps.at(-1);
+    if (Array.isArray(parent) && isIndex(last)) {
+      while (parent.length < Number(last)) parent.push(null); // $set pads an array with null
+      parent[Number(last)] = value;
+    } else {
+      parent[String(last)] = value;
+    }
   }
   return result;
 }
