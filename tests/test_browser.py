@@ -1204,7 +1204,7 @@ def id_key(value: Any) -> str:
 LIVE_QUERY_JS = """(async () => {
     const client = await import('/static/changerelay.js');
     window.client = client;
-    window.calls = [];
+    window.calls = []; window.statuses = [];
     window.query = client.liveQuery(%s, {
         onSnapshot: (documents) => calls.push(['snapshot', [...documents.values()]]),
         onChange: ({key, document, message}) =>
@@ -1213,6 +1213,7 @@ LIVE_QUERY_JS = """(async () => {
         onControl: (message) => {
             if (message.type === 'error') calls.push(['error', message.code]);
         },
+        onStatus: (status) => statuses.push([status.state, status.retryIn ?? null]),
         baseDelay: 1,
     });
     window.held = query.documents;
@@ -1367,6 +1368,23 @@ def test_live_query_applies_update_descriptions(browser: Browser, relay_stub: St
     }})()""")
     assert [after for after, _ in outcome] == [expected for _, _, expected in UPDATE_CASES]
     assert all(untouched for _, untouched in outcome)  # a new document; the input stays
+
+    # Documents share what an update did not touch: a later update leaves earlier ones alone.
+    chain = browser.evaluate("""(async () => {
+        const { applyUpdate } = await import('/static/changerelay.js');
+        const v0 = {a: {b: [{c: 1}, {c: 2}], d: {e: 1}}, f: [1, 2]};
+        const v1 = applyUpdate(v0, {updatedFields: {'a.b.1.c': 20, 'g': {h: [1]}}});
+        const v2 = applyUpdate(v1, {updatedFields: {'a.d.e': 2, 'g.h.0': 9, 'f.0': 0},
+                                    removedFields: ['a.b.0.c']});
+        const v3 = applyUpdate(v2, {truncatedArrays: [{field: 'a.b', newSize: 0}]});
+        return [v0, v1, v2, v3];
+    })()""")
+    assert chain == [
+        {"a": {"b": [{"c": 1}, {"c": 2}], "d": {"e": 1}}, "f": [1, 2]},
+        {"a": {"b": [{"c": 1}, {"c": 20}], "d": {"e": 1}}, "f": [1, 2], "g": {"h": [1]}},
+        {"a": {"b": [{}, {"c": 20}], "d": {"e": 2}}, "f": [0, 2], "g": {"h": [9]}},
+        {"a": {"b": [], "d": {"e": 2}}, "f": [0, 2], "g": {"h": [9]}},
+    ]
 
 
 def socket_queries(browser: Browser, since: int) -> list[dict[str, list[str]]]:
