@@ -409,7 +409,9 @@ export function connect(url, options = {}) {
  * - `reset` (the relay cannot resume what this client holds) voids it: the next snapshot's
  *   `ready` replaces everything, even when no document follows;
  * - `resync` (changes were lost) makes it connect again without a resume point: a fresh
- *   snapshot.
+ *   snapshot;
+ * - `{type: "error", code: "snapshot_too_large"}` (more matching documents than the relay's
+ *   `SNAPSHOT_LIMIT`) stops it for good, as a refusal does: retrying would read as many again.
  *
  * Reconnecting, backoff and resuming are {@link connect}'s (restarts go through its backoff too,
  * so a relay that resyncs every connection cannot make a tight loop of it).
@@ -476,6 +478,12 @@ export function liveQuery(url, options = {}) {
       case "resync":
         incoming = null;
         relay.restart(); // changes were lost: what it holds is out of date
+        break;
+      case "error":
+        if (message.code === "snapshot_too_large") {
+          incoming = null; // what it holds stays as it was
+          relay.close(); // the same query would be refused again: a narrower filter is needed
+        }
         break;
       default:
     }
