@@ -1228,8 +1228,8 @@ def start_live_query(browser: Browser, relay: StubRelay, url: str = "/socket?ns=
     wait_ready(browser, readies)
 
 
-def wait_ready(browser: Browser, readies: int) -> None:
-    browser.wait_for(f"calls.filter((c) => c[0] === 'ready').length >= {readies}", 10)
+def wait_ready(browser: Browser, readies: int, timeout: float = 10) -> None:
+    browser.wait_for(f"calls.filter((c) => c[0] === 'ready').length >= {readies}", timeout)
 
 
 def held(browser: Browser) -> list[Any]:
@@ -1479,6 +1479,22 @@ def test_live_query_resnapshots_on_an_update_it_cannot_apply(
     assert held(browser) == relaxed(live_stub.snapshot)
 
 
+def test_live_query_stops_on_snapshot_too_large(browser: Browser, live_stub: StubRelay) -> None:
+    """Past the relay's limit, found out mid-read: retrying would read the same set again."""
+    key = unique("large")
+    live_stub.snapshot = [{"_id": key, "n": 1}]
+    start_live_query(browser, live_stub)
+    opened = len(browser.websocket_urls)
+    live_stub.broadcast({"type": "error", "code": "snapshot_too_large",
+                         "message": "more than 10000 documents match; narrow the filter"})
+    live_stub.drop_sockets(code=1011, reason="snapshot too large")
+    browser.wait_for("statuses.at(-1)[0] === 'closed'")
+    assert browser.evaluate("statuses.at(-1)") == ["closed", None]  # no retry follows
+    assert len(browser.websocket_urls) == opened
+    assert held(browser) == [{"_id": key, "n": 1}]  # what it had stays
+    assert ["snapshot_too_large"] in calls_of(browser, "error")
+
+
 def test_a_plain_connection_exposes_ready_and_resumes_from_it(
     browser: Browser, relay_stub: StubRelay
 ) -> None:
@@ -1635,6 +1651,23 @@ def test_the_live_table_keeps_at_most_1000_rows_and_counts_all(
                         " (cell) => cell.textContent)")
     assert len(ids) == 1000 and ids[0] == json.dumps(f"{key}-0001")
     assert ids[-1] == json.dumps(f"{key}-1000")  # the next in the map's order took the place
+
+
+def test_the_live_table_says_when_the_snapshot_is_too_large(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("too-large")
+    live_stub.snapshot = [{"_id": key, "n": 1}]
+    page = live_table(browser, live_stub, "live=shop.orders")
+    opened = len(page.websocket_urls)
+    live_stub.broadcast({"type": "error", "code": "snapshot_too_large",
+                         "message": "more than 10000 documents match; narrow the filter"})
+    live_stub.drop_sockets(code=1011, reason="snapshot too large")
+    page.wait_for("document.getElementById('status').dataset.state === 'stopped'")
+    assert text(page, "error-text") == (
+        "snapshot_too_large: more than 10000 documents match; narrow the filter")
+    assert shown(page, "error") and len(page.websocket_urls) == opened
+    assert [row["id"] for row in document_rows(page)] == [json.dumps(key)]
 
 
 def test_the_live_table_has_names_and_fits_390_px(phone: Browser, live_stub: StubRelay) -> None:
