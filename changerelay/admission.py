@@ -42,7 +42,7 @@ MAX_PORT = 65535
 
 # The query parameters of /socket and /events; anything else is refused, so that a typo is not
 # silently a subscription to everything.
-PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token")
+PARAMETERS = ("ns", "ops", "filter", "resume_after", "access_token", "snapshot")
 # A subscription's query string: a filter (4 KiB, up to three times that percent-encoded), a token,
 # namespaces and a resume token fit with room to spare. Below the request head's own limit
 # (MIN_REQUEST_HEAD_BYTES), so that a long query is refused as one here (414 query_too_large),

@@ -28,7 +28,8 @@ from pymongo import AsyncMongoClient
 from tornado import netutil, web
 from tornado.ioloop import PeriodicCallback
 
-from . import admission, handlers, logs, metrics
+from . import admission, handlers, logs, metrics, snapshot
+from . import events as ev
 from . import subscription as subs
 from .buffers import Buffers
 from .catchup import CatchUp
@@ -38,6 +39,7 @@ from .disconnect import cause_of
 from .gate import Gate, Limits
 from .hub import Hub
 from .listener import Listener
+from .livequery import LiveQueries, Opened
 from .source import ChangeSource
 from .tornado_internals import GatedServer
 
@@ -87,6 +89,11 @@ class Relay:
         self.catchup: CatchUp[Client] = CatchUp(self.hub, self.source.open_stream,
                                                 config.catchup_streams, self.source.missing_image,
                                                 per_peer=config.catchup_streams_per_peer)
+        self.live = LiveQueries(self.source.mongo, config.snapshot_reads,
+                                config.snapshot_reads_per_peer, config.snapshot_limit,
+                                self._mark, self._attach_live)
+        self.snapshotting: set[Client] = set()  # live queries still sending their snapshot
+        self._tasks: set[asyncio.Task[None]] = set()
         self.connections = admission.Connections(config.max_connections,
                                                  config.max_connections_per_ip)
         self.buffers = Buffers(config.max_buffered_bytes, loop.call_soon)
@@ -135,7 +142,7 @@ class Relay:
     def expire_tokens(self) -> None:
         """Close every connection whose token has expired, live or still catching up."""
         if self.auth is not None:
-            self.auth.expire([*self.hub.clients, *self.catchup.clients()])
+            self.auth.expire(self._all_clients())
 
     def ping(self) -> None:
         """Ping one slice of the WebSockets, live or catching up; close those that left the last
@@ -148,7 +155,7 @@ class Relay:
         self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
         timeout = self.config.ws_ping_interval * PONG_DEADLINE
-        for client in (*self.hub.clients, *self.catchup.clients()):
+        for client in self._all_clients():
             if isinstance(client, WebSocketClient) and (
                     hash(client) % PING_SLICES == self._ping_slice):
                 try:
@@ -158,7 +165,7 @@ class Relay:
 
     def heartbeat(self) -> None:
         """A comment line on every event stream, so that proxies keep it open."""
-        for client in (*self.hub.clients, *self.catchup.clients()):
+        for client in self._all_clients():
             if isinstance(client, EventStreamClient):
                 try:
                     client.heartbeat()
@@ -174,7 +181,7 @@ class Relay:
         half = self.config.shutdown_timeout / 2
         deadline = loop.time() + self.config.shutdown_timeout
         self._gone = asyncio.Event()
-        clients = tuple(self.hub.clients) + tuple(self.catchup.clients())
+        clients = self._all_clients()
         for client in clients:
             try:
                 client.shutdown()
@@ -186,8 +193,13 @@ class Relay:
             await asyncio.wait_for(self._gone.wait(), max(0.0, deadline - half - loop.time()))
         await _within(self.source.stop(), deadline - loop.time(), "closing the change stream")
 
+    def _all_clients(self) -> list[Client]:
+        """Every connected client: live, catching up, or still sending a snapshot."""
+        return [*self.hub.clients, *self.catchup.clients(), *self.snapshotting]
+
     def _check_gone(self) -> None:
-        if self._gone is not None and not self.hub.clients and not self.catchup.count():
+        if self._gone is not None and not self.hub.clients and not self.catchup.count() \
+                and not self.snapshotting:
             self._gone.set()
 
     # -- admission -----------------------------------------------------------------------------
@@ -203,6 +215,27 @@ class Relay:
             subscription = self.auth.restrict(subscription, claims)
         return subscription, resume_after
 
+    def live_query(self, values: Mapping[str, str],
+                   subscription: subs.Subscription) -> snapshot.Plan | None:
+        """The snapshot read a ``snapshot=1`` subscription asks for; None without it."""
+        if "snapshot" not in values:
+            return None
+        if values["snapshot"] != "1":
+            raise admission.Refusal("snapshot_unsupported", "snapshot takes 1 (snapshot=1): the "
+                                    "current documents, then every change after them")
+        return snapshot.plan(subscription.as_live(), pipeline=bool(self.config.pipeline),
+                             redact=self.config.redact, full_document=self.config.full_document)
+
+    async def open_live_query(self, plan: snapshot.Plan, peer: str,
+                              claims: Claims | None) -> Opened:
+        """The handshake's part of a live query: its read's slot, session and size check."""
+        subject = None if claims is None else claims.subject
+        charged = (f"peer {peer}",) if subject is None else (f"peer {peer}", f"sub {subject}")
+        return await self.live.open(plan, charged)
+
+    def _mark(self) -> str | None:
+        return self.hub._mark  # the spelling of a high-water mark, once the stream has sent one
+
     # -- clients -------------------------------------------------------------------------------
 
     def attach(self, client: Client, resume_after: str | None) -> None:
@@ -215,10 +248,34 @@ class Relay:
         elif not self.hub.resume(client, resume_after):
             self._from_history(client, resume_after)
 
+    def start_live_query(self, client: Client, opened: Opened, resume_after: str | None) -> None:
+        """A connected live query: ``reset`` if it reconnected (it snapshots afresh), then its
+        snapshot, ``ready``, and the changes after (``livequery.py``)."""
+        if resume_after is not None:
+            client.send_control(ev.control("reset"))
+        self.snapshotting.add(client)
+
+        async def serve() -> None:
+            try:
+                await self.live.serve(opened, client)
+            finally:
+                self.snapshotting.discard(client)
+                self._check_gone()
+
+        task = asyncio.get_running_loop().create_task(serve())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _attach_live(self, client: Client, after: str) -> None:
+        """A live query's snapshot is out: it joins after the read, unless it left meanwhile."""
+        if client in self.snapshotting:
+            self.attach(client, after)
+
     def _from_history(self, client: Client, after: str) -> None:
         self.catchup.add(client, after)
 
     def detach(self, client: Client) -> None:
+        self.snapshotting.discard(client)
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
         self._check_gone()
@@ -237,7 +294,7 @@ class Relay:
             client.send_control(message)
 
     def refresh_metrics(self) -> None:
-        clients = [*self.hub.clients, *self.catchup.clients()]
+        clients = self._all_clients()
         by_transport = Counter(metrics.transport(client.encoding) for client in clients)
         source = self.source
         self.metrics.refresh(metrics.State(

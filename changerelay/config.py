@@ -299,6 +299,15 @@ class Config:
         "address (and one token subject, when auth is on); more wait, taking turns with other "
         "peers",
         _whole(1))
+    snapshot_limit: int = _setting(
+        "SNAPSHOT_LIMIT", 10_000, "documents one live query's snapshot (snapshot=1) may hold; "
+        "more is refused (400 snapshot_too_large)", _whole(1))
+    snapshot_reads: int = _setting(
+        "SNAPSHOT_READS", 4, "live queries' snapshot reads at once; more wait, taking turns with "
+        "other peers", _whole(1))
+    snapshot_reads_per_peer: int = _setting(
+        "SNAPSHOT_READS_PER_PEER", 1, "of the SNAPSHOT_READS, at most this many for one client "
+        "address (and one token subject, when auth is on)", _whole(1))
 
     @property
     def scope(self) -> str:

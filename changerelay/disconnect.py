@@ -110,6 +110,7 @@ REFUSALS: dict[int, Refused] = {
         "unknown_operator", "unknown_field", "invalid_regex", "regex_too_long", "regex_too_complex",
         "filter_too_large", "filter_too_deep", "filter_too_complex", "invalid_resume_after",
         "invalid_encoding", "websocket_required", "bad_handshake", "malformed_request",
+        "snapshot_unsupported", "snapshot_too_large",
     ), "the request is wrong; the message says what to change"),
     401: Refused(Retry.FRESH_TOKEN, ("missing_token", "invalid_token", "token_expired"),
                  "no valid token: retry only with a new one"),
@@ -135,9 +136,11 @@ REFUSALS: dict[int, Refused] = {
     431: Refused(Retry.NO, ("headers_too_large", "too_many_headers"),
                  "the request line and headers are over MAX_REQUEST_HEAD_BYTES, or over 100 "
                  "header lines"),
-    503: Refused(Retry.BACKOFF, ("too_many_connections", "too_many_pending_requests"),
-                 "MAX_CONNECTIONS reached, or MAX_PENDING_REQUESTS and this request was the "
-                 "slowest: retry later, or on another relay"),
+    503: Refused(Retry.BACKOFF, ("too_many_connections", "too_many_pending_requests",
+                                 "snapshot_unavailable"),
+                 "MAX_CONNECTIONS reached, MAX_PENDING_REQUESTS and this request was the "
+                 "slowest, or a live query before the relay's change stream is open: retry "
+                 "later, or on another relay"),
 }
 
 # The status each refusal is answered with: ``admission.Refusal`` takes it from here.

@@ -20,12 +20,14 @@ from .auth import bearer_header
 from .connection import Connection, WebSocketConnection
 from .metrics import check_scraper
 from .protocol import WebSocketProtocol
+from .snapshot import Plan
 from .subscription import Subscription, parse_resume
 from .tornado_internals import http_chunked, take_socket
 
 if TYPE_CHECKING:
     from .app import Relay
     from .auth import Claims
+    from .livequery import Opened
 
 MAX_INBOUND_MESSAGE = 4096  # bytes in one message from a client; larger closes it with 1009
 # Milliseconds EventSource waits before it reconnects (its own default is the browser's choice).
@@ -37,6 +39,7 @@ class Admitted(NamedTuple):
     resume_after: str | None
     claims: Claims | None  # None without auth
     slot: admission.Slot
+    live: Plan | None  # snapshot=1: the live query's read
 
 
 class RelayHandler(web.RequestHandler):
@@ -107,6 +110,9 @@ class Transport(HostChecked):
             claims = relay.authenticate(request)
             values = admission.query_values(request.query_arguments)
             subscription, resume_after = relay.subscription_for(values, claims)
+            live = relay.live_query(values, subscription)
+            if live is not None:
+                subscription = live.subscription
             last_event_id = request.headers.get("Last-Event-ID")
             if self.resumes_from_last_event_id and last_event_id and resume_after is None:
                 resume_after = parse_resume(last_event_id)
@@ -114,12 +120,27 @@ class Transport(HostChecked):
         except Refusal as exc:
             self.refuse(exc)
             return None
-        return Admitted(subscription, resume_after, claims, slot)
+        return Admitted(subscription, resume_after, claims, slot, live)
+
+    async def snapshot_read(self, admitted: Admitted) -> tuple[bool, Opened | None]:
+        """``(go on, the live query's opened read or None)``: a live query's read is placed and
+        its size checked at the handshake, so that a snapshot over SNAPSHOT_LIMIT is a 400.
+        Refused, it has answered and freed the connection slot: do not go on."""
+        if admitted.live is None:
+            return True, None
+        try:
+            opened = await self.relay.open_live_query(admitted.live, self.peer, admitted.claims)
+        except Refusal as exc:
+            admitted.slot.release()
+            self.refuse(exc)
+            return False, None
+        return True, opened
 
     def hand_over(self, client: clients.Client, connection: Connection, slot: admission.Slot,
-                  resume_after: str | None, unwritten: bytes, unread: bytes) -> None:
-        """The connection, out of Tornado, is the client's: it joins the relay, and leaves it
-        (and frees its slot) when the connection closes."""
+                  resume_after: str | None, unwritten: bytes, unread: bytes,
+                  opened: Opened | None = None) -> None:
+        """The connection, out of Tornado, is the client's: it joins the relay (a live query:
+        after its snapshot), and leaves it (and frees its slot) when the connection closes."""
         relay = self.relay
 
         def lost() -> None:
@@ -128,7 +149,10 @@ class Transport(HostChecked):
 
         connection.on_close = lost
         connection.start(unwritten, unread)
-        relay.attach(client, resume_after)
+        if opened is None:
+            relay.attach(client, resume_after)
+        else:
+            relay.start_live_query(client, opened, resume_after)
 
 
 class ChangesHandler(Transport):
@@ -143,13 +167,18 @@ class ChangesHandler(Transport):
     would be admitted — without taking a connection.
     """
 
-    def get(self) -> None:
+    async def get(self) -> None:
         admitted = self.admitted()  # first, so that curl shows what is wrong with a query
         if admitted is None:
             return
-        subscription, resume_after, claims, slot = admitted
+        subscription, resume_after, claims, slot, _ = admitted
         relay = self.relay
         if "Upgrade" not in self.request.headers:
+            go, opened = await self.snapshot_read(admitted)
+            if not go:
+                return
+            if opened is not None:
+                await opened.close()
             slot.release()
             self.set_status(204)
             self.set_header("Cache-Control", "no-store")
@@ -157,6 +186,14 @@ class ChangesHandler(Transport):
             return
         try:
             accept, extensions = self.handshake(relay.config.ws_compression)
+        except Refusal as exc:
+            slot.release()
+            self.refuse(exc)
+            return
+        go, opened = await self.snapshot_read(admitted)
+        if not go:
+            return
+        try:
             self.set_status(101)
             self.set_header("Upgrade", "websocket")
             self.set_header("Connection", "Upgrade")
@@ -165,12 +202,10 @@ class ChangesHandler(Transport):
                 self.set_header("Sec-WebSocket-Extensions", extensions)
             self.finish()
             sock, unread, unwritten = take_socket(self.detach())
-        except Refusal as exc:
-            slot.release()
-            self.refuse(exc)
-            return
         except StreamClosedError:
             slot.release()
+            if opened is not None:
+                await opened.close()
             return
         deflate = extensions is not None
         connection = WebSocketConnection(sock, relay.buffers,
@@ -178,7 +213,7 @@ class ChangesHandler(Transport):
         client = clients.WebSocketClient(
             connection, subscription, relay.config.client_buffer_bytes, self.peer, claims=claims,
             on_end=relay.detach, deflate=deflate)
-        self.hand_over(client, connection, slot, resume_after, unwritten, unread)
+        self.hand_over(client, connection, slot, resume_after, unwritten, unread, opened)
 
     def handshake(self, compression: bool) -> tuple[str, str | None]:
         """``(Sec-WebSocket-Accept, Sec-WebSocket-Extensions or None)``; a Refusal if the
@@ -220,7 +255,10 @@ class EventsHandler(Transport):
         admitted = self.admitted()
         if admitted is None:
             return
-        subscription, resume_after, claims, slot = admitted
+        subscription, resume_after, claims, slot, _ = admitted
+        go, opened = await self.snapshot_read(admitted)
+        if not go:
+            return
         relay = self.relay
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
@@ -233,13 +271,15 @@ class EventsHandler(Transport):
             sock, unread, unwritten = take_socket(self.detach())
         except StreamClosedError:
             slot.release()
+            if opened is not None:
+                await opened.close()
             return
         self.application.log_request(self)  # Tornado logs a request when it finishes it
         connection = Connection(sock, relay.buffers)
         client = clients.EventStreamClient(
             connection, chunked, subscription, relay.config.client_buffer_bytes, self.peer,
             claims=claims, on_end=relay.detach)
-        self.hand_over(client, connection, slot, resume_after, unwritten, unread)
+        self.hand_over(client, connection, slot, resume_after, unwritten, unread, opened)
 
 
 class WebpageHandler(HostChecked):

@@ -39,7 +39,7 @@ from logzero import logger
 
 from . import events as ev
 from .events import Delivery, Event
-from .index import Index, Shared, covers
+from .index import Index, Keys, Shared, covers
 from .postings import Postings
 from .tokens import high_water_mark, is_high_water_mark, order_key, seconds
 
@@ -150,6 +150,7 @@ class Hub(Generic[S]):
         self.position: str | None = None  # newest token every client has been sent up to
         self._mark: str | None = None     # a high-water mark MongoDB sent, to spell others like
         self._pending: list[Event] = []
+        self._pending_keys: list[Keys] = []  # each pending event's values on the index's paths
         self._flush_scheduled = False
         self._groups: dict[Subscription, Group[S]] = {}  # by subscription
         self._routes: Index[Group[S]] = Index()  # the groups, by what their events hold
@@ -201,12 +202,14 @@ class Hub(Generic[S]):
 
     def publish(self, event: Event) -> None:
         previous = self._keys[-1] if len(self._keys) > self._start else None
-        self._postings.post(event, self._routes.paths(), previous)
+        keys = self._routes.keys(event)  # walked once: filed by them now, routed at flush
+        self._postings.post(event, keys, previous)
         self._log.append(event)
         self._keys.append(event.key)
         self._bytes += event.size
         self.published += 1
         self._pending.append(event)
+        self._pending_keys.append(keys)
         self._evict()
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -231,9 +234,10 @@ class Hub(Generic[S]):
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        keyed, self._pending_keys = self._pending_keys, []
         now = time.monotonic()
         failed = self.failed
-        for group, events in self._routes.route(batch).items():
+        for group, events in self._routes.route(batch, keyed).items():
             group.deliver(events, now, failed, self.tally)
         if self._ahead:
             self._deliver_ahead(batch, now)

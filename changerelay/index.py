@@ -25,7 +25,7 @@ filter says (``rows.py``), so a rule's conditions on ``fullDocument`` are also p
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from bson.regex import Regex
@@ -61,7 +61,10 @@ Cover = tuple[Probe, ...]  # an event a member could be sent anything for hits o
 def covers(subscription: Subscription) -> list[Cover]:
     """Every cover ``subscription`` could be filed under; ``Index.add`` takes the cheapest."""
     found: list[Cover] = []
-    own = [] if subscription.filter is None else _spec_covers(subscription.filter.spec)
+    # A live query is sent a leave for a change that takes a document out of its filter: it is
+    # filed by its namespace and row rule, never by its filter's conditions.
+    own = [] if subscription.filter is None or subscription.live else _spec_covers(
+        subscription.filter.spec)
     rule = subscription.access
     if rule is None:
         found += own
@@ -128,6 +131,23 @@ def _reads_pre_image(probe: Probe) -> bool:
     return isinstance(probe, OnPath) and probe.path.split(".", 1)[0] == PRE_IMAGE
 
 
+class Reached(NamedTuple):
+    """The equality keys of what an event holds on one indexed path."""
+
+    path: str
+    keys: list[Hashable] | None  # of its scalar values (None: too costly to walk)
+    nested: list[Hashable]  # of its documents and arrays, only while a member is filed by one
+
+
+class Keys(NamedTuple):
+    """An event's values on an index's paths, walked once (``Index.keys``) and shared: the
+    hub's log files the event by them at publish (``postings.py``) and its flush routes by
+    them. ``version`` is the index's when they were taken: another means paths came or went."""
+
+    version: int
+    paths: tuple[Reached, ...]
+
+
 class _PathTable(Generic[M]):
     """Members by the keys of the values they are filed under, for one path."""
 
@@ -149,13 +169,12 @@ class Index(Generic[M]):
         self._ops: dict[str, set[M]] = {}
         self.residual: set[M] = set()
         self._filed: dict[M, Cover] = {}
+        # Bumped whenever what ``keys`` walks changes: a path comes or goes, or its documents
+        # and arrays start or stop being keyed. Keys taken at another version are taken again.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._filed) + len(self.residual)
-
-    def paths(self) -> Collection[str]:
-        """The paths members are filed under: each event walks each of them."""
-        return self._paths.keys()
 
     def add(self, member: M, options: Sequence[Cover]) -> None:
         """File ``member`` under the cover of ``options`` whose buckets hold the fewest members
@@ -167,14 +186,16 @@ class Index(Generic[M]):
         cover = min(options, key=self._cost)
         self._filed[member] = cover
         for probe in cover:
-            for bucket, key in self._buckets(probe, create=True):
+            if isinstance(probe, OnPath):
+                self._open(probe)
+            for bucket, key in self._buckets(probe):
                 bucket.setdefault(key, set()).add(member)
 
     def discard(self, member: M) -> None:
         self.residual.discard(member)
         cover = self._filed.pop(member, None)
         for probe in cover or ():
-            for bucket, key in self._buckets(probe, create=False):
+            for bucket, key in self._buckets(probe):
                 members = bucket.get(key)
                 if members is not None:
                     members.discard(member)
@@ -183,34 +204,61 @@ class Index(Generic[M]):
             if isinstance(probe, OnPath):
                 self._forget(probe)
 
-    def route(self, batch: list[Event]) -> dict[M, list[Event]]:
+    def keys(self, event: Event) -> Keys:
+        """What ``event`` holds on the paths members are filed under (one walk of each)."""
+        change = event.change
+        found = []
+        for path, table in self._paths.items():
+            values = reached(change, table.parts)
+            if values is None:
+                found.append(Reached(path, None, []))
+                continue
+            keys = []
+            nested = []
+            for value in values:
+                if type(value) in (dict, list):
+                    if table.composite:
+                        nested.append(equality_key(value))
+                else:
+                    keys.append(equality_key(value))
+            found.append(Reached(path, keys, nested))
+        return Keys(self.version, tuple(found))
+
+    def route(self, batch: list[Event], keyed: Sequence[Keys] | None = None
+              ) -> dict[M, list[Event]]:
         """The members ``batch`` may concern, each with those of its events, in order: the
-        residual ones with all of them."""
+        residual ones with all of them. ``keyed``: each event's ``keys``, if taken already."""
         found: dict[M, list[Event]] = {}
-        for event in batch if self._filed else ():  # residual members alone: nothing to look up
-            for members in self._hits(event):
-                for member in members:
-                    events = found.get(member)
-                    if events is None:
-                        found[member] = [event]
-                    elif events[-1] is not event:  # hit twice: two values, or two probes
-                        events.append(event)
+        if self._filed:  # residual members alone: nothing to look up
+            version = self.version
+            for position, event in enumerate(batch):
+                keys = None if keyed is None else keyed[position]
+                if keys is None or keys.version != version:
+                    keys = self.keys(event)
+                for members in self._hits(event, keys):
+                    for member in members:
+                        events = found.get(member)
+                        if events is None:
+                            found[member] = [event]
+                        elif events[-1] is not event:  # hit twice: two values, or two probes
+                            events.append(event)
         for member in self.residual:
             found[member] = batch
         return found
 
-    def _hits(self, event: Event) -> Iterable[set[M]]:
-        change = event.change
-        for table in self._paths.values():
-            values = reached(change, table.parts)
-            if values is None:  # too costly to walk: its members decide for themselves
-                yield from table.members.values()
+    def _hits(self, event: Event, keys: Keys) -> Iterable[set[M]]:
+        tables = self._paths
+        for path, scalars, nested in keys.paths:
+            members = tables[path].members
+            if scalars is None:  # too costly to walk: its members decide for themselves
+                yield from members.values()
                 continue
-            members = table.members
-            for value in values:
-                if type(value) in (dict, list) and not table.composite:
-                    continue
-                found = members.get(equality_key(value))
+            for key in scalars:
+                found = members.get(key)
+                if found:
+                    yield found
+            for key in nested:
+                found = members.get(key)
                 if found:
                     yield found
         if self._namespaces:
@@ -242,24 +290,33 @@ class Index(Generic[M]):
         tier = max(0 if isinstance(probe, OnPath) else 1 if isinstance(probe, InNamespaces)
                    else 2 for probe in cover)
         crowd = sum(len(bucket.get(key, ())) for probe in cover
-                    for bucket, key in self._buckets(probe, create=False))
+                    for bucket, key in self._buckets(probe))
         return tier, crowd, _width(cover)
 
-    def _buckets(self, probe: Probe, create: bool) -> list[tuple[dict[Any, set[M]], Hashable]]:
+    def _buckets(self, probe: Probe) -> list[tuple[dict[Any, set[M]], Hashable]]:
+        """Where ``probe``'s members are filed (a look-up: a path not indexed has none)."""
         if isinstance(probe, OnPath):
             table = self._paths.get(probe.path)
             if table is None:
-                if not create:
-                    return []
-                table = self._paths[probe.path] = _PathTable(probe.path)
-            if create:
-                table.composite += sum(map(composite, probe.values))
+                return []
             return [(table.members, equality_key(value)) for value in probe.values]
         if isinstance(probe, InNamespaces):
             return [(bucket, key) for namespace in probe.namespaces
                     for bucket, key in ((self._namespaces, namespace),
                                         (self._databases, namespace.db))]
         return [(self._ops, op) for op in probe.ops]
+
+    def _open(self, probe: OnPath) -> None:
+        """Index ``probe``'s path, and its documents and arrays when it has such values."""
+        table = self._paths.get(probe.path)
+        if table is None:
+            table = self._paths[probe.path] = _PathTable(probe.path)
+            self.version += 1
+        nested = sum(map(composite, probe.values))
+        if nested:
+            if not table.composite:
+                self.version += 1
+            table.composite += nested
 
     def _forget(self, probe: OnPath) -> None:
         table = self._paths.get(probe.path)
@@ -268,7 +325,9 @@ class Index(Generic[M]):
         table.composite -= sum(map(composite, probe.values))
         if not table.members:
             del self._paths[probe.path]
-
+            self.version += 1
+        elif not table.composite and any(map(composite, probe.values)):
+            self.version += 1
 
 
 class Shared:

@@ -17,11 +17,11 @@ unless a member asks).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Hashable
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from .filters import composite, equality_key, reached
-from .index import OnPath, covers
+from .filters import composite, equality_key
+from .index import Keys, OnPath, covers
 
 if TYPE_CHECKING:
     from .events import Event
@@ -35,27 +35,25 @@ def _key(event: Event) -> str:
 class _Posted:
     """One path's events, each list in the log's order."""
 
-    __slots__ = ("after", "by_value", "parts", "unwalked")
+    __slots__ = ("after", "by_value", "unwalked")
 
-    def __init__(self, path: str, after: str | None):
-        self.parts = tuple(path.split("."))
+    def __init__(self, after: str | None):
         self.after = after  # every event published after this key is posted (None: every one)
         self.by_value: dict[Hashable, list[Event]] = {}
         self.unwalked: list[Event] = []  # too costly to walk: every replay on the path gets them
 
-    def post(self, event: Event) -> None:
-        values = reached(event.change, self.parts)
-        if values is None:
+    def post(self, event: Event, keys: list[Hashable] | None) -> None:
+        """File ``event`` under ``keys``, those of the values it reaches here (``index.Keys``)."""
+        if keys is None:
             self.unwalked.append(event)
             return
-        filed: set[Hashable] = set()
-        for value in values:
-            if type(value) in (dict, list):
-                continue
-            key = equality_key(value)
-            if key not in filed:
-                filed.add(key)
-                self.by_value.setdefault(key, []).append(event)
+        by_value = self.by_value
+        for key in keys if len(keys) < 2 else dict.fromkeys(keys):
+            events = by_value.get(key)
+            if events is None:
+                by_value[key] = [event]
+            else:
+                events.append(event)
 
     def forget_before(self, first: str) -> None:
         for value, events in tuple(self.by_value.items()):
@@ -72,20 +70,24 @@ class Postings:
 
     def __init__(self) -> None:
         self._paths: dict[str, _Posted] = {}
+        self._version: int | None = None  # the index's, when its paths were last taken
 
-    def post(self, event: Event, paths: Collection[str], previous: str | None) -> None:
+    def post(self, event: Event, keys: Keys, previous: str | None) -> None:
         """File ``event`` (the log's newest; ``previous`` the key of the one before it) under
-        the values it reaches on ``paths``, the index's paths now."""
-        posted = self._paths
-        if len(posted) != len(paths) or any(path not in posted for path in paths):
+        ``keys``, the values it holds on the index's paths now."""
+        if keys.version != self._version:  # paths came or went: post what the index walks
+            self._version = keys.version
+            walked = {reach.path for reach in keys.paths}
+            posted = self._paths
             for path in tuple(posted):
-                if path not in paths:
+                if path not in walked:
                     del posted[path]
-            for path in paths:
+            for path in walked:
                 if path not in posted:
-                    posted[path] = _Posted(path, previous)
-        for table in posted.values():
-            table.post(event)
+                    posted[path] = _Posted(previous)
+        tables = self._paths
+        for reach in keys.paths:
+            tables[reach.path].post(event, reach.keys)
 
     def forget_before(self, first: str) -> None:
         """The log now starts at the event keyed ``first``."""

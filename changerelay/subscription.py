@@ -43,21 +43,28 @@ class Subscription:
     restriction) and an empty set (nothing) stay apart.
     """
 
-    __slots__ = ("_hash", "access", "filter", "grant", "key", "namespaces", "ops", "select")
+    __slots__ = ("_hash", "access", "filter", "grant", "key", "live", "namespaces", "ops",
+                 "select")
 
     def __init__(self, namespaces: Iterable[tuple[str, str | None]] | None = None,
                  ops: Iterable[str] | None = None, filter: filters.Filter | None = None,
                  access: AccessRule | None = None,
-                 grant: Iterable[tuple[str, str | None]] | None = None):
+                 grant: Iterable[tuple[str, str | None]] | None = None, live: bool = False):
         self.namespaces = None if namespaces is None else normalise(namespaces)
         self.ops = None if ops is None else frozenset(ops)
         self.filter = filter
         self.access = access  # a JWT claim's row rule
         self.grant = None if grant is None else normalise(grant)  # a JWT claim's namespaces
+        self.live = live  # a live query's: what stops matching is sent as a leave
         self.key = (self.namespaces, self.ops, None if filter is None else filter.key,
-                    None if access is None else access.key, self.grant)
+                    None if access is None else access.key, self.grant, live)
         self._hash = hash(self.key)
         self.select: Select = self._compile()
+
+    def as_live(self) -> Subscription:
+        """The same subscription as a live query's (``snapshot=1``)."""
+        return Subscription(self.namespaces, self.ops, self.filter, self.access, self.grant,
+                            live=True)
 
     @property
     def restricted(self) -> bool:
@@ -84,6 +91,8 @@ class Subscription:
         if self.grant is not None:
             checks.append(_renamed_within(self.grant))
         predicate = None if self.filter is None else self.filter.predicate
+        if self.live:
+            return _live_select(checks, self.access, predicate)
         if self.access is None:
             if predicate is not None:
                 checks.append(lambda event: predicate(event.change))
@@ -118,6 +127,49 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.key!r}>"
+
+
+CRUD = frozenset({"insert", "update", "replace", "delete"})
+
+
+def _live_select(checks: list[Callable[[Any], bool]], access: AccessRule | None,
+                 predicate: filters.Predicate | None) -> Select:
+    """A live query's selection: of each change to a document it may see, the event when the
+    document matches its filter after the change, else a ``leave`` (the key only): a client
+    holds exactly the documents that match, whatever it held before. Decided on the event
+    alone, so a client is also told of documents it never held leaving (it ignores those).
+
+    A filter on the document needs FULL_DOCUMENT (``snapshot.plan`` refuses it without); an
+    update whose document is still missing — looked up after a delete (whose event follows), or
+    a post-image MongoDB no longer had — does not match, and leaves. Events that are not about
+    one document (drop, rename, invalidate) are sent as they are.
+    """
+    visible: Callable[[Any], bool] | None = filters.all_of(checks) if checks else None
+    decide = None if access is None else access.decide
+    deliver, entered, leave = DELIVER, ENTERED, LEAVE
+
+    def select(events: list[Event]) -> list[Delivery]:
+        picked: list[Delivery] = []
+        for event in events:
+            if visible is not None and not visible(event):
+                continue
+            item: Event = event
+            if decide is not None:
+                verdict = decide(event.change)
+                if verdict is leave:
+                    picked.append(event.leave)
+                    continue
+                if verdict is entered:
+                    item = event.entered
+                elif verdict is not deliver:
+                    continue
+            if predicate is None or event.op not in CRUD or predicate(item.change):
+                picked.append(item)
+            else:
+                picked.append(event.leave)
+        return picked
+
+    return select
 
 
 def _in_namespaces(namespaces: frozenset[Namespace]) -> Callable[[Event], bool]:

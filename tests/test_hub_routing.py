@@ -110,6 +110,38 @@ def test_live_events_are_decided_by_the_groups_they_concern_alone():
         assert client.got == expected
 
 
+def test_each_indexed_path_is_walked_once_per_event(monkeypatch):
+    """The log's postings and the flush's routing share one walk of the event (review of
+    issue 14: they walked each indexed path twice)."""
+    from changerelay import filters, index, postings
+
+    walks: Counter = Counter()
+    real = filters.reached
+
+    def counting(document, parts):
+        walks[parts] += 1
+        return real(document, parts)
+
+    for module in (filters, index, postings):
+        monkeypatch.setattr(module, "reached", counting, raising=False)
+    scheduled: list = []
+    hub = new_hub(call_soon=scheduled.append)
+    clients = [Recorder(owner(n)) for n in range(20)]
+    for client in clients:
+        hub.subscribe(client)
+    for n in range(1, 6):  # one at a time
+        hub.publish(owned(n, n))
+        scheduled.pop()()
+    for n in range(6, 16):  # one batch
+        hub.publish(owned(n, n))
+    scheduled.pop()()
+    assert walks == {("fullDocument", "owner"): 15}
+    for client in clients:
+        expected = [seen(item) for item in client.subscription.select(
+            [owned(n, n) for n in range(1, 16)])]
+        assert client.got == expected
+
+
 def test_a_subscription_whose_clients_all_left_is_asked_nothing():
     hub = new_hub()
     examined: Counter = Counter()

@@ -164,6 +164,21 @@ def test_a_per_user_event_finds_only_its_owners_subscription():
     assert routed(index, [change(2, fullDocument={"owner": "nobody"})]) == {}
 
 
+def test_keys_taken_before_the_paths_changed_are_taken_again():
+    index = Index()
+    alice = subscribe(index, owner("alice"))
+    event = change(1, fullDocument={"owner": "alice", "team": "red", "tags": ["a", "b"]})
+    stale = index.keys(event)
+    red = subscribe(index, Subscription(filter=compile_filter({"fullDocument.team": "red"})))
+    assert index.route([event], [stale]) == {alice: [event], red: [event]}
+    stale = index.keys(event)
+    tagged = subscribe(index, Subscription(filter=compile_filter(
+        {"fullDocument.tags": {"$in": [["a", "b"]]}})))  # keys the path's arrays from now on
+    assert index.route([event], [stale]) == {alice: [event], red: [event], tagged: [event]}
+    index.discard(red)
+    assert index.route([event], [stale]) == {alice: [event], tagged: [event]}
+
+
 def test_batches_are_split_per_member_in_order():
     index = Index()
     alice, bob = subscribe(index, owner("alice")), subscribe(index, owner("bob"))

@@ -10,7 +10,10 @@ their ``_data`` order is event order), high-water marks that move only with the 
 periodic no-op that moves an idle one, first batches holding writes that raced the open,
 transactions and batched deletes (several events in one oplog entry), events over 16 MB and
 ``$changeStreamSplitLargeEvent``, invalidate rules, ``resumeAfter``/``startAfter``/
-``startAtOperationTime``, the error codes and messages MongoDB returns. Deliberately simple
+``startAtOperationTime``, ``find`` and plain ``aggregate`` cursors in batches with ``getMore``,
+snapshot reads (``readConcern: {level: "snapshot"}``, ``atClusterTime`` in the reply, every batch
+at that one point in time, ``SnapshotTooOld`` beyond the history kept), the error codes and
+messages MongoDB returns. Deliberately simple
 elsewhere: one node, no real indexes, a small query language. Anything unimplemented answers with an
 error that says so rather than pretending.
 
@@ -19,7 +22,8 @@ A ``getMore`` that blocked there would stall the very insert that should wake it
 is handled with that lock released and :class:`TestPrimary` guards its own state instead.
 
 Not implemented (each answers with an error saying so, never silently): what no relay test uses
-(findAndModify, distinct, count, aggregations other than ``$changeStream``),
+(findAndModify, distinct, count, aggregation stages beyond per-document ones, ``$sort``,
+``$skip``, ``$limit`` and ``$count``),
 ``showExpandedEvents``, pipeline-style updates, arrayFilters and positional updates, update
 operators other than $set/$setOnInsert/$unset/$push ($each only), $project sub-objects,
 stages other than $match/$project/$unset/$set/$addFields/$replaceRoot/$replaceWith in a change

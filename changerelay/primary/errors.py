@@ -12,6 +12,7 @@ CODE_NAMES = {
     48: "NamespaceExists", 50: "MaxTimeMSExpired", 59: "CommandNotFound", 66: "ImmutableField",
     72: "InvalidOptions", 73: "InvalidNamespace", 89: "NetworkTimeout", 91: "ShutdownInProgress",
     136: "CappedPositionLost", 189: "PrimarySteppedDown", 237: "CursorKilled",
+    239: "SnapshotTooOld",
     251: "NoSuchTransaction", 260: "InvalidResumeToken", 262: "ExceededTimeLimit",
     280: "ChangeStreamFatalError", 286: "ChangeStreamHistoryLost",
     352: "UnsupportedOpQueryCommand", 10107: "NotWritablePrimary", 11000: "DuplicateKey",

@@ -35,7 +35,17 @@ from changerelay.primary.errors import (
     CommandError,
     not_implemented,
 )
-from changerelay.primary.queries import matches, sorted_by
+from changerelay.primary.history import Versions
+from changerelay.primary.queries import matches
+from changerelay.primary.reads import (
+    DEFAULT_FIRST_BATCH,
+    MAX_BATCH_BYTES,
+    ReadCursor,
+    batch_size,
+    run_find,
+    run_pipeline,
+    take_batch,
+)
 from changerelay.primary.stages import CHANGE_STREAM_STAGES, Stage, check_stage, compile_stage
 from changerelay.primary.tokens import (
     EVENT_TOKEN,
@@ -48,8 +58,6 @@ from changerelay.primary.values import MISSING, doc_key, shown
 
 MAX_WIRE_VERSION = 21  # MongoDB 7.0
 SERVER_VERSION = "7.0.0"
-DEFAULT_FIRST_BATCH = 101
-MAX_BATCH_BYTES = 16 * 1024 * 1024  # mongod caps a batch near the 16 MiB document limit
 # bson/bsonobj.h: BSONObjMaxInternalSize, the largest document mongod builds (16 MB + 16 KB); a
 # change event beyond it fails with BSONObjectTooLarge (10334) when the stream serialises it.
 MAX_INTERNAL_BSON = 16 * 1024 * 1024 + 16 * 1024
@@ -60,6 +68,10 @@ SPLIT_STAGE = "$changeStreamSplitLargeEvent"
 BATCHED_DELETE_DOCS = 100
 # https://www.mongodb.com/docs/manual/reference/parameters/#mongodb-parameter-param.periodicNoopIntervalSecs
 NOOP_INTERVAL_SECONDS = 10.0
+# https://www.mongodb.com/docs/manual/reference/parameters/
+# #mongodb-parameter-param.minSnapshotHistoryWindowInSeconds (default 300)
+SNAPSHOT_WINDOW_SECONDS = 300
+READ_CONCERN_LEVELS = ("local", "majority", "linearizable", "available", "snapshot")
 DEFAULT_AWAIT_MS = 1000  # what mongod waits on an awaitData getMore that sends no maxTimeMS
 INTERNAL_DBS = ("admin", "config", "local")
 OP_MSG_MORE_TO_COME = 2
@@ -76,6 +88,7 @@ class Collection:
     docs: dict[bytes, dict] = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     indexes: list = field(default_factory=lambda: [{"v": 2, "key": {"_id": 1}, "name": "_id_"}])
+    versions: Versions = field(default_factory=Versions)  # what snapshot reads see
 
     @property
     def images(self) -> bool:
@@ -144,6 +157,7 @@ class Change:
     invalidates: tuple | None
     pre: dict | None
     post: dict | None
+    version: tuple[Versions, bytes, dict | None] | None = None  # the document as written
 
 
 @dataclass
@@ -182,6 +196,11 @@ def _ts_max(a: Timestamp, b: Timestamp) -> Timestamp:
 
 def _ts_lt(a: Timestamp, b: Timestamp) -> bool:
     return (a.time, a.inc) < (b.time, b.inc)
+
+
+def _ts_str(ts: Timestamp) -> str:
+    """bson/timestamp.cpp Timestamp::toString."""
+    return f"Timestamp({ts.time}, {ts.inc})"
 
 
 class _Clock:
@@ -228,13 +247,15 @@ class TestPrimary:
     def __init__(self, port: int | None = None, *, set_name: str = "rs0",
                  replica_set: bool = True, history_limit: int | None = None,
                  users: dict[str, str] | None = None,
-                 noop_interval: float | None = NOOP_INTERVAL_SECONDS):
+                 noop_interval: float | None = NOOP_INTERVAL_SECONDS,
+                 snapshot_window: float = SNAPSHOT_WINDOW_SECONDS):
         self.port = port or 0
         self.set_name = set_name
         self.replica_set = replica_set
         self.history_limit = history_limit
         self.users = dict(users or {})
         self.noop_interval = noop_interval  # seconds an idle oplog waits for a no-op; None: never
+        self.snapshot_window = snapshot_window  # minSnapshotHistoryWindowInSeconds
         self.auth_fails = False
         self.change_streams_opened = 0
         self.getmores_waiting = 0  # getMore commands parked right now, awaiting events
@@ -249,7 +270,7 @@ class TestPrimary:
         self._tokens: list[str] = []
         self._colls: dict[tuple[str, str], Collection] = {}
         self._dbs: set[str] = set()  # a database stays open, even emptied, until dropDatabase
-        self._cursors: dict[int, ChangeStreamCursor] = {}
+        self._cursors: dict[int, ChangeStreamCursor | ReadCursor] = {}
         self._cursor_ids = itertools.count(1_000_001)
         self._connections: dict[int, int] = {}
         self._connection_ids = itertools.count(1)
@@ -267,6 +288,7 @@ class TestPrimary:
         self._last_write = time.monotonic()
         self._oldest_ts = start  # the oldest time still in the oplog
         self._lost_upto = ""  # the newest forgotten entry's token
+        self._snapshot_floor = Timestamp(0, 0)  # snapshot reads before this are SnapshotTooOld
 
     # -- lifecycle --
 
@@ -397,6 +419,8 @@ class TestPrimary:
 
         Resuming from a point before what is kept then fails with 286 ChangeStreamHistoryLost, and
         so does the next ``getMore`` of any open stream that had not read past the dropped part.
+        The snapshot history goes with it, as when ``minSnapshotHistoryWindowInSeconds`` passes:
+        a snapshot read before the newest dropped entry's time fails with 239 SnapshotTooOld.
         """
         with self._cond:
             drop = max(0, len(self._entries) - keep_last)
@@ -406,6 +430,10 @@ class TestPrimary:
             if not drop:
                 return
             self._lost_upto = self._entries[drop - 1].token
+            self._snapshot_floor = _ts_max(self._snapshot_floor,
+                                           self._entries[drop - 1].data.cluster_time)
+            for coll in self._colls.values():
+                coll.versions.prune(self._snapshot_floor)
             del self._entries[:drop], self._tokens[:drop], self.events[:drop]
             if self._entries:
                 self._oldest_ts = self._entries[0].event["clusterTime"]
@@ -686,9 +714,10 @@ class TestPrimary:
     def _append(self, op: str, db: str, coll: str | None, *, extra: dict | None = None,
                 coll_uuid: Binary | None = None, event_id: dict | None = None,
                 invalidates: tuple | None = None, pre: dict | None = None,
-                post: dict | None = None) -> None:
+                post: dict | None = None,
+                version: tuple[Versions, bytes, dict | None] | None = None) -> None:
         change = Change(op, db, coll, extra or {}, coll_uuid, event_id or {"operationType": op},
-                        invalidates, pre, post)
+                        invalidates, pre, post, version)
         if self._group is not None:
             self._group.append(change)
         else:
@@ -706,6 +735,9 @@ class TestPrimary:
         self._last_ts, self._last_write = ts, time.monotonic()
         wall = _utcnow()
         for index, change in enumerate(changes):
+            if change.version is not None:  # visible to snapshot reads from this time on
+                versions, key, doc = change.version
+                versions.record(ts, key, doc)
             data = TokenData(ts, txn_op_index=index, uuid=change.coll_uuid,
                              event_id=change.event_id)
             event: dict[str, Any] = {}
@@ -745,7 +777,8 @@ class TestPrimary:
         keep = coll.images
         self._append(op, db, name, extra=extra, coll_uuid=coll.uuid,
                      event_id={"operationType": op, "documentKey": key},
-                     pre=pre if keep else None, post=post if keep else None)
+                     pre=pre if keep else None, post=post if keep else None,
+                     version=(coll.versions, doc_key(doc_id), post))
 
     # -- collections --
 
@@ -992,17 +1025,87 @@ class TestPrimary:
 
     def _find(self, db: str, cmd: dict) -> dict:
         name = cmd["find"]
-        docs = self._matching(self._coll(db, name), cmd.get("filter") or {})
-        if cmd.get("sort"):
-            docs = sorted_by(docs, cmd["sort"])
-        docs = docs[cmd.get("skip", 0):]
-        limit = abs(cmd.get("limit", 0) or 0)
-        if limit:
-            docs = docs[:limit]
-        if cmd.get("projection"):
-            project = compile_stage("$project", cmd["projection"])
-            docs = [project(doc) for doc in docs]
-        return _cursor_reply(f"{db}.{name}", docs)
+        size = batch_size(cmd, cmd)
+        at = self._read_point(cmd)
+        docs = run_find(self._readable(db, name, at), cmd)
+        cursor = ReadCursor(next(self._cursor_ids), f"{db}.{name}", deque(docs), at)
+        # SERVER-83472 ("Empty find cursor does not include atClusterTime", unresolved): mongod
+        # leaves atClusterTime out of a snapshot find's reply when it found nothing; aggregate
+        # reports it always. Whoever needs the point in time of an empty read must aggregate.
+        return self._open_read(cursor, size, single=bool(cmd.get("singleBatch")),
+                               report_time=bool(docs))
+
+    def _readable(self, db: str, name: str, at: Timestamp | None) -> list[dict]:
+        """A collection's documents now, or as of a snapshot read's point in time."""
+        coll = self._coll(db, name)
+        if coll is None:
+            return []
+        return list(coll.docs.values()) if at is None else coll.versions.as_of(at)
+
+    def _open_read(self, cursor: ReadCursor, size: int, *, single: bool = False,
+                   report_time: bool = True) -> dict:
+        """A read's first reply; the cursor stays open while documents remain (id 0 once none
+        do, https://www.mongodb.com/docs/manual/reference/command/find/#output)."""
+        first = take_batch(cursor.pending, size)
+        alive = bool(cursor.pending) and not single
+        if alive:
+            self._cursors[cursor.id] = cursor
+        reply: dict[str, Any] = {"firstBatch": first, "id": Int64(cursor.id if alive else 0),
+                                 "ns": cursor.ns}
+        if cursor.at_cluster_time is not None and report_time:
+            # SERVER-47576/SERVER-47690: a snapshot read outside a transaction replies with the
+            # timestamp it read at, in the cursor: {cursor: {..., atClusterTime: <Timestamp>}}
+            reply["atClusterTime"] = cursor.at_cluster_time
+        return {"cursor": reply, "ok": 1.0}
+
+    def _read_point(self, cmd: dict) -> Timestamp | None:
+        """The point in time a read sees: None (the current data) unless its read concern is
+        "snapshot" (https://www.mongodb.com/docs/manual/reference/read-concern-snapshot/), then
+        ``atClusterTime`` or, without one, the newest oplog time (a single node's majority
+        commit point)."""
+        concern = cmd.get("readConcern") or {}
+        level = concern.get("level", "local")
+        if level not in READ_CONCERN_LEVELS:
+            raise CommandError(2, f"Enumeration value '{level}' for field 'readConcern.level' is "
+                                  "not a valid value.")
+        at = concern.get("atClusterTime")
+        # repl/read_concern_args.cpp: atClusterTime only with snapshot, never with
+        # afterClusterTime
+        if at is not None and level != "snapshot":
+            raise CommandError(72, "readConcern.atClusterTime is only valid for snapshot read "
+                                   "concern")
+        if at is not None and "afterClusterTime" in concern:
+            raise CommandError(72, "Can not specify both afterClusterTime and atClusterTime "
+                                   "fields in readConcern")
+        if level != "snapshot" or "autocommit" in cmd:
+            return None  # a transaction's snapshot: its isolation is not modelled
+        if not self.replica_set:
+            # read_concern_mongod.cpp: snapshot needs replication
+            raise CommandError(20, "Cannot use non-local read concern until replica set is "
+                                   "finished initializing.")
+        if at is None:
+            return self._last_ts
+        if not isinstance(at, Timestamp):
+            raise CommandError(14, "BSON field 'atClusterTime' is the wrong type, expected type "
+                                   "'timestamp'")
+        # db/read_concern_mongod.cpp waitForReadConcernImpl: not past the current cluster time
+        if _ts_lt(self._last_ts, at):
+            raise CommandError(72, f"readConcern atClusterTime value must not be greater than the "
+                                   f"current clusterTime. Requested clusterTime: {_ts_str(at)}; "
+                                   f"current clusterTime: {_ts_str(self._last_ts)}")
+        self._check_snapshot(at)
+        return at
+
+    def _check_snapshot(self, at: Timestamp) -> None:
+        """SnapshotTooOld (239) for a time the history no longer reaches: before what
+        forget_history() dropped, or more than ``snapshot_window`` seconds behind the newest
+        time (storage/wiredtiger/wiredtiger_kv_engine.cpp setOldestTimestampFromStable: the
+        oldest timestamp lags the stable one by minSnapshotHistoryWindowInSeconds; the error
+        and its message: wiredtiger_begin_transaction_block.cpp)."""
+        window = Timestamp(max(0, self._last_ts.time - int(self.snapshot_window)), 0)
+        if _ts_lt(at, _ts_max(self._snapshot_floor, window)):
+            raise CommandError(239, f"Read timestamp {_ts_str(at)} is older than the oldest "
+                                    "available timestamp.")
 
     # -- aggregate and change streams --
 
@@ -1017,7 +1120,18 @@ class TestPrimary:
                                       "pipeline.")
         if names and names[0] == "$changeStream":
             return self._open_change_stream(db, cmd, stages)
-        raise not_implemented("aggregations other than $changeStream")
+        target = cmd.get("aggregate")
+        if not isinstance(target, str):
+            raise not_implemented("collectionless aggregations other than $changeStream")
+        if "cursor" not in cmd:
+            # pipeline/aggregation_request_helper.cpp
+            raise CommandError(9, "The 'cursor' option is required, except for aggregate with "
+                                  "the explain argument")
+        size = batch_size(cmd, cmd["cursor"])
+        at = self._read_point(cmd)
+        docs = run_pipeline(self._readable(db, target, at), stages)
+        return self._open_read(ReadCursor(next(self._cursor_ids), f"{db}.{target}", deque(docs),
+                                          at), size)
 
     def _open_change_stream(self, db: str, cmd: dict, stages: list) -> dict:
         if not self.replica_set:
@@ -1071,6 +1185,9 @@ class TestPrimary:
                                       "$changeStream stage")
         token_doc = spec.get("resumeAfter", spec.get("startAfter"))
         token = parse_token(token_doc) if token_doc is not None else None
+        # startAtOperationTime is inclusive: "The starting point for the change stream ... changes
+        # that occurred at or after the specified timestamp" (the manual, db.collection.watch();
+        # the scan below keeps entries at start_ts, the high-water mark sorting before them).
         start_at = spec.get("startAtOperationTime")
         if token is not None and start_at is not None:
             raise CommandError(40674, "Only one type of resume option is allowed, but multiple "
@@ -1240,6 +1357,8 @@ class TestPrimary:
             if cursor.ns != f"{db}.{coll}":
                 raise CommandError(13, f"Requested getMore on namespace '{db}.{coll}', but cursor "
                                        f"belongs to a different namespace {cursor.ns}")
+            if isinstance(cursor, ReadCursor):
+                return self._read_more(cursor, batch_size)
             while True:
                 try:
                     docs, alive = self._next_batch(cursor, batch_size)
@@ -1262,6 +1381,23 @@ class TestPrimary:
         return {"cursor": {"nextBatch": docs, "postBatchResumeToken": cursor.pbrt,
                            "id": Int64(cursor_id if alive else 0), "ns": cursor.ns},
                 "ok": 1.0}
+
+    def _read_more(self, cursor: ReadCursor, size: int) -> dict:
+        """The next batch of a find or aggregate cursor. A snapshot cursor reads at its point in
+        time while the history reaches it, then fails with SnapshotTooOld (SERVER-47575; the
+        manual: "A read operation that lasts longer than minSnapshotHistoryWindowInSeconds may
+        terminate")."""
+        if cursor.at_cluster_time is not None:
+            try:
+                self._check_snapshot(cursor.at_cluster_time)
+            except CommandError:
+                self._cursors.pop(cursor.id, None)
+                raise
+        docs = take_batch(cursor.pending, size)
+        if not cursor.pending:
+            self._cursors.pop(cursor.id, None)
+        return {"cursor": {"nextBatch": docs, "id": Int64(cursor.id if cursor.pending else 0),
+                           "ns": cursor.ns}, "ok": 1.0}
 
     def _kill_cursors(self, db: str, cmd: dict) -> dict:
         killed, missing = [], []
