@@ -1693,6 +1693,82 @@ def test_the_live_table_has_names_and_fits_390_px(phone: Browser, live_stub: Stu
     assert unnamed == []
 
 
+# -- a live query on a real relay (the live branch's relay side) ---------------------------------
+
+
+def churn(orders: Any, keys: list[int], rounds: int, tag: str) -> None:
+    """Writes of every kind a live query applies: $set on nested and array paths, $unset,
+    replace, delete and insert; the last write is a marker, so that once the client holds it,
+    it has applied everything before it (change events arrive in order)."""
+    for n in range(rounds):
+        key = keys[n % len(keys)]
+        orders.update_one({"_id": key}, {"$set": {"nested.v": n, "tags.1": f"{tag}{n}"},
+                                         "$unset": {"gone": ""}})
+        if n % 5 == 1:
+            orders.replace_one({"_id": key}, {"n": -n, "tags": ["r"], "nested": {"v": 0}})
+        if n % 7 == 2 and key in keys:
+            orders.delete_one({"_id": key})
+            keys.remove(key)
+        if n % 3 == 0:
+            new = 1000 + len(keys) + n
+            orders.insert_one({"_id": new, "n": new, "tags": ["i", "j"], "gone": 1})
+            keys.append(new)
+    orders.insert_one({"_id": f"marker-{tag}", "tags": []})
+
+
+def converged(browser: Browser, orders: Any, marker: str, timeout: float = 30) -> None:
+    browser.wait_for(f"query.documents.has({json.dumps(id_key(marker))})", timeout)
+    actual = {id_key(d["_id"]): relaxed(d) for d in orders.find()}
+    held_now = {id_key(d["_id"]): d for d in held(browser)}
+    assert held_now == actual
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+def test_a_live_query_on_a_real_relay_resnapshots_on_resync_and_converges(
+    browser: Browser, relay_factory: Callable[..., Any]
+) -> None:
+    """The relay's resume point is lost (MongoDB comes back without its oplog): it tells its
+    clients to resync, and the live query reads a fresh snapshot and follows it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    primary = TestPrimary(port=port).start()
+    try:
+        relay = relay_factory(MONGO_SRV=primary.uri + "&serverSelectionTimeoutMS=500")
+        relay.wait_ready()
+        with MongoClient(primary.uri) as client:
+            orders = client.shop.orders
+            keys = list(range(20))
+            orders.insert_many([{"_id": n, "n": n, "tags": ["a", "b"], "nested": {"v": n},
+                                 "gone": True} for n in keys])
+            browser.open(relay.url + "/healthz")  # any page of the relay's origin will do
+            browser.evaluate(LIVE_QUERY_JS % json.dumps("/socket?ns=shop.orders"))
+            wait_ready(browser, 1, timeout=15)
+            assert len(held(browser)) == 20
+            churn(orders, keys, 40, "first")
+            converged(browser, orders, "marker-first")
+        opened = len(browser.websocket_urls)
+        primary.stop()
+    finally:
+        primary.stop()
+    with TestPrimary(port=port) as reborn, MongoClient(reborn.uri) as client:
+        orders = client.shop.orders
+        keys = list(range(100, 115))
+        orders.insert_many([{"_id": n, "n": n, "tags": ["c", "d"], "nested": {"v": 0}}
+                            for n in keys])
+        wait_ready(browser, 2, timeout=60)
+        churn(orders, keys, 40, "second")
+        converged(browser, orders, "marker-second")
+    fresh = socket_queries(browser, opened)
+    assert fresh and all("resume_after" not in query for query in fresh)
+    [first_snapshot], *_ = calls_of(browser, "snapshot")
+    assert len(first_snapshot) == 20
+    assert [m.text for m in browser.console_messages if m.level == "exception"] == []
+    browser.evaluate("query.close()")  # no retries at a relay about to stop
+    browser.open("about:blank")
+
+
 # -- the driver itself -------------------------------------------------------------------------
 
 
