@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import jwt
 import pytest
@@ -1767,6 +1767,40 @@ def test_a_live_query_on_a_real_relay_resnapshots_on_resync_and_converges(
     assert [m.text for m in browser.console_messages if m.level == "exception"] == []
     browser.evaluate("query.close()")  # no retries at a relay about to stop
     browser.open("about:blank")
+
+
+@pytest.mark.e2e
+def test_the_live_table_on_a_real_relay_follows_documents_in_and_out_of_its_filter(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    relay = RealRelay(mongo, relay_factory)
+    orders = relay.collection
+    key = unique("in-out")
+    ids = [f"{key}-{n}" for n in range(6)]
+    orders.insert_many([{"_id": i, "status": "open" if n % 2 else "closed", "n": n}
+                        for n, i in enumerate(ids)])
+    status = json.dumps({"fullDocument.status": "open"}, separators=(",", ":"))
+    page = live(browser, f"{relay.page_url}?live={mongo.db}.orders&filter={quote(status)}")
+    page.wait_for("document.querySelectorAll('#documents tr.doc').length === 3", 10)
+
+    def shown_ids() -> list[str]:
+        return [json.loads(row["id"]) for row in document_rows(page)]
+
+    assert sorted(shown_ids()) == [ids[1], ids[3], ids[5]]
+    page.evaluate(f"{row_of(id_key(ids[3]))}.marked = true")
+    orders.update_one({"_id": ids[0]}, {"$set": {"status": "open"}})      # enters
+    orders.update_one({"_id": ids[1]}, {"$set": {"status": "closed"}})    # leaves
+    orders.update_one({"_id": ids[3]}, {"$set": {"n": 33}})               # changes in place
+    orders.delete_one({"_id": ids[5]})                                    # goes
+    orders.insert_one({"_id": ids[5] + "-new", "status": "open", "n": 6})  # comes, last
+    page.wait_for(f"{row_of(id_key(ids[5] + '-new'))} !== null", 10)
+
+    expected = sorted(d["_id"] for d in orders.find({"status": "open"}))
+    assert sorted(shown_ids()) == expected == [ids[0], ids[3], ids[5] + "-new"]
+    assert page.evaluate(f"{row_of(id_key(ids[3]))}.marked") is True
+    assert "n: 33" in page.evaluate(f"{row_of(id_key(ids[3]))}.textContent")
+    assert text(page, "documents-count") == "3"
+    assert problems(page) == []
 
 
 # -- the driver itself -------------------------------------------------------------------------
