@@ -452,8 +452,8 @@ export function liveQuery(url, options = {}) {
       notify(onReady, ready);
     },
     onControl: (message) => {
+      notify(onControl, message); // told first: a `resync` is reported before the close it causes
       control(message);
-      notify(onControl, message);
     },
     onStatus: (status) => {
       if (status.state === "connecting") incoming = null; // a snapshot starts over
