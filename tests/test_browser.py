@@ -37,7 +37,7 @@ import jwt
 import pytest
 import tornado.web
 import tornado.websocket
-from browser import CHROMIUM, Browser, ConsoleMessage
+from browser import CHROMIUM, Browser, ConsoleMessage, JavaScriptError
 from bson import Int64, ObjectId, Timestamp, json_util
 from pymongo import MongoClient
 from tornado.httpserver import HTTPServer
@@ -1460,6 +1460,59 @@ def test_live_query_dropped_mid_snapshot_starts_over(
     assert fresh == {"snapshot": ["1"], "ns": ["shop.orders"]}
     assert held(browser) == relaxed(live_stub.snapshot)
     assert [len(documents) for [documents] in calls_of(browser, "snapshot")] == [3, 6]
+
+
+def test_live_query_cut_on_its_first_snapshot_shows_only_the_whole_one(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("first-cut")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n} for n in range(5)]
+    live_stub.cut_snapshot_after = 2
+    start_live_query(browser, live_stub)
+    assert socket_queries(browser, 0) == [{"snapshot": ["1"], "ns": ["shop.orders"]}] * 2
+    assert calls_of(browser, "snapshot") == [[relaxed(live_stub.snapshot)]]  # never the half
+    assert calls_of(browser, "ready") == [[5]]
+
+
+def test_live_query_empties_when_its_collection_is_dropped_or_renamed(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("drop")
+    live_stub.snapshot = [{"_id": f"{key}-{n}"} for n in range(3)]
+    start_live_query(browser, live_stub)
+    live_stub.collection.drop()
+    browser.wait_for("query.documents.size === 0")
+    live_stub.collection.insert_one({"_id": f"{key}-again"})
+    live_stub.collection.rename("archive")
+    browser.wait_for("calls.filter((c) => c[0] === 'snapshot').length === 3")
+    assert [len(documents) for [documents] in calls_of(browser, "snapshot")] == [3, 0, 0]
+    assert held(browser) == []
+
+
+def test_live_query_takes_a_fresh_token_per_attempt(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """A URL function (with refreshable) works as with connect: snapshot=1 goes into each URL
+    it returns, and each attempt asks it again."""
+    live_stub.snapshot = [{"_id": unique("token")}]
+    browser.open(f"{live_stub.base_url}/blank")
+    browser.evaluate("window.token = 'first'")
+    browser.evaluate(LIVE_QUERY_JS.replace(
+        "client.liveQuery(%s, {", "client.liveQuery(%s, {refreshable: true,") % (
+        "() => `/socket?ns=shop.orders&access_token=${window.token}`"))
+    wait_ready(browser, 1)
+    browser.evaluate("window.token = 'second'")
+    live_stub.drop_sockets()
+    wait_ready(browser, 2)
+    first, second = socket_queries(browser, 0)
+    assert first["access_token"] == ["first"] and second["access_token"] == ["second"]
+    assert first["snapshot"] == second["snapshot"] == ["1"]
+    try:
+        browser.evaluate("client.liveQuery('/socket?ns=a.b', {refreshable: true})")
+    except JavaScriptError as error:
+        assert "refreshable needs a URL function" in str(error)
+    else:
+        raise AssertionError("a refreshable string URL was accepted")
 
 
 def test_live_query_resnapshots_on_an_update_it_cannot_apply(
