@@ -379,7 +379,8 @@ export function connect(url, options = {}) {
  *   every write reaches this query (on a snapshot connection, after `onSnapshot`).
  *
  * `onControl`, `onStatus`, `onSource` and the other {@link ConnectOptions} work as in
- * {@link connect}; `onControl` sees `doc`, `leave`, `reset` and `resync` too.
+ * {@link connect} (but `resumeAfter`: a new live query has nothing to resume, so it always
+ * starts with a snapshot); `onControl` sees `doc`, `leave`, `reset` and `resync` too.
  */
 
 /**
@@ -441,6 +442,7 @@ export function liveQuery(url, options = {}) {
 
   const relay = connect(() => withSnapshot(address()), {
     ...options,
+    resumeAfter: null, // an empty map has nothing to resume: the first connection snapshots
     onChange: (change) => changed(change),
     onReady: (ready) => {
       if (incoming !== null || "snapshot" in ready) {
