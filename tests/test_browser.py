@@ -1515,6 +1515,20 @@ def test_live_query_takes_a_fresh_token_per_attempt(
         raise AssertionError("a refreshable string URL was accepted")
 
 
+def test_live_query_snapshots_first_whatever_resume_after_it_is_given(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """Its map starts empty: resuming would apply changes to documents it never received."""
+    live_stub.snapshot = [{"_id": unique("resume")}]
+    browser.open(f"{live_stub.base_url}/blank")
+    browser.evaluate(LIVE_QUERY_JS.replace(
+        "client.liveQuery(%s, {", "client.liveQuery(%s, {resumeAfter: '8263AA',") % (
+        json.dumps("/socket?ns=shop.orders")))
+    wait_ready(browser, 1)
+    assert socket_queries(browser, 0) == [{"snapshot": ["1"], "ns": ["shop.orders"]}]
+    assert held(browser) == relaxed(live_stub.snapshot)
+
+
 def test_live_query_resnapshots_on_an_update_it_cannot_apply(
     browser: Browser, live_stub: StubRelay
 ) -> None:
