@@ -1,10 +1,13 @@
 // The changerelay page: the change events of one subscription as a live table, the
 // subscription (namespaces, operations, filter) editable in place, every event one click away.
+// With `?live=db.coll[&filter=…]` it shows the current documents of that collection instead
+// (a live query, live.js), kept up to date.
 //
 // The page's Content-Security-Policy forbids inline code, hence no handlers in the markup; what
 // comes from the database is shown with textContent only (render.js).
 
-import { connect, DISCONNECTS, eventId } from "./changerelay.js";
+import { connect, DISCONNECTS, eventId, liveQuery } from "./changerelay.js";
+import { liveTable } from "./live.js";
 import { changeRow, clock, element, gapRow, namespace, OPERATIONS } from "./render.js";
 
 const MAX_ROWS = 200;
@@ -41,6 +44,10 @@ const ui = {
   ns: $("sub-ns"),
   ops: $("sub-ops"),
   filter: $("sub-filter"),
+  live: $("sub-live"),
+  eventsView: $("events-view"),
+  liveView: $("live-view"),
+  documentsNs: $("documents-ns"),
   refusal: $("refusal"),
   subscribed: $("subscribed"),
   detail: $("detail"),
@@ -64,6 +71,14 @@ let source = null; // MongoDB's state as the relay last told it: {state, message
 
 let relay = null;
 let generation = 0; // callbacks of a replaced connection are ignored
+let liveMode = false; // the page shows a live query's documents, not change events
+const documents = liveTable({
+  rows: $("documents-rows"),
+  count: $("documents-count"),
+  label: $("documents-label"),
+  capped: $("documents-capped"),
+  empty: $("documents-empty"),
+});
 
 $("cap").textContent = String(MAX_ROWS);
 const pageQuery = new URLSearchParams(location.search);
@@ -75,19 +90,51 @@ subscribe(location.search); // the page's own query, byte for byte, selects the 
 
 function subscribe(search) {
   const mine = ++generation;
-  const current = (callback) => (value) => {
-    if (mine === generation) callback(value);
+  const current = (callback) => (...values) => {
+    if (mine === generation) callback(...values);
   };
   relay?.close();
   Object.assign(connection, { state: "connecting", everOpen: false, lastClose: null, failed: 0,
     refusal: null });
   source = null;
-  relay = connect(`/socket${search}`, {
-    onChange: current(receive),
+  const common = {
     onControl: current(control),
     onStatus: current(showStatus),
     onSource: current(showSource),
+  };
+  const collection = new URLSearchParams(search).get("live");
+  showMode(collection);
+  if (collection === null) {
+    relay = connect(`/socket${search}`, { ...common, onChange: current(receive) });
+    return;
+  }
+  documents.loading();
+  relay = liveQuery(`/socket${liveSearch(search)}`, {
+    ...common,
+    onSnapshot: current((all) => documents.snapshot(all)),
+    onChange: current((change, all) => {
+      console.log(change.message);
+      if ("operationType" in change.message) count(change.message);
+      documents.change(change, all);
+    }),
   });
+}
+
+/** The socket's query for a live table: `live=db.coll` asks for `ns=db.coll`; the rest of the
+ * page's query is kept byte for byte (liveQuery adds `snapshot=1`). */
+function liveSearch(search) {
+  const parts = search.slice(1).split("&").filter(Boolean)
+    .map((part) => (part.startsWith("live=") ? `ns=${part.slice("live=".length)}` : part));
+  return `?${parts.join("&")}`;
+}
+
+/** Show the change-events table, or the live table of `collection` (null: events). */
+function showMode(collection) {
+  liveMode = collection !== null;
+  ui.eventsView.hidden = liveMode;
+  ui.liveView.hidden = !liveMode;
+  ui.documentsNs.textContent = collection ?? "";
+  ui.resync.hidden = true;
 }
 
 function receive(change) {
@@ -102,7 +149,10 @@ function receive(change) {
 
 function control(message) {
   console.log(message);
-  if (message.type === "resync") {
+  const restarts = message.type === "resync" || message.code === "live_query_gap";
+  if (restarts && liveMode) {
+    return; // the live query loads the documents again by itself
+  } else if (message.type === "resync") {
     const reason = message.reason ?? "unknown reason";
     ui.resyncText.textContent =
       `The server could not replay every change (${reason}); rows older than the marker may be ` +
@@ -213,7 +263,8 @@ $("sub-reset").addEventListener("click", () => {
 });
 
 function fillForm(query) {
-  ui.ns.value = query.get("ns") ?? "";
+  ui.live.checked = query.has("live");
+  ui.ns.value = query.get("live") ?? query.get("ns") ?? "";
   ui.filter.value = query.get("filter") ?? "";
   const ticked = new Set((query.get("ops") ?? "").split(",").map((op) => op.trim()));
   const choices = [...new Set([...OPERATIONS, ...ticked])].filter(Boolean);
@@ -228,7 +279,10 @@ function fillForm(query) {
     label.append(box, ` ${op}`);
     ui.ops.append(label);
   }
+  ui.ops.disabled = ui.live.checked;
 }
+
+ui.live.addEventListener("change", () => { ui.ops.disabled = ui.live.checked; });
 
 /** The query the form describes; a token given to the page goes along. */
 function formQuery() {
@@ -236,15 +290,17 @@ function formQuery() {
   const ns = ui.ns.value.trim();
   const ops = [...ui.ops.querySelectorAll("input:checked")].map((box) => box.value);
   const filter = ui.filter.value.trim();
-  if (ns) query.set("ns", ns);
-  if (ops.length) query.set("ops", ops.join(","));
+  if (ui.live.checked) query.set("live", ns); // one collection; every operation
+  else if (ns) query.set("ns", ns);
+  if (ops.length && !ui.live.checked) query.set("ops", ops.join(","));
   if (filter) query.set("filter", filter);
   if (pageQuery.has("access_token")) query.set("access_token", pageQuery.get("access_token"));
   return query.toString();
 }
 
 function showSubscription(query) {
-  const parts = [["ns", "namespaces"], ["ops", "operations"], ["filter", "filter"]]
+  const parts = [["live", "the documents of"], ["ns", "namespaces"], ["ops", "operations"],
+    ["filter", "filter"]]
     .filter(([name]) => query.has(name))
     .map(([name, words]) => [`${words} `, element("code", { text: query.get(name) })]);
   ui.subscribed.replaceChildren(

@@ -19,6 +19,9 @@
  * // later: relay.close();
  * ```
  *
+ * {@link liveQuery} keeps the current documents of one collection instead: a snapshot, then
+ * every change after it, on the same reconnecting connection.
+ *
  * No dependencies, no globals; works in any browser with ES modules and `WebSocket`.
  *
  * @module changerelay
@@ -91,6 +94,12 @@ export const DISCONNECTS = {
  * - `{type: "resync", reason}`: events were lost (e.g. `history_lost`: the resume point fell
  *   off the oplog). Reload your state from the database; the stream continues from now.
  * - `{type: "position", resume_after}`: a newer resume point on a quiet stream.
+ * - `{type: "ready", resume_after, snapshot?}`: sent once per connection, when its live feed is
+ *   attached (after any replay or catch-up): from then on every write it may see reaches it.
+ *   Its `resume_after` becomes the resume point; it is passed to `onReady` too.
+ * - `{type: "doc", ns, doc}`, `{type: "leave", ns, documentKey}`, `{type: "reset"}`: a live
+ *   query's snapshot and the documents leaving its set ({@link liveQuery} reads them; a plain
+ *   connection never asks for them).
  * - `{type: "error", code, message}`: the server reports a problem.
  * - `{type: "source", state, message, since}`: MongoDB's state as the relay sees it — `open`,
  *   `connecting`, `unreachable`, `not_replica_set`, `auth_failed`, or a newer one — sent when it
@@ -151,6 +160,8 @@ export const DISCONNECTS = {
  * @property {(change: ChangeEvent) => void} [onChange] Called for every change event, in order.
  * @property {(message: ControlMessage) => void} [onControl] Called for control messages.
  * @property {(status: Status) => void} [onStatus] Called on every connection state change.
+ * @property {(ready: ControlMessage) => void} [onReady] Called once per connection with its
+ *   `ready` message, when every write it may see from then on reaches it.
  * @property {(source: Source) => void} [onSource] Called when MongoDB's state changes: for
  *   every `source` message, and with `{state: "open"}` when a connection opens after one was
  *   told otherwise (the relay tells a new connection only when MongoDB is not open).
@@ -168,6 +179,9 @@ export const DISCONNECTS = {
  *
  * @typedef {object} Relay
  * @property {() => void} close Close the socket for good; no reconnects follow.
+ * @property {() => void} restart Forget the resume point and connect again (after the backoff,
+ *   so a relay that asks for it on every connection cannot make a loop of it): the relay starts
+ *   this client over from now, and a live query gets a fresh snapshot.
  * @property {string|null} lastId The newest event id or position the client holds: what it
  *   will send as `resume_after` when it reconnects. Save it to resume across page loads.
  */
@@ -194,18 +208,14 @@ export function connect(url, options = {}) {
     onControl = () => {},
     onStatus = () => {},
     onSource = () => {},
+    onReady = () => {},
     resumeAfter = null,
     refreshable = false,
     baseDelay = BASE_DELAY,
     maxDelay = MAX_DELAY,
     stableAfter = STABLE_AFTER,
   } = options;
-  if (refreshable && typeof url !== "function") {
-    throw new TypeError(
-      "changerelay: refreshable needs a URL function that puts a fresh token in each URL");
-  }
-  const address = typeof url === "function" ? url : () => url;
-  socketUrl(address(), null); // fail fast, before any timer, on a URL that can never work
+  const address = addressOf(url, refreshable);
 
   let lastId = resumeAfter || null;
   let socket = null;
@@ -235,10 +245,7 @@ export function connect(url, options = {}) {
     };
     ws.onmessage = (event) => receive(event.data);
     ws.onclose = (event) => {
-      socket = null;
-      const opened = openedAt !== null;
-      if (opened && Date.now() - openedAt >= stableAfter) failures = 0;
-      openedAt = null;
+      const opened = ended();
       if (closed) {
         after(event);
       } else if (!opened && event.code === 1006) {
@@ -250,6 +257,25 @@ export function connect(url, options = {}) {
         after(event, retryAfterClose(event.code, event.reason));
       }
     };
+  }
+
+  /** Forget the socket that ended; whether it had opened. Open long enough, it was healthy. */
+  function ended() {
+    socket = null;
+    const opened = openedAt !== null;
+    if (opened && Date.now() - openedAt >= stableAfter) failures = 0;
+    openedAt = null;
+    return opened;
+  }
+
+  function restart() {
+    lastId = null; // an attempt already waiting (or probing) now starts over too
+    const ws = socket;
+    if (closed || ws === null) return;
+    ws.onopen = ws.onmessage = ws.onclose = () => {}; // nothing more of it reaches the callbacks
+    ws.close(1000, "client restarts");
+    ended();
+    after({ code: 1000, reason: "client restarts", wasClean: true }, "resume");
   }
 
   /** Report the close, then retry (after the backoff) or stop, as `retry` says. */
@@ -289,11 +315,13 @@ export function connect(url, options = {}) {
       notify(onChange, message);
       return;
     }
-    if (message.type === "position" && typeof message.resume_after === "string") {
-      lastId = message.resume_after;
-    }
+    const moves = message.type === "position" || message.type === "ready";
+    if (moves && typeof message.resume_after === "string") lastId = message.resume_after;
+    // A snapshot has begun: dropped before its `ready`, the connection starts over, fresh.
+    if (message.type === "doc" || message.type === "reset") lastId = null;
     notify(onControl, message);
     if (message.type === "source" && typeof message.state === "string") tellSource(message);
+    if (message.type === "ready") notify(onReady, message);
   }
 
   function tellSource({ state, message, since }) {
@@ -324,10 +352,317 @@ export function connect(url, options = {}) {
   open();
   return {
     close,
+    restart,
     get lastId() {
       return lastId;
     },
   };
+}
+
+/**
+ * A change to what a live query holds.
+ *
+ * @typedef {object} LiveChange
+ * @property {string} key The document's key in the map ({@link idKey} of its `_id`).
+ * @property {object|undefined} document The document now; `undefined` when it left the set.
+ * @property {object} message What said so: the change event, or the relay's `leave` message.
+ */
+
+/**
+ * @typedef {object} LiveQueryOptions
+ * @property {(documents: Map<string, object>) => void} [onSnapshot] The whole set was
+ *   replaced: by a snapshot (at its `ready`), or emptied by a drop or rename of the collection.
+ *   Redraw everything from `documents` (the same Map every time).
+ * @property {(change: LiveChange, documents: Map<string, object>) => void} [onChange] One
+ *   document changed, entered or left the set.
+ * @property {(ready: ControlMessage) => void} [onReady] Every connection's `ready`: from now on
+ *   every write reaches this query (on a snapshot connection, after `onSnapshot`).
+ *
+ * `onControl`, `onStatus`, `onSource` and the other {@link ConnectOptions} work as in
+ * {@link connect} (but `resumeAfter`: a new live query has nothing to resume, so it always
+ * starts with a snapshot); `onControl` sees `doc`, `leave`, `reset` and `resync` too.
+ */
+
+/**
+ * The handle {@link liveQuery} returns.
+ *
+ * @typedef {object} LiveQuery
+ * @property {Map<string, object>} documents The current documents, by {@link idKey} of `_id`.
+ * @property {() => void} close Stop for good.
+ * @property {string|null} lastId As {@link Relay}'s.
+ */
+
+/**
+ * Follow the current documents of one collection: a snapshot, then every change after it.
+ *
+ * The URL is a socket URL for one collection (`/socket?ns=db.coll[&filter=…]`); `snapshot=1` is
+ * added. The relay sends the matching documents as `doc` frames, then `ready`; this client
+ * collects them aside and swaps them in at `ready`, so `documents` always holds one complete
+ * state: a connection lost mid-snapshot leaves the previous one in place, and the next one
+ * starts the snapshot over (without a resume point). Then:
+ *
+ * - insert and replace set a document; delete and `leave` remove it;
+ * - update takes `fullDocument` when the relay sent it, else applies `updateDescription` to the
+ *   document held ({@link applyUpdate}); an update of a document it does not hold, without
+ *   `fullDocument`, is a gap: it tells `onControl` `{type: "error", code: "live_query_gap"}`
+ *   and starts over as on `resync`;
+ * - drop, rename and dropDatabase empty the set;
+ * - `reset` (the relay cannot resume what this client holds) voids it: the next snapshot's
+ *   `ready` replaces everything, even when no document follows;
+ * - `resync` (changes were lost) makes it connect again without a resume point: a fresh
+ *   snapshot;
+ * - `{type: "error", code: "snapshot_too_large"}` (more matching documents than the relay's
+ *   `SNAPSHOT_LIMIT`) stops it for good, as a refusal does: retrying would read as many again.
+ *
+ * Reconnecting, backoff and resuming are {@link connect}'s (restarts go through its backoff too,
+ * so a relay that resyncs every connection cannot make a tight loop of it).
+ *
+ * ```js
+ * const orders = liveQuery("/socket?ns=shop.orders", {
+ *   onSnapshot: (documents) => drawAll(documents.values()),
+ *   onChange: ({ key, document }) => (document ? drawRow(key, document) : removeRow(key)),
+ * });
+ * ```
+ *
+ * @param {string|(() => string)} url
+ * @param {ConnectOptions & LiveQueryOptions} [options]
+ * @returns {LiveQuery}
+ */
+export function liveQuery(url, options = {}) {
+  const {
+    onSnapshot = () => {},
+    onChange = () => {},
+    onReady = () => {},
+    onControl = () => {},
+    onStatus = () => {},
+  } = options;
+  const address = addressOf(url, options.refreshable);
+  const documents = new Map();
+  let incoming = null; // the snapshot being received: key → document, until its `ready`
+
+  const relay = connect(() => withSnapshot(address()), {
+    ...options,
+    resumeAfter: null, // an empty map has nothing to resume: the first connection snapshots
+    onChange: (change) => changed(change),
+    onReady: (ready) => {
+      if (incoming !== null || "snapshot" in ready) {
+        documents.clear();
+        for (const [key, document] of incoming ?? []) documents.set(key, document);
+        incoming = null;
+        notify(onSnapshot, documents);
+      }
+      notify(onReady, ready);
+    },
+    onControl: (message) => {
+      notify(onControl, message); // told first: a `resync` is reported before the close it causes
+      control(message);
+    },
+    onStatus: (status) => {
+      if (status.state === "connecting") incoming = null; // a snapshot starts over
+      notify(onStatus, status);
+    },
+  });
+
+  function control(message) {
+    switch (message.type) {
+      case "doc":
+        if (message.doc !== null && typeof message.doc === "object") {
+          incoming ??= new Map();
+          incoming.set(idKey(message.doc._id), message.doc);
+        }
+        break;
+      case "reset":
+        incoming = new Map(); // what it held is gone; the snapshot that follows replaces it
+        break;
+      case "leave":
+        remove(message.documentKey?._id, message);
+        break;
+      case "resync":
+        incoming = null;
+        relay.restart(); // changes were lost: what it holds is out of date
+        break;
+      case "error":
+        if (message.code === "snapshot_too_large") {
+          incoming = null; // what it holds stays as it was
+          relay.close(); // the same query would be refused again: a narrower filter is needed
+        }
+        break;
+      default:
+    }
+  }
+
+  function changed(change) {
+    const held = incoming ?? documents; // (changes follow `ready`; this is only defensive)
+    const id = change.documentKey?._id;
+    switch (change.operationType) {
+      case "insert":
+      case "replace":
+        if (change.fullDocument) put(held, idKey(id), change.fullDocument, change);
+        break;
+      case "update": {
+        const key = idKey(id);
+        if (change.fullDocument) put(held, key, change.fullDocument, change);
+        else if (held.has(key)) {
+          put(held, key, applyUpdate(held.get(key), change.updateDescription ?? {}), change);
+        } else {
+          gap(`an update of ${key}, which this query does not hold, came without fullDocument`);
+        }
+        break;
+      }
+      case "delete":
+        remove(id, change);
+        break;
+      case "drop":
+      case "rename":
+      case "dropDatabase":
+        held.clear();
+        if (held === documents) notify(onSnapshot, documents);
+        break;
+      default:
+    }
+  }
+
+  /** What it holds can no longer be trusted: say so, and start over with a fresh snapshot. */
+  function gap(message) {
+    notify(onControl, { type: "error", code: "live_query_gap", message });
+    incoming = null;
+    relay.restart();
+  }
+
+  function put(held, key, document, message) {
+    held.set(key, document);
+    if (held === documents) notify(onChange, { key, document, message }, documents);
+  }
+
+  function remove(id, message) {
+    if (id === undefined) return;
+    const key = idKey(id);
+    if (incoming !== null) incoming.delete(key);
+    else if (documents.delete(key)) {
+      notify(onChange, { key, document: undefined, message }, documents);
+    }
+  }
+
+  return {
+    documents,
+    close: relay.close,
+    get lastId() {
+      return relay.lastId;
+    },
+  };
+}
+
+/**
+ * A document's key in a live query's map: its `_id` as relaxed Extended JSON text, so that an
+ * ObjectId, the string of its hex digits and a number never collide. (1, 1.0 and NumberLong(1)
+ * share a key, as they share a slot in MongoDB's `_id` index.)
+ *
+ * @param {unknown} id
+ * @returns {string}
+ */
+export function idKey(id) {
+  return JSON.stringify(id) ?? "undefined";
+}
+
+/**
+ * A document after an update event's `updateDescription`, as MongoDB applied it: arrays cut to
+ * `truncatedArrays`' sizes, `removedFields` unset, `updatedFields` set. Paths are dotted; a
+ * numeric part indexes an array and names a field of an object (`$set` creates missing objects,
+ * pads arrays with null). Where a field name itself holds a dot or is numeric, MongoDB 6.1+ says
+ * how to read the path in `disambiguatedPaths` (path → its parts; a number indexes an array), as
+ * the drivers document it (e.g. the Node.js driver's `UpdateDescription`). The input is not
+ * modified: the objects on a changed path are copied, the rest is shared with it.
+ *
+ * @param {object} document
+ * @param {{updatedFields?: object, removedFields?: string[],
+ *   truncatedArrays?: {field: string, newSize: number}[], disambiguatedPaths?: object}} update
+ * @returns {object}
+ */
+export function applyUpdate(document, update) {
+  const {
+    updatedFields = {}, removedFields = [], truncatedArrays = [], disambiguatedPaths = {},
+  } = update;
+  const parts = (path) => {
+    const told = Object.hasOwn(disambiguatedPaths, path) ? disambiguatedPaths[path] : null;
+    return Array.isArray(told) ? told : path.split(".");
+  };
+  // Copy on write: only the objects and arrays on a changed path are copied, once each.
+  const copies = new Set();
+  const own = (value) => {
+    if (copies.has(value)) return value;
+    const copy = Array.isArray(value) ? value.slice() : { ...value };
+    copies.add(copy);
+    return copy;
+  };
+  const result = own(document);
+  /** The container at `steps`, copied for writing; null where the path leads nowhere. */
+  const writable = (steps, create) => {
+    let at = result;
+    for (const step of steps) {
+      const slot = Array.isArray(at) && isIndex(step) ? Number(step) : String(step);
+      if (Array.isArray(at) && typeof slot === "number") while (at.length < slot) at.push(null);
+      const next = at[slot];
+      if (next !== null && typeof next === "object") at[slot] = own(next);
+      else if (create) at[slot] = own({}); // $set creates the objects a path leads through
+      else return null;
+      at = at[slot];
+    }
+    return at;
+  };
+  for (const { field, newSize } of truncatedArrays) {
+    const steps = parts(field);
+    const found = lookUp(result, steps);
+    if (!Number.isInteger(newSize) || newSize < 0 || !Array.isArray(found)) continue;
+    const array = writable(steps, false);
+    array.length = Math.min(array.length, newSize);
+  }
+  for (const path of removedFields) {
+    const steps = parts(path);
+    const parent = lookUp(result, steps.slice(0, -1));
+    if (parent === null || typeof parent !== "object") continue;
+    const last = steps.at(-1);
+    const container = writable(steps.slice(0, -1), false);
+    if (!Array.isArray(container)) delete container[last];
+    else if (isIndex(last) && Number(last) < container.length) container[Number(last)] = null;
+  }
+  for (const [path, value] of Object.entries(updatedFields)) {
+    const steps = parts(path);
+    const parent = writable(steps.slice(0, -1), true);
+    const last = steps.at(-1);
+    if (Array.isArray(parent) && isIndex(last)) {
+      while (parent.length < Number(last)) parent.push(null); // $set pads an array with null
+      parent[Number(last)] = value;
+    } else {
+      parent[String(last)] = value;
+    }
+  }
+  return result;
+}
+
+/** The value at `steps` inside `document`, or undefined where the path leads nowhere. */
+function lookUp(document, steps) {
+  let at = document;
+  for (const step of steps) {
+    if (at === null || typeof at !== "object") return undefined;
+    at = Array.isArray(at) && isIndex(step) ? at[Number(step)] : at[String(step)];
+  }
+  return at;
+}
+
+function isIndex(step) {
+  return typeof step === "number" ? Number.isInteger(step) && step >= 0 : /^\d+$/.test(step);
+}
+
+/** `url` asking for a snapshot: `snapshot=1` first in its query, in place of any it had. */
+function withSnapshot(url) {
+  const hashAt = url.indexOf("#");
+  const hash = hashAt === -1 ? "" : url.slice(hashAt);
+  const base = hashAt === -1 ? url : url.slice(0, hashAt);
+  const queryAt = base.indexOf("?");
+  const path = queryAt === -1 ? base : base.slice(0, queryAt);
+  const query = queryAt === -1 ? "" : base.slice(queryAt + 1);
+  const parts = query.split("&").filter((part) => part && !/^snapshot(=|$)/.test(part));
+  return `${path}?${["snapshot=1", ...parts].join("&")}${hash}`;
 }
 
 /**
@@ -431,10 +766,21 @@ export function socketUrl(url, resumeAfter) {
   return target.href;
 }
 
+/** The URL function of `url`; it throws now, before any timer, if the URL can never work. */
+function addressOf(url, refreshable) {
+  if (refreshable && typeof url !== "function") {
+    throw new TypeError(
+      "changerelay: refreshable needs a URL function that puts a fresh token in each URL");
+  }
+  const address = typeof url === "function" ? url : () => url;
+  socketUrl(address(), null);
+  return address;
+}
+
 /** Call a user callback so that a bug in it is reported but cannot stop the client. */
-function notify(callback, value) {
+function notify(callback, ...values) {
   try {
-    callback(value);
+    callback(...values);
   } catch (error) {
     (globalThis.reportError ?? console.error)(error);
   }

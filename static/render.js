@@ -44,6 +44,29 @@ export function changeRow(change) {
   return row;
 }
 
+/**
+ * The row of one document of a live query, keyed by its `_id` ({@link idKey}): its cells are
+ * refilled in place when the document changes ({@link fillDocumentRow}).
+ */
+export function documentRow(key, document) {
+  const row = element("tr", { className: "doc" });
+  row.setAttribute("role", "row");
+  row.dataset.key = key;
+  fillDocumentRow(row, document);
+  return row;
+}
+
+/** Show `document` in its row: the `_id`, and the rest of the document. */
+export function fillDocumentRow(row, document) {
+  const id = cell(clipped("code", compact(document?._id)));
+  id.className = "cell-id";
+  id.dataset.label = "_id";
+  const rest = cell(clipped("code", compact(withoutId(document))));
+  rest.className = "cell-doc";
+  rest.dataset.label = "Document";
+  row.replaceChildren(id, rest);
+}
+
 /** The marker of a gap: events before it may be missing (a resync). */
 export function gapRow(reason) {
   const row = element("tr", { className: "gap" });
@@ -152,7 +175,9 @@ function keyText(documentKey) {
 }
 
 function withoutId(document) {
-  if (typeof document !== "object" || Array.isArray(document)) return document;
+  if (document === null || typeof document !== "object" || Array.isArray(document)) {
+    return document;
+  }
   const { _id, ...rest } = document;
   return rest;
 }

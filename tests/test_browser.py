@@ -31,13 +31,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import jwt
 import pytest
 import tornado.web
 import tornado.websocket
-from browser import CHROMIUM, Browser, ConsoleMessage
+from browser import CHROMIUM, Browser, ConsoleMessage, JavaScriptError
 from bson import Int64, ObjectId, Timestamp, json_util
 from pymongo import MongoClient
 from tornado.httpserver import HTTPServer
@@ -1178,6 +1178,698 @@ def test_client_rejects_urls_it_can_never_connect_to(
     )
 
 
+# -- live queries: the client's map, then the page's live table ----------------------------------
+
+
+@pytest.fixture
+def live_stub(relay_stub: StubRelay) -> Iterator[StubRelay]:
+    """The stub with an empty snapshot and no cut, put back so after the test."""
+    relay_stub.snapshot, relay_stub.cut_snapshot_after = [], None
+    try:
+        yield relay_stub
+    finally:
+        relay_stub.snapshot, relay_stub.cut_snapshot_after = [], None
+
+
+def relaxed(document: Any) -> Any:
+    """A document as the page receives it: relaxed Extended JSON, parsed."""
+    return json.loads(json_util.dumps(document, json_options=json_util.RELAXED_JSON_OPTIONS))
+
+
+def id_key(value: Any) -> str:
+    """The client's ``idKey`` of an ``_id``, as JavaScript's JSON.stringify writes it."""
+    return json.dumps(relaxed(value), separators=(",", ":"), ensure_ascii=False)
+
+
+LIVE_QUERY_JS = """(async () => {
+    const client = await import('/static/changerelay.js');
+    window.client = client;
+    window.calls = []; window.statuses = [];
+    window.query = client.liveQuery(%s, {
+        onSnapshot: (documents) => calls.push(['snapshot', [...documents.values()]]),
+        onChange: ({key, document, message}) =>
+            calls.push(['change', key, document ?? null, message.operationType ?? message.type]),
+        onReady: (ready) => calls.push(['ready', ready.snapshot ?? null]),
+        onControl: (message) => {
+            if (message.type === 'error') calls.push(['error', message.code]);
+        },
+        onStatus: (status) => statuses.push([status.state, status.retryIn ?? null]),
+        baseDelay: 1,
+    });
+    window.held = query.documents;
+})()"""
+
+
+def start_live_query(browser: Browser, relay: StubRelay, url: str = "/socket?ns=shop.orders",
+                     readies: int = 1) -> None:
+    """A live query on the blank page, once its ``readies``-th ``ready`` has come."""
+    browser.open(f"{relay.base_url}/blank")
+    browser.evaluate(LIVE_QUERY_JS % json.dumps(url))
+    wait_ready(browser, readies)
+
+
+def wait_ready(browser: Browser, readies: int, timeout: float = 10) -> None:
+    browser.wait_for(f"calls.filter((c) => c[0] === 'ready').length >= {readies}", timeout)
+
+
+def held(browser: Browser) -> list[Any]:
+    """The live query's documents, in the map's order."""
+    return browser.evaluate("[...query.documents.values()]")
+
+
+def calls_of(browser: Browser, kind: str) -> list[Any]:
+    return [call[1:] for call in browser.evaluate("calls") if call[0] == kind]
+
+
+def test_live_query_holds_the_snapshot_then_applies_every_change(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("live")
+    a, b, c, d, e = (f"{key}-{n}" for n in "abcde")
+    live_stub.snapshot = [
+        {"_id": a, "n": 1, "tags": ["x", "y"], "nested": {"deep": {"v": 1}}},
+        {"_id": b, "n": 2},
+        {"_id": c, "n": 3},
+    ]
+    start_live_query(browser, live_stub)
+    assert browser.evaluate("calls") == [
+        ["snapshot", relaxed(live_stub.snapshot)], ["ready", 3]]  # one whole snapshot, then ready
+    socket_url = urlsplit(browser.websocket_urls[-1])
+    assert parse_qs(socket_url.query) == {"snapshot": ["1"], "ns": ["shop.orders"]}
+
+    orders = live_stub.collection
+    orders.update_one({"_id": a}, {"$set": {"nested.deep.v": 10, "tags.1": "z", "nested.w": True},
+                                   "$unset": {"n": ""}})
+    orders.replace_one({"_id": b}, {"name": "bee"})
+    orders.delete_one({"_id": c})
+    orders.insert_one({"_id": d, "n": 4})
+    live_stub.broadcast({"type": "leave", "ns": "shop.orders", "documentKey": {"_id": d}})
+    # An update with a post-image: the image wins over the description.
+    live_stub.publish(live_stub.event(
+        "update", ("shop", "orders"), documentKey={"_id": b},
+        updateDescription={"updatedFields": {"name": "wrong"}, "removedFields": [],
+                           "truncatedArrays": []},
+        fullDocument={"_id": b, "name": "bee", "n": 22}))
+    orders.insert_one({"_id": e, "n": 5})
+    browser.wait_for(f"calls.some((c) => c[1] === {json.dumps(id_key(e))})")
+
+    after_a = {"_id": a, "tags": ["x", "z"], "nested": {"deep": {"v": 10}, "w": True}}
+    assert held(browser) == [after_a, {"_id": b, "name": "bee", "n": 22}, {"_id": e, "n": 5}]
+    assert calls_of(browser, "change") == [
+        [id_key(a), after_a, "update"],
+        [id_key(b), {"_id": b, "name": "bee"}, "replace"],
+        [id_key(c), None, "delete"],
+        [id_key(d), {"_id": d, "n": 4}, "insert"],
+        [id_key(d), None, "leave"],
+        [id_key(b), {"_id": b, "name": "bee", "n": 22}, "update"],
+        [id_key(e), {"_id": e, "n": 5}, "insert"],
+    ]
+    assert len(calls_of(browser, "snapshot")) == 1
+    assert problems(browser) == []
+
+
+def test_live_query_keeps_ids_of_different_bson_types_apart(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """An ObjectId and the string of its hex digits, 5 and "5", a document and a date are six
+    documents; NumberLong(7) and 7.0 are one, as in MongoDB's _id index."""
+    oid = ObjectId()
+    when = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC)
+    ids: list[Any] = [oid, str(oid), 5, "5", Int64(7), {"a": 1, "b": [2]}, when, 2.5]
+    live_stub.snapshot = [{"_id": value, "v": n} for n, value in enumerate(ids)]
+    start_live_query(browser, live_stub)
+    assert len(held(browser)) == len(ids)
+    keys = browser.evaluate("[...query.documents.keys()]")
+    assert keys == [id_key(value) for value in ids] and len(set(keys)) == len(ids)
+
+    orders = live_stub.collection
+    orders.update_one({"_id": 5}, {"$set": {"v": "int five"}})
+    orders.update_one({"_id": oid}, {"$set": {"v": "the ObjectId"}})
+    orders.replace_one({"_id": 7.0}, {"v": "seven"})  # the NumberLong's slot
+    orders.delete_one({"_id": {"a": 1, "b": [2]}})
+    orders.update_one({"_id": when}, {"$set": {"v": "the date"}})
+    browser.wait_for("calls.filter((c) => c[0] === 'change').length === 5")
+
+    got = {json.dumps(document["_id"], sort_keys=True): document["v"]
+           for document in held(browser)}
+    assert got == {
+        json.dumps({"$oid": str(oid)}): "the ObjectId",
+        json.dumps(str(oid)): 1,
+        "5": "int five",
+        json.dumps("5"): 3,
+        "7": "seven",  # the replace's _id (7.0, a number to JavaScript) in the NumberLong's place
+        json.dumps({"$date": "2026-12-01T10:00:00Z"}): "the date",
+        "2.5": 7,
+    }
+
+
+UPDATE_CASES = [
+    # (document, updateDescription, the document after it), as MongoDB applies $set/$unset and
+    # pipeline updates: paths are dotted, a numeric part indexes an array or names an object's
+    # field, $set creates missing objects and pads arrays with null, $unset of an array element
+    # leaves null in its slot (https://www.mongodb.com/docs/manual/reference/operator/update/unset/).
+    ({"a": {"b": 1}}, {"updatedFields": {"a.c.d": 2}}, {"a": {"b": 1, "c": {"d": 2}}}),
+    ({"arr": [1, 2, 3]}, {"updatedFields": {"arr.1": 9}}, {"arr": [1, 9, 3]}),
+    ({"arr": [1]}, {"updatedFields": {"arr.3": 4}}, {"arr": [1, None, None, 4]}),
+    ({"items": [{"q": 1}, {"q": 2}]}, {"updatedFields": {"items.1.q": 5, "items.0.r": 0}},
+     {"items": [{"q": 1, "r": 0}, {"q": 5}]}),
+    ({"m": {"0": "x"}}, {"updatedFields": {"m.0": "y"}}, {"m": {"0": "y"}}),
+    ({}, {"updatedFields": {"x.0": 1}}, {"x": {"0": 1}}),
+    ({"a": {"b": 1, "c": 2}, "d": 3}, {"removedFields": ["a.b", "d", "missing.path"]},
+     {"a": {"c": 2}}),
+    ({"arr": [1, 2, 3]}, {"removedFields": ["arr.1"]}, {"arr": [1, None, 3]}),
+    ({"arr": [1, 2, 3, 4, 5]},
+     {"truncatedArrays": [{"field": "arr", "newSize": 2}], "updatedFields": {"arr.1": 7}},
+     {"arr": [1, 7]}),
+    ({"o": {"arr": [[1, 2, 3]]}}, {"truncatedArrays": [{"field": "o.arr.0", "newSize": 1}]},
+     {"o": {"arr": [[1]]}}),
+    # A field whose name holds a dot, and a numeric field name inside an array's element:
+    # MongoDB 6.1+ says how to read such a path in disambiguatedPaths (a number is an index).
+    ({"a.b": 1, "a": {"b": 2}},
+     {"updatedFields": {"a.b": 3}, "disambiguatedPaths": {"a.b": ["a.b"]}},
+     {"a.b": 3, "a": {"b": 2}}),
+    ({"arr": [{"0": "x"}]},
+     {"updatedFields": {"arr.0.0": "y"}, "disambiguatedPaths": {"arr.0.0": ["arr", 0, "0"]}},
+     {"arr": [{"0": "y"}]}),
+    ({"a": {"b": 1}}, {"updatedFields": {"a": {"whole": True}}}, {"a": {"whole": True}}),
+]
+
+
+def test_live_query_applies_update_descriptions(browser: Browser, relay_stub: StubRelay) -> None:
+    browser.open(f"{relay_stub.base_url}/blank")
+    outcome = browser.evaluate(f"""(async () => {{
+        const {{ applyUpdate }} = await import('/static/changerelay.js');
+        return {json.dumps([[doc, update] for doc, update, _ in UPDATE_CASES])}.map(
+            ([document, update]) => {{
+                const before = JSON.stringify(document);
+                const after = applyUpdate(document, update);
+                return [after, JSON.stringify(document) === before];
+            }});
+    }})()""")
+    assert [after for after, _ in outcome] == [expected for _, _, expected in UPDATE_CASES]
+    assert all(untouched for _, untouched in outcome)  # a new document; the input stays
+
+    # Documents share what an update did not touch: a later update leaves earlier ones alone.
+    chain = browser.evaluate("""(async () => {
+        const { applyUpdate } = await import('/static/changerelay.js');
+        const v0 = {a: {b: [{c: 1}, {c: 2}], d: {e: 1}}, f: [1, 2]};
+        const v1 = applyUpdate(v0, {updatedFields: {'a.b.1.c': 20, 'g': {h: [1]}}});
+        const v2 = applyUpdate(v1, {updatedFields: {'a.d.e': 2, 'g.h.0': 9, 'f.0': 0},
+                                    removedFields: ['a.b.0.c']});
+        const v3 = applyUpdate(v2, {truncatedArrays: [{field: 'a.b', newSize: 0}]});
+        return [v0, v1, v2, v3];
+    })()""")
+    assert chain == [
+        {"a": {"b": [{"c": 1}, {"c": 2}], "d": {"e": 1}}, "f": [1, 2]},
+        {"a": {"b": [{"c": 1}, {"c": 20}], "d": {"e": 1}}, "f": [1, 2], "g": {"h": [1]}},
+        {"a": {"b": [{}, {"c": 20}], "d": {"e": 2}}, "f": [0, 2], "g": {"h": [9]}},
+        {"a": {"b": [], "d": {"e": 2}}, "f": [0, 2], "g": {"h": [9]}},
+    ]
+
+
+def socket_queries(browser: Browser, since: int) -> list[dict[str, list[str]]]:
+    return [parse_qs(urlsplit(url).query) for url in browser.websocket_urls[since:]]
+
+
+def test_live_query_reconnects_and_takes_the_relays_reset_and_fresh_snapshot(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("reset")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n} for n in range(3)]
+    start_live_query(browser, live_stub)
+    browser.evaluate("window.first = query.documents")
+    live_stub.collection.insert_one({"_id": f"{key}-3", "n": 3})
+    browser.wait_for("query.documents.size === 4")
+    resume_point = browser.evaluate("query.lastId")
+
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n * 10} for n in (1, 3, 4)]
+    opened = len(browser.websocket_urls)
+    live_stub.drop_sockets()  # 1001: it resumes, and the stub starts it over with a reset
+    wait_ready(browser, 2)
+
+    [query] = socket_queries(browser, opened)
+    assert query["snapshot"] == ["1"] and query["resume_after"] == [resume_point]
+    assert held(browser) == relaxed(live_stub.snapshot)
+    assert [len(documents) for [documents] in calls_of(browser, "snapshot")] == [3, 3]
+    assert browser.evaluate("query.documents === first")  # one Map for the query's life
+
+
+def test_live_query_resnapshots_on_resync_and_converges(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("resync")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n} for n in range(4)]
+    start_live_query(browser, live_stub)
+    live_stub.collection.update_one({"_id": f"{key}-0"}, {"$set": {"n": 100}})
+    browser.wait_for("query.documents.values().next().value.n === 100")
+
+    # Changes were lost: the truth moved on without the client (one deleted, one added, one
+    # changed), and all it is told is the resync.
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": -n} for n in (0, 2, 3, 5)]
+    opened = len(browser.websocket_urls)
+    live_stub.broadcast({"type": "resync", "reason": "history_lost"})
+    wait_ready(browser, 2)
+
+    [query] = socket_queries(browser, opened)
+    assert query == {"snapshot": ["1"], "ns": ["shop.orders"]}  # no resume point: a fresh one
+    assert held(browser) == relaxed(live_stub.snapshot)
+    live_stub.collection.insert_one({"_id": f"{key}-6", "n": 6})  # and it goes on from there
+    browser.wait_for("query.documents.size === 5")
+    assert held(browser)[-1] == {"_id": f"{key}-6", "n": 6}
+
+
+def test_live_query_dropped_mid_snapshot_starts_over(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """The map never shows a half snapshot, and the connection after one that was cut asks for
+    a fresh snapshot: its resume point died with the reset."""
+    key = unique("cut")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n} for n in range(3)]
+    start_live_query(browser, live_stub)
+    live_stub.collection.insert_one({"_id": f"{key}-3", "n": 3})
+    browser.wait_for("query.documents.size === 4")
+
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "v": n} for n in range(6)]
+    live_stub.cut_snapshot_after = 3  # the next snapshot: reset, three documents, then a close
+    opened = len(browser.websocket_urls)
+    live_stub.drop_sockets()
+    wait_ready(browser, 2)
+
+    resumed, fresh = socket_queries(browser, opened)
+    assert "resume_after" in resumed  # (the stub answers it with a reset, then cuts)
+    assert fresh == {"snapshot": ["1"], "ns": ["shop.orders"]}
+    assert held(browser) == relaxed(live_stub.snapshot)
+    assert [len(documents) for [documents] in calls_of(browser, "snapshot")] == [3, 6]
+
+
+def test_live_query_cut_on_its_first_snapshot_shows_only_the_whole_one(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("first-cut")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n} for n in range(5)]
+    live_stub.cut_snapshot_after = 2
+    start_live_query(browser, live_stub)
+    assert socket_queries(browser, 0) == [{"snapshot": ["1"], "ns": ["shop.orders"]}] * 2
+    assert calls_of(browser, "snapshot") == [[relaxed(live_stub.snapshot)]]  # never the half
+    assert calls_of(browser, "ready") == [[5]]
+
+
+def test_live_query_empties_when_its_collection_is_dropped_or_renamed(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("drop")
+    live_stub.snapshot = [{"_id": f"{key}-{n}"} for n in range(3)]
+    start_live_query(browser, live_stub)
+    live_stub.collection.drop()
+    browser.wait_for("query.documents.size === 0")
+    live_stub.collection.insert_one({"_id": f"{key}-again"})
+    live_stub.collection.rename("archive")
+    browser.wait_for("calls.filter((c) => c[0] === 'snapshot').length === 3")
+    assert [len(documents) for [documents] in calls_of(browser, "snapshot")] == [3, 0, 0]
+    assert held(browser) == []
+
+
+def test_live_query_takes_a_fresh_token_per_attempt(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """A URL function (with refreshable) works as with connect: snapshot=1 goes into each URL
+    it returns, and each attempt asks it again."""
+    live_stub.snapshot = [{"_id": unique("token")}]
+    browser.open(f"{live_stub.base_url}/blank")
+    browser.evaluate("window.token = 'first'")
+    browser.evaluate(LIVE_QUERY_JS.replace(
+        "client.liveQuery(%s, {", "client.liveQuery(%s, {refreshable: true,") % (
+        "() => `/socket?ns=shop.orders&access_token=${window.token}`"))
+    wait_ready(browser, 1)
+    browser.evaluate("window.token = 'second'")
+    live_stub.drop_sockets()
+    wait_ready(browser, 2)
+    first, second = socket_queries(browser, 0)
+    assert first["access_token"] == ["first"] and second["access_token"] == ["second"]
+    assert first["snapshot"] == second["snapshot"] == ["1"]
+    try:
+        browser.evaluate("client.liveQuery('/socket?ns=a.b', {refreshable: true})")
+    except JavaScriptError as error:
+        assert "refreshable needs a URL function" in str(error)
+    else:
+        raise AssertionError("a refreshable string URL was accepted")
+
+
+def test_live_query_snapshots_first_whatever_resume_after_it_is_given(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """Its map starts empty: resuming would apply changes to documents it never received."""
+    live_stub.snapshot = [{"_id": unique("resume")}]
+    browser.open(f"{live_stub.base_url}/blank")
+    browser.evaluate(LIVE_QUERY_JS.replace(
+        "client.liveQuery(%s, {", "client.liveQuery(%s, {resumeAfter: '8263AA',") % (
+        json.dumps("/socket?ns=shop.orders")))
+    wait_ready(browser, 1)
+    assert socket_queries(browser, 0) == [{"snapshot": ["1"], "ns": ["shop.orders"]}]
+    assert held(browser) == relaxed(live_stub.snapshot)
+
+
+def test_live_query_resnapshots_on_an_update_it_cannot_apply(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """An update of a document it does not hold, without a post-image: the client cannot build
+    the document, so it says so and starts over rather than lose it."""
+    key = unique("gap")
+    live_stub.snapshot = [{"_id": f"{key}-0", "n": 0}]
+    start_live_query(browser, live_stub)
+    live_stub.snapshot = [{"_id": f"{key}-0", "n": 0}, {"_id": f"{key}-1", "n": 1, "m": 2}]
+    opened = len(browser.websocket_urls)
+    live_stub.collection.update_one({"_id": f"{key}-1"}, {"$set": {"m": 2}})
+    wait_ready(browser, 2)
+    assert socket_queries(browser, opened) == [{"snapshot": ["1"], "ns": ["shop.orders"]}]
+    assert ["live_query_gap"] in calls_of(browser, "error")
+    assert held(browser) == relaxed(live_stub.snapshot)
+
+
+def test_live_query_stops_on_snapshot_too_large(browser: Browser, live_stub: StubRelay) -> None:
+    """Past the relay's limit, found out mid-read: retrying would read the same set again."""
+    key = unique("large")
+    live_stub.snapshot = [{"_id": key, "n": 1}]
+    start_live_query(browser, live_stub)
+    opened = len(browser.websocket_urls)
+    live_stub.broadcast({"type": "error", "code": "snapshot_too_large",
+                         "message": "more than 10000 documents match; narrow the filter"})
+    live_stub.drop_sockets(code=1011, reason="snapshot too large")
+    browser.wait_for("statuses.at(-1)[0] === 'closed'")
+    assert browser.evaluate("statuses.at(-1)") == ["closed", None]  # no retry follows
+    assert len(browser.websocket_urls) == opened
+    assert held(browser) == [{"_id": key, "n": 1}]  # what it had stays
+    assert ["snapshot_too_large"] in calls_of(browser, "error")
+
+
+def test_a_plain_connection_exposes_ready_and_resumes_from_it(
+    browser: Browser, relay_stub: StubRelay
+) -> None:
+    browser.open(f"{relay_stub.base_url}/blank")
+    browser.evaluate("""(async () => {
+        const { connect } = await import('/static/changerelay.js');
+        window.readies = []; window.controls = []; window.changes = [];
+        window.relay = connect('/socket', {baseDelay: 1, onReady: (m) => readies.push(m),
+            onControl: (m) => controls.push(m.type), onChange: (c) => changes.push(c)});
+    })()""")
+    browser.wait_for("readies.length === 1")
+    [ready] = browser.evaluate("readies")
+    assert set(ready) == {"type", "resume_after"} and "snapshot" not in ready
+    assert browser.evaluate("relay.lastId") == ready["resume_after"]
+    relay_stub.broadcast({"type": "from-a-newer-relay", "x": 1})  # unknown types: passed on
+    opened = len(browser.websocket_urls)
+    relay_stub.drop_sockets()
+    browser.wait_for("readies.length === 2")
+    [query] = socket_queries(browser, opened)
+    assert query == {"resume_after": [ready["resume_after"]]}
+    assert browser.evaluate("controls") == ["ready", "from-a-newer-relay", "ready"]
+    assert browser.evaluate("changes.length") == 0
+
+
+def test_the_page_does_not_count_ready_as_an_event(stub_page: Browser) -> None:
+    stub_page.wait_for_console(lambda m: bool(m.args) and isinstance(m.args[0], dict)
+                               and m.args[0].get("type") == "ready")
+    assert stub_page.evaluate(COUNT_JS) == 0 and rows(stub_page, "") == []
+    assert shown(stub_page, "empty") and not shown(stub_page, "error")
+    assert problems(stub_page) == []
+
+
+DOCUMENT_ROWS_JS = """Array.from(document.querySelectorAll('#documents tr.doc'), (row) => ({
+    key: row.dataset.key, changed: row.classList.contains('changed'),
+    id: row.querySelector('.cell-id').textContent,
+    doc: row.querySelector('.cell-doc').textContent}))"""
+
+
+def document_rows(browser: Browser) -> list[dict[str, Any]]:
+    return browser.evaluate(DOCUMENT_ROWS_JS)
+
+
+def row_of(key: str) -> str:
+    escaped = f"CSS.escape({json.dumps(key)})"
+    return f"document.querySelector(`#documents tr.doc[data-key=${{{escaped}}}]`)"
+
+
+def live_table(browser: Browser, relay: StubRelay, query: str) -> Browser:
+    page = live(browser, f"{relay.page_url}?{query}")
+    page.wait_for("document.querySelectorAll('#documents tr.doc').length > 0", 10)
+    return page
+
+
+def test_the_live_table_shows_the_documents_and_changes_rows_in_place(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("table")
+    a, b, c, d = (f"{key}-{n}" for n in "abcd")
+    payload = "<img src=x id=injected><b>bold</b>"
+    live_stub.snapshot = [{"_id": a, "n": 1}, {"_id": b, "bio": payload}, {"_id": c, "n": 3}]
+    page = live_table(browser, live_stub, "live=shop.orders&filter=%7B%22n%22%3A1%7D&x=%2F")
+    query = urlsplit(page.websocket_urls[-1]).query
+    assert parse_qs(query) == {"snapshot": ["1"], "ns": ["shop.orders"], "filter": ['{"n":1}'],
+                               "x": ["/"]}
+    assert "filter=%7B%22n%22%3A1%7D" in query and "x=%2F" in query  # byte for byte
+    assert document_rows(page) == [
+        {"key": id_key(a), "changed": False, "id": json.dumps(a), "doc": "{n: 1}"},
+        {"key": id_key(b), "changed": False, "id": json.dumps(b),
+         "doc": f"{{bio: {json.dumps(payload)}}}"},
+        {"key": id_key(c), "changed": False, "id": json.dumps(c), "doc": "{n: 3}"},
+    ]
+    injected = "document.querySelector('#documents img, #documents b, #injected')"
+    assert page.evaluate(injected) is None
+    assert "3" in text(page, "documents-count")
+
+    page.evaluate(f"{row_of(id_key(a))}.marked = true")
+    orders = live_stub.collection
+    orders.update_one({"_id": a}, {"$set": {"n": 2}})
+    page.wait_for(f"{row_of(id_key(a))}.querySelector('.cell-doc').textContent === '{{n: 2}}'")
+    assert page.evaluate(f"{row_of(id_key(a))}.marked") is True  # the same row, updated in place
+    assert page.evaluate(f"{row_of(id_key(a))}.classList.contains('changed')") is True
+    page.wait_for(f"!{row_of(id_key(a))}.classList.contains('changed')", 5)  # briefly
+
+    orders.delete_one({"_id": b})
+    live_stub.broadcast({"type": "leave", "ns": "shop.orders", "documentKey": {"_id": c}})
+    orders.insert_one({"_id": d, "n": 4})
+    page.wait_for(f"{row_of(id_key(d))} !== null")
+    assert [row["id"] for row in document_rows(page)] == [json.dumps(a), json.dumps(d)]
+    assert "2" in text(page, "documents-count")
+    assert problems(page) == []
+
+
+def test_the_live_table_starts_over_on_resync(browser: Browser, live_stub: StubRelay) -> None:
+    key = unique("page-resync")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n} for n in range(3)]
+    page = live_table(browser, live_stub, "live=shop.orders")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "n": n * 7} for n in (1, 2, 4)]
+    opened = len(page.websocket_urls)
+    live_stub.broadcast({"type": "resync", "reason": "history_lost"})
+    page.wait_for(f"{row_of(id_key(f'{key}-4'))} !== null", 10)
+    assert [row["doc"] for row in document_rows(page)] == ["{n: 7}", "{n: 14}", "{n: 28}"]
+    assert "resume_after" not in parse_qs(urlsplit(page.websocket_urls[opened]).query)
+    assert not shown(page, "resync")  # nothing to do for the reader: it reloaded by itself
+    assert problems(page) == []
+
+
+def test_the_form_switches_to_the_live_table_and_back(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("toggle")
+    live_stub.snapshot = [{"_id": key, "n": 1}]
+    page = live(browser, live_stub.page_url)
+    assert shown(page, "events-view") and not shown(page, "live-view")
+    opened = len(page.websocket_urls)
+    page.evaluate("""(() => {
+        document.getElementById('sub-live').click();
+        document.getElementById('sub-ns').value = 'shop.orders';
+        document.querySelector('#subscription button[type=submit]').click();
+    })()""")
+    page.wait_for(f"{row_of(id_key(key))} !== null", 10)
+    assert page.evaluate("document.getElementById('sub-ops').disabled") is True
+    assert urlsplit(page.evaluate("location.href")).query == "live=shop.orders"  # a reload keeps it
+    assert socket_queries(page, opened)[-1] == {"snapshot": ["1"], "ns": ["shop.orders"]}
+    assert not shown(page, "events-view") and shown(page, "live-view")
+    assert "shop.orders" in text(page, "subscribed")
+
+    opened = len(page.websocket_urls)
+    page.evaluate("""(() => {
+        document.getElementById('sub-live').click();
+        document.querySelector('#subscription button[type=submit]').click();
+    })()""")
+    page.wait_for("document.getElementById('status').dataset.state === 'live'"
+                  " && !document.getElementById('events-view').hidden", 10)
+    assert socket_queries(page, opened)[-1] == {"ns": ["shop.orders"]}
+    live_stub.collection.insert_one({"_id": key + "-event"})
+    wait_for_rows(page, key + "-event", 1)  # change events again
+    assert problems(page) == []
+
+
+def test_the_live_table_keeps_at_most_1000_rows_and_counts_all(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    """A large collection costs the page no more than 1,000 rows; removing a shown document
+    brings in the next one, and the caption counts what the query holds."""
+    key = unique("big")
+    live_stub.snapshot = [{"_id": f"{key}-{n:04}", "n": n} for n in range(1003)]
+    page = live(browser, f"{live_stub.page_url}?live=shop.orders")
+    page.wait_for("document.getElementById('documents-count').textContent === '1,003'", 15)
+    assert page.evaluate("document.querySelectorAll('#documents tr.doc').length") == 1000
+    assert shown(page, "documents-capped")
+    live_stub.collection.delete_one({"_id": f"{key}-0000"})
+    page.wait_for("document.getElementById('documents-count').textContent === '1,002'")
+    ids = page.evaluate("Array.from(document.querySelectorAll('#documents .cell-id'),"
+                        " (cell) => cell.textContent)")
+    assert len(ids) == 1000 and ids[0] == json.dumps(f"{key}-0001")
+    assert ids[-1] == json.dumps(f"{key}-1000")  # the next in the map's order took the place
+
+
+def test_the_live_table_says_when_the_snapshot_is_too_large(
+    browser: Browser, live_stub: StubRelay
+) -> None:
+    key = unique("too-large")
+    live_stub.snapshot = [{"_id": key, "n": 1}]
+    page = live_table(browser, live_stub, "live=shop.orders")
+    opened = len(page.websocket_urls)
+    live_stub.broadcast({"type": "error", "code": "snapshot_too_large",
+                         "message": "more than 10000 documents match; narrow the filter"})
+    live_stub.drop_sockets(code=1011, reason="snapshot too large")
+    page.wait_for("document.getElementById('status').dataset.state === 'stopped'")
+    assert text(page, "error-text") == (
+        "snapshot_too_large: more than 10000 documents match; narrow the filter")
+    assert shown(page, "error") and len(page.websocket_urls) == opened
+    assert [row["id"] for row in document_rows(page)] == [json.dumps(key)]
+
+
+def test_the_live_table_has_names_and_fits_390_px(phone: Browser, live_stub: StubRelay) -> None:
+    key = unique("narrow-live")
+    live_stub.snapshot = [{"_id": f"{key}-{n}", "unbroken": "y" * 400,
+                           "nested": {"a": {"b": list(range(40))}}} for n in range(3)]
+    page = live_table(phone, live_stub, "live=shop.orders")
+    layout = page.evaluate("""({
+        width: innerWidth, scroll: document.documentElement.scrollWidth,
+        widest: Math.max(...Array.from(document.querySelectorAll('body *'),
+                                       (el) => el.getBoundingClientRect().right)),
+        caption: document.querySelector('#documents caption')?.textContent.trim() ?? '',
+        heads: Array.from(document.querySelectorAll('#documents th'),
+                          (th) => th.textContent.trim()),
+    })""")
+    assert layout["width"] == 390 and layout["scroll"] <= 390, layout
+    assert layout["widest"] <= 390, layout
+    assert "shop.orders" in layout["caption"] and all(layout["heads"]), layout
+    unnamed = page.evaluate("""Array.from(
+        document.querySelectorAll('input, button, [tabindex="0"]:not(tr)'),
+        (control) => control.labels?.length || control.getAttribute('aria-label')
+            || control.textContent.trim() ? null : control.outerHTML).filter(Boolean)""")
+    assert unnamed == []
+
+
+# -- a live query on a real relay (the live branch's relay side) ---------------------------------
+
+
+def churn(orders: Any, keys: list[int], rounds: int, tag: str) -> None:
+    """Writes of every kind a live query applies: $set on nested and array paths, $unset,
+    replace, delete and insert; the last write is a marker, so that once the client holds it,
+    it has applied everything before it (change events arrive in order)."""
+    for n in range(rounds):
+        key = keys[n % len(keys)]
+        orders.update_one({"_id": key}, {"$set": {"nested.v": n, "tags.1": f"{tag}{n}"},
+                                         "$unset": {"gone": ""}})
+        if n % 5 == 1:
+            orders.replace_one({"_id": key}, {"n": -n, "tags": ["r"], "nested": {"v": 0}})
+        if n % 7 == 2 and key in keys:
+            orders.delete_one({"_id": key})
+            keys.remove(key)
+        if n % 3 == 0:
+            new = 1000 + len(keys) + n
+            orders.insert_one({"_id": new, "n": new, "tags": ["i", "j"], "gone": 1})
+            keys.append(new)
+    orders.insert_one({"_id": f"marker-{tag}", "tags": []})
+
+
+def converged(browser: Browser, orders: Any, marker: str, timeout: float = 30) -> None:
+    browser.wait_for(f"query.documents.has({json.dumps(id_key(marker))})", timeout)
+    actual = {id_key(d["_id"]): relaxed(d) for d in orders.find()}
+    held_now = {id_key(d["_id"]): d for d in held(browser)}
+    assert held_now == actual
+
+
+@pytest.mark.e2e
+@pytest.mark.fault
+def test_a_live_query_on_a_real_relay_resnapshots_on_resync_and_converges(
+    browser: Browser, relay_factory: Callable[..., Any]
+) -> None:
+    """The relay's resume point is lost (MongoDB comes back without its oplog): it tells its
+    clients to resync, and the live query reads a fresh snapshot and follows it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    primary = TestPrimary(port=port).start()
+    try:
+        relay = relay_factory(MONGO_SRV=primary.uri + "&serverSelectionTimeoutMS=500")
+        relay.wait_ready()
+        with MongoClient(primary.uri) as client:
+            orders = client.shop.orders
+            keys = list(range(20))
+            orders.insert_many([{"_id": n, "n": n, "tags": ["a", "b"], "nested": {"v": n},
+                                 "gone": True} for n in keys])
+            browser.open(relay.url + "/healthz")  # any page of the relay's origin will do
+            browser.evaluate(LIVE_QUERY_JS % json.dumps("/socket?ns=shop.orders"))
+            wait_ready(browser, 1, timeout=15)
+            assert len(held(browser)) == 20
+            churn(orders, keys, 40, "first")
+            converged(browser, orders, "marker-first")
+        opened = len(browser.websocket_urls)
+        primary.stop()
+    finally:
+        primary.stop()
+    with TestPrimary(port=port) as reborn, MongoClient(reborn.uri) as client:
+        orders = client.shop.orders
+        keys = list(range(100, 115))
+        orders.insert_many([{"_id": n, "n": n, "tags": ["c", "d"], "nested": {"v": 0}}
+                            for n in keys])
+        wait_ready(browser, 2, timeout=60)
+        churn(orders, keys, 40, "second")
+        converged(browser, orders, "marker-second")
+    fresh = socket_queries(browser, opened)
+    assert fresh and all("resume_after" not in query for query in fresh)
+    [first_snapshot], *_ = calls_of(browser, "snapshot")
+    assert len(first_snapshot) == 20
+    assert [m.text for m in browser.console_messages if m.level == "exception"] == []
+    browser.evaluate("query.close()")  # no retries at a relay about to stop
+    browser.open("about:blank")
+
+
+@pytest.mark.e2e
+def test_the_live_table_on_a_real_relay_follows_documents_in_and_out_of_its_filter(
+    browser: Browser, mongo: Any, relay_factory: Callable[..., Any]
+) -> None:
+    relay = RealRelay(mongo, relay_factory)
+    orders = relay.collection
+    key = unique("in-out")
+    ids = [f"{key}-{n}" for n in range(6)]
+    orders.insert_many([{"_id": i, "status": "open" if n % 2 else "closed", "n": n}
+                        for n, i in enumerate(ids)])
+    status = json.dumps({"fullDocument.status": "open"}, separators=(",", ":"))
+    page = live(browser, f"{relay.page_url}?live={mongo.db}.orders&filter={quote(status)}")
+    page.wait_for("document.querySelectorAll('#documents tr.doc').length === 3", 10)
+
+    def shown_ids() -> list[str]:
+        return [json.loads(row["id"]) for row in document_rows(page)]
+
+    assert sorted(shown_ids()) == [ids[1], ids[3], ids[5]]
+    page.evaluate(f"{row_of(id_key(ids[3]))}.marked = true")
+    orders.update_one({"_id": ids[0]}, {"$set": {"status": "open"}})      # enters
+    orders.update_one({"_id": ids[1]}, {"$set": {"status": "closed"}})    # leaves
+    orders.update_one({"_id": ids[3]}, {"$set": {"n": 33}})               # changes in place
+    orders.delete_one({"_id": ids[5]})                                    # goes
+    orders.insert_one({"_id": ids[5] + "-new", "status": "open", "n": 6})  # comes, last
+    page.wait_for(f"{row_of(id_key(ids[5] + '-new'))} !== null", 10)
+
+    expected = sorted(d["_id"] for d in orders.find({"status": "open"}))
+    assert sorted(shown_ids()) == expected == [ids[0], ids[3], ids[5] + "-new"]
+    assert page.evaluate(f"{row_of(id_key(ids[3]))}.marked") is True
+    assert "n: 33" in page.evaluate(f"{row_of(id_key(ids[3]))}.textContent")
+    assert text(page, "documents-count") == "3"
+    assert problems(page) == []
+
+
 # -- the driver itself -------------------------------------------------------------------------
 
 
@@ -1336,6 +2028,10 @@ class StubRelay:
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
         self.sockets: set[StubSocket] = set()
+        # What a snapshot (``snapshot=1``) connection reads: the documents, in order, and a
+        # one-shot cut: close the socket (1001) after this many of them, mid-snapshot.
+        self.snapshot: list[dict[str, Any]] = []
+        self.cut_snapshot_after: int | None = None
         self._tokens = itertools.count(1)
         self.collection = StubCollection(self, "shop", "orders")
         self._loop = asyncio.new_event_loop()
@@ -1408,9 +2104,14 @@ class StubRelay:
 
     def advance_position(self) -> str:
         """Mint a resume point past the newest event, as a quiet stream's batch token would be."""
-        token = self._token()
-        self._call(lambda: self.history.append({"_id": {"_data": token}, "quiet": True}))
+        token = self._call(self.mint_position)
         self.broadcast({"type": "position", "resume_after": token})
+        return token
+
+    def mint_position(self) -> str:
+        """A resume point past the newest event (on the stub's loop)."""
+        token = self._token()
+        self.history.append({"_id": {"_data": token}, "quiet": True})
         return token
 
     def _token(self) -> str:
@@ -1527,7 +2228,10 @@ class StubSocket(tornado.websocket.WebSocketHandler):
 
     def open(self) -> None:
         after = self.get_argument("resume_after", None)
-        if after is not None:
+        if self.get_argument("snapshot", None) == "1":
+            if not self._send_snapshot(reset=after is not None):
+                return
+        elif after is not None:
             ids = [token_of(event) for event in self.relay.history]
             if after in ids:
                 for event in self.relay.history[ids.index(after) + 1 :]:
@@ -1535,7 +2239,26 @@ class StubSocket(tornado.websocket.WebSocketHandler):
                         self.send(event)
             else:
                 self.send({"type": "resync", "reason": "history_lost"})
+        # Every connection is told once when its live feed is attached, and from where.
+        ready: dict[str, Any] = {"type": "ready", "resume_after": self.relay.mint_position()}
+        if self.get_argument("snapshot", None) == "1":
+            ready["snapshot"] = len(self.relay.snapshot)
+        self.send(ready)
         self.relay.sockets.add(self)
+
+    def _send_snapshot(self, *, reset: bool) -> bool:
+        """The stub always starts a resuming snapshot client over (``reset``), as the protocol
+        allows; False when the one-shot cut closed the socket mid-snapshot."""
+        if reset:
+            self.send({"type": "reset"})
+        ns = self.get_argument("ns", "shop.orders")
+        for n, document in enumerate(self.relay.snapshot):
+            if n == self.relay.cut_snapshot_after:
+                self.relay.cut_snapshot_after = None
+                self.close(1001, "server shutting down")
+                return False
+            self.send({"type": "doc", "ns": ns, "doc": document})
+        return True
 
     def send(self, message: dict[str, Any]) -> None:
         self.write_message(json_util.dumps(message, json_options=json_util.RELAXED_JSON_OPTIONS))
