@@ -52,6 +52,10 @@ AHEAD_WINDOW = 60
 # Evicted events stay at the front of the log's lists until this many have gone (and they are
 # more than half the list): deleting a list's head moves all the rest, so it is done rarely.
 COMPACT_AFTER = 4096
+# A quiet client that was told its position is told again after this many position intervals of
+# silence, or sooner when the replay buffer is about to drop where it would resume from. Until
+# then a reconnect resumes from the buffer; this bounds how far behind the oplog it can fall.
+RETELL_INTERVALS = 12
 
 
 class Subscriber(Protocol):
@@ -385,15 +389,21 @@ class Hub(Generic[S]):
         """Tell clients that heard nothing for ``idle`` seconds where they could resume from.
 
         A heavily filtered subscription may match nothing for hours while the oplog moves on;
-        without this its newest id would fall out of the oplog window. At most ``budget``
-        clients are told per call: the rest stay due and are told on the next calls, so a crowd
-        of quiet clients costs a few short bursts rather than one long one that live events
-        would wait behind.
+        without this its newest id would fall out of the oplog window. A client is told when it
+        has not been yet, and again only when what it was told is about to leave the replay
+        buffer (``_horizon``) or after ``RETELL_INTERVALS`` silent intervals: 10,000 quiet
+        per-user clients told every interval cost more than the events did (issue 14), and
+        until then a reconnect resumes from the buffer all the same. At most ``budget`` clients
+        are told per call: the rest stay due and are told on the next calls, so a crowd of
+        quiet clients costs a few short bursts rather than one long one that live events would
+        wait behind.
         """
         if self.position is None:
             return 0
         now = time.monotonic()
         mark = self._mark_at(self.position)
+        horizon = self._horizon()
+        retell = idle * RETELL_INTERVALS
         messages: dict[str, bytes] = {}
         sent = 0
         for group in tuple(self._groups.values()):
@@ -405,7 +415,10 @@ class Hub(Generic[S]):
                 if budget is not None and sent >= budget:
                     return sent
                 position = _latest(shared, client.sent) if restricted else shared
-                if position is None or now - client.last_send < idle or client.told == position:
+                silent = now - client.last_send
+                told = client.told
+                if position is None or silent < idle or told == position or (
+                        told is not None and silent < retell and order_key(told) >= horizon):
                     continue
                 message = messages.get(position)
                 if message is None:
@@ -418,6 +431,20 @@ class Hub(Generic[S]):
                     self.failed(client, exc)
                 sent += 1
         return sent
+
+    def _horizon(self) -> str:
+        """The order key a position must be at or past for the replay buffer to take another
+        half of its capacity (in events, and in bytes at its events' average size) before it
+        drops an event after that position."""
+        floor = order_key(self.floor) if self.floor is not None else ""
+        count = len(self._log) - self._start
+        if not count:
+            return floor
+        keep = self.max_events // 2
+        if self._bytes:
+            keep = min(keep, self.max_bytes * count // (2 * self._bytes))
+        index = len(self._log) - keep - 1
+        return self._keys[index] if index >= self._start else floor
 
     def _learn_mark(self, token: str) -> None:
         if self._mark is None and is_high_water_mark(token):
