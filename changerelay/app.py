@@ -38,6 +38,7 @@ from .disconnect import cause_of
 from .gate import Gate, Limits
 from .hub import Hub
 from .listener import Listener
+from .pinger import Pinger
 from .source import ChangeSource
 from .tornado_internals import GatedServer
 
@@ -99,7 +100,7 @@ class Relay:
         self.started = time.monotonic()
         self._timers: list[PeriodicCallback] = []
         self._gone: asyncio.Event | None = None  # set during shutdown once every client left
-        self._ping_slice = 0
+        self._pinger: Pinger[WebSocketClient] = Pinger(PING_SLICES)  # the WebSockets, by slice
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -143,18 +144,18 @@ class Relay:
 
         Every connection is pinged once per WS_PING_INTERVAL, but a slice at a time: pinging
         10,000 sockets at once brings 10,000 pongs back at once, and live events wait behind
-        them.
+        them. The slices are kept as clients come and go (``pinger.py``): a tick walks its own.
         """
-        self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
         timeout = self.config.ws_ping_interval * PONG_DEADLINE
-        for client in (*self.hub.clients, *self.catchup.clients()):
-            if isinstance(client, WebSocketClient) and (
-                    hash(client) % PING_SLICES == self._ping_slice):
-                try:
-                    client.ping(now, timeout)
-                except Exception as exc:  # its own failure: the others are still pinged
-                    self.hub.failed(client, exc)
+        for client in self._pinger.tick():
+            if client.closed:  # ending: nothing to ping, whether or not it has left yet
+                self._pinger.discard(client)
+                continue
+            try:
+                client.ping(now, timeout)
+            except Exception as exc:  # its own failure: the others are still pinged
+                self.hub.failed(client, exc)
 
     def heartbeat(self) -> None:
         """A comment line on every event stream, so that proxies keep it open."""
@@ -208,6 +209,7 @@ class Relay:
     def attach(self, client: Client, resume_after: str | None) -> None:
         """Start a client live, from the log, or from MongoDB's history; tell it first when
         MongoDB is not there."""
+        self.keep_alive(client)
         if not self.source.ready:
             client.send_control(self.source.message())
         if resume_after is None:
@@ -215,10 +217,17 @@ class Relay:
         elif not self.hub.resume(client, resume_after):
             self._from_history(client, resume_after)
 
+    def keep_alive(self, client: Client) -> None:
+        """Ping ``client`` from now on, live or catching up, until it leaves (``detach``)."""
+        if isinstance(client, WebSocketClient):
+            self._pinger.add(client)
+
     def _from_history(self, client: Client, after: str) -> None:
         self.catchup.add(client, after)
 
     def detach(self, client: Client) -> None:
+        if isinstance(client, WebSocketClient):
+            self._pinger.discard(client)
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
         self._check_gone()
