@@ -29,10 +29,11 @@ high-water mark, or the newest id its subscription was sent — never another ev
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from logzero import logger
@@ -401,36 +402,40 @@ class Hub(Generic[S]):
         if self.position is None:
             return 0
         now = time.monotonic()
-        mark = self._mark_at(self.position)
+        # Found first, then told: telling one may end it, and it leaves its group.
+        due = list(itertools.islice(self._due_positions(self.position, now, idle), budget))
+        messages: dict[str, bytes] = {}
+        for client, position in due:
+            message = messages.get(position)
+            if message is None:
+                message = messages[position] = ev.control("position", resume_after=position)
+            client.last_send = now
+            client.told = position
+            try:
+                client.send_control(message, token=position)
+            except Exception as exc:
+                self.failed(client, exc)
+        return len(due)
+
+    def _due_positions(self, head: str, now: float, idle: float) -> Iterator[tuple[S, str]]:
+        """The quiet clients to tell now, each with the position to tell it (``head``: the
+        hub's position)."""
+        mark = self._mark_at(head)
         horizon = self._horizon()
         retell = idle * RETELL_INTERVALS
-        messages: dict[str, bytes] = {}
-        sent = 0
-        for group in tuple(self._groups.values()):
+        for group in self._groups.values():
             if now - group.last_send < idle:
                 continue
             restricted = group.subscription.restricted
-            shared = _latest(mark, group.newest) if restricted else self.position
-            for client in tuple(group.clients):
-                if budget is not None and sent >= budget:
-                    return sent
+            shared = _latest(mark, group.newest) if restricted else head
+            for client in group.clients:
                 position = _latest(shared, client.sent) if restricted else shared
                 silent = now - client.last_send
                 told = client.told
                 if position is None or silent < idle or told == position or (
                         told is not None and silent < retell and order_key(told) >= horizon):
                     continue
-                message = messages.get(position)
-                if message is None:
-                    message = messages[position] = ev.control("position", resume_after=position)
-                client.last_send = now
-                client.told = position
-                try:
-                    client.send_control(message, token=position)
-                except Exception as exc:
-                    self.failed(client, exc)
-                sent += 1
-        return sent
+                yield client, position
 
     def _horizon(self) -> str:
         """The order key a position must be at or past for the replay buffer to take another
