@@ -54,9 +54,11 @@ AHEAD_WINDOW = 60
 # more than half the list): deleting a list's head moves all the rest, so it is done rarely.
 COMPACT_AFTER = 4096
 # A quiet client that was told its position is told again after this many position intervals of
-# silence, or sooner when the replay buffer is about to drop where it would resume from. Until
-# then a reconnect resumes from the buffer; this bounds how far behind the oplog it can fall.
-RETELL_INTERVALS = 12
+# silence (10 minutes at 5 s), or sooner when the replay buffer is about to drop where it would
+# resume from (``Hub._horizon``). So a reconnect resumes from the buffer, and a catch-up from
+# MongoDB (another relay, a restart) reads at most half a buffer of events or 10 minutes of them;
+# this interval only keeps a quiet deployment's clients well inside the oplog window.
+RETELL_INTERVALS = 120
 
 
 class Subscriber(Protocol):
