@@ -119,19 +119,21 @@ class Relay:
 
     @property
     def _position_pass_seconds(self) -> float:
-        """At least two passes per POSITION_INTERVAL, so that a quiet client is told at most
-        half an interval late; at least one a second, so that each pass's share stays small."""
+        """At least two passes per POSITION_INTERVAL, at least one a second, so that each
+        pass's share stays small; each group is looked at once an interval, so a quiet client is
+        told at most an interval late."""
         return min(1.0, self.config.position_interval / 2)
 
     def send_positions(self) -> None:
         """Tell quiet clients where they could resume from, a share of them per pass.
 
         Position messages are spread over the interval like pings: 10,000 quiet clients in one
-        pass hold the loop for ~100 ms.
+        pass hold the loop for ~100 ms. So is looking for the clients due: each pass looks at
+        its share of the groups.
         """
         passes = self.config.position_interval / self._position_pass_seconds
         budget = math.ceil(len(self.hub.clients) / passes) + POSITION_SLACK
-        self.hub.send_positions(self.config.position_interval, budget)
+        self.hub.send_positions(self.config.position_interval, budget, share=1 / passes)
 
     def expire_tokens(self) -> None:
         """Close every connection whose token has expired, live or still catching up."""

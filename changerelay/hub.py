@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from logzero import logger
@@ -163,6 +164,8 @@ class Hub(Generic[S]):
         self._routes: Index[Group[S]] = Index()  # the groups, by what their events hold
         self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
         self._ahead_routes = Shared()     # ...and their subscriptions
+        self._round: list[Group[S]] = []  # the groups a round of position passes looks at
+        self._round_at = 0                # ...and where the next pass starts in it
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self.clients: set[S] = set()
         self.published = 0
@@ -388,7 +391,8 @@ class Hub(Generic[S]):
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def send_positions(self, idle: float, budget: int | None = None) -> int:
+    def send_positions(self, idle: float, budget: int | None = None, share: float = 1.0
+                       ) -> int:
         """Tell clients that heard nothing for ``idle`` seconds where they could resume from.
 
         A heavily filtered subscription may match nothing for hours while the oplog moves on;
@@ -399,13 +403,17 @@ class Hub(Generic[S]):
         until then a reconnect resumes from the buffer all the same. At most ``budget`` clients
         are told per call: the rest stay due and are told on the next calls, so a crowd of
         quiet clients costs a few short bursts rather than one long one that live events would
-        wait behind.
+        wait behind. With ``share`` below 1 a call looks at that share of the groups, the next
+        ones of a round over all of them: at 10,000 per-user groups, looking at every one on
+        every pass to find the few due was most of what quiet clients cost.
         """
         if self.position is None:
             return 0
         now = time.monotonic()
+        groups = self._groups.values() if share >= 1 else self._next_share(share)
         # Found first, then told: telling one may end it, and it leaves its group.
-        due = list(itertools.islice(self._due_positions(self.position, now, idle), budget))
+        due = list(itertools.islice(self._due_positions(self.position, now, idle, groups),
+                                    budget))
         messages: dict[str, bytes] = {}
         for client, position in due:
             message = messages.get(position)
@@ -419,13 +427,24 @@ class Hub(Generic[S]):
                 self.failed(client, exc)
         return len(due)
 
-    def _due_positions(self, head: str, now: float, idle: float) -> Iterator[tuple[S, str]]:
-        """The quiet clients to tell now, each with the position to tell it (``head``: the
-        hub's position)."""
+    def _next_share(self, share: float) -> list[Group[S]]:
+        """The next ``share`` of a round over the groups; a round starts from the groups there
+        are then (a group that left meanwhile has no clients; one that came waits a round)."""
+        if self._round_at >= len(self._round):
+            self._round, self._round_at = list(self._groups.values()), 0
+        count = math.ceil(len(self._round) * share)
+        groups = self._round[self._round_at:self._round_at + count]
+        self._round_at += count
+        return groups
+
+    def _due_positions(self, head: str, now: float, idle: float, groups: Iterable[Group[S]]
+                       ) -> Iterator[tuple[S, str]]:
+        """The quiet clients of ``groups`` to tell now, each with the position to tell it
+        (``head``: the hub's position)."""
         mark = self._mark_at(head)
         horizon = self._horizon()
         retell = idle * RETELL_INTERVALS
-        for group in self._groups.values():
+        for group in groups:
             if now - group.last_send < idle:
                 continue
             restricted = group.subscription.restricted

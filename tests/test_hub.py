@@ -211,6 +211,20 @@ def test_a_quiet_client_is_told_again_only_when_its_position_is_about_to_leave_t
     assert [c["resume_after"] for c in quiet.controls] == [token(1), token(9), token(20)]
 
 
+def test_a_position_pass_can_look_at_a_share_of_the_groups_and_a_round_covers_them_all():
+    """The app passes several times per interval: each pass looks at its share of the groups,
+    not at all 10,000 of them (issue 14), and every quiet client is told once a round."""
+    hub = started_hub()
+    quiet = [FakeClient(Subscription(filter=compile_filter({"fullDocument.n": n})))
+             for n in range(10)]
+    for client in quiet:
+        hub.subscribe(client)
+    hub.publish(event(1))
+    assert [hub.send_positions(idle=0, share=0.25) for _ in range(4)] == [3, 3, 3, 1]
+    assert all(c.controls == [{"type": "position", "resume_after": token(1)}] for c in quiet)
+    assert [hub.send_positions(idle=0, share=0.25) for _ in range(4)] == [0, 0, 0, 0]
+
+
 def test_byte_bound_evicts_oldest():
     one = event(1)
     hub = started_hub(max_bytes=one.size * 2)
