@@ -401,9 +401,9 @@ class Hub(Generic[S]):
         buffer (``_horizon``) or after ``RETELL_INTERVALS`` silent intervals: 10,000 quiet
         per-user clients told every interval cost more than the events did (issue 14), and
         until then a reconnect resumes from the buffer all the same. At most ``budget`` clients
-        are told per call: the rest stay due and are told on the next calls, so a crowd of
-        quiet clients costs a few short bursts rather than one long one that live events would
-        wait behind. With ``share`` below 1 a call looks at that share of the groups, the next
+        are told per call: the rest stay due and are told on the next calls (with a ``share``,
+        when the round comes back to them), so a crowd of quiet clients costs a few short bursts
+        rather than one long one that live events would wait behind. With ``share`` below 1 a call looks at that share of the groups, the next
         ones of a round over all of them: at 10,000 per-user groups, looking at every one on
         every pass to find the few due was most of what quiet clients cost.
         """
