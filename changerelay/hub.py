@@ -403,9 +403,10 @@ class Hub(Generic[S]):
         until then a reconnect resumes from the buffer all the same. At most ``budget`` clients
         are told per call: the rest stay due and are told on the next calls (with a ``share``,
         when the round comes back to them), so a crowd of quiet clients costs a few short bursts
-        rather than one long one that live events would wait behind. With ``share`` below 1 a call looks at that share of the groups, the next
-        ones of a round over all of them: at 10,000 per-user groups, looking at every one on
-        every pass to find the few due was most of what quiet clients cost.
+        rather than one long one that live events would wait behind. With ``share`` below 1 a
+        call looks at that share of the groups, the next ones of a round over all of them: at
+        10,000 per-user groups, looking at every one on every pass to find the few due was most
+        of what quiet clients cost.
         """
         if self.position is None:
             return 0
