@@ -49,9 +49,10 @@ def run_server(argv: list[str], prog: str = "changerelay") -> int:
 
 
 def _serve(config: cfg.Config) -> int:
-    from . import app
+    from . import app, collector
 
     logs.setup(config.log_level, config.log_format)
+    collector.pace()
     app.raise_open_files_limit()
     try:
         sockets = app.bind(config)

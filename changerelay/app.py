@@ -63,7 +63,7 @@ PING_SLICES = 20
 # WS_PING_INTERVAL, so that the next visit (one interval on) is past the deadline.
 PONG_DEADLINE = 0.99
 POSITION_SLACK = 100  # positions per pass on top of the even share
-# Tokens' exp is checked this often: a connection outlives its token (and LEEWAY_SECONDS) by at
+# Tokens' exp is checked this often: a connection outlives its token (and AUTH_LEEWAY_SECONDS) by at
 # most this long, and a pass over 10,000 clients costs a few milliseconds.
 EXPIRY_CHECK_SECONDS = 1.0
 # Connections the kernel queues before they are accepted: room for a crowd of clients that

@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 HMAC_ALGORITHMS = ["HS256"]
 PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
-# Seconds of clock difference allowed between the token's issuer and the relay, both ways: exp
-# and nbf are checked against our clock, and a token minted a moment ago elsewhere must pass.
-LEEWAY_SECONDS = 5
 ENABLE_POST_IMAGES = (
     "enable post-images: run db.runCommand({collMod: \"<collection>\", "
     "changeStreamPreAndPostImages: {enabled: true}}) on each watched collection (MongoDB 6.0+) "
@@ -77,8 +74,11 @@ class Expiring(Protocol):
 
 class Authenticator:
     def __init__(self, key: str, algorithms: list[str], full_document: str = "updateLookup",
-                 redact: tuple[str, ...] = ()):
+                 redact: tuple[str, ...] = (), leeway_seconds: float = 0):
         self.key = key
+        # AUTH_LEEWAY_SECONDS: exp and nbf are checked against our clock, and a token minted a
+        # moment ago by an issuer whose clock is a little ahead or behind must still pass.
+        self.leeway_seconds = leeway_seconds
         self.algorithms = algorithms
         self.full_document = full_document  # the FULL_DOCUMENT mode of every stream we read
         self.redact = redact                # REDACT: fields no event the relay reads has
@@ -91,10 +91,10 @@ class Authenticator:
                            "%s", ENABLE_POST_IMAGES)
         if config.auth_jwt_secret:
             return cls(config.auth_jwt_secret, HMAC_ALGORITHMS, config.full_document,
-                       config.redact)
+                       config.redact, config.auth_leeway_seconds)
         if config.auth_jwt_public_key:
             return cls(Path(config.auth_jwt_public_key).read_text(), PUBLIC_KEY_ALGORITHMS,
-                       config.full_document, config.redact)
+                       config.full_document, config.redact, config.auth_leeway_seconds)
         raise ValueError("auth is off: neither AUTH_JWT_SECRET nor AUTH_JWT_PUBLIC_KEY is set")
 
     def authenticate(self, request: HTTPServerRequest) -> Claims:
@@ -104,8 +104,8 @@ class Authenticator:
                 "missing_token", "this relay requires a token: send Authorization: Bearer "
                 "<jwt> or ?access_token=<jwt>")
         try:
-            payload = jwt.decode(token, self.key, algorithms=self.algorithms, leeway=LEEWAY_SECONDS,
-                                 options={"require": ["exp"]})
+            payload = jwt.decode(token, self.key, algorithms=self.algorithms,
+                                 leeway=self.leeway_seconds, options={"require": ["exp"]})
         except jwt.ExpiredSignatureError:
             raise Refusal("token_expired", "the token has expired; get a fresh one") from None
         except jwt.MissingRequiredClaimError:
@@ -181,10 +181,10 @@ class Authenticator:
         One client's state must not stop the pass for the others: a client whose expiry cannot
         be read is closed (fail closed), and one that fails to close is logged and skipped.
         """
-        now = time.time()
+        deadline = time.time() - self.leeway_seconds
         for client in tuple(clients):
             try:
-                due = client.claims is not None and client.claims.expires + LEEWAY_SECONDS <= now
+                due = client.claims is not None and client.claims.expires <= deadline
             except Exception:
                 logger.exception("cannot read the token expiry of %s; closing it",
                                  getattr(client, "peer", "a client"))

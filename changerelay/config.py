@@ -258,6 +258,9 @@ class Config:
     auth_jwt_public_key: str | None = _setting(
         "AUTH_JWT_PUBLIC_KEY", None, "path to a PEM public key (RS256/ES256); turns auth on",
         _pem_path)
+    auth_leeway_seconds: int = _setting(
+        "AUTH_LEEWAY_SECONDS", 5, "seconds of clock difference allowed between the token's "
+        "issuer and the relay, both ways, when exp and nbf are checked (0-300)", _whole(0, 300))
     redact: tuple[str, ...] = _setting(
         "REDACT", (), "comma-separated document fields (fullDocument.x.y) removed inside MongoDB "
         "from every event", _parsed(lambda raw: parse_redact(_csv(raw))))

@@ -53,8 +53,13 @@ def primary():
 
 @pytest.fixture
 def writer(primary):
-    """A driver client of the test primary, for the test's own writes."""
-    with MongoClient(primary.uri) as client:
+    """A driver client of the test primary, for the test's own writes.
+
+    Its server selection is bounded as ``Mongo``'s is: leaving the fixture ends the client's
+    sessions (endSessions), and with the primary stopped by the test that would otherwise wait
+    the driver's default 30 s for a server. A test that stops the primary closes it first.
+    """
+    with MongoClient(primary.uri, serverSelectionTimeoutMS=5000) as client:
         yield client
 
 

@@ -7,6 +7,7 @@ the runner for ``async def`` tests.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import datetime
@@ -143,9 +144,13 @@ class RelayProcess:
         env.update({"PORT": "0", "HOST": "127.0.0.1", "LOG_LEVEL": "DEBUG",
                     "PYTHONUNBUFFERED": "1"})
         env.update({k: str(v) for k, v in self.env.items()})
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), *self.args], cwd=str(ROOT), env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        argv = [str(ROOT / "server.py"), *self.args]
+        if needs_fresh_interpreter(env, self.args):
+            self.proc = subprocess.Popen(
+                [sys.executable, *argv], cwd=str(ROOT), env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        else:
+            self.proc = Zygote.get().spawn(argv, env, str(ROOT))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._listening.wait(timeout):
@@ -216,6 +221,147 @@ class RelayProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def needs_fresh_interpreter(env: dict[str, str], args: list[str]) -> bool:
+    """Whether a relay must start as a new interpreter rather than fork from ``tests.zygote``:
+    when what it runs with is read at import or interpreter start (``PYTHON*``; prometheus_client
+    reads ``PROMETHEUS_MULTIPROC_DIR``, which ``REUSE_PORT`` sets before importing it), or when the
+    zygote is switched off (``RELAY_POPEN=1``, to compare)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "WATCH_"))}
+    changed = {k for k, v in env.items() if inherited.get(k) != v} | (inherited.keys() - env.keys())
+    return (os.environ.get("RELAY_POPEN") == "1"
+            or any(k.startswith(("PYTHON", "PROMETHEUS")) for k in changed - {"PYTHONUNBUFFERED"})
+            or env.get("REUSE_PORT", "0").strip() not in ("", "0", "1")
+            or any(a.startswith("--reuse-port") for a in args))
+
+
+class Zygote:
+    """The client of this test process's fork server (``tests/zygote.py``), started on first use."""
+
+    _instance: Zygote | None = None
+    _create = threading.Lock()
+
+    @classmethod
+    def get(cls) -> Zygote:
+        with cls._create:
+            if cls._instance is None or cls._instance.server.poll() is not None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote", str(theirs.fileno())], cwd=str(ROOT),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL)
+        theirs.close()
+        atexit.register(self.close)
+        self._spawning = threading.Lock()
+        self._started: list[int] = []
+        self._changed = threading.Condition()
+        self.exits: dict[int, int] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def close(self) -> None:
+        """End the zygote (it kills relays left running) and reap it, so that its CPU time is
+        counted where this process's is."""
+        # shutdown(), not only close(): our reader thread is blocked in recv() on this socket,
+        # and while a call holds it, close() does not end the connection, so the zygote saw no
+        # end of file and every test process waited out the 10 s below at exit.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str,
+              timeout: float = 30) -> ForkedProcess:
+        read, write = os.pipe()
+        message = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
+        with self._spawning:
+            try:
+                socket.send_fds(self.sock, [message], [write])
+            finally:
+                os.close(write)
+            with self._changed:
+                if not self._changed.wait_for(lambda: self._started, timeout):
+                    os.close(read)
+                    raise AssertionError("the zygote did not fork a relay in time")
+                pid = self._started.pop(0)
+        return ForkedProcess(self, pid, argv, os.fdopen(read, "r"))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.sock.recv(4096)
+            except OSError:
+                message = b""
+            with self._changed:
+                if not message:  # the zygote died: no exit will be reported
+                    self.exits.setdefault(-1, -1)
+                    self._changed.notify_all()
+                    return
+                answer = json.loads(message)
+                if "started" in answer:
+                    self._started.append(answer["started"])
+                else:
+                    self.exits[answer["exited"]] = answer["code"]
+                self._changed.notify_all()
+
+
+class ForkedProcess:
+    """The part of ``subprocess.Popen`` the tests use, for a relay forked by the zygote: its pid,
+    its output, its exit status, signals. Signals go through a pidfd, so that one never reaches
+    another process that got the pid after the relay's end."""
+
+    def __init__(self, zygote: Zygote, pid: int, argv: list[str], stdout):
+        self.zygote = zygote
+        self.pid = pid
+        self.args = argv
+        self.stdout = stdout
+        self.returncode: int | None = None
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # already ended (and reaped by the zygote)
+            self._pidfd = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with self.zygote._changed:
+                self._update()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.zygote._changed:
+            if not self.zygote._changed.wait_for(self._update, timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def _update(self) -> bool:
+        if self.returncode is None:
+            if self.pid in self.zygote.exits:
+                self.returncode = self.zygote.exits.pop(self.pid)
+            elif -1 in self.zygote.exits:
+                raise AssertionError("the zygote died before the relay's exit was reported")
+        if self.returncode is not None and self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return self.returncode is not None
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None and self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class RawHTTP:

@@ -749,13 +749,13 @@ def test_a_relay_killed_mid_stream_and_restarted_leaves_no_gap(
     relay = RealRelay(mongo, relay_factory)
     page = live(browser, relay.page_url)
     killed, restarted = threading.Event(), threading.Event()
-    gates = {700: killed, 1000: restarted}
-    writer = GatedWriter(mongo.uri, mongo.db, total=1200, batch=20, gates=gates)
+    gates = {280: killed, 400: restarted}
+    writer = GatedWriter(mongo.uri, mongo.db, total=480, batch=20, gates=gates)
     writer.start()
     try:
-        page.wait_for(f"{COUNT_JS} >= 300", 30)  # the writer goes on, up to 700
+        page.wait_for(f"{COUNT_JS} >= 120", 30)  # the writer goes on, up to 280
         before = len(page.websocket_urls)
-        relay.crash(then=lambda: (killed.set(), writer.wait_written(800, 30)))
+        relay.crash(then=lambda: (killed.set(), writer.wait_written(320, 30)))
         restarted.set()
         writer.join(60)
         assert not writer.is_alive() and writer.error is None, writer.error
@@ -763,7 +763,7 @@ def test_a_relay_killed_mid_stream_and_restarted_leaves_no_gap(
         writer.stop()
 
     expected = mongo.tokens()
-    assert len(expected) == 1200
+    assert len(expected) == 480
     # The newest event, not a count, ends the wait: a gap then fails now, not at the deadline.
     page.wait_for_console(lambda m: is_event(m, expected[-1]), 30)
     assert [m["_id"]["_data"] for m in logged(page) if "operationType" in m] == expected

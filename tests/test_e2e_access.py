@@ -83,7 +83,9 @@ BAD_HANDSHAKES = [
 
 @pytest.fixture
 def secured(mongo, relay_factory):
-    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=SHOP, AUTH_JWT_SECRET=SECRET)
+    # A leeway of 1 s, not the default 5: tests whose tokens expire mid-connection wait it out.
+    relay = relay_factory(MONGO_SRV=mongo.uri, WATCH_DB=SHOP, AUTH_JWT_SECRET=SECRET,
+                          AUTH_LEEWAY_SECONDS=1)
     relay.wait_ready()
     yield relay
     if not mongo.fake:
@@ -215,7 +217,7 @@ async def test_access_token_query_parameter_and_exp_enforced_during_connection(m
     client = await WS.connect(f"{secured.ws_url}?access_token={short}")
     mongo.client[SHOP].orders.insert_one({"_id": 1})
     await client.changes(1)
-    code, reason = await client.closed(timeout=15)  # exp + leeway (5 s)
+    code, reason = await client.closed(timeout=15)  # exp + AUTH_LEEWAY_SECONDS
     assert (code, reason) == (1008, "token expired")
     assert client.frames[-1]["code"] == "token_expired"
     assert short not in secured.log()  # access lines leave the query string out

@@ -359,6 +359,9 @@ async def test_sigterm_right_after_mongodb_goes_away_exits_0_in_time(primary, wr
     """MongoDB silent (a partition: connections open, nothing answered) or stopped, just before
     SIGTERM, with a live client and one that came from history (a catch-up stream)."""
     writer.shop.c.insert_many([{"_id": "before the relay"}, {"_id": "caught up"}])
+    # Done with: closed while MongoDB is there to end its sessions. Closed after primary.stop(),
+    # the driver would first wait out server selection (30 s) to send endSessions.
+    writer.close()
     forwarder = Frozen(primary.port)
     relay = relay_factory(MONGO_SRV=forwarder.uri, WATCH_DB="shop",
                           SHUTDOWN_TIMEOUT=SHUTDOWN_TIMEOUT)

@@ -212,3 +212,12 @@ def test_str_and_int_subclasses_keep_their_wrappers():
 def test_dates_are_spelled_as_json_util_spells_them(when):
     """The relay writes the common dates itself (naive, after 1970): the very same text."""
     assert relaxed_json({"d": when}) == json_util_text({"d": when})
+
+
+@pytest.mark.parametrize("value", [
+    ObjectId(b"\x00" * 12), ObjectId(b"\xff" * 12), Timestamp(0, 0),
+    Timestamp(2**32 - 1, 2**32 - 1), Int64(-(2**63)), Int64(2**63 - 1), Int64(0),
+])
+def test_ids_times_and_64_bit_integers_are_spelled_as_json_util_spells_them(value):
+    """The relay writes these itself too (``relaxed._WRITERS``): the very same text."""
+    assert relaxed_json({"v": value, "in": [value]}) == json_util_text({"v": value, "in": [value]})

@@ -291,6 +291,29 @@ def test_one_clients_bad_state_never_stops_the_expiry_pass(monkeypatch):
     assert not fresh.ended and not anonymous.ended
 
 
+def test_the_leeway_is_the_setting_both_at_the_handshake_and_on_the_connection(monkeypatch):
+    from changerelay import auth, config
+
+    strict = Authenticator.from_config(config.load([], {"AUTH_JWT_SECRET": SECRET,
+                                                       "AUTH_LEEWAY_SECONDS": "0"}))
+    loose = Authenticator.from_config(config.load([], {"AUTH_JWT_SECRET": SECRET}))
+    assert (strict.leeway_seconds, loose.leeway_seconds) == (0, 5)
+    lapsed = make({"exp": int(time.time()) - 2})
+    request = SimpleNamespace(headers={"Authorization": f"Bearer {lapsed}"}, query_arguments={})
+    with pytest.raises(Refusal) as refused:
+        strict.authenticate(request)
+    assert refused.value.code == "token_expired"
+    claims = loose.authenticate(request)  # two seconds past exp: within the default leeway
+    clients = [Ending(claims), Ending(claims)]
+    loose.expire(clients[:1])
+    strict.expire(clients[1:])
+    assert [client.ended for client in clients] == [False, True]
+    later = time.time() + 5
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    loose.expire(clients[:1])
+    assert clients[0].ended
+
+
 def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -302,7 +325,7 @@ def test_public_key_tokens_rs256_and_es256_only(tmp_path):
     path.write_bytes(pem)
     auth = Authenticator.from_config(SimpleNamespace(
         auth_jwt_secret=None, auth_jwt_public_key=str(path), full_document="whenAvailable",
-        redact=()))
+        redact=(), auth_leeway_seconds=5))
     good = make({"ns": ["shop"]}, key=private, algorithm="ES256")
     request = SimpleNamespace(headers={"Authorization": f"Bearer {good}"}, query_arguments={})
     assert auth.authenticate(request).namespaces == frozenset({("shop", None)})
