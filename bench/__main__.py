@@ -284,6 +284,8 @@ def run_all(args, counts, fixed, server_cores, client_cores, results) -> None:
         source.stop()
 
 
+# One WS_PING_INTERVAL (20 s): a whole round of pings, and four POSITION_INTERVALs.
+PER_USER_IDLE_SECONDS = 20.0
 CONNECTIONS_PER_SOURCE = 20_000  # a loopback source address has about 28,000 ephemeral ports
 
 
@@ -302,10 +304,25 @@ def per_user(args, bench: Bench, name: str, root: Path, cores, results, servers)
         for start in range(0, users, CONNECTIONS_PER_SOURCE):
             reply = bench.connect(server, min(CONNECTIONS_PER_SOURCE, users - start), path=path)
             first = reply["first"] if first is None else first
+        # Quiet clients are first told their position POSITION_INTERVAL after they connect, a
+        # share per pass: measured apart (idle, the same clients), so that the runs below start
+        # in the steady state a long-lived deployment is in.
+        settling = bench.idle(server, PER_USER_IDLE_SECONDS)
+        runs = []
         for batch, events in ((args.batch, args.per_user_events), (1, args.single_events)):
             profile = profile_path(args, results, server, f"per-user-{batch}", users)
-            record(results, bench.per_user(server, first, users, events, batch, profile))
+            runs.append(bench.per_user(server, first, users, events, batch, profile))
             keep_profile(results, server, f"per-user-{batch}", users, profile)
+        # The same clients with no events (after the runs: every client has been told its
+        # position once, as in a steady state): what quiet connections cost whatever the events
+        # do, taken off each run's CPU for its marginal cost per event.
+        idle = bench.idle(server, PER_USER_IDLE_SECONDS)
+        for run in runs:
+            run.detail["idle_cpu_ms_per_s"] = round(idle * 1000, 2)
+            run.detail["idle_after_connecting_ms_per_s"] = round(settling * 1000, 2)
+            marginal = (run.relay_cpu_s - idle * run.seconds) / max(run.events, 1)
+            run.detail["marginal_cpu_us_per_event"] = round(marginal * 1e6, 1)
+            record(results, run)
     bench.close_to(0)
     server.stop()
 

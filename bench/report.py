@@ -169,12 +169,18 @@ def _scale(runs: list[dict]) -> list[str]:
         out += ["", "### Per-user subscriptions (each client its own owner filter, each event "
                 "for one of them)", "",
                 "| server | subscriptions | events arrive | events | relay CPU µs per event "
-                "| events/s | p50 / p99 ms |", "|---|---:|---|---:|---:|---:|---|"]
+                "| minus idle, µs per event | idle ms/s | events/s | p50 / p99 ms |",
+                "|---|---:|---|---:|---:|---:|---:|---:|---|"]
         for run in per_user:
-            batch = run["detail"]["batch"]
+            detail = run["detail"]
+            batch = detail["batch"]
             arrive = "one at a time" if batch == 1 else f"{batch} per insert_many"
-            out.append(f"| {run['server']} | {run['detail']['subscriptions']:,} | {arrive} | "
-                       f"{run['events']:,} | {_per_event(run)} | {_events_per_s(run)} | "
+            marginal = detail.get("marginal_cpu_us_per_event")
+            idle = detail.get("idle_cpu_ms_per_s")
+            out.append(f"| {run['server']} | {detail['subscriptions']:,} | {arrive} | "
+                       f"{run['events']:,} | {_per_event(run)} | "
+                       f"{'-' if marginal is None else f'{marginal:,.1f}'} | "
+                       f"{'-' if idle is None else idle} | {_events_per_s(run)} | "
                        f"{_lat(run)} |")
     ingest = [r for r in runs if r["scenario"] == "ingest"]
     if ingest:

@@ -40,6 +40,7 @@ from .gate import Gate, Limits
 from .hub import Hub
 from .listener import Listener
 from .livequery import LiveQueries, Opened
+from .pinger import Pinger
 from .source import ChangeSource
 from .tornado_internals import GatedServer
 
@@ -106,7 +107,7 @@ class Relay:
         self.started = time.monotonic()
         self._timers: list[PeriodicCallback] = []
         self._gone: asyncio.Event | None = None  # set during shutdown once every client left
-        self._ping_slice = 0
+        self._pinger: Pinger[WebSocketClient] = Pinger(PING_SLICES)  # the WebSockets, by slice
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -125,19 +126,21 @@ class Relay:
 
     @property
     def _position_pass_seconds(self) -> float:
-        """At least two passes per POSITION_INTERVAL, so that a quiet client is told at most
-        half an interval late; at least one a second, so that each pass's share stays small."""
+        """At least two passes per POSITION_INTERVAL, at least one a second, so that each
+        pass's share stays small; each group is looked at once an interval, so a quiet client is
+        told at most an interval late."""
         return min(1.0, self.config.position_interval / 2)
 
     def send_positions(self) -> None:
         """Tell quiet clients where they could resume from, a share of them per pass.
 
         Position messages are spread over the interval like pings: 10,000 quiet clients in one
-        pass hold the loop for ~100 ms.
+        pass hold the loop for ~100 ms. So is looking for the clients due: each pass looks at
+        its share of the groups.
         """
         passes = self.config.position_interval / self._position_pass_seconds
         budget = math.ceil(len(self.hub.clients) / passes) + POSITION_SLACK
-        self.hub.send_positions(self.config.position_interval, budget)
+        self.hub.send_positions(self.config.position_interval, budget, share=1 / passes)
 
     def expire_tokens(self) -> None:
         """Close every connection whose token has expired, live or still catching up."""
@@ -150,18 +153,18 @@ class Relay:
 
         Every connection is pinged once per WS_PING_INTERVAL, but a slice at a time: pinging
         10,000 sockets at once brings 10,000 pongs back at once, and live events wait behind
-        them.
+        them. The slices are kept as clients come and go (``pinger.py``): a tick walks its own.
         """
-        self._ping_slice = (self._ping_slice + 1) % PING_SLICES
         now = time.monotonic()
         timeout = self.config.ws_ping_interval * PONG_DEADLINE
-        for client in self._all_clients():
-            if isinstance(client, WebSocketClient) and (
-                    hash(client) % PING_SLICES == self._ping_slice):
-                try:
-                    client.ping(now, timeout)
-                except Exception as exc:  # its own failure: the others are still pinged
-                    self.hub.failed(client, exc)
+        for client in self._pinger.tick():
+            if client.closed:  # ending: nothing to ping, whether or not it has left yet
+                self._pinger.discard(client)
+                continue
+            try:
+                client.ping(now, timeout)
+            except Exception as exc:  # its own failure: the others are still pinged
+                self.hub.failed(client, exc)
 
     def heartbeat(self) -> None:
         """A comment line on every event stream, so that proxies keep it open."""
@@ -241,6 +244,7 @@ class Relay:
     def attach(self, client: Client, resume_after: str | None) -> None:
         """Start a client live, from the log, or from MongoDB's history; tell it first when
         MongoDB is not there."""
+        self.keep_alive(client)
         if not self.source.ready:
             client.send_control(self.source.message())
         if resume_after is None:
@@ -254,6 +258,7 @@ class Relay:
         if resume_after is not None:
             client.send_control(ev.control("reset"))
         self.snapshotting.add(client)
+        self.keep_alive(client)  # a long snapshot to a dead peer is found like any other
 
         async def serve() -> None:
             try:
@@ -271,11 +276,18 @@ class Relay:
         if client in self.snapshotting:
             self.attach(client, after)
 
+    def keep_alive(self, client: Client) -> None:
+        """Ping ``client`` from now on, live or catching up, until it leaves (``detach``)."""
+        if isinstance(client, WebSocketClient):
+            self._pinger.add(client)
+
     def _from_history(self, client: Client, after: str) -> None:
         self.catchup.add(client, after)
 
     def detach(self, client: Client) -> None:
         self.snapshotting.discard(client)
+        if isinstance(client, WebSocketClient):
+            self._pinger.discard(client)
         self.hub.unsubscribe(client)
         self.catchup.discard(client)
         self._check_gone()

@@ -231,7 +231,8 @@ class Config:
         "CATCHUP_STREAMS", 8, "change streams opened at once for clients resuming from history",
         _whole(1))
     position_interval: float = _setting(
-        "POSITION_INTERVAL", 5.0, "seconds without a frame before a position message is sent",
+        "POSITION_INTERVAL", 5.0, "seconds without a frame before a position message is sent "
+        "(again: when the last one is about to leave the replay buffer, or after 120 of them)",
         _seconds)
     sse_heartbeat: float = _setting(
         "SSE_HEARTBEAT", 15.0, "seconds between SSE comment heartbeats (keeps proxies open)",

@@ -29,10 +29,12 @@ high-water mark, or the newest id its subscription was sent — never another ev
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from logzero import logger
@@ -52,6 +54,12 @@ AHEAD_WINDOW = 60
 # Evicted events stay at the front of the log's lists until this many have gone (and they are
 # more than half the list): deleting a list's head moves all the rest, so it is done rarely.
 COMPACT_AFTER = 4096
+# A quiet client that was told its position is told again after this many position intervals of
+# silence (10 minutes at 5 s), or sooner when the replay buffer is about to drop where it would
+# resume from (``Hub._horizon``). So a reconnect resumes from the buffer, and a catch-up from
+# MongoDB (another relay, a restart) reads at most half a buffer of events or 10 minutes of them;
+# this interval only keeps a quiet deployment's clients well inside the oplog window.
+RETELL_INTERVALS = 120
 
 
 class Subscriber(Protocol):
@@ -157,6 +165,8 @@ class Hub(Generic[S]):
         self._routes: Index[Group[S]] = Index()  # the groups, by what their events hold
         self._ahead: dict[S, str] = {}    # clients resuming past our position: their key
         self._ahead_routes = Shared()     # ...and their subscriptions
+        self._round: list[Group[S]] = []  # the groups a round of position passes looks at
+        self._round_at = 0                # ...and where the next pass starts in it
         self._waiting: dict[S, str] = {}  # clients resuming before the stream first opened
         self._unannounced: set[S] = set()  # live, but no position to tell them ``ready`` at yet
         self.clients: set[S] = set()
@@ -418,43 +428,87 @@ class Hub(Generic[S]):
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def send_positions(self, idle: float, budget: int | None = None) -> int:
+    def send_positions(self, idle: float, budget: int | None = None, share: float = 1.0
+                       ) -> int:
         """Tell clients that heard nothing for ``idle`` seconds where they could resume from.
 
         A heavily filtered subscription may match nothing for hours while the oplog moves on;
-        without this its newest id would fall out of the oplog window. At most ``budget``
-        clients are told per call: the rest stay due and are told on the next calls, so a crowd
-        of quiet clients costs a few short bursts rather than one long one that live events
-        would wait behind.
+        without this its newest id would fall out of the oplog window. A client is told when it
+        has not been yet, and again only when what it was told is about to leave the replay
+        buffer (``_horizon``) or after ``RETELL_INTERVALS`` silent intervals: 10,000 quiet
+        per-user clients told every interval cost more than the events did (issue 14), and
+        until then a reconnect resumes from the buffer all the same. At most ``budget`` clients
+        are told per call: the rest stay due and are told on the next calls (with a ``share``,
+        when the round comes back to them), so a crowd of quiet clients costs a few short bursts
+        rather than one long one that live events would wait behind. With ``share`` below 1 a
+        call looks at that share of the groups, the next ones of a round over all of them: at
+        10,000 per-user groups, looking at every one on every pass to find the few due was most
+        of what quiet clients cost.
         """
         if self.position is None:
             return 0
         now = time.monotonic()
-        mark = self._mark_at(self.position)
+        groups = self._groups.values() if share >= 1 else self._next_share(share)
+        # Found first, then told: telling one may end it, and it leaves its group.
+        due = list(itertools.islice(self._due_positions(self.position, now, idle, groups),
+                                    budget))
         messages: dict[str, bytes] = {}
-        sent = 0
-        for group in tuple(self._groups.values()):
+        for client, position in due:
+            message = messages.get(position)
+            if message is None:
+                message = messages[position] = ev.control("position", resume_after=position)
+            client.last_send = now
+            client.told = position
+            try:
+                client.send_control(message, token=position)
+            except Exception as exc:
+                self.failed(client, exc)
+        return len(due)
+
+    def _next_share(self, share: float) -> list[Group[S]]:
+        """The next ``share`` of a round over the groups; a round starts from the groups there
+        are then (a group that left meanwhile has no clients; one that came waits a round)."""
+        if self._round_at >= len(self._round):
+            self._round, self._round_at = list(self._groups.values()), 0
+        count = math.ceil(len(self._round) * share)
+        groups = self._round[self._round_at:self._round_at + count]
+        self._round_at += count
+        return groups
+
+    def _due_positions(self, head: str, now: float, idle: float, groups: Iterable[Group[S]]
+                       ) -> Iterator[tuple[S, str]]:
+        """The quiet clients of ``groups`` to tell now, each with the position to tell it
+        (``head``: the hub's position)."""
+        mark = self._mark_at(head)
+        horizon = self._horizon()
+        retell = idle * RETELL_INTERVALS
+        for group in groups:
             if now - group.last_send < idle:
                 continue
             restricted = group.subscription.restricted
-            shared = _latest(mark, group.newest) if restricted else self.position
-            for client in tuple(group.clients):
-                if budget is not None and sent >= budget:
-                    return sent
+            shared = _latest(mark, group.newest) if restricted else head
+            for client in group.clients:
                 position = _latest(shared, client.sent) if restricted else shared
-                if position is None or now - client.last_send < idle or client.told == position:
+                silent = now - client.last_send
+                told = client.told
+                if position is None or silent < idle or told == position or (
+                        told is not None and silent < retell and order_key(told) >= horizon):
                     continue
-                message = messages.get(position)
-                if message is None:
-                    message = messages[position] = ev.control("position", resume_after=position)
-                client.last_send = now
-                client.told = position
-                try:
-                    client.send_control(message, token=position)
-                except Exception as exc:
-                    self.failed(client, exc)
-                sent += 1
-        return sent
+                yield client, position
+
+    def _horizon(self) -> str:
+        """The order key a position must be at or past for the replay buffer to take another
+        half of its capacity (in events, and in bytes at its events' average size) before it
+        drops an event after that position."""
+        floor = order_key(self.floor) if self.floor is not None else ""
+        count = len(self._log) - self._start
+        if not count:
+            return floor
+        keep = self.max_events // 2
+        if self._bytes:
+            keep = min(keep, self.max_bytes * count // (2 * self._bytes))
+        index = len(self._log) - keep - 1
+        return self._keys[index] if index >= self._start else floor
 
     def _learn_mark(self, token: str) -> None:
         if self._mark is None and is_high_water_mark(token):

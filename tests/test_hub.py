@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from changerelay import events as ev
 from changerelay.filters import compile_filter
-from changerelay.hub import Hub
+from changerelay.hub import RETELL_INTERVALS, Hub
 from changerelay.rows import AccessRule
 from changerelay.subscription import Subscription
 from tests.support import FakeClient, event, token
@@ -174,6 +175,54 @@ def test_positions_go_out_a_budget_at_a_time_and_every_quiet_client_gets_one():
     hub.advance(token(2))
     assert [hub.send_positions(idle=0, budget=3) for _ in range(5)] == [3, 3, 3, 1, 0]
     assert all(c.controls == [{"type": "position", "resume_after": token(2)}] for c in quiet)
+
+
+def test_a_quiet_client_is_told_again_only_when_its_position_is_about_to_leave_the_buffer():
+    """Telling every quiet client its position every interval costs more than the events do
+    at 10,000 per-user clients (issue 14). Told once, a client is told again when the replay
+    buffer is about to drop where it would resume from, or after RETELL_INTERVALS of silence:
+    until then a reconnect resumes from the buffer, losing nothing."""
+    hub = started_hub(max_events=20)
+    quiet = FakeClient(Subscription(ops=frozenset({"delete"})))
+    hub.subscribe(quiet)
+
+    def silent_for(seconds):
+        quiet.last_send = time.monotonic() - seconds
+
+    hub.publish(event(1))
+    silent_for(2)
+    assert hub.send_positions(idle=1) == 1  # first told after one interval, as before
+    for n in range(2, 10):  # still in the newer half of the buffer
+        hub.publish(event(n))
+    silent_for(2)
+    assert hub.send_positions(idle=1) == 0
+    silent_for(RETELL_INTERVALS + 1)
+    assert hub.send_positions(idle=1) == 1  # a long silence: told anyway
+    for n in range(10, 20):  # 10 events after token(9): half the buffer
+        hub.publish(event(n))
+    silent_for(2)
+    assert hub.send_positions(idle=1) == 0
+    replayed = FakeClient(Subscription())
+    assert hub.resume(replayed, token(9))  # had it left now, it would resume from the buffer
+    assert replayed.received == [token(n) for n in range(10, 20)]
+    hub.publish(event(20))  # 11 after it: in the older half now
+    silent_for(2)
+    assert hub.send_positions(idle=1) == 1
+    assert [c["resume_after"] for c in quiet.controls] == [token(1), token(9), token(20)]
+
+
+def test_a_position_pass_can_look_at_a_share_of_the_groups_and_a_round_covers_them_all():
+    """The app passes several times per interval: each pass looks at its share of the groups,
+    not at all 10,000 of them (issue 14), and every quiet client is told once a round."""
+    hub = started_hub()
+    quiet = [FakeClient(Subscription(filter=compile_filter({"fullDocument.n": n})))
+             for n in range(10)]
+    for client in quiet:
+        hub.subscribe(client)
+    hub.publish(event(1))
+    assert [hub.send_positions(idle=0, share=0.25) for _ in range(4)] == [3, 3, 3, 1]
+    assert all(c.controls == [{"type": "position", "resume_after": token(1)}] for c in quiet)
+    assert [hub.send_positions(idle=0, share=0.25) for _ in range(4)] == [0, 0, 0, 0]
 
 
 def test_byte_bound_evicts_oldest():

@@ -61,6 +61,10 @@ class Socket:
         self.subscription = Subscription()
         self.pinged = self.beaten = self.shut = self.failed = 0
         self.announced = True  # its ready is not what these tests are about
+        self.closed = False
+
+    def send_control(self, message, token=None):
+        pass
 
     def _pass(self) -> None:
         if self.broken:
@@ -98,7 +102,7 @@ async def test_one_client_raising_in_a_periodic_pass_does_not_stop_it_for_the_ot
     served = relay(SHUTDOWN_TIMEOUT="0.2")
     sockets = [kind(broken=(i % 3 == 1)) for i in range(30) for kind in (WebSocket, EventStream)]
     for client in sockets:
-        served.hub.subscribe(client)
+        served.attach(client, None)
     for _ in range(PING_SLICES):
         served.ping()
     served.heartbeat()
@@ -163,6 +167,7 @@ async def test_clients_still_catching_up_are_pinged_and_kept_alive():
     job = Job(token(0), ("peer 192.0.2.1",))
     for client in waiting:
         job.add(client, token(0))
+        served.keep_alive(client)  # as attach does before it hands a client to a catch-up
     served.catchup.jobs.append(job)
     for _ in range(PING_SLICES):
         served.ping()
