@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from changerelay import config as cfg
@@ -173,3 +174,26 @@ async def test_clients_still_catching_up_are_pinged_and_kept_alive():
         served.ping()
     served.heartbeat()
     assert (waiting[0].pinged, waiting[1].beaten) == (1, 1)
+
+
+async def test_a_live_query_still_sending_its_snapshot_is_pinged_and_kept_alive():
+    """A live query's snapshot may take a while to write to a slow reader: meanwhile its peer is
+    pinged like any other (a dead one is found and its read slot freed) and its event stream
+    gets heartbeats."""
+    served = relay()
+    held = asyncio.Event()
+
+    async def snapshot_in_progress(opened, client):
+        await held.wait()
+
+    served.live.serve = snapshot_in_progress
+    snapshotting = [WebSocket(), EventStream()]
+    for client in snapshotting:
+        served.start_live_query(client, None, None)
+    for _ in range(PING_SLICES):
+        served.ping()
+    served.heartbeat()
+    assert (snapshotting[0].pinged, snapshotting[1].beaten) == (1, 1)
+    held.set()
+    while served.snapshotting:
+        await asyncio.sleep(0)
