@@ -237,7 +237,7 @@ class Relay:
         return await self.live.open(plan, charged)
 
     def _mark(self) -> str | None:
-        return self.hub._mark  # the spelling of a high-water mark, once the stream has sent one
+        return self.hub.mark
 
     # -- clients -------------------------------------------------------------------------------
 

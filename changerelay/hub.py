@@ -510,6 +510,11 @@ class Hub(Generic[S]):
         index = len(self._log) - keep - 1
         return self._keys[index] if index >= self._start else floor
 
+    @property
+    def mark(self) -> str | None:
+        """A high-water mark MongoDB sent, once it has sent one: the spelling of others."""
+        return self._mark
+
     def _learn_mark(self, token: str) -> None:
         if self._mark is None and is_high_water_mark(token):
             self._mark = token
