@@ -114,7 +114,7 @@ async def test_snapshot_then_ready_then_the_changes_after_it(mongo, relay):
     coll.insert_one({"_id": 9})
     await read_until(client, held, lambda h: len(h.changes) == 3)
     assert [c["operationType"] for c in held.changes] == ["update", "delete", "insert"]
-    assert held.docs == relaxed(mongo.primary.documents(mongo.db, "c"))
+    assert held.docs == relaxed(list(coll.find()))
     client.close()
 
 
@@ -196,7 +196,7 @@ async def test_documents_move_in_and_out_of_a_filtered_live_query(mongo, relay):
         "leave", "update", "leave", "leave", "insert"]
     assert all(set(c) == {"type", "ns", "documentKey"} for c in held.changes
                if c.get("type") == "leave")
-    matching = [doc for doc in mongo.primary.documents(mongo.db, "c") if doc["n"] >= 5]
+    matching = [doc for doc in coll.find() if doc["n"] >= 5]
     assert held.docs == relaxed(matching)
     client.close()
 
