@@ -136,6 +136,13 @@ class Transport(HostChecked):
             return False, None
         return True, opened
 
+    async def give_back(self, slot: admission.Slot, opened: Opened | None) -> None:
+        """Admitted but not handed over (the peer went away, or only asked): its connection
+        slot, and its live query's snapshot read and pool slot."""
+        slot.release()
+        if opened is not None:
+            await opened.close()
+
     def hand_over(self, client: clients.Client, connection: Connection, slot: admission.Slot,
                   resume_after: str | None, unwritten: bytes, unread: bytes,
                   opened: Opened | None = None) -> None:
@@ -177,9 +184,7 @@ class ChangesHandler(Transport):
             go, opened = await self.snapshot_read(admitted)
             if not go:
                 return
-            if opened is not None:
-                await opened.close()
-            slot.release()
+            await self.give_back(slot, opened)
             self.set_status(204)
             self.set_header("Cache-Control", "no-store")
             self.finish()
@@ -203,9 +208,7 @@ class ChangesHandler(Transport):
             self.finish()
             sock, unread, unwritten = take_socket(self.detach())
         except StreamClosedError:
-            slot.release()
-            if opened is not None:
-                await opened.close()
+            await self.give_back(slot, opened)
             return
         deflate = extensions is not None
         connection = WebSocketConnection(sock, relay.buffers,
@@ -270,9 +273,7 @@ class EventsHandler(Transport):
             chunked = http_chunked(self)
             sock, unread, unwritten = take_socket(self.detach())
         except StreamClosedError:
-            slot.release()
-            if opened is not None:
-                await opened.close()
+            await self.give_back(slot, opened)
             return
         self.application.log_request(self)  # Tornado logs a request when it finishes it
         connection = Connection(sock, relay.buffers)
