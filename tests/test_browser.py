@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from changerelay.primary import TestPrimary
-from tests.support import token_of, websocket_by_hand
+from tests.support import free_port, token_of, websocket_by_hand
 
 pytestmark = pytest.mark.browser
 
@@ -660,9 +659,7 @@ def test_mongodb_state_is_shown_apart_from_the_socket(
 def test_the_page_shows_mongodb_down_and_back(
     browser: Browser, relay_factory: Callable[..., Any]
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     primary = TestPrimary(port=port).start()
     try:
         relay = relay_factory(MONGO_SRV=primary.uri + "&serverSelectionTimeoutMS=500")
@@ -1797,9 +1794,7 @@ def test_a_live_query_on_a_real_relay_resnapshots_on_resync_and_converges(
 ) -> None:
     """The relay's resume point is lost (MongoDB comes back without its oplog): it tells its
     clients to resync, and the live query reads a fresh snapshot and follows it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     primary = TestPrimary(port=port).start()
     try:
         relay = relay_factory(MONGO_SRV=primary.uri + "&serverSelectionTimeoutMS=500")
@@ -1936,9 +1931,7 @@ class RealRelay:
 
     def __init__(self, mongo: Any, relay_factory: Callable[..., Any]) -> None:
         self._mongo, self._factory = mongo, relay_factory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self._port = probe.getsockname()[1]
+        self._port = free_port()
         self._relay = self._start()
         self.page_url = f"http://127.0.0.1:{self._port}/"
         self.collection = mongo.client[mongo.db]["orders"]

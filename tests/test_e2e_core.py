@@ -20,7 +20,7 @@ from bson import Binary, Decimal128, Int64, ObjectId
 from pymongo import MongoClient
 
 from changerelay.primary import TestPrimary
-from tests.support import ROOT, SSE, WS, token_of
+from tests.support import ROOT, SSE, WS, free_port, token_of
 
 pytestmark = pytest.mark.e2e
 
@@ -179,12 +179,6 @@ async def test_history_lost_tells_clients_to_resync_then_continues_live(relay_fa
         insert_many(writer, "db", 3, start=100)
         later = await client.changes(3)
         assert [f["documentKey"]["_id"] for f in later] == [100, 101, 102]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.fault
